@@ -1,0 +1,514 @@
+"""Benchmark workloads for nbcluster vs Ray.
+
+Each workload is a function that takes the backend module (``import ray`` or
+``import nbcluster as ray``) and returns a dict of figures.  Run one
+(backend, workload) pair per fresh process::
+
+    python benchmarks/workloads.py --backend ray --workload startup
+
+The result is printed as a single JSON line on stdout; everything else (Ray's
+logs, worker output, tracebacks) goes to stderr.  ``benchmarks/run.py``
+drives this script and aggregates the results.
+
+To add a workload, write ``def my_workload(ray: ModuleType) -> Figures`` and
+decorate it with ``@workload(...)`` declaring its metrics.  It must call
+``ray.init(**INIT_KWARGS)`` (or :func:`init_backend`) itself and should call
+``ray.shutdown()`` at the end; :func:`main` calls ``shutdown`` again as a
+safety net if the workload raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Literal
+
+Figures = dict[str, Any]
+WorkloadFn = Callable[[ModuleType], Figures]
+
+#: Module name imported for each backend (always bound to the name ``ray``).
+BACKENDS: dict[str, str] = {"ray": "ray", "nbcluster": "nbcluster"}
+
+#: Attributes a backend module must have to be benchmarked.
+REQUIRED_API: tuple[str, ...] = ("init", "remote", "get", "shutdown")
+
+#: Keyword arguments passed to ``ray.init`` for every backend.
+INIT_KWARGS: dict[str, Any] = {"num_cpus": 2}
+
+#: Environment defaults applied before importing Ray (override by exporting
+#: them).  They do not change Ray's performance-relevant settings: they keep
+#: all of Ray's traffic on loopback (on Linux Ray otherwise picks the primary
+#: interface's address as node IP) and stop the usage-stats reporter from
+#: trying to reach usage-stats.ray.io.
+RAY_ENV_DEFAULTS: dict[str, str] = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A figure reported by a workload and shown in the comparison table."""
+
+    key: str
+    unit: str
+    better: Literal["lower", "higher"] = "lower"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A registered workload: the function plus the metrics it reports."""
+
+    name: str
+    fn: WorkloadFn
+    description: str
+    metrics: tuple[Metric, ...]
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+REGISTRY: dict[str, Workload] = {}
+
+
+def workload(
+    name: str,
+    description: str,
+    metrics: list[Metric],
+    tags: tuple[str, ...] = (),
+) -> Callable[[WorkloadFn], WorkloadFn]:
+    """Register ``fn`` as workload ``name`` reporting ``metrics``."""
+
+    def decorator(fn: WorkloadFn) -> WorkloadFn:
+        if name in REGISTRY:
+            raise ValueError(f"duplicate workload name: {name}")
+        REGISTRY[name] = Workload(name, fn, description, tuple(metrics), tags)
+        return fn
+
+    return decorator
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def init_backend(ray: ModuleType, **overrides: Any) -> None:
+    """Call ``ray.init`` with the common settings (plus ``overrides``)."""
+    ray.init(**{**INIT_KWARGS, **overrides})
+
+
+def shutdown_backend(ray: ModuleType) -> None:
+    """Shut the backend down if it looks initialised (idempotent)."""
+    is_initialized = getattr(ray, "is_initialized", None)
+    if is_initialized is None or is_initialized():
+        ray.shutdown()
+
+
+def log(msg: str) -> None:
+    """Progress message to stderr (stdout is reserved for the JSON result)."""
+    print(f"[workloads] {msg}", file=sys.stderr, flush=True)
+
+
+def _current_backend_name(ray: ModuleType) -> str:
+    """Backend name (``ray``/``nbcluster``) of the imported module."""
+    return ray.__name__.split(".")[0]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile ``q`` (0-100) of ``values``."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered)) - 1))
+    return ordered[rank]
+
+
+# Remote function bodies.  Defined at module level (this file runs as
+# ``__main__``, so Ray's cloudpickle ships them by value).
+def _noop() -> None:
+    """Do nothing."""
+    return None
+
+
+def _one() -> int:
+    """Return 1."""
+    return 1
+
+
+def _inc(x: int) -> int:
+    """Return ``x + 1``."""
+    return x + 1
+
+
+# --------------------------------------------------------------------------
+# Process / memory accounting
+# --------------------------------------------------------------------------
+
+
+def _marker_regex(backend: str) -> re.Pattern[str]:
+    """Regex matching command lines that belong to ``backend``.
+
+    Matches the backend name not preceded by a letter, so ``ray`` hits
+    ``raylet``, ``ray::IDLE`` and ``.../site-packages/ray/...`` but not
+    ``array``.
+    """
+    return re.compile(rf"(?<![A-Za-z]){re.escape(backend)}")
+
+
+def backend_processes(backend: str, before: set[int], t_start: float) -> list[Any]:
+    """Processes started by the driver for ``backend``, excluding the driver.
+
+    Union of (a) the driver's descendants and (b) any process that did not
+    exist in ``before``, was created after ``t_start`` and whose command line
+    mentions the backend (catches daemonised/re-parented processes such as
+    Ray's gcs_server or raylet), plus the descendants of (b).
+    """
+    import psutil
+
+    me = psutil.Process()
+    found: dict[int, psutil.Process] = {}
+    for child in me.children(recursive=True):
+        found[child.pid] = child
+
+    marker = _marker_regex(backend)
+    for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        info = proc.info
+        if info["pid"] == me.pid or info["pid"] in before or info["pid"] in found:
+            continue
+        if (info["create_time"] or 0) < t_start - 1.0:
+            continue
+        if marker.search(" ".join(info["cmdline"] or [])):
+            found[proc.pid] = proc
+            try:
+                for child in proc.children(recursive=True):
+                    found.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+    found.pop(me.pid, None)
+    return list(found.values())
+
+
+def measure_memory(procs: list[Any]) -> Figures:
+    """Sum RSS/USS/PSS (MB) over ``procs`` with a per-process breakdown."""
+    import psutil
+
+    mb = 1024 * 1024
+    rss = uss = pss = 0
+    full_ok = True
+    breakdown: list[dict[str, Any]] = []
+    for proc in procs:
+        try:
+            with proc.oneshot():
+                name = proc.name()
+                cmd = " ".join(proc.cmdline()).strip()[:120]
+                try:
+                    mem = proc.memory_full_info()
+                    p_uss = getattr(mem, "uss", None)
+                    p_pss = getattr(mem, "pss", None)
+                except psutil.AccessDenied:
+                    mem = proc.memory_info()
+                    p_uss = p_pss = None
+        except psutil.NoSuchProcess:
+            continue
+        rss += mem.rss
+        if p_uss is None or p_pss is None:
+            full_ok = False
+        else:
+            uss += p_uss
+            pss += p_pss
+        breakdown.append(
+            {
+                "pid": proc.pid,
+                "name": name,
+                "rss_mb": round(mem.rss / mb, 1),
+                "uss_mb": None if p_uss is None else round(p_uss / mb, 1),
+                "pss_mb": None if p_pss is None else round(p_pss / mb, 1),
+                "cmdline": cmd,
+            }
+        )
+    breakdown.sort(key=lambda d: d["rss_mb"], reverse=True)
+    return {
+        "rss_mb": rss / mb,
+        "uss_mb": uss / mb if full_ok else None,
+        "pss_mb": pss / mb if full_ok else None,
+        "processes": len(breakdown),
+        "breakdown": breakdown,
+    }
+
+
+# --------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------
+
+
+@workload(
+    "startup",
+    "Wall time from just before ray.init(num_cpus=2) to the first result of a trivial task.",
+    [
+        Metric("startup_s", "s", "lower", "init + first get(f.remote())"),
+        Metric("init_s", "s", "lower", "ray.init alone"),
+        Metric("first_task_s", "s", "lower", "first get(f.remote()) after init"),
+    ],
+    tags=("tasks",),
+)
+def startup(ray: ModuleType) -> Figures:
+    """Time ``init`` plus the first round trip of a trivial task."""
+    f = ray.remote(_one)
+    t0 = time.perf_counter()
+    init_backend(ray)
+    t1 = time.perf_counter()
+    value = ray.get(f.remote())
+    t2 = time.perf_counter()
+    if value != 1:
+        raise AssertionError(f"trivial task returned {value!r}, expected 1")
+    ray.shutdown()
+    return {"startup_s": t2 - t0, "init_s": t1 - t0, "first_task_s": t2 - t1}
+
+
+@workload(
+    "idle_memory",
+    "Memory of every process the driver started (driver excluded), after "
+    "init and one task, once things settle (>= 2 s).",
+    [
+        Metric("rss_mb", "MB", "lower", "sum of RSS (double-counts shared pages)"),
+        Metric("pss_mb", "MB", "lower", "sum of PSS (shared pages split)"),
+        Metric("uss_mb", "MB", "lower", "sum of USS (private pages only)"),
+        Metric("processes", "count", "lower", "processes started by the driver"),
+    ],
+    tags=("memory",),
+)
+def idle_memory(ray: ModuleType) -> Figures:
+    """Sum the memory of the backend's processes once the cluster is idle."""
+    import psutil
+
+    backend = _current_backend_name(ray)
+    before = set(psutil.pids())
+    t_start = time.time()
+    f = ray.remote(_one)
+    init_backend(ray)
+    ray.get(f.remote())
+    t_task = time.monotonic()
+
+    # Settle: at least 2 s, then until process count is unchanged and total
+    # RSS moves by < 2 % between two consecutive 0.5 s samples (cap 10 s).
+    time.sleep(2.0)
+    deadline = time.monotonic() + 10.0
+    prev = measure_memory(backend_processes(backend, before, t_start))
+    stable = 0
+    while time.monotonic() < deadline and stable < 2:
+        time.sleep(0.5)
+        cur = measure_memory(backend_processes(backend, before, t_start))
+        same_count = cur["processes"] == prev["processes"]
+        rss_delta = abs(cur["rss_mb"] - prev["rss_mb"]) / max(prev["rss_mb"], 1.0)
+        stable = stable + 1 if same_count and rss_delta < 0.02 else 0
+        prev = cur
+    settle_s = time.monotonic() - t_task
+    ray.shutdown()
+    breakdown = prev.pop("breakdown")
+    return {**prev, "settle_s": settle_s, "details": {"processes": breakdown}}
+
+
+@workload(
+    "task_rtt",
+    "Sequential get(f.remote()) of a no-op task, 1,000 times after 50 warm-up calls.",
+    [
+        Metric("mean_us", "us", "lower", "mean round trip"),
+        Metric("p50_us", "us", "lower", "median round trip"),
+        Metric("p99_us", "us", "lower", "99th percentile round trip"),
+    ],
+    tags=("tasks", "latency"),
+)
+def task_rtt(ray: ModuleType, n: int = 1000, warmup: int = 50) -> Figures:
+    """Measure the latency of one synchronous no-op task round trip."""
+    f = ray.remote(_noop)
+    init_backend(ray)
+    for _ in range(warmup):
+        ray.get(f.remote())
+    samples: list[float] = []
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        ray.get(f.remote())
+        samples.append((clock() - t0) / 1000.0)
+    ray.shutdown()
+    return {
+        "mean_us": statistics.fmean(samples),
+        "p50_us": statistics.median(samples),
+        "p99_us": percentile(samples, 99),
+    }
+
+
+@workload(
+    "tasks_10k",
+    "10,000 no-op tasks submitted with a list comprehension, then one get() "
+    "of the whole list (after a 100-task warm-up).",
+    [
+        Metric("total_s", "s", "lower", "submit + get of 10k tasks"),
+        Metric("tasks_per_s", "tasks/s", "higher", "throughput"),
+        Metric("submit_s", "s", "lower", "submission loop alone"),
+    ],
+    tags=("tasks", "throughput"),
+)
+def tasks_10k(ray: ModuleType, n: int = 10_000, warmup: int = 100) -> Figures:
+    """Measure throughput of many independent no-op tasks."""
+    f = ray.remote(_noop)
+    init_backend(ray)
+    ray.get([f.remote() for _ in range(warmup)])
+    t0 = time.perf_counter()
+    refs = [f.remote() for _ in range(n)]
+    t1 = time.perf_counter()
+    results = ray.get(refs)
+    t2 = time.perf_counter()
+    if len(results) != n:
+        raise AssertionError(f"got {len(results)} results, expected {n}")
+    ray.shutdown()
+    return {"total_s": t2 - t0, "tasks_per_s": n / (t2 - t0), "submit_s": t1 - t0}
+
+
+@workload(
+    "chain_1k",
+    "A chain of 1,000 dependent tasks (x = f.remote(x), f = x + 1) started "
+    "from 0, then get() of the last one; checks the value is 1000.",
+    [Metric("total_s", "s", "lower", "submit + get of the 1k-task chain")],
+    tags=("tasks", "dependencies"),
+)
+def chain_1k(ray: ModuleType, n: int = 1000) -> Figures:
+    """Measure a chain of dependent tasks passing object refs."""
+    f = ray.remote(_inc)
+    init_backend(ray)
+    ray.get(f.remote(0))  # warm one worker and the function export
+    t0 = time.perf_counter()
+    x = f.remote(0)
+    for _ in range(n - 1):
+        x = f.remote(x)
+    value = ray.get(x)
+    t1 = time.perf_counter()
+    if value != n:
+        raise AssertionError(f"chain returned {value!r}, expected {n}")
+    ray.shutdown()
+    return {"total_s": t1 - t0}
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+
+
+def import_backend(backend: str) -> ModuleType:
+    """Import the backend module (applying Ray's loopback env defaults)."""
+    if backend == "ray":
+        for key, value in RAY_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    module = importlib.import_module(BACKENDS[backend])
+    missing = [name for name in REQUIRED_API if not hasattr(module, name)]
+    if missing:
+        where = getattr(module, "__file__", None) or "namespace package"
+        raise ImportError(
+            f"{BACKENDS[backend]} ({where}) lacks {', '.join(missing)}: "
+            "not installed in this venv, or incomplete"
+        )
+    return module
+
+
+def check_backend(backend: str) -> dict[str, Any]:
+    """Import-only check of ``backend``; the record run.py expects."""
+    try:
+        module = import_backend(backend)
+    except Exception as exc:
+        return {"backend": backend, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "backend": backend,
+        "ok": True,
+        "version": getattr(module, "__version__", None),
+        "file": getattr(module, "__file__", None),
+    }
+
+
+def run_one(backend: str, name: str) -> dict[str, Any]:
+    """Run workload ``name`` on ``backend``; return the JSON-able record."""
+    record: dict[str, Any] = {
+        "backend": backend,
+        "workload": name,
+        "ok": False,
+        "python": platform.python_version(),
+    }
+    ray: ModuleType | None = None
+    try:
+        ray = import_backend(backend)
+        record["version"] = getattr(ray, "__version__", None)
+        t0 = time.perf_counter()
+        figures = REGISTRY[name].fn(ray)
+        record["wall_s"] = time.perf_counter() - t0
+        record["details"] = figures.pop("details", None)
+        record["figures"] = figures
+        record["ok"] = True
+    except BaseException as exc:  # report every failure (even SystemExit) as JSON
+        traceback.print_exc(file=sys.stderr)
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if ray is not None:
+            try:
+                shutdown_backend(ray)
+            except Exception as exc:
+                log(f"shutdown failed: {exc!r}")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: run one workload on one backend, print one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=sorted(BACKENDS))
+    parser.add_argument("--workload", choices=sorted(REGISTRY))
+    parser.add_argument("--list", action="store_true", help="print the registry as JSON and exit")
+    parser.add_argument("--check", action="store_true", help="only check that --backend imports")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        print(json.dumps(describe_registry(), indent=2))
+        return 0
+    if args.check:
+        if not args.backend:
+            parser.error("--check needs --backend")
+        record = check_backend(args.backend)
+        print(json.dumps(record))
+        return 0 if record["ok"] else 1
+    if not args.backend or not args.workload:
+        parser.error("--backend and --workload are required (or --list / --check)")
+
+    # Keep stdout for the JSON result only: route fd 1 (inherited by any
+    # child process, e.g. Ray workers) and sys.stdout to stderr.
+    sys.stdout.flush()
+    result_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    record = run_one(args.backend, args.workload)
+    os.write(result_fd, (json.dumps(record) + "\n").encode())
+    os.close(result_fd)
+    return 0 if record["ok"] else 1
+
+
+def describe_registry() -> list[dict[str, Any]]:
+    """The registry as plain data (names, descriptions, metrics)."""
+    return [
+        {
+            "name": w.name,
+            "description": w.description,
+            "tags": list(w.tags),
+            "metrics": [m.__dict__ for m in w.metrics],
+        }
+        for w in REGISTRY.values()
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``python -m nbcluster.agent``: run a node agent in this process until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+
+from nbcluster._proc import setup_logging, watch_parent
+from nbcluster.agent.agent import NodeAgent
+from nbcluster.exceptions import NbclusterError
+from nbcluster.protocol.security import read_token_file, token_from_environment
+
+
+def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Join this host to an nbcluster head.")
+    p.add_argument("--address", required=True, help="HOST:PORT of the head")
+    p.add_argument("--token-file", help="file holding the cluster secret (mode 0600)")
+    p.add_argument("--num-cpus", type=float)
+    p.add_argument("--num-gpus", type=float)
+    p.add_argument("--resources", type=json.loads, help='JSON, e.g. \'{"TPU": 4}\'')
+    p.add_argument("--node-name")
+    p.add_argument("--bind-host", default="127.0.0.1", help="address workers listen on")
+    p.add_argument("--prestart", type=int, help="workers to start before any task arrives")
+    p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--cwd", help=argparse.SUPPRESS)
+    return p
+
+
+async def run_agent(args: argparse.Namespace) -> int:
+    token = read_token_file(Path(args.token_file)) if args.token_file else token_from_environment()
+    if not token:
+        print(f"{sys.argv[0]}: no cluster secret: pass --token-file or set NBCLUSTER_TOKEN_FILE",
+              file=sys.stderr)
+        return 2
+    agent = NodeAgent(
+        args.address, token, token_file=args.token_file, name=args.node_name,
+        bind_host=args.bind_host, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+        resources=args.resources, prestart=args.prestart, worker_cwd=args.cwd,
+    )
+    try:
+        await agent.start()
+    except NbclusterError as exc:
+        print(f"nbcluster-worker: {exc}", file=sys.stderr)
+        await agent.close()
+        return 1
+    print(f"NBCLUSTER_AGENT_READY {agent.node_id}", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stopped.set)
+    watcher = None
+    if args.parent_pid:
+        watcher = asyncio.create_task(watch_parent(args.parent_pid, agent.stopped))
+    await agent.stopped.wait()
+    await agent.close()
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(BaseException):
+            await watcher
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "nbcluster-worker") -> int:
+    args = build_parser(prog).parse_args(argv)
+    setup_logging("agent")
+    return asyncio.run(run_agent(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m nbcluster.agent"))

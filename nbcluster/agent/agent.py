@@ -1,0 +1,241 @@
+"""The node agent: one per host, connects to the head and runs worker processes for it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import zmq
+
+from nbcluster.agent.resources import detect_gpus, node_resources
+from nbcluster.exceptions import NbclusterError, ProtocolError
+from nbcluster.protocol.codec import decode, encode
+from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
+from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
+from nbcluster.transport import Transport, wait_for_handshake
+
+log = logging.getLogger(__name__)
+
+WORKER_START_TIMEOUT_S = 60.0
+
+
+class NodeAgent:
+    """Supervises this host's worker processes on behalf of the head.
+
+    Parameters
+    ----------
+    head_address
+        ``host:port`` of the head.
+    token
+        The cluster secret.
+    token_file
+        Where workers read the secret from (passed by path, never by value, when given).
+    """
+
+    def __init__(
+        self,
+        head_address: str,
+        token: str,
+        *,
+        token_file: str | None = None,
+        name: str | None = None,
+        bind_host: str = "127.0.0.1",
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        resources: dict[str, float] | None = None,
+        prestart: int | None = None,
+        worker_env: dict[str, str] | None = None,
+        worker_cwd: str | None = None,
+    ) -> None:
+        self.head_address = head_address
+        self._token = token
+        self._token_file = token_file
+        self.name = name or socket.gethostname()
+        self.bind_host = bind_host
+        self.gpus = detect_gpus()
+        self.resources = node_resources(num_cpus, num_gpus, resources, self.gpus)
+        cpus = int(self.resources.get("CPU", 0))
+        self.prestart = min(cpus, 8) if prestart is None else prestart
+        self.worker_env = worker_env or {}
+        self.worker_cwd = worker_cwd
+        self.node_id = ""
+        self._transport: Transport | None = None
+        self._sock: Any = None
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect and register with the head (raises on a wrong secret or version)."""
+        self._transport = Transport(derive_keys(self._token))
+        self._sock = self._transport.client(zmq.DEALER, f"tcp://{self.head_address}")
+        await wait_for_handshake(self._sock, self.head_address, timeout=30.0)
+        gpu_ids = [g["index"] for g in self.gpus]
+        ngpu = int(self.resources.get("GPU", 0))
+        if ngpu > len(gpu_ids):  # logical GPUs declared beyond the physical ones
+            gpu_ids = list(range(ngpu))
+        await self._send({
+            "k": Kind.REGISTER_NODE,
+            "v": PROTOCOL_VERSION,
+            "name": self.name,
+            "address": self.bind_host,
+            "resources": self.resources,
+            "gpu_ids": gpu_ids[:ngpu],
+            "pid": os.getpid(),
+            "prestart": self.prestart,
+            "info": {"gpus": self.gpus[:ngpu] if self.gpus else []},
+        })
+        header, _ = decode(await asyncio.wait_for(self._sock.recv_multipart(), 30.0))
+        if header["k"] == Kind.ERROR:
+            raise ProtocolError(header.get("msg", "the head refused this node"))
+        self.node_id = header["node_id"]
+        self._spawn(self._serve(), "agent-serve")
+        self._spawn(self._heartbeat(), "agent-heartbeat")
+        log.info("registered as %s with %s", self.node_id, self.resources)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        t = asyncio.create_task(coro, name=name)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _send(self, header: dict[str, Any]) -> None:
+        if self._sock is not None:
+            await self._sock.send_multipart(encode(header))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self._send({"k": Kind.PING})
+
+    async def _serve(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                h, _ = decode(frames)
+            except ProtocolError as exc:
+                log.warning("malformed message from head: %s", exc)
+                continue
+            kind = h["k"]
+            if kind == Kind.START_WORKER:
+                self._spawn(self._start_worker(), "agent-start-worker")
+            elif kind == Kind.KILL_WORKER:
+                self._kill(h["worker_id"])
+            elif kind == Kind.STOP_NODE:
+                log.info("stop requested by the head")
+                self.stopped.set()
+            elif kind in (Kind.PONG,):
+                pass
+            elif kind == Kind.ERROR:
+                log.error("head says: %s", h.get("msg"))
+            else:
+                log.warning("unexpected message %r", kind)
+
+    async def _start_worker(self) -> None:
+        worker_id = f"{self.node_id}-w{next(self._ids)}"
+        env = dict(os.environ)
+        env.update(self.worker_env)
+        env.update({
+            "NBCLUSTER_HEAD": self.head_address,
+            "NBCLUSTER_NODE_ID": self.node_id,
+            "NBCLUSTER_NODE_NAME": self.name,
+            "NBCLUSTER_WORKER_ID": worker_id,
+            "NBCLUSTER_AGENT_PID": str(os.getpid()),
+            "NBCLUSTER_BIND_HOST": self.bind_host,
+            "PYTHONUNBUFFERED": "1",
+        })
+        if self._token_file:
+            env[TOKEN_FILE_ENV] = self._token_file
+            env.pop(TOKEN_ENV, None)
+        else:
+            env[TOKEN_ENV] = self._token
+        proc = None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "nbcluster.worker",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=self.worker_cwd,
+                start_new_session=True,
+            )
+            self._procs[worker_id] = proc  # so that close() kills it even while starting
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), WORKER_START_TIMEOUT_S)
+            parts = line.decode().split()
+            if len(parts) != 4 or parts[0] != "NBCLUSTER_WORKER_READY":
+                raise NbclusterError(f"worker did not start: {line!r}")
+        except Exception as exc:
+            log.error("could not start a worker: %s", exc)
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+            self._procs.pop(worker_id, None)
+            await self._send({"k": Kind.WORKER_DIED, "worker_id": worker_id, "never_ready": True,
+                              "reason": f"worker failed to start: {exc}"})
+            return
+        await self._send({
+            "k": Kind.WORKER_READY,
+            "worker_id": worker_id,
+            "addr": parts[1],
+            "control_addr": parts[2],
+            "pid": proc.pid,
+        })
+        self._spawn(self._pump_stdout(worker_id, proc), "agent-pump")
+        rc = await proc.wait()
+        self._procs.pop(worker_id, None)
+        if not self.stopped.is_set():
+            await self._send({"k": Kind.WORKER_DIED, "worker_id": worker_id,
+                              "reason": describe_exit(proc.pid, rc)})
+
+    async def _pump_stdout(self, worker_id: str, proc: asyncio.subprocess.Process) -> None:
+        # Output written to the worker's file descriptors (C extensions, subprocesses) lands here.
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            sys.stderr.write(f"({worker_id} pid={proc.pid}) {line.decode(errors='replace')}")
+
+    def _kill(self, worker_id: str) -> None:
+        proc = self._procs.get(worker_id)
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    async def close(self) -> None:
+        """Kill every worker, leave the cluster and close the socket."""
+        self.stopped.set()
+        for proc in list(self._procs.values()):
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGKILL)
+        for proc in list(self._procs.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 5.0)
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await t
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._transport is not None:
+            self._transport.close()
+
+
+def describe_exit(pid: int | None, rc: int | None) -> str:
+    """Human wording of a worker's exit status."""
+    if rc is None:
+        return f"worker pid {pid} exited"
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"worker pid {pid} was killed by {name}"
+    return f"worker pid {pid} exited with code {rc}"

@@ -1,0 +1,308 @@
+"""The driver API: Ray Core's functions with Ray's names and semantics."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nbcluster import context
+from nbcluster.client import current
+from nbcluster.client.core import CoreClient
+from nbcluster.client.launcher import LocalCluster
+from nbcluster.exceptions import ConfigurationError
+from nbcluster.protocol.security import read_token_file, token_from_environment
+from nbcluster.refs import ObjectRef
+
+ADDRESS_ENV = "NBCLUSTER_ADDRESS"
+
+_local: LocalCluster | None = None
+_info: ClusterInfo | None = None
+_init_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What ``init()`` returns: where the cluster is and who we are in it."""
+
+    address: str
+    job_id: str
+    node_id: str
+    local: bool
+    session_dir: str | None = None
+
+    def __getitem__(self, key: str) -> Any:  # Ray's init() result is dict-like
+        return getattr(self, key)
+
+    def _repr_html_(self) -> str:
+        kind = "local cluster" if self.local else "cluster"
+        return (
+            f"<b>nbcluster</b> {kind} at <code>{self.address}</code> "
+            f"(job <code>{self.job_id}</code>)"
+        )
+
+
+def init(
+    address: str | None = None,
+    *,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    resources: dict[str, float] | None = None,
+    token_file: str | os.PathLike[str] | None = None,
+    log_to_driver: bool = True,
+    ignore_reinit_error: bool = True,
+    **ray_compat: Any,
+) -> ClusterInfo:
+    """Connect to a cluster, starting a local one when no address is given.
+
+    Parameters
+    ----------
+    address
+        ``"HOST:PORT"`` of a running head (``nbcluster head``). ``None`` uses
+        ``$NBCLUSTER_ADDRESS`` if set, else starts a head and one node agent for this machine as
+        child processes, stopped by :func:`shutdown` or when this process exits.
+    num_cpus, num_gpus, resources
+        Logical resources of the local node (defaults: detected from the machine). Ignored when
+        connecting to an existing cluster.
+    token_file
+        File holding the cluster secret when connecting to an existing head (else
+        ``$NBCLUSTER_TOKEN_FILE`` / ``$NBCLUSTER_TOKEN``).
+    log_to_driver
+        Print the tasks' stdout/stderr here.
+
+    Returns
+    -------
+    ClusterInfo
+        Calling ``init`` again returns the same information (re-running a notebook cell is safe).
+    """
+    global _local, _info
+    unknown = set(ray_compat) - {"namespace", "include_dashboard", "configure_logging",
+                                  "logging_level", "runtime_env", "object_store_memory",
+                                  "_temp_dir", "local_mode"}
+    if unknown:
+        raise TypeError(f"init() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    with _init_lock:
+        if _info is not None and current.get() is not None:
+            return _info
+        if context.in_worker():
+            client = current.require()
+            _info = ClusterInfo(client.head_address, client.job_id, client.node_id, False)
+            return _info
+        address = address or os.environ.get(ADDRESS_ENV) or None
+        if address in ("auto",):
+            address = os.environ.get(ADDRESS_ENV)
+            if not address:
+                raise ConfigurationError("address='auto' needs $NBCLUSTER_ADDRESS")
+        if address:
+            address = address.removeprefix("nbcluster://").removeprefix("tcp://")
+            token = read_token_file(Path(token_file)) if token_file else token_from_environment()
+            if not token:
+                raise ConfigurationError(
+                    f"connecting to {address} needs the cluster secret: pass token_file= or set "
+                    "NBCLUSTER_TOKEN_FILE"
+                )
+            client = CoreClient(address, token, log_to_driver=log_to_driver)
+            client.connect()
+            client.node_id = _local_node_id(client)
+            current.set_current(client)
+            _info = ClusterInfo(address, client.job_id, client.node_id, False)
+        else:
+            cluster = LocalCluster(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)
+            cluster.start()
+            try:
+                client = CoreClient(cluster.address, cluster.token, node_id=cluster.node_id,
+                                    log_to_driver=log_to_driver)
+                client.connect()
+            except BaseException:
+                cluster.stop()
+                raise
+            _local = cluster
+            current.set_current(client)
+            _info = ClusterInfo(cluster.address, client.job_id, cluster.node_id, True,
+                                str(cluster.session_dir))
+        return _info
+
+
+def _local_node_id(client: CoreClient) -> str:
+    try:
+        nodes = client.query("nodes")
+    except Exception:
+        return ""
+    host = socket.gethostname()
+    for n in nodes:
+        if n.get("name") == host and n.get("alive"):
+            return str(n["node_id"])
+    return ""
+
+
+def is_initialized() -> bool:
+    """Whether this process is connected to a cluster."""
+    return current.get() is not None
+
+
+def shutdown() -> None:
+    """Disconnect; when ``init()`` started a local cluster, stop all of its processes."""
+    global _local, _info
+    with _init_lock:
+        client = current.get()
+        current.set_current(None)
+        local, _local = _local, None
+        _info = None
+        if client is not None:
+            client.close(shutdown_cluster=local is not None)
+        if local is not None:
+            local.stop()
+
+
+atexit.register(shutdown)
+
+
+def _client() -> CoreClient:
+    return current.require()
+
+
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` in the cluster; returns a ref to pass to tasks or ``get``."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself")
+    return _client().put(value)
+
+
+def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
+    """Wait for and return the value(s) of ``refs``.
+
+    Raises
+    ------
+    GetTimeoutError
+        If the values are not ready within ``timeout`` seconds.
+    TaskError
+        (also an instance of the original exception type) if the task raised.
+    """
+    client = _client()
+    if isinstance(refs, ObjectRef):
+        return client.get([refs], timeout)[0]
+    if not isinstance(refs, list | tuple):
+        raise TypeError(f"get() expects an ObjectRef or a list of them, got {type(refs).__name__}")
+    for r in refs:
+        if not isinstance(r, ObjectRef):
+            raise TypeError(f"get() expects ObjectRefs, got an element of type {type(r).__name__}")
+    return client.get(list(refs), timeout)
+
+
+def wait(
+    refs: Sequence[ObjectRef],
+    *,
+    num_returns: int = 1,
+    timeout: float | None = None,
+    fetch_local: bool = True,
+) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Return ``(ready, not_ready)``: as soon as ``num_returns`` refs are ready, or at ``timeout``.
+
+    Both lists keep the order of ``refs``.
+    """
+    if isinstance(refs, ObjectRef) or not isinstance(refs, list | tuple):
+        raise TypeError("wait() expects a list of ObjectRefs")
+    if len(set(refs)) != len(refs):
+        raise ValueError("wait() expects a list of unique ObjectRefs")
+    if num_returns < 0 or num_returns > len(refs):
+        raise ValueError(f"num_returns must be between 0 and {len(refs)}, got {num_returns}")
+    return _client().wait(list(refs), num_returns, timeout)
+
+
+def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task producing ``ref``; ``get`` of it then raises ``TaskCancelledError``.
+
+    A queued task is dropped. A running one gets ``KeyboardInterrupt`` (``force=True`` kills its
+    worker instead). Cancelling a finished task does nothing.
+    """
+    if not isinstance(ref, ObjectRef):
+        raise TypeError("cancel() expects an ObjectRef")
+    _client().cancel(ref, force)
+
+
+def nodes() -> list[dict[str, Any]]:
+    """Every node of the cluster (Ray's keys ``NodeID``, ``Alive``, ``Resources`` included)."""
+    result = []
+    for n in _client().query("nodes"):
+        n = dict(n)
+        n.setdefault("NodeID", n["node_id"])
+        n.setdefault("Alive", n["alive"])
+        n.setdefault("NodeManagerAddress", n["address"])
+        n.setdefault("NodeName", n["name"])
+        n.setdefault("Resources", n["resources_total"])
+        result.append(n)
+    return result
+
+
+def _sum(key: str) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for n in _client().query("nodes"):
+        if n["alive"]:
+            for k, v in n[key].items():
+                total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total resources of the alive nodes."""
+    return _sum("resources_total")
+
+
+def available_resources() -> dict[str, float]:
+    """Resources not held by running tasks right now."""
+    return {k: v for k, v in _sum("resources_available").items() if v > 0}
+
+
+class RuntimeContext:
+    """Where the calling code runs: job, task, node, assigned resources."""
+
+    def get_job_id(self) -> str:
+        task = context.current_task.get()
+        return task.job_id if task is not None else _client().job_id
+
+    @property
+    def job_id(self) -> str:
+        return self.get_job_id()
+
+    def get_task_id(self) -> str | None:
+        """The running task's id (``None`` in a driver)."""
+        task = context.current_task.get()
+        return task.task_id if task is not None else None
+
+    def get_node_id(self) -> str:
+        task = context.current_task.get()
+        if task is not None:
+            return task.node_id
+        return _client().node_id
+
+    def get_worker_id(self) -> str | None:
+        task = context.current_task.get()
+        return task.worker_id if task is not None else None
+
+    def get_assigned_resources(self) -> dict[str, float]:
+        """Resources held by the running task (empty in a driver)."""
+        task = context.current_task.get()
+        if task is None:
+            return {}
+        return {k: v for k, v in task.assigned.items() if isinstance(v, int | float)}
+
+    def get_accelerator_ids(self) -> dict[str, list[str]]:
+        task = context.current_task.get()
+        ids = task.assigned.get("GPU_IDS", []) if task is not None else []
+        return {"GPU": [str(i) for i in ids]}  # type: ignore[union-attr]
+
+
+def get_runtime_context() -> RuntimeContext:
+    """Information about the calling driver or task."""
+    return RuntimeContext()
+
+
+def get_gpu_ids() -> list[int]:
+    """GPU ids assigned to the running task (Ray's ``get_gpu_ids``)."""
+    task = context.current_task.get()
+    return list(task.assigned.get("GPU_IDS", [])) if task is not None else []  # type: ignore[call-overload]

@@ -1,0 +1,175 @@
+"""Starting and stopping a local cluster: a head and one node agent as child processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from nbcluster.exceptions import NbclusterError
+from nbcluster.protocol.security import new_token, write_token_file
+
+START_TIMEOUT_S = 60.0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _read_ready(proc: subprocess.Popen[bytes], marker: str, what: str, log: Path, deadline: float) -> str:
+    """Read ``proc``'s stdout until the line starting with ``marker``; return the rest of it."""
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NbclusterError(f"the {what} did not start within {START_TIMEOUT_S:.0f} s; see {log}")
+            if not sel.select(min(left, 0.5)):
+                if proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+            for line in buf.decode(errors="replace").splitlines():
+                if line.startswith(marker):
+                    return line[len(marker) :].strip()
+    finally:
+        sel.close()
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise NbclusterError(f"the {what} exited during start-up (code {proc.wait()}):\n{tail}")
+
+
+class LocalCluster:
+    """A head and a node agent started by this process, torn down by :meth:`stop`.
+
+    Both children watch this process and exit on their own if it dies without stopping them.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        resources: dict[str, float] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        root = Path(tempfile.gettempdir()) / f"nbcluster-{os.getuid()}"
+        root.mkdir(mode=0o700, exist_ok=True)
+        self.session_dir = Path(tempfile.mkdtemp(prefix=f"session-{os.getpid()}-", dir=root))
+        self.token = new_token()
+        self.token_file = self.session_dir / "token"
+        write_token_file(self.token_file, self.token)
+        self.host = host
+        self.address = ""
+        self.node_id = ""
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[Any]] = []
+        self._opts = (num_cpus, num_gpus, resources)
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = open(self.session_dir / log_name, "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        env = dict(os.environ)
+        env.pop("NBCLUSTER_WORKER_ID", None)
+        # Workers import the driver's modules: give them the driver's search path.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.path.abspath(p) if p in ("", ".") else p for p in sys.path if p]
+        )
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            start_new_session=True,  # a Ctrl-C in the notebook must not hit the cluster
+        )
+        self._procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        """Start the head and the agent concurrently; returns once both are ready."""
+        port = _free_port(self.host)
+        num_cpus, num_gpus, resources = self._opts
+        pid = str(os.getpid())
+        head = self._spawn(
+            ["-m", "nbcluster.head", "--host", self.host, "--port", str(port),
+             "--token-file", str(self.token_file), "--parent-pid", pid],
+            "head.log",
+        )
+        agent_args = ["-m", "nbcluster.agent", "--address", f"{self.host}:{port}",
+                      "--token-file", str(self.token_file), "--parent-pid", pid,
+                      "--bind-host", self.host, "--node-name", socket.gethostname(),
+                      "--cwd", os.getcwd()]
+        if num_cpus is not None:
+            agent_args += ["--num-cpus", str(num_cpus)]
+        if num_gpus is not None:
+            agent_args += ["--num-gpus", str(num_gpus)]
+        if resources:
+            agent_args += ["--resources", json.dumps(resources)]
+        agent = self._spawn(agent_args, "agent.log")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            self.address = _read_ready(head, "NBCLUSTER_HEAD_READY", "head", self.session_dir / "head.log", deadline)
+            self.node_id = _read_ready(agent, "NBCLUSTER_AGENT_READY", "node agent", self.session_dir / "agent.log", deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the head and the agent (and with it every worker); remove the session folder."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self._procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc.pid)
+                proc.wait(5)
+        for proc in self._procs:
+            if proc.stdout is not None:
+                proc.stdout.close()
+        for f in self._logs:
+            f.close()
+        self._procs.clear()
+        self._logs.clear()
+        if os.environ.get("NBCLUSTER_KEEP_LOGS"):
+            self.token_file.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        parent = psutil.Process(pid)
+        procs = [*parent.children(recursive=True), parent]
+    except psutil.Error:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()

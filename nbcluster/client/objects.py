@@ -1,0 +1,134 @@
+"""The objects a client knows: the ones it owns and local copies of borrowed ones."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+PENDING = 0
+READY = 1
+FAILED = 2
+
+Callback = Callable[["Entry"], None]
+
+
+@dataclass
+class Entry:
+    """One object as this process sees it.
+
+    ``frames`` hold the serialized value (READY) or the serialized error (FAILED); values are
+    deserialized on each ``get``, so callers never share mutable state by accident.
+    """
+
+    oid: str
+    owned: bool
+    state: int = PENDING
+    frames: list[Any] = field(default_factory=list)
+    refs: int = 0  # live ObjectRef instances in this process
+    escaped: bool = False  # sent to another process: keep it for borrowers
+    event: threading.Event | None = None
+    callbacks: list[Callback] = field(default_factory=list)
+    fetching: bool = False
+
+
+class ObjectTable:
+    """Thread-safe map of object id to :class:`Entry` with completion callbacks.
+
+    Completion happens on the client's I/O thread; waiting happens on user threads.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, oid: str) -> Entry | None:
+        return self._entries.get(oid)
+
+    def create(self, oid: str, owned: bool) -> Entry:
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is None:
+                e = self._entries[oid] = Entry(oid, owned)
+            return e
+
+    def add_ref(self, oid: str, owned: bool) -> Entry:
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is None:
+                e = self._entries[oid] = Entry(oid, owned)
+            e.refs += 1
+            return e
+
+    def remove_ref(self, oid: str) -> None:
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is None:
+                return
+            e.refs -= 1
+            if e.refs <= 0 and not e.escaped and e.state != PENDING and not e.callbacks:
+                del self._entries[oid]
+
+    def mark_escaped(self, oid: str) -> None:
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is not None and e.owned:
+                e.escaped = True
+
+    def complete(self, oid: str, state: int, frames: list[Any]) -> None:
+        """Set an object's value or error and run its waiters (I/O thread)."""
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is None or e.state != PENDING:
+                return
+            e.state = state
+            e.frames = frames
+            callbacks, e.callbacks = e.callbacks, []
+            ev = e.event
+            if e.refs <= 0 and not e.escaped and not callbacks:
+                del self._entries[oid]  # nobody can ask for it any more
+        if ev is not None:
+            ev.set()
+        for cb in callbacks:
+            cb(e)
+
+    def on_ready(self, oid: str, cb: Callback) -> bool:
+        """Run ``cb(entry)`` once the object is no longer pending.
+
+        Returns ``False`` (without calling ``cb``) if it is already done or unknown.
+        """
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is None or e.state != PENDING:
+                return False
+            e.callbacks.append(cb)
+            return True
+
+    def event_for(self, oid: str) -> threading.Event | None:
+        """An event set when the object completes; ``None`` if already complete."""
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is None or e.state != PENDING:
+                return None
+            if e.event is None:
+                e.event = threading.Event()
+            return e.event
+
+    def drop(self, oid: str) -> None:
+        with self.lock:
+            self._entries.pop(oid, None)
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "objects": len(self._entries),
+                "pending": sum(1 for e in self._entries.values() if e.state == PENDING),
+                "bytes": sum(
+                    sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in e.frames)
+                    for e in self._entries.values()
+                ),
+            }

@@ -1,0 +1,61 @@
+"""Task records and per-resource-shape scheduling classes kept by a submitting client."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TaskRecord:
+    """A submitted task, from ``.remote()`` until its results are in."""
+
+    tid: str
+    name: str
+    fn_id: str
+    fn_blob: bytes
+    args: list[Any]
+    deps: list[Any]  # ObjectRefs, kept alive until dispatch
+    return_ids: list[str]
+    shape: dict[str, float]
+    shape_key: tuple[tuple[str, float], ...]
+    max_retries: int
+    retry_exceptions: bool | tuple[type[BaseException], ...]
+    nret: int = 1
+    dep_frames: list[list[Any]] = field(default_factory=list)
+    waiting_deps: int = 0
+    lease: Any = None
+    cancelled: bool = False
+    force_cancel: bool = False
+    attempts: int = 0
+
+
+@dataclass
+class Lease:
+    """A worker this client may push tasks to."""
+
+    lease_id: str
+    worker_id: str
+    worker_addr: str
+    control_addr: str
+    pid: int
+    node_id: str
+    node_name: str
+    gpus: list[int]
+    shape_key: tuple[tuple[str, float], ...]
+    conn: Any  # WorkerConn
+    inflight: deque[TaskRecord] = field(default_factory=deque)
+    linger: Any = None  # asyncio.TimerHandle returning the lease when idle
+
+
+@dataclass
+class SchedClass:
+    """Tasks waiting for a worker of one resource shape, and the leases holding such workers."""
+
+    shape: dict[str, float]
+    queue: deque[TaskRecord] = field(default_factory=deque)
+    leases: list[Lease] = field(default_factory=list)
+    requests: set[int] = field(default_factory=set)  # outstanding lease request ids
+    busy: bool = False  # the head said no more workers are free for now: pipeline deeper
+    infeasible_warned: bool = False

@@ -1,0 +1,44 @@
+"""What the current process is doing: which task runs here, for which job, with what resources."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """The task a worker is running now."""
+
+    task_id: str
+    job_id: str
+    name: str
+    node_id: str
+    worker_id: str
+    assigned: dict[str, object] = field(default_factory=dict)
+
+
+current_task: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+    "nbcluster_current_task", default=None
+)
+
+
+@dataclass
+class WorkerIdentity:
+    """Set in worker processes: who this worker is (``None`` in drivers)."""
+
+    worker_id: str
+    node_id: str
+    node_name: str
+    head_address: str
+    job_id: str | None = None
+    sys_path: list[str] = field(default_factory=list)
+
+
+worker_identity: WorkerIdentity | None = None
+
+
+def in_worker() -> bool:
+    """Whether this process is an nbcluster worker."""
+    return worker_identity is not None or "NBCLUSTER_WORKER_ID" in os.environ

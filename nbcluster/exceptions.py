@@ -1,0 +1,173 @@
+"""Every error nbcluster raises, under one root class, with Ray's names as aliases.
+
+Ray code that catches ``ray.exceptions.RayTaskError`` or ``GetTimeoutError`` works unchanged with
+``import nbcluster as ray``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NbclusterError(Exception):
+    """Root of every error raised by nbcluster."""
+
+
+class ConfigurationError(NbclusterError):
+    """Invalid settings: a bad token file, an unusable address, conflicting options."""
+
+
+class ProtocolError(NbclusterError):
+    """A peer sent a message we cannot understand (malformed frame, wrong protocol version)."""
+
+
+class AuthenticationError(NbclusterError):
+    """A peer did not prove it knows the cluster secret, or refused ours."""
+
+
+class ConnectionFailedError(NbclusterError, ConnectionError):
+    """A cluster service could not be reached."""
+
+
+class SystemError_(NbclusterError):
+    """An internal failure of the cluster runtime (a bug or a dead service)."""
+
+
+class GetTimeoutError(NbclusterError, TimeoutError):
+    """``get`` or ``wait`` ran past its ``timeout``."""
+
+
+class TaskCancelledError(NbclusterError):
+    """The task was cancelled with :func:`nbcluster.cancel` before it produced a result."""
+
+    def __init__(self, task_id: str | None = None, message: str | None = None) -> None:
+        self.task_id = task_id
+        super().__init__(message or f"task {task_id} was cancelled")
+
+
+class WorkerCrashedError(NbclusterError):
+    """The worker process running the task died (and the task's retries were used up)."""
+
+
+class ObjectLostError(NbclusterError):
+    """An object's value is gone and cannot be rebuilt."""
+
+
+class OwnerDiedError(ObjectLostError):
+    """The process that owned an object (the driver or task that made it) is gone."""
+
+
+class SerializationError(NbclusterError, TypeError):
+    """A value could not be pickled or unpickled (the message names which one)."""
+
+
+class InfeasibleResourcesWarning(UserWarning):
+    """No node in the cluster can ever satisfy a task's resource request (as things stand)."""
+
+
+class TaskError(NbclusterError):
+    """An exception raised inside a remote task, carrying the remote traceback.
+
+    ``get`` raises an instance of a class deriving from both ``TaskError`` and the original
+    exception's type, so ``except ValueError`` catches a remote ``ValueError``.
+    """
+
+    def __init__(
+        self,
+        function_name: str,
+        traceback_str: str,
+        cause: BaseException | None,
+        where: str = "",
+    ) -> None:
+        self.function_name = function_name
+        self.traceback_str = traceback_str
+        self.cause = cause
+        self.where = where
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        loc = f" ({self.where})" if self.where else ""
+        return f"task {self.function_name}{loc} raised:\n\n{self.traceback_str.rstrip()}"
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_task_error, (self.function_name, self.traceback_str, self.cause, self.where))
+
+    def as_instanceof_cause(self) -> TaskError:
+        """Return an equivalent error that is also an instance of the cause's type."""
+        cause_cls = type(self.cause) if self.cause is not None else None
+        if cause_cls is None or issubclass(cause_cls, TaskError):
+            return self
+        try:
+            cls = _dual_class(cause_cls)
+            err = cls.__new__(cls)
+            TaskError.__init__(err, self.function_name, self.traceback_str, self.cause, self.where)
+            err.args = (self._message(),)
+            # Expose the cause's attributes (errno, filename, ...) on the dual instance.
+            for k, v in getattr(self.cause, "__dict__", {}).items():
+                err.__dict__.setdefault(k, v)
+            return err
+        except TypeError:  # e.g. a final class or incompatible layout (OSError subclasses)
+            return self
+
+
+_dual_cache: dict[type, type] = {}
+
+
+def _dual_class(cause_cls: type) -> type:
+    cls = _dual_cache.get(cause_cls)
+    if cls is None:
+        name = f"TaskError({cause_cls.__name__})"
+        cls = type(name, (TaskError, cause_cls), {"__module__": "nbcluster.exceptions"})
+        cls.__init__ = TaskError.__init__  # type: ignore[misc]
+        cls.__str__ = TaskError.__str__  # type: ignore[assignment]
+        _dual_cache[cause_cls] = cls
+    return cls
+
+
+def _rebuild_task_error(
+    function_name: str, traceback_str: str, cause: BaseException | None, where: str
+) -> TaskError:
+    return TaskError(function_name, traceback_str, cause, where)
+
+
+class ActorError(NbclusterError):
+    """Base for actor failures."""
+
+
+class ActorDiedError(ActorError):
+    """The actor is dead (killed, crashed past ``max_restarts``, or its ``__init__`` failed)."""
+
+
+# Ray's names, so that Ray code catching them works unchanged.
+RayError = NbclusterError
+RayTaskError = TaskError
+RaySystemError = SystemError_
+RayActorError = ActorError
+ObjectFetchTimedOutError = GetTimeoutError
+
+__all__ = [
+    "ActorDiedError",
+    "ActorError",
+    "AuthenticationError",
+    "ConfigurationError",
+    "ConnectionFailedError",
+    "GetTimeoutError",
+    "InfeasibleResourcesWarning",
+    "NbclusterError",
+    "ObjectFetchTimedOutError",
+    "ObjectLostError",
+    "OwnerDiedError",
+    "ProtocolError",
+    "RayActorError",
+    "RayError",
+    "RaySystemError",
+    "RayTaskError",
+    "SerializationError",
+    "SystemError_",
+    "TaskCancelledError",
+    "TaskError",
+    "WorkerCrashedError",
+]

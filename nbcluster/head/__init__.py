@@ -1,0 +1,1 @@
+"""The head: membership, resource accounting and worker leases."""

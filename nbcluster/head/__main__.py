@@ -1,0 +1,55 @@
+"""``python -m nbcluster.head``: run a head in this process until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from nbcluster._proc import setup_logging, watch_parent
+from nbcluster.head.service import HeadService
+from nbcluster.protocol.security import read_token_file, token_from_environment
+
+
+async def run_head(args: argparse.Namespace) -> int:
+    token = read_token_file(Path(args.token_file)) if args.token_file else token_from_environment()
+    if not token:
+        print("nbcluster head: no cluster secret (use --token-file)", file=sys.stderr)
+        return 2
+    head = HeadService(token, args.host, args.port)
+    address = await head.start()
+    print(f"NBCLUSTER_HEAD_READY {address}", flush=True)
+    gone = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, gone.set)
+    watchers = []
+    if args.parent_pid:
+        watchers.append(asyncio.create_task(watch_parent(args.parent_pid, gone)))
+    stopped = asyncio.create_task(head.wait_stopped())
+    gone_t = asyncio.create_task(gone.wait())
+    await asyncio.wait([stopped, gone_t], return_when=asyncio.FIRST_COMPLETED)
+    await head.stop()
+    for t in [*watchers, gone_t, stopped]:
+        t.cancel()
+        with contextlib.suppress(BaseException):
+            await t
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nbcluster.head")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--token-file")
+    p.add_argument("--parent-pid", type=int, default=0)
+    args = p.parse_args(argv)
+    setup_logging("head")
+    return asyncio.run(run_head(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""The head service: runs :class:`ClusterState` behind an authenticated ROUTER socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from nbcluster.exceptions import ProtocolError
+from nbcluster.head.state import ClusterState, Instruction, Lease, WorkerInfo
+from nbcluster.protocol.codec import decode, encode
+from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
+from nbcluster.protocol.security import derive_keys
+from nbcluster.transport import Transport
+
+log = logging.getLogger(__name__)
+
+#: A client or agent silent for this long is considered gone.
+LIVENESS_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Peer:
+    """Someone connected to the head: a driver, a worker acting as a client, or an agent."""
+
+    ident: bytes
+    role: str
+    pid: int
+    job_id: str | None = None
+    owns_job: bool = False
+    worker_id: str | None = None
+    node_id: str | None = None
+    last_seen: float = 0.0
+
+
+class HeadService:
+    """Control plane of one cluster.
+
+    Parameters
+    ----------
+    token
+        The cluster secret.
+    host, port
+        Where to listen; ``port=0`` picks a free port.
+    """
+
+    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._token = token
+        self.host = host
+        self.port = port
+        self.state = ClusterState()
+        self.peers: dict[bytes, Peer] = {}
+        self._jobs = itertools.count(1)
+        self._transport: Transport | None = None
+        self._sock: Any = None
+        self.address = ""
+        self.started_at = time.time()
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> str:
+        """Bind and start serving; returns ``host:port``."""
+        self._transport = Transport(derive_keys(self._token))
+        self._sock, endpoint = self._transport.server(
+            zmq.ROUTER, f"tcp://{self.host}:{self.port}"
+        )
+        self.port = int(endpoint.rsplit(":", 1)[1])
+        self.address = f"{self.host}:{self.port}"
+        self._tasks = [
+            asyncio.create_task(self._serve(), name="head-serve"),
+            asyncio.create_task(self._reaper(), name="head-reaper"),
+        ]
+        log.info("head listening on %s", self.address)
+        return self.address
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Tell every agent to stop, then close."""
+        if self._sock is None:
+            return
+        for node in self.state.nodes.values():
+            if node.alive:
+                await self._send(node.client, {"k": Kind.STOP_NODE})
+        await asyncio.sleep(0.05)  # let the STOP frames leave before closing the socket
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._sock.close(linger=0)
+        self._sock = None
+        if self._transport is not None:
+            self._transport.close()
+        self._stopped.set()
+
+    # ------------------------------------------------------------------------------ I/O
+    async def _send(self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None) -> None:
+        if self._sock is None:
+            return
+        try:
+            await self._sock.send_multipart([ident, *encode(header, payload or ())])
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY): it will be reaped
+            log.debug("send to %r failed: %s", ident, exc)
+
+    async def _serve(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=True)
+            ident, rest = frames[0], frames[1:]
+            try:
+                header, _payload = decode(rest)
+                await self._handle(ident, header)
+            except ProtocolError as exc:
+                log.warning("dropping malformed message from %r: %s", ident, exc)
+                await self._send(ident, {"k": Kind.ERROR, "msg": str(exc), "code": "protocol"})
+            except Exception:
+                log.exception("error handling %r", rest[:1])
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for peer in list(self.peers.values()):
+                if now - peer.last_seen > LIVENESS_TIMEOUT_S:
+                    log.warning("%s pid %s silent for %.0f s: dropping", peer.role, peer.pid, now - peer.last_seen)
+                    await self._peer_gone(peer)
+
+    async def _run(self, instructions: list[Instruction]) -> None:
+        for ins in instructions:
+            verb = ins[0]
+            if verb == "grant":
+                _, client, rid, lease, w = ins
+                await self._send(client, self._grant_msg(rid, lease, w))
+            elif verb == "start_worker":
+                node = self.state.nodes[ins[1]]
+                await self._send(node.client, {"k": Kind.START_WORKER})
+            elif verb == "kill_worker":
+                node = self.state.nodes.get(ins[1])
+                if node is not None and node.alive:
+                    await self._send(node.client, {"k": Kind.KILL_WORKER, "worker_id": ins[2]})
+            elif verb == "lease_lost":
+                _, client, lease_id, reason = ins
+                await self._send(client, {"k": Kind.LEASE_LOST, "lease_id": lease_id, "reason": reason})
+            elif verb == "infeasible":
+                _, client, rid, missing, shape = ins
+                await self._send(
+                    client, {"k": Kind.LEASE_INFEASIBLE, "rid": rid, "missing": missing, "shape": shape}
+                )
+            elif verb == "queued":
+                await self._send(ins[1], {"k": Kind.LEASE_QUEUED, "rid": ins[2]})
+            else:  # pragma: no cover - a bug in ClusterState
+                log.error("unknown instruction %r", ins)
+
+    def _grant_msg(self, rid: int, lease: Lease, w: WorkerInfo) -> dict[str, Any]:
+        node = self.state.nodes[lease.node_id]
+        return {
+            "k": Kind.LEASE_GRANTED,
+            "rid": rid,
+            "lease_id": lease.lease_id,
+            "worker_id": w.worker_id,
+            "worker_addr": w.address,
+            "control_addr": w.control_address,
+            "pid": w.pid,
+            "node_id": lease.node_id,
+            "node_name": node.name,
+            "gpus": sorted(lease.gpus),
+            "shape": lease.shape,
+        }
+
+    # ------------------------------------------------------------------------------ handlers
+    async def _handle(self, ident: bytes, h: dict[str, Any]) -> None:
+        kind = h["k"]
+        peer = self.peers.get(ident)
+        if peer is not None:
+            peer.last_seen = time.monotonic()
+        if kind == Kind.HELLO:
+            await self._hello(ident, h)
+            return
+        if kind == Kind.REGISTER_NODE:
+            await self._register(ident, h)
+            return
+        if peer is None:
+            await self._send(ident, {"k": Kind.ERROR, "msg": "say hello first", "code": "nohello"})
+            return
+        st = self.state
+        if kind == Kind.PING:
+            await self._send(ident, {"k": Kind.PONG})
+        elif kind == Kind.LEASE_REQUEST:
+            assert peer.job_id is not None
+            await self._run(st.request_lease(ident, peer.job_id, h["rid"], h["shape"], h.get("name", "")))
+        elif kind == Kind.LEASE_RETURN:
+            await self._run(st.return_lease(ident, h["lease_id"]))
+        elif kind == Kind.LEASE_CANCEL:
+            await self._run(st.cancel_request(ident, h["rid"]))
+        elif kind in (Kind.WORKER_BLOCKED, Kind.WORKER_UNBLOCKED):
+            await self._run(st.worker_blocked(h["worker_id"], kind == Kind.WORKER_BLOCKED))
+        elif kind == Kind.QUERY:
+            await self._send(ident, {"k": Kind.QUERY_REPLY, "rid": h["rid"], "result": self._query(h)})
+        elif kind == Kind.WORKER_READY:
+            assert peer.node_id is not None
+            await self._run(
+                st.worker_ready(peer.node_id, h["worker_id"], h["addr"], h["control_addr"], h["pid"])
+            )
+        elif kind == Kind.WORKER_DIED:
+            if h.get("never_ready"):
+                await self._run(st.worker_start_failed(peer.node_id or ""))
+            await self._run(st.worker_died(h["worker_id"], h.get("reason", "worker died")))
+        elif kind == Kind.GOODBYE:
+            await self._peer_gone(peer)
+        elif kind == Kind.SHUTDOWN_CLUSTER:
+            log.info("shutdown requested by pid %s", peer.pid)
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
+        else:
+            log.warning("unexpected message kind %r from %s", kind, peer.role)
+
+    async def _hello(self, ident: bytes, h: dict[str, Any]) -> None:
+        if h.get("v") != PROTOCOL_VERSION:
+            await self._send(ident, {
+                "k": Kind.ERROR,
+                "code": "version",
+                "msg": f"protocol version {h.get('v')} is not supported by this head "
+                f"(it speaks version {PROTOCOL_VERSION}); install the same nbcluster version",
+            })
+            return
+        role = str(h.get("role", "driver"))
+        job_id = h.get("job_id")
+        owns = False
+        if not job_id:
+            job_id = f"{next(self._jobs):08x}"
+            owns = True
+        peer = Peer(ident, role, int(h.get("pid", 0)), job_id, owns, h.get("worker_id"))
+        peer.last_seen = time.monotonic()
+        self.peers[ident] = peer
+        await self._send(ident, {"k": Kind.WELCOME, "job_id": job_id, "head_pid": os.getpid()})
+
+    async def _register(self, ident: bytes, h: dict[str, Any]) -> None:
+        if h.get("v") != PROTOCOL_VERSION:
+            await self._send(ident, {
+                "k": Kind.ERROR,
+                "code": "version",
+                "msg": f"protocol version {h.get('v')} is not supported (head speaks {PROTOCOL_VERSION})",
+            })
+            return
+        node_id, ins = self.state.add_node(
+            ident,
+            h["name"],
+            h["address"],
+            h["resources"],
+            list(h.get("gpu_ids", [])),
+            pid=int(h.get("pid", 0)),
+            prestart=int(h.get("prestart", 0)),
+            info=h.get("info") or {},
+        )
+        peer = Peer(ident, "agent", int(h.get("pid", 0)), node_id=node_id)
+        peer.last_seen = time.monotonic()
+        self.peers[ident] = peer
+        await self._send(ident, {"k": Kind.NODE_REGISTERED, "node_id": node_id})
+        await self._run(ins)
+
+    async def _peer_gone(self, peer: Peer) -> None:
+        self.peers.pop(peer.ident, None)
+        if peer.role == "agent" and peer.node_id is not None:
+            await self._run(self.state.remove_node(peer.node_id, "its node left the cluster"))
+        else:
+            await self._run(self.state.client_gone(peer.ident, peer.job_id, peer.owns_job))
+
+    def _query(self, h: dict[str, Any]) -> Any:
+        what = h.get("what")
+        if what == "nodes":
+            return self.state.node_views()
+        if what == "head":
+            return {"address": self.address, "pid": os.getpid(), "started_at": self.started_at}
+        return None

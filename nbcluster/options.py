@@ -1,0 +1,131 @@
+"""One frozen record of the options a task (or, later, an actor) is submitted with."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+_EPS = 1e-9
+
+#: Options accepted by ``@remote`` and ``.options()`` on functions.
+TASK_OPTION_NAMES = frozenset(
+    {
+        "num_cpus",
+        "num_gpus",
+        "resources",
+        "memory",
+        "max_retries",
+        "retry_exceptions",
+        "num_returns",
+        "name",
+        "scheduling_strategy",
+        "runtime_env",
+    }
+)
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Validated options of a remote function.
+
+    Attributes mirror Ray's: ``num_cpus`` (default 1), ``num_gpus`` (0), custom ``resources``,
+    ``max_retries`` (3, for worker crashes), ``retry_exceptions`` (``False``, ``True`` or a list of
+    exception types), ``num_returns`` (1) and a display ``name``.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    memory: float = 0.0
+    max_retries: int = 3
+    retry_exceptions: bool | tuple[type[BaseException], ...] = False
+    num_returns: int = 1
+    name: str | None = None
+    scheduling_strategy: Any = None
+
+    def replace(self, **kwargs: Any) -> TaskOptions:
+        """Return a copy with ``kwargs`` applied (validated as in :func:`make_task_options`)."""
+        return make_task_options(self, **kwargs)
+
+    def shape(self) -> dict[str, float]:
+        """The resource request as a dict, omitting zero amounts."""
+        shape: dict[str, float] = {}
+        if self.num_cpus > _EPS:
+            shape["CPU"] = float(self.num_cpus)
+        if self.num_gpus > _EPS:
+            shape["GPU"] = float(self.num_gpus)
+        if self.memory > _EPS:
+            shape["memory"] = float(self.memory)
+        for k, v in self.resources.items():
+            if v > _EPS:
+                shape[k] = float(v)
+        return shape
+
+
+def _check_amount(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value!r}")
+    return float(value)
+
+
+def make_task_options(base: TaskOptions | None = None, **kwargs: Any) -> TaskOptions:
+    """Build validated :class:`TaskOptions` from keyword arguments.
+
+    Raises
+    ------
+    ValueError
+        For unknown option names or invalid values, naming them.
+    """
+    unknown = set(kwargs) - TASK_OPTION_NAMES
+    if unknown:
+        raise ValueError(
+            f"invalid option(s) for a remote function: {', '.join(sorted(unknown))}; "
+            f"valid options are {', '.join(sorted(TASK_OPTION_NAMES))}"
+        )
+    base = base or TaskOptions()
+    changes: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "runtime_env":
+            if value:
+                raise ValueError("runtime_env is not supported by nbcluster")
+            continue
+        if value is None and key in ("num_cpus", "num_gpus", "memory", "resources"):
+            continue
+        if key in ("num_cpus", "num_gpus", "memory"):
+            amount = _check_amount(key, value)
+            if key == "num_gpus" and amount > 1 and amount != int(amount):
+                raise ValueError(f"num_gpus above 1 must be a whole number, got {value!r}")
+            changes[key] = amount
+        elif key == "resources":
+            if not isinstance(value, dict):
+                raise ValueError(f"resources must be a dict, got {type(value).__name__}")
+            for rk in value:
+                if rk in ("CPU", "GPU", "memory"):
+                    raise ValueError(f"use num_cpus/num_gpus/memory instead of resources[{rk!r}]")
+            changes[key] = {str(k): _check_amount(f"resources[{k!r}]", v) for k, v in value.items()}
+        elif key in ("max_retries", "num_returns"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
+            if key == "num_returns" and value < 0:
+                raise ValueError("num_returns must be >= 0")
+            if key == "max_retries" and value < -1:
+                raise ValueError("max_retries must be >= -1 (-1 retries forever)")
+            changes[key] = value
+        elif key == "retry_exceptions":
+            if isinstance(value, bool):
+                changes[key] = value
+            elif isinstance(value, list | tuple) and all(
+                isinstance(t, type) and issubclass(t, BaseException) for t in value
+            ):
+                changes[key] = tuple(value)
+            else:
+                raise ValueError("retry_exceptions must be a bool or a list of exception types")
+        elif key == "name":
+            changes[key] = None if value is None else str(value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(base, **changes)

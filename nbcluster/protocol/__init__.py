@@ -1,0 +1,1 @@
+"""Wire protocol: message kinds, framing and cluster security."""

@@ -1,0 +1,62 @@
+"""Every message kind of the nbcluster wire protocol, in one place.
+
+A message is a ZeroMQ multipart message: one msgpack-encoded header (a dict whose ``"k"`` key is
+one of the kinds below) followed by zero or more payload frames (pickle bytes and protocol-5
+out-of-band buffers). Headers never carry pickled data; only payload frames do, and payload frames
+are only ever unpickled after the connection was authenticated by CurveZMQ.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+#: Bumped on every incompatible change; checked in the HELLO / REGISTER handshakes.
+PROTOCOL_VERSION = 1
+
+
+class Kind(StrEnum):
+    """Message kinds. Values are short because they travel in every header."""
+
+    # --- any peer <-> head -----------------------------------------------------------------
+    HELLO = "hello"  # client -> head: {v, role, pid, job_id?, worker_id?, node_hint?}
+    WELCOME = "welcome"  # head -> client: {job_id, node_id?}
+    ERROR = "error"  # either way: {msg, code, rid?}
+    PING = "ping"  # client/agent -> head (liveness)
+    PONG = "pong"  # head -> client/agent
+    GOODBYE = "bye"  # client -> head: disconnecting cleanly
+
+    # --- leases (driver <-> head) ----------------------------------------------------------
+    LEASE_REQUEST = "lreq"  # {rid, shape, name}
+    LEASE_GRANTED = "lgrant"  # {rid, lease_id, worker_id, worker_addr, control_addr, node_id, gpus}
+    LEASE_INFEASIBLE = "linf"  # {rid, missing, shape}
+    LEASE_QUEUED = "lqueued"  # head -> client: {rid} (feasible, but no node has room now)
+    LEASE_CANCEL = "lcancel"  # {rid}
+    LEASE_RETURN = "lret"  # {lease_id}
+    LEASE_LOST = "llost"  # head -> client: {lease_id, reason}
+    WORKER_BLOCKED = "wblock"  # worker-as-client -> head: {worker_id}
+    WORKER_UNBLOCKED = "wunblock"  # {worker_id}
+
+    # --- queries (any client <-> head) -----------------------------------------------------
+    QUERY = "query"  # {rid, what: "nodes"}
+    QUERY_REPLY = "qreply"  # {rid, result}
+    SHUTDOWN_CLUSTER = "shutdown"  # owner driver -> head: stop head and every agent
+
+    # --- node agent <-> head ---------------------------------------------------------------
+    REGISTER_NODE = "reg"  # {v, name, address, resources, pid, gpus}
+    NODE_REGISTERED = "regok"  # {node_id}
+    START_WORKER = "wstart"  # head -> agent: {}
+    WORKER_READY = "wready"  # agent -> head: {worker_id, addr, control_addr, pid}
+    WORKER_DIED = "wdied"  # agent -> head: {worker_id, reason}
+    KILL_WORKER = "wkill"  # head -> agent: {worker_id}
+    STOP_NODE = "stop"  # head -> agent
+
+    # --- driver <-> worker -----------------------------------------------------------------
+    BIND = "bind"  # driver -> worker: {job_id, sys_path, cwd, owner_name}
+    TASK = "task"  # driver -> worker: {tid, fn, fnb?, nargs, deps, nret, name, gpus, ...}
+    CANCEL = "cancel"  # driver -> worker (and its control socket): {tid, force}
+    RESULT = "result"  # worker -> driver: {tid, ok, n: [frame counts], err?}
+    LOG = "log"  # worker -> driver: {tid, stream, lines, name, pid}
+
+    # --- object transfer (borrower <-> owner) ----------------------------------------------
+    GET_OBJECT = "oget"  # {oid}
+    OBJECT = "obj"  # {oid, ok, err?} + frames

@@ -1,0 +1,112 @@
+"""``@remote``: turning functions into tasks."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from nbcluster.client import current
+from nbcluster.exceptions import SerializationError
+from nbcluster.options import TaskOptions, make_task_options
+from nbcluster.refs import ObjectRef
+
+
+class RemoteFunction:
+    """A function that runs as a task: call ``.remote(...)`` to submit it.
+
+    The function is pickled by value once (cloudpickle), so functions defined in a notebook cell
+    or ``__main__`` work, and redefining the function in a later cell runs its new body.
+    """
+
+    def __init__(self, fn: Callable[..., Any], options: TaskOptions) -> None:
+        self._function = fn
+        self._options = options
+        self._name = options.name or getattr(fn, "__qualname__", getattr(fn, "__name__", "task"))
+        self._blob: bytes | None = None
+        self._fn_id = ""
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"remote function {self._name} cannot be called directly; "
+            f"use {self._name}.remote(...) to run it as a task"
+        )
+
+    def _pickled(self) -> tuple[str, bytes]:
+        if self._blob is None:
+            try:
+                blob = cloudpickle.dumps(self._function, protocol=5)
+            except Exception as exc:
+                raise SerializationError(
+                    f"could not serialize remote function {self._name} (it captures something "
+                    f"that cannot be pickled): {type(exc).__name__}: {exc}"
+                ) from exc
+            self._fn_id = hashlib.blake2b(blob, digest_size=12).hexdigest()
+            self._blob = blob
+        return self._fn_id, self._blob
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Submit the task; returns an ``ObjectRef`` (a list of them when ``num_returns > 1``)."""
+        return self._submit(self._options, args, kwargs)
+
+    def _submit(self, opts: TaskOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        client = current.require()
+        fn_id, blob = self._pickled()
+        refs = client.submit(
+            opts.name or self._name, fn_id, blob, args, kwargs, opts.shape(), opts.num_returns,
+            opts.max_retries, opts.retry_exceptions,
+        )
+        if opts.num_returns == 1:
+            return refs[0]
+        if opts.num_returns == 0:
+            return None
+        return refs
+
+    def options(self, **kwargs: Any) -> _BoundOptions:
+        """Override options for one submission: ``f.options(num_gpus=1).remote(x)``."""
+        return _BoundOptions(self, make_task_options(self._options, **kwargs))
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - Ray DAG API
+        raise NotImplementedError("nbcluster does not implement Ray's DAG API (bind)")
+
+    def __repr__(self) -> str:
+        return f"<nbcluster remote function {self._name}>"
+
+
+class _BoundOptions:
+    def __init__(self, fn: RemoteFunction, options: TaskOptions) -> None:
+        self._fn = fn
+        self._options = options
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn._submit(self._options, args, kwargs)
+
+    def options(self, **kwargs: Any) -> _BoundOptions:
+        return _BoundOptions(self._fn, make_task_options(self._options, **kwargs))
+
+
+def remote(*args: Any, **kwargs: Any) -> Any:
+    """Make a function a remote task, as Ray's ``@ray.remote``.
+
+    Use bare (``@remote``) or with options (``@remote(num_cpus=2, num_gpus=1)``).
+    """
+    if len(args) == 1 and not kwargs and callable(args[0]):
+        return _make(args[0], TaskOptions())
+    if args:
+        raise TypeError("@remote takes keyword options only, e.g. @remote(num_gpus=1)")
+    opts = make_task_options(None, **kwargs)
+    return lambda fn: _make(fn, opts)
+
+
+def _make(target: Any, opts: TaskOptions) -> Any:
+    if inspect.isclass(target):
+        raise NotImplementedError("remote classes (actors) are not supported yet")
+    return RemoteFunction(target, opts)
+
+
+__all__ = ["ObjectRef", "RemoteFunction", "remote"]

@@ -1,0 +1,112 @@
+"""Turning values into frames and back.
+
+A serialized value is a list of frames: the pickle stream, then one frame per out-of-band buffer
+(pickle protocol 5), so numpy arrays and other buffer-exporting values are never copied into the
+pickle stream and can be sent as separate ZeroMQ frames.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+
+from nbcluster.exceptions import SerializationError
+
+
+def dumps(value: Any) -> list[Any]:
+    """Serialize ``value`` into ``[pickle_bytes, *buffers]``."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    return [data, *(b.raw() for b in buffers)]
+
+
+def loads(frames: Sequence[Any]) -> Any:
+    """Inverse of :func:`dumps`; buffers are used in place (zero-copy where possible)."""
+    if not frames:
+        raise SerializationError("no frames to deserialize")
+    bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames[1:]]
+    first = frames[0]
+    data = first.buffer if hasattr(first, "buffer") else first
+    return pickle.loads(data, buffers=bufs)
+
+
+class DepMarker:
+    """Stands in for a top-level ``ObjectRef`` argument until its value is known."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (DepMarker, (self.index,))
+
+
+def dumps_args(
+    fn_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], is_ref: Any
+) -> tuple[list[Any], list[Any]]:
+    """Serialize call arguments, lifting out top-level refs.
+
+    Returns ``(frames, deps)``: ``deps`` are the top-level ``ObjectRef`` arguments (positional or
+    keyword) replaced in the pickle by :class:`DepMarker` s, to be resolved before the call.
+
+    Raises
+    ------
+    SerializationError
+        Naming the argument that cannot be pickled.
+    """
+    deps: list[Any] = []
+
+    def lift(v: Any) -> Any:
+        if is_ref(v):
+            deps.append(v)
+            return DepMarker(len(deps) - 1)
+        return v
+
+    a = tuple(lift(v) for v in args)
+    k = {key: lift(v) for key, v in kwargs.items()}
+    try:
+        return dumps((a, k)), deps
+    except Exception as exc:
+        culprit = _find_unpicklable(a, k)
+        raise SerializationError(
+            f"could not serialize {culprit} of {fn_name}(): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _find_unpicklable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    for i, v in enumerate(args):
+        try:
+            dumps(v)
+        except Exception:
+            return f"argument {i} ({_short_repr(v)})"
+    for key, v in kwargs.items():
+        try:
+            dumps(v)
+        except Exception:
+            return f"keyword argument {key!r} ({_short_repr(v)})"
+    return "the arguments"
+
+
+def _short_repr(v: Any) -> str:
+    try:
+        r = repr(v)
+    except Exception:
+        r = f"<{type(v).__name__}>"
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def loads_args(frames: Sequence[Any], dep_values: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Deserialize call arguments and put resolved dependency values in place of markers."""
+    a, k = loads(frames)
+    if dep_values:
+
+        def put(v: Any) -> Any:
+            return dep_values[v.index] if isinstance(v, DepMarker) else v
+
+        a = tuple(put(v) for v in a)
+        k = {key: put(v) for key, v in k.items()}
+    return a, k

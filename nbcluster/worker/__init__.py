@@ -1,0 +1,1 @@
+"""Worker processes: run tasks pushed by the drivers that lease them."""
