@@ -6,6 +6,7 @@ Ray code that catches ``ray.exceptions.RayTaskError`` or ``GetTimeoutError`` wor
 
 from __future__ import annotations
 
+import linecache
 from typing import Any
 
 
@@ -78,22 +79,40 @@ class TaskError(NbclusterError):
         traceback_str: str,
         cause: BaseException | None,
         where: str = "",
+        frames: list[tuple[str, int, str, str]] | None = None,
     ) -> None:
         self.function_name = function_name
         self.traceback_str = traceback_str
         self.cause = cause
         self.where = where
+        # (filename, lineno, function, source line) of the remote stack, innermost last.
+        self.frames = frames
         super().__init__(self._message())
+
+    def _render(self) -> str:
+        if not self.frames:
+            return self.traceback_str.rstrip()
+        lines = ["Traceback (most recent call last):"]
+        for filename, lineno, name, line in self.frames:
+            lines.append(f'  File "{filename}", line {lineno}, in {name}')
+            # A notebook cell's source exists only in the driver: look it up here.
+            src = line or linecache.getline(filename, lineno).strip()
+            if src:
+                lines.append(f"    {src}")
+        return "\n".join(lines) + "\n" + self.traceback_str.rstrip()
 
     def _message(self) -> str:
         loc = f" ({self.where})" if self.where else ""
-        return f"task {self.function_name}{loc} raised:\n\n{self.traceback_str.rstrip()}"
+        return f"task {self.function_name}{loc} raised:\n\n{self._render()}"
 
     def __str__(self) -> str:
         return self._message()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_task_error, (self.function_name, self.traceback_str, self.cause, self.where))
+        return (
+            _rebuild_task_error,
+            (self.function_name, self.traceback_str, self.cause, self.where, self.frames),
+        )
 
     def as_instanceof_cause(self) -> TaskError:
         """Return an equivalent error that is also an instance of the cause's type."""
@@ -103,11 +122,15 @@ class TaskError(NbclusterError):
         try:
             cls = _dual_class(cause_cls)
             err = cls.__new__(cls)
-            TaskError.__init__(err, self.function_name, self.traceback_str, self.cause, self.where)
+            # Not through __init__: the cause's own __init__ (next in the MRO) would run with
+            # our message as its arguments.
+            err.__dict__.update(getattr(self.cause, "__dict__", {}))  # errno, code, ...
+            err.function_name = self.function_name
+            err.traceback_str = self.traceback_str
+            err.cause = self.cause
+            err.where = self.where
+            err.frames = self.frames
             err.args = (self._message(),)
-            # Expose the cause's attributes (errno, filename, ...) on the dual instance.
-            for k, v in getattr(self.cause, "__dict__", {}).items():
-                err.__dict__.setdefault(k, v)
             return err
         except TypeError:  # e.g. a final class or incompatible layout (OSError subclasses)
             return self
@@ -128,9 +151,13 @@ def _dual_class(cause_cls: type) -> type:
 
 
 def _rebuild_task_error(
-    function_name: str, traceback_str: str, cause: BaseException | None, where: str
+    function_name: str,
+    traceback_str: str,
+    cause: BaseException | None,
+    where: str,
+    frames: list[tuple[str, int, str, str]] | None = None,
 ) -> TaskError:
-    return TaskError(function_name, traceback_str, cause, where)
+    return TaskError(function_name, traceback_str, cause, where, frames)
 
 
 class ActorError(NbclusterError):

@@ -26,7 +26,7 @@ class RemoteFunction:
     def __init__(self, fn: Callable[..., Any], options: TaskOptions) -> None:
         self._function = fn
         self._options = options
-        self._name = options.name or getattr(fn, "__qualname__", getattr(fn, "__name__", "task"))
+        self._name = options.name or getattr(fn, "__name__", "task")
         self._blob: bytes | None = None
         self._fn_id = ""
         functools.update_wrapper(self, fn)
@@ -40,7 +40,9 @@ class RemoteFunction:
     def _pickled(self) -> tuple[str, bytes]:
         if self._blob is None:
             try:
-                blob = cloudpickle.dumps(self._function, protocol=5)
+                code = getattr(self._function, "__code__", None)
+                filename = code.co_filename if code is not None else ""
+                blob = cloudpickle.dumps((self._function, filename), protocol=5)
             except Exception as exc:
                 raise SerializationError(
                     f"could not serialize remote function {self._name} (it captures something "

@@ -46,7 +46,6 @@ from nbcluster.transport import Transport, wait_for_handshake
 
 log = logging.getLogger("nbcluster")
 
-PIPELINE_DEPTH = 8  # tasks queued on one worker when no more workers are free
 MAX_LEASE_REQUESTS = 16  # outstanding lease requests per resource shape
 LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
 HEARTBEAT_S = 1.0
@@ -376,18 +375,12 @@ class CoreClient:
         self._pump(sc)
 
     def _pump(self, sc: SchedClass) -> None:
-        depth = PIPELINE_DEPTH if sc.busy else 1
-        while sc.queue:
-            best: Lease | None = None
-            for lease in sc.leases:
-                n = len(lease.inflight)
-                if n < depth and (best is None or n < len(best.inflight)):
-                    best = lease
-                    if n == 0:
-                        break
-            if best is None:
-                break
-            self._dispatch(sc.queue.popleft(), best)
+        # One task at a time per leased worker. (Queueing several on one worker doubles the
+        # throughput of tiny tasks, but a long task would then hold up the ones queued behind
+        # it while other workers idle; that needs work stealing first.)
+        idle = [lease for lease in sc.leases if not lease.inflight]
+        while sc.queue and idle:
+            self._dispatch(sc.queue.popleft(), idle.pop())
         want = min(len(sc.queue), MAX_LEASE_REQUESTS) - len(sc.requests)
         for _ in range(want):
             rid = next(self._rid)
@@ -401,7 +394,6 @@ class CoreClient:
                 self._rid_class.pop(rid, None)
                 _send_nowait(self._head, encode({"k": Kind.LEASE_CANCEL, "rid": rid}))
             sc.requests.clear()
-            sc.busy = False
 
     def _dispatch(self, rec: TaskRecord, lease: Lease) -> None:
         if lease.linger is not None:
@@ -450,11 +442,6 @@ class CoreClient:
             self._on_grant(h)
         elif kind == Kind.LEASE_LOST:
             self._on_lease_lost(h["lease_id"], h.get("reason", "worker died"))
-        elif kind == Kind.LEASE_QUEUED:
-            sc = self._rid_class.get(h["rid"])
-            if sc is not None and not sc.busy:
-                sc.busy = True
-                self._pump(sc)
         elif kind == Kind.LEASE_INFEASIBLE:
             sc = self._rid_class.get(h["rid"])
             if sc is not None and not sc.infeasible_warned:
@@ -482,8 +469,6 @@ class CoreClient:
         sc = self._rid_class.pop(h["rid"], None)
         if sc is not None:
             sc.requests.discard(h["rid"])
-            if not sc.requests:
-                sc.busy = False
         if sc is None or self._closing:
             sc = self._classes.get(tuple(sorted(h["shape"].items())))
             if sc is None or not sc.queue:

@@ -57,5 +57,4 @@ class SchedClass:
     queue: deque[TaskRecord] = field(default_factory=deque)
     leases: list[Lease] = field(default_factory=list)
     requests: set[int] = field(default_factory=set)  # outstanding lease request ids
-    busy: bool = False  # the head said no more workers are free for now: pipeline deeper
     infeasible_warned: bool = False

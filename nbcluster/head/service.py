@@ -155,8 +155,6 @@ class HeadService:
                 await self._send(
                     client, {"k": Kind.LEASE_INFEASIBLE, "rid": rid, "missing": missing, "shape": shape}
                 )
-            elif verb == "queued":
-                await self._send(ins[1], {"k": Kind.LEASE_QUEUED, "rid": ins[2]})
             else:  # pragma: no cover - a bug in ClusterState
                 log.error("unknown instruction %r", ins)
 

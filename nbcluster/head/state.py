@@ -59,7 +59,6 @@ class LeaseRequest:
     shape: dict[str, float]
     name: str
     infeasible_reported: bool = False
-    queued_reported: bool = False
 
 
 @dataclass
@@ -319,14 +318,11 @@ class ClusterState:
             if placed:
                 continue
             still.append(req)
-            if not feasible_now:
+            if not feasible_now and not req.infeasible_reported:
                 missing = self.missing_resources(req.shape)
-                if missing is not None and not req.infeasible_reported:
+                if missing is not None:
                     req.infeasible_reported = True
                     out.append(("infeasible", req.client, req.rid, missing, req.shape))
-                elif missing is None and not req.queued_reported:
-                    req.queued_reported = True
-                    out.append(("queued", req.client, req.rid))
         self.pending = still
         for node_id, n in want_start.items():
             node = self.nodes[node_id]

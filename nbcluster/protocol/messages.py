@@ -29,7 +29,6 @@ class Kind(StrEnum):
     LEASE_REQUEST = "lreq"  # {rid, shape, name}
     LEASE_GRANTED = "lgrant"  # {rid, lease_id, worker_id, worker_addr, control_addr, node_id, gpus}
     LEASE_INFEASIBLE = "linf"  # {rid, missing, shape}
-    LEASE_QUEUED = "lqueued"  # head -> client: {rid} (feasible, but no node has room now)
     LEASE_CANCEL = "lcancel"  # {rid}
     LEASE_RETURN = "lret"  # {lease_id}
     LEASE_LOST = "llost"  # head -> client: {lease_id, reason}

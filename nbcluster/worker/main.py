@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import traceback
+import types
 from collections import deque
 from typing import Any
 
@@ -21,6 +22,25 @@ from nbcluster.protocol.security import derive_keys, token_from_environment
 from nbcluster.serialization import dumps, loads, loads_args
 from nbcluster.transport import Transport
 from nbcluster.worker.output import LineForwarder
+
+
+def restore_filenames(fn: Any, filename: str) -> Any:
+    """Give code pickled by value (cloudpickle says ``<dynamic-code>``) its file name back.
+
+    Tracebacks then name the real file and line, as they would in the driver.
+    """
+
+    def fix(code: types.CodeType) -> types.CodeType:
+        consts = tuple(fix(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+        if code.co_filename == "<dynamic-code>":
+            return code.replace(co_filename=filename, co_consts=consts)
+        return code.replace(co_consts=consts)
+
+    code = getattr(fn, "__code__", None)
+    if filename and isinstance(code, types.CodeType):
+        with contextlib.suppress(Exception):
+            fn.__code__ = fix(code)
+    return fn
 
 
 class Worker:
@@ -185,7 +205,8 @@ class Worker:
         fid = h["fn"]
         if h.get("fnb"):
             if fid not in self.functions:
-                self.functions[fid] = loads([payload[0]])
+                fn, filename = loads([payload[0]])
+                self.functions[fid] = restore_filenames(fn, filename)
             return self.functions[fid], 1
         return self.functions[fid], 0
 
@@ -205,29 +226,33 @@ class Worker:
             self._send_error(ident, tid, self._task_error(name, exc, skip=0, what="its result"), "exc")
             return
         frames = [f for p in parts for f in p]
-        self._send(ident, {"k": Kind.RESULT, "tid": tid, "ok": True, "n": [len(p) for p in parts]},
-                   frames)
+        self._send(ident, {"k": Kind.RESULT, "tid": tid, "ok": True, "n": [len(p) for p in parts]}, frames)
 
     def _task_error(self, name: str, exc: BaseException, skip: int, what: str = "") -> TaskError:
         tb = exc.__traceback__
         for _ in range(skip):
             if tb is not None and tb.tb_next is not None:
                 tb = tb.tb_next
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        frames = [(f.filename, f.lineno or 0, f.name, f.line or "") for f in traceback.extract_tb(tb)]
+        # The stack is sent as frames (the driver fills in source lines it alone has, such as
+        # notebook cells); the text holds the exception itself, chained ones included.
+        text = "".join(traceback.format_exception_only(type(exc), exc))
+        chained = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if chained is not None:
+            text = "".join(traceback.format_exception(chained)) + "\nThe above led to:\n" + text
         if what:
-            text = f"while serializing {what}: {text}"
+            text = f"{text}(raised while serializing {what})"
         where = f"pid={self.pid}, node={self.ident.node_name}"
-        return TaskError(name, text, exc, where)
+        return TaskError(name, text, exc, where, frames)
 
     def _send_error(self, ident: bytes, tid: str, err: BaseException, kind: str) -> None:
         try:
             frames = dumps(err)
         except Exception:
             if isinstance(err, TaskError):  # the original exception does not pickle
-                err = TaskError(err.function_name, err.traceback_str, None, err.where)
+                err = TaskError(err.function_name, err.traceback_str, None, err.where, err.frames)
             frames = dumps(err)
-        self._send(ident, {"k": Kind.RESULT, "tid": tid, "ok": False, "err": kind, "n": [len(frames)]},
-                   frames)
+        self._send(ident, {"k": Kind.RESULT, "tid": tid, "ok": False, "err": kind, "n": [len(frames)]}, frames)
 
     # ----------------------------------------------------------------------------- control
     def _control_loop(self) -> None:

@@ -1,0 +1,110 @@
+"""Command-line entry points: ``nbcluster`` (head, status, demo) and ``nbcluster-worker``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from nbcluster.protocol.security import new_token, read_token_file, write_token_file
+
+DEFAULT_TOKEN_FILE = Path(os.environ.get("NBCLUSTER_HOME", Path.home() / ".nbcluster")) / "token"
+
+
+def _cmd_head(args: argparse.Namespace) -> int:
+    from nbcluster._proc import setup_logging
+    from nbcluster.head.__main__ import run_head
+
+    token_file = Path(args.token_file or DEFAULT_TOKEN_FILE)
+    if not token_file.exists():
+        write_token_file(token_file, new_token())
+        print(f"wrote a new cluster secret to {token_file} (mode 0600)")
+    else:
+        read_token_file(token_file)  # refuses group/world-readable files
+    setup_logging("head")
+    ns = argparse.Namespace(host=args.host, port=args.port, token_file=str(token_file), parent_pid=0)
+    print(
+        f"nbcluster head starting on {args.host}:{args.port}\n"
+        f"  drivers:      nbcluster.init(address=\"{args.host}:{args.port}\")  "
+        f"(with NBCLUSTER_TOKEN_FILE={token_file})\n"
+        f"  worker hosts: copy {token_file} (mode 0600), then run\n"
+        f"                nbcluster-worker --address {args.host}:{args.port} --token-file {token_file}",
+        flush=True,
+    )
+    return asyncio.run(run_head(ns))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import nbcluster as nb
+
+    address = args.address or os.environ.get("NBCLUSTER_ADDRESS")
+    if not address:
+        print("nbcluster status: pass --address HOST:PORT or set NBCLUSTER_ADDRESS", file=sys.stderr)
+        return 2
+    token_file = args.token_file or os.environ.get("NBCLUSTER_TOKEN_FILE") or (
+        str(DEFAULT_TOKEN_FILE) if DEFAULT_TOKEN_FILE.exists() else None
+    )
+    try:
+        nb.init(address=address, token_file=token_file, log_to_driver=False)
+        print(format_nodes(nb.nodes()))
+    except nb.exceptions.NbclusterError as exc:
+        print(f"nbcluster status: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        nb.shutdown()
+    return 0
+
+
+def format_nodes(nodes: list[dict[str, object]]) -> str:
+    """A plain-text table of nodes and their resources."""
+    rows = [("NODE", "NAME", "STATE", "CPU (free/total)", "GPU (free/total)", "WORKERS")]
+    for n in nodes:
+        tot = n["resources_total"]
+        av = n["resources_available"]
+        assert isinstance(tot, dict) and isinstance(av, dict)
+        rows.append((
+            str(n["node_id"]), str(n["name"]), "alive" if n["alive"] else "dead",
+            f"{av.get('CPU', 0):g}/{tot.get('CPU', 0):g}", f"{av.get('GPU', 0):g}/{tot.get('GPU', 0):g}",
+            str(n.get("workers", "")),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``nbcluster``: run a head, show cluster status, or run the demo."""
+    p = argparse.ArgumentParser(prog="nbcluster", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("head", help="run a standalone head")
+    h.add_argument("--host", default="127.0.0.1")
+    h.add_argument("--port", type=int, default=7711)
+    h.add_argument("--token-file", help=f"cluster secret (default {DEFAULT_TOKEN_FILE})")
+    s = sub.add_parser("status", help="nodes and resources of a running cluster")
+    s.add_argument("--address")
+    s.add_argument("--token-file")
+    sub.add_parser("demo", help="run the examples on a local cluster and print their results")
+    w = sub.add_parser("worker", help="same as nbcluster-worker", add_help=False)
+    w.add_argument("rest", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.cmd == "head":
+        return _cmd_head(args)
+    if args.cmd == "status":
+        return _cmd_status(args)
+    if args.cmd == "worker":
+        return worker_main(args.rest)
+    from nbcluster.demo import run_demo
+
+    return run_demo()
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """``nbcluster-worker``: join this host to a head as a node agent."""
+    from nbcluster.agent.__main__ import main as agent_main
+
+    return agent_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

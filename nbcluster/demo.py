@@ -1,0 +1,60 @@
+"""``python -m nbcluster demo``: Ray's introductory examples on a local cluster."""
+
+from __future__ import annotations
+
+import time
+
+import nbcluster as nb
+
+
+def run_demo() -> int:
+    """Start a local cluster, run the examples, print what they return."""
+    t0 = time.perf_counter()
+    info = nb.init()
+    print(f"local cluster up in {time.perf_counter() - t0:.2f} s at {info.address}")
+    print(f"resources: {nb.cluster_resources()}")
+
+    @nb.remote
+    def f(x: int) -> int:
+        return x * x
+
+    futures = [f.remote(i) for i in range(4)]
+    print("[f.remote(i) for i in range(4)] ->", nb.get(futures))  # [0, 1, 4, 9]
+
+    @nb.remote(num_cpus=1)
+    def where() -> str:
+        ctx = nb.get_runtime_context()
+        print(f"running task {ctx.get_task_id()} on {ctx.get_node_id()}")
+        return ctx.get_node_id()
+
+    print("task ran on node", nb.get(where.remote()))
+
+    data = nb.put(list(range(10)))
+
+    @nb.remote
+    def total(xs: list[int]) -> int:
+        return sum(xs)
+
+    print("sum of a put() object ->", nb.get(total.remote(data)))
+
+    @nb.remote
+    def fan_out(n: int) -> list[int]:
+        return nb.get([f.remote(i) for i in range(n)])  # tasks can submit tasks
+
+    print("nested tasks ->", nb.get(fan_out.remote(5)))
+
+    @nb.remote
+    def fails() -> None:
+        raise ValueError("bad input")
+
+    try:
+        nb.get(fails.remote())
+    except ValueError as exc:
+        print("a remote ValueError is caught as ValueError:", str(exc).splitlines()[0])
+
+    t1 = time.perf_counter()
+    nb.get([f.remote(i) for i in range(1000)])
+    print(f"1,000 tasks in {time.perf_counter() - t1:.2f} s")
+    nb.shutdown()
+    print("cluster stopped")
+    return 0

@@ -1,0 +1,64 @@
+"""Shared fixtures: real local clusters (head, node agent and worker processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import nbcluster as nb
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[nb.ClusterInfo]:
+    """A local cluster with 2 CPUs, 2 logical GPUs and one custom resource."""
+    nb.shutdown()
+    info = nb.init(num_cpus=2, num_gpus=2, resources={"custom": 1})
+    yield info
+    nb.shutdown()
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:
+    """Poll ``cond`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {cond}")
+        time.sleep(interval)
+
+
+def descendants() -> list[psutil.Process]:
+    return psutil.Process().children(recursive=True)
+
+
+def all_gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
+
+
+def run_script(code: str, timeout: float = 60.0, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as a separate driver script (its ``__main__``)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+        env=full_env, cwd=cwd,
+    )
