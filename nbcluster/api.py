@@ -55,7 +55,7 @@ def init(
     resources: dict[str, float] | None = None,
     token_file: str | os.PathLike[str] | None = None,
     log_to_driver: bool = True,
-    ignore_reinit_error: bool = True,
+    ignore_reinit_error: bool = True,  # accepted for Ray compatibility: re-init is never an error
     **ray_compat: Any,
 ) -> ClusterInfo:
     """Connect to a cluster, starting a local one when no address is given.
@@ -81,13 +81,26 @@ def init(
         Calling ``init`` again returns the same information (re-running a notebook cell is safe).
     """
     global _local, _info
-    unknown = set(ray_compat) - {"namespace", "include_dashboard", "configure_logging",
-                                  "logging_level", "runtime_env", "object_store_memory",
-                                  "_temp_dir", "local_mode"}
+    unknown = set(ray_compat) - {
+        "namespace",
+        "include_dashboard",
+        "configure_logging",
+        "logging_level",
+        "runtime_env",
+        "object_store_memory",
+        "_temp_dir",
+        "local_mode",
+    }
     if unknown:
         raise TypeError(f"init() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     with _init_lock:
         if _info is not None and current.get() is not None:
+            wanted = (address or "").removeprefix("nbcluster://").removeprefix("tcp://")
+            if wanted and wanted != "auto" and wanted != _info.address:
+                raise RuntimeError(
+                    f"already connected to {_info.address}; call nbcluster.shutdown() before "
+                    f"connecting to {wanted}"
+                )
             return _info
         if context.in_worker():
             client = current.require()
@@ -100,7 +113,11 @@ def init(
                 raise ConfigurationError("address='auto' needs $NBCLUSTER_ADDRESS")
         if address:
             address = address.removeprefix("nbcluster://").removeprefix("tcp://")
-            token = read_token_file(Path(token_file)) if token_file else token_from_environment()
+            token = (
+                read_token_file(Path(token_file).expanduser())
+                if token_file
+                else token_from_environment()
+            )
             if not token:
                 raise ConfigurationError(
                     f"connecting to {address} needs the cluster secret: pass token_file= or set "
@@ -115,16 +132,21 @@ def init(
             cluster = LocalCluster(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)
             cluster.start()
             try:
-                client = CoreClient(cluster.address, cluster.token, node_id=cluster.node_id,
-                                    log_to_driver=log_to_driver)
+                client = CoreClient(
+                    cluster.address,
+                    cluster.token,
+                    node_id=cluster.node_id,
+                    log_to_driver=log_to_driver,
+                )
                 client.connect()
             except BaseException:
                 cluster.stop()
                 raise
             _local = cluster
             current.set_current(client)
-            _info = ClusterInfo(cluster.address, client.job_id, cluster.node_id, True,
-                                str(cluster.session_dir))
+            _info = ClusterInfo(
+                cluster.address, client.job_id, cluster.node_id, True, str(cluster.session_dir)
+            )
         return _info
 
 
@@ -294,7 +316,7 @@ class RuntimeContext:
     def get_accelerator_ids(self) -> dict[str, list[str]]:
         task = context.current_task.get()
         ids = task.assigned.get("GPU_IDS", []) if task is not None else []
-        return {"GPU": [str(i) for i in ids]}  # type: ignore[union-attr]
+        return {"GPU": [str(i) for i in ids]} if isinstance(ids, list) else {"GPU": []}
 
 
 def get_runtime_context() -> RuntimeContext:

@@ -24,13 +24,16 @@ def _cmd_head(args: argparse.Namespace) -> int:
     else:
         read_token_file(token_file)  # refuses group/world-readable files
     setup_logging("head")
-    ns = argparse.Namespace(host=args.host, port=args.port, token_file=str(token_file), parent_pid=0)
+    ns = argparse.Namespace(
+        host=args.host, port=args.port, token_file=str(token_file), parent_pid=0
+    )
     print(
         f"nbcluster head starting on {args.host}:{args.port}\n"
-        f"  drivers:      nbcluster.init(address=\"{args.host}:{args.port}\")  "
+        f'  drivers:      nbcluster.init(address="{args.host}:{args.port}")  '
         f"(with NBCLUSTER_TOKEN_FILE={token_file})\n"
         f"  worker hosts: copy {token_file} (mode 0600), then run\n"
-        f"                nbcluster-worker --address {args.host}:{args.port} --token-file {token_file}",
+        f"                nbcluster-worker --address {args.host}:{args.port} "
+        f"--token-file {token_file}",
         flush=True,
     )
     return asyncio.run(run_head(ns))
@@ -41,10 +44,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     address = args.address or os.environ.get("NBCLUSTER_ADDRESS")
     if not address:
-        print("nbcluster status: pass --address HOST:PORT or set NBCLUSTER_ADDRESS", file=sys.stderr)
+        print(
+            "nbcluster status: pass --address HOST:PORT or set NBCLUSTER_ADDRESS", file=sys.stderr
+        )
         return 2
-    token_file = args.token_file or os.environ.get("NBCLUSTER_TOKEN_FILE") or (
-        str(DEFAULT_TOKEN_FILE) if DEFAULT_TOKEN_FILE.exists() else None
+    token_file = (
+        args.token_file
+        or os.environ.get("NBCLUSTER_TOKEN_FILE")
+        or (str(DEFAULT_TOKEN_FILE) if DEFAULT_TOKEN_FILE.exists() else None)
     )
     try:
         nb.init(address=address, token_file=token_file, log_to_driver=False)
@@ -64,17 +71,27 @@ def format_nodes(nodes: list[dict[str, object]]) -> str:
         tot = n["resources_total"]
         av = n["resources_available"]
         assert isinstance(tot, dict) and isinstance(av, dict)
-        rows.append((
-            str(n["node_id"]), str(n["name"]), "alive" if n["alive"] else "dead",
-            f"{av.get('CPU', 0):g}/{tot.get('CPU', 0):g}", f"{av.get('GPU', 0):g}/{tot.get('GPU', 0):g}",
-            str(n.get("workers", "")),
-        ))
+        rows.append(
+            (
+                str(n["node_id"]),
+                str(n["name"]),
+                "alive" if n["alive"] else "dead",
+                f"{av.get('CPU', 0):g}/{tot.get('CPU', 0):g}",
+                f"{av.get('GPU', 0):g}/{tot.get('GPU', 0):g}",
+                str(n.get("workers", "")),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """``nbcluster``: run a head, show cluster status, or run the demo."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        return worker_main(argv[1:])
     p = argparse.ArgumentParser(prog="nbcluster", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("head", help="run a standalone head")
@@ -85,15 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--address")
     s.add_argument("--token-file")
     sub.add_parser("demo", help="run the examples on a local cluster and print their results")
-    w = sub.add_parser("worker", help="same as nbcluster-worker", add_help=False)
-    w.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("worker", help="same as nbcluster-worker")
     args = p.parse_args(argv)
     if args.cmd == "head":
         return _cmd_head(args)
     if args.cmd == "status":
         return _cmd_status(args)
-    if args.cmd == "worker":
-        return worker_main(args.rest)
     from nbcluster.demo import run_demo
 
     return run_demo()

@@ -39,7 +39,8 @@ def run_demo() -> int:
 
     @nb.remote
     def fan_out(n: int) -> list[int]:
-        return nb.get([f.remote(i) for i in range(n)])  # tasks can submit tasks
+        values: list[int] = nb.get([f.remote(i) for i in range(n)])  # tasks can submit tasks
+        return values
 
     print("nested tasks ->", nb.get(fan_out.remote(5)))
 

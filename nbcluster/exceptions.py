@@ -43,7 +43,11 @@ class TaskCancelledError(NbclusterError):
 
     def __init__(self, task_id: str | None = None, message: str | None = None) -> None:
         self.task_id = task_id
-        super().__init__(message or f"task {task_id} was cancelled")
+        self.message = message or f"task {task_id} was cancelled"
+        super().__init__(self.message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.task_id, self.message))
 
 
 class WorkerCrashedError(NbclusterError):
@@ -60,10 +64,6 @@ class OwnerDiedError(ObjectLostError):
 
 class SerializationError(NbclusterError, TypeError):
     """A value could not be pickled or unpickled (the message names which one)."""
-
-
-class InfeasibleResourcesWarning(UserWarning):
-    """No node in the cluster can ever satisfy a task's resource request (as things stand)."""
 
 
 class TaskError(NbclusterError):
@@ -121,7 +121,7 @@ class TaskError(NbclusterError):
             return self
         try:
             cls = _dual_class(cause_cls)
-            err = cls.__new__(cls)
+            err: TaskError = cls.__new__(cls)  # type: ignore[call-overload]
             # Not through __init__: the cause's own __init__ (next in the MRO) would run with
             # our message as its arguments.
             err.__dict__.update(getattr(self.cause, "__dict__", {}))  # errno, code, ...
@@ -182,7 +182,6 @@ __all__ = [
     "ConfigurationError",
     "ConnectionFailedError",
     "GetTimeoutError",
-    "InfeasibleResourcesWarning",
     "NbclusterError",
     "ObjectFetchTimedOutError",
     "ObjectLostError",

@@ -6,7 +6,7 @@ import functools
 import hashlib
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import cloudpickle
 
@@ -26,7 +26,7 @@ class RemoteFunction:
     def __init__(self, fn: Callable[..., Any], options: TaskOptions) -> None:
         self._function = fn
         self._options = options
-        self._name = options.name or getattr(fn, "__name__", "task")
+        self._name: str = options.name or str(getattr(fn, "__name__", "task"))
         self._blob: bytes | None = None
         self._fn_id = ""
         functools.update_wrapper(self, fn)
@@ -60,8 +60,15 @@ class RemoteFunction:
         client = current.require()
         fn_id, blob = self._pickled()
         refs = client.submit(
-            opts.name or self._name, fn_id, blob, args, kwargs, opts.shape(), opts.num_returns,
-            opts.max_retries, opts.retry_exceptions,
+            opts.name or self._name,
+            fn_id,
+            blob,
+            args,
+            kwargs,
+            opts.shape(),
+            opts.num_returns,
+            opts.max_retries,
+            opts.retry_exceptions,
         )
         if opts.num_returns == 1:
             return refs[0]
@@ -90,6 +97,14 @@ class _BoundOptions:
 
     def options(self, **kwargs: Any) -> _BoundOptions:
         return _BoundOptions(self._fn, make_task_options(self._options, **kwargs))
+
+
+@overload
+def remote(fn: Callable[..., Any], /) -> RemoteFunction: ...
+
+
+@overload
+def remote(**kwargs: Any) -> Callable[[Callable[..., Any]], RemoteFunction]: ...
 
 
 def remote(*args: Any, **kwargs: Any) -> Any:

@@ -53,12 +53,17 @@ def all_gone(pids: list[int]) -> bool:
     return True
 
 
-def run_script(code: str, timeout: float = 60.0, env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_script(
+    code: str, timeout: float = 60.0, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``code`` as a separate driver script (its ``__main__``)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-        env=full_env, cwd=cwd,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd,
     )

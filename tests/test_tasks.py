@@ -169,6 +169,32 @@ def test_numpy_roundtrip(cluster: nb.ClusterInfo) -> None:
     assert np.array_equal(out, arr * 2)
 
 
+def test_values_are_captured_at_call_time(cluster: nb.ClusterInfo) -> None:
+    np = pytest.importorskip("numpy")
+    arr = np.zeros(1000)
+    ref = nb.put(arr)
+    task_ref = identity.remote(arr)
+    arr += 1  # changing the array afterwards changes neither the object nor the argument
+    got = nb.get(ref, timeout=30)
+    assert got.sum() == 0 and nb.get(task_ref, timeout=30).sum() == 0
+    assert not got.flags.writeable  # a read-only view of the stored value, as in Ray
+
+
+def test_cancelled_error_message_survives_pickling() -> None:
+    import pickle
+
+    from nbcluster.exceptions import TaskCancelledError
+
+    err = pickle.loads(pickle.dumps(TaskCancelledError("abc")))
+    assert str(err) == "task abc was cancelled" and err.task_id == "abc"
+
+
+def test_init_to_another_address_needs_shutdown_first(cluster: nb.ClusterInfo) -> None:
+    with pytest.raises(RuntimeError, match="shutdown"):
+        nb.init(address="127.0.0.1:1")
+    assert nb.init(address=cluster.address) == cluster
+
+
 def test_get_timeout(cluster: nb.ClusterInfo) -> None:
     @nb.remote
     def sleepy() -> int:
@@ -237,8 +263,12 @@ def test_runtime_context(cluster: nb.ClusterInfo) -> None:
     @nb.remote(num_cpus=1, resources={"custom": 0.5})
     def info() -> dict[str, object]:
         c = nb.get_runtime_context()
-        return {"job": c.get_job_id(), "task": c.get_task_id(), "node": c.get_node_id(),
-                "res": c.get_assigned_resources()}
+        return {
+            "job": c.get_job_id(),
+            "task": c.get_task_id(),
+            "node": c.get_node_id(),
+            "res": c.get_assigned_resources(),
+        }
 
     ref = info.remote()
     got = nb.get(ref, timeout=30)
@@ -344,7 +374,9 @@ def test_unserializable_argument_fails_at_submit(cluster: nb.ClusterInfo) -> Non
     def two(a: object, b: object) -> None:
         pass
 
-    with pytest.raises(nb.exceptions.SerializationError, match=r"argument 1 .*_thread.lock.* of two\(\)"):
+    with pytest.raises(
+        nb.exceptions.SerializationError, match=r"argument 1 .*_thread.lock.* of two\(\)"
+    ):
         two.remote(1, lock)
     with pytest.raises(nb.exceptions.SerializationError, match=r"keyword argument 'b'"):
         two.remote(1, b=lock)

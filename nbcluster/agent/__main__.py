@@ -22,7 +22,7 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="file holding the cluster secret (mode 0600)")
     p.add_argument("--num-cpus", type=float)
     p.add_argument("--num-gpus", type=float)
-    p.add_argument("--resources", type=json.loads, help='JSON, e.g. \'{"TPU": 4}\'')
+    p.add_argument("--resources", type=json.loads, help="JSON, e.g. '{\"TPU\": 4}'")
     p.add_argument("--node-name")
     p.add_argument("--bind-host", default="127.0.0.1", help="address workers listen on")
     p.add_argument("--prestart", type=int, help="workers to start before any task arrives")
@@ -34,13 +34,22 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
 async def run_agent(args: argparse.Namespace) -> int:
     token = read_token_file(Path(args.token_file)) if args.token_file else token_from_environment()
     if not token:
-        print(f"{sys.argv[0]}: no cluster secret: pass --token-file or set NBCLUSTER_TOKEN_FILE",
-              file=sys.stderr)
+        print(
+            f"{sys.argv[0]}: no cluster secret: pass --token-file or set NBCLUSTER_TOKEN_FILE",
+            file=sys.stderr,
+        )
         return 2
     agent = NodeAgent(
-        args.address, token, token_file=args.token_file, name=args.node_name,
-        bind_host=args.bind_host, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-        resources=args.resources, prestart=args.prestart, worker_cwd=args.cwd,
+        args.address,
+        token,
+        token_file=args.token_file,
+        name=args.node_name,
+        bind_host=args.bind_host,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        resources=args.resources,
+        prestart=args.prestart,
+        worker_cwd=args.cwd,
     )
     try:
         await agent.start()

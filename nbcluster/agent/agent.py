@@ -82,17 +82,19 @@ class NodeAgent:
         ngpu = int(self.resources.get("GPU", 0))
         if ngpu > len(gpu_ids):  # logical GPUs declared beyond the physical ones
             gpu_ids = list(range(ngpu))
-        await self._send({
-            "k": Kind.REGISTER_NODE,
-            "v": PROTOCOL_VERSION,
-            "name": self.name,
-            "address": self.bind_host,
-            "resources": self.resources,
-            "gpu_ids": gpu_ids[:ngpu],
-            "pid": os.getpid(),
-            "prestart": self.prestart,
-            "info": {"gpus": self.gpus[:ngpu] if self.gpus else []},
-        })
+        await self._send(
+            {
+                "k": Kind.REGISTER_NODE,
+                "v": PROTOCOL_VERSION,
+                "name": self.name,
+                "address": self.bind_host,
+                "resources": self.resources,
+                "gpu_ids": gpu_ids[:ngpu],
+                "pid": os.getpid(),
+                "prestart": self.prestart,
+                "info": {"gpus": self.gpus[:ngpu] if self.gpus else []},
+            }
+        )
         header, _ = decode(await asyncio.wait_for(self._sock.recv_multipart(), 30.0))
         if header["k"] == Kind.ERROR:
             raise ProtocolError(header.get("msg", "the head refused this node"))
@@ -142,15 +144,17 @@ class NodeAgent:
         worker_id = f"{self.node_id}-w{next(self._ids)}"
         env = dict(os.environ)
         env.update(self.worker_env)
-        env.update({
-            "NBCLUSTER_HEAD": self.head_address,
-            "NBCLUSTER_NODE_ID": self.node_id,
-            "NBCLUSTER_NODE_NAME": self.name,
-            "NBCLUSTER_WORKER_ID": worker_id,
-            "NBCLUSTER_AGENT_PID": str(os.getpid()),
-            "NBCLUSTER_BIND_HOST": self.bind_host,
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "NBCLUSTER_HEAD": self.head_address,
+                "NBCLUSTER_NODE_ID": self.node_id,
+                "NBCLUSTER_NODE_NAME": self.name,
+                "NBCLUSTER_WORKER_ID": worker_id,
+                "NBCLUSTER_AGENT_PID": str(os.getpid()),
+                "NBCLUSTER_BIND_HOST": self.bind_host,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if self._token_file:
             env[TOKEN_FILE_ENV] = self._token_file
             env.pop(TOKEN_ENV, None)
@@ -159,7 +163,9 @@ class NodeAgent:
         proc = None
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "nbcluster.worker",
+                sys.executable,
+                "-m",
+                "nbcluster.worker",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 env=env,
@@ -177,22 +183,35 @@ class NodeAgent:
             if proc is not None and proc.returncode is None:
                 proc.kill()
             self._procs.pop(worker_id, None)
-            await self._send({"k": Kind.WORKER_DIED, "worker_id": worker_id, "never_ready": True,
-                              "reason": f"worker failed to start: {exc}"})
+            await self._send(
+                {
+                    "k": Kind.WORKER_DIED,
+                    "worker_id": worker_id,
+                    "never_ready": True,
+                    "reason": f"worker failed to start: {exc}",
+                }
+            )
             return
-        await self._send({
-            "k": Kind.WORKER_READY,
-            "worker_id": worker_id,
-            "addr": parts[1],
-            "control_addr": parts[2],
-            "pid": proc.pid,
-        })
+        await self._send(
+            {
+                "k": Kind.WORKER_READY,
+                "worker_id": worker_id,
+                "addr": parts[1],
+                "control_addr": parts[2],
+                "pid": proc.pid,
+            }
+        )
         self._spawn(self._pump_stdout(worker_id, proc), "agent-pump")
         rc = await proc.wait()
         self._procs.pop(worker_id, None)
         if not self.stopped.is_set():
-            await self._send({"k": Kind.WORKER_DIED, "worker_id": worker_id,
-                              "reason": describe_exit(proc.pid, rc)})
+            await self._send(
+                {
+                    "k": Kind.WORKER_DIED,
+                    "worker_id": worker_id,
+                    "reason": describe_exit(proc.pid, rc),
+                }
+            )
 
     async def _pump_stdout(self, worker_id: str, proc: asyncio.subprocess.Process) -> None:
         # Output written to the worker's file descriptors (C extensions, subprocesses) lands here.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -148,7 +149,8 @@ class CoreClient:
         except concurrent.futures.TimeoutError:
             self.close()
             raise ConnectionFailedError(
-                f"could not connect to the nbcluster head at {self.head_address} within {timeout:.0f} s"
+                f"could not connect to the nbcluster head at {self.head_address} "
+                f"within {timeout:.0f} s"
             ) from None
         except BaseException:
             self.close()
@@ -161,11 +163,19 @@ class CoreClient:
             return
         self._closing = True
         loop = self._loop
-        if loop is not None and not loop.is_closed() and self._thread is not None:
+        if (
+            loop is not None
+            and loop.is_running()
+            and self._ready.done()
+            and self._ready.exception() is None
+        ):
             with contextlib.suppress(RuntimeError):
                 fut = asyncio.run_coroutine_threadsafe(self._shutdown(shutdown_cluster), loop)
                 with contextlib.suppress(Exception):
                     fut.result(10)
+        elif loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._abort)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(10)
         self.closed.set()
@@ -174,7 +184,8 @@ class CoreClient:
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
-            loop.run_until_complete(self._main())
+            self._main_task = loop.create_task(self._main())
+            loop.run_until_complete(self._main_task)
         except BaseException as exc:  # surface start-up failures to connect()
             if not self._ready.done():
                 self._ready.set_exception(exc)
@@ -193,8 +204,12 @@ class CoreClient:
             )
             self._head = self._transport.client(zmq.DEALER, f"tcp://{self.head_address}")
             await wait_for_handshake(self._head, self.head_address, timeout=30.0)
-            hello: dict[str, Any] = {"k": Kind.HELLO, "v": PROTOCOL_VERSION, "pid": os.getpid(),
-                                     "role": "worker" if self.worker_id else "driver"}
+            hello: dict[str, Any] = {
+                "k": Kind.HELLO,
+                "v": PROTOCOL_VERSION,
+                "pid": os.getpid(),
+                "role": "worker" if self.worker_id else "driver",
+            }
             if self.job_id:
                 hello["job_id"] = self.job_id
             if self.worker_id:
@@ -218,7 +233,7 @@ class CoreClient:
             self._transport.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        t = asyncio.ensure_future(coro)
+        t: asyncio.Task[Any] = asyncio.ensure_future(coro)
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
         return t
@@ -231,6 +246,17 @@ class CoreClient:
                 await self._head.send_multipart(encode({"k": Kind.GOODBYE}))
             await asyncio.sleep(0.02)  # let the frame leave before the socket closes
         self._stop.set()
+
+    def _abort(self) -> None:
+        """Stop a client whose start-up never finished."""
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        for t in list(self._bg):
+            t.cancel()
+        main = getattr(self, "_main_task", None)
+        if main is not None:
+            main.cancel()
 
     def _fail_all_pending(self, why: str) -> None:
         err = dumps(NbclusterError(why))
@@ -295,9 +321,18 @@ class CoreClient:
         return_ids = [f"{tid}.{i}" for i in range(max(num_returns, 1))]
         refs = [ObjectRef(oid, self.owner_address, self) for oid in return_ids]
         rec = TaskRecord(
-            tid=tid, name=name, fn_id=fn_id, fn_blob=fn_blob, args=frames, deps=deps,
-            return_ids=return_ids, shape=shape, shape_key=tuple(sorted(shape.items())),
-            max_retries=max_retries, retry_exceptions=retry_exceptions, nret=num_returns,
+            tid=tid,
+            name=name,
+            fn_id=fn_id,
+            fn_blob=fn_blob,
+            args=frames,
+            deps=deps,
+            return_ids=return_ids,
+            shape=shape,
+            shape_key=tuple(sorted(shape.items())),
+            max_retries=max_retries,
+            retry_exceptions=retry_exceptions,
+            nret=num_returns,
         )
         self._post("submit", rec)
         return refs if num_returns != 0 else []
@@ -387,8 +422,10 @@ class CoreClient:
             sc.requests.add(rid)
             self._rid_class[rid] = sc
             name = sc.queue[0].name if sc.queue else ""
-            _send_nowait(self._head, encode({"k": Kind.LEASE_REQUEST, "rid": rid,
-                                             "shape": sc.shape, "name": name}))
+            _send_nowait(
+                self._head,
+                encode({"k": Kind.LEASE_REQUEST, "rid": rid, "shape": sc.shape, "name": name}),
+            )
         if not sc.queue and sc.requests:
             for rid in sc.requests:
                 self._rid_class.pop(rid, None)
@@ -403,8 +440,12 @@ class CoreClient:
         rec.lease = lease
         lease.inflight.append(rec)
         header: dict[str, Any] = {
-            "k": Kind.TASK, "tid": rec.tid, "fn": rec.fn_id, "name": rec.name,
-            "nargs": len(rec.args), "nret": rec.nret,
+            "k": Kind.TASK,
+            "tid": rec.tid,
+            "fn": rec.fn_id,
+            "name": rec.name,
+            "nargs": len(rec.args),
+            "nret": rec.nret,
         }
         payload: list[Any] = []
         if rec.fn_id not in conn.fns_sent:
@@ -451,7 +492,9 @@ class CoreClient:
                 log.warning(
                     "%s needs {%s} but no node in the cluster has that much in total (missing "
                     "%s); it stays pending until a node that can run it joins",
-                    name, ", ".join(f"{k}: {v:g}" for k, v in h["shape"].items()), missing,
+                    name,
+                    ", ".join(f"{k}: {v:g}" for k, v in h["shape"].items()),
+                    missing,
                 )
                 self.infeasible_notices.append((name, h["missing"]))
         elif kind == Kind.QUERY_REPLY:
@@ -472,14 +515,22 @@ class CoreClient:
         if sc is None or self._closing:
             sc = self._classes.get(tuple(sorted(h["shape"].items())))
             if sc is None or not sc.queue:
-                _send_nowait(self._head, encode({"k": Kind.LEASE_RETURN, "lease_id": h["lease_id"]}))
+                _send_nowait(
+                    self._head, encode({"k": Kind.LEASE_RETURN, "lease_id": h["lease_id"]})
+                )
                 return
         conn = self._conn(h["worker_addr"], h["control_addr"])
         lease = Lease(
-            lease_id=h["lease_id"], worker_id=h["worker_id"], worker_addr=h["worker_addr"],
-            control_addr=h["control_addr"], pid=h["pid"], node_id=h["node_id"],
-            node_name=h.get("node_name", ""), gpus=list(h.get("gpus") or []),
-            shape_key=tuple(sorted(h["shape"].items())), conn=conn,
+            lease_id=h["lease_id"],
+            worker_id=h["worker_id"],
+            worker_addr=h["worker_addr"],
+            control_addr=h["control_addr"],
+            pid=h["pid"],
+            node_id=h["node_id"],
+            node_name=h.get("node_name", ""),
+            gpus=list(h.get("gpus") or []),
+            shape_key=tuple(sorted(h["shape"].items())),
+            conn=conn,
         )
         conn.lease = lease
         self._leases[lease.lease_id] = lease
@@ -496,8 +547,11 @@ class CoreClient:
             ctrl = self._transport.client(zmq.DEALER, control_addr)
             conn = WorkerConn(addr, control_addr, sock, ctrl)
             self._conns[addr] = conn
-            bind = {"k": Kind.BIND, "job_id": self.job_id,
-                    "sys_path": [os.path.abspath(p) if p in ("", ".") else p for p in sys.path]}
+            bind = {
+                "k": Kind.BIND,
+                "job_id": self.job_id,
+                "sys_path": [os.path.abspath(p) if p in ("", ".") else p for p in sys.path],
+            }
             _send_nowait(sock, encode(bind))
             conn.reader = self._spawn(self._read_worker(conn))
         return conn
@@ -547,17 +601,26 @@ class CoreClient:
                 requeue.append(rec)
                 continue
             if rec.force_cancel or rec.cancelled:
-                self._finish(rec, FAILED, [dumps(TaskCancelledError(rec.tid))] * len(rec.return_ids))
+                self._finish(
+                    rec, FAILED, [dumps(TaskCancelledError(rec.tid))] * len(rec.return_ids)
+                )
             elif rec.max_retries == -1 or rec.attempts < rec.max_retries:
                 rec.attempts += 1
-                log.warning("%s: %s while running %s; retrying (%d/%s)", rec.name, reason,
-                            rec.tid, rec.attempts, "inf" if rec.max_retries == -1 else rec.max_retries)
+                log.warning(
+                    "%s: %s while running %s; retrying (%d/%s)",
+                    rec.name,
+                    reason,
+                    rec.tid,
+                    rec.attempts,
+                    "inf" if rec.max_retries == -1 else rec.max_retries,
+                )
                 requeue.append(rec)
             else:
                 err = WorkerCrashedError(
                     f"the worker running {rec.name} died: {reason} "
                     f"(node {lease.node_name or lease.node_id}); "
-                    f"{rec.attempts} retr{'y' if rec.attempts == 1 else 'ies'} used of max_retries={rec.max_retries}"
+                    f"{rec.attempts} retr{'y' if rec.attempts == 1 else 'ies'} used of "
+                    f"max_retries={rec.max_retries}"
                 )
                 self._finish(rec, FAILED, [dumps(err)] * len(rec.return_ids))
         if sc is not None:
@@ -607,9 +670,9 @@ class CoreClient:
             else:
                 self._finish(rec, FAILED, [payload] * len(rec.return_ids))
         if lease is not None:
-            sc = self._classes.get(lease.shape_key)
-            if sc is not None:
-                self._pump(sc)
+            lease_class = self._classes.get(lease.shape_key)
+            if lease_class is not None:
+                self._pump(lease_class)
             if not lease.inflight and lease.lease_id in self._leases:
                 self._linger(lease)
 
@@ -633,9 +696,11 @@ class CoreClient:
             self._producer.pop(oid, None)
             self.objects.complete(oid, state, frames)
         # A task with num_returns=0 still completes its (hidden) first id.
-        for oid in rec.return_ids[len(parts):]:
+        for oid in rec.return_ids[len(parts) :]:
             self._producer.pop(oid, None)
-            self.objects.complete(oid, state, [dumps(None)] if state == READY else parts[0] if parts else [])
+            self.objects.complete(
+                oid, state, [dumps(None)] if state == READY else parts[0] if parts else []
+            )
 
     def _on_log(self, h: dict[str, Any], conn: WorkerConn) -> None:
         if not self.log_to_driver:
@@ -692,10 +757,12 @@ class CoreClient:
             oid = h["oid"]
             entry = self.objects.get(oid)
             if entry is None:
-                _send_nowait(sock, [ident, *encode({"k": Kind.OBJECT, "oid": oid, "ok": False,
-                                                    "err": "lost"})])
+                _send_nowait(
+                    sock,
+                    [ident, *encode({"k": Kind.OBJECT, "oid": oid, "ok": False, "err": "lost"})],
+                )
             elif entry.state == PENDING:
-                self.objects.on_ready(oid, lambda e, ident=ident: self._reply_object(ident, e))
+                self.objects.on_ready(oid, functools.partial(self._reply_object, ident))
             else:
                 self._reply_object(ident, entry)
 
@@ -780,9 +847,7 @@ class CoreClient:
                     blocked = True
                     self._post("blocked", True)
                 if not _wait_event(ev, deadline):
-                    raise GetTimeoutError(
-                        f"get() timed out after {timeout} s waiting for {ref!r}"
-                    )
+                    raise GetTimeoutError(f"get() timed out after {timeout} s waiting for {ref!r}")
         finally:
             if blocked:
                 self._post("blocked", False)
@@ -884,7 +949,12 @@ def connect_from_worker() -> CoreClient:
     token = token_from_environment()
     if not token:
         raise NbclusterError("no cluster secret in this worker's environment")
-    client = CoreClient(ident.head_address, token, job_id=ident.job_id, worker_id=ident.worker_id,
-                        node_id=ident.node_id)
+    client = CoreClient(
+        ident.head_address,
+        token,
+        job_id=ident.job_id,
+        worker_id=ident.worker_id,
+        node_id=ident.node_id,
+    )
     client.connect()
     return client

@@ -30,7 +30,9 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _read_ready(proc: subprocess.Popen[bytes], marker: str, what: str, log: Path, deadline: float) -> str:
+def _read_ready(
+    proc: subprocess.Popen[bytes], marker: str, what: str, log: Path, deadline: float
+) -> str:
     """Read ``proc``'s stdout until the line starting with ``marker``; return the rest of it."""
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
@@ -40,7 +42,9 @@ def _read_ready(proc: subprocess.Popen[bytes], marker: str, what: str, log: Path
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NbclusterError(f"the {what} did not start within {START_TIMEOUT_S:.0f} s; see {log}")
+                raise NbclusterError(
+                    f"the {what} did not start within {START_TIMEOUT_S:.0f} s; see {log}"
+                )
             if not sel.select(min(left, 0.5)):
                 if proc.poll() is not None:
                     break
@@ -111,14 +115,36 @@ class LocalCluster:
         num_cpus, num_gpus, resources = self._opts
         pid = str(os.getpid())
         head = self._spawn(
-            ["-m", "nbcluster.head", "--host", self.host, "--port", str(port),
-             "--token-file", str(self.token_file), "--parent-pid", pid],
+            [
+                "-m",
+                "nbcluster.head",
+                "--host",
+                self.host,
+                "--port",
+                str(port),
+                "--token-file",
+                str(self.token_file),
+                "--parent-pid",
+                pid,
+            ],
             "head.log",
         )
-        agent_args = ["-m", "nbcluster.agent", "--address", f"{self.host}:{port}",
-                      "--token-file", str(self.token_file), "--parent-pid", pid,
-                      "--bind-host", self.host, "--node-name", socket.gethostname(),
-                      "--cwd", os.getcwd()]
+        agent_args = [
+            "-m",
+            "nbcluster.agent",
+            "--address",
+            f"{self.host}:{port}",
+            "--token-file",
+            str(self.token_file),
+            "--parent-pid",
+            pid,
+            "--bind-host",
+            self.host,
+            "--node-name",
+            socket.gethostname(),
+            "--cwd",
+            os.getcwd(),
+        ]
         if num_cpus is not None:
             agent_args += ["--num-cpus", str(num_cpus)]
         if num_gpus is not None:
@@ -128,8 +154,16 @@ class LocalCluster:
         agent = self._spawn(agent_args, "agent.log")
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
-            self.address = _read_ready(head, "NBCLUSTER_HEAD_READY", "head", self.session_dir / "head.log", deadline)
-            self.node_id = _read_ready(agent, "NBCLUSTER_AGENT_READY", "node agent", self.session_dir / "agent.log", deadline)
+            self.address = _read_ready(
+                head, "NBCLUSTER_HEAD_READY", "head", self.session_dir / "head.log", deadline
+            )
+            self.node_id = _read_ready(
+                agent,
+                "NBCLUSTER_AGENT_READY",
+                "node agent",
+                self.session_dir / "agent.log",
+                deadline,
+            )
         except BaseException:
             self.stop()
             raise

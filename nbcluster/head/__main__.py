@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shutil
 import signal
 import sys
 from pathlib import Path
+
+import psutil
 
 from nbcluster._proc import setup_logging, watch_parent
 from nbcluster.head.service import HeadService
@@ -32,12 +35,26 @@ async def run_head(args: argparse.Namespace) -> int:
     stopped = asyncio.create_task(head.wait_stopped())
     gone_t = asyncio.create_task(gone.wait())
     await asyncio.wait([stopped, gone_t], return_when=asyncio.FIRST_COMPLETED)
+    parent_died = bool(args.parent_pid) and gone.is_set() and not _alive(args.parent_pid)
     await head.stop()
+    if parent_died and args.token_file:
+        # Our launcher was killed before it could clean up: remove its session folder (the
+        # secret in it must not outlive the cluster).
+        session = Path(args.token_file).parent
+        if session.name.startswith("session-"):
+            shutil.rmtree(session, ignore_errors=True)
     for t in [*watchers, gone_t, stopped]:
         t.cancel()
         with contextlib.suppress(BaseException):
             await t
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,14 +63,13 @@ class HeadService:
         self.address = ""
         self.started_at = time.time()
         self._stopped = asyncio.Event()
+        self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
 
     async def start(self) -> str:
         """Bind and start serving; returns ``host:port``."""
         self._transport = Transport(derive_keys(self._token))
-        self._sock, endpoint = self._transport.server(
-            zmq.ROUTER, f"tcp://{self.host}:{self.port}"
-        )
+        self._sock, endpoint = self._transport.server(zmq.ROUTER, f"tcp://{self.host}:{self.port}")
         self.port = int(endpoint.rsplit(":", 1)[1])
         self.address = f"{self.host}:{self.port}"
         self._tasks = [
@@ -84,9 +83,10 @@ class HeadService:
         await self._stopped.wait()
 
     async def stop(self) -> None:
-        """Tell every agent to stop, then close."""
-        if self._sock is None:
+        """Tell every agent to stop, then close (idempotent: a signal and a request may race)."""
+        if self._sock is None or self._stopping:
             return
+        self._stopping = True
         for node in self.state.nodes.values():
             if node.alive:
                 await self._send(node.client, {"k": Kind.STOP_NODE})
@@ -96,14 +96,17 @@ class HeadService:
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
-        self._sock.close(linger=0)
+        if self._sock is not None:
+            self._sock.close(linger=0)
         self._sock = None
         if self._transport is not None:
             self._transport.close()
         self._stopped.set()
 
     # ------------------------------------------------------------------------------ I/O
-    async def _send(self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None) -> None:
+    async def _send(
+        self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None
+    ) -> None:
         if self._sock is None:
             return
         try:
@@ -131,7 +134,12 @@ class HeadService:
             now = time.monotonic()
             for peer in list(self.peers.values()):
                 if now - peer.last_seen > LIVENESS_TIMEOUT_S:
-                    log.warning("%s pid %s silent for %.0f s: dropping", peer.role, peer.pid, now - peer.last_seen)
+                    log.warning(
+                        "%s pid %s silent for %.0f s: dropping",
+                        peer.role,
+                        peer.pid,
+                        now - peer.last_seen,
+                    )
                     await self._peer_gone(peer)
 
     async def _run(self, instructions: list[Instruction]) -> None:
@@ -144,16 +152,19 @@ class HeadService:
                 node = self.state.nodes[ins[1]]
                 await self._send(node.client, {"k": Kind.START_WORKER})
             elif verb == "kill_worker":
-                node = self.state.nodes.get(ins[1])
-                if node is not None and node.alive:
-                    await self._send(node.client, {"k": Kind.KILL_WORKER, "worker_id": ins[2]})
+                target = self.state.nodes.get(ins[1])
+                if target is not None and target.alive:
+                    await self._send(target.client, {"k": Kind.KILL_WORKER, "worker_id": ins[2]})
             elif verb == "lease_lost":
                 _, client, lease_id, reason = ins
-                await self._send(client, {"k": Kind.LEASE_LOST, "lease_id": lease_id, "reason": reason})
+                await self._send(
+                    client, {"k": Kind.LEASE_LOST, "lease_id": lease_id, "reason": reason}
+                )
             elif verb == "infeasible":
                 _, client, rid, missing, shape = ins
                 await self._send(
-                    client, {"k": Kind.LEASE_INFEASIBLE, "rid": rid, "missing": missing, "shape": shape}
+                    client,
+                    {"k": Kind.LEASE_INFEASIBLE, "rid": rid, "missing": missing, "shape": shape},
                 )
             else:  # pragma: no cover - a bug in ClusterState
                 log.error("unknown instruction %r", ins)
@@ -194,7 +205,9 @@ class HeadService:
             await self._send(ident, {"k": Kind.PONG})
         elif kind == Kind.LEASE_REQUEST:
             assert peer.job_id is not None
-            await self._run(st.request_lease(ident, peer.job_id, h["rid"], h["shape"], h.get("name", "")))
+            await self._run(
+                st.request_lease(ident, peer.job_id, h["rid"], h["shape"], h.get("name", ""))
+            )
         elif kind == Kind.LEASE_RETURN:
             await self._run(st.return_lease(ident, h["lease_id"]))
         elif kind == Kind.LEASE_CANCEL:
@@ -202,11 +215,15 @@ class HeadService:
         elif kind in (Kind.WORKER_BLOCKED, Kind.WORKER_UNBLOCKED):
             await self._run(st.worker_blocked(h["worker_id"], kind == Kind.WORKER_BLOCKED))
         elif kind == Kind.QUERY:
-            await self._send(ident, {"k": Kind.QUERY_REPLY, "rid": h["rid"], "result": self._query(h)})
+            await self._send(
+                ident, {"k": Kind.QUERY_REPLY, "rid": h["rid"], "result": self._query(h)}
+            )
         elif kind == Kind.WORKER_READY:
             assert peer.node_id is not None
             await self._run(
-                st.worker_ready(peer.node_id, h["worker_id"], h["addr"], h["control_addr"], h["pid"])
+                st.worker_ready(
+                    peer.node_id, h["worker_id"], h["addr"], h["control_addr"], h["pid"]
+                )
             )
         elif kind == Kind.WORKER_DIED:
             if h.get("never_ready"):
@@ -222,12 +239,15 @@ class HeadService:
 
     async def _hello(self, ident: bytes, h: dict[str, Any]) -> None:
         if h.get("v") != PROTOCOL_VERSION:
-            await self._send(ident, {
-                "k": Kind.ERROR,
-                "code": "version",
-                "msg": f"protocol version {h.get('v')} is not supported by this head "
-                f"(it speaks version {PROTOCOL_VERSION}); install the same nbcluster version",
-            })
+            await self._send(
+                ident,
+                {
+                    "k": Kind.ERROR,
+                    "code": "version",
+                    "msg": f"protocol version {h.get('v')} is not supported by this head "
+                    f"(it speaks version {PROTOCOL_VERSION}); install the same nbcluster version",
+                },
+            )
             return
         role = str(h.get("role", "driver"))
         job_id = h.get("job_id")
@@ -242,11 +262,15 @@ class HeadService:
 
     async def _register(self, ident: bytes, h: dict[str, Any]) -> None:
         if h.get("v") != PROTOCOL_VERSION:
-            await self._send(ident, {
-                "k": Kind.ERROR,
-                "code": "version",
-                "msg": f"protocol version {h.get('v')} is not supported (head speaks {PROTOCOL_VERSION})",
-            })
+            await self._send(
+                ident,
+                {
+                    "k": Kind.ERROR,
+                    "code": "version",
+                    "msg": f"protocol version {h.get('v')} is not supported "
+                    f"(head speaks {PROTOCOL_VERSION})",
+                },
+            )
             return
         node_id, ins = self.state.add_node(
             ident,

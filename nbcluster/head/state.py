@@ -28,6 +28,9 @@ class WorkerInfo:
     job_id: str | None = None  # a worker serves one job for its whole life
     lease_id: str | None = None
     blocked: bool = False
+    # GPU ids of its first GPU lease: CUDA reads CUDA_VISIBLE_DEVICES once per process, so a
+    # worker only ever gets leases for those same GPUs afterwards.
+    gpus: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -174,6 +177,17 @@ class ClusterState:
                 self._release(lease)
                 out.append(("lease_lost", lease.client, lease.lease_id, reason))
         out += self.schedule()
+        if node is not None and node.alive:
+            out += self._refill(node)
+        return out
+
+    def _refill(self, node: NodeInfo) -> list[Instruction]:
+        """Keep ``prestart`` fresh workers ready, so that the next job starts without waiting."""
+        fresh = sum(1 for w in node.workers.values() if w.job_id is None)
+        out: list[Instruction] = []
+        while fresh + node.starting < node.prestart:
+            node.starting += 1
+            out.append(("start_worker", node.node_id))
         return out
 
     def worker_blocked(self, worker_id: str, blocked: bool) -> list[Instruction]:
@@ -256,9 +270,7 @@ class ClusterState:
         for node in self.nodes.values():
             if not node.alive:
                 continue
-            missing = {
-                k: v for k, v in shape.items() if node.total.get(k, 0.0) + EPS < v
-            }
+            missing = {k: v for k, v in shape.items() if node.total.get(k, 0.0) + EPS < v}
             if not missing:
                 return None
             if best is None or len(missing) < len(best):
@@ -285,15 +297,22 @@ class ClusterState:
             return None
         return {g: 1.0 for g in whole[: int(need)]}
 
-    def _idle_worker(self, node: NodeInfo, job_id: str) -> WorkerInfo | None:
-        unbound = None
+    def _idle_worker(
+        self, node: NodeInfo, job_id: str, gpus: dict[int, float]
+    ) -> WorkerInfo | None:
+        want = tuple(sorted(gpus))
+        best: WorkerInfo | None = None
+        best_rank = 99
         for w in node.workers.values():
-            if w.lease_id is None:
-                if w.job_id == job_id:
-                    return w
-                if w.job_id is None and unbound is None:
-                    unbound = w
-        return unbound
+            if w.lease_id is not None or w.job_id not in (None, job_id):
+                continue
+            if want and w.gpus is not None and w.gpus != want:
+                continue  # pinned to other GPUs
+            # Prefer this job's workers, then ones already pinned to these GPUs.
+            rank = (0 if w.job_id == job_id else 2) + (0 if (w.gpus == want or not want) else 1)
+            if rank < best_rank:
+                best, best_rank = w, rank
+        return best
 
     def schedule(self) -> list[Instruction]:
         """Place pending requests, first come first served; returns instructions."""
@@ -308,7 +327,7 @@ class ClusterState:
                 if gpus is None:
                     continue
                 feasible_now = True
-                w = self._idle_worker(node, req.job_id)
+                w = self._idle_worker(node, req.job_id, gpus)
                 if w is None:
                     want_start[node.node_id] = want_start.get(node.node_id, 0) + 1
                     break
@@ -334,6 +353,7 @@ class ClusterState:
 
     def _candidate_nodes(self, req: LeaseRequest) -> list[NodeInfo]:
         nodes = [n for n in self.nodes.values() if n.alive]
+
         # Prefer nodes with an idle worker of this job, then the least loaded.
         def key(n: NodeInfo) -> tuple[int, float]:
             has_idle = any(
@@ -354,6 +374,8 @@ class ClusterState:
             node.gpus[g] -= frac
         w.job_id = req.job_id
         w.lease_id = lease_id
+        if gpus and w.gpus is None:
+            w.gpus = tuple(sorted(gpus))
         lease = Lease(lease_id, req.client, req.job_id, w.worker_id, node.node_id, req.shape, gpus)
         self.leases[lease_id] = lease
         return ("grant", req.client, req.rid, lease, w)

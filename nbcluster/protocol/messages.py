@@ -18,7 +18,7 @@ class Kind(StrEnum):
     """Message kinds. Values are short because they travel in every header."""
 
     # --- any peer <-> head -----------------------------------------------------------------
-    HELLO = "hello"  # client -> head: {v, role, pid, job_id?, worker_id?, node_hint?}
+    HELLO = "hello"  # client -> head: {v, role, pid, job_id?, worker_id?}
     WELCOME = "welcome"  # head -> client: {job_id, node_id?}
     ERROR = "error"  # either way: {msg, code, rid?}
     PING = "ping"  # client/agent -> head (liveness)
@@ -50,7 +50,7 @@ class Kind(StrEnum):
     STOP_NODE = "stop"  # head -> agent
 
     # --- driver <-> worker -----------------------------------------------------------------
-    BIND = "bind"  # driver -> worker: {job_id, sys_path, cwd, owner_name}
+    BIND = "bind"  # driver -> worker: {job_id, sys_path}
     TASK = "task"  # driver -> worker: {tid, fn, fnb?, nargs, deps, nret, name, gpus, ...}
     CANCEL = "cancel"  # driver -> worker (and its control socket): {tid, force}
     RESULT = "result"  # worker -> driver: {tid, ok, n: [frame counts], err?}

@@ -63,7 +63,7 @@ def token_from_environment() -> str | None:
     """Return the token named by the environment (file first), or ``None``."""
     file = os.environ.get(TOKEN_FILE_ENV)
     if file:
-        return read_token_file(Path(file))
+        return read_token_file(Path(file).expanduser())
     return os.environ.get(TOKEN_ENV) or None
 
 

@@ -17,10 +17,15 @@ from nbcluster.exceptions import SerializationError
 
 
 def dumps(value: Any) -> list[Any]:
-    """Serialize ``value`` into ``[pickle_bytes, *buffers]``."""
+    """Serialize ``value`` into ``[pickle_bytes, *buffers]``.
+
+    Buffers are copied: the value is captured at call time (as in Ray), so changing an array after
+    ``put(a)`` or ``f.remote(a)`` does not change what the cluster sees. Values deserialized from
+    these frames (numpy arrays, ...) are read-only views of them.
+    """
     buffers: list[pickle.PickleBuffer] = []
     data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-    return [data, *(b.raw() for b in buffers)]
+    return [data, *(b.raw().tobytes() for b in buffers)]
 
 
 def loads(frames: Sequence[Any]) -> Any:
@@ -99,7 +104,9 @@ def _short_repr(v: Any) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def loads_args(frames: Sequence[Any], dep_values: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def loads_args(
+    frames: Sequence[Any], dep_values: Sequence[Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Deserialize call arguments and put resolved dependency values in place of markers."""
     a, k = loads(frames)
     if dep_values:

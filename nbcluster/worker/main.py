@@ -46,7 +46,9 @@ def restore_filenames(fn: Any, filename: str) -> Any:
 class Worker:
     """Runs tasks in the main thread; a control thread handles cancellation of the running one."""
 
-    def __init__(self, transport: Transport, sock: Any, ctrl: Any, ident: context.WorkerIdentity) -> None:
+    def __init__(
+        self, transport: Transport, sock: Any, ctrl: Any, ident: context.WorkerIdentity
+    ) -> None:
         self.transport = transport
         self.sock = sock
         self.ctrl = ctrl
@@ -71,8 +73,17 @@ class Worker:
             return
         ident, tid, name = target
         if threading.current_thread() is self._main:
-            self._send(ident, {"k": Kind.LOG, "tid": tid, "stream": stream, "lines": lines,
-                               "name": name, "pid": self.pid})
+            self._send(
+                ident,
+                {
+                    "k": Kind.LOG,
+                    "tid": tid,
+                    "stream": stream,
+                    "lines": lines,
+                    "name": name,
+                    "pid": self.pid,
+                },
+            )
         else:  # zmq sockets are single-threaded: the main thread sends these later
             with self._lock:
                 self._pending_lines.append((ident, tid, name, stream, lines))
@@ -81,8 +92,17 @@ class Worker:
         with self._lock:
             pending, self._pending_lines = self._pending_lines, []
         for ident, tid, name, stream, lines in pending:
-            self._send(ident, {"k": Kind.LOG, "tid": tid, "stream": stream, "lines": lines,
-                               "name": name, "pid": self.pid})
+            self._send(
+                ident,
+                {
+                    "k": Kind.LOG,
+                    "tid": tid,
+                    "stream": stream,
+                    "lines": lines,
+                    "name": name,
+                    "pid": self.pid,
+                },
+            )
 
     def _send(self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None) -> None:
         try:
@@ -159,8 +179,12 @@ class Worker:
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = self._orig_cuda
         ctx = context.TaskContext(
-            task_id=tid, job_id=self.ident.job_id or "", name=name, node_id=self.ident.node_id,
-            worker_id=self.ident.worker_id, assigned=h.get("assigned") or {},
+            task_id=tid,
+            job_id=self.ident.job_id or "",
+            name=name,
+            node_id=self.ident.node_id,
+            worker_id=self.ident.worker_id,
+            assigned=h.get("assigned") or {},
         )
         token = context.current_task.set(ctx)
         self._out_target = (ident, tid, name)
@@ -223,17 +247,23 @@ class Worker:
                     raise ValueError(f"task {name} declared num_returns={nret} but returned {got}")
                 parts = [dumps(v) for v in values]
         except Exception as exc:
-            self._send_error(ident, tid, self._task_error(name, exc, skip=0, what="its result"), "exc")
+            self._send_error(
+                ident, tid, self._task_error(name, exc, skip=0, what="its result"), "exc"
+            )
             return
         frames = [f for p in parts for f in p]
-        self._send(ident, {"k": Kind.RESULT, "tid": tid, "ok": True, "n": [len(p) for p in parts]}, frames)
+        self._send(
+            ident, {"k": Kind.RESULT, "tid": tid, "ok": True, "n": [len(p) for p in parts]}, frames
+        )
 
     def _task_error(self, name: str, exc: BaseException, skip: int, what: str = "") -> TaskError:
         tb = exc.__traceback__
         for _ in range(skip):
             if tb is not None and tb.tb_next is not None:
                 tb = tb.tb_next
-        frames = [(f.filename, f.lineno or 0, f.name, f.line or "") for f in traceback.extract_tb(tb)]
+        frames = [
+            (f.filename, f.lineno or 0, f.name, f.line or "") for f in traceback.extract_tb(tb)
+        ]
         # The stack is sent as frames (the driver fills in source lines it alone has, such as
         # notebook cells); the text holds the exception itself, chained ones included.
         text = "".join(traceback.format_exception_only(type(exc), exc))
@@ -252,7 +282,11 @@ class Worker:
             if isinstance(err, TaskError):  # the original exception does not pickle
                 err = TaskError(err.function_name, err.traceback_str, None, err.where, err.frames)
             frames = dumps(err)
-        self._send(ident, {"k": Kind.RESULT, "tid": tid, "ok": False, "err": kind, "n": [len(frames)]}, frames)
+        self._send(
+            ident,
+            {"k": Kind.RESULT, "tid": tid, "ok": False, "err": kind, "n": [len(frames)]},
+            frames,
+        )
 
     # ----------------------------------------------------------------------------- control
     def _control_loop(self) -> None:
