@@ -15,7 +15,6 @@ import functools
 import itertools
 import logging
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -26,7 +25,9 @@ import zmq
 
 from nbcluster import context
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
+from nbcluster.client.submission import TaskSubmission
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
+from nbcluster.client.wire import WorkerConn, send_nowait
 from nbcluster.exceptions import (
     ConnectionFailedError,
     GetTimeoutError,
@@ -34,15 +35,13 @@ from nbcluster.exceptions import (
     ObjectLostError,
     OwnerDiedError,
     ProtocolError,
-    TaskCancelledError,
     TaskError,
-    WorkerCrashedError,
 )
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import derive_keys, token_from_environment
 from nbcluster.refs import ObjectRef
-from nbcluster.serialization import dumps, dumps_args, loads
+from nbcluster.serialization import dumps, loads
 from nbcluster.transport import Transport, wait_for_handshake
 
 log = logging.getLogger("nbcluster")
@@ -52,34 +51,7 @@ LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its
 HEARTBEAT_S = 1.0
 
 
-class WorkerConn:
-    """A connection to one worker process (kept across leases of the same worker)."""
-
-    def __init__(self, addr: str, control_addr: str, sock: Any, ctrl: Any) -> None:
-        self.addr = addr
-        self.control_addr = control_addr
-        self.sock = sock
-        self.ctrl = ctrl
-        self.fns_sent: set[str] = set()
-        self.reader: asyncio.Task[Any] | None = None
-        self.lease: Lease | None = None
-
-
-def _send_nowait(sock: Any, frames: list[Any]) -> None:
-    """Queue a message without awaiting (high-water marks are off, so sending never blocks)."""
-    fut = sock.send_multipart(frames, copy=False)
-    if not fut.done():
-        fut.add_done_callback(_log_send_error)
-    elif fut.exception() is not None:
-        log.debug("send failed: %s", fut.exception())
-
-
-def _log_send_error(fut: Any) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.debug("send failed: %s", fut.exception())
-
-
-class CoreClient:
+class CoreClient(TaskSubmission):
     """A connection to a cluster through which tasks are submitted and objects owned.
 
     Parameters
@@ -302,169 +274,6 @@ class CoreClient:
     def new_id(self) -> str:
         return f"{self._prefix}{next(self._ids):x}"
 
-    # ================================================================== submission (user thread)
-    def submit(
-        self,
-        name: str,
-        fn_id: str,
-        fn_blob: bytes,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        shape: dict[str, float],
-        num_returns: int,
-        max_retries: int,
-        retry_exceptions: bool | tuple[type[BaseException], ...],
-    ) -> list[ObjectRef]:
-        """Queue a task; returns one ref per return value."""
-        frames, deps = dumps_args(name, args, kwargs, _is_ref)
-        tid = self.new_id()
-        return_ids = [f"{tid}.{i}" for i in range(max(num_returns, 1))]
-        refs = [ObjectRef(oid, self.owner_address, self) for oid in return_ids]
-        rec = TaskRecord(
-            tid=tid,
-            name=name,
-            fn_id=fn_id,
-            fn_blob=fn_blob,
-            args=frames,
-            deps=deps,
-            return_ids=return_ids,
-            shape=shape,
-            shape_key=tuple(sorted(shape.items())),
-            max_retries=max_retries,
-            retry_exceptions=retry_exceptions,
-            nret=num_returns,
-        )
-        self._post("submit", rec)
-        return refs if num_returns != 0 else []
-
-    def put(self, value: Any) -> ObjectRef:
-        """Store ``value`` as an object owned by this client."""
-        try:
-            frames = dumps(value)
-        except Exception as exc:
-            from nbcluster.exceptions import SerializationError
-
-            raise SerializationError(
-                f"could not serialize the value passed to put(): {type(exc).__name__}: {exc}"
-            ) from exc
-        oid = f"{self.new_id()}.p"
-        ref = ObjectRef(oid, self.owner_address, self)
-        self.objects.complete(oid, READY, frames)
-        return ref
-
-    def cancel(self, ref: ObjectRef, force: bool) -> None:
-        self._post("cancel", ref.hex(), force)
-
-    # ================================================================== loop: submission
-    def _do_submit(self, rec: TaskRecord) -> None:
-        self._by_tid[rec.tid] = rec
-        for oid in rec.return_ids:
-            self._producer[oid] = rec
-        rec.dep_frames = [[] for _ in rec.deps]
-        waiting = 0
-        for i, dep in enumerate(rec.deps):
-            entry = self._resolve(dep)
-            if entry is not None and entry.state == FAILED:
-                self._finish(rec, FAILED, [entry.frames] * len(rec.return_ids))
-                return
-            if entry is not None and entry.state == READY:
-                rec.dep_frames[i] = entry.frames
-            else:
-                waiting += 1
-                self.objects.on_ready(dep.hex(), self._dep_callback(rec, i))
-        rec.waiting_deps = waiting
-        if waiting == 0:
-            self._enqueue(rec)
-
-    def _dep_callback(self, rec: TaskRecord, i: int) -> Callable[[Entry], None]:
-        def done(entry: Entry) -> None:
-            # Runs on the loop thread (objects complete there).
-            if rec.cancelled or rec.tid not in self._by_tid:
-                return
-            if entry.state == FAILED:
-                self._finish(rec, FAILED, [entry.frames] * len(rec.return_ids))
-                return
-            rec.dep_frames[i] = entry.frames
-            rec.waiting_deps -= 1
-            if rec.waiting_deps == 0:
-                self._enqueue(rec)
-
-        return done
-
-    def _resolve(self, ref: ObjectRef) -> Entry | None:
-        """The local entry of ``ref``, starting a fetch from its owner if we do not own it."""
-        entry = self.objects.get(ref.hex())
-        if entry is None:
-            entry = self.objects.create(ref.hex(), owned=False)
-        if entry.state == PENDING and not entry.owned and not entry.fetching:
-            entry.fetching = True
-            self._spawn(self._fetch(ref.hex(), ref.owner_address))
-        return entry
-
-    def _enqueue(self, rec: TaskRecord) -> None:
-        rec.deps = []  # values are in dep_frames now; drop the refs
-        sc = self._classes.get(rec.shape_key)
-        if sc is None:
-            sc = self._classes[rec.shape_key] = SchedClass(rec.shape)
-        sc.queue.append(rec)
-        self._pump(sc)
-
-    def _pump(self, sc: SchedClass) -> None:
-        # One task at a time per leased worker. (Queueing several on one worker doubles the
-        # throughput of tiny tasks, but a long task would then hold up the ones queued behind
-        # it while other workers idle; that needs work stealing first.)
-        idle = [lease for lease in sc.leases if not lease.inflight]
-        while sc.queue and idle:
-            self._dispatch(sc.queue.popleft(), idle.pop())
-        want = min(len(sc.queue), MAX_LEASE_REQUESTS) - len(sc.requests)
-        for _ in range(want):
-            rid = next(self._rid)
-            sc.requests.add(rid)
-            self._rid_class[rid] = sc
-            name = sc.queue[0].name if sc.queue else ""
-            _send_nowait(
-                self._head,
-                encode({"k": Kind.LEASE_REQUEST, "rid": rid, "shape": sc.shape, "name": name}),
-            )
-        if not sc.queue and sc.requests:
-            for rid in sc.requests:
-                self._rid_class.pop(rid, None)
-                _send_nowait(self._head, encode({"k": Kind.LEASE_CANCEL, "rid": rid}))
-            sc.requests.clear()
-
-    def _dispatch(self, rec: TaskRecord, lease: Lease) -> None:
-        if lease.linger is not None:
-            lease.linger.cancel()
-            lease.linger = None
-        conn = lease.conn
-        rec.lease = lease
-        lease.inflight.append(rec)
-        header: dict[str, Any] = {
-            "k": Kind.TASK,
-            "tid": rec.tid,
-            "fn": rec.fn_id,
-            "name": rec.name,
-            "nargs": len(rec.args),
-            "nret": rec.nret,
-        }
-        payload: list[Any] = []
-        if rec.fn_id not in conn.fns_sent:
-            header["fnb"] = 1
-            payload.append(rec.fn_blob)
-            conn.fns_sent.add(rec.fn_id)
-        payload.extend(rec.args)
-        if rec.dep_frames:
-            header["deps"] = [len(f) for f in rec.dep_frames]
-            for f in rec.dep_frames:
-                payload.extend(f)
-        if lease.gpus:
-            header["gpus"] = lease.gpus
-        assigned = dict(rec.shape)
-        if lease.gpus:
-            assigned["GPU_IDS"] = lease.gpus  # type: ignore[assignment]
-        header["assigned"] = assigned
-        _send_nowait(conn.sock, encode(header, payload))
-
     # ================================================================== loop: head messages
     async def _read_head(self) -> None:
         while True:
@@ -508,240 +317,6 @@ class CoreClient:
         else:
             log.warning("unexpected message %r from the head", kind)
 
-    def _on_grant(self, h: dict[str, Any]) -> None:
-        sc = self._rid_class.pop(h["rid"], None)
-        if sc is not None:
-            sc.requests.discard(h["rid"])
-        if sc is None or self._closing:
-            sc = self._classes.get(tuple(sorted(h["shape"].items())))
-            if sc is None or not sc.queue:
-                _send_nowait(
-                    self._head, encode({"k": Kind.LEASE_RETURN, "lease_id": h["lease_id"]})
-                )
-                return
-        conn = self._conn(h["worker_addr"], h["control_addr"])
-        lease = Lease(
-            lease_id=h["lease_id"],
-            worker_id=h["worker_id"],
-            worker_addr=h["worker_addr"],
-            control_addr=h["control_addr"],
-            pid=h["pid"],
-            node_id=h["node_id"],
-            node_name=h.get("node_name", ""),
-            gpus=list(h.get("gpus") or []),
-            shape_key=tuple(sorted(h["shape"].items())),
-            conn=conn,
-        )
-        conn.lease = lease
-        self._leases[lease.lease_id] = lease
-        sc.leases.append(lease)
-        self._pump(sc)
-        if not lease.inflight:
-            self._linger(lease)
-
-    def _conn(self, addr: str, control_addr: str) -> WorkerConn:
-        conn = self._conns.get(addr)
-        if conn is None:
-            assert self._transport is not None
-            sock = self._transport.client(zmq.DEALER, addr)
-            ctrl = self._transport.client(zmq.DEALER, control_addr)
-            conn = WorkerConn(addr, control_addr, sock, ctrl)
-            self._conns[addr] = conn
-            bind = {
-                "k": Kind.BIND,
-                "job_id": self.job_id,
-                "sys_path": [os.path.abspath(p) if p in ("", ".") else p for p in sys.path],
-            }
-            _send_nowait(sock, encode(bind))
-            conn.reader = self._spawn(self._read_worker(conn))
-        return conn
-
-    def _linger(self, lease: Lease) -> None:
-        assert self._loop is not None
-        if lease.linger is not None:
-            lease.linger.cancel()
-        lease.linger = self._loop.call_later(LEASE_LINGER_S, self._return_if_idle, lease)
-
-    def _return_if_idle(self, lease: Lease) -> None:
-        lease.linger = None
-        if lease.inflight or lease.lease_id not in self._leases:
-            return
-        self._drop_lease(lease)
-        _send_nowait(self._head, encode({"k": Kind.LEASE_RETURN, "lease_id": lease.lease_id}))
-
-    def _drop_lease(self, lease: Lease) -> None:
-        self._leases.pop(lease.lease_id, None)
-        sc = self._classes.get(lease.shape_key)
-        if sc is not None and lease in sc.leases:
-            sc.leases.remove(lease)
-        if lease.conn.lease is lease:
-            lease.conn.lease = None
-        if lease.linger is not None:
-            lease.linger.cancel()
-            lease.linger = None
-
-    def _on_lease_lost(self, lease_id: str, reason: str) -> None:
-        lease = self._leases.get(lease_id)
-        if lease is None:
-            return
-        self._drop_lease(lease)
-        conn = self._conns.pop(lease.worker_addr, None)
-        if conn is not None:
-            if conn.reader is not None:
-                conn.reader.cancel()
-            conn.sock.close(linger=0)
-            conn.ctrl.close(linger=0)
-        inflight = list(lease.inflight)
-        lease.inflight.clear()
-        sc = self._classes.get(lease.shape_key)
-        requeue: list[TaskRecord] = []
-        for i, rec in enumerate(inflight):
-            rec.lease = None
-            if i > 0:  # never started: the worker runs its tasks in order
-                requeue.append(rec)
-                continue
-            if rec.force_cancel or rec.cancelled:
-                self._finish(
-                    rec, FAILED, [dumps(TaskCancelledError(rec.tid))] * len(rec.return_ids)
-                )
-            elif rec.max_retries == -1 or rec.attempts < rec.max_retries:
-                rec.attempts += 1
-                log.warning(
-                    "%s: %s while running %s; retrying (%d/%s)",
-                    rec.name,
-                    reason,
-                    rec.tid,
-                    rec.attempts,
-                    "inf" if rec.max_retries == -1 else rec.max_retries,
-                )
-                requeue.append(rec)
-            else:
-                err = WorkerCrashedError(
-                    f"the worker running {rec.name} died: {reason} "
-                    f"(node {lease.node_name or lease.node_id}); "
-                    f"{rec.attempts} retr{'y' if rec.attempts == 1 else 'ies'} used of "
-                    f"max_retries={rec.max_retries}"
-                )
-                self._finish(rec, FAILED, [dumps(err)] * len(rec.return_ids))
-        if sc is not None:
-            sc.queue.extendleft(reversed(requeue))
-            self._pump(sc)
-
-    # ================================================================== loop: worker messages
-    async def _read_worker(self, conn: WorkerConn) -> None:
-        sock = conn.sock
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            try:
-                h, payload = decode(frames)
-                kind = h["k"]
-                if kind == Kind.RESULT:
-                    self._on_result(conn, h, payload)
-                elif kind == Kind.LOG:
-                    self._on_log(h, conn)
-            except ProtocolError as exc:
-                log.warning("malformed message from worker %s: %s", conn.addr, exc)
-            except Exception:
-                log.exception("nbcluster internal error handling a worker message")
-
-    def _on_result(self, conn: WorkerConn, h: dict[str, Any], payload: list[Any]) -> None:
-        rec = self._by_tid.get(h["tid"])
-        lease = conn.lease
-        if rec is None:
-            return
-        if lease is not None:
-            with contextlib.suppress(ValueError):
-                lease.inflight.remove(rec)
-        rec.lease = None
-        counts = h.get("n", [])
-        if h.get("ok"):
-            parts, pos = [], 0
-            for c in counts:
-                parts.append(payload[pos : pos + c])
-                pos += c
-            self._finish(rec, READY, parts)
-        elif h.get("err") == "cancelled":
-            self._finish(rec, FAILED, [payload] * len(rec.return_ids))
-        else:
-            if self._should_retry_exception(rec, payload):
-                rec.attempts += 1
-                sc = self._classes[rec.shape_key]
-                sc.queue.appendleft(rec)
-            else:
-                self._finish(rec, FAILED, [payload] * len(rec.return_ids))
-        if lease is not None:
-            lease_class = self._classes.get(lease.shape_key)
-            if lease_class is not None:
-                self._pump(lease_class)
-            if not lease.inflight and lease.lease_id in self._leases:
-                self._linger(lease)
-
-    def _should_retry_exception(self, rec: TaskRecord, payload: list[Any]) -> bool:
-        if not rec.retry_exceptions or rec.cancelled:
-            return False
-        if rec.max_retries != -1 and rec.attempts >= rec.max_retries:
-            return False
-        if rec.retry_exceptions is True:
-            return True
-        try:
-            err = loads(payload)
-        except Exception:
-            return False
-        cause = getattr(err, "cause", None)
-        return isinstance(cause, rec.retry_exceptions)  # type: ignore[arg-type]
-
-    def _finish(self, rec: TaskRecord, state: int, parts: Sequence[list[Any]]) -> None:
-        self._by_tid.pop(rec.tid, None)
-        for oid, frames in zip(rec.return_ids, parts, strict=False):
-            self._producer.pop(oid, None)
-            self.objects.complete(oid, state, frames)
-        # A task with num_returns=0 still completes its (hidden) first id.
-        for oid in rec.return_ids[len(parts) :]:
-            self._producer.pop(oid, None)
-            self.objects.complete(
-                oid, state, [dumps(None)] if state == READY else parts[0] if parts else []
-            )
-
-    def _on_log(self, h: dict[str, Any], conn: WorkerConn) -> None:
-        if not self.log_to_driver:
-            return
-        node = ""
-        lease = conn.lease
-        if lease is not None and lease.node_name and self._multi_node():
-            node = f", node={lease.node_name}"
-        prefix = f"({h.get('name', 'task')} pid={h.get('pid')}{node}) "
-        text = "".join(f"{prefix}{line}\n" for line in h.get("lines", []))
-        stream = h.get("stream", "stdout")
-        if self.on_output is not None:
-            self.on_output(stream, text)
-            return
-        out = sys.stderr if stream == "stderr" else sys.stdout
-        with contextlib.suppress(Exception):
-            out.write(text)
-            out.flush()
-
-    def _multi_node(self) -> bool:
-        return len({ls.node_id for ls in self._leases.values()}) > 1
-
-    # ================================================================== loop: cancel
-    def _do_cancel(self, oid: str, force: bool) -> None:
-        rec = self._producer.get(oid)
-        if rec is None:
-            return
-        rec.cancelled = True
-        err = [dumps(TaskCancelledError(rec.tid))] * len(rec.return_ids)
-        if rec.lease is None:
-            sc = self._classes.get(rec.shape_key)
-            if sc is not None and rec in sc.queue:
-                sc.queue.remove(rec)
-            self._finish(rec, FAILED, err)
-            return
-        rec.force_cancel = force
-        conn = rec.lease.conn
-        msg = encode({"k": Kind.CANCEL, "tid": rec.tid, "force": force})
-        _send_nowait(conn.sock, list(msg))
-        _send_nowait(conn.ctrl, list(msg))
-
     # ================================================================== loop: objects we own
     async def _serve_owner(self) -> None:
         sock = self._owner_sock
@@ -757,7 +332,7 @@ class CoreClient:
             oid = h["oid"]
             entry = self.objects.get(oid)
             if entry is None:
-                _send_nowait(
+                send_nowait(
                     sock,
                     [ident, *encode({"k": Kind.OBJECT, "oid": oid, "ok": False, "err": "lost"})],
                 )
@@ -768,7 +343,7 @@ class CoreClient:
 
     def _reply_object(self, ident: bytes, entry: Entry) -> None:
         h = {"k": Kind.OBJECT, "oid": entry.oid, "ok": entry.state == READY}
-        _send_nowait(self._owner_sock, [ident, *encode(h, entry.frames)])
+        send_nowait(self._owner_sock, [ident, *encode(h, entry.frames)])
 
     async def _fetch(self, oid: str, owner: str) -> None:
         """Get a borrowed object's value from its owner."""
@@ -777,7 +352,7 @@ class CoreClient:
             assert self._transport is not None
             sock = self._owner_conns[owner] = self._transport.client(zmq.DEALER, owner)
             self._spawn(self._read_owner(sock, owner))
-        _send_nowait(sock, encode({"k": Kind.GET_OBJECT, "oid": oid}))
+        send_nowait(sock, encode({"k": Kind.GET_OBJECT, "oid": oid}))
 
     async def _read_owner(self, sock: Any, owner: str) -> None:
         while True:
@@ -799,14 +374,14 @@ class CoreClient:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            _send_nowait(self._head, encode({"k": Kind.PING}))
+            send_nowait(self._head, encode({"k": Kind.PING}))
 
     async def _query(self, what: str, timeout: float = 10.0) -> Any:
         assert self._loop is not None
         rid = next(self._rid)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._replies[rid] = fut
-        _send_nowait(self._head, encode({"k": Kind.QUERY, "rid": rid, "what": what}))
+        send_nowait(self._head, encode({"k": Kind.QUERY, "rid": rid, "what": what}))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
@@ -824,7 +399,7 @@ class CoreClient:
 
     def _do_blocked(self, blocked: bool) -> None:
         kind = Kind.WORKER_BLOCKED if blocked else Kind.WORKER_UNBLOCKED
-        _send_nowait(self._head, encode({"k": kind, "worker_id": self.worker_id}))
+        send_nowait(self._head, encode({"k": kind, "worker_id": self.worker_id}))
 
     # ================================================================== get / wait (user thread)
     def _prepare(self, refs: Sequence[ObjectRef]) -> None:

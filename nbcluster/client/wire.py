@@ -1,0 +1,38 @@
+"""Connection helpers shared by the client's submission paths."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from nbcluster.client.tasks import Lease
+
+log = logging.getLogger("nbcluster")
+
+
+class WorkerConn:
+    """A connection to one worker process (kept across leases of the same worker)."""
+
+    def __init__(self, addr: str, control_addr: str, sock: Any, ctrl: Any) -> None:
+        self.addr = addr
+        self.control_addr = control_addr
+        self.sock = sock
+        self.ctrl = ctrl
+        self.fns_sent: set[str] = set()
+        self.reader: asyncio.Task[Any] | None = None
+        self.lease: Lease | None = None
+
+
+def send_nowait(sock: Any, frames: list[Any]) -> None:
+    """Queue a message without awaiting (high-water marks are off, so sending never blocks)."""
+    fut = sock.send_multipart(frames, copy=False)
+    if not fut.done():
+        fut.add_done_callback(log_send_error)
+    elif fut.exception() is not None:
+        log.debug("send failed: %s", fut.exception())
+
+
+def log_send_error(fut: Any) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("send failed: %s", fut.exception())
