@@ -17,6 +17,7 @@ class TaskContext:
     node_id: str
     worker_id: str
     assigned: dict[str, object] = field(default_factory=dict)
+    actor_id: str | None = None
 
 
 current_task: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(

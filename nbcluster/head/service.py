@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from nbcluster.exceptions import ProtocolError
+from nbcluster.head.actors import ACTOR_PREFIX, DEAD, ActorDirectory, ActorInfo
 from nbcluster.head.state import ClusterState, Instruction, Lease, WorkerInfo
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
@@ -56,6 +57,8 @@ class HeadService:
         self.host = host
         self.port = port
         self.state = ClusterState()
+        self.actors = ActorDirectory(self.state)
+        self._worker_socks: dict[str, Any] = {}  # head -> actor-hosting worker connections
         self.peers: dict[bytes, Peer] = {}
         self._jobs = itertools.count(1)
         self._transport: Transport | None = None
@@ -96,6 +99,9 @@ class HeadService:
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
+        for sock in self._worker_socks.values():
+            sock.close(linger=0)
+        self._worker_socks.clear()
         if self._sock is not None:
             self._sock.close(linger=0)
         self._sock = None
@@ -120,8 +126,8 @@ class HeadService:
             frames = await self._sock.recv_multipart(copy=True)
             ident, rest = frames[0], frames[1:]
             try:
-                header, _payload = decode(rest)
-                await self._handle(ident, header)
+                header, payload = decode(rest)
+                await self._handle(ident, header, payload)
             except ProtocolError as exc:
                 log.warning("dropping malformed message from %r: %s", ident, exc)
                 await self._send(ident, {"k": Kind.ERROR, "msg": str(exc), "code": "protocol"})
@@ -145,9 +151,15 @@ class HeadService:
     async def _run(self, instructions: list[Instruction]) -> None:
         for ins in instructions:
             verb = ins[0]
-            if verb == "grant":
+            if verb in ("grant", "lease_lost", "infeasible") and ins[1].startswith(ACTOR_PREFIX):
+                await self._run_for_actor(ins)
+            elif verb == "grant":
                 _, client, rid, lease, w = ins
                 await self._send(client, self._grant_msg(rid, lease, w))
+            elif verb == "actor_init":
+                await self._actor_init(ins[1], ins[2], ins[3])
+            elif verb == "actor_state":
+                await self._publish(ins[1])
             elif verb == "start_worker":
                 node = self.state.nodes[ins[1]]
                 await self._send(node.client, {"k": Kind.START_WORKER})
@@ -169,6 +181,87 @@ class HeadService:
             else:  # pragma: no cover - a bug in ClusterState
                 log.error("unknown instruction %r", ins)
 
+    async def _run_for_actor(self, ins: Instruction) -> None:
+        verb, client = ins[0], ins[1]
+        aid = client[len(ACTOR_PREFIX) :].decode()
+        if verb == "grant":
+            await self._run(self.actors.on_grant(aid, ins[3], ins[4]))
+        elif verb == "lease_lost":
+            self._drop_worker_sock(aid)
+            await self._run(self.actors.on_lost(aid, ins[3]))
+        elif verb == "infeasible":
+            a = self.actors.actors.get(aid)
+            if a is not None:
+                missing = ", ".join(f"{k}: {v:g}" for k, v in ins[3].items())
+                for sub in a.subscribers:
+                    await self._send(
+                        sub,
+                        {
+                            "k": Kind.ACTOR_STATE,
+                            "aid": aid,
+                            "state": a.state,
+                            "infeasible": missing,
+                            "cls_name": a.cls_name,
+                        },
+                    )
+
+    async def _actor_init(self, a: ActorInfo, w: WorkerInfo, gpus: list[int]) -> None:
+        assert self._transport is not None
+        sock = self._worker_socks.get(w.worker_id)
+        if sock is None:
+            sock = self._transport.client(zmq.DEALER, w.address)
+            self._worker_socks[w.worker_id] = sock
+            self._tasks.append(asyncio.create_task(self._read_worker(sock, a.aid)))
+        header = {
+            "k": Kind.ACTOR_INIT,
+            "aid": a.aid,
+            "job_id": a.job_id,
+            "gpus": gpus,
+            "cls_name": a.cls_name,
+            "assigned": a.shape,
+            **a.spec,
+        }
+        await sock.send_multipart(encode(header, a.payload))
+
+    async def _read_worker(self, sock: Any, aid: str) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            try:
+                h, payload = decode(frames)
+            except ProtocolError:
+                continue
+            kind = h["k"]
+            if kind == Kind.ACTOR_READY:
+                await self._run(self.actors.on_ready(aid))
+            elif kind == Kind.ACTOR_FAILED:
+                await self._run(self.actors.on_failed(aid, payload))
+            elif kind == Kind.ACTOR_EXIT:
+                await self._run(self.actors.exited(aid))
+
+    def _drop_worker_sock(self, aid: str) -> None:
+        a = self.actors.actors.get(aid)
+        if a is not None and a.worker_id is not None:
+            sock = self._worker_socks.pop(a.worker_id, None)
+            if sock is not None:
+                sock.close(linger=0)
+
+    async def _publish(self, a: ActorInfo) -> None:
+        h: dict[str, Any] = {
+            "k": Kind.ACTOR_STATE,
+            "aid": a.aid,
+            "state": a.state,
+            "addr": a.address,
+            "reason": a.death_reason,
+            "cls_name": a.cls_name,
+        }
+        payload: list[Any] = []
+        if a.state == DEAD and a.init_error:
+            h["init_error"] = True
+            payload = list(a.init_error)
+        for sub in list(a.subscribers):
+            if sub in self.peers:
+                await self._send(sub, h, payload)
+
     def _grant_msg(self, rid: int, lease: Lease, w: WorkerInfo) -> dict[str, Any]:
         node = self.state.nodes[lease.node_id]
         return {
@@ -186,7 +279,7 @@ class HeadService:
         }
 
     # ------------------------------------------------------------------------------ handlers
-    async def _handle(self, ident: bytes, h: dict[str, Any]) -> None:
+    async def _handle(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
         kind = h["k"]
         peer = self.peers.get(ident)
         if peer is not None:
@@ -197,6 +290,8 @@ class HeadService:
         if kind == Kind.REGISTER_NODE:
             await self._register(ident, h)
             return
+        if peer is None and kind in (Kind.ACTOR_READY, Kind.ACTOR_FAILED, Kind.ACTOR_EXIT):
+            return  # pragma: no cover - these arrive on worker connections
         if peer is None:
             await self._send(ident, {"k": Kind.ERROR, "msg": "say hello first", "code": "nohello"})
             return
@@ -229,6 +324,44 @@ class HeadService:
             if h.get("never_ready"):
                 await self._run(st.worker_start_failed(peer.node_id or ""))
             await self._run(st.worker_died(h["worker_id"], h.get("reason", "worker died")))
+        elif kind == Kind.ACTOR_CREATE:
+            assert peer.job_id is not None
+            reply, ins = self.actors.create(ident, peer.job_id, h, [bytes(f) for f in payload])
+            if "error" in reply:
+                await self._send(
+                    ident,
+                    {"k": Kind.ERROR, "rid": h["rid"], "msg": reply["error"], "code": "actor"},
+                )
+            else:
+                await self._send(ident, {"k": Kind.ACTOR_CREATED, "rid": h["rid"], **reply})
+            await self._run(ins)
+            if reply.get("existing"):
+                found = self.actors.actors[reply["aid"]]
+                found.subscribers.add(ident)
+                await self._publish_to(found, ident)
+        elif kind == Kind.ACTOR_RESOLVE:
+            a = self.actors.actors.get(h["aid"])
+            if a is None:
+                await self._send(
+                    ident,
+                    {
+                        "k": Kind.ACTOR_STATE,
+                        "aid": h["aid"],
+                        "state": DEAD,
+                        "reason": "no such actor (it never existed here, or the head restarted)",
+                    },
+                )
+            else:
+                a.subscribers.add(ident)
+                await self._publish_to(a, ident)
+        elif kind == Kind.ACTOR_KILL:
+            await self._run(
+                self.actors.kill(
+                    h["aid"], bool(h.get("no_restart", True)), "killed by nbcluster.kill()"
+                )
+            )
+        elif kind == Kind.ACTOR_RELEASE:
+            await self._run(self.actors.release(h["aid"]))
         elif kind == Kind.GOODBYE:
             await self._peer_gone(peer)
         elif kind == Kind.SHUTDOWN_CLUSTER:
@@ -236,6 +369,14 @@ class HeadService:
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
         else:
             log.warning("unexpected message kind %r from %s", kind, peer.role)
+
+    async def _publish_to(self, a: ActorInfo, ident: bytes) -> None:
+        subs = a.subscribers
+        a.subscribers = {ident}
+        try:
+            await self._publish(a)
+        finally:
+            a.subscribers = subs
 
     async def _hello(self, ident: bytes, h: dict[str, Any]) -> None:
         if h.get("v") != PROTOCOL_VERSION:
@@ -293,12 +434,28 @@ class HeadService:
         if peer.role == "agent" and peer.node_id is not None:
             await self._run(self.state.remove_node(peer.node_id, "its node left the cluster"))
         else:
+            if peer.owns_job and peer.job_id is not None:
+                await self._run(self.actors.job_gone(peer.job_id))
+            for a in self.actors.actors.values():
+                a.subscribers.discard(peer.ident)
             await self._run(self.state.client_gone(peer.ident, peer.job_id, peer.owns_job))
 
     def _query(self, h: dict[str, Any]) -> Any:
         what = h.get("what")
         if what == "nodes":
             return self.state.node_views()
+        if what == "actors":
+            return self.actors.views()
+        if what == "actor":
+            a = self.actors.lookup(str(h.get("name")), str(h.get("ns") or ""))
+            if a is None:
+                return None
+            return {
+                **a.view(),
+                "methods": a.methods,
+                "max_task_retries": a.max_task_retries,
+                "is_async": bool(a.spec.get("is_async")),
+            }
         if what == "head":
             return {"address": self.address, "pid": os.getpid(), "started_at": self.started_at}
         return None

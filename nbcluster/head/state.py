@@ -31,6 +31,8 @@ class WorkerInfo:
     # GPU ids of its first GPU lease: CUDA reads CUDA_VISIBLE_DEVICES once per process, so a
     # worker only ever gets leases for those same GPUs afterwards.
     gpus: tuple[int, ...] | None = None
+    actor_id: str | None = None  # hosts this actor for its whole life
+    detached: bool = False  # hosts a detached actor: outlives its job's driver
 
 
 @dataclass
@@ -242,9 +244,30 @@ class ClusterState:
                 # The worker may still run a task for the gone client: recycle it.
                 out.append(("kill_worker", w.node_id, w.worker_id))
         if owns_job and job_id is not None:
-            for w in [w for w in self.workers.values() if w.job_id == job_id]:
+            for w in [w for w in self.workers.values() if w.job_id == job_id and not w.detached]:
                 out.append(("kill_worker", w.node_id, w.worker_id))
         return out + self.schedule()
+
+    def resize_lease(self, lease_id: str, shape: dict[str, float]) -> list[Instruction]:
+        """Change what a lease holds (an actor keeps less once placed); frees the difference."""
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return []
+        node = self.nodes[lease.node_id]
+        w = self.workers.get(lease.worker_id)
+        blocked = w.blocked if w is not None else False
+        for k in set(lease.shape) | set(shape):
+            if k == "GPU":
+                continue  # GPU assignments do not change
+            if k == "CPU" and blocked:
+                continue
+            delta = lease.shape.get(k, 0.0) - shape.get(k, 0.0)
+            node.available[k] = node.available.get(k, 0.0) + delta
+        gpu = lease.shape.get("GPU")
+        lease.shape = {k: v for k, v in shape.items() if k != "GPU"}
+        if gpu:
+            lease.shape["GPU"] = gpu
+        return self.schedule()
 
     def _release(self, lease: Lease) -> None:
         self.leases.pop(lease.lease_id, None)
@@ -254,6 +277,8 @@ class ClusterState:
         if w is not None:
             w.lease_id = None
             w.blocked = False
+            if w.actor_id is not None:
+                w.job_id = "@dead-actor"  # never reused for tasks; the service kills it
         if node is None:
             return
         for k, v in lease.shape.items():

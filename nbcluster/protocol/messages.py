@@ -56,6 +56,19 @@ class Kind(StrEnum):
     RESULT = "result"  # worker -> driver: {tid, ok, n: [frame counts], err?}
     LOG = "log"  # worker -> driver: {tid, stream, lines, name, pid}
 
+    # --- actors ------------------------------------------------------------------------------
+    ACTOR_CREATE = "acreate"  # driver -> head: {rid, aid, cls_name, name, ns, ...} + [cls, args]
+    ACTOR_CREATED = "acreated"  # head -> driver: {rid, aid, existing, methods, cls_name}
+    ACTOR_RESOLVE = "aresolve"  # client -> head: {aid} (subscribes to its state)
+    ACTOR_STATE = "astate"  # head -> client: {aid, state, addr?, reason?} + [init error?]
+    ACTOR_KILL = "akill"  # client -> head: {aid, no_restart}
+    ACTOR_RELEASE = "arelease"  # creator -> head: every handle is gone
+    ACTOR_INIT = "ainit"  # head -> worker: {aid, job_id, sys_path, gpus, ...} + [cls, args]
+    ACTOR_READY = "aready"  # worker -> head: {aid}
+    ACTOR_FAILED = "afailed"  # worker -> head: {aid} + [error]
+    ACTOR_EXIT = "aexit"  # worker -> head: {aid} (exit_actor() was called)
+    ACTOR_CALL = "acall"  # driver -> worker: {tid, method, nargs, deps, nret, name}
+
     # --- object transfer (borrower <-> owner) ----------------------------------------------
     GET_OBJECT = "oget"  # {oid}
     OBJECT = "obj"  # {oid, ok, err?} + frames

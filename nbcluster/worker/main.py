@@ -1,4 +1,10 @@
-"""The worker process: receives tasks from the drivers leasing it, runs them one at a time."""
+"""The worker process: receives tasks (or actor calls) from drivers and runs them.
+
+The main thread owns the task socket and runs tasks one at a time. Actors with
+``max_concurrency > 1`` or ``async def`` methods run calls on other threads; those hand their
+results back through :meth:`Worker.send`, which queues them for the main thread and wakes it.
+A control thread handles cancellation of the running task and notices a dead agent.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import threading
 import traceback
 import types
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -21,7 +28,13 @@ from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.security import derive_keys, token_from_environment
 from nbcluster.serialization import dumps, loads, loads_args
 from nbcluster.transport import Transport
-from nbcluster.worker.output import LineForwarder
+from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
+
+Message = tuple[bytes, dict[str, Any], list[Any]]
+
+
+class ActorExit(BaseException):
+    """Raised by :func:`nbcluster.exit_actor` to end the actor after the current call."""
 
 
 def restore_filenames(fn: Any, filename: str) -> Any:
@@ -36,15 +49,21 @@ def restore_filenames(fn: Any, filename: str) -> Any:
             return code.replace(co_filename=filename, co_consts=consts)
         return code.replace(co_consts=consts)
 
-    code = getattr(fn, "__code__", None)
-    if filename and isinstance(code, types.CodeType):
-        with contextlib.suppress(Exception):
-            fn.__code__ = fix(code)
+    if not filename:
+        return fn
+    targets = [fn]
+    if isinstance(fn, type):  # an actor class: fix its methods
+        targets = [getattr(v, "__func__", v) for v in vars(fn).values()]
+    for f in targets:
+        code = getattr(f, "__code__", None)
+        if isinstance(code, types.CodeType):
+            with contextlib.suppress(Exception):
+                f.__code__ = fix(code)
     return fn
 
 
 class Worker:
-    """Runs tasks in the main thread; a control thread handles cancellation of the running one."""
+    """One worker process's task loop."""
 
     def __init__(
         self, transport: Transport, sock: Any, ctrl: Any, ident: context.WorkerIdentity
@@ -54,61 +73,57 @@ class Worker:
         self.ctrl = ctrl
         self.ident = ident
         self.functions: dict[str, Any] = {}
-        self.queue: deque[tuple[bytes, dict[str, Any], list[Any]]] = deque()
+        self.queue: deque[Message] = deque()
         self.pid = os.getpid()
         self._lock = threading.Lock()
-        self._running: str | None = None  # task id running now
+        self._running: str | None = None  # id of the task the main thread runs now
         self._cancel_requested: str | None = None
         self._main = threading.main_thread()
-        self._pending_lines: list[tuple[bytes, str, str, str, list[str]]] = []
-        self._out_target: tuple[bytes, str, str] | None = None  # (ident, tid, name)
-        self.stdout = LineForwarder("stdout", sys.stdout)
-        self.stderr = LineForwarder("stderr", sys.stderr)
+        self._outbox: deque[tuple[bytes, dict[str, Any], list[Any]]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.stdout = LineForwarder("stdout", sys.stdout, self._emit)
+        self.stderr = LineForwarder("stderr", sys.stderr, self._emit)
         self._orig_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.actor: Any = None  # ActorHost once this worker hosts an actor
+        self.exiting = False
 
-    # ----------------------------------------------------------------------------- output
-    def _sink(self, stream: str, lines: list[str]) -> None:
-        target = self._out_target
-        if target is None:
-            return
-        ident, tid, name = target
+    # ----------------------------------------------------------------------------- sending
+    def send(self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None) -> None:
+        """Send a message; from threads other than the main one it is queued for the main thread."""
         if threading.current_thread() is self._main:
-            self._send(
-                ident,
-                {
-                    "k": Kind.LOG,
-                    "tid": tid,
-                    "stream": stream,
-                    "lines": lines,
-                    "name": name,
-                    "pid": self.pid,
-                },
-            )
-        else:  # zmq sockets are single-threaded: the main thread sends these later
-            with self._lock:
-                self._pending_lines.append((ident, tid, name, stream, lines))
+            self._send(ident, header, payload or [])
+        else:
+            self._outbox.append((ident, header, payload or []))
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
 
-    def _flush_pending_lines(self) -> None:
-        with self._lock:
-            pending, self._pending_lines = self._pending_lines, []
-        for ident, tid, name, stream, lines in pending:
-            self._send(
-                ident,
-                {
-                    "k": Kind.LOG,
-                    "tid": tid,
-                    "stream": stream,
-                    "lines": lines,
-                    "name": name,
-                    "pid": self.pid,
-                },
-            )
-
-    def _send(self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None) -> None:
+    def _send(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         try:
-            self.sock.send_multipart([ident, *encode(header, payload or ())], copy=False)
+            self.sock.send_multipart([ident, *encode(header, payload)], copy=False)
         except zmq.ZMQError:
             pass  # the driver is gone; the head will recycle this worker
+
+    def _flush_outbox(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+        while self._outbox:
+            self._send(*self._outbox.popleft())
+
+    def _emit(self, target: OutputTarget, stream: str, lines: list[str]) -> None:
+        self.send(
+            target.ident,
+            {
+                "k": Kind.LOG,
+                "tid": target.tid,
+                "stream": stream,
+                "lines": lines,
+                "name": target.name,
+                "pid": self.pid,
+            },
+        )
 
     # ----------------------------------------------------------------------------- main loop
     def run(self) -> None:
@@ -117,17 +132,22 @@ class Worker:
         threading.Thread(target=self._control_loop, name="nbcluster-control", daemon=True).start()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        while True:
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self.exiting:
             try:
                 if not self.queue:
                     poller.poll()
+                self._flush_outbox()
                 while self.sock.poll(0):
                     self._receive(self.sock.recv_multipart(copy=False))
                 if self.queue:
-                    ident, h, payload = self.queue.popleft()
-                    self._execute(ident, h, payload)
+                    self._run_message(*self.queue.popleft())
+                    self._flush_outbox()
             except KeyboardInterrupt:
                 continue  # a cancellation that arrived just after its task finished
+        self._flush_outbox()
+        self.sock.close(linger=2000)  # let the last results leave
+        os._exit(0)
 
     def _receive(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
@@ -136,48 +156,83 @@ class Worker:
         except ProtocolError:
             return
         kind = h["k"]
-        if kind == Kind.TASK:
+        if kind in (Kind.TASK, Kind.ACTOR_INIT):
             self.queue.append((ident, h, payload))
+        elif kind == Kind.ACTOR_CALL:
+            if self.actor is not None and self.actor.concurrent:
+                self.actor.submit(ident, h, payload)
+            else:
+                self.queue.append((ident, h, payload))
         elif kind == Kind.BIND:
-            self._bind(h)
+            self.bind(h.get("job_id"), h.get("sys_path", []))
         elif kind == Kind.CANCEL:
             for i, (qident, qh, _) in enumerate(self.queue):
-                if qh["tid"] == h["tid"]:
+                if qh.get("tid") == h["tid"]:
                     del self.queue[i]
-                    self._send_error(qident, qh["tid"], TaskCancelledError(qh["tid"]), "cancelled")
+                    self.send_error(qident, qh["tid"], TaskCancelledError(qh["tid"]), "cancelled")
                     break
 
-    def _bind(self, h: dict[str, Any]) -> None:
-        if self.ident.job_id is None:
-            self.ident.job_id = h["job_id"]
-        for p in h.get("sys_path", []):
+    def bind(self, job_id: str | None, sys_path: list[str]) -> None:
+        """Serve this job (for the rest of our life) with its module search path."""
+        if self.ident.job_id is None and job_id:
+            self.ident.job_id = job_id
+        for p in sys_path:
             if p not in sys.path:
                 sys.path.append(p)
 
-    # ----------------------------------------------------------------------------- tasks
-    def _execute(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
-        tid: str = h["tid"]
-        name: str = h.get("name", "task")
-        try:
-            fn, pos = self._function(h, payload)
-            nargs = h["nargs"]
-            args_frames = payload[pos : pos + nargs]
-            pos += nargs
-            dep_values = []
-            for count in h.get("deps", []):
-                dep_values.append(loads(payload[pos : pos + count]))
-                pos += count
-            args, kwargs = loads_args(args_frames, dep_values)
-        except Exception as exc:
-            self._send_error(ident, tid, self._task_error(name, exc, skip=0), "exc")
-            return
-        gpus = h.get("gpus")
+    def _run_message(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
+        kind = h["k"]
+        if kind == Kind.TASK:
+            self.set_gpus(h.get("gpus"))
+            try:
+                fn, pos = self._function(h, payload)
+            except Exception as exc:
+                self.send_error(
+                    ident, h["tid"], self.task_error(h.get("name", "task"), exc, 0), "exc"
+                )
+                return
+            self.invoke(ident, h, payload[pos:], fn)
+        elif kind == Kind.ACTOR_INIT:
+            from nbcluster.worker.actor_host import ActorHost
+
+            self.actor = ActorHost.create(self, ident, h, payload)
+        elif kind == Kind.ACTOR_CALL and self.actor is not None:
+            self.actor.call_inline(ident, h, payload)
+
+    def _function(self, h: dict[str, Any], payload: list[Any]) -> tuple[Any, int]:
+        fid = h["fn"]
+        if h.get("fnb"):
+            if fid not in self.functions:
+                fn, filename = loads([payload[0]])
+                self.functions[fid] = restore_filenames(fn, filename)
+            return self.functions[fid], 1
+        return self.functions[fid], 0
+
+    def set_gpus(self, gpus: list[int] | None) -> None:
         if gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
         elif self._orig_cuda is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = self._orig_cuda
+
+    # ----------------------------------------------------------------------------- calls
+    def load_args(
+        self, h: dict[str, Any], payload: list[Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Arguments of a call: ``nargs`` frames of pickled args, then each dependency's frames."""
+        nargs = h["nargs"]
+        pos = nargs
+        dep_values = []
+        for count in h.get("deps", []):
+            dep_values.append(loads(payload[pos : pos + count]))
+            pos += count
+        return loads_args(payload[:nargs], dep_values)
+
+    def begin(self, ident: bytes, h: dict[str, Any]) -> tuple[OutputTarget, Any, Any]:
+        """Enter a call's context: runtime context and output capture (undo with :meth:`end`)."""
+        tid: str = h["tid"]
+        name: str = h.get("name", "task")
         ctx = context.TaskContext(
             task_id=tid,
             job_id=self.ident.job_id or "",
@@ -185,20 +240,41 @@ class Worker:
             node_id=self.ident.node_id,
             worker_id=self.ident.worker_id,
             assigned=h.get("assigned") or {},
+            actor_id=self.actor.aid if self.actor is not None else None,
         )
-        token = context.current_task.set(ctx)
-        self._out_target = (ident, tid, name)
-        self.stdout.sink = self.stderr.sink = self._sink
+        target = OutputTarget(ident, tid, name)
+        return target, context.current_task.set(ctx), current_output.set(target)
+
+    def end(self, target: OutputTarget, tokens: tuple[Any, Any]) -> None:
+        context.current_task.reset(tokens[0])
+        current_output.reset(tokens[1])
+        self.stdout.drain(target)
+        self.stderr.drain(target)
+
+    def invoke(
+        self, ident: bytes, h: dict[str, Any], payload: list[Any], fn: Callable[..., Any]
+    ) -> None:
+        """Run one call on the main thread and send its result (cancellable via SIGINT)."""
+        tid: str = h["tid"]
+        name: str = h.get("name", "task")
+        try:
+            args, kwargs = self.load_args(h, payload)
+        except Exception as exc:
+            self.send_error(ident, tid, self.task_error(name, exc, skip=0), "exc")
+            return
+        target, *tokens = self.begin(ident, h)
+        self.stdout.default = self.stderr.default = target
         with self._lock:
             self._running = tid
-        ok = False
+        ok = cancelled = exiting = False
         result: Any = None
         error: BaseException | None = None
-        cancelled = False
         try:
             try:
                 result = fn(*args, **kwargs)
                 ok = True
+            except ActorExit:
+                ok = exiting = True
             except KeyboardInterrupt as exc:
                 cancelled = self._cancel_requested == tid
                 error = exc
@@ -211,30 +287,19 @@ class Worker:
             cancelled = not ok
         finally:
             self._cancel_requested = None
-            context.current_task.reset(token)
-            self.stdout.drain()
-            self.stderr.drain()
-            self.stdout.sink = self.stderr.sink = None
-            self._flush_pending_lines()
-            self._out_target = None
+            self.stdout.default = self.stderr.default = None
+            self.end(target, (tokens[0], tokens[1]))
         if cancelled:
-            self._send_error(ident, tid, TaskCancelledError(tid), "cancelled")
+            self.send_error(ident, tid, TaskCancelledError(tid), "cancelled")
         elif not ok:
             assert error is not None
-            self._send_error(ident, tid, self._task_error(name, error, skip=1), "exc")
+            self.send_error(ident, tid, self.task_error(name, error, skip=1), "exc")
         else:
-            self._send_result(ident, tid, name, h.get("nret", 1), result)
+            self.send_result(ident, tid, name, h.get("nret", 1), result)
+        if exiting and self.actor is not None:
+            self.actor.exit()
 
-    def _function(self, h: dict[str, Any], payload: list[Any]) -> tuple[Any, int]:
-        fid = h["fn"]
-        if h.get("fnb"):
-            if fid not in self.functions:
-                fn, filename = loads([payload[0]])
-                self.functions[fid] = restore_filenames(fn, filename)
-            return self.functions[fid], 1
-        return self.functions[fid], 0
-
-    def _send_result(self, ident: bytes, tid: str, name: str, nret: int, result: Any) -> None:
+    def send_result(self, ident: bytes, tid: str, name: str, nret: int, result: Any) -> None:
         try:
             if nret == 1:
                 parts = [dumps(result)]
@@ -247,16 +312,16 @@ class Worker:
                     raise ValueError(f"task {name} declared num_returns={nret} but returned {got}")
                 parts = [dumps(v) for v in values]
         except Exception as exc:
-            self._send_error(
-                ident, tid, self._task_error(name, exc, skip=0, what="its result"), "exc"
+            self.send_error(
+                ident, tid, self.task_error(name, exc, skip=0, what="its result"), "exc"
             )
             return
         frames = [f for p in parts for f in p]
-        self._send(
+        self.send(
             ident, {"k": Kind.RESULT, "tid": tid, "ok": True, "n": [len(p) for p in parts]}, frames
         )
 
-    def _task_error(self, name: str, exc: BaseException, skip: int, what: str = "") -> TaskError:
+    def task_error(self, name: str, exc: BaseException, skip: int, what: str = "") -> TaskError:
         tb = exc.__traceback__
         for _ in range(skip):
             if tb is not None and tb.tb_next is not None:
@@ -275,14 +340,17 @@ class Worker:
         where = f"pid={self.pid}, node={self.ident.node_name}"
         return TaskError(name, text, exc, where, frames)
 
-    def _send_error(self, ident: bytes, tid: str, err: BaseException, kind: str) -> None:
+    def error_frames(self, err: BaseException) -> list[Any]:
         try:
-            frames = dumps(err)
+            return dumps(err)
         except Exception:
             if isinstance(err, TaskError):  # the original exception does not pickle
                 err = TaskError(err.function_name, err.traceback_str, None, err.where, err.frames)
-            frames = dumps(err)
-        self._send(
+            return dumps(err)
+
+    def send_error(self, ident: bytes, tid: str, err: BaseException, kind: str) -> None:
+        frames = self.error_frames(err)
+        self.send(
             ident,
             {"k": Kind.RESULT, "tid": tid, "ok": False, "err": kind, "n": [len(frames)]},
             frames,

@@ -1,0 +1,252 @@
+"""The head's actor directory: creation, placement, restarts, names and death.
+
+Actors are placed through the same lease machinery as tasks: the directory asks
+:class:`ClusterState` for a lease on behalf of a pseudo-client ``b"@actor:<id>"``, and the worker
+it gets hosts the actor for its whole life. Like ``ClusterState`` this is pure state: methods
+return instructions for the service to carry out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbcluster.head.state import ClusterState, Instruction, Lease, WorkerInfo
+
+ACTOR_PREFIX = b"@actor:"
+
+PENDING = "PENDING"
+ALIVE = "ALIVE"
+RESTARTING = "RESTARTING"
+DEAD = "DEAD"
+
+
+def actor_client(aid: str) -> bytes:
+    """The pseudo-client identity under which an actor's lease is requested."""
+    return ACTOR_PREFIX + aid.encode()
+
+
+@dataclass
+class ActorInfo:
+    """Everything the head knows about one actor."""
+
+    aid: str
+    cls_name: str
+    name: str | None
+    namespace: str
+    job_id: str
+    owner: bytes
+    detached: bool
+    shape: dict[str, float]  # held while alive
+    place_shape: dict[str, float]  # needed to be placed
+    max_restarts: int
+    max_task_retries: int
+    methods: dict[str, int]
+    spec: dict[str, Any]  # header fields the worker needs to (re)create the actor
+    payload: list[bytes]  # pickled class and constructor arguments, never unpickled here
+    state: str = PENDING
+    restarts: int = 0
+    rid: int = 0
+    lease_id: str | None = None
+    worker_id: str | None = None
+    node_id: str | None = None
+    address: str | None = None
+    pid: int = 0
+    no_restart: bool = False
+    death_reason: str = ""
+    init_error: list[bytes] | None = None
+    subscribers: set[bytes] = field(default_factory=set)
+    created_at: float = field(default_factory=time.time)
+
+    def view(self) -> dict[str, Any]:
+        """Public description (what ``nodes``-style introspection and the panel show)."""
+        return {
+            "actor_id": self.aid,
+            "class_name": self.cls_name,
+            "name": self.name,
+            "namespace": self.namespace,
+            "state": self.state,
+            "job_id": self.job_id,
+            "node_id": self.node_id,
+            "pid": self.pid,
+            "resources": dict(self.shape),
+            "restarts": self.restarts,
+            "detached": self.detached,
+            "death_reason": self.death_reason,
+            "created_at": self.created_at,
+        }
+
+
+class ActorDirectory:
+    """All actors of the cluster, keyed by id, with the named ones indexed by (namespace, name)."""
+
+    def __init__(self, cluster: ClusterState) -> None:
+        self.cluster = cluster
+        self.actors: dict[str, ActorInfo] = {}
+        self.names: dict[tuple[str, str], str] = {}
+        self._rids = itertools.count(1)
+
+    # ------------------------------------------------------------------------ creation
+    def create(
+        self, owner: bytes, job_id: str, h: dict[str, Any], payload: list[bytes]
+    ) -> tuple[dict[str, Any], list[Instruction]]:
+        """Register and place a new actor, or return the existing one of that name.
+
+        Returns the reply for the creator and the instructions to carry out.
+        """
+        name = h.get("name") or None
+        ns = str(h.get("ns") or "")
+        if name is not None:
+            existing = self.names.get((ns, name))
+            if existing is not None and self.actors[existing].state != DEAD:
+                a = self.actors[existing]
+                if h.get("get_if_exists"):
+                    return self._created_reply(a, existing=True), []
+                return {
+                    "error": f"an actor named {name!r} already exists in namespace {ns!r}; use "
+                    "options(get_if_exists=True) or another name"
+                }, []
+        a = ActorInfo(
+            aid=h["aid"],
+            cls_name=h["cls_name"],
+            name=name,
+            namespace=ns,
+            job_id=job_id,
+            owner=owner,
+            detached=bool(h.get("detached")),
+            shape=dict(h.get("shape") or {}),
+            place_shape=dict(h.get("place_shape") or {}),
+            max_restarts=int(h.get("max_restarts", 0)),
+            max_task_retries=int(h.get("max_task_retries", 0)),
+            methods=dict(h.get("methods") or {}),
+            spec={
+                k: h[k]
+                for k in ("nargs", "deps", "max_concurrency", "is_async", "sys_path")
+                if k in h
+            },
+            payload=list(payload),
+        )
+        a.subscribers.add(owner)
+        self.actors[a.aid] = a
+        if name is not None:
+            self.names[(ns, name)] = a.aid
+        return self._created_reply(a, existing=False), self._place(a)
+
+    def _created_reply(self, a: ActorInfo, existing: bool) -> dict[str, Any]:
+        return {
+            "aid": a.aid,
+            "existing": existing,
+            "methods": a.methods,
+            "cls_name": a.cls_name,
+            "max_task_retries": a.max_task_retries,
+            "is_async": bool(a.spec.get("is_async")),
+        }
+
+    def _place(self, a: ActorInfo) -> list[Instruction]:
+        a.rid = next(self._rids)
+        return self.cluster.request_lease(
+            actor_client(a.aid), a.job_id, a.rid, a.place_shape, a.cls_name
+        )
+
+    def on_grant(self, aid: str, lease: Lease, worker: WorkerInfo) -> list[Instruction]:
+        """A worker was leased for the actor: ask it to create the instance."""
+        a = self.actors.get(aid)
+        if a is None or a.state == DEAD:
+            return self.cluster.return_lease(actor_client(aid), lease.lease_id)
+        a.lease_id = lease.lease_id
+        a.worker_id = worker.worker_id
+        a.node_id = worker.node_id
+        a.pid = worker.pid
+        worker.actor_id = aid
+        worker.detached = a.detached
+        return [("actor_init", a, worker, sorted(lease.gpus))]
+
+    def on_ready(self, aid: str) -> list[Instruction]:
+        a = self.actors.get(aid)
+        if a is None or a.state == DEAD or a.worker_id is None:
+            return []
+        a.state = ALIVE
+        w = self.cluster.workers.get(a.worker_id)
+        a.address = w.address if w is not None else None
+        out: list[Instruction] = []
+        if a.lease_id is not None and a.shape != a.place_shape:
+            out += self.cluster.resize_lease(a.lease_id, a.shape)
+        return [("actor_state", a), *out]
+
+    def on_failed(self, aid: str, error: list[bytes]) -> list[Instruction]:
+        """``__init__`` raised: the actor is dead, and every call fails with that error."""
+        a = self.actors.get(aid)
+        if a is None:
+            return []
+        a.init_error = error
+        a.no_restart = True
+        return self._die(a, "the actor's __init__ raised an exception")
+
+    def on_lost(self, aid: str, reason: str) -> list[Instruction]:
+        """The actor's worker died: restart it if allowed, else it is dead."""
+        a = self.actors.get(aid)
+        if a is None or a.state == DEAD:
+            return []
+        a.lease_id = a.worker_id = a.address = None
+        a.pid = 0
+        can_restart = not a.no_restart and (a.max_restarts == -1 or a.restarts < a.max_restarts)
+        if not can_restart:
+            return self._die(a, a.death_reason or reason)
+        a.restarts += 1
+        a.state = RESTARTING
+        a.death_reason = reason
+        return [("actor_state", a), *self._place(a)]
+
+    # ------------------------------------------------------------------------ death
+    def kill(self, aid: str, no_restart: bool, reason: str) -> list[Instruction]:
+        a = self.actors.get(aid)
+        if a is None or a.state == DEAD:
+            return []
+        if no_restart:
+            a.no_restart = True
+        a.death_reason = reason
+        if a.worker_id is not None and a.node_id is not None:
+            # The agent reports the exit; on_lost then restarts or buries it.
+            return [("kill_worker", a.node_id, a.worker_id)]
+        out = self.cluster.cancel_request(actor_client(aid), a.rid)
+        if a.no_restart:
+            return out + self._die(a, reason)
+        return out
+
+    def release(self, aid: str) -> list[Instruction]:
+        """The creator dropped its last handle: anonymous, non-detached actors go away."""
+        a = self.actors.get(aid)
+        if a is None or a.name is not None or a.detached:
+            return []
+        return self.kill(aid, True, "all handles to the actor went out of scope")
+
+    def exited(self, aid: str) -> list[Instruction]:
+        return self.kill(aid, True, "the actor called exit_actor()")
+
+    def job_gone(self, job_id: str) -> list[Instruction]:
+        """A job's driver left: its non-detached actors die with it."""
+        out: list[Instruction] = []
+        for a in list(self.actors.values()):
+            if a.job_id == job_id and not a.detached and a.state != DEAD:
+                out += self.kill(a.aid, True, "the driver that owns the actor exited")
+        return out
+
+    def _die(self, a: ActorInfo, reason: str) -> list[Instruction]:
+        a.state = DEAD
+        a.death_reason = reason
+        out: list[Instruction] = [("actor_state", a)]
+        if a.worker_id is not None and a.node_id is not None:
+            out.append(("kill_worker", a.node_id, a.worker_id))
+        if a.name is not None and self.names.get((a.namespace, a.name)) == a.aid:
+            del self.names[(a.namespace, a.name)]
+        return out
+
+    # ------------------------------------------------------------------------ queries
+    def lookup(self, name: str, namespace: str) -> ActorInfo | None:
+        aid = self.names.get((namespace, name))
+        return self.actors.get(aid) if aid is not None else None
+
+    def views(self) -> list[dict[str, Any]]:
+        return [a.view() for a in self.actors.values()]

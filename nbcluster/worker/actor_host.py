@@ -1,0 +1,196 @@
+"""Hosting one actor in a worker process: creation, calls (sequential, threaded or async), exit."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import threading
+from typing import TYPE_CHECKING, Any
+
+from nbcluster.protocol.messages import Kind
+from nbcluster.serialization import loads
+from nbcluster.worker.main import ActorExit, restore_filenames
+
+if TYPE_CHECKING:
+    from nbcluster.worker.main import Worker
+
+
+class ActorHost:
+    """The actor instance living in this worker and the machinery that runs its methods.
+
+    Sync actors with ``max_concurrency=1`` run calls on the main thread in arrival order (which is
+    each caller's submission order). ``max_concurrency=N`` runs sync methods on N threads; an actor
+    with ``async def`` methods runs them concurrently on one event loop.
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        aid: str,
+        cls_name: str,
+        head: bytes,
+        max_concurrency: int,
+        is_async: bool,
+    ) -> None:
+        self.worker = worker
+        self.aid = aid
+        self.cls_name = cls_name
+        self.head = head
+        self.instance: Any = None
+        self.is_async = is_async
+        self.max_concurrency = max_concurrency
+        self.concurrent = is_async or max_concurrency > 1
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sem: asyncio.Semaphore | None = None
+
+    @classmethod
+    def create(
+        cls, worker: Worker, head: bytes, h: dict[str, Any], payload: list[Any]
+    ) -> ActorHost | None:
+        """Instantiate the actor; tells the head whether ``__init__`` succeeded."""
+        worker.bind(h.get("job_id"), h.get("sys_path", []))
+        worker.set_gpus(h.get("gpus"))
+        aid = h["aid"]
+        host = cls(
+            worker,
+            aid,
+            h.get("cls_name", "Actor"),
+            head,
+            int(h.get("max_concurrency") or 1),
+            bool(h.get("is_async")),
+        )
+        worker.actor = host
+        init_h = {**h, "tid": f"{aid}.init", "name": host.cls_name}
+        try:
+            klass, filename = loads([payload[0]])
+            restore_filenames(klass, filename)
+            args, kwargs = worker.load_args(init_h, payload[1:])
+        except Exception as exc:
+            worker.send(
+                head,
+                {"k": Kind.ACTOR_FAILED, "aid": aid},
+                worker.error_frames(worker.task_error(f"{host.cls_name}.__init__", exc, 0)),
+            )
+            worker.actor = None
+            return None
+        target, *tokens = worker.begin(head, init_h)
+        worker.stdout.default = worker.stderr.default = target
+        try:
+            host.instance = klass(*args, **kwargs)
+        except BaseException as exc:
+            err = worker.task_error(f"{host.cls_name}.__init__", exc, skip=1)
+            worker.send(head, {"k": Kind.ACTOR_FAILED, "aid": aid}, worker.error_frames(err))
+            worker.actor = None
+            return None
+        finally:
+            worker.stdout.default = worker.stderr.default = None
+            target.partial.clear()  # __init__ output has no driver to go to yet
+            worker.end(target, (tokens[0], tokens[1]))
+        if host.is_async:
+            host._start_loop()
+        elif host.max_concurrency > 1:
+            host._pool = concurrent.futures.ThreadPoolExecutor(
+                host.max_concurrency, thread_name_prefix=f"{host.cls_name}-call"
+            )
+        worker.send(head, {"k": Kind.ACTOR_READY, "aid": aid})
+        return host
+
+    def _start_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            self._sem = asyncio.Semaphore(
+                self.max_concurrency if self.max_concurrency > 1 else 1000
+            )
+            ready.set()
+            loop.run_forever()
+
+        threading.Thread(target=run, name=f"{self.cls_name}-loop", daemon=True).start()
+        ready.wait()
+
+    def _method(self, h: dict[str, Any]) -> Any:
+        name = h["method"]
+        if name.startswith("__") and name != "__call__":
+            raise AttributeError(f"{self.cls_name} actors do not expose {name}")
+        return getattr(self.instance, name)
+
+    # ------------------------------------------------------------------------ calls
+    def call_inline(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
+        """Run a call on the main thread (sequential actors)."""
+        try:
+            method = self._method(h)
+        except Exception as exc:
+            self.worker.send_error(
+                ident, h["tid"], self.worker.task_error(h["name"], exc, 0), "exc"
+            )
+            return
+        self.worker.invoke(ident, h, payload, method)
+
+    def submit(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
+        """Start a call on the pool or the event loop (concurrent actors)."""
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._call_async(ident, h, payload), self._loop)
+        elif self._pool is not None:
+            self._pool.submit(self._call_threaded, ident, h, payload)
+
+    def _call_threaded(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
+        w = self.worker
+        tid, name = h["tid"], h.get("name", self.cls_name)
+        try:
+            method = self._method(h)
+            args, kwargs = w.load_args(h, payload)
+        except Exception as exc:
+            w.send_error(ident, tid, w.task_error(name, exc, 0), "exc")
+            return
+        target, *tokens = w.begin(ident, h)
+        try:
+            result = method(*args, **kwargs)
+        except ActorExit:
+            w.send_result(ident, tid, name, h.get("nret", 1), None)
+            self.exit()
+            return
+        except BaseException as exc:
+            w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc")
+            return
+        finally:
+            w.end(target, (tokens[0], tokens[1]))
+        w.send_result(ident, tid, name, h.get("nret", 1), result)
+
+    async def _call_async(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
+        w = self.worker
+        tid, name = h["tid"], h.get("name", self.cls_name)
+        assert self._sem is not None
+        async with self._sem:
+            try:
+                method = self._method(h)
+                args, kwargs = w.load_args(h, payload)
+            except Exception as exc:
+                w.send_error(ident, tid, w.task_error(name, exc, 0), "exc")
+                return
+            target, *tokens = w.begin(ident, h)
+            try:
+                result = method(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            except ActorExit:
+                w.send_result(ident, tid, name, h.get("nret", 1), None)
+                self.exit()
+                return
+            except BaseException as exc:
+                w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc")
+                return
+            finally:
+                w.end(target, (tokens[0], tokens[1]))
+            w.send_result(ident, tid, name, h.get("nret", 1), result)
+
+    def exit(self) -> None:
+        """``exit_actor()`` was called: tell the head, then let the worker process end."""
+        self.worker.send(self.head, {"k": Kind.ACTOR_EXIT, "aid": self.aid})
+        self.worker.exiting = True
+        if threading.current_thread() is not threading.main_thread():
+            self.worker.send(self.head, {"k": Kind.PING})  # wake the main loop so it exits
