@@ -55,6 +55,7 @@ def init(
     resources: dict[str, float] | None = None,
     token_file: str | os.PathLike[str] | None = None,
     log_to_driver: bool = True,
+    namespace: str | None = None,
     ignore_reinit_error: bool = True,  # accepted for Ray compatibility: re-init is never an error
     **ray_compat: Any,
 ) -> ClusterInfo:
@@ -74,6 +75,9 @@ def init(
         ``$NBCLUSTER_TOKEN_FILE`` / ``$NBCLUSTER_TOKEN``).
     log_to_driver
         Print the tasks' stdout/stderr here.
+    namespace
+        Where this job's named actors live (``get_actor`` looks there by default). Without it,
+        each job has a namespace of its own.
 
     Returns
     -------
@@ -82,7 +86,6 @@ def init(
     """
     global _local, _info
     unknown = set(ray_compat) - {
-        "namespace",
         "include_dashboard",
         "configure_logging",
         "logging_level",
@@ -123,7 +126,7 @@ def init(
                     f"connecting to {address} needs the cluster secret: pass token_file= or set "
                     "NBCLUSTER_TOKEN_FILE"
                 )
-            client = CoreClient(address, token, log_to_driver=log_to_driver)
+            client = CoreClient(address, token, log_to_driver=log_to_driver, namespace=namespace)
             client.connect()
             client.node_id = _local_node_id(client)
             current.set_current(client)
@@ -137,6 +140,7 @@ def init(
                     cluster.token,
                     node_id=cluster.node_id,
                     log_to_driver=log_to_driver,
+                    namespace=namespace,
                 )
                 client.connect()
             except BaseException:
@@ -302,6 +306,11 @@ class RuntimeContext:
             return task.node_id
         return _client().node_id
 
+    def get_actor_id(self) -> str | None:
+        """The id of the actor whose method runs here (``None`` outside actors)."""
+        task = context.current_task.get()
+        return task.actor_id if task is not None else None
+
     def get_worker_id(self) -> str | None:
         task = context.current_task.get()
         return task.worker_id if task is not None else None
@@ -322,6 +331,11 @@ class RuntimeContext:
 def get_runtime_context() -> RuntimeContext:
     """Information about the calling driver or task."""
     return RuntimeContext()
+
+
+def actors() -> list[dict[str, Any]]:
+    """Every actor the head knows: id, class, name, state, node, resources, owning job."""
+    return list(_client().query("actors"))
 
 
 def get_gpu_ids() -> list[int]:

@@ -12,7 +12,7 @@ import cloudpickle
 
 from nbcluster.client import current
 from nbcluster.exceptions import SerializationError
-from nbcluster.options import TaskOptions, make_task_options
+from nbcluster.options import TASK_OPTION_NAMES, TaskOptions, make_task_options
 from nbcluster.refs import ObjectRef
 
 
@@ -100,11 +100,15 @@ class _BoundOptions:
 
 
 @overload
+def remote(fn: type, /) -> Any: ...
+
+
+@overload
 def remote(fn: Callable[..., Any], /) -> RemoteFunction: ...
 
 
 @overload
-def remote(**kwargs: Any) -> Callable[[Callable[..., Any]], RemoteFunction]: ...
+def remote(**kwargs: Any) -> Callable[[Any], Any]: ...
 
 
 def remote(*args: Any, **kwargs: Any) -> Any:
@@ -116,13 +120,22 @@ def remote(*args: Any, **kwargs: Any) -> Any:
         return _make(args[0], TaskOptions())
     if args:
         raise TypeError("@remote takes keyword options only, e.g. @remote(num_gpus=1)")
-    opts = make_task_options(None, **kwargs)
-    return lambda fn: _make(fn, opts)
+    from nbcluster.actor import ACTOR_OPTION_NAMES
+
+    unknown = set(kwargs) - TASK_OPTION_NAMES - ACTOR_OPTION_NAMES
+    if unknown:
+        raise ValueError(f"invalid option(s) for @remote: {', '.join(sorted(unknown))}")
+    # The rest is checked against what the decorated object is (function or class).
+    return lambda target: _make(target, dict(kwargs))
 
 
-def _make(target: Any, opts: TaskOptions) -> Any:
+def _make(target: Any, opts: TaskOptions | dict[str, Any]) -> Any:
     if inspect.isclass(target):
-        raise NotImplementedError("remote classes (actors) are not supported yet")
+        from nbcluster.actor import ActorClass
+
+        return ActorClass(target, opts if isinstance(opts, dict) else {})
+    if isinstance(opts, dict):
+        opts = make_task_options(None, **opts)
     return RemoteFunction(target, opts)
 
 

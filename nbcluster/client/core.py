@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from nbcluster import context
+from nbcluster.client.actors import ActorCalls, ActorRecord
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.submission import TaskSubmission
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
@@ -51,7 +52,7 @@ LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its
 HEARTBEAT_S = 1.0
 
 
-class CoreClient(TaskSubmission):
+class CoreClient(TaskSubmission, ActorCalls):
     """A connection to a cluster through which tasks are submitted and objects owned.
 
     Parameters
@@ -74,6 +75,7 @@ class CoreClient(TaskSubmission):
         node_id: str | None = None,
         bind_host: str | None = None,
         log_to_driver: bool = True,
+        namespace: str | None = None,
     ) -> None:
         self.head_address = head_address
         self._token = token
@@ -110,6 +112,8 @@ class CoreClient(TaskSubmission):
         self._bg: set[asyncio.Task[Any]] = set()
         self.on_output: Callable[[str, str], None] | None = None
         self.infeasible_notices: list[tuple[str, dict[str, float]]] = []
+        self._actors: dict[str, ActorRecord] = {}
+        self.namespace = namespace or ""
 
     # ================================================================== lifecycle (user thread)
     def connect(self, timeout: float = 30.0) -> None:
@@ -279,16 +283,18 @@ class CoreClient(TaskSubmission):
         while True:
             frames = await self._head.recv_multipart()
             try:
-                h, _ = decode(frames)
-                self._on_head(h)
+                h, payload = decode(frames)
+                self._on_head(h, payload)
             except ProtocolError as exc:
                 log.warning("malformed message from the head: %s", exc)
             except Exception:
                 log.exception("nbcluster internal error")
 
-    def _on_head(self, h: dict[str, Any]) -> None:
+    def _on_head(self, h: dict[str, Any], payload: list[Any]) -> None:
         kind = h["k"]
-        if kind == Kind.LEASE_GRANTED:
+        if kind == Kind.ACTOR_STATE:
+            self._on_actor_state(h, payload)
+        elif kind == Kind.LEASE_GRANTED:
             self._on_grant(h)
         elif kind == Kind.LEASE_LOST:
             self._on_lease_lost(h["lease_id"], h.get("reason", "worker died"))
@@ -306,14 +312,18 @@ class CoreClient(TaskSubmission):
                     missing,
                 )
                 self.infeasible_notices.append((name, h["missing"]))
-        elif kind == Kind.QUERY_REPLY:
+        elif kind in (Kind.QUERY_REPLY, Kind.ACTOR_CREATED):
             fut = self._replies.pop(h["rid"], None)
             if fut is not None and not fut.done():
-                fut.set_result(h["result"])
+                fut.set_result(h["result"] if kind == Kind.QUERY_REPLY else h)
         elif kind == Kind.PONG:
             pass
         elif kind == Kind.ERROR:
-            log.error("the head reports: %s", h.get("msg"))
+            fut = self._replies.pop(h.get("rid", -1), None)
+            if fut is not None and not fut.done():
+                fut.set_exception(ValueError(h.get("msg", "the head refused the request")))
+            else:
+                log.error("the head reports: %s", h.get("msg"))
         else:
             log.warning("unexpected message %r from the head", kind)
 
@@ -376,20 +386,24 @@ class CoreClient(TaskSubmission):
             await asyncio.sleep(HEARTBEAT_S)
             send_nowait(self._head, encode({"k": Kind.PING}))
 
-    async def _query(self, what: str, timeout: float = 10.0) -> Any:
+    async def _query(self, what: str, timeout: float = 10.0, **args: Any) -> Any:
         assert self._loop is not None
         rid = next(self._rid)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._replies[rid] = fut
-        send_nowait(self._head, encode({"k": Kind.QUERY, "rid": rid, "what": what}))
+        send_nowait(self._head, encode({"k": Kind.QUERY, "rid": rid, "what": what, **args}))
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._replies.pop(rid, None)
 
     def query(self, what: str, timeout: float = 10.0) -> Any:
-        """Ask the head (``"nodes"``, ``"head"``)."""
+        """Ask the head (``"nodes"``, ``"actors"``, ``"head"``)."""
         return self._call(self._query(what, timeout), timeout + 1)
+
+    def query_args(self, what: str, timeout: float = 10.0, **args: Any) -> Any:
+        """Ask the head a question with arguments (``"actor"``, name=..., ns=...)."""
+        return self._call(self._query(what, timeout, **args), timeout + 1)
 
     def _do_fetch(self, oid: str, owner: str) -> None:
         entry = self.objects.get(oid)

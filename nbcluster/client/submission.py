@@ -62,7 +62,13 @@ class TaskSubmission:
     _by_tid: dict[str, TaskRecord]
     _producer: dict[str, TaskRecord]
 
-    if TYPE_CHECKING:  # implemented by CoreClient
+    if TYPE_CHECKING:  # implemented by CoreClient and ActorCalls
+
+        def _actor_call_ready(self, rec: TaskRecord) -> None: ...
+        def _on_actor_result(
+            self, rec: TaskRecord, h: dict[str, Any], payload: list[Any]
+        ) -> None: ...
+        def _cancel_actor_call(self, rec: TaskRecord, force: bool, err: list[Any]) -> None: ...
 
         def _post(self, *item: Any) -> None: ...
         def _spawn(self, coro: Any) -> asyncio.Task[Any]: ...
@@ -168,6 +174,9 @@ class TaskSubmission:
 
     def _enqueue(self, rec: TaskRecord) -> None:
         rec.deps = []  # values are in dep_frames now; drop the refs
+        if rec.actor_id is not None:
+            self._actor_call_ready(rec)
+            return
         sc = self._classes.get(rec.shape_key)
         if sc is None:
             sc = self._classes[rec.shape_key] = SchedClass(rec.shape)
@@ -260,6 +269,7 @@ class TaskSubmission:
             self._linger(lease)
 
     def _conn(self, addr: str, control_addr: str) -> WorkerConn:
+        """The connection to a worker (made once; the first message binds it to our job)."""
         conn = self._conns.get(addr)
         if conn is None:
             assert self._transport is not None
@@ -369,6 +379,9 @@ class TaskSubmission:
         lease = conn.lease
         if rec is None:
             return
+        if rec.actor_id is not None:
+            self._on_actor_result(rec, h, payload)
+            return
         if lease is not None:
             with contextlib.suppress(ValueError):
                 lease.inflight.remove(rec)
@@ -450,6 +463,9 @@ class TaskSubmission:
             return
         rec.cancelled = True
         err = [dumps(TaskCancelledError(rec.tid))] * len(rec.return_ids)
+        if rec.actor_id is not None:
+            self._cancel_actor_call(rec, force, err)
+            return
         if rec.lease is None:
             sc = self._classes.get(rec.shape_key)
             if sc is not None and rec in sc.queue:

@@ -29,6 +29,8 @@ class TaskRecord:
     cancelled: bool = False
     force_cancel: bool = False
     attempts: int = 0
+    actor_id: str | None = None  # set for actor method calls
+    method: str = ""
 
 
 @dataclass

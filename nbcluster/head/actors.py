@@ -53,6 +53,7 @@ class ActorInfo:
     worker_id: str | None = None
     node_id: str | None = None
     address: str | None = None
+    control_address: str | None = None
     pid: int = 0
     no_restart: bool = False
     death_reason: str = ""
@@ -170,6 +171,7 @@ class ActorDirectory:
         a.state = ALIVE
         w = self.cluster.workers.get(a.worker_id)
         a.address = w.address if w is not None else None
+        a.control_address = w.control_address if w is not None else None
         out: list[Instruction] = []
         if a.lease_id is not None and a.shape != a.place_shape:
             out += self.cluster.resize_lease(a.lease_id, a.shape)
@@ -189,7 +191,7 @@ class ActorDirectory:
         a = self.actors.get(aid)
         if a is None or a.state == DEAD:
             return []
-        a.lease_id = a.worker_id = a.address = None
+        a.lease_id = a.worker_id = a.address = a.control_address = None
         a.pid = 0
         can_restart = not a.no_restart and (a.max_restarts == -1 or a.restarts < a.max_restarts)
         if not can_restart:

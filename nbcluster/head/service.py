@@ -251,6 +251,7 @@ class HeadService:
             "aid": a.aid,
             "state": a.state,
             "addr": a.address,
+            "control_addr": a.control_address,
             "reason": a.death_reason,
             "cls_name": a.cls_name,
         }

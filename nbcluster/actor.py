@@ -1,0 +1,315 @@
+"""Actors: ``@remote`` classes, their handles and methods, named actors, ``kill``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import cloudpickle
+
+from nbcluster import context
+from nbcluster.client import current
+from nbcluster.exceptions import SerializationError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Options accepted by ``@remote`` and ``.options()`` on classes.
+ACTOR_OPTION_NAMES = frozenset(
+    {
+        "num_cpus",
+        "num_gpus",
+        "resources",
+        "memory",
+        "name",
+        "namespace",
+        "get_if_exists",
+        "lifetime",
+        "max_restarts",
+        "max_task_retries",
+        "max_concurrency",
+        "scheduling_strategy",
+        "runtime_env",
+    }
+)
+
+
+def method(*, num_returns: int = 1) -> Callable[[F], F]:
+    """Declare options of an actor method, as Ray's ``@ray.method(num_returns=2)``."""
+    if not isinstance(num_returns, int) or num_returns < 0:
+        raise ValueError("num_returns must be a non-negative integer")
+
+    def deco(fn: F) -> F:
+        fn.__nbcluster_num_returns__ = num_returns  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def _check_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(opts) - ACTOR_OPTION_NAMES
+    if unknown:
+        raise ValueError(
+            f"invalid option(s) for an actor: {', '.join(sorted(unknown))}; valid options are "
+            f"{', '.join(sorted(ACTOR_OPTION_NAMES))}"
+        )
+    for key in ("num_cpus", "num_gpus", "memory"):
+        v = opts.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
+            raise ValueError(f"{key} must be a non-negative number, got {v!r}")
+    lifetime = opts.get("lifetime")
+    if lifetime not in (None, "detached", "non_detached"):
+        raise ValueError("lifetime must be None, 'detached' or 'non_detached'")
+    for key in ("max_restarts", "max_task_retries"):
+        v = opts.get(key)
+        if v is not None and (not isinstance(v, int) or v < -1):
+            raise ValueError(f"{key} must be an integer >= -1, got {v!r}")
+    mc = opts.get("max_concurrency")
+    if mc is not None and (not isinstance(mc, int) or mc < 1):
+        raise ValueError(f"max_concurrency must be a positive integer, got {mc!r}")
+    if opts.get("runtime_env"):
+        raise ValueError("runtime_env is not supported by nbcluster")
+    res = opts.get("resources")
+    if res is not None:
+        if not isinstance(res, dict):
+            raise ValueError("resources must be a dict")
+        for k, v in res.items():
+            if k in ("CPU", "GPU", "memory"):
+                raise ValueError(f"use num_cpus/num_gpus/memory instead of resources[{k!r}]")
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise ValueError(f"resources[{k!r}] must be a non-negative number")
+    return opts
+
+
+class ActorClass:
+    """A class decorated with ``@remote``: ``Cls.remote(...)`` creates an actor."""
+
+    def __init__(self, cls: type, options: dict[str, Any]) -> None:
+        self._cls = cls
+        self._options = _check_actor_options(dict(options))
+        self._name = cls.__name__
+        self._blob: bytes | None = None
+        self.__doc__ = cls.__doc__
+        self._methods: dict[str, int] = {}
+        self._is_async = False
+        for name, member in inspect.getmembers(cls, callable):
+            if name.startswith("__") and name != "__call__":
+                continue
+            self._methods[name] = int(getattr(member, "__nbcluster_num_returns__", 1))
+            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+                self._is_async = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"actor class {self._name} cannot be instantiated directly; "
+            f"use {self._name}.remote(...) to create an actor"
+        )
+
+    def _pickled(self) -> bytes:
+        if self._blob is None:
+            init = getattr(self._cls, "__init__", None)
+            code = getattr(init, "__code__", None)
+            filename = code.co_filename if code is not None else ""
+            try:
+                self._blob = cloudpickle.dumps((self._cls, filename), protocol=5)
+            except Exception as exc:
+                raise SerializationError(
+                    f"could not serialize actor class {self._name}: {type(exc).__name__}: {exc}"
+                ) from exc
+        return self._blob
+
+    def options(self, **kwargs: Any) -> _BoundActorClass:
+        """Override options for one creation: ``Cls.options(name="x", num_gpus=1).remote()``."""
+        return _BoundActorClass(self, _check_actor_options({**self._options, **kwargs}))
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Create the actor; returns its handle."""
+        return self._create(self._options, args, kwargs)
+
+    def _create(
+        self, opts: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> ActorHandle:
+        client = current.require()
+        num_cpus = opts.get("num_cpus")
+        shape: dict[str, float] = {}
+        if num_cpus:
+            shape["CPU"] = float(num_cpus)
+        if opts.get("num_gpus"):
+            shape["GPU"] = float(opts["num_gpus"])
+        if opts.get("memory"):
+            shape["memory"] = float(opts["memory"])
+        for k, v in (opts.get("resources") or {}).items():
+            if v:
+                shape[k] = float(v)
+        # As in Ray: an actor without num_cpus needs 1 CPU to be placed and holds 0 while alive.
+        place = dict(shape) if num_cpus is not None else {**shape, "CPU": 1.0}
+        name = opts.get("name")
+        namespace = opts.get("namespace")
+        if namespace is None:
+            namespace = client.namespace or f"job-{client.job_id}"
+        max_restarts = opts.get("max_restarts") or 0
+        spec = {
+            "name": name,
+            "ns": namespace,
+            "get_if_exists": bool(opts.get("get_if_exists")),
+            "detached": opts.get("lifetime") == "detached",
+            "shape": shape,
+            "place_shape": place,
+            "max_restarts": max_restarts,
+            "max_task_retries": opts.get("max_task_retries") or 0,
+            "max_concurrency": opts.get("max_concurrency") or 1,
+            "is_async": self._is_async,
+            "methods": self._methods,
+            "sys_path": _sys_path(),
+        }
+        if spec["detached"] and not name:
+            raise ValueError("a detached actor must have a name (options(name=...))")
+        reply = client.create_actor(self._name, self._pickled(), args, kwargs, spec)
+        return ActorHandle(
+            reply["aid"],
+            reply.get("cls_name", self._name),
+            dict(reply.get("methods") or {}),
+            client,
+            owned=not reply.get("existing", False) and not name,
+        )
+
+    def __repr__(self) -> str:
+        return f"<nbcluster actor class {self._name}>"
+
+
+class _BoundActorClass:
+    def __init__(self, cls: ActorClass, options: dict[str, Any]) -> None:
+        self._cls = cls
+        self._options = options
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        return self._cls._create(self._options, args, kwargs)
+
+    def options(self, **kwargs: Any) -> _BoundActorClass:
+        return _BoundActorClass(self._cls, _check_actor_options({**self._options, **kwargs}))
+
+
+class ActorHandle:
+    """A reference to a live actor: ``handle.method.remote(...)`` calls it.
+
+    Handles can be passed to tasks and other actors. When every handle held by the process that
+    created an (unnamed, non-detached) actor is gone, and none was sent elsewhere, the actor is
+    terminated once its pending calls are done.
+    """
+
+    def __init__(
+        self, aid: str, cls_name: str, methods: dict[str, int], client: Any, *, owned: bool = False
+    ) -> None:
+        self._aid = aid
+        self._cls_name = cls_name
+        self._methods = methods
+        self._client = client
+        client.actor_handle_added(aid, cls_name, owned)
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        if name.startswith("_") and name != "__call__":
+            raise AttributeError(name)
+        methods = self.__dict__.get("_methods") or {}
+        if name not in methods:
+            raise AttributeError(f"actor {self._cls_name} has no method {name!r}")
+        return ActorMethod(self, name, methods[name])
+
+    def __repr__(self) -> str:
+        return f"Actor({self._cls_name}, {self._aid})"
+
+    def __hash__(self) -> int:
+        return hash(self._aid)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorHandle) and other._aid == self._aid
+
+    @property
+    def actor_id(self) -> str:
+        return self._aid
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self._client.actor_escaped(self._aid)
+        return (_rebuild_handle, (self._aid, self._cls_name, self._methods))
+
+    def __del__(self) -> None:
+        try:
+            self._client.actor_handle_removed(self._aid)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _rebuild_handle(aid: str, cls_name: str, methods: dict[str, int]) -> ActorHandle:
+    return ActorHandle(aid, cls_name, methods, current.require())
+
+
+class ActorMethod:
+    """``handle.method``: call ``.remote(...)`` on it."""
+
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int) -> None:
+        self._handle = handle
+        self._name = name
+        self._num_returns = num_returns
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        h = self._handle
+        refs = h._client.submit_actor_call(
+            h._aid, h._cls_name, self._name, args, kwargs, self._num_returns
+        )
+        if self._num_returns == 1:
+            return refs[0]
+        if self._num_returns == 0:
+            return None
+        return refs
+
+    def options(self, *, num_returns: int | None = None, **kwargs: Any) -> ActorMethod:
+        if kwargs:
+            raise ValueError(f"invalid option(s) for an actor method: {', '.join(kwargs)}")
+        return ActorMethod(
+            self._handle, self._name, self._num_returns if num_returns is None else num_returns
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"actor method {self._handle._cls_name}.{self._name} cannot be called directly; "
+            f"use .{self._name}.remote(...)"
+        )
+
+
+def _sys_path() -> list[str]:
+    import os
+    import sys
+
+    return [os.path.abspath(p) if p in ("", ".") else p for p in sys.path]
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of the named actor; ``ValueError`` if there is none.
+
+    ``namespace`` defaults to this job's namespace (``init(namespace=...)``).
+    """
+    client = current.require()
+    ns = namespace if namespace is not None else (client.namespace or f"job-{client.job_id}")
+    info = client.query_args("actor", name=name, ns=ns)
+    if info is None or info.get("state") == "DEAD":
+        raise ValueError(f"no actor named {name!r} in namespace {ns!r}")
+    return ActorHandle(info["actor_id"], info["class_name"], dict(info["methods"]), client)
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """Terminate an actor now (its process is killed; calls in flight fail with ActorDiedError).
+
+    With ``no_restart=False`` it is restarted if its ``max_restarts`` allows.
+    """
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"kill() expects an actor handle, got {type(actor).__name__}")
+    actor._client.kill_actor(actor._aid, no_restart)
+
+
+def exit_actor() -> None:
+    """End the current actor from inside one of its methods (the call itself returns ``None``)."""
+    task = context.current_task.get()
+    if task is None or task.actor_id is None:
+        raise TypeError("exit_actor() can only be called inside an actor method")
+    from nbcluster.worker.main import ActorExit
+
+    raise ActorExit()
