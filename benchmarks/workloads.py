@@ -398,6 +398,73 @@ def chain_1k(ray: ModuleType, n: int = 1000) -> Figures:
     return {"total_s": t1 - t0}
 
 
+class _Counter:
+    """A minimal stateful actor for the actor workloads."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def inc(self) -> int:
+        self.n += 1
+        return self.n
+
+
+@workload(
+    "actor_rtt",
+    "Sequential get(actor.inc.remote()) on one actor, 1,000 calls after 50 warm-up calls.",
+    [
+        Metric("mean_us", "us", "lower", "mean round trip"),
+        Metric("p50_us", "us", "lower", "median round trip"),
+        Metric("p99_us", "us", "lower", "99th percentile round trip"),
+    ],
+    tags=("actors", "latency"),
+)
+def actor_rtt(ray: ModuleType, n: int = 1000, warmup: int = 50) -> Figures:
+    """Measure the latency of one synchronous actor method call."""
+    counter_cls = ray.remote(_Counter)
+    init_backend(ray)
+    c = counter_cls.remote()
+    for _ in range(warmup):
+        ray.get(c.inc.remote())
+    samples: list[float] = []
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        ray.get(c.inc.remote())
+        samples.append((clock() - t0) / 1000.0)
+    ray.shutdown()
+    return {
+        "mean_us": statistics.fmean(samples),
+        "p50_us": statistics.median(samples),
+        "p99_us": percentile(samples, 99),
+    }
+
+
+@workload(
+    "actor_10k",
+    "10,000 calls to one actor submitted back to back (pipelined), then one get() "
+    "of the whole list; checks they ran in order.",
+    [
+        Metric("total_s", "s", "lower", "submit + get of 10k calls"),
+        Metric("calls_per_s", "calls/s", "higher", "throughput"),
+    ],
+    tags=("actors", "throughput"),
+)
+def actor_10k(ray: ModuleType, n: int = 10_000, warmup: int = 100) -> Figures:
+    """Measure pipelined throughput of one actor."""
+    counter_cls = ray.remote(_Counter)
+    init_backend(ray)
+    c = counter_cls.remote()
+    ray.get([c.inc.remote() for _ in range(warmup)])
+    t0 = time.perf_counter()
+    values = ray.get([c.inc.remote() for _ in range(n)])
+    t1 = time.perf_counter()
+    if values != list(range(warmup + 1, warmup + n + 1)):
+        raise AssertionError("actor calls did not run in submission order")
+    ray.shutdown()
+    return {"total_s": t1 - t0, "calls_per_s": n / (t1 - t0)}
+
+
 # --------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------
