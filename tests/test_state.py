@@ -160,3 +160,56 @@ def test_random_event_sequences_keep_invariants() -> None:
         else:
             st.client_gone(rng.choice([A, B]), rng.choice(["j1", "j2"]), rng.random() < 0.5)
         st.validate_state()
+
+
+def test_actor_directory_lifecycle() -> None:
+    from nbcluster.head.actors import ActorDirectory, actor_client
+
+    st = ClusterState()
+    n = _node(st, cpus=2)
+    _ready(st, n, "w1")
+    d = ActorDirectory(st)
+    spec = {"aid": "a1", "cls_name": "Model", "shape": {}, "place_shape": {"CPU": 1},
+            "max_restarts": 1, "name": "m", "ns": "x"}
+    reply, ins = d.create(A, "j", spec, [b"cls"])
+    assert reply["aid"] == "a1" and not reply["existing"]
+    (grant,) = ins
+    ins = d.on_grant("a1", grant[3], grant[4])
+    assert verbs(ins) == ["actor_init"]
+    d.on_ready("a1")
+    assert st.nodes[n].available["CPU"] == 2  # placed with 1 CPU, holds none
+    st.validate_state()
+    # Names are unique while the actor lives; get_if_exists returns it.
+    assert "error" in d.create(B, "j2", {**spec, "aid": "a2"}, [])[0]
+    assert d.create(B, "j2", {**spec, "aid": "a3", "get_if_exists": True}, [])[0]["aid"] == "a1"
+    # Its worker dies: one restart allowed.
+    ins = st.worker_died("w1", "killed")
+    assert ("lease_lost", actor_client("a1"), grant[3].lease_id, "killed") in ins
+    ins = d.on_lost("a1", "killed")
+    assert d.actors["a1"].state == "RESTARTING" and d.actors["a1"].restarts == 1
+    assert "start_worker" in verbs(ins)
+    # Killed before it found a worker again: dead, name free.
+    d.kill("a1", True, "killed by test")
+    assert d.actors["a1"].state == "DEAD"
+    assert d.lookup("m", "x") is None
+    st.validate_state()
+
+
+def test_detached_actor_workers_survive_their_driver() -> None:
+    from nbcluster.head.actors import ActorDirectory
+
+    st = ClusterState()
+    n = _node(st, cpus=2)
+    _ready(st, n, "w1")
+    _ready(st, n, "w2")
+    d = ActorDirectory(st)
+    spec = {"cls_name": "S", "shape": {}, "place_shape": {"CPU": 1}, "ns": "x"}
+    _, (g1,) = d.create(A, "j", {**spec, "aid": "keep", "name": "svc", "detached": True}, [])
+    d.on_grant("keep", g1[3], g1[4])
+    _, (g2,) = d.create(A, "j", {**spec, "aid": "mine"}, [])
+    d.on_grant("mine", g2[3], g2[4])
+    d.on_ready("keep")
+    d.on_ready("mine")
+    ins = d.job_gone("j") + st.client_gone(A, "j", owns_job=True)
+    killed = {i[2] for i in ins if i[0] == "kill_worker"}
+    assert killed == {g2[4].worker_id}

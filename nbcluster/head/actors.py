@@ -154,8 +154,9 @@ class ActorDirectory:
     def on_grant(self, aid: str, lease: Lease, worker: WorkerInfo) -> list[Instruction]:
         """A worker was leased for the actor: ask it to create the instance."""
         a = self.actors.get(aid)
-        if a is None or a.state == DEAD:
-            return self.cluster.return_lease(actor_client(aid), lease.lease_id)
+        if a is None or a.state == DEAD:  # killed while it waited for a worker
+            out = self.cluster.return_lease(actor_client(aid), lease.lease_id)
+            return [("kill_worker", worker.node_id, worker.worker_id), *out]
         a.lease_id = lease.lease_id
         a.worker_id = worker.worker_id
         a.node_id = worker.node_id
