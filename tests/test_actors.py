@@ -130,7 +130,9 @@ def test_named_actors(cluster: nb.ClusterInfo) -> None:
     with pytest.raises(ValueError, match="no actor named 'missing'"):
         nb.get_actor("missing")
     other = Counter.options(name="shared-counter", namespace="elsewhere").remote(1)
-    assert nb.get(nb.get_actor("shared-counter", namespace="elsewhere").get.remote(), timeout=30) == 1
+    assert (
+        nb.get(nb.get_actor("shared-counter", namespace="elsewhere").get.remote(), timeout=30) == 1
+    )
     info = _actor(a.actor_id)
     assert info["name"] == "shared-counter" and info["state"] == "ALIVE"
     nb.kill(a)
@@ -158,7 +160,7 @@ def test_kill_and_calls_after_death(cluster: nb.ClusterInfo) -> None:
     nb.kill(c)
     wait_until(lambda: all_gone([pid]), timeout=10)
     t0 = time.monotonic()
-    with pytest.raises(ActorDiedError, match="killed by nbcluster.kill"):
+    with pytest.raises(ActorDiedError, match=r"killed by nbcluster\.kill"):
         nb.get(c.get.remote(), timeout=30)
     assert time.monotonic() - t0 < 5  # promptly, never a hang
     assert issubclass(ActorDiedError, RayActorError)
@@ -303,7 +305,9 @@ def test_max_concurrency_threads(cluster: nb.ClusterInfo) -> None:
     assert nb.get(seq.get.remote(), timeout=30) == 20
 
 
-def test_actor_prints_are_prefixed(cluster: nb.ClusterInfo, capfd: pytest.CaptureFixture[str]) -> None:
+def test_actor_prints_are_prefixed(
+    cluster: nb.ClusterInfo, capfd: pytest.CaptureFixture[str]
+) -> None:
     c = Counter.remote()
     pid = nb.get(c.pid.remote(), timeout=30)
     nb.get(c.say.remote("hello from the actor"), timeout=30)

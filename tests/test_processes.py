@@ -75,6 +75,16 @@ def test_main_module_functions_and_uncaught_exception_cleanup() -> None:
             return -x
 
         print("RESULT2", nb.get(f.remote(3)), flush=True)
+
+        class Point:  # a class defined in __main__ travels by value
+            def __init__(self, x, y):
+                self.x, self.y = x, y
+
+        @nb.remote
+        def norm1(p):
+            return abs(p.x) + abs(p.y)
+
+        print("RESULT3", nb.get(norm1.remote(Point(3, -4))), flush=True)
         """
         )
         + LIST_PIDS
@@ -84,6 +94,7 @@ def test_main_module_functions_and_uncaught_exception_cleanup() -> None:
     assert proc.returncode == 1, proc.stderr
     assert "RESULT [0, 1, 4, 9]" in proc.stdout
     assert "RESULT2 -3" in proc.stdout
+    assert "RESULT3 7" in proc.stdout
     assert "driver crashed" in proc.stderr
     pids = _pids_from(proc.stdout)
     assert len(pids) >= 3  # head, agent, worker(s)
@@ -231,6 +242,46 @@ def test_standalone_head_worker_and_driver(standalone) -> None:  # type: ignore[
     secret = token_file.read_text()
     for p in psutil.process_iter(["cmdline"]):
         assert secret not in " ".join(p.info["cmdline"] or [])
+
+
+def test_pending_task_runs_when_a_capable_node_joins(standalone, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    address, token_file, procs = standalone
+    nb.init(address=address, token_file=token_file)
+
+    @nb.remote(num_gpus=1)
+    def on_gpu() -> str:
+        return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+    caplog.set_level(logging.WARNING, logger="nbcluster")
+    ref = on_gpu.remote()
+    wait_until(lambda: "missing GPU: 1" in caplog.text, timeout=10)
+    assert nb.wait([ref], timeout=0.5)[0] == []
+    gpu_box = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nbcluster",
+            "worker",
+            "--address",
+            address,
+            "--token-file",
+            str(token_file),
+            "--num-cpus",
+            "1",
+            "--num-gpus",
+            "1",
+            "--node-name",
+            "gpu-box",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    procs.append(gpu_box)
+    assert nb.get(ref, timeout=60) == "0"
+    assert sorted(n["name"] for n in nb.nodes()) == ["box-a", "gpu-box"]
 
 
 def test_agent_sigterm_stops_its_workers(standalone) -> None:  # type: ignore[no-untyped-def]

@@ -169,8 +169,15 @@ def test_actor_directory_lifecycle() -> None:
     n = _node(st, cpus=2)
     _ready(st, n, "w1")
     d = ActorDirectory(st)
-    spec = {"aid": "a1", "cls_name": "Model", "shape": {}, "place_shape": {"CPU": 1},
-            "max_restarts": 1, "name": "m", "ns": "x"}
+    spec = {
+        "aid": "a1",
+        "cls_name": "Model",
+        "shape": {},
+        "place_shape": {"CPU": 1},
+        "max_restarts": 1,
+        "name": "m",
+        "ns": "x",
+    }
     reply, ins = d.create(A, "j", spec, [b"cls"])
     assert reply["aid"] == "a1" and not reply["existing"]
     (grant,) = ins
