@@ -331,15 +331,21 @@ def task_rtt(ray: ModuleType, n: int = 1000, warmup: int = 50) -> Figures:
     """Measure the latency of one synchronous no-op task round trip."""
     f = ray.remote(_noop)
     init_backend(ray)
+    figures = _time_round_trips(lambda: ray.get(f.remote()), n, warmup)
+    ray.shutdown()
+    return figures
+
+
+def _time_round_trips(call: Callable[[], Any], n: int, warmup: int) -> Figures:
+    """Mean, median and p99 latency (µs) of ``n`` sequential calls after ``warmup`` ones."""
     for _ in range(warmup):
-        ray.get(f.remote())
+        call()
     samples: list[float] = []
     clock = time.perf_counter_ns
     for _ in range(n):
         t0 = clock()
-        ray.get(f.remote())
+        call()
         samples.append((clock() - t0) / 1000.0)
-    ray.shutdown()
     return {
         "mean_us": statistics.fmean(samples),
         "p50_us": statistics.median(samples),
@@ -424,20 +430,9 @@ def actor_rtt(ray: ModuleType, n: int = 1000, warmup: int = 50) -> Figures:
     counter_cls = ray.remote(_Counter)
     init_backend(ray)
     c = counter_cls.remote()
-    for _ in range(warmup):
-        ray.get(c.inc.remote())
-    samples: list[float] = []
-    clock = time.perf_counter_ns
-    for _ in range(n):
-        t0 = clock()
-        ray.get(c.inc.remote())
-        samples.append((clock() - t0) / 1000.0)
+    figures = _time_round_trips(lambda: ray.get(c.inc.remote()), n, warmup)
     ray.shutdown()
-    return {
-        "mean_us": statistics.fmean(samples),
-        "p50_us": statistics.median(samples),
-        "p99_us": percentile(samples, 99),
-    }
+    return figures
 
 
 @workload(

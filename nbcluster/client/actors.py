@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbcluster.client.objects import FAILED, READY, Entry, ObjectTable
 from nbcluster.client.tasks import TaskRecord
-from nbcluster.client.wire import WorkerConn, send_nowait
+from nbcluster.client.wire import WorkerConn, is_ref, send_nowait, split_parts
 from nbcluster.exceptions import ActorDiedError, NbclusterError, TaskCancelledError
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
@@ -72,6 +72,9 @@ class ActorCalls:
         def _post(self, *item: Any) -> None: ...
         def new_id(self) -> str: ...
         def _do_submit(self, rec: TaskRecord) -> None: ...
+        def _new_record(
+            self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], num_returns: int
+        ) -> tuple[TaskRecord, list[ObjectRef]]: ...
         def _finish(self, rec: TaskRecord, state: int, parts: Any) -> None: ...
         def _conn(self, addr: str, control_addr: str) -> WorkerConn: ...
         def _call(self, coro: Any, timeout: float = 30.0) -> Any: ...
@@ -91,7 +94,7 @@ class ActorCalls:
         Named actors wait for the head's answer (a taken name is an error, or with
         ``get_if_exists`` the existing actor is returned); anonymous ones return at once.
         """
-        frames, deps = dumps_args(f"{cls_name}.__init__", args, kwargs, _is_ref)
+        frames, deps = dumps_args(f"{cls_name}.__init__", args, kwargs, is_ref)
         aid = self.new_id()
         header = {
             "k": Kind.ACTOR_CREATE,
@@ -121,27 +124,8 @@ class ActorCalls:
         kwargs: dict[str, Any],
         num_returns: int,
     ) -> list[ObjectRef]:
-        name = f"{cls_name}.{method}"
-        frames, deps = dumps_args(name, args, kwargs, _is_ref)
-        tid = self.new_id()
-        return_ids = [f"{tid}.{i}" for i in range(max(num_returns, 1))]
-        refs = [ObjectRef(oid, self.owner_address, self) for oid in return_ids]
-        rec = TaskRecord(
-            tid=tid,
-            name=cls_name,
-            fn_id="",
-            fn_blob=b"",
-            args=frames,
-            deps=deps,
-            return_ids=return_ids,
-            shape={},
-            shape_key=(),
-            max_retries=0,
-            retry_exceptions=False,
-            nret=num_returns,
-            actor_id=aid,
-            method=method,
-        )
+        rec, refs = self._new_record(f"{cls_name}.{method}", args, kwargs, num_returns)
+        rec.name, rec.actor_id, rec.method = cls_name, aid, method
         self._post("acall", rec, cls_name)
         return refs if num_returns != 0 else []
 
@@ -299,13 +283,8 @@ class ActorCalls:
         ar = self._actors.get(rec.actor_id)
         if ar is not None:
             ar.inflight.pop(rec.tid, None)
-        counts = h.get("n", [])
         if h.get("ok"):
-            parts, pos = [], 0
-            for c in counts:
-                parts.append(payload[pos : pos + c])
-                pos += c
-            self._finish(rec, READY, parts)
+            self._finish(rec, READY, split_parts(h.get("n", []), payload))
         else:
             self._finish(rec, FAILED, [payload] * len(rec.return_ids))
         if ar is not None:
@@ -401,7 +380,3 @@ def _settle(fut: concurrent.futures.Future[dict[str, Any]], reply: Any) -> None:
         fut.set_exception(reply.exception())
     else:
         fut.set_result(reply.result())
-
-
-def _is_ref(v: Any) -> bool:
-    return type(v) is ObjectRef

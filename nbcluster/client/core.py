@@ -512,10 +512,6 @@ class CoreClient(TaskSubmission, ActorCalls):
         return fut
 
 
-def _is_ref(v: Any) -> bool:
-    return type(v) is ObjectRef
-
-
 def _wait_event(ev: threading.Event, deadline: float | None) -> bool:
     """Wait in short slices so that Ctrl-C (KeyboardInterrupt) is noticed promptly."""
     while True:

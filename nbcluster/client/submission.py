@@ -17,7 +17,7 @@ import zmq
 
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
-from nbcluster.client.wire import WorkerConn, send_nowait
+from nbcluster.client.wire import WorkerConn, is_ref, send_nowait, split_parts
 from nbcluster.exceptions import (
     ProtocolError,
     SerializationError,
@@ -89,26 +89,36 @@ class TaskSubmission:
         retry_exceptions: bool | tuple[type[BaseException], ...],
     ) -> list[ObjectRef]:
         """Queue a task; returns one ref per return value."""
-        frames, deps = dumps_args(name, args, kwargs, _is_ref)
+        rec, refs = self._new_record(name, args, kwargs, num_returns)
+        rec.fn_id, rec.fn_blob = fn_id, fn_blob
+        rec.shape, rec.shape_key = shape, tuple(sorted(shape.items()))
+        rec.max_retries, rec.retry_exceptions = max_retries, retry_exceptions
+        self._post("submit", rec)
+        return refs if num_returns != 0 else []
+
+    def _new_record(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], num_returns: int
+    ) -> tuple[TaskRecord, list[ObjectRef]]:
+        """Serialize a call's arguments and make the refs of its return values."""
+        frames, deps = dumps_args(name, args, kwargs, is_ref)
         tid = self.new_id()
         return_ids = [f"{tid}.{i}" for i in range(max(num_returns, 1))]
         refs = [ObjectRef(oid, self.owner_address, self) for oid in return_ids]
         rec = TaskRecord(
             tid=tid,
             name=name,
-            fn_id=fn_id,
-            fn_blob=fn_blob,
+            fn_id="",
+            fn_blob=b"",
             args=frames,
             deps=deps,
             return_ids=return_ids,
-            shape=shape,
-            shape_key=tuple(sorted(shape.items())),
-            max_retries=max_retries,
-            retry_exceptions=retry_exceptions,
+            shape={},
+            shape_key=(),
+            max_retries=0,
+            retry_exceptions=False,
             nret=num_returns,
         )
-        self._post("submit", rec)
-        return refs if num_returns != 0 else []
+        return rec, refs
 
     def put(self, value: Any) -> ObjectRef:
         """Store ``value`` as an object owned by this client."""
@@ -386,13 +396,8 @@ class TaskSubmission:
             with contextlib.suppress(ValueError):
                 lease.inflight.remove(rec)
         rec.lease = None
-        counts = h.get("n", [])
         if h.get("ok"):
-            parts, pos = [], 0
-            for c in counts:
-                parts.append(payload[pos : pos + c])
-                pos += c
-            self._finish(rec, READY, parts)
+            self._finish(rec, READY, split_parts(h.get("n", []), payload))
         elif h.get("err") == "cancelled":
             self._finish(rec, FAILED, [payload] * len(rec.return_ids))
         else:
@@ -477,7 +482,3 @@ class TaskSubmission:
         msg = encode({"k": Kind.CANCEL, "tid": rec.tid, "force": force})
         send_nowait(conn.sock, list(msg))
         send_nowait(conn.ctrl, list(msg))
-
-
-def _is_ref(v: Any) -> bool:
-    return type(v) is ObjectRef

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from nbcluster.client.tasks import Lease
+from nbcluster.refs import ObjectRef
 
 log = logging.getLogger("nbcluster")
 
@@ -36,3 +37,17 @@ def send_nowait(sock: Any, frames: list[Any]) -> None:
 def log_send_error(fut: Any) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.debug("send failed: %s", fut.exception())
+
+
+def split_parts(counts: list[int], payload: list[Any]) -> list[list[Any]]:
+    """Cut a result's payload into one frame list per return value."""
+    parts, pos = [], 0
+    for c in counts:
+        parts.append(payload[pos : pos + c])
+        pos += c
+    return parts
+
+
+def is_ref(v: Any) -> bool:
+    """Whether ``v`` is an ``ObjectRef`` (exact type: subclasses are plain values)."""
+    return type(v) is ObjectRef

@@ -379,17 +379,19 @@ class HeadService:
         finally:
             a.subscribers = subs
 
+    async def _version_ok(self, ident: bytes, h: dict[str, Any]) -> bool:
+        """Check the protocol version of a HELLO or REGISTER; answer an ERROR if it differs."""
+        if h.get("v") == PROTOCOL_VERSION:
+            return True
+        msg = (
+            f"protocol version {h.get('v')} is not supported by this head (it speaks version "
+            f"{PROTOCOL_VERSION}); install the same nbcluster version everywhere"
+        )
+        await self._send(ident, {"k": Kind.ERROR, "code": "version", "msg": msg})
+        return False
+
     async def _hello(self, ident: bytes, h: dict[str, Any]) -> None:
-        if h.get("v") != PROTOCOL_VERSION:
-            await self._send(
-                ident,
-                {
-                    "k": Kind.ERROR,
-                    "code": "version",
-                    "msg": f"protocol version {h.get('v')} is not supported by this head "
-                    f"(it speaks version {PROTOCOL_VERSION}); install the same nbcluster version",
-                },
-            )
+        if not await self._version_ok(ident, h):
             return
         role = str(h.get("role", "driver"))
         job_id = h.get("job_id")
@@ -403,16 +405,7 @@ class HeadService:
         await self._send(ident, {"k": Kind.WELCOME, "job_id": job_id, "head_pid": os.getpid()})
 
     async def _register(self, ident: bytes, h: dict[str, Any]) -> None:
-        if h.get("v") != PROTOCOL_VERSION:
-            await self._send(
-                ident,
-                {
-                    "k": Kind.ERROR,
-                    "code": "version",
-                    "msg": f"protocol version {h.get('v')} is not supported "
-                    f"(head speaks {PROTOCOL_VERSION})",
-                },
-            )
+        if not await self._version_ok(ident, h):
             return
         node_id, ins = self.state.add_node(
             ident,

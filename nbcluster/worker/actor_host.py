@@ -139,54 +139,71 @@ class ActorHost:
             self._pool.submit(self._call_threaded, ident, h, payload)
 
     def _call_threaded(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
-        w = self.worker
-        tid, name = h["tid"], h.get("name", self.cls_name)
-        try:
-            method = self._method(h)
-            args, kwargs = w.load_args(h, payload)
-        except Exception as exc:
-            w.send_error(ident, tid, w.task_error(name, exc, 0), "exc")
+        call = self._prepare(ident, h, payload)
+        if call is None:
             return
-        target, *tokens = w.begin(ident, h)
-        try:
-            result = method(*args, **kwargs)
-        except ActorExit:
-            w.send_result(ident, tid, name, h.get("nret", 1), None)
-            self.exit()
-            return
-        except BaseException as exc:
-            w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc")
-            return
-        finally:
-            w.end(target, (tokens[0], tokens[1]))
-        w.send_result(ident, tid, name, h.get("nret", 1), result)
+        method, args, kwargs = call
+        self._finish_call(ident, h, lambda: method(*args, **kwargs))
 
     async def _call_async(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
-        w = self.worker
-        tid, name = h["tid"], h.get("name", self.cls_name)
         assert self._sem is not None
         async with self._sem:
-            try:
-                method = self._method(h)
-                args, kwargs = w.load_args(h, payload)
-            except Exception as exc:
-                w.send_error(ident, tid, w.task_error(name, exc, 0), "exc")
+            call = self._prepare(ident, h, payload)
+            if call is None:
                 return
+            method, args, kwargs = call
+            w = self.worker
             target, *tokens = w.begin(ident, h)
             try:
                 result = method(*args, **kwargs)
                 if inspect.isawaitable(result):
                     result = await result
-            except ActorExit:
-                w.send_result(ident, tid, name, h.get("nret", 1), None)
-                self.exit()
-                return
             except BaseException as exc:
-                w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc")
-                return
-            finally:
                 w.end(target, (tokens[0], tokens[1]))
-            w.send_result(ident, tid, name, h.get("nret", 1), result)
+                self._send_outcome(ident, h, None, exc)
+                return
+            w.end(target, (tokens[0], tokens[1]))
+            self._send_outcome(ident, h, result, None)
+
+    def _prepare(
+        self, ident: bytes, h: dict[str, Any], payload: list[Any]
+    ) -> tuple[Any, ...] | None:
+        """The bound method and arguments of a call, or ``None`` after reporting why not."""
+        try:
+            method = self._method(h)
+            args, kwargs = self.worker.load_args(h, payload)
+        except Exception as exc:
+            self.worker.send_error(
+                ident, h["tid"], self.worker.task_error(h["name"], exc, 0), "exc"
+            )
+            return None
+        return method, args, kwargs
+
+    def _finish_call(self, ident: bytes, h: dict[str, Any], run: Any) -> None:
+        w = self.worker
+        target, *tokens = w.begin(ident, h)
+        try:
+            result = run()
+        except BaseException as exc:
+            w.end(target, (tokens[0], tokens[1]))
+            self._send_outcome(ident, h, None, exc)
+            return
+        w.end(target, (tokens[0], tokens[1]))
+        self._send_outcome(ident, h, result, None)
+
+    def _send_outcome(
+        self, ident: bytes, h: dict[str, Any], result: Any, exc: BaseException | None
+    ) -> None:
+        """Send a concurrent call's result or error; ``exit_actor()`` ends the actor after it."""
+        w = self.worker
+        tid, name, nret = h["tid"], h.get("name", self.cls_name), h.get("nret", 1)
+        if isinstance(exc, ActorExit):
+            w.send_result(ident, tid, name, nret, None)
+            self.exit()
+        elif exc is not None:
+            w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc")
+        else:
+            w.send_result(ident, tid, name, nret, result)
 
     def exit(self) -> None:
         """``exit_actor()`` was called: tell the head, then let the worker process end."""
