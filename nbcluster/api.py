@@ -56,6 +56,8 @@ def init(
     token_file: str | os.PathLike[str] | None = None,
     log_to_driver: bool = True,
     namespace: str | None = None,
+    object_store_memory: int | None = None,
+    object_spill_limit: int | None = None,
     ignore_reinit_error: bool = True,  # accepted for Ray compatibility: re-init is never an error
     **ray_compat: Any,
 ) -> ClusterInfo:
@@ -75,6 +77,11 @@ def init(
         ``$NBCLUSTER_TOKEN_FILE`` / ``$NBCLUSTER_TOKEN``).
     log_to_driver
         Print the tasks' stdout/stderr here.
+    object_store_memory
+        Bytes of shared memory for the local node's object store (default: 30% of the machine's
+        memory, at most what ``/dev/shm`` has free).
+    object_spill_limit
+        Most bytes the local store may spill to disk (default: the disk's free space).
     namespace
         Where this job's named actors live (``get_actor`` looks there by default). Without it,
         each job has a namespace of its own.
@@ -90,7 +97,6 @@ def init(
         "configure_logging",
         "logging_level",
         "runtime_env",
-        "object_store_memory",
         "_temp_dir",
         "local_mode",
     }
@@ -128,11 +134,20 @@ def init(
                 )
             client = CoreClient(address, token, log_to_driver=log_to_driver, namespace=namespace)
             client.connect()
-            client.node_id = _local_node_id(client)
+            node = _local_node(client)
+            client.node_id = str(node.get("node_id", ""))
+            if node.get("store_address"):
+                client.attach_store(node["store_address"], node["store_id"])
             current.set_current(client)
             _info = ClusterInfo(address, client.job_id, client.node_id, False)
         else:
-            cluster = LocalCluster(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources)
+            cluster = LocalCluster(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                resources=resources,
+                object_store_memory=object_store_memory,
+                object_spill_limit=object_spill_limit,
+            )
             cluster.start()
             try:
                 client = CoreClient(
@@ -143,6 +158,7 @@ def init(
                     namespace=namespace,
                 )
                 client.connect()
+                client.attach_store(cluster.store_address, cluster.store_id)
             except BaseException:
                 cluster.stop()
                 raise
@@ -154,16 +170,17 @@ def init(
         return _info
 
 
-def _local_node_id(client: CoreClient) -> str:
+def _local_node(client: CoreClient) -> dict[str, Any]:
+    """The node whose agent runs on this host (its store is ours to use), if any."""
     try:
         nodes = client.query("nodes")
     except Exception:
-        return ""
+        return {}
     host = socket.gethostname()
     for n in nodes:
         if n.get("name") == host and n.get("alive"):
-            return str(n["node_id"])
-    return ""
+            return dict(n)
+    return {}
 
 
 def is_initialized() -> bool:

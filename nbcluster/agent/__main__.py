@@ -26,6 +26,9 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
     p.add_argument("--node-name")
     p.add_argument("--bind-host", default="127.0.0.1", help="address workers listen on")
     p.add_argument("--prestart", type=int, help="workers to start before any task arrives")
+    p.add_argument("--object-store-memory", type=int, help="bytes of shared memory for objects")
+    p.add_argument("--spill-dir", help="where objects spill when the store is full")
+    p.add_argument("--spill-limit", type=int, help="most bytes to spill (default: free space)")
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--cwd", help=argparse.SUPPRESS)
     return p
@@ -50,6 +53,9 @@ async def run_agent(args: argparse.Namespace) -> int:
         resources=args.resources,
         prestart=args.prestart,
         worker_cwd=args.cwd,
+        object_store_memory=args.object_store_memory,
+        spill_dir=args.spill_dir,
+        spill_limit=args.spill_limit,
     )
     try:
         await agent.start()
@@ -57,7 +63,10 @@ async def run_agent(args: argparse.Namespace) -> int:
         print(f"nbcluster-worker: {exc}", file=sys.stderr)
         await agent.close()
         return 1
-    print(f"NBCLUSTER_AGENT_READY {agent.node_id}", flush=True)
+    print(
+        f"NBCLUSTER_AGENT_READY {agent.node_id} {agent.store_address} {agent.store_id}",
+        flush=True,
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopped.set)

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -19,6 +20,8 @@ from nbcluster.exceptions import NbclusterError, ProtocolError
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
+from nbcluster.store.manager import StoreManager, default_capacity
+from nbcluster.store.service import StoreService
 from nbcluster.transport import Transport, wait_for_handshake
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,9 @@ class NodeAgent:
         prestart: int | None = None,
         worker_env: dict[str, str] | None = None,
         worker_cwd: str | None = None,
+        object_store_memory: int | None = None,
+        spill_dir: str | None = None,
+        spill_limit: int | None = None,
     ) -> None:
         self.head_address = head_address
         self._token = token
@@ -65,6 +71,16 @@ class NodeAgent:
         self.prestart = min(cpus, 8) if prestart is None else prestart
         self.worker_env = worker_env or {}
         self.worker_cwd = worker_cwd
+        self.store_id = secrets.token_hex(6)
+        self.store = StoreManager(
+            self.store_id,
+            object_store_memory if object_store_memory is not None else default_capacity(),
+            spill_dir=spill_dir,
+            disk_limit_bytes=spill_limit,
+        )
+        self._store_service = StoreService(self.store)
+        self._store_sock: Any = None
+        self.store_address = ""
         self.node_id = ""
         self._transport: Transport | None = None
         self._sock: Any = None
@@ -77,6 +93,9 @@ class NodeAgent:
         """Connect and register with the head (raises on a wrong secret or version)."""
         self._transport = Transport(derive_keys(self._token))
         self._sock = self._transport.client(zmq.DEALER, f"tcp://{self.head_address}")
+        self._store_sock, self.store_address = self._transport.server(
+            zmq.ROUTER, f"tcp://{self.bind_host}:0"
+        )
         await wait_for_handshake(self._sock, self.head_address, timeout=30.0)
         gpu_ids = [g["index"] for g in self.gpus]
         ngpu = int(self.resources.get("GPU", 0))
@@ -92,7 +111,12 @@ class NodeAgent:
                 "gpu_ids": gpu_ids[:ngpu],
                 "pid": os.getpid(),
                 "prestart": self.prestart,
-                "info": {"gpus": self.gpus[:ngpu] if self.gpus else []},
+                "info": {
+                    "gpus": self.gpus[:ngpu] if self.gpus else [],
+                    "store_address": self.store_address,
+                    "store_id": self.store_id,
+                    "object_store": self.store.stats(),
+                },
             }
         )
         header, _ = decode(await asyncio.wait_for(self._sock.recv_multipart(), 30.0))
@@ -101,6 +125,7 @@ class NodeAgent:
         self.node_id = header["node_id"]
         self._spawn(self._serve(), "agent-serve")
         self._spawn(self._heartbeat(), "agent-heartbeat")
+        self._spawn(self._serve_store(), "agent-store")
         log.info("registered as %s with %s", self.node_id, self.resources)
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -115,7 +140,26 @@ class NodeAgent:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            await self._send({"k": Kind.PING})
+            # The heartbeat carries the store's usage: nodes() reports it.
+            await self._send({"k": Kind.PING, "store": self.store.stats()})
+
+    async def _serve_store(self) -> None:
+        sock = self._store_sock
+
+        def send(frames: list[Any]) -> None:
+            fut = sock.send_multipart(frames)
+            if fut.done() and fut.exception() is not None:
+                log.debug("store reply failed: %s", fut.exception())
+
+        while True:
+            frames = await sock.recv_multipart()
+            try:
+                h, _ = decode(frames[1:])
+            except ProtocolError as exc:
+                log.warning("malformed store request: %s", exc)
+                continue
+            # Requests that copy files run concurrently; the manager serializes its books.
+            self._spawn(self._store_service.handle(send, frames[0], h), "agent-store-request")
 
     async def _serve(self) -> None:
         while True:
@@ -130,6 +174,9 @@ class NodeAgent:
                 self._spawn(self._start_worker(), "agent-start-worker")
             elif kind == Kind.KILL_WORKER:
                 self._kill(h["worker_id"])
+            elif kind == Kind.JOB_ENDED:
+                n = self._store_service.job_ended(h["job_id"])
+                log.info("job %s ended: freed %d objects", h["job_id"], n)
             elif kind == Kind.STOP_NODE:
                 log.info("stop requested by the head")
                 self.stopped.set()
@@ -152,6 +199,8 @@ class NodeAgent:
                 "NBCLUSTER_WORKER_ID": worker_id,
                 "NBCLUSTER_AGENT_PID": str(os.getpid()),
                 "NBCLUSTER_BIND_HOST": self.bind_host,
+                "NBCLUSTER_STORE": self.store_address,
+                "NBCLUSTER_STORE_ID": self.store_id,
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -243,6 +292,11 @@ class NodeAgent:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._store_sock is not None:
+            self._store_sock.close(linger=0)
+            self._store_sock = None
+        # No segment or spilled file outlives the node.
+        self.store.cleanup()
         if self._transport is not None:
             self._transport.close()
 

@@ -43,6 +43,7 @@ from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import derive_keys, token_from_environment
 from nbcluster.refs import ObjectRef
 from nbcluster.serialization import dumps, loads
+from nbcluster.store.client import StoreClient, is_stored
 from nbcluster.transport import Transport, wait_for_handshake
 
 log = logging.getLogger("nbcluster")
@@ -113,6 +114,8 @@ class CoreClient(TaskSubmission, ActorCalls):
         self.on_output: Callable[[str, str], None] | None = None
         self.infeasible_notices: list[tuple[str, dict[str, float]]] = []
         self._actors: dict[str, ActorRecord] = {}
+        self.store: StoreClient | None = None
+        self.objects.on_drop = self._free_stored
         self.namespace = namespace or ""
 
     # ================================================================== lifecycle (user thread)
@@ -240,6 +243,16 @@ class CoreClient(TaskSubmission, ActorCalls):
             rec = self._by_tid.pop(tid)
             for oid in rec.return_ids:
                 self.objects.complete(oid, FAILED, err)
+
+    def attach_store(self, address: str, store_id: str) -> None:
+        """Use the node agent's shared-memory store at ``address`` for large values."""
+        assert self._transport is not None
+        self.store = StoreClient(self._transport, address, store_id)
+
+    def _free_stored(self, entry: Entry) -> None:
+        store = self.store
+        if store is not None and entry.frames and is_stored(entry.frames):
+            store.free([entry.oid])
 
     # ================================================================== cross-thread plumbing
     def _post(self, *item: Any) -> None:
@@ -447,7 +460,7 @@ class CoreClient(TaskSubmission, ActorCalls):
         if e is None:
             raise OwnerDiedError(f"{ref!r} is not known here: its value was freed or lost")
         if e.state == READY:
-            return loads(e.frames)
+            return loads(e.frames, self.store)
         if e.state == FAILED:
             err = loads(e.frames)
             if isinstance(err, TaskError):

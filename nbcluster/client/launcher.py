@@ -20,6 +20,7 @@ import psutil
 
 from nbcluster.exceptions import NbclusterError
 from nbcluster.protocol.security import new_token, write_token_file
+from nbcluster.store.manager import cleanup_store
 
 START_TIMEOUT_S = 60.0
 
@@ -75,6 +76,8 @@ class LocalCluster:
         num_gpus: float | None = None,
         resources: dict[str, float] | None = None,
         host: str = "127.0.0.1",
+        object_store_memory: int | None = None,
+        object_spill_limit: int | None = None,
     ) -> None:
         root = Path(tempfile.gettempdir()) / f"nbcluster-{os.getuid()}"
         root.mkdir(mode=0o700, exist_ok=True)
@@ -88,6 +91,10 @@ class LocalCluster:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[Any]] = []
         self._opts = (num_cpus, num_gpus, resources)
+        self._store_opts = (object_store_memory, object_spill_limit)
+        self.spill_dir = self.session_dir / "spill"
+        self.store_address = ""
+        self.store_id = ""
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = open(self.session_dir / log_name, "ab")  # noqa: SIM115 - closed in stop()
@@ -151,19 +158,26 @@ class LocalCluster:
             agent_args += ["--num-gpus", str(num_gpus)]
         if resources:
             agent_args += ["--resources", json.dumps(resources)]
+        memory, spill_limit = self._store_opts
+        agent_args += ["--spill-dir", str(self.spill_dir)]
+        if memory is not None:
+            agent_args += ["--object-store-memory", str(int(memory))]
+        if spill_limit is not None:
+            agent_args += ["--spill-limit", str(int(spill_limit))]
         agent = self._spawn(agent_args, "agent.log")
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             self.address = _read_ready(
                 head, "NBCLUSTER_HEAD_READY", "head", self.session_dir / "head.log", deadline
             )
-            self.node_id = _read_ready(
+            ready = _read_ready(
                 agent,
                 "NBCLUSTER_AGENT_READY",
                 "node agent",
                 self.session_dir / "agent.log",
                 deadline,
             )
+            self.node_id, self.store_address, self.store_id = ready.split()
         except BaseException:
             self.stop()
             raise
@@ -188,6 +202,8 @@ class LocalCluster:
         for proc in self._procs:
             if proc.stdout is not None:
                 proc.stdout.close()
+        if self.store_id:  # the agent cleans up; this catches an agent that was killed
+            cleanup_store(self.store_id, str(self.spill_dir))
         for f in self._logs:
             f.close()
         self._procs.clear()

@@ -42,6 +42,12 @@ class ObjectTable:
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
         self.lock = threading.Lock()
+        #: Called (outside the lock) with each dropped owned entry, to free its stored value.
+        self.on_drop: Callable[[Entry], None] | None = None
+
+    def _dropped(self, e: Entry) -> None:
+        if e.owned and self.on_drop is not None:
+            self.on_drop(e)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,8 +76,10 @@ class ObjectTable:
             if e is None:
                 return
             e.refs -= 1
-            if e.refs <= 0 and not e.escaped and e.state != PENDING and not e.callbacks:
-                del self._entries[oid]
+            if not (e.refs <= 0 and not e.escaped and e.state != PENDING and not e.callbacks):
+                return
+            del self._entries[oid]
+        self._dropped(e)
 
     def mark_escaped(self, oid: str) -> None:
         with self.lock:
@@ -89,8 +97,11 @@ class ObjectTable:
             e.frames = frames
             callbacks, e.callbacks = e.callbacks, []
             ev = e.event
-            if e.refs <= 0 and not e.escaped and not callbacks:
+            dropped = e.refs <= 0 and not e.escaped and not callbacks
+            if dropped:
                 del self._entries[oid]  # nobody can ask for it any more
+        if dropped:
+            self._dropped(e)
         if ev is not None:
             ev.set()
         for cb in callbacks:
@@ -117,10 +128,6 @@ class ObjectTable:
             if e.event is None:
                 e.event = threading.Event()
             return e.event
-
-    def drop(self, oid: str) -> None:
-        with self.lock:
-            self._entries.pop(oid, None)
 
     def stats(self) -> dict[str, int]:
         with self.lock:

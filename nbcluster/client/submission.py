@@ -19,6 +19,7 @@ from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
 from nbcluster.client.wire import WorkerConn, is_ref, send_nowait, split_parts
 from nbcluster.exceptions import (
+    NbclusterError,
     ProtocolError,
     SerializationError,
     TaskCancelledError,
@@ -32,6 +33,7 @@ from nbcluster.serialization import dumps, dumps_args, loads
 if TYPE_CHECKING:
     import asyncio
 
+    from nbcluster.store.client import StoreClient
     from nbcluster.transport import Transport
 
 log = logging.getLogger("nbcluster")
@@ -61,6 +63,7 @@ class TaskSubmission:
     _conns: dict[str, WorkerConn]
     _by_tid: dict[str, TaskRecord]
     _producer: dict[str, TaskRecord]
+    store: StoreClient | None
 
     if TYPE_CHECKING:  # implemented by CoreClient and ActorCalls
 
@@ -122,16 +125,22 @@ class TaskSubmission:
 
     def put(self, value: Any) -> ObjectRef:
         """Store ``value`` as an object owned by this client."""
+        oid = f"{self.new_id()}.p"
         try:
-            frames = dumps(value)
+            frames = self._serialize_value(oid, value)
+        except NbclusterError:
+            raise  # the store is full: its message says why
         except Exception as exc:
             raise SerializationError(
                 f"could not serialize the value passed to put(): {type(exc).__name__}: {exc}"
             ) from exc
-        oid = f"{self.new_id()}.p"
         ref = ObjectRef(oid, self.owner_address, self)
         self.objects.complete(oid, READY, frames)
         return ref
+
+    def _serialize_value(self, oid: str, value: Any) -> list[Any]:
+        store = self.store
+        return store.put(oid, value, self.job_id) if store is not None else dumps(value)
 
     def cancel(self, ref: ObjectRef, force: bool) -> None:
         self._post("cancel", ref.hex(), force)
@@ -183,7 +192,8 @@ class TaskSubmission:
         return entry
 
     def _enqueue(self, rec: TaskRecord) -> None:
-        rec.deps = []  # values are in dep_frames now; drop the refs
+        # rec.deps keeps the argument refs alive until the task is done: a stored value must not
+        # be freed before the worker has read it.
         if rec.actor_id is not None:
             self._actor_call_ready(rec)
             return
@@ -430,6 +440,8 @@ class TaskSubmission:
 
     def _finish(self, rec: TaskRecord, state: int, parts: Sequence[list[Any]]) -> None:
         self._by_tid.pop(rec.tid, None)
+        rec.deps = []
+        rec.dep_frames = []
         for oid, frames in zip(rec.return_ids, parts, strict=False):
             self._producer.pop(oid, None)
             self.objects.complete(oid, state, frames)

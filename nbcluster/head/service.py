@@ -298,6 +298,10 @@ class HeadService:
             return
         st = self.state
         if kind == Kind.PING:
+            if peer.node_id is not None and "store" in h:
+                node = self.state.nodes.get(peer.node_id)
+                if node is not None:
+                    node.info["object_store"] = h["store"]
             await self._send(ident, {"k": Kind.PONG})
         elif kind == Kind.LEASE_REQUEST:
             assert peer.job_id is not None
@@ -430,6 +434,9 @@ class HeadService:
         else:
             if peer.owns_job and peer.job_id is not None:
                 await self._run(self.actors.job_gone(peer.job_id))
+                for node in self.state.nodes.values():  # free the job's stored objects
+                    if node.alive:
+                        await self._send(node.client, {"k": Kind.JOB_ENDED, "job_id": peer.job_id})
             for a in self.actors.actors.values():
                 a.subscribers.discard(peer.ident)
             await self._run(self.state.client_gone(peer.ident, peer.job_id, peer.owns_job))

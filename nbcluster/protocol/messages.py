@@ -69,6 +69,15 @@ class Kind(StrEnum):
     ACTOR_EXIT = "aexit"  # worker -> head: {aid} (exit_actor() was called)
     ACTOR_CALL = "acall"  # driver -> worker: {tid, method, nargs, deps, nret, name}
 
+    # --- the node's object store (local processes <-> their node agent) ----------------------
+    STORE_RESERVE = "sreserve"  # {rid, oid, size, job} -> STORE_REPLY {rid, path} (or error)
+    STORE_SEAL = "sseal"  # {rid, oid} -> STORE_REPLY
+    STORE_LOCATE = "slocate"  # {rid, oid} -> STORE_REPLY {rid, path}; pins the object
+    STORE_UNPIN = "sunpin"  # {oid} (no reply)
+    STORE_FREE = "sfree"  # {oids} (no reply)
+    STORE_REPLY = "sreply"  # {rid, ok, path?, err?, args?}
+    JOB_ENDED = "jobend"  # head -> agent: {job_id}: free that job's objects
+
     # --- object transfer (borrower <-> owner) ----------------------------------------------
     GET_OBJECT = "oget"  # {oid}
     OBJECT = "obj"  # {oid, ok, err?} + frames

@@ -13,7 +13,8 @@ from typing import Any
 
 import cloudpickle
 
-from nbcluster.exceptions import SerializationError
+from nbcluster.exceptions import ObjectLostError, SerializationError
+from nbcluster.store.client import StoreClient, is_stored
 
 
 def dumps(value: Any) -> list[Any]:
@@ -28,10 +29,21 @@ def dumps(value: Any) -> list[Any]:
     return [data, *(b.raw().tobytes() for b in buffers)]
 
 
-def loads(frames: Sequence[Any]) -> Any:
-    """Inverse of :func:`dumps`; buffers are used in place (zero-copy where possible)."""
+def loads(frames: Sequence[Any], store: StoreClient | None = None) -> Any:
+    """Inverse of :func:`dumps`; buffers are used in place (zero-copy where possible).
+
+    ``frames`` may instead reference an object in the node's shared-memory store, which
+    ``store`` then maps (numpy arrays come back as read-only views of shared memory).
+    """
     if not frames:
         raise SerializationError("no frames to deserialize")
+    if is_stored(frames):
+        if store is None:
+            raise ObjectLostError(
+                "this value lives in a node's object store, and this process has no store to "
+                "read it from (is a node agent running on this host?)"
+            )
+        return store.get(frames)
     bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames[1:]]
     first = frames[0]
     data = first.buffer if hasattr(first, "buffer") else first

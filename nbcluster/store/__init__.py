@@ -9,6 +9,7 @@ spilling to disk, transparent restore, and cleanup of every file of a store. See
 
 from __future__ import annotations
 
+from nbcluster.store.client import INLINE_THRESHOLD_BYTES, StoreClient, is_stored
 from nbcluster.store.errors import ObjectNotFoundError, ObjectStoreError, ObjectStoreFullError
 from nbcluster.store.local import get_local, put_local
 from nbcluster.store.manager import (
@@ -29,21 +30,20 @@ from nbcluster.store.segment import (
     write_segment,
 )
 
-INLINE_THRESHOLD_BYTES = 100 * 1024
-"""Serialized values at most this big travel inline with messages; larger ones use the store."""
-
 __all__ = [
     "INLINE_THRESHOLD_BYTES",
     "SHM_DIR",
     "ObjectNotFoundError",
     "ObjectStoreError",
     "ObjectStoreFullError",
+    "StoreClient",
     "StoreManager",
     "cleanup_store",
     "default_capacity",
     "default_spill_dir",
     "dumps_oob",
     "get_local",
+    "is_stored",
     "loads_frames",
     "map_segment",
     "open_segment",

@@ -27,6 +27,7 @@ from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.security import derive_keys, token_from_environment
 from nbcluster.serialization import dumps, loads, loads_args
+from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
 from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
 
@@ -88,6 +89,12 @@ class Worker:
         self._orig_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.actor: Any = None  # ActorHost once this worker hosts an actor
         self.exiting = False
+        store_addr = os.environ.get("NBCLUSTER_STORE")
+        self.store = (
+            StoreClient(transport, store_addr, os.environ.get("NBCLUSTER_STORE_ID", ""))
+            if store_addr
+            else None
+        )
 
     # ----------------------------------------------------------------------------- sending
     def send(self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None) -> None:
@@ -225,7 +232,7 @@ class Worker:
         pos = nargs
         dep_values = []
         for count in h.get("deps", []):
-            dep_values.append(loads(payload[pos : pos + count]))
+            dep_values.append(loads(payload[pos : pos + count], self.store))
             pos += count
         return loads_args(payload[:nargs], dep_values)
 
@@ -302,7 +309,7 @@ class Worker:
     def send_result(self, ident: bytes, tid: str, name: str, nret: int, result: Any) -> None:
         try:
             if nret == 1:
-                parts = [dumps(result)]
+                parts = [self.serialize(f"{tid}.0", result)]
             elif nret == 0:
                 parts = []
             else:
@@ -310,7 +317,7 @@ class Worker:
                 if values is None or len(values) != nret:
                     got = f"{len(values)} values" if values is not None else type(result).__name__
                     raise ValueError(f"task {name} declared num_returns={nret} but returned {got}")
-                parts = [dumps(v) for v in values]
+                parts = [self.serialize(f"{tid}.{i}", v) for i, v in enumerate(values)]
         except Exception as exc:
             self.send_error(
                 ident, tid, self.task_error(name, exc, skip=0, what="its result"), "exc"
@@ -320,6 +327,12 @@ class Worker:
         self.send(
             ident, {"k": Kind.RESULT, "tid": tid, "ok": True, "n": [len(p) for p in parts]}, frames
         )
+
+    def serialize(self, oid: str, value: Any) -> list[Any]:
+        """A return value's frames: inline when small, else written once into the node's store."""
+        if self.store is not None:
+            return self.store.put(oid, value, self.ident.job_id or "")
+        return dumps(value)
 
     def task_error(self, name: str, exc: BaseException, skip: int, what: str = "") -> TaskError:
         tb = exc.__traceback__

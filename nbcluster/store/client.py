@@ -1,0 +1,150 @@
+"""A process's link to its node's object store: large values in, zero-copy views out."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import zmq
+
+from nbcluster.exceptions import ObjectLostError
+from nbcluster.protocol.codec import decode, encode
+from nbcluster.protocol.messages import Kind
+from nbcluster.store.errors import ObjectStoreError, ObjectStoreFullError
+from nbcluster.store.segment import (
+    dumps_oob,
+    loads_frames,
+    open_segment,
+    segment_frames,
+    segment_size,
+    write_segment,
+)
+
+#: Serialized values at most this big travel inline with messages; larger ones use the store.
+INLINE_THRESHOLD_BYTES = 100 * 1024
+
+#: First bytes of a frame that stands for a stored object (a pickle stream starts with 0x80).
+MARKER = b"\x00nbc-store\x00"
+
+REQUEST_TIMEOUT_MS = 60_000
+
+
+def is_stored(frames: Sequence[Any]) -> bool:
+    """Whether ``frames`` is a reference to a stored object rather than an inline value."""
+    if len(frames) != 1:
+        return False
+    first = frames[0]
+    raw = first.bytes if hasattr(first, "bytes") else first
+    return bytes(raw[: len(MARKER)]) == MARKER
+
+
+def stored_oid(frames: Sequence[Any]) -> str:
+    first = frames[0]
+    raw = first.bytes if hasattr(first, "bytes") else bytes(first)
+    return str(msgpack.unpackb(raw[len(MARKER) :])["oid"])
+
+
+class StoreClient:
+    """Talks to the node agent's store service; safe to use from several threads.
+
+    Parameters
+    ----------
+    transport
+        The process's authenticated ZeroMQ transport.
+    address
+        The agent's store endpoint (``tcp://host:port``).
+    store_id
+        The store's id (names its segment files).
+    """
+
+    def __init__(self, transport: Any, address: str, store_id: str) -> None:
+        self.address = address
+        self.store_id = store_id
+        self._sock = transport.client(zmq.DEALER, address, aio=False)
+        # Re-entrant: a mapping's finalizer may unpin (send) from inside a request on this thread.
+        self._lock = threading.RLock()
+        self._rid = itertools.count(1)
+
+    def close(self) -> None:
+        with self._lock:
+            self._sock.close(linger=0)
+
+    # ------------------------------------------------------------------ requests
+    def _request(self, header: dict[str, Any]) -> dict[str, Any]:
+        rid = next(self._rid)
+        with self._lock:
+            self._sock.send_multipart(encode({**header, "rid": rid}))
+            while True:
+                if not self._sock.poll(REQUEST_TIMEOUT_MS):
+                    raise ObjectStoreError(
+                        f"the node's object store at {self.address} did not answer within "
+                        f"{REQUEST_TIMEOUT_MS // 1000} s"
+                    )
+                reply, _ = decode(self._sock.recv_multipart())
+                if reply.get("rid") == rid:
+                    break
+        if reply.get("ok"):
+            return reply
+        if reply.get("err") == "full":
+            raise ObjectStoreFullError(*reply["args"])
+        if reply.get("err") == "missing":
+            raise ObjectLostError(str(reply.get("msg")))
+        raise ObjectStoreError(str(reply.get("msg", "object store request failed")))
+
+    def _notify(self, header: dict[str, Any]) -> None:
+        with self._lock:
+            try:
+                self._sock.send_multipart(encode(header), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the agent is gone: nothing left to unpin or free
+
+    # ------------------------------------------------------------------ objects
+    def put(self, oid: str, value: Any, job_id: str) -> list[Any]:
+        """Serialize ``value``: inline frames when small, else into the store (a marker frame).
+
+        Large buffers are copied once, straight into shared memory.
+        """
+        frames = dumps_oob(value)
+        size = segment_size(frames)
+        if size <= INLINE_THRESHOLD_BYTES:
+            return [frames[0], *(memoryview(f).tobytes() for f in frames[1:])]
+        path = self._request({"k": Kind.STORE_RESERVE, "oid": oid, "size": size, "job": job_id})[
+            "path"
+        ]
+        try:
+            write_segment(path, frames)
+        except BaseException:
+            self.free([oid])
+            raise
+        self._request({"k": Kind.STORE_SEAL, "oid": oid})
+        return [MARKER + msgpack.packb({"oid": oid, "store": self.store_id, "size": size})]
+
+    def get(self, frames: Sequence[Any]) -> Any:
+        """Deserialize a stored object: buffers are read-only views of its shared memory."""
+        first = frames[0]
+        raw = first.bytes if hasattr(first, "bytes") else bytes(first)
+        meta = msgpack.unpackb(raw[len(MARKER) :])
+        oid = meta["oid"]
+        if meta.get("store") != self.store_id:
+            raise ObjectLostError(
+                f"object {oid} lives in another node's store; moving objects between nodes is "
+                "not supported yet"
+            )
+        path = self._request({"k": Kind.STORE_LOCATE, "oid": oid})["path"]
+        try:
+            mm = open_segment(path)
+        except BaseException:
+            self._notify({"k": Kind.STORE_UNPIN, "oid": oid})
+            raise
+        # The object stays pinned (not spilled) while anything still uses the mapping.
+        weakref.finalize(mm, self._notify, {"k": Kind.STORE_UNPIN, "oid": oid})
+        return loads_frames(segment_frames(mm))
+
+    def free(self, oids: list[str]) -> None:
+        """The owner is done with these objects."""
+        if oids:
+            self._notify({"k": Kind.STORE_FREE, "oids": oids})
