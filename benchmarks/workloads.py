@@ -460,6 +460,112 @@ def actor_10k(ray: ModuleType, n: int = 10_000, warmup: int = 100) -> Figures:
     return {"total_s": t1 - t0, "calls_per_s": n / (t1 - t0)}
 
 
+def _array(nbytes: int) -> Any:
+    import numpy as np
+
+    return np.ones(nbytes // 8, dtype=np.float64)
+
+
+def _put_get(ray: ModuleType, nbytes: int, repeat: int) -> Figures:
+    init_backend(ray)
+    arr = _array(nbytes)
+    ray.get(ray.put(_array(1 << 20)))  # warm up the store path
+    puts, gets = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        ref = ray.put(arr)
+        t1 = time.perf_counter()
+        out = ray.get(ref)
+        t2 = time.perf_counter()
+        if out.shape != arr.shape:
+            raise AssertionError("get returned the wrong array")
+        puts.append(t1 - t0)
+        gets.append(t2 - t1)
+        del out, ref
+    ray.shutdown()
+    put_s, get_s = statistics.median(puts), statistics.median(gets)
+    return {"put_s": put_s, "get_s": get_s, "put_gb_per_s": nbytes / put_s / 1e9}
+
+
+_PUT_GET_METRICS = [
+    Metric("put_s", "s", "lower", "put of the array (median)"),
+    Metric("get_s", "s", "lower", "get of it on the same node (median)"),
+    Metric("put_gb_per_s", "GB/s", "higher", "put throughput"),
+]
+
+
+@workload(
+    "put_get_100mb",
+    "put() then get() of a 100 MB float64 numpy array on the same node, 5 times.",
+    _PUT_GET_METRICS,
+    tags=("objects",),
+)
+def put_get_100mb(ray: ModuleType) -> Figures:
+    """Store and read back 100 MB."""
+    return _put_get(ray, 100 * 1000 * 1000, 5)
+
+
+@workload(
+    "put_get_1gb",
+    "put() then get() of a 1 GB float64 numpy array on the same node, 3 times.",
+    _PUT_GET_METRICS,
+    tags=("objects",),
+)
+def put_get_1gb(ray: ModuleType) -> Figures:
+    """Store and read back 1 GB."""
+    return _put_get(ray, 1000 * 1000 * 1000, 3)
+
+
+def _array_sum(a: Any) -> float:
+    return float(a.sum())
+
+
+def _make_array(nbytes: int) -> Any:
+    return _array(nbytes)
+
+
+@workload(
+    "task_sum_100mb",
+    "A task receiving a 100 MB array by ref and returning its sum (median of 5, after a warm-up).",
+    [Metric("total_s", "s", "lower", "get(sum.remote(ref)) round trip")],
+    tags=("objects", "tasks"),
+)
+def task_sum_100mb(ray: ModuleType, repeat: int = 5) -> Figures:
+    """Pass a large object to a task on the same node."""
+    f = ray.remote(_array_sum)
+    init_backend(ray)
+    ref = ray.put(_array(100 * 1000 * 1000))
+    ray.get(f.remote(ref))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        ray.get(f.remote(ref))
+        times.append(time.perf_counter() - t0)
+    ray.shutdown()
+    return {"total_s": statistics.median(times)}
+
+
+@workload(
+    "task_produce_100mb",
+    "A task producing a 100 MB array, fetched by the driver (median of 5, after a warm-up).",
+    [Metric("total_s", "s", "lower", "get(produce.remote()) round trip")],
+    tags=("objects", "tasks"),
+)
+def task_produce_100mb(ray: ModuleType, repeat: int = 5) -> Figures:
+    """Return a large object from a task to the driver."""
+    f = ray.remote(_make_array)
+    init_backend(ray)
+    ray.get(f.remote(1 << 20))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = ray.get(f.remote(100 * 1000 * 1000))
+        times.append(time.perf_counter() - t0)
+        del out
+    ray.shutdown()
+    return {"total_s": statistics.median(times)}
+
+
 # --------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------

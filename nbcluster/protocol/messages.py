@@ -73,6 +73,7 @@ class Kind(StrEnum):
     STORE_RESERVE = "sreserve"  # {rid, oid, size, job} -> STORE_REPLY {rid, path} (or error)
     STORE_SEAL = "sseal"  # {rid, oid} -> STORE_REPLY
     STORE_LOCATE = "slocate"  # {rid, oid} -> STORE_REPLY {rid, path}; pins the object
+    STORE_PIN = "spin"  # {oid} (no reply): a reader mapped it straight from shared memory
     STORE_UNPIN = "sunpin"  # {oid} (no reply)
     STORE_FREE = "sfree"  # {oids} (no reply)
     STORE_REPLY = "sreply"  # {rid, ok, path?, err?, args?}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,10 +18,12 @@ from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.store.errors import ObjectStoreError, ObjectStoreFullError
 from nbcluster.store.segment import (
+    SHM_DIR,
     dumps_oob,
     loads_frames,
     open_segment,
     segment_frames,
+    segment_name,
     segment_size,
     write_segment,
 )
@@ -61,9 +65,21 @@ class StoreClient:
         The store's id (names its segment files).
     """
 
-    def __init__(self, transport: Any, address: str, store_id: str) -> None:
+    def __init__(
+        self,
+        transport: Any,
+        address: str,
+        store_id: str,
+        shm_dir: str = SHM_DIR,
+        keep_mapped: int = 0,
+    ) -> None:
         self.address = address
         self.store_id = store_id
+        self.shm_dir = shm_dir
+        # Workers keep their last few mappings: a ref passed to many tasks is then mapped once,
+        # and its pages are not faulted in again for every task.
+        self._keep = keep_mapped
+        self._recent: OrderedDict[str, Any] = OrderedDict()
         self._sock = transport.client(zmq.DEALER, address, aio=False)
         # Re-entrant: a mapping's finalizer may unpin (send) from inside a request on this thread.
         self._lock = threading.RLock()
@@ -129,20 +145,43 @@ class StoreClient:
         raw = first.bytes if hasattr(first, "bytes") else bytes(first)
         meta = msgpack.unpackb(raw[len(MARKER) :])
         oid = meta["oid"]
+        mm = self._recent.get(oid)
+        if mm is not None:
+            self._recent.move_to_end(oid)
+            return loads_frames(segment_frames(mm))
         if meta.get("store") != self.store_id:
             raise ObjectLostError(
                 f"object {oid} lives in another node's store; moving objects between nodes is "
                 "not supported yet"
             )
-        path = self._request({"k": Kind.STORE_LOCATE, "oid": oid})["path"]
         try:
-            mm = open_segment(path)
-        except BaseException:
-            self._notify({"k": Kind.STORE_UNPIN, "oid": oid})
-            raise
+            # Fast path: the segment is in shared memory; map it and tell the agent (no wait).
+            # Were it spilled right after, our mapping would stay valid all the same.
+            mm = open_segment(os.path.join(self.shm_dir, segment_name(self.store_id, oid)))
+            self._notify({"k": Kind.STORE_PIN, "oid": oid})
+        except FileNotFoundError:  # spilled: the agent restores it (and pins it) first
+            path = self._request({"k": Kind.STORE_LOCATE, "oid": oid})["path"]
+            try:
+                mm = open_segment(path)
+            except BaseException:
+                self._notify({"k": Kind.STORE_UNPIN, "oid": oid})
+                raise
         # The object stays pinned (not spilled) while anything still uses the mapping.
         weakref.finalize(mm, self._notify, {"k": Kind.STORE_UNPIN, "oid": oid})
+        if self._keep:
+            self._remember(oid, mm)
         return loads_frames(segment_frames(mm))
+
+    def _remember(self, oid: str, mm: Any) -> None:
+        self._recent[oid] = mm
+        while len(self._recent) > self._keep:
+            self._recent.popitem(last=False)
+
+    def forget_freed(self) -> None:
+        """Drop kept mappings of objects that were freed or spilled meanwhile."""
+        for oid in list(self._recent):
+            if not os.path.exists(os.path.join(self.shm_dir, segment_name(self.store_id, oid))):
+                del self._recent[oid]
 
     def free(self, oids: list[str]) -> None:
         """The owner is done with these objects."""

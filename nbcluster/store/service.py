@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
-from nbcluster.store.errors import ObjectNotFoundError, ObjectStoreFullError
+from nbcluster.store.errors import ObjectNotFoundError, ObjectStoreError, ObjectStoreFullError
 from nbcluster.store.manager import StoreManager
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ class StoreService:
         m = self.manager
         if kind == Kind.STORE_UNPIN:
             m.unpin(h["oid"])
+            return
+        if kind == Kind.STORE_PIN:
+            with contextlib.suppress(ObjectStoreError):  # freed meanwhile: nothing to pin
+                m.pin(h["oid"])
             return
         if kind == Kind.STORE_FREE:
             for oid in h["oids"]:

@@ -91,7 +91,9 @@ class Worker:
         self.exiting = False
         store_addr = os.environ.get("NBCLUSTER_STORE")
         self.store = (
-            StoreClient(transport, store_addr, os.environ.get("NBCLUSTER_STORE_ID", ""))
+            StoreClient(
+                transport, store_addr, os.environ.get("NBCLUSTER_STORE_ID", ""), keep_mapped=2
+            )
             if store_addr
             else None
         )
@@ -305,6 +307,8 @@ class Worker:
             self.send_result(ident, tid, name, h.get("nret", 1), result)
         if exiting and self.actor is not None:
             self.actor.exit()
+        if self.store is not None:
+            self.store.forget_freed()
 
     def send_result(self, ident: bytes, tid: str, name: str, nret: int, result: Any) -> None:
         try:
