@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from nbcluster.client import current
@@ -45,8 +48,14 @@ class ObjectRef:
         return isinstance(other, ObjectRef) and other._id == self._id
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Sent to another process: the owner keeps the value for the borrower.
-        self._client.mark_escaped(self._id)
+        collected = getattr(_tracking, "serialized", None)
+        if collected is not None:
+            # Serialized into a call's arguments: the caller keeps the ref until the call is
+            # done and learns whether the callee kept it.
+            collected.append(self)
+        else:
+            # Sent elsewhere for good: the owner keeps the value for whoever gets it.
+            self._client.mark_escaped(self._id)
         return (_rebuild_ref, (self._id, self._owner))
 
     def __del__(self) -> None:
@@ -65,4 +74,34 @@ class ObjectRef:
 
 def _rebuild_ref(oid: str, owner: str) -> ObjectRef:
     client = current.require()
+    loaded = getattr(_tracking, "loaded", None)
+    if loaded is not None:
+        loaded.append(oid)
     return ObjectRef(oid, owner, client, borrowed=owner != client.owner_address)
+
+
+_tracking = threading.local()
+
+
+@contextlib.contextmanager
+def serialized_refs() -> Iterator[list[ObjectRef]]:
+    """Collect (instead of pinning) the refs pickled in this thread inside the block."""
+    prev = getattr(_tracking, "serialized", None)
+    refs: list[ObjectRef] = []
+    _tracking.serialized = refs
+    try:
+        yield refs
+    finally:
+        _tracking.serialized = prev
+
+
+@contextlib.contextmanager
+def loaded_refs() -> Iterator[list[str]]:
+    """Collect the ids of the refs unpickled in this thread inside the block."""
+    prev = getattr(_tracking, "loaded", None)
+    oids: list[str] = []
+    _tracking.loaded = oids
+    try:
+        yield oids
+    finally:
+        _tracking.loaded = prev

@@ -143,6 +143,47 @@ def test_nodes_report_the_store(small_store: nb.ClusterInfo) -> None:
     del ref
 
 
+def test_refs_nested_in_arguments_are_freed_unless_kept(small_store: nb.ClusterInfo) -> None:
+    @nb.remote
+    def first_sum(refs: list[nb.ObjectRef]) -> float:
+        return float(nb.get(refs[0], timeout=30).sum())  # a nested ref arrives as a ref
+
+    for i in range(8):  # 8 x 100 MB through a 300 MB store: each freed after its task
+        ref = nb.put(np.full(100 * MB // 8, i, dtype=np.float64))
+        assert nb.get(first_sum.remote([ref]), timeout=60) == i * (100 * MB // 8)
+        del ref
+    wait_until(lambda: _store()["objects"] == 0, timeout=10)
+
+
+def test_refs_kept_by_the_callee_stay_alive(small_store: nb.ClusterInfo) -> None:
+    @nb.remote
+    class Holder:
+        def __init__(self) -> None:
+            self.refs: list[nb.ObjectRef] = []
+
+        def keep(self, refs: list[nb.ObjectRef]) -> None:
+            self.refs.extend(refs)
+
+        def total(self) -> float:
+            return float(sum(nb.get(r, timeout=30).sum() for r in self.refs))
+
+    @nb.remote
+    def echo(refs: list[nb.ObjectRef]) -> list[nb.ObjectRef]:
+        return refs
+
+    holder = Holder.remote()
+    kept = nb.put(np.ones(1000 * 1000))
+    nb.get(holder.keep.remote([kept]), timeout=30)
+    returned = nb.put(np.full(1000, 2.0))
+    back = nb.get(echo.remote([returned]), timeout=30)
+    inner = nb.put(np.full(10, 3.0))
+    outer = nb.put([inner])
+    del kept, returned, inner
+    assert nb.get(holder.total.remote(), timeout=30) == 1000 * 1000
+    assert nb.get(back[0], timeout=30).sum() == 2000
+    assert nb.get(nb.get(outer, timeout=30)[0], timeout=30).sum() == 30
+
+
 def test_nothing_left_after_shutdown_or_a_killed_driver(tmp_path: Path) -> None:
     nb.shutdown()
     info = nb.init(num_cpus=1)

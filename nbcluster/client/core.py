@@ -555,4 +555,7 @@ def connect_from_worker() -> CoreClient:
         node_id=ident.node_id,
     )
     client.connect()
+    store = os.environ.get("NBCLUSTER_STORE")
+    if store:
+        client.attach_store(store, os.environ.get("NBCLUSTER_STORE_ID", ""))
     return client

@@ -27,7 +27,7 @@ from nbcluster.exceptions import (
 )
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
-from nbcluster.refs import ObjectRef
+from nbcluster.refs import ObjectRef, serialized_refs
 from nbcluster.serialization import dumps, dumps_args, loads
 
 if TYPE_CHECKING:
@@ -103,7 +103,8 @@ class TaskSubmission:
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], num_returns: int
     ) -> tuple[TaskRecord, list[ObjectRef]]:
         """Serialize a call's arguments and make the refs of its return values."""
-        frames, deps = dumps_args(name, args, kwargs, is_ref)
+        with serialized_refs() as nested:
+            frames, deps = dumps_args(name, args, kwargs, is_ref)
         tid = self.new_id()
         return_ids = [f"{tid}.{i}" for i in range(max(num_returns, 1))]
         refs = [ObjectRef(oid, self.owner_address, self) for oid in return_ids]
@@ -120,6 +121,7 @@ class TaskSubmission:
             max_retries=0,
             retry_exceptions=False,
             nret=num_returns,
+            nested=nested,
         )
         return rec, refs
 
@@ -399,6 +401,7 @@ class TaskSubmission:
         lease = conn.lease
         if rec is None:
             return
+        self._note_kept(h)
         if rec.actor_id is not None:
             self._on_actor_result(rec, h, payload)
             return
@@ -442,6 +445,7 @@ class TaskSubmission:
         self._by_tid.pop(rec.tid, None)
         rec.deps = []
         rec.dep_frames = []
+        rec.nested = []
         for oid, frames in zip(rec.return_ids, parts, strict=False):
             self._producer.pop(oid, None)
             self.objects.complete(oid, state, frames)
@@ -451,6 +455,11 @@ class TaskSubmission:
             self.objects.complete(
                 oid, state, [dumps(None)] if state == READY else parts[0] if parts else []
             )
+
+    def _note_kept(self, h: dict[str, Any]) -> None:
+        """The callee kept refs from its arguments (or returned refs): keep those objects."""
+        for oid in h.get("kept", ()):
+            self.objects.mark_escaped(oid)
 
     def _on_log(self, h: dict[str, Any], conn: WorkerConn) -> None:
         if not self.log_to_driver:

@@ -29,6 +29,7 @@ class TaskRecord:
     cancelled: bool = False
     force_cancel: bool = False
     attempts: int = 0
+    nested: list[Any] = field(default_factory=list)  # refs inside the arguments, kept until done
     actor_id: str | None = None  # set for actor method calls
     method: str = ""
 

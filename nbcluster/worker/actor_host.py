@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from nbcluster.protocol.messages import Kind
@@ -14,6 +15,14 @@ from nbcluster.worker.main import ActorExit, restore_filenames
 
 if TYPE_CHECKING:
     from nbcluster.worker.main import Worker
+
+
+@dataclass
+class _Call:
+    method: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    loaded: list[str]
 
 
 class ActorHost:
@@ -142,8 +151,16 @@ class ActorHost:
         call = self._prepare(ident, h, payload)
         if call is None:
             return
-        method, args, kwargs = call
-        self._finish_call(ident, h, lambda: method(*args, **kwargs))
+        w = self.worker
+        target, *tokens = w.begin(ident, h)
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = call.method(*call.args, **call.kwargs)
+        except BaseException as exc:
+            error = exc
+        w.end(target, (tokens[0], tokens[1]))
+        self._send_outcome(ident, h, call, result, error)
 
     async def _call_async(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
         assert self._sem is not None
@@ -151,59 +168,47 @@ class ActorHost:
             call = self._prepare(ident, h, payload)
             if call is None:
                 return
-            method, args, kwargs = call
             w = self.worker
             target, *tokens = w.begin(ident, h)
+            result: Any = None
+            error: BaseException | None = None
             try:
-                result = method(*args, **kwargs)
+                result = call.method(*call.args, **call.kwargs)
                 if inspect.isawaitable(result):
                     result = await result
             except BaseException as exc:
-                w.end(target, (tokens[0], tokens[1]))
-                self._send_outcome(ident, h, None, exc)
-                return
+                error = exc
             w.end(target, (tokens[0], tokens[1]))
-            self._send_outcome(ident, h, result, None)
+            self._send_outcome(ident, h, call, result, error)
 
-    def _prepare(
-        self, ident: bytes, h: dict[str, Any], payload: list[Any]
-    ) -> tuple[Any, ...] | None:
+    def _prepare(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> _Call | None:
         """The bound method and arguments of a call, or ``None`` after reporting why not."""
+        loaded: list[str] = []
         try:
             method = self._method(h)
-            args, kwargs = self.worker.load_args(h, payload)
+            args, kwargs = self.worker.load_args(h, payload, loaded)
         except Exception as exc:
             self.worker.send_error(
                 ident, h["tid"], self.worker.task_error(h["name"], exc, 0), "exc"
             )
             return None
-        return method, args, kwargs
-
-    def _finish_call(self, ident: bytes, h: dict[str, Any], run: Any) -> None:
-        w = self.worker
-        target, *tokens = w.begin(ident, h)
-        try:
-            result = run()
-        except BaseException as exc:
-            w.end(target, (tokens[0], tokens[1]))
-            self._send_outcome(ident, h, None, exc)
-            return
-        w.end(target, (tokens[0], tokens[1]))
-        self._send_outcome(ident, h, result, None)
+        return _Call(method, args, kwargs, loaded)
 
     def _send_outcome(
-        self, ident: bytes, h: dict[str, Any], result: Any, exc: BaseException | None
+        self, ident: bytes, h: dict[str, Any], call: _Call, result: Any, exc: BaseException | None
     ) -> None:
         """Send a concurrent call's result or error; ``exit_actor()`` ends the actor after it."""
         w = self.worker
+        call.args, call.kwargs = (), {}  # before asking which argument refs are still alive
+        kept = w.kept(call.loaded)
         tid, name, nret = h["tid"], h.get("name", self.cls_name), h.get("nret", 1)
         if isinstance(exc, ActorExit):
-            w.send_result(ident, tid, name, nret, None)
+            w.send_result(ident, tid, name, nret, None, kept)
             self.exit()
         elif exc is not None:
-            w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc")
+            w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc", kept)
         else:
-            w.send_result(ident, tid, name, nret, result)
+            w.send_result(ident, tid, name, nret, result, kept)
 
     def exit(self) -> None:
         """``exit_actor()`` was called: tell the head, then let the worker process end."""

@@ -22,10 +22,12 @@ from typing import Any
 import zmq
 
 from nbcluster import context
+from nbcluster.client import current
 from nbcluster.exceptions import ProtocolError, TaskCancelledError, TaskError
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.security import derive_keys, token_from_environment
+from nbcluster.refs import loaded_refs, serialized_refs
 from nbcluster.serialization import dumps, loads, loads_args
 from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
@@ -227,16 +229,38 @@ class Worker:
 
     # ----------------------------------------------------------------------------- calls
     def load_args(
-        self, h: dict[str, Any], payload: list[Any]
+        self, h: dict[str, Any], payload: list[Any], loaded: list[str] | None = None
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Arguments of a call: ``nargs`` frames of pickled args, then each dependency's frames."""
+        """Arguments of a call: ``nargs`` frames of pickled args, then each dependency's frames.
+
+        The ids of refs found inside them are added to ``loaded`` (see :meth:`kept`).
+        """
         nargs = h["nargs"]
         pos = nargs
         dep_values = []
-        for count in h.get("deps", []):
-            dep_values.append(loads(payload[pos : pos + count], self.store))
-            pos += count
-        return loads_args(payload[:nargs], dep_values)
+        with loaded_refs() as oids:
+            for count in h.get("deps", []):
+                dep_values.append(loads(payload[pos : pos + count], self.store))
+                pos += count
+            values = loads_args(payload[:nargs], dep_values)
+        if loaded is not None:
+            loaded.extend(oids)
+        return values
+
+    def kept(self, loaded: list[str]) -> list[str]:
+        """Refs from a call's arguments that are still alive here once the call is over.
+
+        The caller keeps those objects (it would otherwise free them when it drops its refs).
+        """
+        client = current.get()
+        if client is None or not loaded:
+            return []
+        alive = []
+        for oid in loaded:
+            e = client.objects.get(oid)
+            if e is not None and e.refs > 0:
+                alive.append(oid)
+        return alive
 
     def begin(self, ident: bytes, h: dict[str, Any]) -> tuple[OutputTarget, Any, Any]:
         """Enter a call's context: runtime context and output capture (undo with :meth:`end`)."""
@@ -266,8 +290,9 @@ class Worker:
         """Run one call on the main thread and send its result (cancellable via SIGINT)."""
         tid: str = h["tid"]
         name: str = h.get("name", "task")
+        loaded: list[str] = []
         try:
-            args, kwargs = self.load_args(h, payload)
+            args, kwargs = self.load_args(h, payload, loaded)
         except Exception as exc:
             self.send_error(ident, tid, self.task_error(name, exc, skip=0), "exc")
             return
@@ -298,39 +323,61 @@ class Worker:
             self._cancel_requested = None
             self.stdout.default = self.stderr.default = None
             self.end(target, (tokens[0], tokens[1]))
+        del args, kwargs
+        kept = self.kept(loaded)
         if cancelled:
-            self.send_error(ident, tid, TaskCancelledError(tid), "cancelled")
+            self.send_error(ident, tid, TaskCancelledError(tid), "cancelled", kept)
         elif not ok:
             assert error is not None
-            self.send_error(ident, tid, self.task_error(name, error, skip=1), "exc")
+            self.send_error(ident, tid, self.task_error(name, error, skip=1), "exc", kept)
         else:
-            self.send_result(ident, tid, name, h.get("nret", 1), result)
+            self.send_result(ident, tid, name, h.get("nret", 1), result, kept)
         if exiting and self.actor is not None:
             self.actor.exit()
         if self.store is not None:
             self.store.forget_freed()
 
-    def send_result(self, ident: bytes, tid: str, name: str, nret: int, result: Any) -> None:
+    def send_result(
+        self,
+        ident: bytes,
+        tid: str,
+        name: str,
+        nret: int,
+        result: Any,
+        kept: list[str] | None = None,
+    ) -> None:
+        kept = list(kept or ())
         try:
-            if nret == 1:
-                parts = [self.serialize(f"{tid}.0", result)]
-            elif nret == 0:
-                parts = []
-            else:
-                values = tuple(result) if isinstance(result, list | tuple) else None
-                if values is None or len(values) != nret:
-                    got = f"{len(values)} values" if values is not None else type(result).__name__
-                    raise ValueError(f"task {name} declared num_returns={nret} but returned {got}")
-                parts = [self.serialize(f"{tid}.{i}", v) for i, v in enumerate(values)]
+            with serialized_refs() as returned:
+                parts = self._serialize_returns(tid, name, nret, result)
         except Exception as exc:
-            self.send_error(
-                ident, tid, self.task_error(name, exc, skip=0, what="its result"), "exc"
-            )
+            err = self.task_error(name, exc, skip=0, what="its result")
+            self.send_error(ident, tid, err, "exc", kept)
             return
+        for ref in returned:  # refs inside the result live on: their owners keep them
+            ref._client.mark_escaped(ref.hex())
+            kept.append(ref.hex())
         frames = [f for p in parts for f in p]
-        self.send(
-            ident, {"k": Kind.RESULT, "tid": tid, "ok": True, "n": [len(p) for p in parts]}, frames
-        )
+        header: dict[str, Any] = {
+            "k": Kind.RESULT,
+            "tid": tid,
+            "ok": True,
+            "n": [len(p) for p in parts],
+        }
+        if kept:
+            header["kept"] = kept
+        self.send(ident, header, frames)
+
+    def _serialize_returns(self, tid: str, name: str, nret: int, result: Any) -> list[list[Any]]:
+        if nret == 1:
+            return [self.serialize(f"{tid}.0", result)]
+        if nret == 0:
+            return []
+        values = tuple(result) if isinstance(result, list | tuple) else None
+        if values is None or len(values) != nret:
+            got = f"{len(values)} values" if values is not None else type(result).__name__
+            raise ValueError(f"task {name} declared num_returns={nret} but returned {got}")
+        return [self.serialize(f"{tid}.{i}", v) for i, v in enumerate(values)]
 
     def serialize(self, oid: str, value: Any) -> list[Any]:
         """A return value's frames: inline when small, else written once into the node's store."""
@@ -365,13 +412,20 @@ class Worker:
                 err = TaskError(err.function_name, err.traceback_str, None, err.where, err.frames)
             return dumps(err)
 
-    def send_error(self, ident: bytes, tid: str, err: BaseException, kind: str) -> None:
+    def send_error(
+        self, ident: bytes, tid: str, err: BaseException, kind: str, kept: list[str] | None = None
+    ) -> None:
         frames = self.error_frames(err)
-        self.send(
-            ident,
-            {"k": Kind.RESULT, "tid": tid, "ok": False, "err": kind, "n": [len(frames)]},
-            frames,
-        )
+        header: dict[str, Any] = {
+            "k": Kind.RESULT,
+            "tid": tid,
+            "ok": False,
+            "err": kind,
+            "n": [len(frames)],
+        }
+        if kept:
+            header["kept"] = kept
+        self.send(ident, header, frames)
 
     # ----------------------------------------------------------------------------- control
     def _control_loop(self) -> None:
