@@ -35,6 +35,7 @@ class WorkerIdentity:
     head_address: str
     job_id: str | None = None
     sys_path: list[str] = field(default_factory=list)
+    namespace: str = ""
 
 
 worker_identity: WorkerIdentity | None = None

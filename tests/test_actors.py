@@ -366,3 +366,24 @@ def test_introspection(cluster: nb.ClusterInfo) -> None:
     assert info["resources"] == {"CPU": 0.5}
     assert re.fullmatch(r"\d+", str(info["pid"]))
     nb.kill(c)
+
+
+def test_large_constructor_argument_survives_the_callers_ref(cluster: nb.ClusterInfo) -> None:
+    np = pytest.importorskip("numpy")
+
+    @nb.remote(max_restarts=1)
+    class Model:
+        def __init__(self, weights: object) -> None:
+            self.total = float(weights.sum())  # type: ignore[attr-defined]
+
+        def get(self) -> float:
+            return self.total
+
+        def resources(self) -> dict[str, float]:
+            return nb.get_runtime_context().get_assigned_resources()
+
+    weights = nb.put(np.ones(1_000_000))  # 8 MB: in the object store
+    m = Model.options(num_cpus=1).remote(weights)
+    del weights  # the actor still gets (and, on restart, gets again) its argument
+    assert nb.get(m.get.remote(), timeout=30) == 1_000_000
+    assert nb.get(m.resources.remote(), timeout=30) == {"CPU": 1.0}

@@ -171,3 +171,15 @@ def test_token_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_authentication_error_is_typed() -> None:
     assert issubclass(AuthenticationError, nb.exceptions.NbclusterError)
+
+
+def test_store_refuses_segments_it_did_not_write(tmp_path: Path) -> None:
+    from nbcluster.store import ObjectStoreError, open_segment, write_segment
+    from nbcluster.store.segment import dumps_oob
+
+    path = str(tmp_path / "seg")
+    write_segment(path, dumps_oob(b"x" * 1000))
+    assert len(open_segment(path)) > 0
+    os.chmod(path, 0o644)  # as a file another user planted would be
+    with pytest.raises(ObjectStoreError, match="refusing"):
+        open_segment(path)

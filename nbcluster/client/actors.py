@@ -164,6 +164,9 @@ class ActorCalls:
         ar.owned = True
         ar.subscribed = True  # the head subscribes the creator
         ar.max_task_retries = int(header.get("max_task_retries", 0))
+        # The actor reads its constructor's arguments again on every restart: keep them.
+        for d in deps:
+            self.objects.mark_escaped(d.hex())
         entries = [self._resolve(d) for d in deps]
         waiting = [e for e in entries if e is not None and e.state not in (READY, FAILED)]
 

@@ -553,6 +553,7 @@ def connect_from_worker() -> CoreClient:
         job_id=ident.job_id,
         worker_id=ident.worker_id,
         node_id=ident.node_id,
+        namespace=ident.namespace or None,
     )
     client.connect()
     store = os.environ.get("NBCLUSTER_STORE")

@@ -49,6 +49,7 @@ class TaskSubmission:
     objects: ObjectTable
     owner_address: str
     job_id: str
+    namespace: str
     log_to_driver: bool
     on_output: Callable[[str, str], None] | None
     infeasible_notices: list[tuple[str, dict[str, float]]]
@@ -302,6 +303,7 @@ class TaskSubmission:
             bind = {
                 "k": Kind.BIND,
                 "job_id": self.job_id,
+                "namespace": self.namespace,
                 "sys_path": [os.path.abspath(p) if p in ("", ".") else p for p in sys.path],
             }
             send_nowait(sock, encode(bind))

@@ -239,9 +239,16 @@ def open_segment(path: str) -> mmap.mmap:
     ObjectStoreError
         If the file is empty.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        # Only segments this user wrote are unpickled: another local user could otherwise plant
+        # a file under an object's name.
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise ObjectStoreError(
+                f"segment {path} is not owned by this user with mode 0600; refusing to read it"
+            )
+        size = st.st_size
         if size < _FIXED.size:
             raise ObjectStoreError(f"segment {path} is truncated ({size} bytes)")
         if sys.version_info >= (3, 13):

@@ -50,6 +50,7 @@ class ActorHost:
         self.is_async = is_async
         self.max_concurrency = max_concurrency
         self.concurrent = is_async or max_concurrency > 1
+        self.assigned: dict[str, Any] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
@@ -71,6 +72,9 @@ class ActorHost:
             bool(h.get("is_async")),
         )
         worker.actor = host
+        host.assigned = dict(h.get("assigned") or {})
+        if h.get("gpus"):
+            host.assigned["GPU_IDS"] = list(h["gpus"])
         init_h = {**h, "tid": f"{aid}.init", "name": host.cls_name}
         try:
             klass, filename = loads([payload[0]])

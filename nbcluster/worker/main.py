@@ -176,6 +176,8 @@ class Worker:
                 self.queue.append((ident, h, payload))
         elif kind == Kind.BIND:
             self.bind(h.get("job_id"), h.get("sys_path", []))
+            if h.get("namespace") and not self.ident.namespace:
+                self.ident.namespace = h["namespace"]
         elif kind == Kind.CANCEL:
             for i, (qident, qh, _) in enumerate(self.queue):
                 if qh.get("tid") == h["tid"]:
@@ -272,7 +274,7 @@ class Worker:
             name=name,
             node_id=self.ident.node_id,
             worker_id=self.ident.worker_id,
-            assigned=h.get("assigned") or {},
+            assigned=h.get("assigned") or (self.actor.assigned if self.actor is not None else {}),
             actor_id=self.actor.aid if self.actor is not None else None,
         )
         target = OutputTarget(ident, tid, name)
