@@ -184,6 +184,34 @@ def test_refs_kept_by_the_callee_stay_alive(small_store: nb.ClusterInfo) -> None
     assert nb.get(nb.get(outer, timeout=30)[0], timeout=30).sum() == 30
 
 
+def test_object_kept_by_an_actor_is_freed_when_it_lets_go(small_store: nb.ClusterInfo) -> None:
+    @nb.remote
+    class Cache:
+        def __init__(self) -> None:
+            self.refs: list[nb.ObjectRef] = []
+
+        def keep(self, refs: list[nb.ObjectRef]) -> int:
+            self.refs.extend(refs)
+            return len(self.refs)
+
+        def total(self) -> float:
+            return float(sum(nb.get(r, timeout=30).sum() for r in self.refs))
+
+        def clear(self) -> None:
+            self.refs.clear()
+
+    cache = Cache.remote()
+    before = set(_segments(small_store))
+    ref = nb.put(np.ones(50 * MB // 8))
+    (segment,) = set(_segments(small_store)) - before
+    assert nb.get(cache.keep.remote([ref]), timeout=30) == 1
+    del ref  # the actor still holds it: the object stays
+    assert nb.get(cache.total.remote(), timeout=30) == 50 * MB // 8
+    assert os.path.exists(segment)  # still stored
+    nb.get(cache.clear.remote(), timeout=30)  # the actor lets go: the owner frees it
+    wait_until(lambda: not os.path.exists(segment), timeout=10)
+
+
 def test_nothing_left_after_shutdown_or_a_killed_driver(tmp_path: Path) -> None:
     nb.shutdown()
     info = nb.init(num_cpus=1)

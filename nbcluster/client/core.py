@@ -115,7 +115,7 @@ class CoreClient(TaskSubmission, ActorCalls):
         self.infeasible_notices: list[tuple[str, dict[str, float]]] = []
         self._actors: dict[str, ActorRecord] = {}
         self.store: StoreClient | None = None
-        self.objects.on_drop = self._free_stored
+        self.objects.on_drop = self._entry_dropped
         self.namespace = namespace or ""
 
     # ================================================================== lifecycle (user thread)
@@ -249,10 +249,25 @@ class CoreClient(TaskSubmission, ActorCalls):
         assert self._transport is not None
         self.store = StoreClient(self._transport, address, store_id)
 
-    def _free_stored(self, entry: Entry) -> None:
-        store = self.store
-        if store is not None and entry.frames and is_stored(entry.frames):
-            store.free([entry.oid])
+    def _entry_dropped(self, entry: Entry) -> None:
+        """The last local use of an object is gone (any thread)."""
+        if entry.owned:
+            store = self.store
+            if store is not None and entry.frames and is_stored(entry.frames):
+                store.free([entry.oid])
+        elif entry.reported and entry.owner:
+            # We told callers we kept it: now tell its owner we let go.
+            try:
+                self._post(
+                    "to_owner",
+                    entry.owner,
+                    {"k": Kind.BORROW_DEL, "oid": entry.oid, "n": entry.reported},
+                )
+            except NbclusterError:
+                pass  # closed: the owner frees everything when our job ends
+
+    def _do_to_owner(self, owner: str, header: dict[str, Any]) -> None:
+        self._spawn(self._send_to_owner(owner, header))
 
     # ================================================================== cross-thread plumbing
     def _post(self, *item: Any) -> None:
@@ -280,7 +295,7 @@ class CoreClient(TaskSubmission, ActorCalls):
 
     # ================================================================== refs (any thread)
     def add_local_ref(self, oid: str, owner: str, borrowed: bool) -> None:
-        self.objects.add_ref(oid, owned=not borrowed)
+        self.objects.add_ref(oid, owned=not borrowed, owner=owner)
 
     def remove_local_ref(self, oid: str) -> None:
         self.objects.remove_ref(oid)
@@ -350,7 +365,14 @@ class CoreClient(TaskSubmission, ActorCalls):
                 h, _ = decode(frames[1:])
             except ProtocolError:
                 continue
-            if h["k"] != Kind.GET_OBJECT:
+            kind = h["k"]
+            if kind == Kind.BORROW_DEL:
+                self.objects.add_borrows(h["oid"], -int(h.get("n", 1)))
+                continue
+            if kind == Kind.ESCAPE:
+                self.objects.mark_escaped(h["oid"])
+                continue
+            if kind != Kind.GET_OBJECT:
                 continue
             oid = h["oid"]
             entry = self.objects.get(oid)
@@ -370,12 +392,16 @@ class CoreClient(TaskSubmission, ActorCalls):
 
     async def _fetch(self, oid: str, owner: str) -> None:
         """Get a borrowed object's value from its owner."""
+        await self._send_to_owner(owner, {"k": Kind.GET_OBJECT, "oid": oid})
+
+    async def _send_to_owner(self, owner: str, header: dict[str, Any]) -> None:
+        """Send on our (one, ordered) connection to an object's owner."""
         sock = self._owner_conns.get(owner)
         if sock is None:
             assert self._transport is not None
             sock = self._owner_conns[owner] = self._transport.client(zmq.DEALER, owner)
             self._spawn(self._read_owner(sock, owner))
-        send_nowait(sock, encode({"k": Kind.GET_OBJECT, "oid": oid}))
+        send_nowait(sock, encode(header))
 
     async def _read_owner(self, sock: Any, owner: str) -> None:
         while True:

@@ -27,7 +27,11 @@ class Entry:
     state: int = PENDING
     frames: list[Any] = field(default_factory=list)
     refs: int = 0  # live ObjectRef instances in this process
-    escaped: bool = False  # sent to another process: keep it for borrowers
+    escaped: bool = False  # sent to another process for good: keep it until the job ends
+    owner: str = ""  # the owner's address (for borrowed objects)
+    borrows: int = 0  # owned: callees that kept a ref (signed: a release may arrive first)
+    reported: int = 0  # borrowed: times we told a caller we kept it (released when dropped)
+    contained: list[Any] = field(default_factory=list)  # refs inside this value, kept with it
     event: threading.Event | None = None
     callbacks: list[Callback] = field(default_factory=list)
     fetching: bool = False
@@ -42,11 +46,22 @@ class ObjectTable:
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
         self.lock = threading.Lock()
-        #: Called (outside the lock) with each dropped owned entry, to free its stored value.
+        #: Called (outside the lock) with each dropped entry: free a stored value, release a borrow.
         self.on_drop: Callable[[Entry], None] | None = None
 
+    @staticmethod
+    def _droppable(e: Entry) -> bool:
+        return (
+            e.refs <= 0
+            and not e.escaped
+            and e.borrows == 0
+            and e.state != PENDING
+            and not e.callbacks
+        )
+
     def _dropped(self, e: Entry) -> None:
-        if e.owned and self.on_drop is not None:
+        e.contained = []  # releases the refs inside the value (outside the lock)
+        if self.on_drop is not None:
             self.on_drop(e)
 
     def __len__(self) -> int:
@@ -62,11 +77,11 @@ class ObjectTable:
                 e = self._entries[oid] = Entry(oid, owned)
             return e
 
-    def add_ref(self, oid: str, owned: bool) -> Entry:
+    def add_ref(self, oid: str, owned: bool, owner: str = "") -> Entry:
         with self.lock:
             e = self._entries.get(oid)
             if e is None:
-                e = self._entries[oid] = Entry(oid, owned)
+                e = self._entries[oid] = Entry(oid, owned, owner=owner)
             e.refs += 1
             return e
 
@@ -76,10 +91,28 @@ class ObjectTable:
             if e is None:
                 return
             e.refs -= 1
-            if not (e.refs <= 0 and not e.escaped and e.state != PENDING and not e.callbacks):
+            if not self._droppable(e):
                 return
             del self._entries[oid]
         self._dropped(e)
+
+    def add_borrows(self, oid: str, n: int) -> None:
+        """Count callees holding an owned object (``n`` < 0 when they let go)."""
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is None or not e.owned:
+                return
+            e.borrows += n
+            if not self._droppable(e):
+                return
+            del self._entries[oid]
+        self._dropped(e)
+
+    def set_contained(self, oid: str, refs: list[Any]) -> None:
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is not None:
+                e.contained = refs
 
     def mark_escaped(self, oid: str) -> None:
         with self.lock:
@@ -97,7 +130,7 @@ class ObjectTable:
             e.frames = frames
             callbacks, e.callbacks = e.callbacks, []
             ev = e.event
-            dropped = e.refs <= 0 and not e.escaped and not callbacks
+            dropped = self._droppable(e) and not callbacks
             if dropped:
                 del self._entries[oid]  # nobody can ask for it any more
         if dropped:

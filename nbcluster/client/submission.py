@@ -68,6 +68,8 @@ class TaskSubmission:
 
     if TYPE_CHECKING:  # implemented by CoreClient and ActorCalls
 
+        async def _send_to_owner(self, owner: str, header: dict[str, Any]) -> None: ...
+
         def _actor_call_ready(self, rec: TaskRecord) -> None: ...
         def _on_actor_result(
             self, rec: TaskRecord, h: dict[str, Any], payload: list[Any]
@@ -403,7 +405,7 @@ class TaskSubmission:
         lease = conn.lease
         if rec is None:
             return
-        self._note_kept(h)
+        self._note_kept(rec, h)
         if rec.actor_id is not None:
             self._on_actor_result(rec, h, payload)
             return
@@ -448,8 +450,11 @@ class TaskSubmission:
         rec.deps = []
         rec.dep_frames = []
         rec.nested = []
+        contained, rec.contained = rec.contained, []
         for oid, frames in zip(rec.return_ids, parts, strict=False):
             self._producer.pop(oid, None)
+            if contained:
+                self.objects.set_contained(oid, contained)
             self.objects.complete(oid, state, frames)
         # A task with num_returns=0 still completes its (hidden) first id.
         for oid in rec.return_ids[len(parts) :]:
@@ -458,10 +463,30 @@ class TaskSubmission:
                 oid, state, [dumps(None)] if state == READY else parts[0] if parts else []
             )
 
-    def _note_kept(self, h: dict[str, Any]) -> None:
-        """The callee kept refs from its arguments (or returned refs): keep those objects."""
+    def _note_kept(self, rec: TaskRecord, h: dict[str, Any]) -> None:
+        """Account for refs the callee kept, and for refs inside its result.
+
+        A kept ref we own counts as a borrow until the callee lets go (``BORROW_DEL``); one we
+        borrowed ourselves makes its owner keep it for good (``ESCAPE``). Refs inside the result
+        stay alive as long as the result does.
+        """
         for oid in h.get("kept", ()):
-            self.objects.mark_escaped(oid)
+            e = self.objects.get(oid)
+            if e is None:
+                continue
+            if e.owned:
+                self.objects.add_borrows(oid, 1)
+            elif e.owner:
+                self._spawn(self._send_to_owner(e.owner, {"k": Kind.ESCAPE, "oid": oid}))
+        returned = h.get("returned")
+        if returned:
+            refs = []
+            for oid, owner in returned:
+                mine = owner == self.owner_address
+                refs.append(ObjectRef(oid, owner, self, borrowed=not mine))
+                if not mine:
+                    self._spawn(self._send_to_owner(owner, {"k": Kind.ESCAPE, "oid": oid}))
+            rec.contained = refs
 
     def _on_log(self, h: dict[str, Any], conn: WorkerConn) -> None:
         if not self.log_to_driver:

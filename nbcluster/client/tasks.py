@@ -30,6 +30,7 @@ class TaskRecord:
     force_cancel: bool = False
     attempts: int = 0
     nested: list[Any] = field(default_factory=list)  # refs inside the arguments, kept until done
+    contained: list[Any] = field(default_factory=list)  # refs inside the result
     actor_id: str | None = None  # set for actor method calls
     method: str = ""
 

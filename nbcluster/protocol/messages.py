@@ -81,4 +81,6 @@ class Kind(StrEnum):
 
     # --- object transfer (borrower <-> owner) ----------------------------------------------
     GET_OBJECT = "oget"  # {oid}
+    BORROW_DEL = "bdel"  # borrower -> owner: {oid, n}: a callee that kept the ref let go of it
+    ESCAPE = "escape"  # borrower -> owner: {oid}: keep it until the job ends
     OBJECT = "obj"  # {oid, ok, err?} + frames

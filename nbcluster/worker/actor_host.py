@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nbcluster.exceptions import ActorDiedError
 from nbcluster.protocol.messages import Kind
 from nbcluster.serialization import loads
 from nbcluster.worker.main import ActorExit, restore_filenames
@@ -51,6 +52,7 @@ class ActorHost:
         self.max_concurrency = max_concurrency
         self.concurrent = is_async or max_concurrency > 1
         self.assigned: dict[str, Any] = {}
+        self.exited = False
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
@@ -135,6 +137,8 @@ class ActorHost:
     # ------------------------------------------------------------------------ calls
     def call_inline(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
         """Run a call on the main thread (sequential actors)."""
+        if self.refuse(ident, h):
+            return
         try:
             method = self._method(h)
         except Exception as exc:
@@ -187,6 +191,8 @@ class ActorHost:
 
     def _prepare(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> _Call | None:
         """The bound method and arguments of a call, or ``None`` after reporting why not."""
+        if self.refuse(ident, h):
+            return None
         loaded: list[str] = []
         try:
             method = self._method(h)
@@ -215,8 +221,18 @@ class ActorHost:
             w.send_result(ident, tid, name, nret, result, kept)
 
     def exit(self) -> None:
-        """``exit_actor()`` was called: tell the head, then let the worker process end."""
+        """``exit_actor()`` was called: refuse further calls and let the head end us.
+
+        The head kills this worker after recording why, so the actor is never restarted and its
+        callers learn that it exited rather than crashed.
+        """
+        self.exited = True
         self.worker.send(self.head, {"k": Kind.ACTOR_EXIT, "aid": self.aid})
-        self.worker.exiting = True
-        if threading.current_thread() is not threading.main_thread():
-            self.worker.send(self.head, {"k": Kind.PING})  # wake the main loop so it exits
+
+    def refuse(self, ident: bytes, h: dict[str, Any]) -> bool:
+        """Answer a call that arrived after ``exit_actor()``; returns whether it did."""
+        if not self.exited:
+            return False
+        err = ActorDiedError(f"the actor {self.cls_name} called exit_actor()")
+        self.worker.send_error(ident, h["tid"], err, "exc")
+        return True

@@ -90,7 +90,6 @@ class Worker:
         self.stderr = LineForwarder("stderr", sys.stderr, self._emit)
         self._orig_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.actor: Any = None  # ActorHost once this worker hosts an actor
-        self.exiting = False
         store_addr = os.environ.get("NBCLUSTER_STORE")
         self.store = (
             StoreClient(
@@ -144,7 +143,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        while not self.exiting:
+        while True:  # until the agent kills us (or goes away: see the control thread)
             try:
                 if not self.queue:
                     poller.poll()
@@ -156,9 +155,6 @@ class Worker:
                     self._flush_outbox()
             except KeyboardInterrupt:
                 continue  # a cancellation that arrived just after its task finished
-        self._flush_outbox()
-        self.sock.close(linger=2000)  # let the last results leave
-        os._exit(0)
 
     def _receive(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
@@ -258,9 +254,10 @@ class Worker:
         if client is None or not loaded:
             return []
         alive = []
-        for oid in loaded:
+        for oid in dict.fromkeys(loaded):
             e = client.objects.get(oid)
             if e is not None and e.refs > 0:
+                e.reported += 1  # released with a BORROW_DEL when we drop it
                 alive.append(oid)
         return alive
 
@@ -356,9 +353,8 @@ class Worker:
             err = self.task_error(name, exc, skip=0, what="its result")
             self.send_error(ident, tid, err, "exc", kept)
             return
-        for ref in returned:  # refs inside the result live on: their owners keep them
+        for ref in returned:  # refs we own inside the result: kept until our job ends
             ref._client.mark_escaped(ref.hex())
-            kept.append(ref.hex())
         frames = [f for p in parts for f in p]
         header: dict[str, Any] = {
             "k": Kind.RESULT,
@@ -368,6 +364,8 @@ class Worker:
         }
         if kept:
             header["kept"] = kept
+        if returned:
+            header["returned"] = [[r.hex(), r.owner_address] for r in returned]
         self.send(ident, header, frames)
 
     def _serialize_returns(self, tid: str, name: str, nret: int, result: Any) -> list[list[Any]]:
