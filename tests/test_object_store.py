@@ -212,6 +212,19 @@ def test_object_kept_by_an_actor_is_freed_when_it_lets_go(small_store: nb.Cluste
     wait_until(lambda: not os.path.exists(segment), timeout=10)
 
 
+def test_refs_inside_a_put_value_live_as_long_as_it(small_store: nb.ClusterInfo) -> None:
+    before = set(_segments(small_store))
+    inner = nb.put(np.ones(20 * MB // 8))
+    (segment,) = set(_segments(small_store)) - before
+    outer = nb.put({"weights": inner})
+    del inner
+    assert os.path.exists(segment)  # held by the outer value
+    got = nb.get(nb.get(outer, timeout=30)["weights"], timeout=30)
+    assert got.sum() == 20 * MB // 8
+    del got, outer
+    wait_until(lambda: not os.path.exists(segment), timeout=10)
+
+
 def test_nothing_left_after_shutdown_or_a_killed_driver(tmp_path: Path) -> None:
     nb.shutdown()
     info = nb.init(num_cpus=1)

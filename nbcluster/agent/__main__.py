@@ -63,6 +63,7 @@ async def run_agent(args: argparse.Namespace) -> int:
         print(f"nbcluster-worker: {exc}", file=sys.stderr)
         await agent.close()
         return 1
+    await agent.wait_prestarted(timeout=30.0)
     print(
         f"NBCLUSTER_AGENT_READY {agent.node_id} {agent.store_address} {agent.store_id}",
         flush=True,

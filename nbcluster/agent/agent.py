@@ -88,6 +88,8 @@ class NodeAgent:
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stopped = asyncio.Event()
+        self._started_workers = 0
+        self._prestarted = asyncio.Event()
 
     async def start(self) -> None:
         """Connect and register with the head (raises on a wrong secret or version)."""
@@ -127,6 +129,16 @@ class NodeAgent:
         self._spawn(self._heartbeat(), "agent-heartbeat")
         self._spawn(self._serve_store(), "agent-store")
         log.info("registered as %s with %s", self.node_id, self.resources)
+
+    async def wait_prestarted(self, timeout: float) -> bool:
+        """Wait until the first ``prestart`` workers are up (so the first task need not wait)."""
+        if self.prestart <= 0:
+            return True
+        try:
+            await asyncio.wait_for(self._prestarted.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _spawn(self, coro: Any, name: str) -> None:
         t = asyncio.create_task(coro, name=name)
@@ -227,6 +239,9 @@ class NodeAgent:
             parts = line.decode().split()
             if len(parts) != 4 or parts[0] != "NBCLUSTER_WORKER_READY":
                 raise NbclusterError(f"worker did not start: {line!r}")
+            self._started_workers += 1
+            if self._started_workers >= self.prestart:
+                self._prestarted.set()
         except Exception as exc:
             log.error("could not start a worker: %s", exc)
             if proc is not None and proc.returncode is None:

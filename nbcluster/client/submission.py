@@ -132,7 +132,8 @@ class TaskSubmission:
         """Store ``value`` as an object owned by this client."""
         oid = f"{self.new_id()}.p"
         try:
-            frames = self._serialize_value(oid, value)
+            with serialized_refs() as inner:
+                frames = self._serialize_value(oid, value)
         except NbclusterError:
             raise  # the store is full: its message says why
         except Exception as exc:
@@ -140,6 +141,13 @@ class TaskSubmission:
                 f"could not serialize the value passed to put(): {type(exc).__name__}: {exc}"
             ) from exc
         ref = ObjectRef(oid, self.owner_address, self)
+        if inner:
+            # Refs inside the value live as long as it does; ones we only borrowed, their
+            # owners must keep (we cannot follow where the value goes).
+            self.objects.set_contained(oid, inner)
+            for r in inner:
+                if r.owner_address != self.owner_address:
+                    self._post("to_owner", r.owner_address, {"k": Kind.ESCAPE, "oid": r.hex()})
         self.objects.complete(oid, READY, frames)
         return ref
 

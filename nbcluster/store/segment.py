@@ -184,10 +184,11 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 def write_segment(path: str, frames: Sequence[Frame]) -> int:
     """Write ``frames`` as a new segment file at ``path``.
 
-    The file is created exclusively with mode 0600 and its full size is allocated up front, so a
-    full ``/dev/shm`` fails here with ``ENOSPC`` rather than later with ``SIGBUS`` in a reader.
-    ``pwrite`` copies each buffer once; it beat writing through a shared mapping by ~2x on tmpfs
-    (no page fault per 4 KiB page). On any failure the partial file is removed.
+    The file is created exclusively with mode 0600 and written with ``pwrite``, which copies each
+    buffer once (it beat writing through a shared mapping by ~2x on tmpfs: no page fault per
+    4 KiB page) and fails with ``ENOSPC`` when ``/dev/shm`` is full, so readers, who only map
+    sealed segments, never meet a hole (``SIGBUS``). Pages are not allocated up front: that
+    zero-filled them first and cost ~20% of the write. On any failure the partial file is removed.
 
     Parameters
     ----------
@@ -211,7 +212,7 @@ def write_segment(path: str, frames: Sequence[Frame]) -> int:
     offsets, size = segment_layout(lengths)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.ftruncate(fd, size)
         _pwrite_all(fd, memoryview(_header(lengths, offsets)), 0)
         for off, view in zip(offsets, views, strict=True):
             _pwrite_all(fd, view, off)
