@@ -301,8 +301,10 @@ class StoreManager:
                 return False
             self._lru.pop(oid, None)
             self._account(e, -e.size)
-            _unlink(self._path(oid, e))
-            return True
+            path = self._path(oid, e)
+        # Unlinking a large tmpfs file frees its pages (milliseconds): not under the lock.
+        _unlink(path)
+        return True
 
     def locate(self, oid: str, pin: bool = False) -> str:
         """The path to map ``oid`` from, restoring it from the spill disk into memory first.

@@ -44,7 +44,8 @@ class StoreService:
         if kind == Kind.STORE_FREE:
             for oid in h["oids"]:
                 self._jobs.pop(oid, None)
-                m.free(oid)
+            # Off the loop: freeing pages must not hold up the next put.
+            await loop.run_in_executor(None, lambda: [m.free(oid) for oid in h["oids"]])
             return
         reply: dict[str, Any] = {"k": Kind.STORE_REPLY, "rid": h.get("rid"), "ok": True}
         try:
