@@ -84,24 +84,21 @@ _tracking = threading.local()
 
 
 @contextlib.contextmanager
-def serialized_refs() -> Iterator[list[ObjectRef]]:
+def _collecting(name: str) -> Iterator[list[Any]]:
+    prev = getattr(_tracking, name, None)
+    items: list[Any] = []
+    setattr(_tracking, name, items)
+    try:
+        yield items
+    finally:
+        setattr(_tracking, name, prev)
+
+
+def serialized_refs() -> contextlib.AbstractContextManager[list[ObjectRef]]:
     """Collect (instead of pinning) the refs pickled in this thread inside the block."""
-    prev = getattr(_tracking, "serialized", None)
-    refs: list[ObjectRef] = []
-    _tracking.serialized = refs
-    try:
-        yield refs
-    finally:
-        _tracking.serialized = prev
+    return _collecting("serialized")
 
 
-@contextlib.contextmanager
-def loaded_refs() -> Iterator[list[str]]:
+def loaded_refs() -> contextlib.AbstractContextManager[list[str]]:
     """Collect the ids of the refs unpickled in this thread inside the block."""
-    prev = getattr(_tracking, "loaded", None)
-    oids: list[str] = []
-    _tracking.loaded = oids
-    try:
-        yield oids
-    finally:
-        _tracking.loaded = prev
+    return _collecting("loaded")
