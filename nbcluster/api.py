@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from nbcluster import context
 from nbcluster.client import current
 from nbcluster.client.core import CoreClient
@@ -177,8 +179,16 @@ def _local_node(client: CoreClient) -> dict[str, Any]:
     except Exception:
         return {}
     host = socket.gethostname()
-    for n in nodes:
-        if n.get("name") == host and n.get("alive"):
+    alive = [n for n in nodes if n.get("alive")]
+    for n in alive:
+        if n.get("name") == host:
+            return dict(n)
+    # Agents may carry other names (--node-name): match one listening on this machine.
+    mine = {"127.0.0.1", "localhost", "::1"}
+    for addrs in psutil.net_if_addrs().values():
+        mine.update(a.address for a in addrs)
+    for n in alive:
+        if n.get("address") in mine:
             return dict(n)
     return {}
 

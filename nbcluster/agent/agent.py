@@ -22,6 +22,7 @@ from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
 from nbcluster.store.manager import StoreManager, default_capacity
 from nbcluster.store.service import StoreService
+from nbcluster.store.transfer import ObjectPuller
 from nbcluster.transport import Transport, wait_for_handshake
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class NodeAgent:
             spill_dir=spill_dir,
             disk_limit_bytes=spill_limit,
         )
-        self._store_service = StoreService(self.store)
+        self._store_service = StoreService(self.store)  # its puller needs the transport
         self._store_sock: Any = None
         self.store_address = ""
         self.node_id = ""
@@ -98,6 +99,7 @@ class NodeAgent:
         self._store_sock, self.store_address = self._transport.server(
             zmq.ROUTER, f"tcp://{self.bind_host}:0"
         )
+        self._store_service.puller = ObjectPuller(self._transport, self.store)
         await wait_for_handshake(self._sock, self.head_address, timeout=30.0)
         gpu_ids = [g["index"] for g in self.gpus]
         ngpu = int(self.resources.get("GPU", 0))
@@ -307,6 +309,8 @@ class NodeAgent:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._store_service.puller is not None:
+            self._store_service.puller.close()
         if self._store_sock is not None:
             self._store_sock.close(linger=0)
             self._store_sock = None

@@ -76,6 +76,8 @@ class Kind(StrEnum):
     STORE_PIN = "spin"  # {oid} (no reply): a reader mapped it straight from shared memory
     STORE_UNPIN = "sunpin"  # {oid} (no reply)
     STORE_FREE = "sfree"  # {oids} (no reply)
+    STORE_PULL = "spull"  # {rid, oid, from}: copy a remote node's object here, then LOCATE it
+    STORE_READ = "sread"  # agent -> agent: {rid, oid} -> STORE_REPLY + [the segment's bytes]
     STORE_REPLY = "sreply"  # {rid, ok, path?, err?, args?}
     JOB_ENDED = "jobend"  # head -> agent: {job_id}: free that job's objects
 

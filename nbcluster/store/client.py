@@ -137,7 +137,14 @@ class StoreClient:
             self.free([oid])
             raise
         self._request({"k": Kind.STORE_SEAL, "oid": oid})
-        return [MARKER + msgpack.packb({"oid": oid, "store": self.store_id, "size": size})]
+        meta = {
+            "oid": oid,
+            "store": self.store_id,
+            "size": size,
+            "addr": self.address,
+            "job": job_id,
+        }
+        return [MARKER + msgpack.packb(meta)]
 
     def get(self, frames: Sequence[Any]) -> Any:
         """Deserialize a stored object: buffers are read-only views of its shared memory."""
@@ -150,10 +157,29 @@ class StoreClient:
             self._recent.move_to_end(oid)
             return loads_frames(segment_frames(mm))
         if meta.get("store") != self.store_id:
-            raise ObjectLostError(
-                f"object {oid} lives in another node's store; moving objects between nodes is "
-                "not supported yet"
-            )
+            if not meta.get("addr"):
+                raise ObjectLostError(f"object {oid} lives in another node's store")
+            # Our agent copies it from the node that holds it (once per node), then we map it.
+            path = self._request(
+                {"k": Kind.STORE_PULL, "oid": oid, "from": meta["addr"], "job": meta.get("job")}
+            )["path"]
+            mm = self._open_pinned(oid, path)
+        else:
+            mm = self._open_local(oid)
+        # The object stays pinned (not spilled) while anything still uses the mapping.
+        weakref.finalize(mm, self._notify, {"k": Kind.STORE_UNPIN, "oid": oid})
+        if self._keep:
+            self._remember(oid, mm)
+        return loads_frames(segment_frames(mm))
+
+    def _open_pinned(self, oid: str, path: str) -> Any:
+        try:
+            return open_segment(path)
+        except BaseException:
+            self._notify({"k": Kind.STORE_UNPIN, "oid": oid})
+            raise
+
+    def _open_local(self, oid: str) -> Any:
         try:
             # Fast path: the segment is in shared memory; map it and tell the agent (no wait).
             # Were it spilled right after, our mapping would stay valid all the same.
@@ -161,16 +187,8 @@ class StoreClient:
             self._notify({"k": Kind.STORE_PIN, "oid": oid})
         except FileNotFoundError:  # spilled: the agent restores it (and pins it) first
             path = self._request({"k": Kind.STORE_LOCATE, "oid": oid})["path"]
-            try:
-                mm = open_segment(path)
-            except BaseException:
-                self._notify({"k": Kind.STORE_UNPIN, "oid": oid})
-                raise
-        # The object stays pinned (not spilled) while anything still uses the mapping.
-        weakref.finalize(mm, self._notify, {"k": Kind.STORE_UNPIN, "oid": oid})
-        if self._keep:
-            self._remember(oid, mm)
-        return loads_frames(segment_frames(mm))
+            mm = self._open_pinned(oid, path)
+        return mm
 
     def _remember(self, oid: str, mm: Any) -> None:
         self._recent[oid] = mm

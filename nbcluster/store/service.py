@@ -8,10 +8,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from nbcluster.exceptions import ObjectLostError
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.store.errors import ObjectNotFoundError, ObjectStoreError, ObjectStoreFullError
 from nbcluster.store.manager import StoreManager
+from nbcluster.store.transfer import ObjectPuller, read_segment_file
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,9 @@ class StoreService:
     driver is gone can be freed at once.
     """
 
-    def __init__(self, manager: StoreManager) -> None:
+    def __init__(self, manager: StoreManager, puller: ObjectPuller | None = None) -> None:
         self.manager = manager
+        self.puller = puller
         self._jobs: dict[str, str] = {}  # oid -> job id
 
     async def handle(
@@ -48,6 +51,7 @@ class StoreService:
             await loop.run_in_executor(None, lambda: [m.free(oid) for oid in h["oids"]])
             return
         reply: dict[str, Any] = {"k": Kind.STORE_REPLY, "rid": h.get("rid"), "ok": True}
+        payload: list[Any] = []
         try:
             if kind == Kind.STORE_RESERVE:
                 reply["path"] = await loop.run_in_executor(None, m.reserve, h["oid"], h["size"])
@@ -57,6 +61,19 @@ class StoreService:
                 m.seal(h["oid"])
             elif kind == Kind.STORE_LOCATE:
                 reply["path"] = await loop.run_in_executor(None, lambda: m.locate(h["oid"], True))
+            elif kind == Kind.STORE_PULL:
+                if self.puller is None:
+                    raise ObjectStoreError("this node cannot fetch objects from other nodes")
+                await self.puller.pull(h["oid"], h["from"])
+                if h.get("job"):  # the copy goes with its job, like the original
+                    self._jobs.setdefault(h["oid"], h["job"])
+                reply["path"] = await loop.run_in_executor(None, lambda: m.locate(h["oid"], True))
+            elif kind == Kind.STORE_READ:
+                path = await loop.run_in_executor(None, lambda: m.locate(h["oid"], True))
+                try:
+                    payload = [await loop.run_in_executor(None, read_segment_file, path)]
+                finally:
+                    m.unpin(h["oid"])
             else:
                 reply.update(ok=False, err="unknown", msg=f"unknown store request {kind!r}")
         except ObjectStoreFullError as exc:
@@ -74,12 +91,12 @@ class StoreService:
                     exc.reason,
                 ],
             )
-        except ObjectNotFoundError as exc:
+        except (ObjectNotFoundError, ObjectLostError) as exc:
             reply.update(ok=False, err="missing", msg=str(exc))
         except Exception as exc:  # a bug or an OS error: report it, never crash the node
             log.exception("store request %s failed", kind)
             reply.update(ok=False, err="error", msg=f"{type(exc).__name__}: {exc}")
-        send([ident, *encode(reply)])
+        send([ident, *encode(reply, payload)])
 
     def job_ended(self, job_id: str) -> int:
         """Free every object of ``job_id``; returns how many."""
