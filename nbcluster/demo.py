@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
+from typing import Any
 
 import nbcluster as nb
 
@@ -32,8 +34,8 @@ def run_demo() -> int:
     data = nb.put(list(range(10)))
 
     @nb.remote
-    def total(xs: list[int]) -> int:
-        return sum(xs)
+    def total(xs: Any) -> Any:
+        return xs.sum() if hasattr(xs, "sum") else sum(xs)
 
     print("sum of a put() object ->", nb.get(total.remote(data)))
 
@@ -52,6 +54,25 @@ def run_demo() -> int:
         nb.get(fails.remote())
     except ValueError as exc:
         print("a remote ValueError is caught as ValueError:", str(exc).splitlines()[0])
+
+    class Counter:  # the seed's actor: state lives between calls
+        def __init__(self) -> None:
+            self.value = 0
+
+        def increment(self) -> int:
+            self.value += 1
+            return self.value
+
+    # nb.remote(Counter) is what @nb.remote does; written out because mypy ignores what class
+    # decorators return.
+    counter = nb.remote(Counter).remote()
+    print("Counter actor ->", nb.get([counter.increment.remote() for _ in range(3)]))
+
+    if importlib.util.find_spec("numpy") is not None:  # numpy is optional
+        import numpy as np
+
+        big = nb.put(np.ones(10_000_000))  # 80 MB: lives in the node's shared-memory store
+        print("sum of an 80 MB array in a task ->", nb.get(total.remote(big)))
 
     t1 = time.perf_counter()
     nb.get([f.remote(i) for i in range(1000)])
