@@ -197,6 +197,32 @@ def standalone(tmp_path: Path):  # type: ignore[no-untyped-def]
                 p.stdout.close()
 
 
+def _join(address: str, token_file: Path, name: str, *flags: str) -> subprocess.Popen[str]:
+    """Start ``nbcluster worker`` (a node agent) joining ``address``; returns once it is ready."""
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nbcluster",
+            "worker",
+            "--address",
+            address,
+            "--token-file",
+            str(token_file),
+            "--node-name",
+            name,
+            *flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert agent.stdout is not None
+    line = agent.stdout.readline()
+    assert line.startswith("NBCLUSTER_AGENT_READY"), line
+    return agent
+
+
 def _free_port() -> int:
     import socket
 
@@ -258,27 +284,7 @@ def test_pending_task_runs_when_a_capable_node_joins(standalone, caplog) -> None
     ref = on_gpu.remote()
     wait_until(lambda: "missing GPU: 1" in caplog.text, timeout=10)
     assert nb.wait([ref], timeout=0.5)[0] == []
-    gpu_box = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nbcluster",
-            "worker",
-            "--address",
-            address,
-            "--token-file",
-            str(token_file),
-            "--num-cpus",
-            "1",
-            "--num-gpus",
-            "1",
-            "--node-name",
-            "gpu-box",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    gpu_box = _join(address, token_file, "gpu-box", "--num-cpus", "1", "--num-gpus", "1")
     procs.append(gpu_box)
     assert nb.get(ref, timeout=60) == "0"
     assert sorted(n["name"] for n in nb.nodes()) == ["box-a", "gpu-box"]
@@ -303,30 +309,7 @@ def test_objects_move_between_nodes(standalone) -> None:  # type: ignore[no-unty
     np = pytest.importorskip("numpy")
     address, token_file, procs = standalone
     for name, res in (("box-b", '{"b": 1}'), ("box-c", '{"c": 2}')):
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "nbcluster",
-                "worker",
-                "--address",
-                address,
-                "--token-file",
-                str(token_file),
-                "--num-cpus",
-                "2",
-                "--node-name",
-                name,
-                "--resources",
-                res,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        procs.append(agent)
-        assert agent.stdout is not None
-        assert agent.stdout.readline().startswith("NBCLUSTER_AGENT_READY")
+        procs.append(_join(address, token_file, name, "--num-cpus", "2", "--resources", res))
     nb.init(address=address, token_file=token_file)
 
     @nb.remote(resources={"b": 1})
