@@ -225,6 +225,19 @@ def test_refs_inside_a_put_value_live_as_long_as_it(small_store: nb.ClusterInfo)
     wait_until(lambda: not os.path.exists(segment), timeout=10)
 
 
+def test_large_arguments_go_through_the_store(small_store: nb.ClusterInfo) -> None:
+    @nb.remote
+    def shape_and_sum(a: object, scale: float) -> tuple[int, float, bool]:
+        return len(a), float(a.sum()) * scale, bool(a.flags.writeable)  # type: ignore[attr-defined]
+
+    before = set(_segments(small_store))
+    arr = np.ones(20 * MB // 8)
+    ref = shape_and_sum.remote(arr, 2.0)
+    arr[:] = 0  # captured at call time
+    assert nb.get(ref, timeout=60) == (20 * MB // 8, 2.0 * 20 * MB // 8, False)
+    wait_until(lambda: set(_segments(small_store)) <= before, timeout=10)  # freed after the task
+
+
 def test_nothing_left_after_shutdown_or_a_killed_driver(tmp_path: Path) -> None:
     nb.shutdown()
     info = nb.init(num_cpus=1)

@@ -28,7 +28,8 @@ from nbcluster.exceptions import (
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.refs import ObjectRef, serialized_refs
-from nbcluster.serialization import dumps, dumps_args, loads
+from nbcluster.serialization import copy_frames, dumps, dumps_args, loads
+from nbcluster.store.client import is_stored
 
 if TYPE_CHECKING:
     import asyncio
@@ -107,8 +108,18 @@ class TaskSubmission:
     ) -> tuple[TaskRecord, list[ObjectRef]]:
         """Serialize a call's arguments and make the refs of its return values."""
         with serialized_refs() as nested:
-            frames, deps = dumps_args(name, args, kwargs, is_ref)
+            frames, deps = dumps_args(name, args, kwargs, is_ref, copy=False)
         tid = self.new_id()
+        # Large arguments go into the node's store (copied once, read zero-copy by the worker);
+        # small ones travel in the message.
+        store = self.store
+        args_oid = None
+        if store is not None:
+            frames = store.put_frames(f"{tid}.a", frames, self.job_id)
+            if is_stored(frames):
+                args_oid = f"{tid}.a"
+        else:
+            frames = copy_frames(frames)
         return_ids = [f"{tid}.{i}" for i in range(max(num_returns, 1))]
         refs = [ObjectRef(oid, self.owner_address, self) for oid in return_ids]
         rec = TaskRecord(
@@ -125,6 +136,7 @@ class TaskSubmission:
             retry_exceptions=False,
             nret=num_returns,
             nested=nested,
+            args_oid=args_oid,
         )
         return rec, refs
 
@@ -458,6 +470,9 @@ class TaskSubmission:
         rec.deps = []
         rec.dep_frames = []
         rec.nested = []
+        if rec.args_oid is not None and self.store is not None:
+            self.store.free([rec.args_oid])
+            rec.args_oid = None
         contained, rec.contained = rec.contained, []
         for oid, frames in zip(rec.return_ids, parts, strict=False):
             self._producer.pop(oid, None)

@@ -31,6 +31,7 @@ class TaskRecord:
     attempts: int = 0
     nested: list[Any] = field(default_factory=list)  # refs inside the arguments, kept until done
     contained: list[Any] = field(default_factory=list)  # refs inside the result
+    args_oid: str | None = None  # the arguments, when large enough to go into the store
     actor_id: str | None = None  # set for actor method calls
     method: str = ""
 

@@ -2,10 +2,11 @@
 
 from nbcluster.serialization.pickling import (
     DepMarker,
+    copy_frames,
     dumps,
     dumps_args,
     loads,
     loads_args,
 )
 
-__all__ = ["DepMarker", "dumps", "dumps_args", "loads", "loads_args"]
+__all__ = ["DepMarker", "copy_frames", "dumps", "dumps_args", "loads", "loads_args"]

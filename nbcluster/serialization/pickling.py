@@ -17,16 +17,24 @@ from nbcluster.exceptions import ObjectLostError, SerializationError
 from nbcluster.store.client import StoreClient, is_stored
 
 
-def dumps(value: Any) -> list[Any]:
+def dumps(value: Any, copy: bool = True) -> list[Any]:
     """Serialize ``value`` into ``[pickle_bytes, *buffers]``.
 
     Buffers are copied: the value is captured at call time (as in Ray), so changing an array after
     ``put(a)`` or ``f.remote(a)`` does not change what the cluster sees. Values deserialized from
-    these frames (numpy arrays, ...) are read-only views of them.
+    these frames (numpy arrays, ...) are read-only views of them. With ``copy=False`` the buffers
+    are views of ``value``'s memory: copy them (:func:`copy_frames`) or into the store at once.
     """
     buffers: list[pickle.PickleBuffer] = []
     data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    if not copy:
+        return [data, *(b.raw() for b in buffers)]
     return [data, *(b.raw().tobytes() for b in buffers)]
+
+
+def copy_frames(frames: Sequence[Any]) -> list[Any]:
+    """Frames that own their bytes (the buffers of ``dumps(..., copy=False)`` copied)."""
+    return [frames[0], *(memoryview(f).tobytes() for f in frames[1:])]
 
 
 def loads(frames: Sequence[Any], store: StoreClient | None = None) -> Any:
@@ -63,7 +71,7 @@ class DepMarker:
 
 
 def dumps_args(
-    fn_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], is_ref: Any
+    fn_name: str, args: tuple[Any, ...], kwargs: dict[str, Any], is_ref: Any, copy: bool = True
 ) -> tuple[list[Any], list[Any]]:
     """Serialize call arguments, lifting out top-level refs.
 
@@ -86,7 +94,7 @@ def dumps_args(
     a = tuple(lift(v) for v in args)
     k = {key: lift(v) for key, v in kwargs.items()}
     try:
-        return dumps((a, k)), deps
+        return dumps((a, k), copy), deps
     except Exception as exc:
         culprit = _find_unpicklable(a, k)
         raise SerializationError(
@@ -117,10 +125,13 @@ def _short_repr(v: Any) -> str:
 
 
 def loads_args(
-    frames: Sequence[Any], dep_values: Sequence[Any]
+    frames: Sequence[Any], dep_values: Sequence[Any], store: StoreClient | None = None
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Deserialize call arguments and put resolved dependency values in place of markers."""
-    a, k = loads(frames)
+    """Deserialize call arguments and put resolved dependency values in place of markers.
+
+    Large arguments arrive as one stored object (``store`` maps it).
+    """
+    a, k = loads(frames, store)
     if dep_values:
 
         def put(v: Any) -> Any:

@@ -124,7 +124,10 @@ class StoreClient:
 
         Large buffers are copied once, straight into shared memory.
         """
-        frames = dumps_oob(value)
+        return self.put_frames(oid, dumps_oob(value), job_id)
+
+    def put_frames(self, oid: str, frames: list[Any], job_id: str) -> list[Any]:
+        """Like :meth:`put`, for frames serialized without copying their buffers."""
         size = segment_size(frames)
         if size <= INLINE_THRESHOLD_BYTES:
             return [frames[0], *(memoryview(f).tobytes() for f in frames[1:])]

@@ -240,7 +240,7 @@ class Worker:
             for count in h.get("deps", []):
                 dep_values.append(loads(payload[pos : pos + count], self.store))
                 pos += count
-            values = loads_args(payload[:nargs], dep_values)
+            values = loads_args(payload[:nargs], dep_values, self.store)
         if loaded is not None:
             loaded.extend(oids)
         return values
