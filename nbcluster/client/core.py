@@ -90,6 +90,7 @@ class CoreClient(TaskSubmission, ActorCalls):
         self._prefix = os.urandom(5).hex()
         self._ids = itertools.count(1)
         self._inbox: deque[tuple[Any, ...]] = deque()
+        self._released: deque[str] = deque()  # ObjectRefs gone, not yet counted
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -298,7 +299,21 @@ class CoreClient(TaskSubmission, ActorCalls):
         self.objects.add_ref(oid, owned=not borrowed, owner=owner)
 
     def remove_local_ref(self, oid: str) -> None:
-        self.objects.remove_ref(oid)
+        # Called from ObjectRef.__del__, which the garbage collector may run at any allocation,
+        # even inside a section holding the object table's lock: never take a lock here. The
+        # I/O thread does the bookkeeping.
+        self._released.append(oid)
+        try:
+            self._post("release")
+        except Exception:
+            pass  # closing: nothing left to free
+
+    def _do_release(self) -> None:
+        released = self._released
+        while released:
+            self.objects.remove_ref(released.popleft())
+        if self.store is not None:
+            self.store.flush()
 
     def mark_escaped(self, oid: str) -> None:
         self.objects.mark_escaped(oid)

@@ -6,7 +6,7 @@ import itertools
 import os
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,15 +84,33 @@ class StoreClient:
         # Re-entrant: a mapping's finalizer may unpin (send) from inside a request on this thread.
         self._lock = threading.RLock()
         self._rid = itertools.count(1)
+        self._unpinned: deque[str] = deque()  # appended by mapping finalizers (no lock)
 
     def close(self) -> None:
         with self._lock:
             self._sock.close(linger=0)
 
     # ------------------------------------------------------------------ requests
+    def flush(self) -> None:
+        """Send the unpins queued by finalizers."""
+        if self._unpinned:
+            with self._lock:
+                self._flush_unpinned()
+
+    def _flush_unpinned(self) -> None:
+        while self._unpinned:
+            oid = self._unpinned.popleft()
+            try:
+                self._sock.send_multipart(
+                    encode({"k": Kind.STORE_UNPIN, "oid": oid}), flags=zmq.NOBLOCK
+                )
+            except zmq.ZMQError:
+                return
+
     def _request(self, header: dict[str, Any]) -> dict[str, Any]:
         rid = next(self._rid)
         with self._lock:
+            self._flush_unpinned()
             self._sock.send_multipart(encode({**header, "rid": rid}))
             while True:
                 if not self._sock.poll(REQUEST_TIMEOUT_MS):
@@ -113,6 +131,7 @@ class StoreClient:
 
     def _notify(self, header: dict[str, Any]) -> None:
         with self._lock:
+            self._flush_unpinned()
             try:
                 self._sock.send_multipart(encode(header), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -170,7 +189,9 @@ class StoreClient:
         else:
             mm = self._open_local(oid)
         # The object stays pinned (not spilled) while anything still uses the mapping.
-        weakref.finalize(mm, self._notify, {"k": Kind.STORE_UNPIN, "oid": oid})
+        # The garbage collector runs finalizers anywhere, even between two frames of a message we
+        # are sending: only queue the unpin here; it leaves with the next message or flush().
+        weakref.finalize(mm, self._unpinned.append, oid)
         if self._keep:
             self._remember(oid, mm)
         return loads_frames(segment_frames(mm))

@@ -335,6 +335,7 @@ class Worker:
             self.actor.exit()
         if self.store is not None:
             self.store.forget_freed()
+            self.store.flush()
 
     def send_result(
         self,
