@@ -200,7 +200,12 @@ class CoreClient(TaskSubmission, ActorCalls):
                 raise ProtocolError(h.get("msg", "the head refused the connection"))
             self.job_id = h["job_id"]
             self._stop = asyncio.Event()
-            for coro in (self._read_head(), self._serve_owner(), self._heartbeat()):
+            for coro in (
+                self._read_head(),
+                self._serve_owner(),
+                self._heartbeat(),
+                self._release_loop(),
+            ):
                 self._spawn(coro)
             self._ready.set_result(None)
             await self._stop.wait()
@@ -282,6 +287,8 @@ class CoreClient(TaskSubmission, ActorCalls):
 
     def _drain_inbox(self) -> None:
         self._wake_pending = False
+        if self._released:
+            self._do_release()
         inbox = self._inbox
         while inbox:
             item = inbox.popleft()
@@ -301,12 +308,8 @@ class CoreClient(TaskSubmission, ActorCalls):
     def remove_local_ref(self, oid: str) -> None:
         # Called from ObjectRef.__del__, which the garbage collector may run at any allocation,
         # even inside a section holding the object table's lock: never take a lock here. The
-        # I/O thread does the bookkeeping.
+        # I/O thread does the bookkeeping, whenever it wakes and at least every 0.1 s.
         self._released.append(oid)
-        try:
-            self._post("release")
-        except Exception:
-            pass  # closing: nothing left to free
 
     def _do_release(self) -> None:
         released = self._released
@@ -435,6 +438,12 @@ class CoreClient(TaskSubmission, ActorCalls):
                 self.objects.complete(h["oid"], READY if h["ok"] else FAILED, payload)
 
     # ================================================================== loop: misc
+    async def _release_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            if self._released:
+                self._do_release()
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
