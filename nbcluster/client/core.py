@@ -110,10 +110,8 @@ class CoreClient(TaskSubmission, ActorCalls):
         self._by_tid: dict[str, TaskRecord] = {}
         self._producer: dict[str, TaskRecord] = {}  # return object id -> pending task
         self._owner_conns: dict[str, Any] = {}
-        self._fetch_waiters: dict[str, list[tuple[bytes, str]]] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self.on_output: Callable[[str, str], None] | None = None
-        self.infeasible_notices: list[tuple[str, dict[str, float]]] = []
         self._actors: dict[str, ActorRecord] = {}
         self.store: StoreClient | None = None
         self.objects.on_drop = self._entry_dropped
@@ -357,7 +355,6 @@ class CoreClient(TaskSubmission, ActorCalls):
                     ", ".join(f"{k}: {v:g}" for k, v in h["shape"].items()),
                     missing,
                 )
-                self.infeasible_notices.append((name, h["missing"]))
         elif kind in (Kind.QUERY_REPLY, Kind.ACTOR_CREATED):
             fut = self._replies.pop(h["rid"], None)
             if fut is not None and not fut.done():

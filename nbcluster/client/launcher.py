@@ -182,10 +182,6 @@ class LocalCluster:
             self.stop()
             raise
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
-
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the head and the agent (and with it every worker); remove the session folder."""
         for proc in self._procs:

@@ -161,14 +161,3 @@ class ObjectTable:
             if e.event is None:
                 e.event = threading.Event()
             return e.event
-
-    def stats(self) -> dict[str, int]:
-        with self.lock:
-            return {
-                "objects": len(self._entries),
-                "pending": sum(1 for e in self._entries.values() if e.state == PENDING),
-                "bytes": sum(
-                    sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in e.frames)
-                    for e in self._entries.values()
-                ),
-            }

@@ -53,7 +53,6 @@ class TaskSubmission:
     namespace: str
     log_to_driver: bool
     on_output: Callable[[str, str], None] | None
-    infeasible_notices: list[tuple[str, dict[str, float]]]
     _closing: bool
     _head: Any
     _transport: Transport | None

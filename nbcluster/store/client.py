@@ -46,12 +46,6 @@ def is_stored(frames: Sequence[Any]) -> bool:
     return bytes(raw[: len(MARKER)]) == MARKER
 
 
-def stored_oid(frames: Sequence[Any]) -> str:
-    first = frames[0]
-    raw = first.bytes if hasattr(first, "bytes") else bytes(first)
-    return str(msgpack.unpackb(raw[len(MARKER) :])["oid"])
-
-
 class StoreClient:
     """Talks to the node agent's store service; safe to use from several threads.
 
