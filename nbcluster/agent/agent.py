@@ -17,6 +17,7 @@ import zmq
 
 from nbcluster.agent.resources import detect_gpus, node_resources
 from nbcluster.exceptions import NbclusterError, ProtocolError
+from nbcluster.metrics import MetricsThread
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
@@ -91,6 +92,7 @@ class NodeAgent:
         self.stopped = asyncio.Event()
         self._started_workers = 0
         self._prestarted = asyncio.Event()
+        self._metrics = MetricsThread(1.0)  # psutil + NVML, off the event loop
 
     async def start(self) -> None:
         """Connect and register with the head (raises on a wrong secret or version)."""
@@ -128,6 +130,7 @@ class NodeAgent:
             raise ProtocolError(header.get("msg", "the head refused this node"))
         self.node_id = header["node_id"]
         self._spawn(self._serve(), "agent-serve")
+        self._metrics.start()
         self._spawn(self._heartbeat(), "agent-heartbeat")
         self._spawn(self._serve_store(), "agent-store")
         log.info("registered as %s with %s", self.node_id, self.resources)
@@ -155,7 +158,10 @@ class NodeAgent:
         while True:
             await asyncio.sleep(1.0)
             # The heartbeat carries the store's usage: nodes() reports it.
-            await self._send({"k": Kind.PING, "store": self.store.stats()})
+            ping: dict[str, Any] = {"k": Kind.PING, "store": self.store.stats()}
+            if self._metrics.latest is not None:
+                ping["metrics"] = self._metrics.latest
+            await self._send(ping)
 
     async def _serve_store(self) -> None:
         sock = self._store_sock
@@ -294,6 +300,7 @@ class NodeAgent:
     async def close(self) -> None:
         """Kill every worker, leave the cluster and close the socket."""
         self.stopped.set()
+        self._metrics.stop()
         for proc in list(self._procs.values()):
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):

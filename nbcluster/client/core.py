@@ -25,6 +25,7 @@ import zmq
 
 from nbcluster import context
 from nbcluster.client.actors import ActorCalls, ActorRecord
+from nbcluster.client.events import owner_identity
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.submission import TaskSubmission
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
@@ -192,6 +193,8 @@ class CoreClient(TaskSubmission, ActorCalls):
                 hello["job_id"] = self.job_id
             if self.worker_id:
                 hello["worker_id"] = self.worker_id
+            else:
+                hello.update(owner_identity())  # the kernel and notebook, in Jupyter
             await self._head.send_multipart(encode(hello))
             h, _ = decode(await asyncio.wait_for(self._head.recv_multipart(), 30.0))
             if h["k"] == Kind.ERROR:
@@ -361,6 +364,8 @@ class CoreClient(TaskSubmission, ActorCalls):
                 fut.set_result(h["result"] if kind == Kind.QUERY_REPLY else h)
         elif kind == Kind.PONG:
             pass
+        elif kind == Kind.TASK_CANCEL:  # from the Jupyter panel, through the head
+            self._do_cancel(f"{h['tid']}.0", bool(h.get("force")))
         elif kind == Kind.ERROR:
             fut = self._replies.pop(h.get("rid", -1), None)
             if fut is not None and not fut.done():

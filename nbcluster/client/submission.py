@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from nbcluster.client.events import TaskEvents
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
 from nbcluster.client.wire import WorkerConn, is_ref, send_nowait, split_parts
@@ -65,6 +66,7 @@ class TaskSubmission:
     _by_tid: dict[str, TaskRecord]
     _producer: dict[str, TaskRecord]
     store: StoreClient | None
+    _tev: TaskEvents | None = None  # made on first use, on the I/O thread
 
     if TYPE_CHECKING:  # implemented by CoreClient and ActorCalls
 
@@ -170,8 +172,17 @@ class TaskSubmission:
         self._post("cancel", ref.hex(), force)
 
     # ================================================================== loop: submission
+    def _events(self) -> TaskEvents:
+        ev = self._tev
+        if ev is None:
+            assert self._loop is not None
+            ev = self._tev = TaskEvents(self._loop, self._head)
+        return ev
+
     def _do_submit(self, rec: TaskRecord) -> None:
         self._by_tid[rec.tid] = rec
+        if rec.actor_id is None:
+            self._events().submitted(rec)
         for oid in rec.return_ids:
             self._producer[oid] = rec
         rec.dep_frames = [[] for _ in rec.deps]
@@ -257,6 +268,7 @@ class TaskSubmission:
         conn = lease.conn
         rec.lease = lease
         lease.inflight.append(rec)
+        self._events().started(rec, lease.node_id)
         header: dict[str, Any] = {
             "k": Kind.TASK,
             "tid": rec.tid,
@@ -399,6 +411,9 @@ class TaskSubmission:
                 )
                 self._finish(rec, FAILED, [dumps(err)] * len(rec.return_ids))
         if sc is not None:
+            ev = self._events()
+            for rec in requeue:
+                ev.requeued(rec)
             sc.queue.extendleft(reversed(requeue))
             self._pump(sc)
 
@@ -441,6 +456,7 @@ class TaskSubmission:
                 rec.attempts += 1
                 sc = self._classes[rec.shape_key]
                 sc.queue.appendleft(rec)
+                self._events().requeued(rec)
             else:
                 self._finish(rec, FAILED, [payload] * len(rec.return_ids))
         if lease is not None:
@@ -466,6 +482,8 @@ class TaskSubmission:
 
     def _finish(self, rec: TaskRecord, state: int, parts: Sequence[list[Any]]) -> None:
         self._by_tid.pop(rec.tid, None)
+        if rec.actor_id is None:
+            self._events().ended(rec, state == READY)
         rec.deps = []
         rec.dep_frames = []
         rec.nested = []

@@ -14,7 +14,9 @@ from typing import Any
 import zmq
 
 from nbcluster.exceptions import ProtocolError
+from nbcluster._version import __version__
 from nbcluster.head.actors import ACTOR_PREFIX, DEAD, ActorDirectory, ActorInfo
+from nbcluster.head.observe import Observer
 from nbcluster.head.state import ClusterState, Instruction, Lease, WorkerInfo
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
@@ -65,6 +67,10 @@ class HeadService:
         self._sock: Any = None
         self.address = ""
         self.started_at = time.time()
+        # Views, metrics history, task table and change events for the Jupyter panel.
+        self.observe = Observer(
+            self.state, self.actors, started_at=self.started_at, version=__version__
+        )
         self._stopped = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -75,6 +81,7 @@ class HeadService:
         self._sock, endpoint = self._transport.server(zmq.ROUTER, f"tcp://{self.host}:{self.port}")
         self.port = int(endpoint.rsplit(":", 1)[1])
         self.address = f"{self.host}:{self.port}"
+        self.observe.address = self.address
         self._tasks = [
             asyncio.create_task(self._serve(), name="head-serve"),
             asyncio.create_task(self._reaper(), name="head-reaper"),
@@ -160,6 +167,7 @@ class HeadService:
                 await self._actor_init(ins[1], ins[2], ins[3])
             elif verb == "actor_state":
                 await self._publish(ins[1])
+                self.observe.actor_changed(ins[1])
             elif verb == "start_worker":
                 node = self.state.nodes[ins[1]]
                 await self._send(node.client, {"k": Kind.START_WORKER})
@@ -302,7 +310,11 @@ class HeadService:
                 node = self.state.nodes.get(peer.node_id)
                 if node is not None:
                     node.info["object_store"] = h["store"]
+                if h.get("metrics"):
+                    self.observe.on_metrics(peer.node_id, h["metrics"])
             await self._send(ident, {"k": Kind.PONG})
+        elif kind == Kind.TASK_EVENTS:
+            self.observe.on_task_events(ident, peer.job_id or "", list(h.get("events") or ()))
         elif kind == Kind.LEASE_REQUEST:
             assert peer.job_id is not None
             await self._run(
@@ -340,6 +352,8 @@ class HeadService:
             else:
                 await self._send(ident, {"k": Kind.ACTOR_CREATED, "rid": h["rid"], **reply})
             await self._run(ins)
+            if "aid" in reply and reply["aid"] in self.actors.actors:
+                self.observe.actor_changed(self.actors.actors[reply["aid"]])
             if reply.get("existing"):
                 found = self.actors.actors[reply["aid"]]
                 found.subscribers.add(ident)
@@ -406,6 +420,8 @@ class HeadService:
         peer = Peer(ident, role, int(h.get("pid", 0)), job_id, owns, h.get("worker_id"))
         peer.last_seen = time.monotonic()
         self.peers[ident] = peer
+        if owns:
+            self.observe.job_started(job_id, h)  # kernel_id / notebook: the panel's "owner"
         await self._send(ident, {"k": Kind.WELCOME, "job_id": job_id, "head_pid": os.getpid()})
 
     async def _register(self, ident: bytes, h: dict[str, Any]) -> None:
@@ -426,11 +442,13 @@ class HeadService:
         self.peers[ident] = peer
         await self._send(ident, {"k": Kind.NODE_REGISTERED, "node_id": node_id})
         await self._run(ins)
+        self.observe.node_changed(node_id)
 
     async def _peer_gone(self, peer: Peer) -> None:
         self.peers.pop(peer.ident, None)
         if peer.role == "agent" and peer.node_id is not None:
             await self._run(self.state.remove_node(peer.node_id, "its node left the cluster"))
+            self.observe.node_changed(peer.node_id)
         else:
             if peer.owns_job and peer.job_id is not None:
                 await self._run(self.actors.job_gone(peer.job_id))
@@ -440,6 +458,25 @@ class HeadService:
             for a in self.actors.actors.values():
                 a.subscribers.discard(peer.ident)
             await self._run(self.state.client_gone(peer.ident, peer.job_id, peer.owns_job))
+            if peer.owns_job and peer.job_id is not None:
+                self.observe.job_gone(peer.job_id)
+
+    # ------------------------------------------------------------------------------ panel
+    async def cancel_task(self, task_id: str, force: bool = False) -> bool:
+        """Ask the driver that submitted ``task_id`` to cancel it; ``False`` if not running."""
+        t = self.observe.find_task(task_id)
+        if t is None or t.client not in self.peers:
+            return False
+        await self._send(t.client, {"k": Kind.TASK_CANCEL, "tid": task_id, "force": force})
+        return True
+
+    async def kill_actor(self, aid: str) -> bool:
+        """Kill an actor for good (no restart); ``False`` if there is no such live actor."""
+        a = self.actors.actors.get(aid)
+        if a is None or a.state == DEAD:
+            return False
+        await self._run(self.actors.kill(aid, True, "killed from the Jupyter panel"))
+        return True
 
     def _query(self, h: dict[str, Any]) -> Any:
         what = h.get("what")

@@ -21,7 +21,7 @@ class Kind(StrEnum):
     HELLO = "hello"  # client -> head: {v, role, pid, job_id?, worker_id?}
     WELCOME = "welcome"  # head -> client: {job_id, node_id?}
     ERROR = "error"  # either way: {msg, code, rid?}
-    PING = "ping"  # client/agent -> head (liveness)
+    PING = "ping"  # client/agent -> head (liveness); an agent's carries {store, metrics}
     PONG = "pong"  # head -> client/agent
     GOODBYE = "bye"  # client -> head: disconnecting cleanly
 
@@ -39,6 +39,10 @@ class Kind(StrEnum):
     QUERY = "query"  # {rid, what: "nodes"}
     QUERY_REPLY = "qreply"  # {rid, result}
     SHUTDOWN_CLUSTER = "shutdown"  # owner driver -> head: stop head and every agent
+
+    # --- observability (driver <-> head) ---------------------------------------------------
+    TASK_EVENTS = "tevents"  # driver -> head: {events: [[code, tid, time, ...]]} (events.py)
+    TASK_CANCEL = "tcancel"  # head -> driver: {tid, force}: cancel a task you submitted
 
     # --- node agent <-> head ---------------------------------------------------------------
     REGISTER_NODE = "reg"  # {v, name, address, resources, pid, gpus}

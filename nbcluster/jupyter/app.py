@@ -1,0 +1,250 @@
+"""``NbclusterApp``: hosts the head on the Jupyter server's event loop, plus a local node agent."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Dict, Float, Int, Unicode
+
+from nbcluster.api import ADDRESS_ENV
+from nbcluster.head.service import HeadService
+from nbcluster.protocol.security import (
+    TOKEN_FILE_ENV,
+    new_token,
+    read_token_file,
+    write_token_file,
+)
+from nbcluster.store.manager import cleanup_store
+
+AGENT_START_TIMEOUT_S = 60.0
+AGENT_STOP_TIMEOUT_S = 10.0
+_WILDCARDS = ("0.0.0.0", "", "*", "::")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host if host not in _WILDCARDS else "", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host if host not in _WILDCARDS else "", 0))
+        return int(s.getsockname()[1])
+
+
+class NbclusterApp(ExtensionApp):
+    """The nbcluster server extension (settings: ``c.NbclusterApp.<name>``)."""
+
+    name = "nbcluster"
+    load_other_extensions = True
+
+    port = Int(
+        7711,
+        config=True,
+        help="Port of the head (0: any free port). Remote node agents connect to it. If it is "
+        "taken, a free port is used instead and a warning logged.",
+    )
+    ip = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="Address the head binds to; loopback by default. Use 0.0.0.0 to let node agents "
+        "on other hosts join (connections are always authenticated and encrypted).",
+    )
+    local_node = Bool(
+        True, config=True, help="Start a node agent for this machine along with the server."
+    )
+    node_name = Unicode("", config=True, help="Name of the local node (default: the host name).")
+    num_cpus = Float(
+        None, allow_none=True, config=True, help="CPUs of the local node (default: detected)."
+    )
+    num_gpus = Float(
+        None, allow_none=True, config=True, help="GPUs of the local node (default: detected)."
+    )
+    resources = Dict({}, config=True, help='Custom resources of the local node, e.g. {"TPU": 4}.')
+    object_store_memory = Int(
+        None,
+        allow_none=True,
+        config=True,
+        help="Bytes of shared memory for the local node's object store (default: 30% of RAM).",
+    )
+    token_file = Unicode(
+        "",
+        config=True,
+        help="File holding the cluster secret (mode 0600); created if missing. Default: "
+        "nbcluster-token in the Jupyter runtime directory.",
+    )
+
+    head: HeadService | None = None
+    address = ""  # what kernels and local agents connect to
+    _agent: asyncio.subprocess.Process | None = None
+    _agent_ready: asyncio.Event | None = None
+    _agent_reader: asyncio.Task[Any] | None = None
+    _store_id = ""
+    _conn_file: Path | None = None
+    _token = ""
+
+    # ------------------------------------------------------------------------- set-up
+    @property
+    def _server(self) -> Any:
+        assert self.serverapp is not None
+        return self.serverapp
+
+    def initialize_settings(self) -> None:
+        """Choose the port and secret, and export them before any kernel starts."""
+        runtime = Path(self._server.runtime_dir)
+        runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = (
+            Path(self.token_file).expanduser() if self.token_file else runtime / "nbcluster-token"
+        )
+        if path.exists():
+            self._token = read_token_file(path)  # kept across restarts: remote agents rejoin
+        else:
+            self._token = new_token()
+            write_token_file(path, self._token)
+        self.token_file = str(path)
+        port = self.port
+        if port == 0 or not _port_free(self.ip, port):
+            if port:
+                self.log.warning("nbcluster: port %s is taken; the head uses a free port", port)
+            port = _free_port(self.ip)
+        self.port = port
+        host = "127.0.0.1" if self.ip in _WILDCARDS else self.ip
+        self.address = f"{host}:{port}"
+        # Kernels inherit the server's environment: nbcluster.init() finds the head there.
+        os.environ[ADDRESS_ENV] = self.address
+        os.environ[TOKEN_FILE_ENV] = self.token_file
+        os.environ.pop("NBCLUSTER_TOKEN", None)
+        self._conn_file = runtime / f"nbcluster-server-{os.getpid()}.json"
+        info = {
+            "address": self.address,
+            "token_file": self.token_file,
+            "pid": os.getpid(),
+            "base_url": self._server.base_url,
+        }
+        fd = os.open(self._conn_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)
+            json.dump(info, f)
+        self.settings["nbcluster"] = self
+
+    def initialize_handlers(self) -> None:
+        from nbcluster.jupyter.handlers import ROUTES
+
+        self.handlers.extend(ROUTES)
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        """Start the head on the server's loop, then the local node agent."""
+        self.head = HeadService(self._token, self.ip, self.port)
+        self.head.observe.notebook_root = str(Path(self._server.root_dir).expanduser())
+        await self.head.start()
+        self.log.info("nbcluster: head listening on %s", self.head.address)
+        if self.local_node:
+            await self._start_agent()
+
+    async def _start_agent(self) -> None:
+        args = [
+            "-m",
+            "nbcluster.agent",
+            "--address",
+            self.address,
+            "--token-file",
+            self.token_file,
+            "--parent-pid",
+            str(os.getpid()),
+            "--bind-host",
+            "127.0.0.1" if self.ip in _WILDCARDS or self.ip.startswith("127.") else self.ip,
+            "--node-name",
+            self.node_name or socket.gethostname(),
+            "--cwd",
+            str(Path(self._server.root_dir).expanduser()),
+        ]
+        if self.num_cpus is not None:
+            args += ["--num-cpus", str(self.num_cpus)]
+        if self.num_gpus is not None:
+            args += ["--num-gpus", str(self.num_gpus)]
+        if self.resources:
+            args += ["--resources", json.dumps(self.resources)]
+        if self.object_store_memory is not None:
+            args += ["--object-store-memory", str(int(self.object_store_memory))]
+        env = dict(os.environ)
+        env.pop("NBCLUSTER_WORKER_ID", None)
+        self._agent = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # a Ctrl-C at the server's terminal is the server's
+        )
+        self._agent_ready = asyncio.Event()
+        self._agent_reader = asyncio.create_task(self._read_agent(self._agent))
+
+    async def _read_agent(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None and self._agent_ready is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), AGENT_START_TIMEOUT_S)
+        except TimeoutError:
+            self.log.error("nbcluster: the local node agent did not start in time")
+            return
+        parts = line.decode(errors="replace").split()
+        if len(parts) == 4 and parts[0] == "NBCLUSTER_AGENT_READY":
+            self._store_id = parts[3]
+            self._agent_ready.set()
+            self.log.info("nbcluster: local node %s is up", parts[1])
+        else:
+            self.log.error("nbcluster: the local node agent failed to start (%r)", line)
+        async for _ in proc.stdout:  # keep the pipe drained
+            pass
+
+    async def wait_agent_ready(self, timeout: float) -> bool:
+        """Whether the local agent registered within ``timeout`` seconds."""
+        if self._agent_ready is None:
+            return False
+        try:
+            await asyncio.wait_for(self._agent_ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------------- tear-down
+    async def stop_extension(self) -> None:
+        """Stop the head (it tells its agents to stop) and the local agent with its workers."""
+        if self.head is not None:
+            await self.head.stop()
+        proc = self._agent
+        if proc is not None:
+            try:
+                await asyncio.wait_for(proc.wait(), AGENT_STOP_TIMEOUT_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 5.0)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+            if self._store_id:  # the agent cleans up; this catches one that was killed
+                cleanup_store(self._store_id, None)
+        if self._agent_reader is not None:
+            self._agent_reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._agent_reader
+        if self._conn_file is not None:
+            self._conn_file.unlink(missing_ok=True)
+        for key, value in ((ADDRESS_ENV, self.address), (TOKEN_FILE_ENV, self.token_file)):
+            if os.environ.get(key) == value:
+                del os.environ[key]

@@ -1,0 +1,183 @@
+"""REST and websocket handlers of the server extension (contract: ``docs/jupyter-api.md``).
+
+Thin: each reads a view from the head's :class:`~nbcluster.head.observe.Observer` (same process,
+same event loop) or asks the head to act. Every handler requires the server's own
+authentication; POSTs made with cookie authentication also need the XSRF token (jupyter-server
+checks it before our code runs).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from jupyter_server.auth.decorator import ws_authenticated
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from tornado import web
+from tornado.ioloop import PeriodicCallback
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+if TYPE_CHECKING:
+    from nbcluster.head.observe import Observer
+    from nbcluster.head.service import HeadService
+    from nbcluster.jupyter.app import NbclusterApp
+
+#: The websocket's metrics message period.
+METRICS_PERIOD_MS = 1000
+
+
+class _HeadMixin:
+    settings: dict[str, Any]
+
+    @property
+    def nbcluster_head(self) -> HeadService:
+        app: NbclusterApp | None = self.settings.get("nbcluster")
+        if app is None or app.head is None or app.head.address == "":
+            raise web.HTTPError(503, "the nbcluster head is not running")
+        return app.head
+
+    @property
+    def observer(self) -> Observer:
+        return self.nbcluster_head.observe
+
+
+class _Api(_HeadMixin, ExtensionHandlerMixin, APIHandler):
+    def write_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(body))
+
+
+class ClusterHandler(_Api):
+    """``GET nbcluster/api/cluster``: the head, every node with its metrics, and totals."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.write_json(self.observer.cluster())
+
+
+class MetricsHandler(_Api):
+    """``GET nbcluster/api/metrics[?node_id=ID]``: the last 10 minutes of metrics."""
+
+    @web.authenticated
+    def get(self) -> None:
+        obs = self.observer
+        node_id = self.get_query_argument("node_id", None)
+        if node_id is None:
+            nodes = {nid: obs.history(nid) for nid in obs.state.nodes}
+            self.write_json({"nodes": nodes})
+            return
+        history = obs.history(node_id)
+        if history is None:
+            self.write_json({"error": f"no node {node_id!r} in this cluster"}, 404)
+            return
+        self.write_json({"node_id": node_id, "history": history})
+
+
+class TasksHandler(_Api):
+    """``GET nbcluster/api/tasks``: queued, running and infeasible tasks, and recent ended ones."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.write_json({"tasks": self.observer.task_views()})
+
+
+class ActorsHandler(_Api):
+    """``GET nbcluster/api/actors``: every actor the head knows, with its owner."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.write_json({"actors": self.observer.actor_views()})
+
+
+class CancelTaskHandler(_Api):
+    """``POST nbcluster/api/tasks/{task_id}/cancel``: the owning driver cancels it."""
+
+    @web.authenticated
+    async def post(self, task_id: str) -> None:
+        force = self.get_query_argument("force", "false").lower() in ("1", "true", "yes")
+        if await self.nbcluster_head.cancel_task(task_id, force):
+            self.write_json({"ok": True})
+        else:
+            self.write_json({"error": f"no queued or running task {task_id!r}"}, 404)
+
+
+class KillActorHandler(_Api):
+    """``POST nbcluster/api/actors/{actor_id}/kill``: kill it for good (no restart)."""
+
+    @web.authenticated
+    async def post(self, actor_id: str) -> None:
+        if await self.nbcluster_head.kill_actor(actor_id):
+            self.write_json({"ok": True})
+        else:
+            self.write_json({"error": f"no live actor {actor_id!r}"}, 404)
+
+
+class EventsHandler(
+    _HeadMixin, ExtensionHandlerMixin, WebSocketMixin, WebSocketHandler, JupyterHandler
+):
+    """``WS nbcluster/api/events``: a snapshot, then metrics once a second and changes."""
+
+    _periodic: PeriodicCallback | None = None
+    _observer: Observer | None = None
+
+    @ws_authenticated
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        self.nbcluster_head  # noqa: B018 - 503 before upgrading when there is no head
+        res = super().get(*args, **kwargs)
+        if res is not None:
+            await res
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        super().open(*args, **kwargs)
+        obs = self._observer = self.observer
+        self._send(
+            {
+                "type": "snapshot",
+                "cluster": obs.cluster(),
+                "tasks": obs.task_views(),
+                "actors": obs.actor_views(),
+            }
+        )
+        obs.subscribers.append(self._send)
+        self._periodic = PeriodicCallback(self._tick, METRICS_PERIOD_MS)
+        self._periodic.start()
+
+    def _tick(self) -> None:
+        if self._observer is not None:
+            self._send(self._observer.metrics_message())
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.write_message(json.dumps(msg))
+        except WebSocketClosedError:
+            self._unsubscribe()
+
+    def _unsubscribe(self) -> None:
+        if self._periodic is not None:
+            self._periodic.stop()
+            self._periodic = None
+        obs, self._observer = self._observer, None
+        if obs is not None and self._send in obs.subscribers:
+            obs.subscribers.remove(self._send)
+
+    def on_message(self, message: str | bytes) -> None:
+        pass  # the stream is one-way
+
+    def on_close(self) -> None:
+        self._unsubscribe()
+        super().on_close()
+
+
+_ID = r"([^/]+)"
+#: Every route of the extension (under the server's base_url); the auth test walks this list.
+ROUTES: list[tuple[str, type[Any]]] = [
+    (r"/nbcluster/api/cluster", ClusterHandler),
+    (r"/nbcluster/api/metrics", MetricsHandler),
+    (r"/nbcluster/api/tasks", TasksHandler),
+    (r"/nbcluster/api/actors", ActorsHandler),
+    (rf"/nbcluster/api/tasks/{_ID}/cancel", CancelTaskHandler),
+    (rf"/nbcluster/api/actors/{_ID}/kill", KillActorHandler),
+    (r"/nbcluster/api/events", EventsHandler),
+]

@@ -1,0 +1,1 @@
+"""Helpers for testing nbcluster and code that uses it."""
