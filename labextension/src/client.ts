@@ -1,0 +1,137 @@
+/**
+ * The panel's connection to the server extension: one websocket for live
+ * state, REST calls for history and for cancel/kill. Every URL is built from
+ * the server's connection settings, so it works under any `base_url`
+ * (JupyterHub, proxies).
+ */
+
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+import { ISignal, Signal } from '@lumino/signaling';
+
+import {
+  applyMessage,
+  IClusterState,
+  IMetrics,
+  initialState,
+  mergeHistory,
+  ServerMessage,
+  setConnection
+} from './model';
+import { EventStream, ISocketLike } from './stream';
+
+const API = 'nbcluster/api';
+
+/** The websocket URL of the event stream, with the token when the settings want it. */
+export function eventsUrl(settings: ServerConnection.ISettings): string {
+  let url = URLExt.join(settings.wsUrl, API, 'events');
+  if (settings.appendToken && settings.token) {
+    url += `?token=${encodeURIComponent(settings.token)}`;
+  }
+  return url;
+}
+
+/** The live cluster state shared by the side panel and the status bar. */
+export class ClusterClient {
+  constructor(settings: ServerConnection.ISettings = ServerConnection.makeSettings()) {
+    this._settings = settings;
+    this._stream = new EventStream(
+      {
+        // The DOM socket's handlers take Event subtypes; the stream only reads `data`.
+        createSocket: () => new settings.WebSocket(eventsUrl(settings)) as unknown as ISocketLike
+      },
+      {
+        onMessage: msg => this._onMessage(msg),
+        onStatus: (status, retryInMs) =>
+          this._update(setConnection(this._state, status, retryInMs))
+      }
+    );
+  }
+
+  /** Emitted after every state change. */
+  get changed(): ISignal<this, IClusterState> {
+    return this._changed;
+  }
+
+  get state(): IClusterState {
+    return this._state;
+  }
+
+  get isDisposed(): boolean {
+    return this._stream.isDisposed;
+  }
+
+  /** Open the websocket (idempotent). */
+  start(): void {
+    this._stream.start();
+  }
+
+  /** Skip the backoff wait (the "reconnect now" link). */
+  reconnectNow(): void {
+    this._stream.reconnectNow();
+  }
+
+  dispose(): void {
+    this._stream.dispose();
+    Signal.clearData(this);
+  }
+
+  /** Ask the server to cancel a task; rejects with the server's error text. */
+  async cancelTask(taskId: string): Promise<void> {
+    await this._post(`tasks/${encodeURIComponent(taskId)}/cancel`);
+  }
+
+  /** Ask the server to kill an actor; rejects with the server's error text. */
+  async killActor(actorId: string): Promise<void> {
+    await this._post(`actors/${encodeURIComponent(actorId)}/kill`);
+  }
+
+  private async _post(path: string): Promise<void> {
+    const url = URLExt.join(this._settings.baseUrl, API, path);
+    const response = await ServerConnection.makeRequest(url, { method: 'POST' }, this._settings);
+    if (!response.ok) {
+      let message = `${response.status} ${response.statusText}`;
+      try {
+        const body = (await response.json()) as { error?: string; message?: string };
+        message = body.error ?? body.message ?? message;
+      } catch {
+        // not JSON: keep the status line
+      }
+      throw new Error(message);
+    }
+  }
+
+  private async _loadHistory(): Promise<void> {
+    const url = URLExt.join(this._settings.baseUrl, API, 'metrics');
+    try {
+      const response = await ServerConnection.makeRequest(url, {}, this._settings);
+      if (!response.ok) {
+        return;
+      }
+      const body = (await response.json()) as { nodes?: Record<string, IMetrics[]> };
+      if (body && typeof body.nodes === 'object' && body.nodes !== null) {
+        this._update(mergeHistory(this._state, body.nodes));
+      }
+    } catch (err) {
+      // The sparklines then start from live samples only.
+      console.warn('nbcluster: cannot load the metrics history', err);
+    }
+  }
+
+  private _onMessage(msg: ServerMessage): void {
+    this._update(applyMessage(this._state, msg));
+    if (msg.type === 'snapshot') {
+      void this._loadHistory();
+    }
+  }
+
+  private _update(state: IClusterState): void {
+    this._state = state;
+    this._changed.emit(state);
+  }
+
+  private _settings: ServerConnection.ISettings;
+  private _stream: EventStream;
+  private _state: IClusterState = initialState();
+  private _changed = new Signal<this, IClusterState>(this);
+}

@@ -1,0 +1,67 @@
+/**
+ * nbcluster's JupyterLab extension: the "Cluster" side panel and the
+ * status-bar summary, both fed by one websocket to the server extension.
+ */
+
+import {
+  ILayoutRestorer,
+  JupyterFrontEnd,
+  JupyterFrontEndPlugin
+} from '@jupyterlab/application';
+import { ServerConnection } from '@jupyterlab/services';
+import { IStatusBar } from '@jupyterlab/statusbar';
+import { LabIcon } from '@jupyterlab/ui-components';
+
+import { ClusterClient } from './client';
+import { ClusterPanel } from './panel';
+import { ClusterStatus } from './statusbar';
+
+const PLUGIN_ID = 'nbcluster:plugin';
+const PANEL_ID = 'nbcluster-panel';
+
+/** Three stacked nodes: the sidebar tab icon (follows the theme's icon colour). */
+export const clusterIcon = new LabIcon({
+  name: 'nbcluster:cluster',
+  svgstr:
+    '<svg xmlns="http://www.w3.org/2000/svg" width="16" viewBox="0 0 24 24">' +
+    '<g class="jp-icon3" fill="#616161">' +
+    '<rect x="3" y="3" width="18" height="5" rx="1"/>' +
+    '<rect x="3" y="9.5" width="18" height="5" rx="1"/>' +
+    '<rect x="3" y="16" width="18" height="5" rx="1"/>' +
+    '</g><g fill="#fff"><circle cx="6.5" cy="5.5" r="1"/><circle cx="6.5" cy="12" r="1"/>' +
+    '<circle cx="6.5" cy="18.5" r="1"/></g></svg>'
+});
+
+const plugin: JupyterFrontEndPlugin<void> = {
+  id: PLUGIN_ID,
+  description: 'nbcluster: live nodes, GPUs, tasks and actors in a side panel and the status bar.',
+  autoStart: true,
+  optional: [ILayoutRestorer, IStatusBar],
+  activate: (
+    app: JupyterFrontEnd,
+    restorer: ILayoutRestorer | null,
+    statusBar: IStatusBar | null
+  ) => {
+    const client = new ClusterClient(ServerConnection.makeSettings());
+    const panel = new ClusterPanel(client);
+    panel.id = PANEL_ID;
+    panel.title.icon = clusterIcon;
+    panel.title.caption = 'Cluster';
+    app.shell.add(panel, 'left', { rank: 900 });
+    if (restorer) {
+      restorer.add(panel, PANEL_ID);
+    }
+    if (statusBar) {
+      const item = new ClusterStatus(client, () => app.shell.activateById(PANEL_ID));
+      statusBar.registerStatusItem(PLUGIN_ID, {
+        item,
+        align: 'left',
+        rank: 900,
+        isActive: () => true
+      });
+    }
+    client.start();
+  }
+};
+
+export default plugin;

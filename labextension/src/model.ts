@@ -1,0 +1,468 @@
+/**
+ * Pure state of the cluster panel: the wire types of the server extension's
+ * REST/websocket contract (docs/jupyter-api.md) and a reducer that folds
+ * websocket messages into one immutable state. No DOM, no JupyterLab imports,
+ * so that it is unit-tested under plain Node.
+ */
+
+/** Resource name -> amount (CPU, GPU, memory in bytes, custom resources). */
+export type Resources = Record<string, number>;
+
+export interface IGpuMetrics {
+  index: number;
+  name: string;
+  utilization: number;
+  memory_used: number;
+  memory_total: number;
+}
+
+export interface IMetrics {
+  time: number;
+  cpu_percent: number;
+  memory_used: number;
+  memory_total: number;
+  gpus: IGpuMetrics[];
+}
+
+export interface IObjectStore {
+  capacity: number;
+  used: number;
+  spilled: number;
+  objects: number;
+}
+
+export type NodeState = 'alive' | 'draining' | 'dead';
+
+export interface INode {
+  node_id: string;
+  name: string;
+  address: string;
+  alive: boolean;
+  state: NodeState;
+  resources_total: Resources;
+  resources_available: Resources;
+  metrics: IMetrics | null;
+  object_store: IObjectStore | null;
+  tasks_running: number;
+  actors: number;
+}
+
+export interface ITotals {
+  nodes: number;
+  CPU: number;
+  CPU_used: number;
+  GPU: number;
+  GPU_used: number;
+}
+
+export interface IHead {
+  address: string;
+  started_at: number;
+  version: string;
+}
+
+export interface IOwner {
+  job_id: string;
+  kernel_id: string | null;
+  notebook: string | null;
+}
+
+export type TaskState =
+  | 'queued'
+  | 'running'
+  | 'infeasible'
+  | 'finished'
+  | 'failed'
+  | 'cancelled';
+
+export interface ITask {
+  task_id: string;
+  name: string;
+  state: TaskState;
+  node_id: string | null;
+  resources: Resources;
+  missing: string | null;
+  owner: IOwner;
+  submitted_at: number;
+  started_at: number | null;
+  ended_at: number | null;
+}
+
+export type ActorState = 'pending' | 'alive' | 'restarting' | 'dead';
+
+export interface IActor {
+  actor_id: string;
+  class_name: string;
+  name: string | null;
+  namespace: string;
+  state: ActorState;
+  node_id: string | null;
+  pid: number | null;
+  resources: Resources;
+  detached: boolean;
+  owner: IOwner;
+}
+
+export interface IClusterBody {
+  head: IHead | null;
+  nodes: INode[];
+  totals: ITotals;
+}
+
+/** The partial node record carried by the once-a-second metrics message. */
+export interface INodeUpdate {
+  node_id: string;
+  alive?: boolean;
+  state?: NodeState;
+  metrics?: IMetrics | null;
+  resources_available?: Resources;
+  object_store?: IObjectStore | null;
+  tasks_running?: number;
+  actors?: number;
+}
+
+export type ServerMessage =
+  | { type: 'snapshot'; cluster: IClusterBody; tasks: ITask[]; actors: IActor[] }
+  | { type: 'metrics'; time: number; nodes: INodeUpdate[]; totals: ITotals }
+  | { type: 'node'; node: INode }
+  | { type: 'task'; task: ITask }
+  | { type: 'actor'; actor: IActor };
+
+export type ConnectionStatus = 'connecting' | 'connected' | 'disconnected';
+
+export interface IClusterState {
+  connection: ConnectionStatus;
+  /** Milliseconds until the next reconnection attempt, while disconnected. */
+  retryInMs: number | null;
+  head: IHead | null;
+  /** Nodes in the order the server listed them, keyed by id. */
+  nodes: Record<string, INode>;
+  nodeOrder: string[];
+  totals: ITotals;
+  tasks: Record<string, ITask>;
+  actors: Record<string, IActor>;
+  /** Per node: recent metrics samples, oldest first (for the sparklines). */
+  history: Record<string, IMetrics[]>;
+  /** Bumped when tasks or actors change, so the view redraws only those tables then. */
+  tablesVersion: number;
+}
+
+/** Samples kept per node for the sparklines (about one per second). */
+export const HISTORY_LENGTH = 60;
+/** Ended tasks and dead actors kept, newest last, so the tables do not grow forever. */
+export const ENDED_KEPT = 20;
+
+export const ACTIVE_TASK_STATES: ReadonlySet<TaskState> = new Set([
+  'queued',
+  'running',
+  'infeasible'
+]);
+
+export function emptyTotals(): ITotals {
+  return { nodes: 0, CPU: 0, CPU_used: 0, GPU: 0, GPU_used: 0 };
+}
+
+export function initialState(): IClusterState {
+  return {
+    connection: 'connecting',
+    retryInMs: null,
+    head: null,
+    nodes: {},
+    nodeOrder: [],
+    totals: emptyTotals(),
+    tasks: {},
+    actors: {},
+    history: {},
+    tablesVersion: 0
+  };
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/**
+ * Check the shape of a decoded websocket frame.
+ *
+ * Returns the message when its `type` is known and its required fields are
+ * present, else null (the caller logs and drops it: a newer server may send
+ * kinds this panel does not know yet).
+ */
+export function parseMessage(data: unknown): ServerMessage | null {
+  if (!isObject(data) || typeof data.type !== 'string') {
+    return null;
+  }
+  switch (data.type) {
+    case 'snapshot':
+      return isObject(data.cluster) &&
+        Array.isArray(data.cluster.nodes) &&
+        Array.isArray(data.tasks) &&
+        Array.isArray(data.actors)
+        ? (data as unknown as ServerMessage)
+        : null;
+    case 'metrics':
+      return Array.isArray(data.nodes) ? (data as unknown as ServerMessage) : null;
+    case 'node':
+      return isObject(data.node) && typeof data.node.node_id === 'string'
+        ? (data as unknown as ServerMessage)
+        : null;
+    case 'task':
+      return isObject(data.task) && typeof data.task.task_id === 'string'
+        ? (data as unknown as ServerMessage)
+        : null;
+    case 'actor':
+      return isObject(data.actor) && typeof data.actor.actor_id === 'string'
+        ? (data as unknown as ServerMessage)
+        : null;
+    default:
+      return null;
+  }
+}
+
+function pushSample(history: IMetrics[] | undefined, sample: IMetrics): IMetrics[] {
+  const previous = history ?? [];
+  // The same sample can arrive twice (snapshot then metrics): keep one.
+  if (previous.length > 0 && previous[previous.length - 1].time >= sample.time) {
+    return previous;
+  }
+  const next = previous.concat([sample]);
+  return next.length > HISTORY_LENGTH ? next.slice(next.length - HISTORY_LENGTH) : next;
+}
+
+function normaliseNode(node: INode): INode {
+  return {
+    ...node,
+    name: node.name || node.node_id,
+    resources_total: node.resources_total ?? {},
+    resources_available: node.resources_available ?? {},
+    metrics: node.metrics ?? null,
+    object_store: node.object_store ?? null,
+    tasks_running: node.tasks_running ?? 0,
+    actors: node.actors ?? 0
+  };
+}
+
+/** Keep every active task and only the newest `ENDED_KEPT` ended ones. */
+export function pruneTasks(tasks: Record<string, ITask>): Record<string, ITask> {
+  const ended = Object.values(tasks).filter(t => !ACTIVE_TASK_STATES.has(t.state));
+  if (ended.length <= ENDED_KEPT) {
+    return tasks;
+  }
+  ended.sort((a, b) => (a.ended_at ?? 0) - (b.ended_at ?? 0));
+  const drop = new Set(ended.slice(0, ended.length - ENDED_KEPT).map(t => t.task_id));
+  const kept: Record<string, ITask> = {};
+  for (const [id, task] of Object.entries(tasks)) {
+    if (!drop.has(id)) {
+      kept[id] = task;
+    }
+  }
+  return kept;
+}
+
+/** Keep every live actor and only the newest `ENDED_KEPT` dead ones (insertion order). */
+export function pruneActors(actors: Record<string, IActor>): Record<string, IActor> {
+  const dead = Object.values(actors).filter(a => a.state === 'dead');
+  if (dead.length <= ENDED_KEPT) {
+    return actors;
+  }
+  const drop = new Set(dead.slice(0, dead.length - ENDED_KEPT).map(a => a.actor_id));
+  const kept: Record<string, IActor> = {};
+  for (const [id, actor] of Object.entries(actors)) {
+    if (!drop.has(id)) {
+      kept[id] = actor;
+    }
+  }
+  return kept;
+}
+
+/** Totals computed from the nodes, for when the server sent none. */
+export function totalsFromNodes(nodes: INode[]): ITotals {
+  const totals = emptyTotals();
+  for (const node of nodes) {
+    if (node.state === 'dead') {
+      continue;
+    }
+    totals.nodes += 1;
+    const cpu = node.resources_total.CPU ?? 0;
+    const gpu = node.resources_total.GPU ?? 0;
+    totals.CPU += cpu;
+    totals.GPU += gpu;
+    totals.CPU_used += cpu - (node.resources_available.CPU ?? cpu);
+    totals.GPU_used += gpu - (node.resources_available.GPU ?? gpu);
+  }
+  return totals;
+}
+
+/**
+ * Fold one server message into the state.
+ *
+ * Pure: returns a new state object (sharing unchanged parts) and never
+ * mutates its arguments.
+ */
+export function applyMessage(state: IClusterState, msg: ServerMessage): IClusterState {
+  switch (msg.type) {
+    case 'snapshot': {
+      const nodes: Record<string, INode> = {};
+      const history: Record<string, IMetrics[]> = {};
+      const order: string[] = [];
+      for (const raw of msg.cluster.nodes) {
+        const node = normaliseNode(raw);
+        nodes[node.node_id] = node;
+        order.push(node.node_id);
+        // History survives a reconnect: the sparkline just continues.
+        const old = state.history[node.node_id];
+        history[node.node_id] = node.metrics ? pushSample(old, node.metrics) : (old ?? []);
+      }
+      const tasks: Record<string, ITask> = {};
+      for (const task of msg.tasks) {
+        tasks[task.task_id] = task;
+      }
+      const actors: Record<string, IActor> = {};
+      for (const actor of msg.actors) {
+        actors[actor.actor_id] = actor;
+      }
+      const nodeList = order.map(id => nodes[id]);
+      return {
+        ...state,
+        connection: 'connected',
+        retryInMs: null,
+        head: msg.cluster.head ?? null,
+        nodes,
+        nodeOrder: order,
+        totals: msg.cluster.totals ?? totalsFromNodes(nodeList),
+        tasks: pruneTasks(tasks),
+        actors: pruneActors(actors),
+        history,
+        tablesVersion: state.tablesVersion + 1
+      };
+    }
+    case 'metrics': {
+      const nodes = { ...state.nodes };
+      const history = { ...state.history };
+      const order = state.nodeOrder.slice();
+      for (const update of msg.nodes) {
+        const current: INode = nodes[update.node_id] ?? {
+          node_id: update.node_id,
+          name: update.node_id,
+          address: '',
+          alive: true,
+          state: 'alive',
+          resources_total: {},
+          resources_available: {},
+          metrics: null,
+          object_store: null,
+          tasks_running: 0,
+          actors: 0
+        };
+        if (!(update.node_id in state.nodes)) {
+          order.push(update.node_id);
+        }
+        const merged: INode = { ...current };
+        for (const key of [
+          'alive',
+          'state',
+          'metrics',
+          'resources_available',
+          'object_store',
+          'tasks_running',
+          'actors'
+        ] as const) {
+          if (update[key] !== undefined) {
+            (merged as unknown as Record<string, unknown>)[key] = update[key];
+          }
+        }
+        nodes[update.node_id] = merged;
+        if (update.metrics) {
+          history[update.node_id] = pushSample(history[update.node_id], update.metrics);
+        }
+      }
+      return {
+        ...state,
+        nodes,
+        nodeOrder: order,
+        history,
+        totals: msg.totals ?? totalsFromNodes(order.map(id => nodes[id]))
+      };
+    }
+    case 'node': {
+      const node = normaliseNode(msg.node);
+      const nodes = { ...state.nodes, [node.node_id]: node };
+      const order = node.node_id in state.nodes ? state.nodeOrder : [...state.nodeOrder, node.node_id];
+      const history = node.metrics
+        ? { ...state.history, [node.node_id]: pushSample(state.history[node.node_id], node.metrics) }
+        : state.history;
+      return {
+        ...state,
+        nodes,
+        nodeOrder: order,
+        history,
+        totals: totalsFromNodes(order.map(id => nodes[id]))
+      };
+    }
+    case 'task':
+      return {
+        ...state,
+        tasks: pruneTasks({ ...state.tasks, [msg.task.task_id]: msg.task }),
+        tablesVersion: state.tablesVersion + 1
+      };
+    case 'actor': {
+      // Re-insert so that a newly dead actor counts as the newest dead one.
+      const actors = { ...state.actors };
+      delete actors[msg.actor.actor_id];
+      actors[msg.actor.actor_id] = msg.actor;
+      return {
+        ...state,
+        actors: pruneActors(actors),
+        tablesVersion: state.tablesVersion + 1
+      };
+    }
+    default:
+      return state;
+  }
+}
+
+/** Record a connection change (the data is kept, shown as stale while disconnected). */
+export function setConnection(
+  state: IClusterState,
+  connection: ConnectionStatus,
+  retryInMs: number | null = null
+): IClusterState {
+  return { ...state, connection, retryInMs };
+}
+
+/** Seed the sparklines from `GET nbcluster/api/metrics` (histories oldest first). */
+export function mergeHistory(
+  state: IClusterState,
+  histories: Record<string, IMetrics[]>
+): IClusterState {
+  const history = { ...state.history };
+  for (const [nodeId, samples] of Object.entries(histories)) {
+    if (!Array.isArray(samples)) {
+      continue;
+    }
+    const current = history[nodeId] ?? [];
+    // Live samples win; the fetched history only fills in what came before them.
+    const oldestLive = current.length > 0 ? current[0].time : Infinity;
+    const older = samples.filter(s => s && typeof s.time === 'number' && s.time < oldestLive);
+    const merged = older.concat(current);
+    history[nodeId] =
+      merged.length > HISTORY_LENGTH ? merged.slice(merged.length - HISTORY_LENGTH) : merged;
+  }
+  return { ...state, history };
+}
+
+/** Tasks to list: active ones first (running, queued, infeasible), by submission time. */
+export function visibleTasks(state: IClusterState): ITask[] {
+  const rank: Record<string, number> = { running: 0, infeasible: 1, queued: 2 };
+  return Object.values(state.tasks)
+    .filter(t => ACTIVE_TASK_STATES.has(t.state))
+    .sort(
+      (a, b) => (rank[a.state] ?? 3) - (rank[b.state] ?? 3) || a.submitted_at - b.submitted_at
+    );
+}
+
+/** Actors to list: live ones first, then the recently dead. */
+export function visibleActors(state: IClusterState): IActor[] {
+  const all = Object.values(state.actors);
+  return all.filter(a => a.state !== 'dead').concat(all.filter(a => a.state === 'dead'));
+}

@@ -1,0 +1,460 @@
+/**
+ * The "Cluster" side panel: nodes with live bars and sparklines, then the
+ * tasks and actors tables with cancel/kill buttons. Plain DOM, redrawn per
+ * section only when that section's data changed.
+ */
+
+import { Dialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
+import { Widget } from '@lumino/widgets';
+
+import { ClusterClient } from './client';
+import {
+  formatBytes,
+  formatPercent,
+  formatResources,
+  nodeLabel,
+  ownerLabel,
+  ratioPercent,
+  resourceUsage,
+  sparklinePoints,
+  summaryText
+} from './format';
+import {
+  HISTORY_LENGTH,
+  IActor,
+  IClusterState,
+  IMetrics,
+  INode,
+  ITask,
+  visibleActors,
+  visibleTasks
+} from './model';
+
+type Child = Node | string | null | undefined | false;
+
+/** Create an element: `h('div', {class: 'x'}, child, ...)`. */
+export function h(
+  tag: string,
+  attrs: Record<string, string | undefined> = {},
+  ...children: Child[]
+): HTMLElement {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value !== undefined) {
+      el.setAttribute(key, value);
+    }
+  }
+  for (const child of children) {
+    if (child === null || child === undefined || child === false) {
+      continue;
+    }
+    el.append(child);
+  }
+  return el;
+}
+
+const SVG_NS = 'http://www.w3.org/2000/svg';
+const SPARK_W = 60;
+const SPARK_H = 16;
+
+function sparkline(values: number[], label: string): SVGSVGElement {
+  const svg = document.createElementNS(SVG_NS, 'svg');
+  svg.setAttribute('class', 'nbc-spark');
+  svg.setAttribute('viewBox', `0 0 ${SPARK_W} ${SPARK_H}`);
+  svg.setAttribute('width', String(SPARK_W));
+  svg.setAttribute('height', String(SPARK_H));
+  svg.setAttribute('preserveAspectRatio', 'none');
+  svg.setAttribute('role', 'img');
+  svg.setAttribute('aria-label', `${label} history`);
+  const line = document.createElementNS(SVG_NS, 'polyline');
+  line.setAttribute('points', sparklinePoints(values, SPARK_W, SPARK_H, HISTORY_LENGTH));
+  svg.append(line);
+  return svg;
+}
+
+function bar(percent: number, label: string): HTMLElement {
+  const level = percent >= 90 ? 'high' : percent >= 70 ? 'mid' : 'low';
+  return h(
+    'div',
+    {
+      class: 'nbc-bar',
+      role: 'meter',
+      'aria-label': label,
+      'aria-valuemin': '0',
+      'aria-valuemax': '100',
+      'aria-valuenow': String(Math.round(percent))
+    },
+    h('div', { class: `nbc-bar-fill nbc-level-${level}`, style: `width: ${percent.toFixed(1)}%` })
+  );
+}
+
+function metricRow(
+  kind: string,
+  label: string,
+  percent: number,
+  text: string,
+  history: number[]
+): HTMLElement {
+  return h(
+    'div',
+    { class: 'nbc-metric', 'data-metric': kind },
+    h('span', { class: 'nbc-metric-label', title: label }, label),
+    bar(percent, label),
+    h('span', { class: 'nbc-metric-value' }, text),
+    sparkline(history, label)
+  );
+}
+
+function renderNode(node: INode, history: IMetrics[]): HTMLElement {
+  const m = node.metrics;
+  const rows: HTMLElement[] = [];
+  if (m) {
+    rows.push(
+      metricRow(
+        'cpu',
+        'CPU',
+        m.cpu_percent,
+        formatPercent(m.cpu_percent),
+        history.map(s => s.cpu_percent)
+      )
+    );
+    const memPct = ratioPercent(m.memory_used, m.memory_total);
+    rows.push(
+      metricRow(
+        'memory',
+        'Mem',
+        memPct,
+        `${formatBytes(m.memory_used)} / ${formatBytes(m.memory_total)}`,
+        history.map(s => ratioPercent(s.memory_used, s.memory_total))
+      )
+    );
+    for (const gpu of m.gpus ?? []) {
+      const gpuHistory = history.map(s => (s.gpus ?? []).find(g => g.index === gpu.index));
+      rows.push(
+        h(
+          'div',
+          { class: 'nbc-gpu-name', title: gpu.name },
+          `GPU ${gpu.index} · ${gpu.name}`
+        ),
+        metricRow(
+          `gpu${gpu.index}-util`,
+          `GPU${gpu.index}`,
+          gpu.utilization,
+          formatPercent(gpu.utilization),
+          gpuHistory.map(g => g?.utilization ?? 0)
+        ),
+        metricRow(
+          `gpu${gpu.index}-memory`,
+          `VRAM${gpu.index}`,
+          ratioPercent(gpu.memory_used, gpu.memory_total),
+          `${formatBytes(gpu.memory_used)} / ${formatBytes(gpu.memory_total)}`,
+          gpuHistory.map(g => (g ? ratioPercent(g.memory_used, g.memory_total) : 0))
+        )
+      );
+    }
+  } else {
+    rows.push(h('div', { class: 'nbc-muted' }, 'no metrics yet'));
+  }
+  const usage = resourceUsage(node.resources_total, node.resources_available);
+  const store = node.object_store;
+  return h(
+    'div',
+    { class: 'nbc-node', 'data-node-id': node.node_id, 'data-state': node.state },
+    h(
+      'div',
+      { class: 'nbc-node-title' },
+      h('span', { class: 'nbc-node-name', title: node.node_id }, nodeLabel(node)),
+      h('span', { class: `nbc-badge nbc-state-${node.state}` }, node.state)
+    ),
+    h(
+      'div',
+      { class: 'nbc-resources' },
+      ...usage.map(u =>
+        h(
+          'span',
+          { class: 'nbc-resource', 'data-resource': u.name },
+          `${u.name} `,
+          h('b', {}, u.text)
+        )
+      )
+    ),
+    ...rows,
+    h(
+      'div',
+      { class: 'nbc-node-foot' },
+      `${node.tasks_running} running · ${node.actors} actor${node.actors === 1 ? '' : 's'}`,
+      store
+        ? ` · store ${formatBytes(store.used)}/${formatBytes(store.capacity)}` +
+            (store.spilled > 0 ? `, ${formatBytes(store.spilled)} spilled` : '')
+        : ''
+    )
+  );
+}
+
+function clock(t: number | null): string {
+  if (!t) {
+    return '';
+  }
+  return new Date(t * 1000).toLocaleTimeString();
+}
+
+/** The "Cluster" panel widget. */
+export class ClusterPanel extends Widget {
+  constructor(client: ClusterClient) {
+    super();
+    this._client = client;
+    this.addClass('nbc-panel');
+    this.title.caption = 'nbcluster: nodes, tasks and actors';
+    this._banner = h('div', { class: 'nbc-banner', role: 'status' });
+    this._summary = h('div', { class: 'nbc-summary' });
+    this._nodes = h('div', { class: 'nbc-nodes' });
+    this._tasks = h('div', { class: 'nbc-tasks' });
+    this._actors = h('div', { class: 'nbc-actors' });
+    this.node.append(
+      h('div', { class: 'nbc-header' }, h('h2', {}, 'Cluster'), this._summary),
+      this._banner,
+      h('h3', {}, 'Nodes'),
+      this._nodes,
+      this._tasks,
+      this._actors
+    );
+    client.changed.connect(this._schedule, this);
+    this._render(client.state);
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this._client.changed.disconnect(this._schedule, this);
+    if (this._frame !== null) {
+      cancelAnimationFrame(this._frame);
+    }
+    super.dispose();
+  }
+
+  /** Coalesce bursts of messages into one redraw per frame. */
+  private _schedule(): void {
+    if (this._frame !== null) {
+      return;
+    }
+    this._frame = requestAnimationFrame(() => {
+      this._frame = null;
+      this._render(this._client.state);
+    });
+  }
+
+  private _render(state: IClusterState): void {
+    const connected = state.connection === 'connected';
+    this.node.dataset.connection = state.connection;
+    this._renderBanner(state);
+    this._summary.textContent = connected
+      ? summaryText(state.totals, true).replace(/^nbcluster: /, '')
+      : '';
+    if (state.nodeOrder.length === 0) {
+      this._nodes.replaceChildren(
+        h('div', { class: 'nbc-muted' }, connected ? 'No nodes.' : 'Waiting for the cluster…')
+      );
+    } else {
+      this._nodes.replaceChildren(
+        ...state.nodeOrder.map(id => renderNode(state.nodes[id], state.history[id] ?? []))
+      );
+    }
+    const tablesKey = `${state.tablesVersion}:${connected}`;
+    if (tablesKey !== this._tablesKey) {
+      this._tablesKey = tablesKey;
+      this._renderTasks(state, connected);
+      this._renderActors(state, connected);
+    }
+  }
+
+  private _renderBanner(state: IClusterState): void {
+    if (state.connection === 'connected') {
+      this._banner.hidden = true;
+      this._banner.replaceChildren();
+      return;
+    }
+    this._banner.hidden = false;
+    if (state.connection === 'connecting') {
+      this._banner.className = 'nbc-banner nbc-banner-connecting';
+      this._banner.replaceChildren('Connecting to the cluster…');
+      return;
+    }
+    this._banner.className = 'nbc-banner nbc-banner-disconnected';
+    const seconds = state.retryInMs !== null ? Math.max(1, Math.round(state.retryInMs / 1000)) : 0;
+    const retry = h('button', { class: 'nbc-link', type: 'button' }, 'reconnect now');
+    retry.addEventListener('click', () => this._client.reconnectNow());
+    this._banner.replaceChildren(
+      h('b', {}, 'Disconnected — reconnecting'),
+      seconds ? ` (next try in ${seconds}s) · ` : ' · ',
+      retry
+    );
+  }
+
+  private _renderTasks(state: IClusterState, connected: boolean): void {
+    const tasks = visibleTasks(state);
+    const rows = tasks.map(task => this._taskRow(task, state, connected));
+    this._tasks.replaceChildren(
+      h('h3', {}, `Tasks (${tasks.length})`),
+      tasks.length === 0
+        ? h('div', { class: 'nbc-muted' }, 'No running or queued tasks.')
+        : h(
+            'table',
+            { class: 'nbc-table' },
+            h(
+              'thead',
+              {},
+              h(
+                'tr',
+                {},
+                h('th', {}, 'Task'),
+                h('th', {}, 'State'),
+                h('th', {}, 'Notebook'),
+                h('th', {}, '')
+              )
+            ),
+            h('tbody', {}, ...rows)
+          )
+    );
+  }
+
+  private _taskRow(task: ITask, state: IClusterState, connected: boolean): HTMLElement {
+    const node = task.node_id ? state.nodes[task.node_id] : undefined;
+    const where =
+      task.state === 'infeasible'
+        ? h(
+            'span',
+            { class: 'nbc-infeasible' },
+            `infeasible: no node has ${task.missing ?? 'the resources'}`
+          )
+        : h('span', { class: `nbc-badge nbc-task-${task.state}` }, task.state);
+    const cancel = h(
+      'button',
+      { class: 'nbc-button', type: 'button', title: `Cancel task ${task.task_id}` },
+      'Cancel'
+    ) as HTMLButtonElement;
+    cancel.disabled = !connected;
+    cancel.addEventListener('click', () => void this._confirmCancel(task));
+    return h(
+      'tr',
+      { 'data-task-id': task.task_id, 'data-state': task.state },
+      h(
+        'td',
+        {
+          title:
+            `${task.task_id}\n${formatResources(task.resources)}` +
+            (node ? `\non ${node.name}` : '') +
+            (task.started_at ? `\nstarted ${clock(task.started_at)}` : '')
+        },
+        task.name
+      ),
+      h('td', {}, where),
+      h('td', { title: task.owner?.notebook ?? '' }, ownerLabel(task.owner)),
+      h('td', {}, cancel)
+    );
+  }
+
+  private _renderActors(state: IClusterState, connected: boolean): void {
+    const actors = visibleActors(state);
+    const live = actors.filter(a => a.state !== 'dead').length;
+    this._actors.replaceChildren(
+      h('h3', {}, `Actors (${live})`),
+      actors.length === 0
+        ? h('div', { class: 'nbc-muted' }, 'No actors.')
+        : h(
+            'table',
+            { class: 'nbc-table' },
+            h(
+              'thead',
+              {},
+              h(
+                'tr',
+                {},
+                h('th', {}, 'Actor'),
+                h('th', {}, 'State'),
+                h('th', {}, 'Notebook'),
+                h('th', {}, '')
+              )
+            ),
+            h('tbody', {}, ...actors.map(actor => this._actorRow(actor, state, connected)))
+          )
+    );
+  }
+
+  private _actorRow(actor: IActor, state: IClusterState, connected: boolean): HTMLElement {
+    const node = actor.node_id ? state.nodes[actor.node_id] : undefined;
+    const label = actor.name ? `${actor.class_name} "${actor.name}"` : actor.class_name;
+    let action: Child = null;
+    if (actor.state !== 'dead') {
+      const kill = h(
+        'button',
+        { class: 'nbc-button nbc-danger', type: 'button', title: `Kill actor ${actor.actor_id}` },
+        'Kill'
+      ) as HTMLButtonElement;
+      kill.disabled = !connected;
+      kill.addEventListener('click', () => void this._confirmKill(actor, label));
+      action = kill;
+    }
+    return h(
+      'tr',
+      { 'data-actor-id': actor.actor_id, 'data-state': actor.state },
+      h(
+        'td',
+        {
+          title:
+            `${actor.actor_id}\n${formatResources(actor.resources)}` +
+            (node ? `\non ${node.name}` : '') +
+            (actor.pid ? ` (pid ${actor.pid})` : '') +
+            (actor.detached ? '\ndetached' : '')
+        },
+        label
+      ),
+      h('td', {}, h('span', { class: `nbc-badge nbc-actor-${actor.state}` }, actor.state)),
+      h('td', { title: actor.owner?.notebook ?? '' }, ownerLabel(actor.owner)),
+      h('td', {}, action)
+    );
+  }
+
+  private async _confirmCancel(task: ITask): Promise<void> {
+    const result = await showDialog({
+      title: 'Cancel task?',
+      body: `Cancel ${task.name} (${task.task_id}) from ${ownerLabel(task.owner)}?`,
+      buttons: [Dialog.cancelButton({ label: 'Keep' }), Dialog.warnButton({ label: 'Cancel task' })]
+    });
+    if (!result.button.accept) {
+      return;
+    }
+    try {
+      await this._client.cancelTask(task.task_id);
+    } catch (err) {
+      await showErrorMessage('Cannot cancel the task', err as Error);
+    }
+  }
+
+  private async _confirmKill(actor: IActor, label: string): Promise<void> {
+    const result = await showDialog({
+      title: 'Kill actor?',
+      body:
+        `Kill ${label} owned by ${ownerLabel(actor.owner)}? ` +
+        'Its state is lost and pending calls fail.',
+      buttons: [Dialog.cancelButton({ label: 'Keep' }), Dialog.warnButton({ label: 'Kill' })]
+    });
+    if (!result.button.accept) {
+      return;
+    }
+    try {
+      await this._client.killActor(actor.actor_id);
+    } catch (err) {
+      await showErrorMessage('Cannot kill the actor', err as Error);
+    }
+  }
+
+  private _client: ClusterClient;
+  private _banner: HTMLElement;
+  private _summary: HTMLElement;
+  private _nodes: HTMLElement;
+  private _tasks: HTMLElement;
+  private _actors: HTMLElement;
+  private _frame: number | null = null;
+  private _tablesKey = '';
+}
