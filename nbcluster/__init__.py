@@ -2,6 +2,7 @@
 
 ``import nbcluster as ray`` runs Ray Core code: ``init``, ``remote``, ``get``, ``put``, ``wait``,
 ``cancel``, ``nodes``, ``cluster_resources``, ``available_resources``, ``get_runtime_context``.
+In Jupyter, ``%load_ext nbcluster`` adds magics; ``dashboard()`` and ``progress()`` are widgets.
 """
 
 from nbcluster import exceptions
@@ -24,8 +25,25 @@ from nbcluster.api import (
     shutdown,
     wait,
 )
+from nbcluster.progress import progress
 from nbcluster.refs import ObjectRef
 from nbcluster.remote import RemoteFunction, remote
+from nbcluster.widgets import dashboard
+
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext nbcluster``: connect to the cluster and register the magics."""
+    from nbcluster.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    """``%unload_ext nbcluster`` (the connection stays open)."""
+    from nbcluster.magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
 
 __all__ = [
     "ActorClass",
@@ -39,6 +57,7 @@ __all__ = [
     "available_resources",
     "cancel",
     "cluster_resources",
+    "dashboard",
     "exceptions",
     "exit_actor",
     "get",
@@ -50,6 +69,7 @@ __all__ = [
     "kill",
     "method",
     "nodes",
+    "progress",
     "put",
     "remote",
     "shutdown",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import threading
@@ -17,6 +18,7 @@ from nbcluster import context
 from nbcluster.client import current
 from nbcluster.client.core import CoreClient
 from nbcluster.client.launcher import LocalCluster
+from nbcluster.client.objects import PENDING
 from nbcluster.exceptions import ConfigurationError
 from nbcluster.protocol.security import read_token_file, token_from_environment
 from nbcluster.refs import ObjectRef
@@ -47,6 +49,12 @@ class ClusterInfo:
             f"<b>nbcluster</b> {kind} at <code>{self.address}</code> "
             f"(job <code>{self.job_id}</code>)"
         )
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
+        """In a notebook: a live view of the cluster (see :func:`nbcluster.dashboard`)."""
+        from nbcluster.widgets import dashboard_bundle
+
+        return dashboard_bundle(self._repr_html_(), **kwargs)
 
 
 def init(
@@ -169,6 +177,9 @@ def init(
             _info = ClusterInfo(
                 cluster.address, client.job_id, cluster.node_id, True, str(cluster.session_dir)
             )
+        from nbcluster.magics import attach_kernel
+
+        attach_kernel(client)  # in a notebook: remote prints go under the submitting cell
         return _info
 
 
@@ -226,8 +237,17 @@ def put(value: Any) -> ObjectRef:
     return _client().put(value)
 
 
-def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
+def get(
+    refs: ObjectRef | Sequence[ObjectRef],
+    *,
+    timeout: float | None = None,
+    progress: bool = False,
+) -> Any:
     """Wait for and return the value(s) of ``refs``.
+
+    ``progress=True`` shows a progress bar while waiting (a widget in a notebook, else a line on
+    stderr). Interrupting the wait (Ctrl-C, or the notebook's stop button) cancels the tasks
+    still pending among ``refs`` and re-raises ``KeyboardInterrupt``.
 
     Raises
     ------
@@ -237,14 +257,37 @@ def get(refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) 
         (also an instance of the original exception type) if the task raised.
     """
     client = _client()
-    if isinstance(refs, ObjectRef):
-        return client.get([refs], timeout)[0]
+    single = isinstance(refs, ObjectRef)
+    if single:
+        refs = [refs]  # type: ignore[list-item]
     if not isinstance(refs, list | tuple):
         raise TypeError(f"get() expects an ObjectRef or a list of them, got {type(refs).__name__}")
     for r in refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"get() expects ObjectRefs, got an element of type {type(r).__name__}")
-    return client.get(list(refs), timeout)
+    bar = None
+    if progress:
+        from nbcluster.progress import progress as show_progress
+
+        bar = show_progress(list(refs))
+    try:
+        values = client.get(list(refs), timeout)
+    except KeyboardInterrupt:
+        _cancel_pending(client, refs)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return values[0] if single else values
+
+
+def _cancel_pending(client: CoreClient, refs: Sequence[ObjectRef]) -> None:
+    """Cancel the tasks (and actor calls) we own that would produce ``refs`` and are not done."""
+    for r in refs:
+        e = client.objects.get(r.hex())
+        if e is not None and e.owned and e.state == PENDING:
+            with contextlib.suppress(Exception):
+                client.cancel(r, False)
 
 
 def wait(
@@ -264,7 +307,12 @@ def wait(
         raise ValueError("wait() expects a list of unique ObjectRefs")
     if num_returns < 0 or num_returns > len(refs):
         raise ValueError(f"num_returns must be between 0 and {len(refs)}, got {num_returns}")
-    return _client().wait(list(refs), num_returns, timeout)
+    client = _client()
+    try:
+        return client.wait(list(refs), num_returns, timeout)
+    except KeyboardInterrupt:
+        _cancel_pending(client, refs)
+        raise
 
 
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:

@@ -108,6 +108,15 @@ class TaskError(NbclusterError):
     def __str__(self) -> str:
         return self._message()
 
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows for this error: the remote stack, as a local error would look."""
+        cause = type(self.cause).__name__ if self.cause is not None else "TaskError"
+        loc = f" ({self.where})" if self.where else ""
+        return [
+            f"\x1b[0;31m{cause}\x1b[0m raised in task \x1b[1m{self.function_name}\x1b[0m{loc}",
+            *self._render().splitlines(),
+        ]
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_task_error,

@@ -112,7 +112,10 @@ class CoreClient(TaskSubmission, ActorCalls):
         self._producer: dict[str, TaskRecord] = {}  # return object id -> pending task
         self._owner_conns: dict[str, Any] = {}
         self._bg: set[asyncio.Task[Any]] = set()
-        self.on_output: Callable[[str, str], None] | None = None
+        # Output routing hooks (set in a notebook kernel by nbcluster.magics): ``output_tag`` is
+        # called when a task is submitted, ``on_output(stream, text, tag)`` gets its output lines.
+        self.on_output: Callable[[str, str, Any], None] | None = None
+        self.output_tag: Callable[[], Any] | None = None
         self._actors: dict[str, ActorRecord] = {}
         self.store: StoreClient | None = None
         self.objects.on_drop = self._entry_dropped

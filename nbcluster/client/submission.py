@@ -53,7 +53,8 @@ class TaskSubmission:
     job_id: str
     namespace: str
     log_to_driver: bool
-    on_output: Callable[[str, str], None] | None
+    on_output: Callable[[str, str, Any], None] | None
+    output_tag: Callable[[], Any] | None
     _closing: bool
     _head: Any
     _transport: Transport | None
@@ -139,6 +140,9 @@ class TaskSubmission:
             nested=nested,
             args_oid=args_oid,
         )
+        tag = self.output_tag
+        if tag is not None:  # e.g. the notebook cell submitting it (see nbcluster.magics)
+            rec.tag = tag()
         return rec, refs
 
     def put(self, value: Any) -> ObjectRef:
@@ -539,7 +543,8 @@ class TaskSubmission:
         text = "".join(f"{prefix}{line}\n" for line in h.get("lines", []))
         stream = h.get("stream", "stdout")
         if self.on_output is not None:
-            self.on_output(stream, text)
+            rec = self._by_tid.get(h.get("tid", ""))
+            self.on_output(stream, text, rec.tag if rec is not None else None)
             return
         out = sys.stderr if stream == "stderr" else sys.stdout
         with contextlib.suppress(Exception):

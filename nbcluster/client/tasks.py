@@ -34,6 +34,7 @@ class TaskRecord:
     args_oid: str | None = None  # the arguments, when large enough to go into the store
     actor_id: str | None = None  # set for actor method calls
     method: str = ""
+    tag: Any = None  # where its output goes (the notebook cell that submitted it), if known
 
 
 @dataclass

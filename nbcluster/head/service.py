@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: A client or agent silent for this long is considered gone.
 LIVENESS_TIMEOUT_S = 10.0
+#: Drivers ping every second; one silent this long is gone (a killed notebook kernel: its tasks,
+#: objects and actors are released within a few seconds, GPUs included).
+DRIVER_LIVENESS_TIMEOUT_S = 4.0
 
 
 @dataclass
@@ -146,7 +149,10 @@ class HeadService:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for peer in list(self.peers.values()):
-                if now - peer.last_seen > LIVENESS_TIMEOUT_S:
+                limit = (
+                    DRIVER_LIVENESS_TIMEOUT_S if peer.role == "driver" else LIVENESS_TIMEOUT_S
+                )
+                if now - peer.last_seen > limit:
                     log.warning(
                         "%s pid %s silent for %.0f s: dropping",
                         peer.role,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import threading
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from nbcluster.worker.main import ActorExit, restore_filenames
 
 if TYPE_CHECKING:
     from nbcluster.worker.main import Worker
+
+
+#: The hidden method ``%%on ACTOR`` calls: ``(code, inputs, filename)`` -> the cell's outcome.
+EXEC_METHOD = "__nbcluster_exec__"
 
 
 @dataclass
@@ -130,6 +135,10 @@ class ActorHost:
 
     def _method(self, h: dict[str, Any]) -> Any:
         name = h["method"]
+        if name == EXEC_METHOD:  # ``%%on ACTOR``: run a notebook cell with the instance as self
+            from nbcluster.magics import run_cell
+
+            return functools.partial(run_cell, bound_self=self.instance)
         if name.startswith("__") and name != "__call__":
             raise AttributeError(f"{self.cls_name} actors do not expose {name}")
         return getattr(self.instance, name)
