@@ -502,4 +502,12 @@ class HeadService:
             }
         if what == "head":
             return {"address": self.address, "pid": os.getpid(), "started_at": self.started_at}
+        if what == "cluster":  # the Jupyter panel's views (docs/jupyter-api.md), for widgets too
+            return self.observe.cluster()
+        if what == "tasks":
+            return self.observe.task_views()
+        if what == "actor_views":
+            return self.observe.actor_views()
+        if what == "metrics":
+            return self.observe.history(str(h.get("node_id")))
         return None
