@@ -1,0 +1,187 @@
+"""What lets a restarted head pick the cluster up again.
+
+The head keeps its live state in memory. To survive a restart (the Jupyter server hosting it
+restarts, or ``nbcluster head`` is run again) it writes a small snapshot — the actor directory,
+the jobs whose drivers were connected and which nodes were alive or dead — to a file of mode 0600,
+and rebuilds the rest from the peers that reconnect:
+
+- node agents re-register with their node id and their running workers;
+- drivers say hello again with their job id, the leases they hold and the actors they use.
+
+Until every node of the snapshot is back (or :data:`RECOVERY_WINDOW_S` passed) new lease
+requests wait, so that no idle-looking worker is handed out while its real holder has not yet
+claimed it. At the end of the window, claims nobody could honour are answered ``lease_lost``,
+actors whose worker did not come back are restarted or buried, jobs whose driver did not come
+back end, and adopted workers nobody claimed are recycled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from nbcluster.head.actors import DEAD, ActorDirectory, ActorInfo
+
+#: How long a restarted head waits for the nodes it knew before scheduling anew.
+RECOVERY_WINDOW_S = 5.0
+
+_SNAPSHOT_VERSION = 1
+
+# ActorInfo fields that are persisted (the rest is connection state rebuilt on reconnect).
+_ACTOR_FIELDS = (
+    "aid",
+    "cls_name",
+    "name",
+    "namespace",
+    "job_id",
+    "detached",
+    "shape",
+    "place_shape",
+    "max_restarts",
+    "max_task_retries",
+    "methods",
+    "spec",
+    "payload",
+    "state",
+    "restarts",
+    "lease_id",
+    "worker_id",
+    "node_id",
+    "address",
+    "control_address",
+    "pid",
+    "no_restart",
+    "death_reason",
+    "created_at",
+)
+
+
+@dataclass
+class Snapshot:
+    """What a head writes down to be restartable."""
+
+    head_id: str = ""
+    actors: list[dict[str, Any]] = field(default_factory=list)
+    actor_gpus: dict[str, list[int]] = field(default_factory=dict)
+    jobs: list[str] = field(default_factory=list)  # jobs with a connected driver
+    nodes: dict[str, str] = field(default_factory=dict)  # alive node id -> name
+    dead_nodes: list[str] = field(default_factory=list)
+    saved_at: float = 0.0
+
+
+def take_snapshot(
+    head_id: str, actors: ActorDirectory, jobs: list[str], dead_nodes: list[str]
+) -> Snapshot:
+    """Collect the restartable part of the head's state."""
+    cluster = actors.cluster
+    snap = Snapshot(head_id=head_id, jobs=sorted(set(jobs)), saved_at=time.time())
+    for a in actors.actors.values():
+        if a.state == DEAD:
+            continue
+        snap.actors.append({f: getattr(a, f) for f in _ACTOR_FIELDS})
+        lease = cluster.leases.get(a.lease_id or "")
+        if lease is not None and lease.gpus:
+            snap.actor_gpus[a.aid] = sorted(lease.gpus)
+    snap.nodes = {n.node_id: n.name for n in cluster.nodes.values() if n.alive}
+    snap.dead_nodes = sorted(set(dead_nodes) | {n for n, v in cluster.nodes.items() if not v.alive})
+    return snap
+
+
+def save_snapshot(path: str, snap: Snapshot) -> None:
+    """Write ``snap`` atomically, readable by this user only (it holds pickled classes)."""
+    data = msgpack.packb(
+        {
+            "v": _SNAPSHOT_VERSION,
+            "head_id": snap.head_id,
+            "actors": snap.actors,
+            "actor_gpus": snap.actor_gpus,
+            "jobs": snap.jobs,
+            "nodes": snap.nodes,
+            "dead_nodes": snap.dead_nodes,
+            "saved_at": snap.saved_at,
+        },
+        use_bin_type=True,
+    )
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".head-state-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_snapshot(path: str) -> Snapshot | None:
+    """Read a snapshot; ``None`` when there is none or it cannot be used."""
+    try:
+        st = os.stat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None  # never trust pickled classes another user could have written
+        with open(path, "rb") as f:
+            raw = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+    except (OSError, ValueError, msgpack.UnpackException):
+        return None
+    if not isinstance(raw, dict) or raw.get("v") != _SNAPSHOT_VERSION:
+        return None
+    return Snapshot(
+        head_id=str(raw.get("head_id", "")),
+        actors=list(raw.get("actors", [])),
+        actor_gpus={k: list(v) for k, v in dict(raw.get("actor_gpus", {})).items()},
+        jobs=list(raw.get("jobs", [])),
+        nodes=dict(raw.get("nodes", {})),
+        dead_nodes=list(raw.get("dead_nodes", [])),
+        saved_at=float(raw.get("saved_at", 0.0)),
+    )
+
+
+def restore_actors(actors: ActorDirectory, snap: Snapshot) -> None:
+    """Put the snapshot's actors back into an empty directory (not yet placed anywhere)."""
+    for rec in snap.actors:
+        a = ActorInfo(owner=b"", **{f: rec[f] for f in _ACTOR_FIELDS if f in rec})
+        a.payload = [bytes(p) for p in a.payload]
+        actors.actors[a.aid] = a
+        if a.name is not None:
+            actors.names[(a.namespace, a.name)] = a.aid
+
+
+@dataclass
+class LeaseClaim:
+    """A lease a reconnecting driver says it holds."""
+
+    client: bytes
+    job_id: str
+    lease_id: str
+    worker_id: str
+    shape: dict[str, float]
+    gpus: list[int]
+
+
+@dataclass
+class Recovery:
+    """Bookkeeping of one restart, from the snapshot until the window closes."""
+
+    snapshot: Snapshot
+    started: float = field(default_factory=time.monotonic)
+    waiting_nodes: set[str] = field(default_factory=set)
+    claims: dict[str, LeaseClaim] = field(default_factory=dict)  # worker id -> claim
+    rejoined_jobs: set[str] = field(default_factory=set)
+    deferred: list[tuple[bytes, dict[str, Any], list[Any]]] = field(default_factory=list)
+    adopted: set[str] = field(default_factory=set)  # worker ids re-registered by agents
+
+    def __post_init__(self) -> None:
+        self.waiting_nodes = set(self.snapshot.nodes)
+
+    def over(self, now: float | None = None) -> bool:
+        """Whether the window is closed: every node is back, or it timed out."""
+        now = time.monotonic() if now is None else now
+        return not self.waiting_nodes or now - self.started > RECOVERY_WINDOW_S
