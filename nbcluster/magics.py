@@ -26,6 +26,7 @@ import cloudpickle
 import nbcluster as nb
 from nbcluster.client import current
 from nbcluster.client.core import CoreClient
+from nbcluster.widgets import cluster_nodes
 
 #: Cells whose parent header is kept for late output (the oldest are forgotten first).
 MAX_CELLS = 512
@@ -267,7 +268,7 @@ def status_text() -> str:
     """The ``%nbcluster status`` table: one row per node, then one per GPU with metrics."""
     rows = []
     gpu_rows = []
-    for n in nb.nodes():
+    for n in cluster_nodes():
         m = n.get("metrics") or {}
         mem = (
             f"{_gib(m.get('memory_used'))}/{_gib(m.get('memory_total'))}"

@@ -8,6 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from nbcluster.client import current
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """Every node with its latest ``metrics`` and counts of running tasks and actors.
+
+    The head's panel view (the same data as ``GET /nbcluster/api/cluster``); from a head without
+    it, ``nodes()`` (no metrics: the views show n/a).
+    """
+    import nbcluster as nb
+
+    data = current.require().query("cluster")
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
+        return list(data["nodes"])
+    return nb.nodes()
+
 
 def dashboard(interval: float = 1.0) -> Any:
     """A live view of the cluster: one row per node, updated every ``interval`` seconds.
@@ -48,4 +64,4 @@ def dashboard_bundle(html: str, **kwargs: Any) -> dict[str, Any] | None:
     return {**bundle, "text/html": html}
 
 
-__all__ = ["dashboard", "dashboard_bundle"]
+__all__ = ["cluster_nodes", "dashboard", "dashboard_bundle"]

@@ -11,6 +11,7 @@ from typing import Any
 import ipywidgets as w
 
 import nbcluster as nb
+from nbcluster.widgets import cluster_nodes
 
 #: Dashboards that keep updating at once; making another freezes the oldest (a re-run cell's
 #: old output is never closed by the frontend, so its thread would otherwise run forever).
@@ -55,14 +56,14 @@ class NodeView:
 
 
 def snapshot() -> list[NodeView]:
-    """The cluster as the dashboard shows it, from ``nodes()`` and ``actors()``."""
+    """The cluster as the dashboard shows it (see :func:`nbcluster.widgets.cluster_nodes`)."""
     actors_by_node: dict[str, list[str]] = {}
     for a in nb.actors():
         if a.get("state") == "ALIVE" and a.get("node_id"):
             label = a.get("name") or a.get("class_name") or "actor"
             actors_by_node.setdefault(str(a["node_id"]), []).append(str(label))
     views = []
-    for n in nb.nodes():
+    for n in cluster_nodes():
         m = n.get("metrics") or {}
         total = n.get("resources_total") or {}
         free = n.get("resources_available") or {}
@@ -82,6 +83,8 @@ def snapshot() -> list[NodeView]:
             for i, g in enumerate(m.get("gpus") or [])
         ]
         actors = actors_by_node.get(str(n["node_id"]), [])
+        # "tasks_running" comes from the head's task table; "leases" (busy workers) otherwise.
+        tasks = n.get("tasks_running", n.get("leases", 0))
         views.append(
             NodeView(
                 node_id=str(n["node_id"]),
@@ -92,7 +95,7 @@ def snapshot() -> list[NodeView]:
                 memory_total=_num(m.get("memory_total")),
                 gpus=gpus,
                 resources=resources,
-                tasks=max(0, int(n.get("leases", 0) or 0)),
+                tasks=max(0, int(tasks or 0)),
                 actors=len(actors),
                 actor_names=actors,
             )
