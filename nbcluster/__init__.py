@@ -28,6 +28,7 @@ from nbcluster.api import (
 from nbcluster.progress import progress
 from nbcluster.refs import ObjectRef
 from nbcluster.remote import RemoteFunction, remote
+from nbcluster.scheduling import NodeAffinitySchedulingStrategy
 from nbcluster.widgets import dashboard
 
 
@@ -49,6 +50,7 @@ __all__ = [
     "ActorClass",
     "ActorHandle",
     "ClusterInfo",
+    "NodeAffinitySchedulingStrategy",
     "ObjectRef",
     "RemoteFunction",
     "RuntimeContext",

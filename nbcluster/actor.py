@@ -11,6 +11,8 @@ import cloudpickle
 from nbcluster import context
 from nbcluster.client import current
 from nbcluster.exceptions import SerializationError
+from nbcluster.options import check_gpus
+from nbcluster.scheduling import strategy_spec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,6 +71,9 @@ def _check_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"max_concurrency must be a positive integer, got {mc!r}")
     if opts.get("runtime_env"):
         raise ValueError("runtime_env is not supported by nbcluster")
+    if opts.get("num_gpus") is not None:
+        check_gpus(opts["num_gpus"])
+    strategy_spec(opts.get("scheduling_strategy"))  # raises on anything unsupported
     res = opts.get("resources")
     if res is not None:
         if not isinstance(res, dict):
@@ -161,6 +166,7 @@ class ActorClass:
             "is_async": self._is_async,
             "methods": self._methods,
             "sys_path": _sys_path(),
+            "strategy": strategy_spec(opts.get("scheduling_strategy")),
         }
         if spec["detached"] and not name:
             raise ValueError("a detached actor must have a name (options(name=...))")

@@ -50,6 +50,11 @@ class TaskCancelledError(NbclusterError):
         return (type(self), (self.task_id, self.message))
 
 
+class TaskUnschedulableError(NbclusterError):
+    """The task can never be placed: its hard node affinity names a dead or unknown node, or
+    one with less than it needs."""
+
+
 class WorkerCrashedError(NbclusterError):
     """The worker process running the task died (and the task's retries were used up)."""
 
@@ -204,5 +209,6 @@ __all__ = [
     "SystemError_",
     "TaskCancelledError",
     "TaskError",
+    "TaskUnschedulableError",
     "WorkerCrashedError",
 ]

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbcluster.scheduling import StrategySpec, strategy_spec
+
 _EPS = 1e-9
 
 #: Options accepted by ``@remote`` and ``.options()`` on functions.
@@ -32,7 +34,9 @@ class TaskOptions:
 
     Attributes mirror Ray's: ``num_cpus`` (default 1), ``num_gpus`` (0), custom ``resources``,
     ``max_retries`` (3, for worker crashes), ``retry_exceptions`` (``False``, ``True`` or a list of
-    exception types), ``num_returns`` (1) and a display ``name``.
+    exception types), ``num_returns`` (1), a display ``name`` and a ``scheduling_strategy``
+    (``"DEFAULT"``, ``"SPREAD"`` or a
+    :class:`~nbcluster.scheduling.NodeAffinitySchedulingStrategy`).
     """
 
     num_cpus: float = 1.0
@@ -63,13 +67,25 @@ class TaskOptions:
                 shape[k] = float(v)
         return shape
 
+    def strategy(self) -> StrategySpec | None:
+        """The scheduling strategy in its wire form (``None`` for DEFAULT)."""
+        return strategy_spec(self.scheduling_strategy)
+
 
 def _check_amount(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
     if value < 0:
         raise ValueError(f"{name} must be non-negative, got {value!r}")
+    if value != 0 and round(value * 10_000) == 0:
+        raise ValueError(f"{name} must be 0 or at least 0.0001, got {value!r}")
     return float(value)
+
+
+def check_gpus(value: float) -> None:
+    """Fractions share one GPU; more than one GPU must be a whole number of them."""
+    if value > 1 and value != int(value):
+        raise ValueError(f"num_gpus above 1 must be a whole number, got {value!r}")
 
 
 def make_task_options(base: TaskOptions | None = None, **kwargs: Any) -> TaskOptions:
@@ -97,8 +113,8 @@ def make_task_options(base: TaskOptions | None = None, **kwargs: Any) -> TaskOpt
             continue
         if key in ("num_cpus", "num_gpus", "memory"):
             amount = _check_amount(key, value)
-            if key == "num_gpus" and amount > 1 and amount != int(amount):
-                raise ValueError(f"num_gpus above 1 must be a whole number, got {value!r}")
+            if key == "num_gpus":
+                check_gpus(amount)
             changes[key] = amount
         elif key == "resources":
             if not isinstance(value, dict):
@@ -126,6 +142,9 @@ def make_task_options(base: TaskOptions | None = None, **kwargs: Any) -> TaskOpt
                 raise ValueError("retry_exceptions must be a bool or a list of exception types")
         elif key == "name":
             changes[key] = None if value is None else str(value)
+        elif key == "scheduling_strategy":
+            strategy_spec(value)  # raises on anything unsupported
+            changes[key] = value
         else:
             changes[key] = value
     return dataclasses.replace(base, **changes)

@@ -69,6 +69,7 @@ class RemoteFunction:
             opts.num_returns,
             opts.max_retries,
             opts.retry_exceptions,
+            strategy=opts.strategy(),
         )
         if opts.num_returns == 1:
             return refs[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from nbcluster.head.state import ClusterState
 
@@ -220,3 +221,256 @@ def test_detached_actor_workers_survive_their_driver() -> None:
     ins = d.job_gone("j") + st.client_gone(A, "j", owns_job=True)
     killed = {i[2] for i in ins if i[0] == "kill_worker"}
     assert killed == {g2[4].worker_id}
+
+
+# --------------------------------------------------------------------------- scheduling (issue 5)
+SPREAD = {"t": "spread"}
+
+
+def _affinity(node_id: str, soft: bool = False, spill: bool = False) -> dict[str, object]:
+    return {"t": "node", "node": node_id, "soft": soft, "spill": spill}
+
+
+def _storage_node(st: ClusterState, name: str, cpus: float = 2) -> str:
+    node_id, _ = st.add_node(
+        name.encode(), name, "h", {"CPU": cpus}, [], info={"store_id": f"store-{name}"}
+    )
+    return node_id
+
+
+def _granted_node(ins: list[tuple[Any, ...]]) -> str:
+    (grant,) = [i for i in ins if i[0] == "grant"]
+    return str(grant[3].node_id)
+
+
+def test_fractional_gpus_pack_exactly_and_never_overcommit() -> None:
+    st = ClusterState()
+    n = _node(st, cpus=8, gpus=1)
+    for w in ("w1", "w2", "w3"):
+        _ready(st, n, w)
+    (g1,) = st.request_lease(A, "j", 1, {"GPU": 0.5}, "half")
+    (g2,) = st.request_lease(A, "j", 2, {"GPU": 0.5}, "half")
+    assert g1[3].gpus == g2[3].gpus == {0: 0.5}
+    assert g1[4].worker_id != g2[4].worker_id
+    assert st.nodes[n].gpu_free_u == {0: 0}
+    assert verbs(st.request_lease(A, "j", 3, {"GPU": 0.5}, "half")) == []  # the GPU is full
+    st.validate_state()
+    # 0.5 + 0.75 do not fit one GPU: the 0.75 waits for the whole GPU to have room.
+    st.return_lease(A, g1[3].lease_id)  # (3 takes its place)
+    st.return_lease(A, g2[3].lease_id)
+    assert verbs(st.request_lease(A, "j", 4, {"GPU": 0.75}, "big")) == []
+    st.validate_state()
+
+
+def test_half_and_three_quarters_go_to_different_gpus() -> None:
+    st = ClusterState()
+    n = _node(st, cpus=8, gpus=2)
+    for w in ("w1", "w2"):
+        _ready(st, n, w)
+    (g1,) = st.request_lease(A, "j", 1, {"GPU": 0.5}, "f")
+    (g2,) = st.request_lease(A, "j", 2, {"GPU": 0.75}, "f")
+    assert set(g1[3].gpus) != set(g2[3].gpus)
+    st.validate_state()
+
+
+def test_no_float_drift_in_resource_accounting() -> None:
+    st = ClusterState()
+    n = _node(st, cpus=1, gpus=1)
+    for i in range(12):
+        _ready(st, n, f"w{i}")
+    # Ten 0.1-CPU leases fill one CPU exactly (0.1 * 10 != 1.0 in floats); the 11th waits.
+    grants = [st.request_lease(A, "j", i, {"CPU": 0.1}, "f") for i in range(10)]
+    assert all(verbs(g) == ["grant"] for g in grants)
+    assert verbs(st.request_lease(A, "j", 10, {"CPU": 0.1}, "f")) == []
+    assert st.nodes[n].avail_u["CPU"] == 0
+    st.cancel_request(A, 10)
+    for g in grants:
+        st.return_lease(A, g[0][3].lease_id)
+    # Many odd fractions granted and returned leave exactly what the node had.
+    for i in range(300):
+        shape = {"CPU": [0.1, 0.3, 0.7, 1 / 3][i % 4], "GPU": [0.1, 0.2, 0.3][i % 3]}
+        (one,) = st.request_lease(A, "j", 100 + i, shape, "f")
+        st.return_lease(A, one[3].lease_id)
+    node = st.nodes[n]
+    assert node.avail_u == node.total_u and node.gpu_free_u == {0: 10_000}
+    assert node.available == {"CPU": 1.0, "GPU": 1.0}
+    st.validate_state()
+
+
+def test_bad_requests_are_answered_unschedulable() -> None:
+    st = ClusterState()
+    _node(st, cpus=2, gpus=2)
+    (ins,) = st.request_lease(A, "j", 1, {"GPU": 1.5}, "f")
+    assert ins[0] == "unschedulable" and "whole number" in ins[3]
+    (ins,) = st.request_lease(A, "j", 2, {"CPU": -1}, "f")
+    assert ins[0] == "unschedulable" and "non-negative" in ins[3]
+    (ins,) = st.request_lease(A, "j", 3, {"CPU": 1}, "f", strategy={"t": "pack"})
+    assert ins[0] == "unschedulable" and "invalid scheduling strategy" in ins[3]
+    assert not st.pending
+    st.validate_state()
+
+
+def test_spread_places_requests_on_different_nodes() -> None:
+    st = ClusterState()
+    nodes = [_node(st, cpus=4) for _ in range(3)]
+    for i, n in enumerate(nodes):
+        _ready(st, n, f"w{i}a")
+        _ready(st, n, f"w{i}b")
+    placed = [_granted_node(st.request_lease(A, "j", i, {"CPU": 1}, "f", SPREAD)) for i in range(3)]
+    assert sorted(placed) == sorted(nodes)
+    # The next three go round again: each node holds two.
+    placed += [
+        _granted_node(st.request_lease(A, "j", i, {"CPU": 1}, "f", SPREAD)) for i in range(3, 6)
+    ]
+    assert all(placed.count(n) == 2 for n in nodes)
+    st.validate_state()
+
+
+def test_spread_starts_workers_on_different_nodes() -> None:
+    st = ClusterState()
+    nodes = [_node(st, cpus=4) for _ in range(3)]
+    started = []
+    for i in range(3):
+        started += [x[1] for x in st.request_lease(A, "j", i, {"CPU": 1}, "f", SPREAD)]
+    assert sorted(started) == sorted(nodes)
+
+
+def test_default_does_not_queue_everything_on_one_full_node() -> None:
+    st = ClusterState()
+    n1, n2 = _node(st, cpus=1), _node(st, cpus=1)
+    started = []
+    for i in range(2):
+        started += [x[1] for x in st.request_lease(A, "j", i, {"CPU": 1}, "f")]
+    assert sorted(started) == sorted([n1, n2])  # what waits for n1 keeps n1's CPU reserved
+
+
+def test_hard_affinity_runs_only_on_its_node() -> None:
+    st = ClusterState()
+    n1, n2 = _node(st, cpus=2), _node(st, cpus=2)
+    _ready(st, n1, "w1")  # an idle worker elsewhere does not tempt it
+    ins = st.request_lease(A, "j", 1, {"CPU": 1}, "f", _affinity(n2))
+    assert ins == [("start_worker", n2)]
+    assert _granted_node(_ready(st, n2, "w2")) == n2
+    # Busy: the next one waits for n2 rather than running on n1.
+    st.request_lease(A, "j", 2, {"CPU": 2}, "f", _affinity(n2))
+    assert st.pending and st.pending[0].rid == 2
+    st.validate_state()
+
+
+def test_hard_affinity_to_unknown_dead_or_small_node_fails() -> None:
+    st = ClusterState()
+    n1, n2 = _node(st, cpus=2), _node(st, cpus=1)
+    (ins,) = st.request_lease(A, "j", 1, {"CPU": 1}, "f", _affinity("node-bogus"))
+    assert ins[:3] == ("unschedulable", A, 1) and "not part of the cluster" in ins[3]
+    (ins,) = st.request_lease(A, "j", 2, {"CPU": 2}, "f", _affinity(n2))
+    assert ins[0] == "unschedulable" and "less than" in ins[3]
+    # Waiting for its node when the node dies: the request fails then.
+    _ready(st, n1, "w1")
+    st.request_lease(B, "j", 3, {"CPU": 2}, "hog", _affinity(n1))
+    assert verbs(st.request_lease(A, "j", 4, {"CPU": 1}, "f", _affinity(n1))) == []
+    out = st.remove_node(n1, "node died")
+    assert ("unschedulable", A, 4) in [i[:3] for i in out]
+    assert not st.pending
+    st.validate_state()
+
+
+def test_soft_affinity_falls_back() -> None:
+    st = ClusterState()
+    n1, n2 = _node(st, cpus=1), _node(st, cpus=1)
+    _ready(st, n1, "w1")
+    _ready(st, n2, "w2")
+    # Unknown node: anywhere.
+    assert verbs(st.request_lease(A, "j", 1, {"CPU": 1}, "f", _affinity("x", soft=True))) == [
+        "grant"
+    ]
+    st.return_lease(A, next(iter(st.leases)))
+    # Its node is busy: waited for (as Ray), unless spilling is allowed.
+    st.request_lease(B, "k", 2, {"CPU": 1}, "hog", _affinity(n2))
+    assert verbs(st.request_lease(A, "j", 3, {"CPU": 1}, "f", _affinity(n2, soft=True))) == []
+    st.cancel_request(A, 3)
+    ins = st.request_lease(A, "j", 4, {"CPU": 1}, "f", _affinity(n2, soft=True, spill=True))
+    assert _granted_node(ins) == n1
+    # Its node dies: a soft request still runs.
+    st.return_lease(A, ins[0][3].lease_id)
+    st.remove_node(n2, "died")
+    assert _granted_node(st.request_lease(A, "j", 5, {"CPU": 1}, "f", _affinity(n2, True))) == n1
+    st.validate_state()
+
+
+def test_locality_prefers_the_node_holding_the_arguments() -> None:
+    st = ClusterState()
+    n1, n2 = _storage_node(st, "a", cpus=1), _storage_node(st, "b", cpus=1)
+    _ready(st, n1, "w1")  # the default order would pick n1 (it has an idle worker)
+    locality = {"store-b": 50_000_000, "store-a": 1_000_000}
+    ins = st.request_lease(A, "j", 1, {"CPU": 1}, "consume", locality=locality)
+    assert ins == [("start_worker", n2)]  # a worker is started there rather than moving data
+    assert _granted_node(_ready(st, n2, "w2")) == n2
+    # n2 is full now: the next one runs where it can.
+    ins = st.request_lease(A, "j", 2, {"CPU": 1}, "consume", locality=locality)
+    assert _granted_node(ins) == n1
+    # Unknown stores and stores of nodes that are too small are ignored.
+    st.return_lease(A, ins[0][3].lease_id)
+    ins = st.request_lease(A, "j", 3, {"CPU": 1}, "f", locality={"store-zzz": 10**9})
+    assert _granted_node(ins) == n1
+    st.validate_state()
+
+
+def test_actor_with_hard_affinity_to_a_bogus_node_dies_with_the_reason() -> None:
+    from nbcluster.head.actors import ActorDirectory
+
+    st = ClusterState()
+    _node(st, cpus=2)
+    d = ActorDirectory(st)
+    spec = {"cls_name": "S", "shape": {}, "place_shape": {"CPU": 1}, "ns": "x", "aid": "a1"}
+    _, out = d.create(A, "j", {**spec, "strategy": _affinity("node-404")}, [])
+    (ins,) = out
+    assert ins[0] == "unschedulable"
+    d.on_unschedulable("a1", ins[3])
+    assert d.actors["a1"].state == "DEAD" and "node-404" in d.actors["a1"].death_reason
+
+
+def test_random_scheduling_keeps_invariants() -> None:
+    rng = random.Random(11)
+    st = ClusterState()
+    nodes = [_node(st, cpus=rng.choice([1, 2, 4]), gpus=rng.choice([0, 1, 2])) for _ in range(4)]
+    shapes: list[dict[str, float]] = [
+        {"CPU": 0.5},
+        {"CPU": 1},
+        {"GPU": 0.25},
+        {"GPU": 0.5},
+        {"GPU": 2, "CPU": 1},
+        {},
+    ]
+    wid = rid = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.2:
+            wid += 1
+            st.worker_ready(rng.choice(nodes), f"w{wid}", "a", "c", 1)
+        elif op < 0.5:
+            rid += 1
+            strategy = rng.choice(
+                [None, SPREAD, _affinity(rng.choice(nodes), soft=rng.random() < 0.5)]
+            )
+            st.request_lease(A, "j", rid, rng.choice(shapes), "f", strategy)
+        elif op < 0.75 and st.leases:
+            st.return_lease(A, rng.choice(list(st.leases)))
+        elif op < 0.85 and st.workers:
+            st.worker_died(rng.choice(list(st.workers)), "died")
+        elif op < 0.95 and st.workers:
+            w = rng.choice(list(st.workers.values()))
+            st.worker_blocked(w.worker_id, not w.blocked)
+        elif op < 0.96:
+            st.remove_node(rng.choice(nodes), "died")
+        st.validate_state()
+
+
+def test_blocked_worker_dying_does_not_free_its_cpu_twice() -> None:
+    st = ClusterState()
+    n = _node(st, cpus=1)
+    _ready(st, n, "w1")
+    st.request_lease(A, "j", 1, {"CPU": 1}, "parent")
+    st.worker_blocked("w1", True)  # lends its CPU
+    st.worker_died("w1", "killed")
+    assert st.nodes[n].avail_u["CPU"] == 10_000  # not 20_000
+    st.validate_state()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 from typing import Any
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 def detect_cpus() -> int:
@@ -22,22 +26,32 @@ def detect_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
+#: Names the module providing the NVML API (default ``pynvml``, from ``nvidia-ml-py``); tests on
+#: machines without a GPU point it at :mod:`nbcluster.testing.fake_nvml`.
+NVML_MODULE_ENV = "NBCLUSTER_NVML_MODULE"
+
+
 def detect_gpus() -> list[dict[str, Any]]:
-    """The NVIDIA GPUs of this host as ``[{index, name, memory_total}]``; empty without NVML."""
+    """The NVIDIA GPUs of this host as ``[{index, name, memory_total}]`` (bytes).
+
+    Empty, and no error, where NVML or the NVIDIA driver is missing. GPUs hidden by this
+    process's ``CUDA_VISIBLE_DEVICES`` (a list of indices) are left out, so that an agent started
+    inside a GPU allocation only offers the GPUs it was given.
+    """
     try:
-        import pynvml  # provided by nvidia-ml-py, an optional dependency
-    except ImportError:
+        nvml = importlib.import_module(os.environ.get(NVML_MODULE_ENV) or "pynvml")
+    except ImportError:  # nvidia-ml-py is an optional dependency
         return []
     try:
-        pynvml.nvmlInit()
+        nvml.nvmlInit()
     except Exception:  # no driver: no GPUs, and no error
         return []
     try:
         gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        for i in range(nvml.nvmlDeviceGetCount()):
+            h = nvml.nvmlDeviceGetHandleByIndex(i)
+            name = nvml.nvmlDeviceGetName(h)
+            mem = nvml.nvmlDeviceGetMemoryInfo(h)
             gpus.append(
                 {
                     "index": i,
@@ -45,14 +59,27 @@ def detect_gpus() -> list[dict[str, Any]]:
                     "memory_total": int(mem.total),
                 }
             )
-        return gpus
-    except Exception:
+    except Exception as exc:
+        log.warning("NVML could not list the GPUs (none will be offered): %s", exc)
         return []
     finally:
         try:
-            pynvml.nvmlShutdown()
+            nvml.nvmlShutdown()
         except Exception:
             pass
+    visible = _visible_indices()
+    return gpus if visible is None else [g for g in gpus if g["index"] in visible]
+
+
+def _visible_indices() -> set[int] | None:
+    """Indices allowed by ``CUDA_VISIBLE_DEVICES`` (``None``: unset or not plain indices)."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    items = [x.strip() for x in raw.split(",") if x.strip()]
+    if not all(x.isdigit() for x in items):
+        return None  # UUIDs or MIG names: offer what NVML lists
+    return {int(x) for x in items}
 
 
 def node_resources(
@@ -61,7 +88,18 @@ def node_resources(
     resources: dict[str, float] | None,
     gpus: list[dict[str, Any]],
 ) -> dict[str, float]:
-    """The logical resources a node declares: detected defaults overridden by the caller."""
+    """The logical resources a node declares: detected defaults overridden by the caller.
+
+    Raises
+    ------
+    ValueError
+        For negative amounts, a fractional GPU count, or CPU/GPU given in ``resources``.
+    """
+    for label, value in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+        if value is not None and value < 0:
+            raise ValueError(f"{label} must be non-negative, got {value!r}")
+    if num_gpus is not None and num_gpus != int(num_gpus):
+        raise ValueError(f"a node has whole GPUs: num_gpus must be a whole number, got {num_gpus}")
     res: dict[str, float] = {
         "CPU": float(detect_cpus() if num_cpus is None else num_cpus),
         "GPU": float(len(gpus) if num_gpus is None else num_gpus),
@@ -70,5 +108,7 @@ def node_resources(
     for k, v in (resources or {}).items():
         if k in ("CPU", "GPU"):
             raise ValueError(f"declare {k} with num_cpus/num_gpus, not resources")
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ValueError(f"resources[{k!r}] must be a non-negative number, got {v!r}")
         res[str(k)] = float(v)
     return {k: v for k, v in res.items() if v > 0}

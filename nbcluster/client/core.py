@@ -348,6 +348,8 @@ class CoreClient(TaskSubmission, ActorCalls):
             self._on_grant(h)
         elif kind == Kind.LEASE_LOST:
             self._on_lease_lost(h["lease_id"], h.get("reason", "worker died"))
+        elif kind == Kind.LEASE_FAILED:
+            self._on_lease_failed(h["rid"], str(h.get("msg") or "no node can run it"))
         elif kind == Kind.LEASE_INFEASIBLE:
             sc = self._rid_class.get(h["rid"])
             if sc is not None and not sc.infeasible_warned:

@@ -24,11 +24,13 @@ from nbcluster.exceptions import (
     ProtocolError,
     SerializationError,
     TaskCancelledError,
+    TaskUnschedulableError,
     WorkerCrashedError,
 )
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.refs import ObjectRef, serialized_refs
+from nbcluster.scheduling import preferred_store, stored_bytes, strategy_key
 from nbcluster.serialization import copy_frames, dumps, dumps_args, loads
 from nbcluster.store.client import is_stored
 
@@ -96,11 +98,19 @@ class TaskSubmission:
         num_returns: int,
         max_retries: int,
         retry_exceptions: bool | tuple[type[BaseException], ...],
+        strategy: dict[str, Any] | None = None,
     ) -> list[ObjectRef]:
-        """Queue a task; returns one ref per return value."""
+        """Queue a task; returns one ref per return value.
+
+        ``strategy`` is a scheduling strategy in wire form (:func:`nbcluster.scheduling.
+        strategy_spec`); tasks of one shape and strategy share leases.
+        """
         rec, refs = self._new_record(name, args, kwargs, num_returns)
         rec.fn_id, rec.fn_blob = fn_id, fn_blob
         rec.shape, rec.shape_key = shape, tuple(sorted(shape.items()))
+        if strategy is not None:
+            rec.strategy = strategy
+            rec.shape_key += (("@strategy", strategy_key(strategy)),)
         rec.max_retries, rec.retry_exceptions = max_retries, retry_exceptions
         self._post("submit", rec)
         return refs if num_returns != 0 else []
@@ -236,9 +246,18 @@ class TaskSubmission:
         if rec.actor_id is not None:
             self._actor_call_ready(rec)
             return
+        locality: dict[str, int] = {}
+        if rec.strategy is None:
+            # Locality: prefer the node whose store holds most bytes of the arguments; tasks
+            # preferring different nodes need leases on different nodes.
+            locality = stored_bytes([rec.args, *rec.dep_frames])
+            best = preferred_store(locality)
+            if best is not None:
+                rec.shape_key += (("@store", best),)
         sc = self._classes.get(rec.shape_key)
         if sc is None:
-            sc = self._classes[rec.shape_key] = SchedClass(rec.shape)
+            sc = SchedClass(rec.shape, rec.shape_key, rec.strategy, locality)
+            self._classes[rec.shape_key] = sc
         sc.queue.append(rec)
         self._pump(sc)
 
@@ -255,10 +274,12 @@ class TaskSubmission:
             sc.requests.add(rid)
             self._rid_class[rid] = sc
             name = sc.queue[0].name if sc.queue else ""
-            send_nowait(
-                self._head,
-                encode({"k": Kind.LEASE_REQUEST, "rid": rid, "shape": sc.shape, "name": name}),
-            )
+            req = {"k": Kind.LEASE_REQUEST, "rid": rid, "shape": sc.shape, "name": name}
+            if sc.strategy is not None:
+                req["strategy"] = sc.strategy
+            if sc.locality:
+                req["locality"] = sc.locality
+            send_nowait(self._head, encode(req))
         if not sc.queue and sc.requests:
             for rid in sc.requests:
                 self._rid_class.pop(rid, None)
@@ -318,7 +339,7 @@ class TaskSubmission:
             node_id=h["node_id"],
             node_name=h.get("node_name", ""),
             gpus=list(h.get("gpus") or []),
-            shape_key=tuple(sorted(h["shape"].items())),
+            shape_key=sc.key or tuple(sorted(h["shape"].items())),
             conn=conn,
         )
         conn.lease = lease
@@ -327,6 +348,19 @@ class TaskSubmission:
         self._pump(sc)
         if not lease.inflight:
             self._linger(lease)
+
+    def _on_lease_failed(self, rid: int, msg: str) -> None:
+        """The head can never place this request (e.g. hard affinity to a dead node): every
+        task waiting in its class fails with ``TaskUnschedulableError``."""
+        sc = self._rid_class.pop(rid, None)
+        if sc is None:
+            return
+        sc.requests.discard(rid)
+        while sc.queue:
+            rec = sc.queue.popleft()
+            err = TaskUnschedulableError(f"{rec.name} cannot be scheduled: {msg}")
+            self._finish(rec, FAILED, [dumps(err)] * len(rec.return_ids))
+        self._pump(sc)  # withdraws the class's other requests
 
     def _conn(self, addr: str, control_addr: str) -> WorkerConn:
         """The connection to a worker (made once; the first message binds it to our job)."""

@@ -19,7 +19,7 @@ class TaskRecord:
     deps: list[Any]  # ObjectRefs, kept alive until dispatch
     return_ids: list[str]
     shape: dict[str, float]
-    shape_key: tuple[tuple[str, float], ...]
+    shape_key: tuple[Any, ...]  # its scheduling class: shape, strategy, preferred store
     max_retries: int
     retry_exceptions: bool | tuple[type[BaseException], ...]
     nret: int = 1
@@ -34,6 +34,7 @@ class TaskRecord:
     args_oid: str | None = None  # the arguments, when large enough to go into the store
     actor_id: str | None = None  # set for actor method calls
     method: str = ""
+    strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
     tag: Any = None  # where its output goes (the notebook cell that submitted it), if known
 
 
@@ -49,7 +50,7 @@ class Lease:
     node_id: str
     node_name: str
     gpus: list[int]
-    shape_key: tuple[tuple[str, float], ...]
+    shape_key: tuple[Any, ...]
     conn: Any  # WorkerConn
     inflight: deque[TaskRecord] = field(default_factory=deque)
     linger: Any = None  # asyncio.TimerHandle returning the lease when idle
@@ -60,6 +61,9 @@ class SchedClass:
     """Tasks waiting for a worker of one resource shape, and the leases holding such workers."""
 
     shape: dict[str, float]
+    key: tuple[Any, ...] = ()
+    strategy: dict[str, Any] | None = None  # sent with its lease requests
+    locality: dict[str, int] = field(default_factory=dict)  # store id -> bytes of arguments
     queue: deque[TaskRecord] = field(default_factory=deque)
     leases: list[Lease] = field(default_factory=list)
     requests: set[int] = field(default_factory=set)  # outstanding lease request ids

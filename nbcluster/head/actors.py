@@ -60,6 +60,7 @@ class ActorInfo:
     init_error: list[bytes] | None = None
     subscribers: set[bytes] = field(default_factory=set)
     created_at: float = field(default_factory=time.time)
+    strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
 
     def view(self) -> dict[str, Any]:
         """Public description (what ``nodes``-style introspection and the panel show)."""
@@ -128,6 +129,7 @@ class ActorDirectory:
                 if k in h
             },
             payload=list(payload),
+            strategy=h.get("strategy") or None,
         )
         a.subscribers.add(owner)
         self.actors[a.aid] = a
@@ -148,7 +150,7 @@ class ActorDirectory:
     def _place(self, a: ActorInfo) -> list[Instruction]:
         a.rid = next(self._rids)
         return self.cluster.request_lease(
-            actor_client(a.aid), a.job_id, a.rid, a.place_shape, a.cls_name
+            actor_client(a.aid), a.job_id, a.rid, a.place_shape, a.cls_name, strategy=a.strategy
         )
 
     def on_grant(self, aid: str, lease: Lease, worker: WorkerInfo) -> list[Instruction]:
@@ -201,6 +203,14 @@ class ActorDirectory:
         a.state = RESTARTING
         a.death_reason = reason
         return [("actor_state", a), *self._place(a)]
+
+    def on_unschedulable(self, aid: str, reason: str) -> list[Instruction]:
+        """The actor can never be placed (hard affinity to a dead node): it is dead."""
+        a = self.actors.get(aid)
+        if a is None or a.state == DEAD:
+            return []
+        a.no_restart = True
+        return self._die(a, reason)
 
     # ------------------------------------------------------------------------ death
     def kill(self, aid: str, no_restart: bool, reason: str) -> list[Instruction]:

@@ -164,7 +164,8 @@ class HeadService:
     async def _run(self, instructions: list[Instruction]) -> None:
         for ins in instructions:
             verb = ins[0]
-            if verb in ("grant", "lease_lost", "infeasible") and ins[1].startswith(ACTOR_PREFIX):
+            for_actor = verb in ("grant", "lease_lost", "infeasible", "unschedulable")
+            if for_actor and ins[1].startswith(ACTOR_PREFIX):
                 await self._run_for_actor(ins)
             elif verb == "grant":
                 _, client, rid, lease, w = ins
@@ -192,6 +193,9 @@ class HeadService:
                     client,
                     {"k": Kind.LEASE_INFEASIBLE, "rid": rid, "missing": missing, "shape": shape},
                 )
+            elif verb == "unschedulable":
+                _, client, rid, why = ins
+                await self._send(client, {"k": Kind.LEASE_FAILED, "rid": rid, "msg": why})
             else:  # pragma: no cover - a bug in ClusterState
                 log.error("unknown instruction %r", ins)
 
@@ -203,6 +207,8 @@ class HeadService:
         elif verb == "lease_lost":
             self._drop_worker_sock(aid)
             await self._run(self.actors.on_lost(aid, ins[3]))
+        elif verb == "unschedulable":
+            await self._run(self.actors.on_unschedulable(aid, ins[3]))
         elif verb == "infeasible":
             a = self.actors.actors.get(aid)
             if a is not None:
@@ -324,7 +330,15 @@ class HeadService:
         elif kind == Kind.LEASE_REQUEST:
             assert peer.job_id is not None
             await self._run(
-                st.request_lease(ident, peer.job_id, h["rid"], h["shape"], h.get("name", ""))
+                st.request_lease(
+                    ident,
+                    peer.job_id,
+                    h["rid"],
+                    h["shape"],
+                    h.get("name", ""),
+                    strategy=h.get("strategy"),
+                    locality=h.get("locality"),
+                )
             )
         elif kind == Kind.LEASE_RETURN:
             await self._run(st.return_lease(ident, h["lease_id"]))

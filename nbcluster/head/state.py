@@ -4,6 +4,10 @@ The head service feeds events (a node registered, a worker became ready, a clien
 lease, ...) into :class:`ClusterState`; each call returns the instructions the service must carry
 out (grant a lease, start a worker, ...). Keeping this free of I/O makes it unit-testable and lets
 :meth:`ClusterState.validate_state` check its invariants after any sequence of events.
+
+Resource amounts are kept as integers of 1/10000 (:data:`UNIT`, as Ray does): two
+``num_gpus=0.5`` leases fill a GPU exactly, and a thousand grants and returns of ``0.1`` CPU
+leave the node with exactly what it had.
 """
 
 from __future__ import annotations
@@ -13,7 +17,24 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-EPS = 1e-9
+#: Resource amounts are counted in units of 1/UNIT (a GPU is UNIT units).
+UNIT = 10_000
+
+
+def to_units(amount: float) -> int:
+    """An amount (CPUs, GPUs, bytes, ...) in integer units of 1/:data:`UNIT`."""
+    return round(float(amount) * UNIT)
+
+
+def units_of(shape: dict[str, float]) -> dict[str, int]:
+    """A resource shape in integer units, zero amounts left out."""
+    out = {str(k): to_units(v) for k, v in shape.items()}
+    return {k: v for k, v in out.items() if v != 0}
+
+
+def amounts_of(units: dict[str, int]) -> dict[str, float]:
+    """Integer units back to amounts."""
+    return {k: v / UNIT for k, v in units.items()}
 
 
 @dataclass
@@ -37,15 +58,15 @@ class WorkerInfo:
 
 @dataclass
 class NodeInfo:
-    """A node (one agent) and its resources."""
+    """A node (one agent) and its resources (kept in integer units; see :data:`UNIT`)."""
 
     node_id: str
     name: str
     address: str
     client: bytes  # the agent's identity on the head socket
-    total: dict[str, float]
-    available: dict[str, float]
-    gpus: dict[int, float]  # GPU id -> free fraction
+    total_u: dict[str, int]
+    avail_u: dict[str, int]
+    gpu_free_u: dict[int, int]  # GPU id -> free units (UNIT = the whole GPU)
     pid: int = 0
     alive: bool = True
     starting: int = 0  # workers asked for and not ready yet
@@ -53,22 +74,52 @@ class NodeInfo:
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def total(self) -> dict[str, float]:
+        """Declared resources (a copy, as amounts)."""
+        return amounts_of(self.total_u)
+
+    @property
+    def available(self) -> dict[str, float]:
+        """Free resources (a copy, as amounts; CPU may be negative while blocked workers
+        that lent their CPUs run again)."""
+        return amounts_of(self.avail_u)
+
+    @property
+    def gpus(self) -> dict[int, float]:
+        """GPU id -> free fraction (a copy)."""
+        return {g: u / UNIT for g, u in self.gpu_free_u.items()}
+
+    @property
+    def store_id(self) -> str:
+        return str(self.info.get("store_id") or "")
+
 
 @dataclass
 class LeaseRequest:
-    """A client's wish for a worker holding ``shape``."""
+    """A client's wish for a worker holding ``shape``, placed according to ``strategy``."""
 
     rid: int
     client: bytes
     job_id: str
     shape: dict[str, float]
     name: str
+    units: dict[str, int] = field(default_factory=dict)
+    strategy: dict[str, Any] | None = None  # nbcluster.scheduling wire form; None = DEFAULT
+    locality: dict[str, int] = field(default_factory=dict)  # store id -> bytes of arguments
     infeasible_reported: bool = False
+    # The node a worker is being started on for it: tried first in later passes, so that a
+    # waiting request does not hop between equally good nodes (and SPREAD counts it there).
+    waiting_on: str | None = None
 
 
 @dataclass
 class Lease:
-    """A worker leased to a client together with the resources it holds."""
+    """A worker leased to a client together with the resources it holds.
+
+    ``shape`` and ``gpus`` (GPU id -> fraction) are the amounts as the client sees them; the
+    accounting uses their exact integer forms ``units`` and ``gpu_units``.
+    """
 
     lease_id: str
     client: bytes
@@ -77,21 +128,49 @@ class Lease:
     node_id: str
     shape: dict[str, float]
     gpus: dict[int, float]
+    units: dict[str, int] = field(default_factory=dict)
+    gpu_units: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.units:
+            self.units = units_of(self.shape)
+        if not self.gpu_units:
+            self.gpu_units = {g: to_units(f) for g, f in self.gpus.items()}
 
 
 # Instructions: (verb, *arguments). The service interprets them.
 Instruction = tuple[Any, ...]
 
 
+@dataclass
+class _Pass:
+    """Bookkeeping of one scheduling pass: what requests waiting for a worker will take."""
+
+    reserved: dict[str, dict[str, int]] = field(default_factory=dict)
+    reserved_gpus: dict[str, dict[int, int]] = field(default_factory=dict)
+    placed: dict[str, int] = field(default_factory=dict)  # node id -> requests put there
+
+    def reserve(self, node_id: str, units: dict[str, int], gpus: dict[int, int]) -> None:
+        res = self.reserved.setdefault(node_id, {})
+        for k, v in units.items():
+            res[k] = res.get(k, 0) + v
+        rg = self.reserved_gpus.setdefault(node_id, {})
+        for g, u in gpus.items():
+            rg[g] = rg.get(g, 0) + u
+
+
 class ClusterState:
     """Nodes, workers, leases and pending lease requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, id_prefix: str = "") -> None:
         self.nodes: dict[str, NodeInfo] = {}
         self.workers: dict[str, WorkerInfo] = {}
         self.leases: dict[str, Lease] = {}
         self.pending: deque[LeaseRequest] = deque()
         self._ids = itertools.count(1)
+        # Ids of a restarted head must not collide with the ones its peers still hold.
+        self._id_prefix = id_prefix
+        self._spread_turn = 0  # rotates SPREAD's tie-break among equally loaded nodes
 
     # ----------------------------------------------------------------------------- nodes
     def add_node(
@@ -104,18 +183,27 @@ class ClusterState:
         pid: int = 0,
         prestart: int = 0,
         info: dict[str, Any] | None = None,
+        node_id: str | None = None,
     ) -> tuple[str, list[Instruction]]:
-        """Register a node; returns its id and instructions (prestarting workers)."""
-        node_id = f"node-{next(self._ids)}"
-        total = {k: float(v) for k, v in resources.items() if v > 0}
+        """Register a node; returns its id and instructions (prestarting workers).
+
+        ``node_id`` keeps the id a node had before the head restarted. GPUs are whole devices:
+        the node has one GPU unit per id in ``gpu_ids`` (ids ``0..n-1`` when none are given).
+        """
+        node_id = node_id or f"node-{self._id_prefix}{next(self._ids)}"
+        total = {k: v for k, v in units_of(resources).items() if v > 0}
+        ids = list(gpu_ids) or list(range(total.get("GPU", 0) // UNIT))
+        total.pop("GPU", None)
+        if ids:
+            total["GPU"] = len(ids) * UNIT
         node = NodeInfo(
             node_id=node_id,
             name=name,
             address=address,
             client=client,
-            total=total,
-            available=dict(total),
-            gpus={g: 1.0 for g in gpu_ids},
+            total_u=total,
+            avail_u=dict(total),
+            gpu_free_u={g: UNIT for g in ids},
             pid=pid,
             prestart=prestart,
             info=info or {},
@@ -166,18 +254,19 @@ class ClusterState:
 
     def worker_died(self, worker_id: str, reason: str) -> list[Instruction]:
         """A worker process exited; its lease (if any) is lost and its resources freed."""
-        w = self.workers.pop(worker_id, None)
+        w = self.workers.get(worker_id)
         if w is None:
             return []
-        node = self.nodes.get(w.node_id)
-        if node is not None:
-            node.workers.pop(worker_id, None)
         out: list[Instruction] = []
         if w.lease_id is not None:
             lease = self.leases.get(w.lease_id)
             if lease is not None:
-                self._release(lease)
+                self._release(lease)  # while the worker is known: a blocked one lent its CPUs
                 out.append(("lease_lost", lease.client, lease.lease_id, reason))
+        self.workers.pop(worker_id, None)
+        node = self.nodes.get(w.node_id)
+        if node is not None:
+            node.workers.pop(worker_id, None)
         out += self.schedule()
         if node is not None and node.alive:
             out += self._refill(node)
@@ -203,18 +292,43 @@ class ClusterState:
             return []
         lease = self.leases[w.lease_id]
         node = self.nodes[w.node_id]
-        cpus = lease.shape.get("CPU", 0.0)
+        cpus = lease.units.get("CPU", 0)
         w.blocked = blocked
         if cpus > 0:
-            node.available["CPU"] = node.available.get("CPU", 0.0) + (cpus if blocked else -cpus)
+            node.avail_u["CPU"] = node.avail_u.get("CPU", 0) + (cpus if blocked else -cpus)
         return self.schedule() if blocked else []
 
     # ----------------------------------------------------------------------------- leases
     def request_lease(
-        self, client: bytes, job_id: str, rid: int, shape: dict[str, float], name: str
+        self,
+        client: bytes,
+        job_id: str,
+        rid: int,
+        shape: dict[str, float],
+        name: str,
+        strategy: dict[str, Any] | None = None,
+        locality: dict[str, int] | None = None,
     ) -> list[Instruction]:
-        """Queue a lease request and try to place it."""
-        self.pending.append(LeaseRequest(rid, client, job_id, dict(shape), name))
+        """Queue a lease request and try to place it.
+
+        ``strategy`` is a scheduling strategy in its wire form (:mod:`nbcluster.scheduling`),
+        ``locality`` the bytes of the task's stored arguments per node store. A request that
+        can never be placed (a malformed shape or strategy) is answered ``unschedulable``.
+        """
+        error = _check_request(shape, strategy)
+        if error is not None:
+            return [("unschedulable", client, rid, error)]
+        req = LeaseRequest(
+            rid,
+            client,
+            job_id,
+            dict(shape),
+            name,
+            units=units_of(shape),
+            strategy=strategy,
+            locality={str(k): int(v) for k, v in (locality or {}).items()},
+        )
+        self.pending.append(req)
         return self.schedule()
 
     def cancel_request(self, client: bytes, rid: int) -> list[Instruction]:
@@ -256,17 +370,20 @@ class ClusterState:
         node = self.nodes[lease.node_id]
         w = self.workers.get(lease.worker_id)
         blocked = w.blocked if w is not None else False
-        for k in set(lease.shape) | set(shape):
+        new = units_of(shape)
+        for k in set(lease.units) | set(new):
             if k == "GPU":
                 continue  # GPU assignments do not change
             if k == "CPU" and blocked:
                 continue
-            delta = lease.shape.get(k, 0.0) - shape.get(k, 0.0)
-            node.available[k] = node.available.get(k, 0.0) + delta
-        gpu = lease.shape.get("GPU")
+            delta = lease.units.get(k, 0) - new.get(k, 0)
+            node.avail_u[k] = node.avail_u.get(k, 0) + delta
+        gpu, gpu_u = lease.shape.get("GPU"), lease.units.get("GPU")
         lease.shape = {k: v for k, v in shape.items() if k != "GPU"}
-        if gpu:
-            lease.shape["GPU"] = gpu
+        lease.units = {k: v for k, v in new.items() if k != "GPU"}
+        if gpu_u:
+            lease.units["GPU"] = gpu_u
+            lease.shape["GPU"] = float(gpu or 0.0)
         return self.schedule()
 
     def _release(self, lease: Lease) -> None:
@@ -281,50 +398,59 @@ class ClusterState:
                 w.job_id = "@dead-actor"  # never reused for tasks; the service kills it
         if node is None:
             return
-        for k, v in lease.shape.items():
+        for k, v in lease.units.items():
             if k == "CPU" and blocked:
                 continue  # already lent back while blocked
-            node.available[k] = node.available.get(k, 0.0) + v
-        for g, frac in lease.gpus.items():
-            node.gpus[g] = min(1.0, node.gpus.get(g, 0.0) + frac)
+            node.avail_u[k] = node.avail_u.get(k, 0) + v
+        for g, u in lease.gpu_units.items():
+            node.gpu_free_u[g] = min(UNIT, node.gpu_free_u.get(g, 0) + u)
 
     # ----------------------------------------------------------------------------- placement
     def missing_resources(self, shape: dict[str, float]) -> dict[str, float] | None:
         """What no alive node has in total for ``shape`` (``None`` if some node could fit it)."""
+        want = units_of(shape)
         best: dict[str, float] | None = None
         for node in self.nodes.values():
             if not node.alive:
                 continue
-            missing = {k: v for k, v in shape.items() if node.total.get(k, 0.0) + EPS < v}
+            missing = {k: shape[k] for k, v in want.items() if node.total_u.get(k, 0) < v}
             if not missing:
                 return None
             if best is None or len(missing) < len(best):
                 best = missing
         return best if best is not None else dict(shape)
 
-    def _fits(self, node: NodeInfo, shape: dict[str, float]) -> dict[int, float] | None:
-        """GPU assignment if ``shape`` fits the node's free resources now, else ``None``."""
-        for k, v in shape.items():
-            if node.available.get(k, 0.0) + EPS < v:
+    @staticmethod
+    def _could_fit(node: NodeInfo, units: dict[str, int]) -> bool:
+        """Whether the node has enough in total (idle) for ``units``."""
+        return all(node.total_u.get(k, 0) >= v for k, v in units.items())
+
+    def _fits(
+        self, node: NodeInfo, units: dict[str, int], plan: _Pass | None = None
+    ) -> dict[int, int] | None:
+        """GPU assignment (id -> units) if ``units`` fit the node's free resources now."""
+        held = plan.reserved.get(node.node_id, {}) if plan is not None else {}
+        for k, v in units.items():
+            if node.avail_u.get(k, 0) - held.get(k, 0) < v:
                 return None
-        need = shape.get("GPU", 0.0)
-        if need <= EPS:
+        need = units.get("GPU", 0)
+        if need <= 0:
             return {}
-        if need < 1.0:
+        held_g = plan.reserved_gpus.get(node.node_id, {}) if plan is not None else {}
+        free = {g: u - held_g.get(g, 0) for g, u in node.gpu_free_u.items()}
+        if need < UNIT:
             # Fractional: share the fullest GPU that still has room (packs small requests).
-            cands = [g for g, free in node.gpus.items() if free + EPS >= need]
+            cands = [g for g, u in free.items() if u >= need]
             if not cands:
                 return None
-            g = min(cands, key=lambda g: (node.gpus[g], g))
+            g = min(cands, key=lambda g: (free[g], g))
             return {g: need}
-        whole = [g for g, free in sorted(node.gpus.items()) if free >= 1.0 - EPS]
-        if len(whole) < int(need):
+        whole = [g for g, u in sorted(free.items()) if u >= UNIT]
+        if need % UNIT or len(whole) < need // UNIT:
             return None
-        return {g: 1.0 for g in whole[: int(need)]}
+        return {g: UNIT for g in whole[: need // UNIT]}
 
-    def _idle_worker(
-        self, node: NodeInfo, job_id: str, gpus: dict[int, float]
-    ) -> WorkerInfo | None:
+    def _idle_worker(self, node: NodeInfo, job_id: str, gpus: dict[int, int]) -> WorkerInfo | None:
         want = tuple(sorted(gpus))
         best: WorkerInfo | None = None
         best_rank = 99
@@ -340,21 +466,34 @@ class ClusterState:
         return best
 
     def schedule(self) -> list[Instruction]:
-        """Place pending requests, first come first served; returns instructions."""
+        """Place pending requests, first come first served; returns instructions.
+
+        A request that fits a node without an idle worker there has a worker started for it
+        and keeps what it needs reserved for the rest of this pass, so that later requests
+        look at other nodes instead of all queueing for the same one.
+        """
         out: list[Instruction] = []
         still: deque[LeaseRequest] = deque()
+        plan = _Pass()
         want_start: dict[str, int] = {}
         for req in self.pending:
+            nodes, error = self._candidates(req, plan)
+            if error is not None:
+                out.append(("unschedulable", req.client, req.rid, error))
+                continue
             placed = False
             feasible_now = False
-            for node in self._candidate_nodes(req):
-                gpus = self._fits(node, req.shape)
+            for node in nodes:
+                gpus = self._fits(node, req.units, plan)
                 if gpus is None:
                     continue
                 feasible_now = True
+                plan.placed[node.node_id] = plan.placed.get(node.node_id, 0) + 1
                 w = self._idle_worker(node, req.job_id, gpus)
                 if w is None:
                     want_start[node.node_id] = want_start.get(node.node_id, 0) + 1
+                    plan.reserve(node.node_id, req.units, gpus)
+                    req.waiting_on = node.node_id
                     break
                 out.append(self._grant(req, node, w, gpus))
                 placed = True
@@ -376,34 +515,138 @@ class ClusterState:
                 out.append(("start_worker", node_id))
         return out
 
-    def _candidate_nodes(self, req: LeaseRequest) -> list[NodeInfo]:
-        nodes = [n for n in self.nodes.values() if n.alive]
+    def _candidates(self, req: LeaseRequest, plan: _Pass) -> tuple[list[NodeInfo], str | None]:
+        """The nodes to try for ``req``, best first; or an error when it can never run."""
+        alive = [n for n in self.nodes.values() if n.alive]
+        spec = req.strategy
+        kind = spec.get("t") if spec else None
+        if spec is not None and kind == "node":
+            target = self.nodes.get(str(spec.get("node")))
+            usable = target is not None and target.alive and self._could_fit(target, req.units)
+            if target is not None and usable:
+                if spec.get("soft") and spec.get("spill"):
+                    rest = [n for n in self._default_order(req, alive) if n is not target]
+                    return [target, *rest], None
+                return [target], None  # a busy node is waited for
+            if spec.get("soft"):
+                return self._default_order(req, alive), None
+            return [], _affinity_error(req, str(spec.get("node")), target)
+        waited = self.nodes.get(req.waiting_on or "")
+        if waited is not None and waited.alive:
+            return [waited, *(n for n in self._default_order(req, alive) if n is not waited)], None
+        if kind == "spread":
+            return self._spread_order(alive, plan), None
+        order = self._default_order(req, alive)
+        best = self._locality_node(req, alive)
+        if best is not None:
+            order = [best, *(n for n in order if n is not best)]
+        return order, None
 
+    def _default_order(self, req: LeaseRequest, nodes: list[NodeInfo]) -> list[NodeInfo]:
         # Prefer nodes with an idle worker of this job, then the least loaded.
         def key(n: NodeInfo) -> tuple[int, float]:
             has_idle = any(
                 w.lease_id is None and w.job_id in (None, req.job_id) for w in n.workers.values()
             )
-            cpu_total = n.total.get("CPU", 0.0) or 1.0
-            return (0 if has_idle else 1, -n.available.get("CPU", 0.0) / cpu_total)
+            cpu_total = n.total_u.get("CPU", 0) or 1
+            return (0 if has_idle else 1, -n.avail_u.get("CPU", 0) / cpu_total)
 
         return sorted(nodes, key=key)
 
+    def _spread_order(self, nodes: list[NodeInfo], plan: _Pass) -> list[NodeInfo]:
+        """Fewest leases first (counting the ones given out in this pass); ties rotate."""
+        if not nodes:
+            return []
+        self._spread_turn = (self._spread_turn + 1) % len(nodes)
+        turn = self._spread_turn
+
+        def key(item: tuple[int, NodeInfo]) -> tuple[int, int]:
+            i, n = item
+            busy = sum(1 for w in n.workers.values() if w.lease_id is not None)
+            return (busy + plan.placed.get(n.node_id, 0), (i - turn) % len(nodes))
+
+        return [n for _, n in sorted(enumerate(nodes), key=key)]
+
+    def _locality_node(self, req: LeaseRequest, nodes: list[NodeInfo]) -> NodeInfo | None:
+        """The node whose store holds most bytes of the request's arguments, if it could run it."""
+        if not req.locality:
+            return None
+        by_store = {n.store_id: n for n in nodes if n.store_id}
+        best: NodeInfo | None = None
+        best_bytes = 0
+        for store, size in sorted(req.locality.items()):
+            node = by_store.get(store)
+            if node is not None and size > best_bytes and self._could_fit(node, req.units):
+                best, best_bytes = node, size
+        return best
+
     def _grant(
-        self, req: LeaseRequest, node: NodeInfo, w: WorkerInfo, gpus: dict[int, float]
+        self, req: LeaseRequest, node: NodeInfo, w: WorkerInfo, gpus: dict[int, int]
     ) -> Instruction:
-        lease_id = f"lease-{next(self._ids)}"
-        for k, v in req.shape.items():
-            node.available[k] = node.available.get(k, 0.0) - v
-        for g, frac in gpus.items():
-            node.gpus[g] -= frac
+        lease_id = f"lease-{self._id_prefix}{next(self._ids)}"
+        for k, v in req.units.items():
+            node.avail_u[k] = node.avail_u.get(k, 0) - v
+        for g, u in gpus.items():
+            node.gpu_free_u[g] -= u
         w.job_id = req.job_id
         w.lease_id = lease_id
         if gpus and w.gpus is None:
             w.gpus = tuple(sorted(gpus))
-        lease = Lease(lease_id, req.client, req.job_id, w.worker_id, node.node_id, req.shape, gpus)
+        lease = Lease(
+            lease_id,
+            req.client,
+            req.job_id,
+            w.worker_id,
+            node.node_id,
+            req.shape,
+            {g: u / UNIT for g, u in gpus.items()},
+            units=dict(req.units),
+            gpu_units=dict(gpus),
+        )
         self.leases[lease_id] = lease
         return ("grant", req.client, req.rid, lease, w)
+
+    # ----------------------------------------------------------------------------- recovery
+    def adopt_worker(
+        self, node_id: str, worker_id: str, address: str, control_address: str, pid: int, job: str
+    ) -> None:
+        """A re-registering agent reports a worker started before the head restarted.
+
+        It joins the node unleased, bound to ``job`` (the sentinel ``"@adopted"`` when nobody has
+        claimed it yet, so that no other job is given it meanwhile).
+        """
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        w = WorkerInfo(worker_id, node_id, address, control_address, pid, job_id=job)
+        node.workers[worker_id] = w
+        self.workers[worker_id] = w
+
+    def claim_lease(
+        self,
+        client: bytes,
+        job_id: str,
+        lease_id: str,
+        worker_id: str,
+        shape: dict[str, float],
+        gpus: dict[int, float],
+    ) -> bool:
+        """Re-create a lease its holder still uses after a head restart; ``False`` if it can't."""
+        w = self.workers.get(worker_id)
+        if w is None or w.lease_id is not None or lease_id in self.leases:
+            return False
+        node = self.nodes[w.node_id]
+        lease = Lease(lease_id, client, job_id, worker_id, w.node_id, shape, gpus)
+        for k, v in lease.units.items():
+            node.avail_u[k] = node.avail_u.get(k, 0) - v
+        for g, u in lease.gpu_units.items():
+            node.gpu_free_u[g] = node.gpu_free_u.get(g, UNIT) - u
+        w.job_id = job_id
+        w.lease_id = lease_id
+        if gpus and w.gpus is None:
+            w.gpus = tuple(sorted(gpus))
+        self.leases[lease_id] = lease
+        return True
 
     # ----------------------------------------------------------------------------- views
     def node_views(self) -> list[dict[str, Any]]:
@@ -417,10 +660,9 @@ class ClusterState:
                     "address": n.address,
                     "alive": n.alive,
                     "pid": n.pid,
-                    "resources_total": dict(n.total),
-                    "resources_available": {
-                        k: max(0.0, round(v, 6)) for k, v in n.available.items()
-                    },
+                    "resources_total": n.total,
+                    "resources_available": {k: max(0.0, v) for k, v in n.available.items()},
+                    "gpus_free": {str(g): f for g, f in sorted(n.gpus.items())},
                     "workers": len(n.workers),
                     "leases": sum(1 for w in n.workers.values() if w.lease_id is not None),
                     **n.info,
@@ -434,23 +676,69 @@ class ClusterState:
             w = self.workers.get(lease.worker_id)
             assert w is not None, f"{lease.lease_id} refers to unknown worker"
             assert w.lease_id == lease.lease_id, f"{w.worker_id} does not hold {lease.lease_id}"
+            assert w.node_id == lease.node_id, f"{lease.lease_id} on the wrong node"
+            gpu_need = lease.units.get("GPU", 0)
+            assert sum(lease.gpu_units.values()) == gpu_need, f"{lease.lease_id} GPU ids"
+            if gpu_need > UNIT:
+                assert all(u == UNIT for u in lease.gpu_units.values()), "whole GPUs expected"
         for node in self.nodes.values():
             if not node.alive:
                 continue
-            held: dict[str, float] = {}
+            held: dict[str, int] = {}
+            gpu_held: dict[int, int] = {}
             for lease in self.leases.values():
                 if lease.node_id != node.node_id:
                     continue
                 w = self.workers[lease.worker_id]
-                for k, v in lease.shape.items():
+                for k, v in lease.units.items():
                     if k == "CPU" and w.blocked:
                         continue
-                    held[k] = held.get(k, 0.0) + v
-            for k, tot in node.total.items():
-                expect = tot - held.get(k, 0.0)
-                got = node.available.get(k, 0.0)
-                assert abs(expect - got) < 1e-6, f"{node.node_id} {k}: available {got} != {expect}"
-            for g, free in node.gpus.items():
-                assert -EPS <= free <= 1.0 + EPS, f"{node.node_id} GPU {g} free {free}"
+                    held[k] = held.get(k, 0) + v
+                for g, u in lease.gpu_units.items():
+                    gpu_held[g] = gpu_held.get(g, 0) + u
+            for k in set(node.total_u) | set(node.avail_u):
+                expect = node.total_u.get(k, 0) - held.get(k, 0)
+                got = node.avail_u.get(k, 0)
+                assert expect == got, f"{node.node_id} {k}: available {got} != {expect} units"
+            for g, free in node.gpu_free_u.items():
+                assert 0 <= free <= UNIT, f"{node.node_id} GPU {g} free {free} units"
+                assert free + gpu_held.get(g, 0) == UNIT, f"{node.node_id} GPU {g} accounting"
+            assert set(gpu_held) <= set(node.gpu_free_u), f"{node.node_id}: unknown GPU id held"
+            assert sum(node.gpu_free_u.values()) == node.avail_u.get("GPU", 0), (
+                f"{node.node_id}: free GPU ids disagree with available GPU"
+            )
         for w in self.workers.values():
             assert w.node_id in self.nodes, f"{w.worker_id} on unknown node"
+        for req in self.pending:
+            assert req.units == units_of(req.shape), f"request {req.rid}: units drifted"
+
+
+def _check_request(shape: dict[str, float], strategy: dict[str, Any] | None) -> str | None:
+    """Why a lease request can never be placed (bad input from the wire), or ``None``."""
+    if not isinstance(shape, dict):
+        return f"resource shape must be a mapping, got {type(shape).__name__}"
+    for k, v in shape.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v < 0:
+            return f"resource {k!r} must be a non-negative number, got {v!r}"
+    gpu = to_units(shape.get("GPU", 0))
+    if gpu > UNIT and gpu % UNIT:
+        return f"num_gpus above 1 must be a whole number, got {shape['GPU']:g}"
+    if strategy is None:
+        return None
+    kind = strategy.get("t") if isinstance(strategy, dict) else None
+    if kind == "spread":
+        return None
+    if kind == "node" and isinstance(strategy.get("node"), str) and strategy["node"]:
+        return None
+    return f"invalid scheduling strategy {strategy!r}"
+
+
+def _affinity_error(req: LeaseRequest, node_id: str, node: NodeInfo | None) -> str:
+    what = f"{req.name or 'the task'} has a hard NodeAffinitySchedulingStrategy for node {node_id}"
+    if node is None:
+        return f"{what}, which is not part of the cluster (see nodes() for the node ids)"
+    if not node.alive:
+        return f"{what} ({node.name}), which is dead"
+    have = ", ".join(f"{k}: {v:g}" for k, v in sorted(node.total.items()))
+    need = ", ".join(f"{k}: {v:g}" for k, v in sorted(req.shape.items()))
+    return f"{what} ({node.name}), which has {{{have}}} in total, less than {{{need}}}"

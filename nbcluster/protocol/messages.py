@@ -26,9 +26,10 @@ class Kind(StrEnum):
     GOODBYE = "bye"  # client -> head: disconnecting cleanly
 
     # --- leases (driver <-> head) ----------------------------------------------------------
-    LEASE_REQUEST = "lreq"  # {rid, shape, name}
+    LEASE_REQUEST = "lreq"  # {rid, shape, name, strategy?, locality?: {store id: bytes}}
     LEASE_GRANTED = "lgrant"  # {rid, lease_id, worker_id, worker_addr, control_addr, node_id, gpus}
     LEASE_INFEASIBLE = "linf"  # {rid, missing, shape}
+    LEASE_FAILED = "lfail"  # head -> client: {rid, msg}: it can never be placed (hard affinity)
     LEASE_CANCEL = "lcancel"  # {rid}
     LEASE_RETURN = "lret"  # {lease_id}
     LEASE_LOST = "llost"  # head -> client: {lease_id, reason}

@@ -1,0 +1,1 @@
+"""Ray-compatible module paths (``ray.util.scheduling_strategies``)."""
