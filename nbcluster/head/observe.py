@@ -129,14 +129,15 @@ class Observer:
                 changed[tid] = view
             except (IndexError, TypeError, ValueError):
                 log.warning("malformed task event %r", ev)
-        for view in changed.values():
-            self.emit({"type": "task", "task": self.task_view(view)})
+        if self.subscribers:  # views cost something: build them only for a listener
+            for view in changed.values():
+                self.emit({"type": "task", "task": self.task_view(view)})
 
     def _end(self, view: TaskView, state: str, t: float, notify: bool = True) -> None:
         view.state, view.ended_at = state, t
         self.tasks.pop(view.task_id, None)
         self.ended.append(view)
-        if notify:
+        if notify and self.subscribers:
             self.emit({"type": "task", "task": self.task_view(view)})
 
     def node_changed(self, node_id: str) -> None:
