@@ -205,6 +205,41 @@ def test_actor_owner_and_kill(server: JupyterServer, kernel: Kernel) -> None:
     assert status == 404 and "error" in body
 
 
+def test_kernel_shutdown_releases_its_tasks_and_actors(server: JupyterServer) -> None:
+    k = server.start_kernel("work/short-lived.ipynb")
+    k.execute(
+        "import nbcluster as nb, time\n"
+        "nb.init()\n"
+        "@nb.remote\n"
+        "def nap():\n"
+        "    time.sleep(120)\n"
+        "@nb.remote(num_cpus=0)\n"
+        "class Holder:\n"
+        "    def ping(self): return 1\n"
+        "h = Holder.options(name='holder').remote()\n"
+        "nb.get(h.ping.remote())\n"
+        "ref = nap.remote()\n"
+    ).raise_for_error()
+
+    def mine(kind: str) -> list[dict[str, Any]]:
+        items = server.get(f"nbcluster/api/{kind}")[kind]
+        return [x for x in items if x["owner"]["kernel_id"] == k.kernel_id]
+
+    wait_until(lambda: any(t["state"] == "running" for t in mine("tasks")), timeout=30)
+    assert any(a["state"] == "alive" for a in mine("actors"))
+    k.shutdown()
+    wait_until(lambda: all(t["state"] == "cancelled" for t in mine("tasks")), timeout=30)
+    wait_until(lambda: all(a["state"] == "dead" for a in mine("actors")), timeout=30)
+    node = server.get("nbcluster/api/cluster")["nodes"][0]
+    wait_until(
+        lambda: (
+            server.get("nbcluster/api/cluster")["nodes"][0]["resources_available"]["CPU"]
+            == node["resources_total"]["CPU"]
+        ),
+        timeout=30,
+    )
+
+
 # ----------------------------------------------------------------------------- websocket
 class Stream:
     """The events websocket, read with timeouts."""
