@@ -6,6 +6,7 @@ a logical GPU) and a driver that connects to them.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,9 +125,13 @@ def _drain(proc: subprocess.Popen[str]) -> None:
     threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
 
 
-def _start(cmd: list[str], ready: str, log: Path) -> subprocess.Popen[str]:
+def _start(
+    cmd: list[str], ready: str, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **(env or {})}
+        )
     assert proc.stdout is not None
     line = ""
     deadline = time.monotonic() + TIMEOUT
@@ -142,8 +147,8 @@ def _start(cmd: list[str], ready: str, log: Path) -> subprocess.Popen[str]:
 
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A head and agents ``box-a``, ``box-b`` (2 CPUs each) and ``gpu-box`` (2 CPUs, 1 GPU);
-    yields node name -> node id, with a driver connected."""
+    """A head and agents ``box-a``, ``box-b`` (2 CPUs each) and ``gpu-box`` (2 CPUs and one GPU,
+    found through a fake NVML); yields node name -> node id, with a driver connected."""
     import socket
 
     nb.shutdown()
@@ -163,7 +168,13 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                 tmp / "head.log",
             )
         )
-        for name, extra in (("box-a", []), ("box-b", []), ("gpu-box", ["--num-gpus", "1"])):
+        fake_gpus = tmp / "gpus.json"
+        fake_gpus.write_text(json.dumps([{"name": "NVIDIA Fake H100", "memory_total": 80 << 30}]))
+        nvml = {
+            resources.NVML_MODULE_ENV: "nbcluster.testing.fake_nvml",
+            "NBCLUSTER_FAKE_NVML": str(fake_gpus),
+        }
+        for name in ("box-a", "box-b", "gpu-box"):
             procs.append(
                 _start(
                     [
@@ -179,10 +190,10 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
                         "2",
                         "--prestart",
                         "1",
-                        *extra,
                     ],
                     "NBCLUSTER_AGENT_READY",
                     tmp / f"{name}.log",
+                    env=nvml if name == "gpu-box" else {resources.NVML_MODULE_ENV: "none_here"},
                 )
             )
         nb.init(address=address, token_file=token)
@@ -328,7 +339,10 @@ def test_half_and_three_quarters_do_not_share_a_gpu(
 
 
 def test_gpu_node_reports_its_gpus(three_nodes: dict[str, str]) -> None:
-    gpu_node = next(n for n in nb.nodes() if n["name"] == "gpu-box")
+    by_name = {n["name"]: n for n in nb.nodes()}
+    gpu_node = by_name["gpu-box"]
     assert gpu_node["resources_total"]["GPU"] == 1
+    assert gpu_node["gpus"] == [{"index": 0, "name": "NVIDIA Fake H100", "memory_total": 80 << 30}]
+    assert "GPU" not in by_name["box-a"]["resources_total"] and not by_name["box-a"]["gpus"]
     wait_until(lambda: nb.available_resources().get("GPU") == 1.0, timeout=TIMEOUT)
     assert nb.cluster_resources()["CPU"] == 6
