@@ -147,9 +147,15 @@ class NbclusterApp(ExtensionApp):
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Start the head on the server's loop, then the local node agent."""
-        self.head = HeadService(self._token, self.ip, self.port)
-        self.head.observe.notebook_root = str(Path(self._server.root_dir).expanduser())
-        await self.head.start()
+        head = HeadService(self._token, self.ip, self.port)
+        head.observe.notebook_root = str(Path(self._server.root_dir).expanduser())
+        try:
+            await head.start()
+        except Exception as exc:  # the server still runs; kernels fall back to local clusters
+            self.log.error("nbcluster: the head could not start on %s: %s", self.address, exc)
+            self._unexport()
+            return
+        self.head = head
         self.log.info("nbcluster: head listening on %s", self.head.address)
         if self.local_node:
             await self._start_agent()
@@ -243,6 +249,10 @@ class NbclusterApp(ExtensionApp):
             self._agent_reader.cancel()
             with contextlib.suppress(BaseException):
                 await self._agent_reader
+        self._unexport()
+
+    def _unexport(self) -> None:
+        """Withdraw the address from the environment and the runtime dir."""
         if self._conn_file is not None:
             self._conn_file.unlink(missing_ok=True)
         for key, value in ((ADDRESS_ENV, self.address), (TOKEN_FILE_ENV, self.token_file)):
