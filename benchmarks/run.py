@@ -33,6 +33,7 @@ WORKLOADS_PY = BENCH_DIR / "workloads.py"
 VENV_PYTHON = REPO_ROOT / ".venv-bench" / "bin" / "python"
 
 sys.path.insert(0, str(BENCH_DIR))
+import cross_node  # noqa: E402,F401  (registers its workloads; they run from their own file)
 import workloads as wl  # noqa: E402  (needs the sys.path entry above)
 
 #: Column order in the table; the ratio is COLUMN_ORDER[0] / COLUMN_ORDER[1].
@@ -100,7 +101,10 @@ def _parse_result(stdout: str) -> dict[str, Any] | None:
 
 def run_workload(python: str, backend: str, name: str, timeout: float) -> RunRecord:
     """Run one workload on one backend in a fresh subprocess."""
-    cmd = [python, str(WORKLOADS_PY), "--backend", backend, "--workload", name]
+    script = WORKLOADS_PY
+    if wl.REGISTRY[name].fn.__module__ == "cross_node":
+        script = BENCH_DIR / "cross_node.py"
+    cmd = [python, str(script), "--backend", backend, "--workload", name]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         cmd,

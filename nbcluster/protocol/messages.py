@@ -82,7 +82,10 @@ class Kind(StrEnum):
     STORE_UNPIN = "sunpin"  # {oid} (no reply)
     STORE_FREE = "sfree"  # {oids} (no reply)
     STORE_PULL = "spull"  # {rid, oid, from}: copy a remote node's object here, then LOCATE it
-    STORE_READ = "sread"  # agent -> agent: {rid, oid} -> STORE_REPLY + [the segment's bytes]
+    STORE_READ = "sread"  # agent -> agent: {rid, oid, chunk, window} -> STORE_CHUNKs (or REPLY)
+    STORE_CHUNK = "schunk"  # holder -> puller: {rid, off, size} + [bytes off..off+len of size]
+    STORE_CREDIT = "scredit"  # puller -> holder: {rid, n}: n more chunks; n == 0: stop the stream
+    STORE_STATS = "sstats"  # {rid} -> STORE_REPLY {rid, stats}: the store's and transfer figures
     STORE_REPLY = "sreply"  # {rid, ok, path?, err?, args?}
     JOB_ENDED = "jobend"  # head -> agent: {job_id}: free that job's objects
 

@@ -5,15 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
+
+import zmq
 
 from nbcluster.exceptions import ObjectLostError
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.store.errors import ObjectNotFoundError, ObjectStoreError, ObjectStoreFullError
 from nbcluster.store.manager import StoreManager
-from nbcluster.store.transfer import ObjectPuller, read_segment_file
+from nbcluster.store.transfer import (
+    MAX_CHUNK,
+    MAX_WINDOW,
+    MIN_CHUNK,
+    STALL_TIMEOUT_S,
+    ObjectPuller,
+    map_segment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +39,9 @@ class StoreService:
         self.manager = manager
         self.puller = puller
         self._jobs: dict[str, str] = {}  # oid -> job id
+        self._streams: dict[tuple[bytes, Any], _Stream] = {}  # (peer, rid) -> what it may send
+        self.streams_served = 0  # objects sent to other nodes (one per pull, however many readers)
+        self.bytes_out = 0
 
     async def handle(
         self, send: Callable[[list[Any]], None], ident: bytes, h: dict[str, Any]
@@ -37,6 +50,11 @@ class StoreService:
         kind = h["k"]
         loop = asyncio.get_running_loop()
         m = self.manager
+        if kind == Kind.STORE_CREDIT:
+            stream = self._streams.get((ident, h.get("rid")))
+            if stream is not None:
+                stream.grant(int(h.get("n", 0)))
+            return
         if kind == Kind.STORE_UNPIN:
             m.unpin(h["oid"])
             return
@@ -69,11 +87,10 @@ class StoreService:
                     self._jobs.setdefault(h["oid"], h["job"])
                 reply["path"] = await loop.run_in_executor(None, lambda: m.locate(h["oid"], True))
             elif kind == Kind.STORE_READ:
-                path = await loop.run_in_executor(None, lambda: m.locate(h["oid"], True))
-                try:
-                    payload = [await loop.run_in_executor(None, read_segment_file, path)]
-                finally:
-                    m.unpin(h["oid"])
+                await self._stream(send, ident, h)
+                return
+            elif kind == Kind.STORE_STATS:
+                reply["stats"] = self.stats()
             else:
                 reply.update(ok=False, err="unknown", msg=f"unknown store request {kind!r}")
         except ObjectStoreFullError as exc:
@@ -98,6 +115,72 @@ class StoreService:
             reply.update(ok=False, err="error", msg=f"{type(exc).__name__}: {exc}")
         send([ident, *encode(reply, payload)])
 
+    def drop_all(self) -> int:
+        """Free every object (this node rejoined as a new incarnation: owners rebuilt them)."""
+        return sum(self.job_ended(job) for job in set(self._jobs.values()))
+
+    async def _stream(
+        self, send: Callable[[list[Any]], None], ident: bytes, h: dict[str, Any]
+    ) -> None:
+        """Send a segment to another node's puller in chunks, ``window`` ahead of its credits.
+
+        Chunks are views of this node's mapping of the file (zero-copy up to the socket). The
+        object stays pinned (not spilled) for the stream; a puller that stops granting credit
+        for :data:`STALL_TIMEOUT_S` is given up on.
+        """
+        loop = asyncio.get_running_loop()
+        m, oid, rid = self.manager, h["oid"], h.get("rid")
+        chunk = min(max(int(h.get("chunk", MAX_CHUNK)), MIN_CHUNK), MAX_CHUNK)
+        stream = _Stream(min(max(int(h.get("window", 1)), 1), MAX_WINDOW))
+        key = (ident, rid)
+        try:
+            path = await loop.run_in_executor(None, lambda: m.locate(oid, True))
+        except Exception as exc:
+            err = "missing" if isinstance(exc, ObjectNotFoundError | ObjectLostError) else "error"
+            msg = {"k": Kind.STORE_REPLY, "rid": rid, "ok": False, "err": err, "msg": str(exc)}
+            send([ident, *encode(msg)])
+            return
+        self._streams[key] = stream
+        self.streams_served += 1
+        try:
+            data, size = await loop.run_in_executor(None, map_segment, path)
+            view = memoryview(data)
+            off = 0
+            while True:
+                if not await stream.take(STALL_TIMEOUT_S):
+                    log.info("object %s: the puller stopped after %d of %d bytes", oid, off, size)
+                    return
+                n = min(chunk, size - off)
+                # A Frame is sent without copying; it keeps the mapping alive until it is sent.
+                head = {"k": Kind.STORE_CHUNK, "rid": rid, "off": off, "size": size}
+                send([ident, *encode(head, [zmq.Frame(view[off : off + n])])])
+                off += n
+                self.bytes_out += n
+                if off >= size:
+                    return
+        except Exception as exc:  # e.g. an OS error mapping the file: tell the puller
+            log.exception("streaming object %s failed", oid)
+            msg = {"k": Kind.STORE_REPLY, "rid": rid, "ok": False, "err": "error"}
+            send([ident, *encode({**msg, "msg": f"{type(exc).__name__}: {exc}"})])
+        finally:
+            del self._streams[key]
+            m.unpin(oid)
+
+    def stats(self) -> dict[str, int]:
+        """The store's figures (:meth:`StoreManager.stats`) and this node's transfers.
+
+        Returns
+        -------
+        dict
+            Also ``streams_served`` / ``bytes_out`` (objects and bytes sent to other nodes) and
+            ``pulls`` / ``bytes_in`` (objects and bytes fetched from them).
+        """
+        stats = {**self.manager.stats(), "streams_served": self.streams_served}
+        stats["bytes_out"] = self.bytes_out
+        stats["pulls"] = self.puller.pulls if self.puller is not None else 0
+        stats["bytes_in"] = self.puller.bytes_in if self.puller is not None else 0
+        return stats
+
     def job_ended(self, job_id: str) -> int:
         """Free every object of ``job_id``; returns how many."""
         oids = [oid for oid, job in self._jobs.items() if job == job_id]
@@ -105,3 +188,35 @@ class StoreService:
             del self._jobs[oid]
             self.manager.free(oid)
         return len(oids)
+
+
+class _Stream:
+    """Flow control of one outgoing stream: how many chunks the puller still takes."""
+
+    def __init__(self, window: int) -> None:
+        self.credits = window
+        self.stopped = False
+        self._more = asyncio.Event()
+
+    def grant(self, n: int) -> None:
+        """``n`` more chunks; 0 means the puller gave up."""
+        if n <= 0:
+            self.stopped = True
+        else:
+            self.credits += n
+        self._more.set()
+
+    async def take(self, timeout: float) -> bool:
+        """Wait for one credit and use it; False if the puller stopped or went quiet."""
+        deadline = time.monotonic() + timeout
+        while self.credits <= 0 and not self.stopped:
+            self._more.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._more.wait(), left)
+        if self.stopped:
+            return False
+        self.credits -= 1
+        return True

@@ -1,122 +1,328 @@
 """Moving stored objects between nodes: an agent pulls a segment from the agent that holds it.
 
-Objects travel from node agent to node agent, never through the head. Concurrent readers of one
-object on a node wait for the same pull, so it crosses the network once.
+Objects travel from node agent to node agent, never through the head. The puller asks the
+holder's store socket for a stream (``STORE_READ``); the holder sends the segment in chunks
+(``STORE_CHUNK``) straight from its mapping of the file, at most ``window`` chunks ahead of the
+puller's credits (``STORE_CREDIT``, one per chunk received). The puller writes each chunk at its
+offset into a file of the final size in its own store, then seals it: no copy of the whole object
+is ever held in Python memory, and the link stays busy while chunks are written.
+
+Concurrent readers of one object on a node wait for the same pull, so it crosses the network
+once. A holder that dies mid-transfer (its connection drops, or nothing arrives for a while) fails
+the pull with :class:`~nbcluster.exceptions.ObjectLostError`, and the partial segment is removed.
+
+Each pull runs on a thread of its own with a dedicated connection: receiving, decrypting and
+writing never wait for the agent's event loop, and the loop never waits for them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
+import errno
 import logging
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from nbcluster.exceptions import ObjectLostError
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
+from nbcluster.store.errors import ObjectStoreError
 from nbcluster.store.manager import StoreManager
 
 log = logging.getLogger(__name__)
 
-PULL_TIMEOUT_S = 300.0
+#: Bytes per chunk (what one ``STORE_CHUNK`` carries); ``NBCLUSTER_TRANSFER_CHUNK_BYTES``.
+#: Measured on loopback with CurveZMQ (benchmarks/cross_node.py): 1-4 MiB keep the
+#: (de)cryption in cache; 16 MiB and more are slower.
+CHUNK_BYTES = int(os.environ.get("NBCLUSTER_TRANSFER_CHUNK_BYTES", 4 << 20))
+#: Chunks a holder may send ahead of the puller's credits (``NBCLUSTER_TRANSFER_WINDOW``);
+#: ``CHUNK_BYTES * WINDOW`` in flight must cover the link's bandwidth-delay product.
+WINDOW = int(os.environ.get("NBCLUSTER_TRANSFER_WINDOW", 8))
+#: Bounds a holder applies to what a puller asks for.
+MIN_CHUNK, MAX_CHUNK, MAX_WINDOW = 64 << 10, 64 << 20, 64
+
+#: No chunk for this long (a holder cut off without its connection dropping): give up.
+STALL_TIMEOUT_S = 30.0
+#: The holder's store socket must answer the handshake within this long.
+CONNECT_TIMEOUT_S = 10.0
+#: How often a pulling thread looks at the agent closing and at its deadlines.
+_TICK_MS = 250
+
+_MONITORED = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class ObjectPuller:
-    """Fetches segments from other agents' store sockets into this node's store."""
+    """Fetches segments from other agents' store sockets into this node's store.
 
-    def __init__(self, transport: Any, manager: StoreManager) -> None:
+    Parameters
+    ----------
+    transport
+        The agent's :class:`~nbcluster.transport.sockets.Transport` (its context and CURVE keys).
+    manager
+        This node's store books.
+    chunk_bytes, window
+        Stream shape asked of holders (see :data:`CHUNK_BYTES`, :data:`WINDOW`).
+    max_parallel
+        Pulls of different objects that run at once; more wait for a thread.
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        manager: StoreManager,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+        window: int = WINDOW,
+        max_parallel: int = 4,
+    ) -> None:
         self._transport = transport
         self._manager = manager
-        self._socks: dict[str, Any] = {}
-        self._replies: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
+        self.chunk_bytes = chunk_bytes
+        self.window = window
         self._inflight: dict[str, asyncio.Future[None]] = {}
-        self._rid = itertools.count(1)
-        self._readers: list[asyncio.Task[Any]] = []
+        self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="nbc-pull")
+        self._stop = threading.Event()
+        self.pulls = 0  # transfers started (what single-flight keeps at one per object)
+        self.bytes_in = 0
+        self._count = threading.Lock()  # pulling threads add to bytes_in
 
     async def pull(self, oid: str, addr: str) -> None:
-        """Make ``oid`` (held by the agent at ``addr``) a sealed object of this node's store."""
+        """Make ``oid`` (held by the agent at ``addr``) a sealed object of this node's store.
+
+        Raises
+        ------
+        ObjectLostError
+            If the holder does not have it, cannot be reached, or goes away mid-transfer.
+        ObjectStoreError
+            If this node's store cannot take it.
+        """
         if self._manager.contains(oid):
             return
-        waiting = self._inflight.get(oid)
-        if waiting is not None:
-            await asyncio.shield(waiting)
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inflight[oid] = fut
-        try:
-            await self._fetch(oid, addr)
-            fut.set_result(None)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            raise
-        finally:
-            del self._inflight[oid]
+        fut = self._inflight.get(oid)
+        if fut is None:
+            fut = self._start(oid, addr)
             if not fut.done():
-                fut.cancel()
-            elif fut.exception() is not None:
-                fut.exception()  # retrieved: waiters got it already
+                self._inflight[oid] = fut
+        # shield: a reader that gives up leaves the pull to the others (and to its thread, which
+        # finishes or removes its partial file on its own).
+        await asyncio.shield(fut)
 
-    async def _fetch(self, oid: str, addr: str) -> None:
-        sock = self._socks.get(addr)
-        if sock is None:
-            sock = self._socks[addr] = self._transport.client(zmq.DEALER, addr)
-            self._readers.append(asyncio.create_task(self._read(sock)))
-        rid = next(self._rid)
-        reply_fut = asyncio.get_running_loop().create_future()
-        self._replies[rid] = reply_fut
-        await sock.send_multipart(encode({"k": Kind.STORE_READ, "rid": rid, "oid": oid}))
-        try:
-            h, payload = await asyncio.wait_for(reply_fut, PULL_TIMEOUT_S)
-        finally:
-            self._replies.pop(rid, None)
-        if not h.get("ok") or not payload:
-            raise ObjectLostError(
-                f"object {oid} could not be fetched from the node that holds it ({addr}): "
-                f"{h.get('msg', 'it is gone')}"
-            )
-        data = payload[0]
-        m = self._manager
+    def _start(self, oid: str, addr: str) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
-        path = await loop.run_in_executor(None, m.reserve, oid, len(data))
+        fut: asyncio.Future[None] = loop.create_future()
+        fut.add_done_callback(_retrieve)
+        self.pulls += 1
         try:
-            await loop.run_in_executor(None, _write, path, data)
-        except BaseException:
-            m.free(oid)
-            raise
-        m.seal(oid)
+            work = loop.run_in_executor(self._pool, self._transfer, oid, addr)
+        except RuntimeError:  # the pool is shut down: the agent is closing
+            fut.set_exception(ObjectLostError(f"object {oid}: this node is shutting down"))
+            return fut
 
-    async def _read(self, sock: Any) -> None:
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            h, payload = decode(frames)
-            fut = self._replies.get(h.get("rid", -1))
-            if fut is not None and not fut.done():
-                fut.set_result((h, payload))
+        def finished(work: asyncio.Future[None]) -> None:
+            # On the loop, whoever still waits: the books learn the outcome exactly once.
+            self._inflight.pop(oid, None)
+            exc: BaseException | None
+            if work.cancelled():
+                exc = ObjectLostError(f"object {oid}: this node is shutting down")
+            else:
+                exc = work.exception()
+            if exc is None:
+                try:
+                    self._manager.seal(oid)
+                except Exception as e:  # e.g. freed meanwhile by the agent closing
+                    self._manager.free(oid)
+                    exc = e
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+        work.add_done_callback(finished)
+        return fut
+
+    # ------------------------------------------------------------------ the pulling thread
+    def _connect(self, addr: str) -> tuple[Any, Any]:
+        """A CURVE client socket to ``addr`` with its monitor, watched from before it connects."""
+        t = self._transport
+        sock = t.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        # A holder whose host is cut off (no FIN ever comes) is noticed by missing heartbeats.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
+        sock.curve_secretkey = t.keys.client_secret
+        sock.curve_publickey = t.keys.client_public
+        sock.curve_serverkey = t.keys.server_public
+        mon = sock.get_monitor_socket(_MONITORED)
+        sock.connect(addr)
+        return sock, mon
+
+    def _transfer(self, oid: str, addr: str) -> None:
+        """Stream ``oid`` from ``addr`` into a reserved file of this store (not sealed yet)."""
+        sock, mon = self._connect(addr)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
+        rid = 1
+        w = _Writer(self._manager, oid)
+        done = False
+        try:
+            sock.send_multipart(
+                encode(
+                    {
+                        "k": Kind.STORE_READ,
+                        "rid": rid,
+                        "oid": oid,
+                        "chunk": self.chunk_bytes,
+                        "window": self.window,
+                    }
+                )
+            )
+            connected = False
+            start = last = time.monotonic()
+            while not done:
+                if self._stop.is_set():
+                    raise ObjectLostError(f"object {oid}: this node is shutting down")
+                events = dict(poller.poll(_TICK_MS))
+                now = time.monotonic()
+                if mon in events:
+                    event = parse_monitor_message(mon.recv_multipart())["event"]
+                    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                        connected = True
+                    else:
+                        raise _lost(oid, addr, w, "its node went away mid-transfer")
+                if sock in events:
+                    h, payload = decode(sock.recv_multipart(copy=False))
+                    if h.get("rid") != rid:
+                        continue
+                    if h["k"] != Kind.STORE_CHUNK:
+                        raise _refused(oid, addr, h)
+                    # Credit first: the holder sends the next chunk while we write this one.
+                    sock.send_multipart(encode({"k": Kind.STORE_CREDIT, "rid": rid, "n": 1}))
+                    done = w.write(int(h["size"]), int(h["off"]), payload[0] if payload else b"")
+                    with self._count:
+                        self.bytes_in += len(payload[0]) if payload else 0
+                    last = now
+                elif not connected and now - start > CONNECT_TIMEOUT_S:
+                    raise _lost(oid, addr, w, f"no answer within {CONNECT_TIMEOUT_S:.0f} s")
+                elif now - last > STALL_TIMEOUT_S:
+                    raise _lost(oid, addr, w, f"nothing arrived for {STALL_TIMEOUT_S:.0f} s")
+        except BaseException:
+            w.discard()
+            with contextlib.suppress(zmq.ZMQError):  # tell the holder to stop and unpin
+                msg = {"k": Kind.STORE_CREDIT, "rid": rid, "n": 0}
+                sock.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+            raise
+        finally:
+            w.close()
+            sock.disable_monitor()
+            mon.close(linger=0)
+            # A little linger: the cancel above should leave; a dead holder costs nothing.
+            sock.close(linger=0 if done else 200)
 
     def close(self) -> None:
-        for t in self._readers:
-            t.cancel()
-        for sock in self._socks.values():
-            sock.close(linger=0)
-        self._socks.clear()
+        """Stop every pull (each removes its partial file) and wait for their threads."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _write(path: str, data: Any) -> None:
-    import os
+class _Writer:
+    """The destination file of one pull: reserved on the first chunk, written at offsets."""
 
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
+    def __init__(self, manager: StoreManager, oid: str) -> None:
+        self._m = manager
+        self.oid = oid
+        self.size = -1
+        self.received = 0
+        self._fd = -1
+        self._path = ""
+
+    def write(self, size: int, off: int, data: Any) -> bool:
+        """Write one chunk; True once the whole object is in."""
+        view = memoryview(data).cast("B")
+        if self.size < 0:
+            if size < 0:
+                raise ObjectStoreError(f"object {self.oid}: the holder sent a negative size")
+            self._path = self._m.reserve(self.oid, size)
+            self.size = size
+            self._fd = os.open(
+                self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600
+            )
+            # The final size at once: chunks go straight to their place, nothing is appended.
+            os.ftruncate(self._fd, size)
+        if size != self.size or off != self.received or off + view.nbytes > size:
+            raise ObjectStoreError(
+                f"object {self.oid}: the holder sent bytes {off}..{off + view.nbytes} of "
+                f"{size}, expected {self.received} of {self.size}"
+            )
         done = 0
-        while done < view.nbytes:
-            done += os.write(fd, view[done:])
+        try:
+            while done < view.nbytes:
+                done += os.pwrite(self._fd, view[done:], off + done)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise ObjectStoreError(
+                    f"object {self.oid}: no space left for it in {os.path.dirname(self._path)}"
+                ) from None
+            raise
+        self.received += view.nbytes
+        return self.received == self.size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        """Drop the partial object: its reservation and its file."""
+        self.close()
+        if self.size >= 0:
+            self._m.free(self.oid)
+            with contextlib.suppress(FileNotFoundError):  # if the books had forgotten it
+                os.unlink(self._path)
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a pull's error as seen: every reader of it may have given up already."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _lost(oid: str, addr: str, w: _Writer, why: str) -> ObjectLostError:
+    got = f" after {w.received} of {w.size} bytes" if w.size >= 0 else ""
+    return ObjectLostError(f"object {oid} could not be fetched from {addr}{got}: {why}")
+
+
+def _refused(oid: str, addr: str, h: dict[str, Any]) -> Exception:
+    msg = f"object {oid} could not be fetched from the node that holds it ({addr}): "
+    msg += str(h.get("msg", "it is gone"))
+    if h.get("err") == "missing":
+        return ObjectLostError(msg)
+    return ObjectStoreError(msg)
+
+
+def map_segment(path: str) -> tuple[Any, int]:
+    """Map a segment file read-only for sending; returns ``(mapping or b"", size)``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return b"", 0
+        return mmap.mmap(fd, size, prot=mmap.PROT_READ), size
     finally:
         os.close(fd)
-
-
-def read_segment_file(path: str) -> bytes:
-    """The bytes of a segment file (what another node copies into its own store)."""
-    with open(path, "rb") as f:
-        return f.read()

@@ -1,0 +1,427 @@
+"""Cross-node object transfer: nbcluster vs Ray on the same two-node layout, and the ceiling.
+
+Three ways to run it::
+
+    # the run.py workload (one backend per fresh process, as every workload):
+    .venv-bench/bin/python benchmarks/run.py --workloads cross_node_1gb
+    # the raw speed of one ZeroMQ CURVE connection between two processes (the ceiling):
+    .venv-ci/bin/python benchmarks/cross_node.py ceiling
+    # nbcluster's agent-to-agent pull alone (no tasks), chunk and window as set in the env:
+    .venv-ci/bin/python benchmarks/cross_node.py store
+
+Layout for ``cross_node_1gb``, both backends: a head and two nodes on loopback, one with the
+custom resource ``{"a": 1}`` and one with ``{"b": 1}`` (nbcluster: ``nbcluster head`` and two
+``nbcluster-worker``; Ray: ``ray start --head`` and ``ray start --address``, each with its own
+temp dir). A task on ``a`` makes a 1 GB float64 array and returns it (the ref stays on ``a``); a
+task on ``b`` receives it and returns its sum and how long that sum took. Timed on the driver:
+from submitting the consumer to its result, after the producer finished. ``transfer_mb_s`` is
+1 GB over that time less the sum's own time: what moving the object cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+import workloads as wl  # noqa: E402  (needs the sys.path entry above)
+
+SIZE = 1000 * 1000 * 1000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(procs: list[subprocess.Popen[Any]], timeout: float = 20.0) -> None:
+    """Terminate ``procs`` (each the leader of its own session, with what it started)."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            with _suppress():
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with _suppress():
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+@contextmanager
+def _suppress() -> Iterator[None]:
+    try:
+        yield
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# --------------------------------------------------------------------------
+# The two clusters
+# --------------------------------------------------------------------------
+
+
+@contextmanager
+def nbcluster_nodes(
+    resources: tuple[dict[str, float], ...], prestart: int | None = None
+) -> Iterator[tuple[str, Path, list[tuple[str, str]]]]:
+    """A standalone head and one agent per ``resources`` entry (1 CPU each), on loopback.
+
+    Yields ``(head address, token file, [(store address, store id) per agent])``.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix="nbc-bench-"))
+    token, port = tmp / "token", _free_port()
+    env = {**os.environ, "NBCLUSTER_HOME": str(tmp)}
+    py = sys.executable
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        head = subprocess.Popen(
+            [py, "-m", "nbcluster", "head", "--port", str(port), "--token-file", str(token)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        procs.append(head)
+        assert head.stdout is not None
+        for line in head.stdout:
+            if line.startswith("NBCLUSTER_HEAD_READY"):
+                break
+        else:
+            raise RuntimeError("the head exited before it was ready")
+        stores = []
+        for i, res in enumerate(resources):
+            cmd = [py, "-m", "nbcluster", "worker", "--address", f"127.0.0.1:{port}"]
+            cmd += ["--token-file", str(token), "--node-name", f"bench-{i}", "--num-cpus", "1"]
+            cmd += ["--resources", json.dumps(res)]
+            if prestart is not None:
+                cmd += ["--prestart", str(prestart)]
+            agent = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+            )
+            procs.append(agent)
+            assert agent.stdout is not None
+            ready = agent.stdout.readline().split()
+            if not ready or ready[0] != "NBCLUSTER_AGENT_READY":
+                raise RuntimeError(f"agent {i} did not start: {ready}")
+            stores.append((ready[2], ready[3]))
+        yield f"127.0.0.1:{port}", token, stores
+    finally:
+        _stop(procs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def ray_nodes(resources: tuple[dict[str, float], ...]) -> Iterator[str]:
+    """``ray start --head`` plus one ``ray start --address`` per further entry, 1 CPU each.
+
+    Every node blocks in its own ``ray start --block`` session, so tearing down kills exactly
+    the processes this function started (``ray stop`` would stop every Ray on the host).
+    """
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="ray-bench-"))
+    env = {**os.environ, **wl.RAY_ENV_DEFAULTS}
+    common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
+    common += ["--node-ip-address", "127.0.0.1"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, res in enumerate(resources):
+            cmd = [ray_bin, "start", *common, "--resources", json.dumps(res)]
+            cmd += ["--temp-dir", str(tmp / f"n{i}")]
+            if i == 0:
+                cmd += ["--head", "--port", str(port), "--include-dashboard", "false"]
+            else:
+                cmd += ["--address", f"127.0.0.1:{port}"]
+            log_file = open(tmp / f"start-{i}.log", "wb")  # noqa: SIM115  (closed with the dir)
+            procs.append(
+                subprocess.Popen(
+                    cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            )
+            if i == 0:
+                _wait_port(port, 120.0)
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop(procs, timeout=30.0)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+# --------------------------------------------------------------------------
+# The workload (run.py)
+# --------------------------------------------------------------------------
+
+
+def _produce(nbytes: int) -> Any:
+    import numpy as np
+
+    return np.ones(nbytes // 8, dtype=np.float64)
+
+
+def _consume(arr: Any) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    total = float(arr.sum())
+    return total, time.perf_counter() - t0
+
+
+@wl.workload(
+    "cross_node_1gb",
+    "Two nodes on loopback ({a:1}, {b:1}): a task on b sums a 1 GB array a task on a made "
+    "(median of 3 fresh arrays, after a 100 MB warm-up).",
+    [
+        wl.Metric("transfer_mb_s", "MB/s", "higher", "1 GB / (consumer round trip - its sum)"),
+        wl.Metric("consumer_s", "s", "lower", "get(consume.remote(ref)) once ref is ready"),
+    ],
+    tags=("objects", "throughput"),
+)
+def cross_node_1gb(ray: ModuleType, repeat: int = 3) -> wl.Figures:
+    """Move a 1 GB object from node ``a`` to a task on node ``b``."""
+    layout: tuple[dict[str, float], ...] = ({"a": 1.0}, {"b": 1.0})
+    if ray.__name__.split(".")[0] == "ray":
+        with ray_nodes(layout) as address:
+            ray.init(address=address)
+            try:
+                return _cross_node(ray, repeat)
+            finally:
+                ray.shutdown()
+    with nbcluster_nodes(layout) as (address, token, _):
+        ray.init(address=address, token_file=str(token))
+        try:
+            return _cross_node(ray, repeat)
+        finally:
+            ray.shutdown()
+
+
+def _cross_node(ray: ModuleType, repeat: int) -> wl.Figures:
+    produce = ray.remote(resources={"a": 1})(_produce)
+    consume = ray.remote(resources={"b": 1})(_consume)
+    ray.get(consume.remote(produce.remote(100 * 1000 * 1000)), timeout=300)  # warm-up
+    rates, rounds, sums = [], [], []
+    for _ in range(repeat):
+        ref = produce.remote(SIZE)
+        ray.wait([ref], timeout=300)
+        t0 = time.perf_counter()
+        total, sum_s = ray.get(consume.remote(ref), timeout=300)
+        dt = time.perf_counter() - t0
+        assert total == SIZE // 8, total
+        rounds.append(dt)
+        sums.append(sum_s)
+        rates.append(SIZE / max(dt - sum_s, 1e-9) / 1e6)
+        del ref
+    return {
+        "transfer_mb_s": statistics.median(rates),
+        "consumer_s": statistics.median(rounds),
+        "details": {"consumer_s": rounds, "sum_s": sums, "transfer_mb_s": rates},
+    }
+
+
+# --------------------------------------------------------------------------
+# The ceiling: one CURVE connection between two processes
+# --------------------------------------------------------------------------
+
+
+def _ceiling_server(port_file: str, keys: tuple[bytes, bytes], curve: bool) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    srv = ctx.socket(zmq.ROUTER)
+    srv.sndhwm = srv.rcvhwm = 0
+    if curve:
+        srv.curve_server = True
+        srv.curve_publickey, srv.curve_secretkey = keys
+    Path(port_file).write_text(str(srv.bind_to_random_port("tcp://127.0.0.1")))
+    src = memoryview(os.urandom(64 << 20))
+    while True:
+        ident, req = srv.recv_multipart()
+        if req == b"quit":
+            break
+        chunk, n, window = map(int, req.split(b","))
+        sent, credits = 0, window
+        while sent < n:  # the same flow control as STORE_READ: `window` chunks ahead
+            while credits and sent < n:
+                off = (sent * chunk) % len(src)
+                srv.send_multipart([ident, zmq.Frame(src[off : off + chunk])])
+                sent, credits = sent + 1, credits - 1
+            if sent < n:
+                srv.recv_multipart()
+                credits += 1
+    srv.close(0)
+    ctx.term()
+
+
+def ceiling(size: int, chunk: int, window: int, curve: bool, write: bool, runs: int) -> list[float]:
+    """MB/s of streaming ``size`` bytes over one ZeroMQ connection between two processes.
+
+    ``write``: the receiver also writes each chunk into a tmpfs file (what a pull does).
+    """
+    import multiprocessing as mp
+
+    import zmq
+
+    server_pub, server_sec = zmq.curve_keypair()
+    client_pub, client_sec = zmq.curve_keypair()
+    port_file = tempfile.mktemp(prefix="nbc-ceiling-")
+    proc = mp.get_context("spawn").Process(
+        target=_ceiling_server, args=(port_file, (server_pub, server_sec), curve)
+    )
+    proc.start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    rates = []
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(port_file) or not Path(port_file).read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the ceiling server did not start")
+            time.sleep(0.05)
+        sock.sndhwm = sock.rcvhwm = 0
+        if curve:
+            sock.curve_serverkey = server_pub
+            sock.curve_publickey, sock.curve_secretkey = client_pub, client_sec
+        sock.connect(f"tcp://127.0.0.1:{Path(port_file).read_text()}")
+        n = size // chunk
+        for _ in range(runs):
+            path = f"/dev/shm/nbc-ceiling-{os.getpid()}"
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            try:
+                os.ftruncate(fd, n * chunk)
+                t0 = time.perf_counter()
+                sock.send(b"%d,%d,%d" % (chunk, n, window))
+                got = 0
+                for i in range(n):
+                    if not sock.poll(60_000):
+                        raise RuntimeError("the ceiling server stopped sending")
+                    frame = sock.recv(copy=False)
+                    if i + window < n:
+                        sock.send(b"c")
+                    if write:
+                        os.pwrite(fd, frame.buffer, got)
+                    got += len(frame)
+                rates.append(got / (time.perf_counter() - t0) / 1e6)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+        sock.send(b"quit")
+        proc.join(30)
+    finally:
+        sock.close(0)
+        ctx.term()
+        if proc.is_alive():
+            proc.kill()
+        with _suppress_os():
+            os.unlink(port_file)
+    return rates
+
+
+@contextmanager
+def _suppress_os() -> Iterator[None]:
+    try:
+        yield
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------
+# nbcluster's pull alone: put on one agent, read through the other
+# --------------------------------------------------------------------------
+
+
+def store_pull(size: int, runs: int) -> list[float]:
+    """MB/s of agent-to-agent pulls of a ``size``-byte array (StoreClient put, then get)."""
+    import numpy as np
+
+    from nbcluster.protocol.security import derive_keys, read_token_file
+    from nbcluster.store.client import StoreClient
+    from nbcluster.transport.sockets import Transport
+
+    rates = []
+    with nbcluster_nodes(({}, {}), prestart=0) as (_, token, stores):
+        transport = Transport(derive_keys(read_token_file(token)))
+        holder, reader = StoreClient(transport, *stores[0]), StoreClient(transport, *stores[1])
+        try:
+            arr = np.ones(size // 8, dtype=np.float64)
+            for i in range(runs + 1):  # the first one warms up
+                oid = f"bench{i}.p"
+                frames = holder.put(oid, arr, "bench")
+                t0 = time.perf_counter()
+                got = reader.get(frames)
+                dt = time.perf_counter() - t0
+                assert got.shape == arr.shape
+                del got
+                reader.free([oid])
+                holder.free([oid])
+                if i:
+                    rates.append(size / dt / 1e6)
+        finally:
+            holder.close()
+            reader.close()
+            transport.close()
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ceiling`` / ``store`` figures, or (with ``--backend``) the run.py workload."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if not argv or argv[0].startswith("--"):
+        return wl.main(argv)  # run.py runs this file like workloads.py
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["ceiling", "store", "both"])
+    p.add_argument("--size", type=float, default=SIZE, help="bytes per transfer (default 1e9)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--chunks", default="1,4,16", help="MiB per chunk (ceiling)")
+    p.add_argument("--window", type=int, default=8, help="chunks ahead of credits (ceiling)")
+    args = p.parse_args(argv)
+    size = int(args.size)
+
+    def show(label: str, rates: list[float]) -> None:
+        cells = " ".join(f"{r:6.0f}" for r in rates)
+        print(
+            f"{label:44s} median {statistics.median(rates):6.0f} MB/s   runs: {cells}", flush=True
+        )
+
+    for _ in range(1 if args.what != "both" else 2):
+        if args.what in ("ceiling", "both"):
+            for mib in (int(c) for c in args.chunks.split(",")):
+                for curve, write in ((False, False), (True, False), (True, True)):
+                    label = f"zmq {'CURVE' if curve else 'plain'} {mib} MiB x{args.window}"
+                    label += " + tmpfs write" if write else ""
+                    show(label, ceiling(size, mib << 20, args.window, curve, write, args.runs))
+        if args.what in ("store", "both"):
+            from nbcluster.store import transfer
+
+            label = f"nbcluster pull {transfer.CHUNK_BYTES >> 20} MiB x{transfer.WINDOW}"
+            show(label, store_pull(size, args.runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
