@@ -29,6 +29,7 @@ from nbcluster.util.scheduling_strategies import (
 from tests.conftest import wait_until
 
 TIMEOUT = 90  # seconds: the machine is shared and small
+_HEAD: dict[str, str] = {}  # the module cluster's head address and token file
 
 
 # --------------------------------------------------------------------------- options (no cluster)
@@ -158,6 +159,7 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"127.0.0.1:{port}"
+    _HEAD.update(address=address, token=str(token))
     py = [sys.executable, "-m", "nbcluster"]
     procs: list[subprocess.Popen[str]] = []
     try:
@@ -346,3 +348,59 @@ def test_gpu_node_reports_its_gpus(three_nodes: dict[str, str]) -> None:
     assert "GPU" not in by_name["box-a"]["resources_total"] and not by_name["box-a"]["gpus"]
     wait_until(lambda: nb.available_resources().get("GPU") == 1.0, timeout=TIMEOUT)
     assert nb.cluster_resources()["CPU"] == 6
+
+
+def test_hard_affinity_fails_and_soft_moves_when_the_node_leaves(
+    three_nodes: dict[str, str], tmp_path: Path
+) -> None:
+    agent = _start(
+        [
+            sys.executable,
+            "-m",
+            "nbcluster",
+            "worker",
+            "--address",
+            _HEAD["address"],
+            "--token-file",
+            _HEAD["token"],
+            "--node-name",
+            "box-d",
+            "--num-cpus",
+            "2",
+            "--prestart",
+            "2",
+        ],
+        "NBCLUSTER_AGENT_READY",
+        tmp_path / "box-d.log",
+    )
+    try:
+        box_d = next(n["node_id"] for n in nb.nodes() if n["name"] == "box-d" and n["alive"])
+
+        @nb.remote(num_cpus=1, max_retries=1)
+        def long(mark: str) -> str:
+            Path(mark).touch()
+            time.sleep(120)
+            return nb.get_runtime_context().get_node_id()
+
+        @nb.remote(num_cpus=1, max_retries=1)
+        def short(mark: str) -> str:
+            if nb.get_runtime_context().get_node_id() == box_d:
+                Path(mark).touch()
+                time.sleep(120)
+            return nb.get_runtime_context().get_node_id()
+
+        hard = long.options(scheduling_strategy=NodeAffinitySchedulingStrategy(box_d))
+        soft = short.options(scheduling_strategy=NodeAffinitySchedulingStrategy(box_d, soft=True))
+        h_ref, s_ref = hard.remote(str(tmp_path / "h")), soft.remote(str(tmp_path / "s"))
+        wait_until(lambda: (tmp_path / "h").exists() and (tmp_path / "s").exists(), TIMEOUT)
+        agent.terminate()
+        agent.wait(30)
+        with pytest.raises(TaskUnschedulableError, match="dead"):
+            nb.get(h_ref, timeout=TIMEOUT)
+        assert nb.get(s_ref, timeout=TIMEOUT) in three_nodes.values()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+        if agent.stdout is not None:
+            agent.stdout.close()
