@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import importlib
 import json
 import linecache
 import shlex
@@ -43,7 +44,7 @@ HELP = """\
 
 %%remote [--num-cpus N] [--num-gpus N] [--resources JSON]
     Run the cell as a task. It reads the notebook names it uses; the names it binds come back
-    (when they pickle; modules and unpicklable values are skipped with a note).
+    (modules are imported here too; values that do not pickle are skipped with a note).
 %%on ACTOR
     Run the cell inside that actor's process, with the actor instance as `self`.
 """
@@ -53,10 +54,15 @@ HELP = """\
 _NO_SELF = object()
 
 
+class _Module:
+    """A module a remote cell imported: the notebook imports it by name (if it can)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
 def _pickle_problem(value: Any) -> str | None:
     """Why ``value`` cannot travel between processes (``None`` when it can)."""
-    if isinstance(value, types.ModuleType):
-        return "a module: import it in the notebook"
     try:
         # Out-of-band buffers are not copied: checking a large array costs next to nothing.
         cloudpickle.dumps(value, protocol=5, buffer_callback=lambda _b: None)
@@ -93,6 +99,9 @@ def run_cell(
             continue
         if name in before and before[name] is value:
             continue  # not rebound by the cell
+        if isinstance(value, types.ModuleType):
+            values[name] = _Module(value.__name__)
+            continue
         why = _pickle_problem(value)
         if why is None:
             values[name] = value
@@ -160,8 +169,16 @@ def _note(skipped: dict[str, str], what: str) -> None:
 
 
 def _finish_cell(outcome: dict[str, Any], user_ns: dict[str, Any]) -> Any:
-    user_ns.update(outcome["values"])
-    _note(outcome["skipped"], "not copied back")
+    skipped = dict(outcome["skipped"])
+    for name, value in outcome["values"].items():
+        if isinstance(value, _Module):  # imported remotely: import it here too
+            try:
+                value = importlib.import_module(value.name)
+            except ImportError as exc:
+                skipped[name] = f"module {value.name} does not import here: {exc}"
+                continue
+        user_ns[name] = value
+    _note(skipped, "not copied back")
     return outcome["result"]
 
 

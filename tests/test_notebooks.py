@@ -1,0 +1,92 @@
+"""Every notebook in ``notebooks/`` runs end to end against a cluster hosted by a jupyter server.
+
+nbclient executes each notebook in a fresh kernel that gets the environment the server gives its
+own kernels (the head's address and token file), so the notebooks connect to the server's
+cluster exactly as they do in JupyterLab. Any error in any cell fails the test.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import psutil
+import pytest
+from nbclient import NotebookClient
+
+from tests.conftest import ROOT, wait_until
+from tests.jupyter_helpers import JupyterServer, jupyter_server  # noqa: F401 (fixture)
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+CELL_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def kernel_env(jupyter_server: JupyterServer) -> dict[str, str]:  # noqa: F811
+    k = jupyter_server.start_kernel("env.ipynb")
+    r = k.execute(
+        "import os; print(os.environ['NBCLUSTER_ADDRESS'], os.environ['NBCLUSTER_TOKEN_FILE'])"
+    ).raise_for_error()
+    k.shutdown()
+    address, token_file = r.stdout.split()
+    return {"NBCLUSTER_ADDRESS": address, "NBCLUSTER_TOKEN_FILE": token_file}
+
+
+def test_the_examples_are_all_there() -> None:
+    names = [p.stem for p in NOTEBOOKS]
+    for topic in ("quickstart", "actors", "gpus", "scaling", "dashboard"):
+        assert any(topic in n for n in names), names
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_without_errors(
+    path: Path,
+    kernel_env: dict[str, str],
+    jupyter_server: JupyterServer,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in kernel_env.items():
+        monkeypatch.setenv(key, value)
+    nodes_before = _alive_nodes(jupyter_server)
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    t0 = time.monotonic()
+    client.execute()  # raises CellExecutionError on the first failing cell
+    elapsed = time.monotonic() - t0
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
+    assert not errors, errors
+    print(f"{path.name}: {elapsed:.1f} s")
+    # Agents a notebook started are gone, and so is everything its kernel held.
+    wait_until(lambda: _alive_nodes(jupyter_server) == nodes_before, timeout=30)
+    wait_until(lambda: _cpus_free(jupyter_server) == 2.0, timeout=30)
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if _started_by(p, tmp_path)]
+    assert not leftovers
+
+
+def _alive_nodes(srv: JupyterServer) -> int:
+    return sum(1 for n in srv.get("nbcluster/api/cluster")["nodes"] if n["alive"])
+
+
+def _cpus_free(srv: JupyterServer) -> float:
+    nodes = srv.get("nbcluster/api/cluster")["nodes"]
+    return float(sum(n["resources_available"].get("CPU", 0) for n in nodes if n["alive"]))
+
+
+def _started_by(p: Any, tmp_path: Path) -> bool:
+    cmd = " ".join(p.info.get("cmdline") or [])
+    return "nbcluster" in cmd and "worker" in cmd and "--node-name" in cmd and "sim" in cmd
