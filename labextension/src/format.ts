@@ -22,6 +22,24 @@ export function formatBytes(bytes: number | null | undefined): string {
   return `${value.toFixed(digits)} ${BYTE_UNITS[unit]}`;
 }
 
+/** `"1.4/24 GiB"`: used and total in the total's unit, so that it fits in a narrow bar. */
+export function formatBytesPair(used: number, total: number): string {
+  if (!Number.isFinite(used) || !Number.isFinite(total) || total <= 0 || used < 0) {
+    return `${formatBytes(used)}/${formatBytes(total)}`;
+  }
+  let unit = 0;
+  let scale = 1;
+  while (total / scale >= 1024 && unit < BYTE_UNITS.length - 1) {
+    scale *= 1024;
+    unit += 1;
+  }
+  const fmt = (v: number): string => {
+    const x = v / scale;
+    return x >= 10 || unit === 0 || Number.isInteger(x) ? x.toFixed(0) : x.toFixed(1);
+  };
+  return `${fmt(used)}/${fmt(total)} ${BYTE_UNITS[unit]}`;
+}
+
 /** A resource amount: integers as such, fractions (GPU 0.5) with up to two decimals. */
 export function formatAmount(value: number): string {
   if (!Number.isFinite(value)) {

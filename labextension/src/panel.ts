@@ -10,6 +10,7 @@ import { Widget } from '@lumino/widgets';
 import { ClusterClient } from './client';
 import {
   formatBytes,
+  formatBytesPair,
   formatPercent,
   formatResources,
   nodeLabel,
@@ -54,7 +55,7 @@ export function h(
 }
 
 const SVG_NS = 'http://www.w3.org/2000/svg';
-const SPARK_W = 60;
+const SPARK_W = 48;
 const SPARK_H = 16;
 
 function sparkline(values: number[], label: string): SVGSVGElement {
@@ -72,35 +73,38 @@ function sparkline(values: number[], label: string): SVGSVGElement {
   return svg;
 }
 
-function bar(percent: number, label: string): HTMLElement {
+function bar(percent: number, label: string, detail: string): HTMLElement {
   const level = percent >= 90 ? 'high' : percent >= 70 ? 'mid' : 'low';
   return h(
     'div',
     {
       class: 'nbc-bar',
       role: 'meter',
+      title: detail ? `${label}: ${detail}` : label,
       'aria-label': label,
       'aria-valuemin': '0',
       'aria-valuemax': '100',
       'aria-valuenow': String(Math.round(percent))
     },
-    h('div', { class: `nbc-bar-fill nbc-level-${level}`, style: `width: ${percent.toFixed(1)}%` })
+    h('div', { class: `nbc-bar-fill nbc-level-${level}`, style: `width: ${percent.toFixed(1)}%` }),
+    detail ? h('span', { class: 'nbc-bar-text' }, detail) : null
   );
 }
 
+/** One gauge: label, bar (with `detail` written over it), percentage, sparkline. */
 function metricRow(
   kind: string,
   label: string,
   percent: number,
-  text: string,
+  detail: string,
   history: number[]
 ): HTMLElement {
   return h(
     'div',
     { class: 'nbc-metric', 'data-metric': kind },
     h('span', { class: 'nbc-metric-label', title: label }, label),
-    bar(percent, label),
-    h('span', { class: 'nbc-metric-value' }, text),
+    bar(percent, label, detail),
+    h('span', { class: 'nbc-metric-value' }, formatPercent(percent)),
     sparkline(history, label)
   );
 }
@@ -114,7 +118,7 @@ function renderNode(node: INode, history: IMetrics[]): HTMLElement {
         'cpu',
         'CPU',
         m.cpu_percent,
-        formatPercent(m.cpu_percent),
+        '',
         history.map(s => s.cpu_percent)
       )
     );
@@ -124,7 +128,7 @@ function renderNode(node: INode, history: IMetrics[]): HTMLElement {
         'memory',
         'Mem',
         memPct,
-        `${formatBytes(m.memory_used)} / ${formatBytes(m.memory_total)}`,
+        formatBytesPair(m.memory_used, m.memory_total),
         history.map(s => ratioPercent(s.memory_used, s.memory_total))
       )
     );
@@ -138,16 +142,16 @@ function renderNode(node: INode, history: IMetrics[]): HTMLElement {
         ),
         metricRow(
           `gpu${gpu.index}-util`,
-          `GPU${gpu.index}`,
+          'util',
           gpu.utilization,
-          formatPercent(gpu.utilization),
+          '',
           gpuHistory.map(g => g?.utilization ?? 0)
         ),
         metricRow(
           `gpu${gpu.index}-memory`,
-          `VRAM${gpu.index}`,
+          'mem',
           ratioPercent(gpu.memory_used, gpu.memory_total),
-          `${formatBytes(gpu.memory_used)} / ${formatBytes(gpu.memory_total)}`,
+          formatBytesPair(gpu.memory_used, gpu.memory_total),
           gpuHistory.map(g => (g ? ratioPercent(g.memory_used, g.memory_total) : 0))
         )
       );
@@ -233,9 +237,13 @@ export class ClusterPanel extends Widget {
     super.dispose();
   }
 
-  /** Coalesce bursts of messages into one redraw per frame. */
+  protected onAfterShow(): void {
+    this._render(this._client.state);
+  }
+
+  /** Coalesce bursts of messages into one redraw per frame; none while hidden. */
   private _schedule(): void {
-    if (this._frame !== null) {
+    if (this._frame !== null || !this.isVisible) {
       return;
     }
     this._frame = requestAnimationFrame(() => {
@@ -291,43 +299,49 @@ export class ClusterPanel extends Widget {
     );
   }
 
-  private _renderTasks(state: IClusterState, connected: boolean): void {
-    const tasks = visibleTasks(state);
-    const rows = tasks.map(task => this._taskRow(task, state, connected));
-    this._tasks.replaceChildren(
-      h('h3', {}, `Tasks (${tasks.length})`),
-      tasks.length === 0
-        ? h('div', { class: 'nbc-muted' }, 'No running or queued tasks.')
+  /** A table of rows under a heading, or a muted line when there are none. */
+  private _table(title: string, head: string, empty: string, rows: HTMLElement[]): HTMLElement[] {
+    return [
+      h('h3', {}, title),
+      rows.length === 0
+        ? h('div', { class: 'nbc-muted' }, empty)
         : h(
             'table',
             { class: 'nbc-table' },
             h(
               'thead',
               {},
-              h(
-                'tr',
-                {},
-                h('th', {}, 'Task'),
-                h('th', {}, 'State'),
-                h('th', {}, 'Notebook'),
-                h('th', {}, '')
-              )
+              h('tr', {}, h('th', {}, head), h('th', {}, 'State'), h('th', {}, ''))
             ),
             h('tbody', {}, ...rows)
           )
+    ];
+  }
+
+  private _renderTasks(state: IClusterState, connected: boolean): void {
+    const tasks = visibleTasks(state);
+    this._tasks.replaceChildren(
+      ...this._table(
+        `Tasks (${tasks.length})`,
+        'Task · notebook',
+        'No running or queued tasks.',
+        tasks.map(task => this._taskRow(task, state, connected))
+      )
     );
   }
 
   private _taskRow(task: ITask, state: IClusterState, connected: boolean): HTMLElement {
     const node = task.node_id ? state.nodes[task.node_id] : undefined;
-    const where =
+    const owner = ownerLabel(task.owner);
+    // An infeasible task says which resource no node has, in place of the node it runs on.
+    const sub =
       task.state === 'infeasible'
         ? h(
-            'span',
-            { class: 'nbc-infeasible' },
-            `infeasible: no node has ${task.missing ?? 'the resources'}`
+            'div',
+            { class: 'nbc-sub nbc-infeasible' },
+            `no node has ${task.missing ?? 'the resources'} · ${owner}`
           )
-        : h('span', { class: `nbc-badge nbc-task-${task.state}` }, task.state);
+        : h('div', { class: 'nbc-sub' }, node ? `${owner} · ${node.name}` : owner);
     const cancel = h(
       'button',
       { class: 'nbc-button', type: 'button', title: `Cancel task ${task.task_id}` },
@@ -343,14 +357,15 @@ export class ClusterPanel extends Widget {
         {
           title:
             `${task.task_id}\n${formatResources(task.resources)}` +
+            (task.owner?.notebook ? `\n${task.owner.notebook}` : '') +
             (node ? `\non ${node.name}` : '') +
             (task.started_at ? `\nstarted ${clock(task.started_at)}` : '')
         },
-        task.name
+        h('div', { class: 'nbc-name' }, task.name),
+        sub
       ),
-      h('td', {}, where),
-      h('td', { title: task.owner?.notebook ?? '' }, ownerLabel(task.owner)),
-      h('td', {}, cancel)
+      h('td', {}, h('span', { class: `nbc-badge nbc-task-${task.state}` }, task.state)),
+      h('td', { class: 'nbc-action' }, cancel)
     );
   }
 
@@ -358,32 +373,19 @@ export class ClusterPanel extends Widget {
     const actors = visibleActors(state);
     const live = actors.filter(a => a.state !== 'dead').length;
     this._actors.replaceChildren(
-      h('h3', {}, `Actors (${live})`),
-      actors.length === 0
-        ? h('div', { class: 'nbc-muted' }, 'No actors.')
-        : h(
-            'table',
-            { class: 'nbc-table' },
-            h(
-              'thead',
-              {},
-              h(
-                'tr',
-                {},
-                h('th', {}, 'Actor'),
-                h('th', {}, 'State'),
-                h('th', {}, 'Notebook'),
-                h('th', {}, '')
-              )
-            ),
-            h('tbody', {}, ...actors.map(actor => this._actorRow(actor, state, connected)))
-          )
+      ...this._table(
+        `Actors (${live})`,
+        'Actor · notebook',
+        'No actors.',
+        actors.map(actor => this._actorRow(actor, state, connected))
+      )
     );
   }
 
   private _actorRow(actor: IActor, state: IClusterState, connected: boolean): HTMLElement {
     const node = actor.node_id ? state.nodes[actor.node_id] : undefined;
     const label = actor.name ? `${actor.class_name} "${actor.name}"` : actor.class_name;
+    const owner = ownerLabel(actor.owner);
     let action: Child = null;
     if (actor.state !== 'dead') {
       const kill = h(
@@ -403,15 +405,20 @@ export class ClusterPanel extends Widget {
         {
           title:
             `${actor.actor_id}\n${formatResources(actor.resources)}` +
+            (actor.owner?.notebook ? `\n${actor.owner.notebook}` : '') +
             (node ? `\non ${node.name}` : '') +
             (actor.pid ? ` (pid ${actor.pid})` : '') +
             (actor.detached ? '\ndetached' : '')
         },
-        label
+        h('div', { class: 'nbc-name' }, label),
+        h(
+          'div',
+          { class: 'nbc-sub' },
+          [owner, node?.name, actor.detached ? 'detached' : ''].filter(Boolean).join(' · ')
+        )
       ),
       h('td', {}, h('span', { class: `nbc-badge nbc-actor-${actor.state}` }, actor.state)),
-      h('td', { title: actor.owner?.notebook ?? '' }, ownerLabel(actor.owner)),
-      h('td', {}, action)
+      h('td', { class: 'nbc-action' }, action)
     );
   }
 

@@ -5,6 +5,7 @@ import {
   DEFAULT_BACKOFF,
   formatAmount,
   formatBytes,
+  formatBytesPair,
   formatDuration,
   formatPercent,
   formatResources,
@@ -106,5 +107,16 @@ describe('backoffDelay', () => {
     expect(backoffDelay(0, DEFAULT_BACKOFF, () => 0.999999)).toBe(600);
     expect(backoffDelay(20, DEFAULT_BACKOFF, () => 0.999999)).toBe(10000);
     expect(backoffDelay(20, DEFAULT_BACKOFF, () => 0)).toBe(8000);
+  });
+});
+
+describe('formatBytesPair', () => {
+  it('writes used/total in the unit of the total', () => {
+    expect(formatBytesPair(1.4 * 1024 ** 3, 24 * 1024 ** 3)).toBe('1.4/24 GiB');
+    expect(formatBytesPair(20 * 1024 ** 3, 80 * 1024 ** 3)).toBe('20/80 GiB');
+    expect(formatBytesPair(512 * 1024 ** 2, 2 * 1024 ** 3)).toBe('0.5/2 GiB');
+    expect(formatBytesPair(10, 100)).toBe('10/100 B');
+    expect(formatBytesPair(1, 0)).toBe('1 B/0 B');
+    expect(formatBytesPair(NaN, 1)).toBe('–/1 B');
   });
 });

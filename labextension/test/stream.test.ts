@@ -1,4 +1,4 @@
-import { describe, expect, it } from 'vitest';
+import { beforeEach, describe, expect, it, vi } from 'vitest';
 
 import type { ServerMessage } from '../src/model';
 import { EventStream, ISocketLike } from '../src/stream';
@@ -64,6 +64,10 @@ function harness() {
 }
 
 describe('EventStream', () => {
+  beforeEach(() => {
+    vi.spyOn(console, 'warn').mockImplementation(() => undefined); // expected drops
+  });
+
   it('connects, delivers messages and reports connected on the snapshot', () => {
     const h = harness();
     h.stream.start();

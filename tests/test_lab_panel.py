@@ -1,0 +1,420 @@
+"""The JupyterLab "Cluster" panel in a real browser.
+
+A real ``jupyter lab`` (under a non-root ``base_url``, as behind JupyterHub) hosts the cluster;
+headless Debian Chromium driven by Playwright opens the panel; a notebook kernel started through
+the server starts an actor and tasks, which must show up in the panel; the panel kills and
+cancels them (confirm dialog); a server restart shows the disconnected state and the panel
+reconnects on its own. Screenshots go to ``docs/img/`` (``docs/jupyterlab.md`` uses them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.conftest import ROOT, wait_until
+from tests.jupyter_helpers import START_TIMEOUT_S, JupyterServer, free_port
+
+CHROMIUM = os.environ.get("NBCLUSTER_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+LABEXTENSION = ROOT / "nbcluster" / "labextension"
+IMG = ROOT / "docs" / "img"
+BASE_URL = "/user/t/"
+NOTEBOOK = "work/panel_demo.ipynb"
+UI_TIMEOUT_MS = 60_000  # a 2-core CI box running other tests loads JupyterLab slowly
+
+T = TypeVar("T")
+
+pytestmark = pytest.mark.timeout(600)
+
+try:
+    from playwright.sync_api import Page, expect, sync_playwright
+except ImportError:  # pragma: no cover - the test extra installs it
+    sync_playwright = None  # type: ignore[assignment]
+
+
+def _skip_reason() -> str | None:
+    if sync_playwright is None:
+        return "playwright is not installed (pip install -e .[test])"
+    if not Path(CHROMIUM).exists():
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)"
+    if not (LABEXTENSION / "package.json").exists():
+        return "the lab extension is not built (cd labextension && jlpm install && jlpm build:prod)"
+    return None
+
+
+if (_reason := _skip_reason()) is not None:
+    pytestmark = [pytestmark, pytest.mark.skip(reason=_reason)]
+
+
+class Lab:
+    """A ``jupyter lab`` subprocess that can be stopped and started again on the same port."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        self.root = tmp / "root"
+        self.runtime = tmp / "runtime"
+        for d in (self.root, self.runtime, tmp / "config", tmp / "data" / "labextensions"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.runtime.chmod(0o700)
+        self.gpu_file = tmp / "gpus.json"
+        self.set_gpu(utilization=0, memory_used=0)
+        # The freshly built panel, whatever copy an earlier `pip install` left in sys.prefix.
+        (tmp / "data" / "labextensions" / "nbcluster").symlink_to(LABEXTENSION)
+        cfg = {
+            "ServerApp": {
+                "port": self.port,
+                "ip": "127.0.0.1",
+                "open_browser": False,
+                "root_dir": str(self.root),
+                "base_url": BASE_URL,
+                "port_retries": 0,
+                "allow_unauthenticated_access": False,
+                "jpserver_extensions": {"nbcluster.jupyter": True, "jupyterlab": True},
+            },
+            "IdentityProvider": {"token": self.token},
+            "LabApp": {
+                "news_url": None,
+                "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+            },
+            "NbclusterApp": {"port": 0, "num_cpus": 2},
+        }
+        (tmp / "config" / "jupyter_server_config.json").write_text(json.dumps(cfg))
+        # No "get Jupyter news?" toast over the panel, no update check (no network in CI).
+        notification = tmp / "settings" / "@jupyterlab" / "apputils-extension"
+        notification.mkdir(parents=True, exist_ok=True)
+        (notification / "notification.jupyterlab-settings").write_text(
+            json.dumps({"fetchNews": "false", "checkForUpdates": False})
+        )
+        self.env = dict(os.environ)
+        for k in ("NBCLUSTER_ADDRESS", "NBCLUSTER_TOKEN_FILE", "NBCLUSTER_TOKEN"):
+            self.env.pop(k, None)
+        self.env.update(
+            {
+                "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+                "JUPYTER_RUNTIME_DIR": str(self.runtime),
+                "JUPYTER_DATA_DIR": str(tmp / "data"),
+                "JUPYTERLAB_SETTINGS_DIR": str(tmp / "settings"),
+                "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "workspaces"),
+                "JUPYTER_PLATFORM_DIRS": "1",
+                "PYTHONUNBUFFERED": "1",
+                # One fake GPU (no NVIDIA driver here): the panel's GPU gauges get figures.
+                "NBCLUSTER_NVML_MODULE": "nbcluster.testing.fake_nvml",
+                "NBCLUSTER_FAKE_NVML": str(self.gpu_file),
+            }
+        )
+        self.log_path = tmp / "lab.log"
+        self.server: JupyterServer | None = None
+
+    def set_gpu(self, utilization: float, memory_used: int) -> None:
+        """What the fake GPU reports from now on (the agent re-reads the file every sample)."""
+        gpu = {
+            "name": "NVIDIA H100 80GB HBM3",
+            "utilization": utilization,
+            "memory_used": memory_used,
+            "memory_total": 80 * 2**30,
+        }
+        tmp = self.gpu_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([gpu]))
+        tmp.replace(self.gpu_file)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{BASE_URL}"
+
+    def start(self) -> JupyterServer:
+        with open(self.log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                cwd=self.root,
+                start_new_session=True,
+            )
+        srv = JupyterServer(self.url, self.token, self.root, self.runtime, self.log_path, proc)
+        self.server = srv
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"jupyter lab exited ({proc.returncode}):\n{srv.log()}")
+            try:
+                status, body = srv.request("GET", "nbcluster/api/cluster", timeout=5)
+                if status == 200 and any(n["alive"] for n in body["nodes"]):
+                    return srv
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                srv.stop()
+                raise AssertionError(f"jupyter lab not ready in {START_TIMEOUT_S} s:\n{srv.log()}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    lab = Lab(tmp_path_factory.mktemp("lab"))
+    lab.start()
+    yield lab
+    lab.stop()
+
+
+@pytest.fixture(scope="module")
+def page(lab: Lab) -> Iterator[Page]:
+    assert sync_playwright is not None
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1360, "height": 860})
+            page = context.new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{lab.url}lab?token={lab.token}", timeout=UI_TIMEOUT_MS * 2)
+            page.locator(".nbc-status").wait_for(timeout=UI_TIMEOUT_MS * 2)
+            yield page
+            nbc_errors = [e for e in errors if "nbcluster" in e or "nbc-" in e]
+            assert not nbc_errors, nbc_errors
+        finally:
+            browser.close()
+
+
+def _open_panel(page: Page) -> None:
+    panel = page.locator("#nbcluster-panel")
+    if not panel.is_visible():
+        page.locator('.jp-SideBar [data-id="nbcluster-panel"]').click()
+    expect(panel).to_be_visible()
+
+
+def _confirm(page: Page, button: str) -> None:
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog).to_be_visible()
+    dialog.get_by_role("button", name=button, exact=True).click()
+    expect(dialog).to_have_count(0)
+
+
+def _actors(lab: Lab) -> list[dict[str, Any]]:
+    assert lab.server is not None
+    return list(lab.server.get("nbcluster/api/actors")["actors"])
+
+
+def _off_loop(fn: Callable[..., T], *args: Any, timeout: float = 120.0) -> T:
+    """Run ``fn`` in a thread: the kernel helpers use asyncio.run, and Playwright's sync API
+    keeps an event loop running in this one."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result(timeout)
+
+
+def _widen_sidebar(page: Page, width: float = 420) -> None:
+    """Drag the left sidebar's edge so that the pictures show the tables uncut."""
+    handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle").first
+    box = handle.bounding_box()
+    panel = page.locator("#nbcluster-panel").bounding_box()
+    assert box is not None and panel is not None
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + width - panel["width"], y, steps=5)
+    page.mouse.up()
+
+
+def _screenshot(page: Page, name: str) -> None:
+    IMG.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(IMG / name))
+
+
+def test_panel_shows_the_local_node(lab: Lab, page: Page) -> None:
+    _open_panel(page)
+    node = page.locator(".nbc-node").first
+    expect(node).to_be_visible()
+    expect(node.locator(".nbc-node-name")).to_contain_text(socket.gethostname())
+    expect(node.locator(".nbc-badge")).to_have_text("alive")
+    expect(node.locator('[data-resource="CPU"]')).to_have_text(re.compile(r"CPU [0-9.]+/2$"))
+    # Live metrics: bars and a sparkline that grows as samples arrive.
+    expect(node.locator('[data-metric="cpu"] .nbc-bar')).to_be_visible()
+    expect(node.locator('[data-metric="memory"] .nbc-bar-text')).to_contain_text(" GiB")
+    expect(node.locator(".nbc-gpu-name")).to_contain_text("NVIDIA H100")
+    lab.set_gpu(utilization=73, memory_used=20 * 2**30)
+    expect(node.locator('[data-metric="gpu0-util"] .nbc-metric-value')).to_have_text("73%")
+    expect(node.locator('[data-metric="gpu0-memory"] .nbc-bar-text')).to_have_text("20/80 GiB")
+    wait_until(
+        lambda: (
+            len(
+                (node.locator('[data-metric="cpu"] polyline').get_attribute("points") or "").split()
+            )
+            >= 3
+        ),
+        timeout=30,
+        interval=0.5,
+    )
+    expect(page.locator(".nbc-status")).to_have_text(
+        re.compile(r"^nbcluster: 1 node · CPUs [0-9.]+/2 · GPUs 0/1$")
+    )
+
+
+def test_actor_from_a_notebook_appears_and_is_killed_from_the_panel(lab: Lab, page: Page) -> None:
+    assert lab.server is not None
+    kernel = _off_loop(lab.server.start_kernel, NOTEBOOK)
+    _off_loop(
+        kernel.execute,
+        "import time\n"
+        "import nbcluster as nb\n"
+        "nb.init()\n"
+        "@nb.remote(num_gpus=1)\n"
+        "class Counter:\n"
+        "    def __init__(self):\n"
+        "        self.n = 0\n"
+        "    def incr(self):\n"
+        "        self.n += 1\n"
+        "        return self.n\n"
+        "@nb.remote(num_cpus=1)\n"
+        "def train(seconds):\n"
+        "    time.sleep(seconds)\n"
+        "@nb.remote(num_gpus=2)\n"
+        "def embed():\n"
+        "    return 1\n"
+        "counter = Counter.options(name='panel_counter').remote()\n"
+        "print(nb.get(counter.incr.remote(), timeout=60))\n"
+        "slow = train.remote(300)\n"
+        "stuck = embed.remote()\n",
+    ).raise_for_error()
+    _open_panel(page)
+
+    actor_row = page.locator("#nbcluster-panel tr[data-actor-id]", has_text="Counter")
+    expect(actor_row).to_have_attribute("data-state", "alive")
+    expect(actor_row).to_contain_text('"panel_counter"')
+    expect(actor_row).to_contain_text("panel_demo.ipynb")  # the owning notebook
+    running = page.locator('#nbcluster-panel tr[data-task-id][data-state="running"]')
+    expect(running).to_contain_text("train")
+    expect(running).to_contain_text("panel_demo.ipynb")
+    infeasible = page.locator('#nbcluster-panel tr[data-task-id][data-state="infeasible"]')
+    expect(infeasible).to_contain_text("embed")
+    expect(infeasible.locator(".nbc-infeasible")).to_contain_text("no node has GPU")
+    expect(page.locator(".nbc-status")).to_contain_text("GPUs 1/1")
+    lab.set_gpu(utilization=91, memory_used=61 * 2**30)
+    _widen_sidebar(page)
+    page.wait_for_timeout(3000)  # let the sparklines and bars move for the picture
+    _screenshot(page, "panel.png")
+
+    # Cancel the running task from the panel; Keep first, to see the dialog guards it.
+    running.get_by_role("button", name="Cancel").click()
+    _confirm(page, "Keep")
+    expect(running).to_have_count(1)
+    running.get_by_role("button", name="Cancel").click()
+    _confirm(page, "Cancel task")
+    expect(page.locator("#nbcluster-panel tr[data-task-id]", has_text="train")).to_have_count(0)
+    infeasible.get_by_role("button", name="Cancel").click()
+    _confirm(page, "Cancel task")
+    expect(page.locator("#nbcluster-panel tr[data-task-id]")).to_have_count(0)
+    r = _off_loop(
+        kernel.execute,
+        "for ref in (slow, stuck):\n"
+        "    try:\n"
+        "        nb.get(ref, timeout=30)\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__)\n",
+    ).raise_for_error()
+    assert r.stdout.split() == ["TaskCancelledError", "TaskCancelledError"], r.stdout
+
+    # Kill the actor from the panel.
+    actor_row.get_by_role("button", name="Kill").click()
+    _confirm(page, "Kill")
+    expect(actor_row).to_have_attribute("data-state", "dead")
+    expect(actor_row.get_by_role("button", name="Kill")).to_have_count(0)
+    expect(page.locator("#nbcluster-panel .nbc-actors h3")).to_have_text("Actors (0)")
+    assert [a["state"] for a in _actors(lab) if a["name"] == "panel_counter"] == ["dead"]
+    r = _off_loop(
+        kernel.execute,
+        "try:\n"
+        "    nb.get(counter.incr.remote(), timeout=30)\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__)\n",
+    ).raise_for_error()
+    assert "ActorDiedError" in r.stdout, r.stdout
+    _off_loop(kernel.shutdown)
+
+
+def test_dark_theme(lab: Lab, page: Page) -> None:
+    assert lab.server is not None
+    status, body = lab.server.request(
+        "PUT",
+        "lab/api/settings/@jupyterlab/apputils-extension:themes",
+        {"raw": json.dumps({"theme": "JupyterLab Dark"})},
+    )
+    assert status == 204, (status, body)
+    try:
+        page.reload()
+        page.locator(".nbc-status").wait_for()
+        expect(page.locator("body")).to_have_attribute("data-jp-theme-light", "false")
+        _open_panel(page)
+        expect(page.locator(".nbc-node").first).to_be_visible()
+        # The panel takes its colours from the theme: dark background, light text.
+        bg = page.locator("#nbcluster-panel").evaluate("e => getComputedStyle(e).backgroundColor")
+        rgb = [int(x) for x in bg[bg.index("(") + 1 : bg.index(")")].split(",")[:3]]
+        assert sum(rgb) < 3 * 100, bg
+        page.wait_for_timeout(1000)
+        _screenshot(page, "panel-dark.png")
+    finally:
+        lab.server.request(
+            "PUT",
+            "lab/api/settings/@jupyterlab/apputils-extension:themes",
+            {"raw": json.dumps({"theme": "JupyterLab Light"})},
+        )
+
+
+def test_reconnects_after_a_server_restart(lab: Lab, page: Page) -> None:
+    _open_panel(page)
+    expect(page.locator(".nbc-node")).to_have_count(1)
+    lab.stop()
+    banner = page.locator("#nbcluster-panel .nbc-banner")
+    expect(banner).to_contain_text("Disconnected — reconnecting")
+    expect(page.locator(".nbc-status")).to_have_text("nbcluster: disconnected — reconnecting")
+    lab.start()
+    expect(banner).to_be_hidden(timeout=UI_TIMEOUT_MS)
+    expect(page.locator(".nbc-node .nbc-badge").first).to_have_text("alive")
+    expect(page.locator(".nbc-status")).to_contain_text("nbcluster: 1 node")
+
+
+def test_no_leftover_processes(lab: Lab) -> None:
+    assert lab.server is not None
+    pids = lab.server.stop()
+    lab.server = None
+    wait_until(lambda: all(not _alive(p) for p in pids), timeout=30, interval=0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
