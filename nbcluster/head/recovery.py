@@ -59,6 +59,7 @@ _ACTOR_FIELDS = (
     "no_restart",
     "death_reason",
     "created_at",
+    "strategy",
 )
 
 
