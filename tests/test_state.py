@@ -333,6 +333,10 @@ def test_spread_starts_workers_on_different_nodes() -> None:
     for i in range(3):
         started += [x[1] for x in st.request_lease(A, "j", i, {"CPU": 1}, "f", SPREAD)]
     assert sorted(started) == sorted(nodes)
+    # Waiting requests stay with their node: later passes start nothing more.
+    for _ in range(5):
+        assert st.schedule() == []
+    assert {r.waiting_on for r in st.pending} == set(nodes)
 
 
 def test_default_does_not_queue_everything_on_one_full_node() -> None:

@@ -531,15 +531,16 @@ class ClusterState:
             if spec.get("soft"):
                 return self._default_order(req, alive), None
             return [], _affinity_error(req, str(spec.get("node")), target)
+        if kind == "spread":
+            order = self._spread_order(alive, plan)
+        else:
+            order = self._default_order(req, alive)
+            best = self._locality_node(req, alive)
+            if best is not None:
+                order = [best, *(n for n in order if n is not best)]
         waited = self.nodes.get(req.waiting_on or "")
         if waited is not None and waited.alive:
-            return [waited, *(n for n in self._default_order(req, alive) if n is not waited)], None
-        if kind == "spread":
-            return self._spread_order(alive, plan), None
-        order = self._default_order(req, alive)
-        best = self._locality_node(req, alive)
-        if best is not None:
-            order = [best, *(n for n in order if n is not best)]
+            order = [waited, *(n for n in order if n is not waited)]
         return order, None
 
     def _default_order(self, req: LeaseRequest, nodes: list[NodeInfo]) -> list[NodeInfo]:
