@@ -32,6 +32,9 @@ _WILDCARDS = ("0.0.0.0", "", "*", "::")
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # As ZeroMQ binds: a port whose old connections linger in TIME_WAIT (the previous
+        # server's head) is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host if host not in _WILDCARDS else "", port))
         except OSError:
