@@ -283,6 +283,8 @@ def test_consumer_runs_where_its_large_argument_lives(three_nodes: dict[str, str
         return nb.get_runtime_context().get_node_id(), float(arr.sum())
 
     for name in ("box-b", "gpu-box", "box-a"):
+        # Idle leases of earlier tasks are returned within a second: then X has room for both.
+        wait_until(lambda: nb.available_resources().get("CPU") == 6.0, timeout=TIMEOUT)
         node_id = three_nodes[name]
         on_x = NodeAffinitySchedulingStrategy(node_id)
         big = produce.options(scheduling_strategy=on_x).remote()
