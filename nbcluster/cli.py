@@ -1,10 +1,11 @@
-"""Command-line entry points: ``nbcluster`` (head, status, demo) and ``nbcluster-worker``."""
+"""Command-line entry points: ``nbcluster`` (head, status, demo, lab) and ``nbcluster-worker``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,11 +88,40 @@ def format_nodes(nodes: list[dict[str, object]]) -> str:
     )
 
 
+def _cmd_lab(argv: list[str]) -> int:
+    """``jupyter lab`` with the nbcluster server extension on (even if not enabled globally).
+
+    The first argument not starting with ``-`` is the notebook directory (default: ./notebooks
+    if it exists); the others go to JupyterLab (``--port 8889``, ``--no-browser``...).
+    """
+    dirs = [a for a in argv if not a.startswith("-")][:1]
+    rest = [a for a in argv if a not in dirs]
+    directory = dirs[0] if dirs else ("notebooks" if Path("notebooks").is_dir() else ".")
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        f"--ServerApp.root_dir={directory}",
+        "--ServerApp.jpserver_extensions=nbcluster.jupyter=True",
+        *rest,
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # e.g. in a container
+    if os.name == "posix":
+        os.execv(sys.executable, cmd)  # become JupyterLab: signals (Ctrl-C, SIGTERM) reach it
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:  # JupyterLab got the Ctrl-C too and shuts down by itself
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """``nbcluster``: run a head, show cluster status, or run the demo."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
         return worker_main(argv[1:])
+    if argv[:1] == ["lab"] and not {"-h", "--help"} & set(argv):
+        return _cmd_lab(argv[1:])
     p = argparse.ArgumentParser(prog="nbcluster", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("head", help="run a standalone head")
@@ -102,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--address")
     s.add_argument("--token-file")
     sub.add_parser("demo", help="run the examples on a local cluster and print their results")
+    lab = sub.add_parser(
+        "lab", help="open JupyterLab with the cluster running (in its server) and the notebooks"
+    )
+    lab.add_argument(
+        "directory", nargs="?", help="where the notebooks are (default: ./notebooks if it exists)"
+    )
+    lab.add_argument("jupyterlab_options", nargs="*", help="passed on to JupyterLab")
     sub.add_parser("worker", help="same as nbcluster-worker")
     args = p.parse_args(argv)
     if args.cmd == "head":

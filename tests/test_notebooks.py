@@ -90,3 +90,57 @@ def _cpus_free(srv: JupyterServer) -> float:
 def _started_by(p: Any, tmp_path: Path) -> bool:
     cmd = " ".join(p.info.get("cmdline") or [])
     return "nbcluster" in cmd and "worker" in cmd and "--node-name" in cmd and "sim" in cmd
+
+
+def test_nbcluster_lab_opens_the_notebooks_with_the_cluster_running(tmp_path: Path) -> None:
+    """The README's main command: JupyterLab serving the notebooks, the cluster in its server."""
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.jupyter_helpers import free_port
+
+    notebooks = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", notebooks)
+    port, token = free_port(), "labtest"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NBCLUSTER_")}
+    for d in ("runtime", "config", "data"):
+        (tmp_path / d).mkdir()
+        env[f"JUPYTER_{d.upper()}_DIR"] = str(tmp_path / d)
+    (tmp_path / "runtime").chmod(0o700)
+    args = ["--no-browser", f"--port={port}", f"--IdentityProvider.token={token}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbcluster", "lab", *args, "--NbclusterApp.port=0"],
+        cwd=tmp_path,  # finds ./notebooks by itself
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def get(path: str) -> Any:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/{path}", headers={"Authorization": f"token {token}"}
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    def ready() -> bool:
+        try:
+            return any(n["alive"] for n in get("nbcluster/api/cluster")["nodes"])
+        except OSError:
+            return False
+
+    try:
+        wait_until(ready, timeout=120, interval=0.5)
+        names = {c["name"] for c in get("api/contents/")["content"]}
+        assert {p.name for p in NOTEBOOKS} <= names
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("nbcluster.agent" in " ".join(c.cmdline()) for c in children)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # reaches JupyterLab itself (the wrapper exec'd it)
+        proc.wait(60)
+    wait_until(lambda: all(not c.is_running() for c in children), timeout=30)

@@ -143,7 +143,7 @@ class _Bar:
     """A labelled bar: ``CPU [#####     ] 42%``."""
 
     def __init__(self, label: str) -> None:
-        self.label = w.Label(label, layout=w.Layout(width="70px"))
+        self.label = w.Label(label, layout=w.Layout(width="95px"))
         self.bar = w.FloatProgress(min=0.0, max=100.0, layout=w.Layout(width="160px"))
         self.text = w.Label(layout=w.Layout(width="170px"))
         self.box = w.HBox([self.label, self.bar, self.text])
