@@ -9,6 +9,7 @@ reconnects on its own. Screenshots go to ``docs/img/`` (``docs/jupyterlab.md`` u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,6 +41,7 @@ LABEXTENSION = ROOT / "nbcluster" / "labextension"
 IMG = ROOT / "docs" / "img"
 BASE_URL = "/user/t/"
 NOTEBOOK = "work/panel_demo.ipynb"
+DASHBOARD_NOTEBOOK = "work/dashboard.ipynb"
 UI_TIMEOUT_MS = 60_000  # a 2-core CI box running other tests loads JupyterLab slowly
 
 T = TypeVar("T")
@@ -276,6 +278,62 @@ def test_panel_shows_the_local_node(lab: Lab, page: Page) -> None:
     expect(page.locator(".nbc-status")).to_have_text(
         re.compile(r"^nbcluster: 1 node · CPUs [0-9.]+/2 · GPUs 0/1$")
     )
+
+
+def test_notebook_cell_run_in_the_browser_shows_the_dashboard(lab: Lab, page: Page) -> None:
+    """A notebook opened in JupyterLab and run from the browser; its widget is pictured."""
+    assert lab.server is not None
+    notebook = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "metadata": {},
+                "execution_count": None,
+                "outputs": [],
+                "source": "import nbcluster as nb\nnb.init()\nnb.dashboard()",
+            }
+        ],
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    (lab.root / DASHBOARD_NOTEBOOK).parent.mkdir(parents=True, exist_ok=True)
+    status, body = lab.server.request(
+        "PUT",
+        f"api/contents/{DASHBOARD_NOTEBOOK}",
+        {"type": "notebook", "format": "json", "content": notebook},
+    )
+    assert status in (200, 201), (status, body)
+    page.goto(f"{lab.url}lab/tree/{DASHBOARD_NOTEBOOK}", timeout=UI_TIMEOUT_MS * 2)
+    cell = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell").first
+    expect(cell).to_be_visible(timeout=UI_TIMEOUT_MS * 2)
+    # Run it from the toolbar once the kernel is up; a click that came too early is repeated.
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    run = panel.locator('.jp-Toolbar [data-command="notebook:run-cell-and-select-next"]')
+    output = cell.locator(".jp-OutputArea-output")
+    deadline = time.monotonic() + 3 * UI_TIMEOUT_MS / 1000
+    while output.count() == 0:
+        assert time.monotonic() < deadline, "the notebook cell never ran"
+        expect(panel.locator(".jp-Notebook-ExecutionIndicator")).to_have_attribute(
+            "data-status", "idle"
+        )
+        dialog = page.locator(".jp-Dialog")
+        if dialog.count():  # e.g. "Select Kernel" on a slow start: take the default
+            print("dialog over the notebook:", dialog.first.inner_text(), file=sys.stderr)
+            dialog.locator(".jp-mod-accept").first.click()
+        cell.locator(".jp-InputArea-prompt").click()
+        run.click()
+        with contextlib.suppress(AssertionError):
+            expect(output.first).to_be_visible(timeout=20_000)
+    expect(output.first).to_contain_text("node", timeout=UI_TIMEOUT_MS)
+    expect(output.first).to_contain_text(socket.gethostname())
+    _open_panel(page)
+    # The kernel's job shows in the panel as a driver; the dashboard is live.
+    page.wait_for_timeout(2000)
+    IMG.mkdir(parents=True, exist_ok=True)
+    cell.screenshot(path=str(IMG / "dashboard.png"))
 
 
 def test_actor_from_a_notebook_appears_and_is_killed_from_the_panel(lab: Lab, page: Page) -> None:
