@@ -50,6 +50,8 @@ pytestmark = pytest.mark.timeout(600)
 
 try:
     from playwright.sync_api import Page, expect, sync_playwright
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)  # its default, 5 s, is short for a busy CI box
 except ImportError:  # pragma: no cover - the test extra installs it
     sync_playwright = None  # type: ignore[assignment]
 
