@@ -25,8 +25,14 @@ def _cmd_head(args: argparse.Namespace) -> int:
     else:
         read_token_file(token_file)  # refuses group/world-readable files
     setup_logging("head")
+    state_file = args.state_file or str(token_file.with_name(f"head-{args.port}.state"))
     ns = argparse.Namespace(
-        host=args.host, port=args.port, token_file=str(token_file), parent_pid=0
+        host=args.host,
+        port=args.port,
+        token_file=str(token_file),
+        parent_pid=0,
+        state_file=state_file,
+        keep_nodes=args.keep_nodes,
     )
     print(
         f"nbcluster head starting on {args.host}:{args.port}\n"
@@ -54,38 +60,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
         or os.environ.get("NBCLUSTER_TOKEN_FILE")
         or (str(DEFAULT_TOKEN_FILE) if DEFAULT_TOKEN_FILE.exists() else None)
     )
+    from nbcluster.client import current
+    from nbcluster.status import status_report
+
     try:
         nb.init(address=address, token_file=token_file, log_to_driver=False)
-        print(format_nodes(nb.nodes()))
+        client = current.require()
+        print(
+            status_report(
+                client.query("cluster"), client.query("tasks"), client.query("actor_views")
+            )
+        )
     except nb.exceptions.NbclusterError as exc:
         print(f"nbcluster status: {exc}", file=sys.stderr)
         return 1
     finally:
         nb.shutdown()
     return 0
-
-
-def format_nodes(nodes: list[dict[str, object]]) -> str:
-    """A plain-text table of nodes and their resources."""
-    rows = [("NODE", "NAME", "STATE", "CPU (free/total)", "GPU (free/total)", "WORKERS")]
-    for n in nodes:
-        tot = n["resources_total"]
-        av = n["resources_available"]
-        assert isinstance(tot, dict) and isinstance(av, dict)
-        rows.append(
-            (
-                str(n["node_id"]),
-                str(n["name"]),
-                "alive" if n["alive"] else "dead",
-                f"{av.get('CPU', 0):g}/{tot.get('CPU', 0):g}",
-                f"{av.get('GPU', 0):g}/{tot.get('GPU', 0):g}",
-                str(n.get("workers", "")),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
 
 
 def _cmd_lab(argv: list[str]) -> int:
@@ -128,6 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--host", default="127.0.0.1")
     h.add_argument("--port", type=int, default=7711)
     h.add_argument("--token-file", help=f"cluster secret (default {DEFAULT_TOKEN_FILE})")
+    h.add_argument(
+        "--state-file",
+        help="restart snapshot (default: head-PORT.state beside the token file); a head started "
+        "again with the same one takes the cluster back: nodes, actors and drivers reconnect",
+    )
+    h.add_argument(
+        "--keep-nodes",
+        action="store_true",
+        help="on Ctrl-C/SIGTERM leave the node agents running for the next head (default: stop "
+        "them too)",
+    )
     s = sub.add_parser("status", help="nodes and resources of a running cluster")
     s.add_argument("--address")
     s.add_argument("--token-file")

@@ -53,6 +53,9 @@ class Counter:
     def where(self) -> tuple[str, int]:
         return nb.get_runtime_context().get_node_id(), os.getpid()
 
+    def quit(self) -> None:
+        nb.exit_actor()
+
 
 def test_dead_node_is_detected_and_its_work_moves(procs: Procs, tmp_path: Path) -> None:
     procs.start_head()
@@ -155,6 +158,11 @@ def test_head_restart_keeps_nodes_actors_and_running_tasks(procs: Procs, tmp_pat
     states = {x["actor_id"]: x["state"] for x in nb.actors()}
     assert states.get(counter._aid) == "ALIVE"
     nb.kill(named)
+    # The restarted head watches the actor's process: exit_actor() still ends it.
+    nb.get(counter.quit.remote(), timeout=30)
+    wait_until(lambda: all_gone([actor_pid]), timeout=15)
+    with pytest.raises(nb.exceptions.ActorDiedError):
+        nb.get(counter.incr.remote(), timeout=30)
     head_log = (tmp_path / "head.log").read_text()
     assert "restarted: waiting for 1 node(s), 2 actor(s), 1 job(s)" in head_log, head_log
 
@@ -196,3 +204,43 @@ def test_lost_results_are_rebuilt_and_lost_puts_raise(procs: Procs, tmp_path: Pa
     wait_until(lambda: any(not n["alive"] and n["name"] == "main" for n in nb.nodes()), 12)
     with pytest.raises(nb.exceptions.ObjectLostError, match="put"):
         nb.get(p, timeout=30)
+
+
+def test_status_command_lists_nodes_tasks_and_actors(procs: Procs, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    procs.start_head()
+    procs.join("box-a", "--num-cpus", "2", "--num-gpus", "1")
+    procs.join("box-b", "--num-cpus", "1", "--resources", '{"tpu": 4}')
+    nb.init(address=procs.address, token_file=str(procs.token_file))
+    counter = Counter.options(name="ctr").remote()
+    nb.get(counter.incr.remote(), timeout=30)
+    marker = tmp_path / "started"
+    ref = slow_where.remote(str(marker), 30.0)
+    wait_until(marker.exists, 30)
+
+    def status() -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "nbcluster", "status", "--address", procs.address],
+            env={**os.environ, "NBCLUSTER_TOKEN_FILE": str(procs.token_file)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def shows_task() -> str | None:
+        out = status()
+        return out if "slow_where" in out else None  # task events reach the head in batches
+
+    out = str(wait_until(shows_task, timeout=20))
+    assert "box-a" in out and "box-b" in out and "tpu 0/4" in out
+    assert "2 node(s)" in out
+    task_line = next(line for line in out.splitlines() if line.startswith("slow_where"))
+    assert "running" in task_line
+    actor_line = next(line for line in out.splitlines() if line.startswith("Counter"))
+    assert "ctr" in actor_line and "alive" in actor_line
+    assert procs.token_file.read_text().strip() not in out  # never the secret
+    nb.cancel(ref, force=True)

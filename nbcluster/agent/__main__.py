@@ -69,12 +69,20 @@ async def run_agent(args: argparse.Namespace) -> int:
         flush=True,
     )
     loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stopped.set)
+        loop.add_signal_handler(sig, signalled.set)
     watcher = None
     if args.parent_pid:
         watcher = asyncio.create_task(watch_parent(args.parent_pid, agent.stopped))
-    await agent.stopped.wait()
+    sig_t = asyncio.create_task(signalled.wait())
+    stop_t = asyncio.create_task(agent.stopped.wait())
+    await asyncio.wait([sig_t, stop_t], return_when=asyncio.FIRST_COMPLETED)
+    for t in (sig_t, stop_t):
+        t.cancel()
+    if signalled.is_set():
+        # Ctrl-C / SIGTERM: tell the head first, so that it reschedules our tasks and actors now.
+        await agent.drain()
     await agent.close()
     if watcher is not None:
         watcher.cancel()

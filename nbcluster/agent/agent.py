@@ -92,6 +92,8 @@ class NodeAgent:
         self.stopped = asyncio.Event()
         self._started_workers = 0
         self._prestarted = asyncio.Event()
+        self._workers: dict[str, dict[str, Any]] = {}  # ready workers, reported on rejoin
+        self._rejoining = False
         self._metrics = MetricsThread(1.0)  # psutil + NVML, off the event loop
 
     async def start(self) -> None:
@@ -103,28 +105,7 @@ class NodeAgent:
         )
         self._store_service.puller = ObjectPuller(self._transport, self.store)
         await wait_for_handshake(self._sock, self.head_address, timeout=30.0)
-        gpu_ids = [g["index"] for g in self.gpus]
-        ngpu = int(self.resources.get("GPU", 0))
-        if ngpu > len(gpu_ids):  # logical GPUs declared beyond the physical ones
-            gpu_ids = list(range(ngpu))
-        await self._send(
-            {
-                "k": Kind.REGISTER_NODE,
-                "v": PROTOCOL_VERSION,
-                "name": self.name,
-                "address": self.bind_host,
-                "resources": self.resources,
-                "gpu_ids": gpu_ids[:ngpu],
-                "pid": os.getpid(),
-                "prestart": self.prestart,
-                "info": {
-                    "gpus": self.gpus[:ngpu] if self.gpus else [],
-                    "store_address": self.store_address,
-                    "store_id": self.store_id,
-                    "object_store": self.store.stats(),
-                },
-            }
-        )
+        await self._send(self._register_msg())
         header, _ = decode(await asyncio.wait_for(self._sock.recv_multipart(), 30.0))
         if header["k"] == Kind.ERROR:
             raise ProtocolError(header.get("msg", "the head refused this node"))
@@ -134,6 +115,61 @@ class NodeAgent:
         self._spawn(self._heartbeat(), "agent-heartbeat")
         self._spawn(self._serve_store(), "agent-store")
         log.info("registered as %s with %s", self.node_id, self.resources)
+
+    def _register_msg(self) -> dict[str, Any]:
+        gpu_ids = [g["index"] for g in self.gpus]
+        ngpu = int(self.resources.get("GPU", 0))
+        if ngpu > len(gpu_ids):  # logical GPUs declared beyond the physical ones
+            gpu_ids = list(range(ngpu))
+        msg: dict[str, Any] = {
+            "k": Kind.REGISTER_NODE,
+            "v": PROTOCOL_VERSION,
+            "name": self.name,
+            "address": self.bind_host,
+            "resources": self.resources,
+            "gpu_ids": gpu_ids[:ngpu],
+            "pid": os.getpid(),
+            "prestart": self.prestart,
+            "info": {
+                "gpus": self.gpus[:ngpu] if self.gpus else [],
+                "store_address": self.store_address,
+                "store_id": self.store_id,
+                "object_store": self.store.stats(),
+            },
+        }
+        if self.node_id:
+            # Re-registering with a restarted head: what this node still runs.
+            msg["node_id"] = self.node_id
+            msg["workers"] = list(self._workers.values())
+        return msg
+
+    async def _rejoin(self) -> None:
+        """The head does not know us (it restarted, or declared us dead): register again."""
+        if self._rejoining or self.stopped.is_set():
+            return
+        self._rejoining = True
+        log.warning("the head does not know this node any more: registering again")
+        await self._send(self._register_msg())
+
+    async def _registered_again(self, h: dict[str, Any]) -> None:
+        self._rejoining = False
+        if h.get("fresh"):
+            # We were declared dead meanwhile: what ran here was retried elsewhere. Start over.
+            log.warning("rejoined as a new incarnation %s (was %s)", h["node_id"], self.node_id)
+            for wid in list(self._procs):
+                self._kill(wid)
+            self._workers.clear()
+            self._store_service.drop_all()
+        else:
+            log.info("re-registered %s with the restarted head", h["node_id"])
+        self.node_id = h["node_id"]
+
+    async def drain(self) -> None:
+        """Leave the cluster on purpose: the head reschedules what ran here right away."""
+        if self._sock is not None and self.node_id:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._send({"k": Kind.GOODBYE, "drain": True}), 2.0)
+                await asyncio.sleep(0.05)  # let the frame leave before the workers die
 
     async def wait_prestarted(self, timeout: float) -> bool:
         """Wait until the first ``prestart`` workers are up (so the first task need not wait)."""
@@ -202,6 +238,10 @@ class NodeAgent:
                 self.stopped.set()
             elif kind in (Kind.PONG,):
                 pass
+            elif kind == Kind.NODE_REGISTERED:
+                await self._registered_again(h)
+            elif kind == Kind.ERROR and h.get("code") == "nohello":
+                await self._rejoin()
             elif kind == Kind.ERROR:
                 log.error("head says: %s", h.get("msg"))
             else:
@@ -264,18 +304,18 @@ class NodeAgent:
                 }
             )
             return
-        await self._send(
-            {
-                "k": Kind.WORKER_READY,
-                "worker_id": worker_id,
-                "addr": parts[1],
-                "control_addr": parts[2],
-                "pid": proc.pid,
-            }
-        )
+        ready = {
+            "worker_id": worker_id,
+            "addr": parts[1],
+            "control_addr": parts[2],
+            "pid": proc.pid,
+        }
+        self._workers[worker_id] = ready
+        await self._send({"k": Kind.WORKER_READY, **ready})
         self._spawn(self._pump_stdout(worker_id, proc), "agent-pump")
         rc = await proc.wait()
         self._procs.pop(worker_id, None)
+        self._workers.pop(worker_id, None)
         if not self.stopped.is_set():
             await self._send(
                 {

@@ -26,6 +26,7 @@ import zmq
 from nbcluster import context
 from nbcluster.client.actors import ActorCalls, ActorRecord
 from nbcluster.client.events import owner_identity
+from nbcluster.client.lineage import MAX_RECONSTRUCTIONS, Lineage
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.submission import TaskSubmission
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
@@ -45,6 +46,7 @@ from nbcluster.protocol.security import derive_keys, token_from_environment
 from nbcluster.refs import ObjectRef
 from nbcluster.serialization import dumps, loads
 from nbcluster.store.client import StoreClient, is_stored
+from nbcluster.store.errors import ObjectStoreError
 from nbcluster.transport import Transport, wait_for_handshake
 
 log = logging.getLogger("nbcluster")
@@ -54,7 +56,7 @@ LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its
 HEARTBEAT_S = 1.0
 
 
-class CoreClient(TaskSubmission, ActorCalls):
+class CoreClient(TaskSubmission, ActorCalls, Lineage):
     """A connection to a cluster through which tasks are submitted and objects owned.
 
     Parameters
@@ -117,6 +119,10 @@ class CoreClient(TaskSubmission, ActorCalls):
         self.on_output: Callable[[str, str, Any], None] | None = None
         self.output_tag: Callable[[], Any] | None = None
         self._actors: dict[str, ActorRecord] = {}
+        self._init_lineage()
+        self._seen_nodes: set[str] = set()
+        self._hello: dict[str, Any] = {}  # what we said to the head, said again after it restarts
+        self._rejoining = False
         self.store: StoreClient | None = None
         self.objects.on_drop = self._entry_dropped
         self.namespace = namespace or ""
@@ -198,11 +204,15 @@ class CoreClient(TaskSubmission, ActorCalls):
                 hello["worker_id"] = self.worker_id
             else:
                 hello.update(owner_identity())  # the kernel and notebook, in Jupyter
+            self._hello = dict(hello)
             await self._head.send_multipart(encode(hello))
             h, _ = decode(await asyncio.wait_for(self._head.recv_multipart(), 30.0))
             if h["k"] == Kind.ERROR:
                 raise ProtocolError(h.get("msg", "the head refused the connection"))
             self.job_id = h["job_id"]
+            self._hello["job_id"] = self.job_id
+            if not self.worker_id and "job_id" not in hello:
+                self._hello["owns_job"] = True  # said again if the head restarts
             self._stop = asyncio.Event()
             for coro in (
                 self._read_head(),
@@ -261,6 +271,7 @@ class CoreClient(TaskSubmission, ActorCalls):
 
     def _entry_dropped(self, entry: Entry) -> None:
         """The last local use of an object is gone (any thread)."""
+        self._forget_lineage(entry.oid)
         if entry.owned:
             store = self.store
             if store is not None and entry.frames and is_stored(entry.frames):
@@ -347,7 +358,9 @@ class CoreClient(TaskSubmission, ActorCalls):
         elif kind == Kind.LEASE_GRANTED:
             self._on_grant(h)
         elif kind == Kind.LEASE_LOST:
-            self._on_lease_lost(h["lease_id"], h.get("reason", "worker died"))
+            self._on_lease_lost(
+                h["lease_id"], h.get("reason", "worker died"), free_retry=bool(h.get("drain"))
+            )
         elif kind == Kind.LEASE_FAILED:
             self._on_lease_failed(h["rid"], str(h.get("msg") or "no node can run it"))
         elif kind == Kind.LEASE_INFEASIBLE:
@@ -369,6 +382,12 @@ class CoreClient(TaskSubmission, ActorCalls):
                 fut.set_result(h["result"] if kind == Kind.QUERY_REPLY else h)
         elif kind == Kind.PONG:
             pass
+        elif kind == Kind.WELCOME:
+            self._rejoined()
+        elif kind == Kind.NODE_DIED:
+            self._do_node_died(str(h.get("store_id") or ""))
+        elif kind == Kind.ERROR and h.get("code") == "nohello":
+            self._rejoin()
         elif kind == Kind.TASK_CANCEL:  # from the Jupyter panel, through the head
             self._do_cancel(f"{h['tid']}.0", bool(h.get("force")))
         elif kind == Kind.ERROR:
@@ -379,6 +398,37 @@ class CoreClient(TaskSubmission, ActorCalls):
                 log.error("the head reports: %s", h.get("msg"))
         else:
             log.warning("unexpected message %r from the head", kind)
+
+    def _rejoin(self) -> None:
+        """The head does not know us: it restarted. Say hello again with what we hold."""
+        if self._rejoining or self._closing:
+            return
+        self._rejoining = True
+        log.warning("the nbcluster head restarted: reconnecting")
+        hello = {
+            **self._hello,
+            "rejoin": True,
+            "leases": [
+                {
+                    "lease_id": ls.lease_id,
+                    "worker_id": ls.worker_id,
+                    "shape": dict(ls.shape_key),
+                    "gpus": ls.gpus,
+                }
+                for ls in self._leases.values()
+            ],
+            "actors": list(self._actors),
+        }
+        send_nowait(self._head, encode(hello))
+
+    def _rejoined(self) -> None:
+        """The restarted head took us back: ask again for the leases we were waiting for."""
+        self._rejoining = False
+        for sc in self._classes.values():
+            for rid in sc.requests:
+                self._rid_class.pop(rid, None)
+            sc.requests.clear()
+            self._pump(sc)
 
     # ================================================================== loop: objects we own
     async def _serve_owner(self) -> None:
@@ -406,7 +456,9 @@ class CoreClient(TaskSubmission, ActorCalls):
                     sock,
                     [ident, *encode({"k": Kind.OBJECT, "oid": oid, "ok": False, "err": "lost"})],
                 )
-            elif entry.state == PENDING:
+            elif entry.state == PENDING or (self._is_lost(entry) and self._can_rebuild(oid)):
+                if entry.state != PENDING:
+                    self._do_reconstruct(oid)  # lost with its node: run its task again
                 self.objects.on_ready(oid, functools.partial(self._reply_object, ident))
             else:
                 self._reply_object(ident, entry)
@@ -510,13 +562,29 @@ class CoreClient(TaskSubmission, ActorCalls):
         finally:
             if blocked:
                 self._post("blocked", False)
-        return [self._value(ref) for ref in refs]
+        out = []
+        for ref in refs:
+            for _ in range(MAX_RECONSTRUCTIONS + 1):
+                try:
+                    out.append(self._value(ref))
+                    break
+                except (ObjectLostError, ObjectStoreError) as exc:
+                    e = self.objects.get(ref.hex())
+                    if e is None or not e.owned or e.state != READY or not is_stored(e.frames):
+                        raise
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    self._recover(ref, str(exc), left)
+            else:
+                raise self._lost_error(ref, "it was lost again each time it was rebuilt")
+        return out
 
     def _value(self, ref: ObjectRef) -> Any:
         e = self.objects.get(ref.hex())
         if e is None:
             raise OwnerDiedError(f"{ref!r} is not known here: its value was freed or lost")
         if e.state == READY:
+            if self._is_lost(e):
+                raise ObjectLostError("the node that stored it died")
             return loads(e.frames, self.store)
         if e.state == FAILED:
             err = loads(e.frames)

@@ -140,6 +140,17 @@ class ObjectTable:
         for cb in callbacks:
             cb(e)
 
+    def reset(self, oid: str) -> bool:
+        """Make a ready object pending again (it is being rebuilt); ``False`` if unknown."""
+        with self.lock:
+            e = self._entries.get(oid)
+            if e is None or e.state == PENDING:
+                return False
+            e.state = PENDING
+            e.frames = []
+            e.event = None
+            return True
+
     def on_ready(self, oid: str, cb: Callback) -> bool:
         """Run ``cb(entry)`` once the object is no longer pending.
 

@@ -68,6 +68,8 @@ class TaskSubmission:
     _conns: dict[str, WorkerConn]
     _by_tid: dict[str, TaskRecord]
     _producer: dict[str, TaskRecord]
+    _seen_nodes: set[str]
+    node_id: str
     store: StoreClient | None
     _tev: TaskEvents | None = None  # made on first use, on the I/O thread
 
@@ -85,6 +87,12 @@ class TaskSubmission:
         def _spawn(self, coro: Any) -> asyncio.Task[Any]: ...
         def new_id(self) -> str: ...
         async def _fetch(self, oid: str, owner: str) -> None: ...
+
+        # Lineage (nbcluster.client.lineage)
+        def _keep_lineage(self, rec: TaskRecord, parts: Any) -> bool: ...
+        def _is_lost(self, entry: Entry) -> bool: ...
+        def _can_rebuild(self, oid: str) -> bool: ...
+        def _do_reconstruct(self, oid: str) -> None: ...
 
     # ================================================================== submission (user thread)
     def submit(
@@ -206,7 +214,7 @@ class TaskSubmission:
             if entry is not None and entry.state == FAILED:
                 self._finish(rec, FAILED, [entry.frames] * len(rec.return_ids))
                 return
-            if entry is not None and entry.state == READY:
+            if entry is not None and entry.state == READY and not self._rebuild_dep(entry):
                 rec.dep_frames[i] = entry.frames
             else:
                 waiting += 1
@@ -223,12 +231,22 @@ class TaskSubmission:
             if entry.state == FAILED:
                 self._finish(rec, FAILED, [entry.frames] * len(rec.return_ids))
                 return
+            if self._rebuild_dep(entry):
+                self.objects.on_ready(entry.oid, done)  # lost with its node: wait for the rerun
+                return
             rec.dep_frames[i] = entry.frames
             rec.waiting_deps -= 1
             if rec.waiting_deps == 0:
                 self._enqueue(rec)
 
         return done
+
+    def _rebuild_dep(self, entry: Entry) -> bool:
+        """If an argument we own was lost with its node, start rebuilding it; ``True`` if so."""
+        if entry.owned and self._is_lost(entry) and self._can_rebuild(entry.oid):
+            self._do_reconstruct(entry.oid)
+            return True
+        return False
 
     def _resolve(self, ref: ObjectRef) -> Entry | None:
         """The local entry of ``ref``, starting a fetch from its owner if we do not own it."""
@@ -343,6 +361,8 @@ class TaskSubmission:
             conn=conn,
         )
         conn.lease = lease
+        conn.node_id, conn.node_name = lease.node_id, lease.node_name
+        self._seen_nodes.add(lease.node_id)
         self._leases[lease.lease_id] = lease
         sc.leases.append(lease)
         self._pump(sc)
@@ -405,7 +425,7 @@ class TaskSubmission:
             lease.linger.cancel()
             lease.linger = None
 
-    def _on_lease_lost(self, lease_id: str, reason: str) -> None:
+    def _on_lease_lost(self, lease_id: str, reason: str, free_retry: bool = False) -> None:
         lease = self._leases.get(lease_id)
         if lease is None:
             return
@@ -429,6 +449,9 @@ class TaskSubmission:
                 self._finish(
                     rec, FAILED, [dumps(TaskCancelledError(rec.tid))] * len(rec.return_ids)
                 )
+            elif free_retry:
+                log.info("%s: %s; running it elsewhere", rec.name, reason)
+                requeue.append(rec)
             elif rec.max_retries == -1 or rec.attempts < rec.max_retries:
                 rec.attempts += 1
                 log.warning(
@@ -475,8 +498,8 @@ class TaskSubmission:
     def _on_result(self, conn: WorkerConn, h: dict[str, Any], payload: list[Any]) -> None:
         rec = self._by_tid.get(h["tid"])
         lease = conn.lease
-        if rec is None:
-            return
+        if rec is None or (rec.lease is not None and rec.lease.conn is not conn):
+            return  # late news from a worker we gave up on (its node was declared dead)
         self._note_kept(rec, h)
         if rec.actor_id is not None:
             self._on_actor_result(rec, h, payload)
@@ -522,9 +545,11 @@ class TaskSubmission:
         self._by_tid.pop(rec.tid, None)
         if rec.actor_id is None:
             self._events().ended(rec, state == READY)
-        rec.deps = []
         rec.dep_frames = []
-        rec.nested = []
+        # A stored result may have to be rebuilt if its node dies: keep what the task needs.
+        if not (state == READY and self._keep_lineage(rec, parts)):
+            rec.deps = []
+            rec.nested = []
         if rec.args_oid is not None and self.store is not None:
             self.store.free([rec.args_oid])
             rec.args_oid = None
@@ -570,9 +595,8 @@ class TaskSubmission:
         if not self.log_to_driver:
             return
         node = ""
-        lease = conn.lease
-        if lease is not None and lease.node_name and self._multi_node():
-            node = f", node={lease.node_name}"
+        if conn.node_name and self._multi_node(conn.node_id):
+            node = f", node={conn.node_name}"
         prefix = f"({h.get('name', 'task')} pid={h.get('pid')}{node}) "
         text = "".join(f"{prefix}{line}\n" for line in h.get("lines", []))
         stream = h.get("stream", "stdout")
@@ -585,8 +609,9 @@ class TaskSubmission:
             out.write(text)
             out.flush()
 
-    def _multi_node(self) -> bool:
-        return len({ls.node_id for ls in self._leases.values()}) > 1
+    def _multi_node(self, node_id: str) -> bool:
+        # One machine, one node: the node's name would only be noise.
+        return len(self._seen_nodes) > 1 or node_id != self.node_id
 
     # ================================================================== loop: cancel
     def _do_cancel(self, oid: str, force: bool) -> None:

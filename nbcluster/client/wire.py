@@ -23,6 +23,8 @@ class WorkerConn:
         self.fns_sent: set[str] = set()
         self.reader: asyncio.Task[Any] | None = None
         self.lease: Lease | None = None
+        self.node_id = ""  # where the worker runs (named in its output when that helps)
+        self.node_name = ""
 
 
 def send_nowait(sock: Any, frames: list[Any]) -> None:

@@ -22,7 +22,7 @@ async def run_head(args: argparse.Namespace) -> int:
     if not token:
         print("nbcluster head: no cluster secret (use --token-file)", file=sys.stderr)
         return 2
-    head = HeadService(token, args.host, args.port)
+    head = HeadService(token, args.host, args.port, state_file=getattr(args, "state_file", None))
     address = await head.start()
     print(f"NBCLUSTER_HEAD_READY {address}", flush=True)
     gone = asyncio.Event()
@@ -36,7 +36,8 @@ async def run_head(args: argparse.Namespace) -> int:
     gone_t = asyncio.create_task(gone.wait())
     await asyncio.wait([stopped, gone_t], return_when=asyncio.FIRST_COMPLETED)
     parent_died = bool(args.parent_pid) and gone.is_set() and not _alive(args.parent_pid)
-    await head.stop()
+    # A signal ends the whole cluster unless asked to keep the nodes for a restarted head.
+    await head.stop(stop_nodes=not getattr(args, "keep_nodes", False))
     if parent_died and args.token_file:
         # Our launcher was killed before it could clean up: remove its session folder (the
         # secret in it must not outlive the cluster).
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--token-file")
     p.add_argument("--parent-pid", type=int, default=0)
+    p.add_argument("--state-file")
+    p.add_argument("--keep-nodes", action="store_true")
     args = p.parse_args(argv)
     setup_logging("head")
     return asyncio.run(run_head(args))

@@ -147,6 +147,10 @@ class ActorDirectory:
             "is_async": bool(a.spec.get("is_async")),
         }
 
+    def place(self, a: ActorInfo) -> list[Instruction]:
+        """Ask for a worker for ``a`` (again)."""
+        return self._place(a)
+
     def _place(self, a: ActorInfo) -> list[Instruction]:
         a.rid = next(self._rids)
         return self.cluster.request_lease(

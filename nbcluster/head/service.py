@@ -7,16 +7,33 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from nbcluster.exceptions import ProtocolError
 from nbcluster._version import __version__
-from nbcluster.head.actors import ACTOR_PREFIX, DEAD, ActorDirectory, ActorInfo
+from nbcluster.exceptions import ProtocolError
+from nbcluster.head.actors import (
+    ACTOR_PREFIX,
+    ALIVE,
+    DEAD,
+    PENDING,
+    ActorDirectory,
+    ActorInfo,
+    actor_client,
+)
 from nbcluster.head.observe import Observer
+from nbcluster.head.recovery import (
+    LeaseClaim,
+    Recovery,
+    load_snapshot,
+    restore_actors,
+    save_snapshot,
+    take_snapshot,
+)
 from nbcluster.head.state import ClusterState, Instruction, Lease, WorkerInfo
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
@@ -30,6 +47,9 @@ LIVENESS_TIMEOUT_S = 10.0
 #: Drivers ping every second; one silent this long is gone (a killed notebook kernel: its tasks,
 #: objects and actors are released within a few seconds, GPUs included).
 DRIVER_LIVENESS_TIMEOUT_S = 4.0
+DRAIN_REASON = "its node was drained (nbcluster-worker stopped)"
+#: Agents ping every second; a node silent this long is dead (its tasks retried elsewhere).
+AGENT_LIVENESS_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -55,13 +75,23 @@ class HeadService:
         The cluster secret.
     host, port
         Where to listen; ``port=0`` picks a free port.
+    state_file
+        Where to keep the snapshot that lets a restarted head pick the cluster up again
+        (``None``: not restartable).
     """
 
-    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, token: str, host: str = "127.0.0.1", port: int = 0, state_file: str | None = None
+    ) -> None:
         self._token = token
         self.host = host
         self.port = port
-        self.state = ClusterState()
+        self.state_file = state_file
+        self.head_id = secrets.token_hex(4)
+        self.state = ClusterState(id_prefix=self.head_id[:4] + "-")
+        self._recovery: Recovery | None = None
+        self._dead_nodes: set[str] = set()
+        self._dirty = False
         self.actors = ActorDirectory(self.state)
         self._worker_socks: dict[str, Any] = {}  # head -> actor-hosting worker connections
         self.peers: dict[bytes, Peer] = {}
@@ -85,24 +115,48 @@ class HeadService:
         self.port = int(endpoint.rsplit(":", 1)[1])
         self.address = f"{self.host}:{self.port}"
         self.observe.address = self.address
+        snap = load_snapshot(self.state_file) if self.state_file else None
+        if snap is not None and (snap.nodes or snap.actors or snap.jobs):
+            restore_actors(self.actors, snap)
+            self._dead_nodes = set(snap.dead_nodes)
+            self._recovery = Recovery(snap)
+            log.warning(
+                "restarted: waiting for %d node(s), %d actor(s), %d job(s) to reconnect",
+                len(snap.nodes),
+                len(snap.actors),
+                len(snap.jobs),
+            )
         self._tasks = [
             asyncio.create_task(self._serve(), name="head-serve"),
             asyncio.create_task(self._reaper(), name="head-reaper"),
         ]
+        if self.state_file:
+            self._dirty = True
+            self._tasks.append(asyncio.create_task(self._persist_loop(), name="head-persist"))
         log.info("head listening on %s", self.address)
         return self.address
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def stop(self) -> None:
-        """Tell every agent to stop, then close (idempotent: a signal and a request may race)."""
+    async def stop(self, stop_nodes: bool = True) -> None:
+        """Close (idempotent: a signal and a request may race).
+
+        With ``stop_nodes`` every agent is told to stop too and the restart snapshot is removed;
+        without it the agents, their workers and actors stay up and reconnect to the next head.
+        """
         if self._sock is None or self._stopping:
             return
         self._stopping = True
-        for node in self.state.nodes.values():
-            if node.alive:
-                await self._send(node.client, {"k": Kind.STOP_NODE})
+        if stop_nodes:
+            for node in self.state.nodes.values():
+                if node.alive:
+                    await self._send(node.client, {"k": Kind.STOP_NODE})
+            if self.state_file:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.state_file)
+        elif self.state_file:
+            self._save()
         await asyncio.sleep(0.05)  # let the STOP frames leave before closing the socket
         for t in self._tasks:
             t.cancel()
@@ -146,11 +200,17 @@ class HeadService:
 
     async def _reaper(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.25 if self._recovery is not None else 1.0)
+            if self._recovery is not None and self._recovery.over():
+                await self._end_recovery()
             now = time.monotonic()
             for peer in list(self.peers.values()):
                 limit = (
-                    DRIVER_LIVENESS_TIMEOUT_S if peer.role == "driver" else LIVENESS_TIMEOUT_S
+                    DRIVER_LIVENESS_TIMEOUT_S
+                    if peer.role == "driver"
+                    else AGENT_LIVENESS_TIMEOUT_S
+                    if peer.role == "agent"
+                    else LIVENESS_TIMEOUT_S
                 )
                 if now - peer.last_seen > limit:
                     log.warning(
@@ -173,6 +233,7 @@ class HeadService:
             elif verb == "actor_init":
                 await self._actor_init(ins[1], ins[2], ins[3])
             elif verb == "actor_state":
+                self._dirty = True
                 await self._publish(ins[1])
                 self.observe.actor_changed(ins[1])
             elif verb == "start_worker":
@@ -184,9 +245,10 @@ class HeadService:
                     await self._send(target.client, {"k": Kind.KILL_WORKER, "worker_id": ins[2]})
             elif verb == "lease_lost":
                 _, client, lease_id, reason = ins
-                await self._send(
-                    client, {"k": Kind.LEASE_LOST, "lease_id": lease_id, "reason": reason}
-                )
+                msg = {"k": Kind.LEASE_LOST, "lease_id": lease_id, "reason": reason}
+                if reason == DRAIN_REASON:
+                    msg["drain"] = True  # not the task's fault: retry it without counting
+                await self._send(client, msg)
             elif verb == "infeasible":
                 _, client, rid, missing, shape = ins
                 await self._send(
@@ -242,6 +304,14 @@ class HeadService:
             **a.spec,
         }
         await sock.send_multipart(encode(header, a.payload))
+
+    async def _attach_actor(self, a: ActorInfo, w: WorkerInfo) -> None:
+        """Reconnect to an actor's worker after a restart, so that its notices reach us."""
+        assert self._transport is not None
+        sock = self._transport.client(zmq.DEALER, w.address)
+        self._worker_socks[w.worker_id] = sock
+        self._tasks.append(asyncio.create_task(self._read_worker(sock, a.aid)))
+        await sock.send_multipart(encode({"k": Kind.ACTOR_ATTACH, "aid": a.aid}))
 
     async def _read_worker(self, sock: Any, aid: str) -> None:
         while True:
@@ -317,6 +387,10 @@ class HeadService:
             await self._send(ident, {"k": Kind.ERROR, "msg": "say hello first", "code": "nohello"})
             return
         st = self.state
+        if self._recovery is not None and kind in (Kind.LEASE_REQUEST, Kind.ACTOR_CREATE):
+            # Until the old leases are claimed back, no idle-looking worker may be handed out.
+            self._recovery.deferred.append((ident, h, payload))
+            return
         if kind == Kind.PING:
             if peer.node_id is not None and "store" in h:
                 node = self.state.nodes.get(peer.node_id)
@@ -324,7 +398,7 @@ class HeadService:
                     node.info["object_store"] = h["store"]
                 if h.get("metrics"):
                     self.observe.on_metrics(peer.node_id, h["metrics"])
-            await self._send(ident, {"k": Kind.PONG})
+            await self._send(ident, {"k": Kind.PONG, "head_id": self.head_id})
         elif kind == Kind.TASK_EVENTS:
             self.observe.on_task_events(ident, peer.job_id or "", list(h.get("events") or ()))
         elif kind == Kind.LEASE_REQUEST:
@@ -402,7 +476,7 @@ class HeadService:
         elif kind == Kind.ACTOR_RELEASE:
             await self._run(self.actors.release(h["aid"]))
         elif kind == Kind.GOODBYE:
-            await self._peer_gone(peer)
+            await self._peer_gone(peer, DRAIN_REASON if h.get("drain") else "")
         elif kind == Kind.SHUTDOWN_CLUSTER:
             log.info("shutdown requested by pid %s", peer.pid)
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
@@ -433,20 +507,42 @@ class HeadService:
             return
         role = str(h.get("role", "driver"))
         job_id = h.get("job_id")
-        owns = False
+        owns = bool(h.get("owns_job"))  # a driver saying hello again after a head restart
         if not job_id:
-            job_id = f"{next(self._jobs):08x}"
+            job_id = f"{self.head_id[:4]}{next(self._jobs):04x}"
             owns = True
         peer = Peer(ident, role, int(h.get("pid", 0)), job_id, owns, h.get("worker_id"))
         peer.last_seen = time.monotonic()
         self.peers[ident] = peer
+        self._dirty = True
+        if h.get("rejoin"):
+            await self._rejoin_client(peer, h)
         if owns:
             self.observe.job_started(job_id, h)  # kernel_id / notebook: the panel's "owner"
-        await self._send(ident, {"k": Kind.WELCOME, "job_id": job_id, "head_pid": os.getpid()})
+        await self._send(
+            ident,
+            {"k": Kind.WELCOME, "job_id": job_id, "head_pid": os.getpid(), "head_id": self.head_id},
+        )
 
     async def _register(self, ident: bytes, h: dict[str, Any]) -> None:
         if not await self._version_ok(ident, h):
             return
+        old_id = str(h.get("node_id") or "")
+        known = self.state.nodes.get(old_id)
+        if old_id and known is not None and known.alive:
+            # The same agent again (it lost a reply): it keeps its identity.
+            self.peers.pop(known.client, None)
+            known.client = ident
+            peer = Peer(ident, "agent", int(h.get("pid", 0)), node_id=old_id)
+            peer.last_seen = time.monotonic()
+            self.peers[ident] = peer
+            await self._send(
+                ident, {"k": Kind.NODE_REGISTERED, "node_id": old_id, "head_id": self.head_id}
+            )
+            return
+        # A node declared dead that comes back starts over as a new incarnation: what it ran
+        # was retried elsewhere, so its old workers and objects must not be used again.
+        adopt = bool(old_id) and known is None and old_id not in self._dead_nodes
         node_id, ins = self.state.add_node(
             ident,
             h["name"],
@@ -454,20 +550,45 @@ class HeadService:
             h["resources"],
             list(h.get("gpu_ids", [])),
             pid=int(h.get("pid", 0)),
-            prestart=int(h.get("prestart", 0)),
+            prestart=0 if adopt else int(h.get("prestart", 0)),
             info=h.get("info") or {},
+            node_id=old_id if adopt else None,
         )
+        self.state.nodes[node_id].prestart = int(h.get("prestart", 0))
         peer = Peer(ident, "agent", int(h.get("pid", 0)), node_id=node_id)
         peer.last_seen = time.monotonic()
         self.peers[ident] = peer
-        await self._send(ident, {"k": Kind.NODE_REGISTERED, "node_id": node_id})
+        self._dirty = True
+        await self._send(
+            ident,
+            {
+                "k": Kind.NODE_REGISTERED,
+                "node_id": node_id,
+                "head_id": self.head_id,
+                "fresh": bool(old_id) and not adopt,
+            },
+        )
+        if adopt:
+            ins += await self._adopt_node(node_id, list(h.get("workers") or ()))
         await self._run(ins)
         self.observe.node_changed(node_id)
 
-    async def _peer_gone(self, peer: Peer) -> None:
+    async def _peer_gone(self, peer: Peer, reason: str = "") -> None:
         self.peers.pop(peer.ident, None)
+        self._dirty = True
         if peer.role == "agent" and peer.node_id is not None:
-            await self._run(self.state.remove_node(peer.node_id, "its node left the cluster"))
+            self._dead_nodes.add(peer.node_id)
+            why = reason or "its node stopped answering (dead or cut off)"
+            await self._run(self.state.remove_node(peer.node_id, why))
+            node = self.state.nodes.get(peer.node_id)
+            died = {
+                "k": Kind.NODE_DIED,
+                "node_id": peer.node_id,
+                "store_id": node.info.get("store_id", "") if node is not None else "",
+            }
+            for other in list(self.peers.values()):
+                if other.role != "agent":
+                    await self._send(other.ident, died)
             self.observe.node_changed(peer.node_id)
         else:
             if peer.owns_job and peer.job_id is not None:
@@ -480,6 +601,146 @@ class HeadService:
             await self._run(self.state.client_gone(peer.ident, peer.job_id, peer.owns_job))
             if peer.owns_job and peer.job_id is not None:
                 self.observe.job_gone(peer.job_id)
+
+    # ------------------------------------------------------------------------------ restart
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if self._dirty and self._recovery is None:
+                self._save()
+
+    def _save(self) -> None:
+        """Write the restart snapshot (see :mod:`nbcluster.head.recovery`)."""
+        if not self.state_file:
+            return
+        self._dirty = False
+        jobs = [p.job_id for p in self.peers.values() if p.owns_job and p.job_id]
+        try:
+            snap = take_snapshot(self.head_id, self.actors, jobs, sorted(self._dead_nodes))
+            save_snapshot(self.state_file, snap)
+        except OSError as exc:
+            log.warning("could not write the head's restart snapshot %s: %s", self.state_file, exc)
+
+    async def _adopt_node(self, node_id: str, workers: list[dict[str, Any]]) -> list[Instruction]:
+        """Take over the workers (and the actors in them) of a node that outlived the old head."""
+        rec = self._recovery
+        st = self.state
+        for w in workers:
+            st.adopt_worker(
+                node_id, w["worker_id"], w["addr"], w["control_addr"], int(w["pid"]), "@adopted"
+            )
+            if rec is not None:
+                rec.adopted.add(w["worker_id"])
+        if rec is not None:
+            rec.waiting_nodes.discard(node_id)
+        gpus_of = rec.snapshot.actor_gpus if rec is not None else {}
+        out: list[Instruction] = []
+        for a in self.actors.actors.values():
+            w_ = st.workers.get(a.worker_id or "")
+            if w_ is None or w_.node_id != node_id or a.state != ALIVE or a.lease_id is None:
+                continue
+            gpus = {g: 1.0 for g in gpus_of.get(a.aid, [])}
+            if a.shape.get("GPU", 0) and gpus:
+                frac = float(a.shape["GPU"]) / len(gpus)
+                gpus = {g: min(1.0, frac) for g in gpus}
+            if st.claim_lease(
+                actor_client(a.aid), a.job_id, a.lease_id, w_.worker_id, a.shape, gpus
+            ):
+                w_.actor_id = a.aid
+                w_.detached = a.detached
+                a.node_id = node_id
+                out.append(("actor_state", a))
+                await self._attach_actor(a, w_)
+        if rec is not None:
+            for wid, claim in list(rec.claims.items()):
+                if wid in st.workers and self._claim(claim):
+                    del rec.claims[wid]
+        return out
+
+    def _claim(self, c: LeaseClaim) -> bool:
+        gpus = {g: 1.0 for g in c.gpus}
+        if c.shape.get("GPU", 0) and gpus and float(c.shape["GPU"]) < 1.0:
+            gpus = {g: float(c.shape["GPU"]) for g in gpus}
+        return self.state.claim_lease(c.client, c.job_id, c.lease_id, c.worker_id, c.shape, gpus)
+
+    async def _rejoin_client(self, peer: Peer, h: dict[str, Any]) -> None:
+        """A driver (or worker-client) is back after a head restart: take back what it holds."""
+        rec = self._recovery
+        if rec is not None and peer.job_id:
+            rec.rejoined_jobs.add(peer.job_id)
+        for ls in h.get("leases") or ():
+            claim = LeaseClaim(
+                peer.ident,
+                peer.job_id or "",
+                ls["lease_id"],
+                ls["worker_id"],
+                {k: float(v) for k, v in dict(ls["shape"]).items()},
+                list(ls.get("gpus") or ()),
+            )
+            if self._claim(claim):
+                continue
+            if rec is not None and claim.worker_id not in self.state.workers:
+                rec.claims[claim.worker_id] = claim  # its node has not reconnected yet
+            else:
+                await self._send(
+                    peer.ident,
+                    {"k": Kind.LEASE_LOST, "lease_id": claim.lease_id, "reason": "head restarted"},
+                )
+        for aid in h.get("actors") or ():
+            a = self.actors.actors.get(aid)
+            if a is None:
+                continue
+            a.subscribers.add(peer.ident)
+            if a.job_id == peer.job_id and peer.owns_job:
+                a.owner = peer.ident
+            if a.state != PENDING or rec is None:
+                await self._publish_to(a, peer.ident)
+
+    async def _end_recovery(self) -> None:
+        """Close the restart window: settle everything nobody came back for."""
+        rec, self._recovery = self._recovery, None
+        if rec is None:
+            return
+        st = self.state
+        for claim in rec.claims.values():
+            await self._send(
+                claim.client,
+                {
+                    "k": Kind.LEASE_LOST,
+                    "lease_id": claim.lease_id,
+                    "reason": "its node did not come back after the head restarted",
+                },
+            )
+        ins: list[Instruction] = []
+        for a in list(self.actors.actors.values()):
+            w = st.workers.get(a.worker_id or "")
+            held = w is not None and w.actor_id == a.aid
+            if a.state == DEAD or held:
+                continue
+            if a.state == PENDING and a.restarts == 0 and a.worker_id is None:
+                ins += self.actors.place(a)
+            else:
+                ins += self.actors.on_lost(
+                    a.aid, "its node did not come back after the head restarted"
+                )
+        for job in set(rec.snapshot.jobs) - rec.rejoined_jobs:
+            log.info("job %s did not reconnect after the restart: ending it", job)
+            ins += self.actors.job_gone(job)
+            ins += st.client_gone(b"", job, True)
+            for node in st.nodes.values():
+                if node.alive:
+                    await self._send(node.client, {"k": Kind.JOB_ENDED, "job_id": job})
+        for wid in rec.adopted:
+            w = st.workers.get(wid)
+            if w is not None and w.lease_id is None and w.job_id == "@adopted":
+                ins.append(("kill_worker", w.node_id, wid))  # its job is unknown: recycle it
+        await self._run(ins)
+        self._dirty = True
+        log.warning(
+            "restart complete: %d node(s), %d actor(s)", len(st.nodes), len(self.actors.actors)
+        )
+        for ident, h, payload in rec.deferred:
+            await self._handle(ident, h, payload)
 
     # ------------------------------------------------------------------------------ panel
     async def cancel_task(self, task_id: str, force: bool = False) -> bool:

@@ -32,7 +32,8 @@ class Kind(StrEnum):
     LEASE_FAILED = "lfail"  # head -> client: {rid, msg}: it can never be placed (hard affinity)
     LEASE_CANCEL = "lcancel"  # {rid}
     LEASE_RETURN = "lret"  # {lease_id}
-    LEASE_LOST = "llost"  # head -> client: {lease_id, reason}
+    LEASE_LOST = "llost"  # head -> client: {lease_id, reason, drain?}
+    NODE_DIED = "ndied"  # head -> clients: {node_id, store_id}: objects stored there are lost
     WORKER_BLOCKED = "wblock"  # worker-as-client -> head: {worker_id}
     WORKER_UNBLOCKED = "wunblock"  # {worker_id}
 
@@ -72,6 +73,7 @@ class Kind(StrEnum):
     ACTOR_READY = "aready"  # worker -> head: {aid}
     ACTOR_FAILED = "afailed"  # worker -> head: {aid} + [error]
     ACTOR_EXIT = "aexit"  # worker -> head: {aid} (exit_actor() was called)
+    ACTOR_ATTACH = "aattach"  # head -> worker: {aid}: a restarted head now watches this actor
     ACTOR_CALL = "acall"  # driver -> worker: {tid, method, nargs, deps, nret, name}
 
     # --- the node's object store (local processes <-> their node agent) ----------------------

@@ -83,6 +83,9 @@ class Transport:
         sock.curve_secretkey = self.keys.client_secret
         sock.curve_publickey = self.keys.client_public
         sock.curve_serverkey = self.keys.server_public
+        # A peer that went away (a restarting head) is retried with exponential backoff.
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.connect(endpoint)
         return sock
 

@@ -170,6 +170,10 @@ class Worker:
                 self.actor.submit(ident, h, payload)
             else:
                 self.queue.append((ident, h, payload))
+        elif kind == Kind.ACTOR_ATTACH:
+            # A restarted head took over this actor: its notices (exit_actor) go there now.
+            if self.actor is not None and self.actor.aid == h.get("aid"):
+                self.actor.head = ident
         elif kind == Kind.BIND:
             self.bind(h.get("job_id"), h.get("sys_path", []))
             if h.get("namespace") and not self.ident.namespace:
