@@ -8,6 +8,8 @@ import http.cookiejar
 import json
 import re
 import stat
+import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,7 +24,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from nbcluster.jupyter.handlers import ROUTES
 from tests.conftest import wait_until
-from tests.jupyter_helpers import JupyterServer, Kernel, start_jupyter_server
+from tests.jupyter_helpers import JupyterServer, Kernel, free_port, start_jupyter_server
 
 FAKE_GPUS = [{"name": "NVIDIA H100", "utilization": 37, "memory_used": 1000, "memory_total": 80000}]
 
@@ -380,6 +382,93 @@ def test_every_route_requires_auth_and_stop_leaves_nothing(tmp_path: Path) -> No
     finally:
         if not stopped:
             srv.stop()
+
+
+def test_server_restart_keeps_remote_nodes_and_detached_actors(tmp_path: Path) -> None:
+    port = free_port()
+    tmp = tmp_path / "restart"
+    srv = start_jupyter_server(tmp, nbcluster={"num_cpus": 1, "num_gpus": 0, "port": port})
+    agent_log = open(tmp / "agent.log", "ab")  # noqa: SIM115 - closed below
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nbcluster.agent",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--token-file",
+            str(srv.runtime_dir / "nbcluster-token"),
+            "--num-cpus",
+            "1",
+            "--resources",
+            '{"remote": 1}',
+            "--node-name",
+            "remote-1",
+        ],
+        stdout=agent_log,
+        stderr=agent_log,
+        start_new_session=True,
+    )
+    srv2: JupyterServer | None = None
+    try:
+
+        def remote_node(s: JupyterServer) -> dict[str, Any] | None:
+            nodes = s.get("nbcluster/api/cluster")["nodes"]
+            return next((n for n in nodes if n["name"] == "remote-1" and n["alive"]), None)
+
+        node = wait_until(lambda: remote_node(srv), timeout=60)
+        assert isinstance(node, dict)
+        k = srv.start_kernel("svc.ipynb")
+        k.execute(
+            "import nbcluster as nb\n"
+            "nb.init(namespace='svc')\n"
+            "@nb.remote(num_cpus=0, resources={'remote': 1})\n"
+            "class Service:\n"
+            "    def pid(self):\n"
+            "        import os; return os.getpid()\n"
+            "s = Service.options(name='service', lifetime='detached').remote()\n"
+            "print(nb.get(s.pid.remote()))"
+        ).raise_for_error()
+        (actor,) = [a for a in srv.get("nbcluster/api/actors")["actors"] if a["name"] == "service"]
+        assert actor["node_id"] == node["node_id"] and actor["detached"]
+
+        srv.stop()
+        assert srv.proc.returncode == 0
+        assert agent.poll() is None, "the remote agent must survive the server's stop"
+        assert psutil.pid_exists(actor["pid"])
+
+        srv2 = start_jupyter_server(
+            tmp, nbcluster={"num_cpus": 1, "num_gpus": 0, "port": port}, wait_node=False
+        )
+        again = wait_until(lambda: remote_node(srv2), timeout=60)
+        assert isinstance(again, dict) and again["node_id"] == node["node_id"]
+
+        def service_alive() -> dict[str, Any] | None:
+            actors = srv2.get("nbcluster/api/actors")["actors"]
+            return next(
+                (a for a in actors if a["name"] == "service" and a["state"] == "alive"), None
+            )
+
+        found = wait_until(service_alive, timeout=60)
+        assert isinstance(found, dict) and found["pid"] == actor["pid"]
+        k2 = srv2.start_kernel("svc2.ipynb")
+        r = k2.execute(
+            "import nbcluster as nb\n"
+            "nb.init(namespace='svc')\n"
+            "print(nb.get(nb.get_actor('service').pid.remote()))"
+        ).raise_for_error()
+        assert r.stdout.strip() == str(actor["pid"])
+    finally:
+        if srv2 is not None:
+            srv2.stop()
+        srv.stop()
+        agent.terminate()
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait(10)
+        agent_log.close()
 
 
 def _cookie_login(srv: JupyterServer) -> tuple[urllib.request.OpenerDirector, str]:

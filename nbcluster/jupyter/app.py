@@ -83,6 +83,19 @@ class NbclusterApp(ExtensionApp):
         config=True,
         help="Bytes of shared memory for the local node's object store (default: 30% of RAM).",
     )
+    keep_nodes = Bool(
+        True,
+        config=True,
+        help="When the server stops, leave the other node agents (nbcluster-worker) running: "
+        "they rejoin the head of the next server start on the same port, with their workers and "
+        "actors. False: tell them to stop too. The local node always stops with the server.",
+    )
+    state_file = Unicode(
+        "",
+        config=True,
+        help="Where the head keeps its restart snapshot (mode 0600). Default: "
+        "nbcluster-head-state-PORT in the Jupyter runtime directory.",
+    )
     token_file = Unicode(
         "",
         config=True,
@@ -124,6 +137,8 @@ class NbclusterApp(ExtensionApp):
                 self.log.warning("nbcluster: port %s is taken; the head uses a free port", port)
             port = _free_port(self.ip)
         self.port = port
+        if not self.state_file:  # per port: servers side by side must not share a snapshot
+            self.state_file = str(runtime / f"nbcluster-head-state-{port}")
         host = "127.0.0.1" if self.ip in _WILDCARDS else self.ip
         self.address = f"{host}:{port}"
         # Kernels inherit the server's environment: nbcluster.init() finds the head there.
@@ -150,7 +165,7 @@ class NbclusterApp(ExtensionApp):
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Start the head on the server's loop, then the local node agent."""
-        head = HeadService(self._token, self.ip, self.port)
+        head = HeadService(self._token, self.ip, self.port, state_file=self.state_file)
         head.observe.notebook_root = str(Path(self._server.root_dir).expanduser())
         try:
             await head.start()
@@ -230,24 +245,25 @@ class NbclusterApp(ExtensionApp):
 
     # ------------------------------------------------------------------------- tear-down
     async def stop_extension(self) -> None:
-        """Stop the head (it tells its agents to stop) and the local agent with its workers."""
-        if self.head is not None:
-            await self.head.stop()
+        """Stop the local agent with its workers, then the head.
+
+        The local agent leaves first (SIGTERM: it says goodbye, so the head's restart snapshot
+        does not wait for it). Other agents stay up to rejoin the next head (``keep_nodes``).
+        """
         proc = self._agent
         if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), AGENT_STOP_TIMEOUT_S)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), 5.0)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    await proc.wait()
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
             if self._store_id:  # the agent cleans up; this catches one that was killed
                 cleanup_store(self._store_id, None)
+        if self.head is not None:
+            await self.head.stop(stop_nodes=not self.keep_nodes)
         if self._agent_reader is not None:
             self._agent_reader.cancel()
             with contextlib.suppress(BaseException):
