@@ -313,6 +313,42 @@ def test_websocket_snapshot_metrics_and_changes(
     ev = events.until(lambda m: m["type"] == "actor" and m["actor"]["state"] == "alive")
     assert ev["actor"]["class_name"] == "Counter"
 
+    # A node joining, then leaving.
+    address = server.get("nbcluster/api/cluster")["head"]["address"]
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nbcluster.agent",
+            "--address",
+            address,
+            "--token-file",
+            str(server.runtime_dir / "nbcluster-token"),
+            "--num-cpus",
+            "1",
+            "--prestart",
+            "0",
+            "--node-name",
+            "extra-node",
+        ],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        ev = events.until(lambda m: m["type"] == "node" and m["node"]["name"] == "extra-node")
+        assert ev["node"]["alive"] and ev["node"]["resources_total"]["CPU"] == 1
+        agent.terminate()
+        ev = events.until(
+            lambda m: (
+                m["type"] == "node" and m["node"]["name"] == "extra-node" and not m["node"]["alive"]
+            )
+        )
+        assert ev["node"]["state"] == "dead"
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agent.wait(30)
+
 
 # ----------------------------------------------------------------------------- auth + stop
 def _concrete(pattern: str) -> str:
