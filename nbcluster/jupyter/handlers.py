@@ -121,6 +121,7 @@ class EventsHandler(
 
     _periodic: PeriodicCallback | None = None
     _observer: Observer | None = None
+    _tasks: dict[str, dict[str, Any]] | None = None  # task changes held until the next tick
 
     @ws_authenticated
     async def get(self, *args: Any, **kwargs: Any) -> None:
@@ -140,11 +141,24 @@ class EventsHandler(
                 "actors": obs.actor_views(),
             }
         )
-        obs.subscribers.append(self._send)
+        self._tasks = {}
+        obs.subscribers.append(self._on_change)
         self._periodic = PeriodicCallback(self._tick, METRICS_PERIOD_MS)
         self._periodic.start()
 
+    def _on_change(self, msg: dict[str, Any]) -> None:
+        # Thousands of tasks may change state every second: send each task once per tick, in
+        # its latest state, rather than every step it took.
+        if msg["type"] == "task" and self._tasks is not None:
+            self._tasks[msg["task"]["task_id"]] = msg
+        else:
+            self._send(msg)
+
     def _tick(self) -> None:
+        if self._tasks:
+            pending, self._tasks = self._tasks, {}
+            for msg in pending.values():
+                self._send(msg)
         if self._observer is not None:
             self._send(self._observer.metrics_message())
 
@@ -159,8 +173,9 @@ class EventsHandler(
             self._periodic.stop()
             self._periodic = None
         obs, self._observer = self._observer, None
-        if obs is not None and self._send in obs.subscribers:
-            obs.subscribers.remove(self._send)
+        self._tasks = None
+        if obs is not None and self._on_change in obs.subscribers:
+            obs.subscribers.remove(self._on_change)
 
     def on_message(self, message: str | bytes) -> None:
         pass  # the stream is one-way
