@@ -420,6 +420,25 @@ def test_every_route_requires_auth_and_stop_leaves_nothing(tmp_path: Path) -> No
             srv.stop()
 
 
+def test_head_only_on_all_interfaces(tmp_path: Path) -> None:
+    srv = start_jupyter_server(
+        tmp_path / "headonly", nbcluster={"ip": "0.0.0.0", "local_node": False}, wait_node=False
+    )
+    try:
+        body = srv.get("nbcluster/api/cluster")
+        assert body["nodes"] == [] and body["totals"]["nodes"] == 0
+        assert body["head"]["address"].startswith("0.0.0.0:")
+        port = body["head"]["address"].rsplit(":", 1)[1]
+        (conn,) = srv.runtime_dir.glob("nbcluster-server-*.json")
+        assert json.loads(conn.read_text())["address"] == f"127.0.0.1:{port}"
+        k = srv.start_kernel("h.ipynb")
+        r = k.execute("import nbcluster as nb\nnb.init()\nprint(nb.nodes())").raise_for_error()
+        assert r.stdout.strip() == "[]"
+        assert not [p for p in srv.descendants() if "nbcluster.agent" in " ".join(p.cmdline())]
+    finally:
+        srv.stop()
+
+
 def test_server_restart_keeps_remote_nodes_and_detached_actors(tmp_path: Path) -> None:
     port = free_port()
     tmp = tmp_path / "restart"

@@ -70,6 +70,13 @@ class NbclusterApp(ExtensionApp):
         True, config=True, help="Start a node agent for this machine along with the server."
     )
     node_name = Unicode("", config=True, help="Name of the local node (default: the host name).")
+    node_bind_host = Unicode(
+        "",
+        config=True,
+        help="Address the local node's workers and object store listen on. Default: ``ip``, "
+        "or 127.0.0.1 when ``ip`` is a wildcard; with nodes on other hosts, set this host's "
+        "address that they can reach.",
+    )
     num_cpus = Float(
         None, allow_none=True, config=True, help="CPUs of the local node (default: detected)."
     )
@@ -189,7 +196,7 @@ class NbclusterApp(ExtensionApp):
             "--parent-pid",
             str(os.getpid()),
             "--bind-host",
-            "127.0.0.1" if self.ip in _WILDCARDS or self.ip.startswith("127.") else self.ip,
+            self.node_bind_host or ("127.0.0.1" if self.ip in _WILDCARDS else self.ip),
             "--node-name",
             self.node_name or socket.gethostname(),
             "--cwd",
