@@ -139,7 +139,17 @@ def ray_nodes(resources: tuple[dict[str, float], ...]) -> Iterator[str]:
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port = _free_port()
     tmp = Path(tempfile.mkdtemp(prefix="ray-bench-"))
-    env = {**os.environ, **wl.RAY_ENV_DEFAULTS}
+    # A `ray start` cluster turns token auth on when ~/.ray/auth_token exists, and a driver
+    # joining with ray.init(address=...) then fails unless it has the same setting: pin it
+    # (disabled, as on a host without a token; it does not touch the object data path).
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Several nodes need Ray's cluster mode (the single-node workloads turn it off to stay on
+    # loopback); the driver, already imported, is told too.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = True
+    env = {**wl.RAY_ENV_DEFAULTS, **os.environ}
     common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
     common += ["--node-ip-address", "127.0.0.1"]
     procs: list[subprocess.Popen[bytes]] = []
@@ -151,28 +161,46 @@ def ray_nodes(resources: tuple[dict[str, float], ...]) -> Iterator[str]:
                 cmd += ["--head", "--port", str(port), "--include-dashboard", "false"]
             else:
                 cmd += ["--address", f"127.0.0.1:{port}"]
-            log_file = open(tmp / f"start-{i}.log", "wb")  # noqa: SIM115  (closed with the dir)
-            procs.append(
-                subprocess.Popen(
-                    cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            log_path = tmp / f"start-{i}.log"
+            with open(log_path, "wb") as log_file:
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
+                    )
                 )
-            )
-            if i == 0:
-                _wait_port(port, 120.0)
+            # The next node joins a head that is fully up (joining too early can fail).
+            _wait_log(log_path, "Ray runtime started", procs[-1], 180.0)
         yield f"127.0.0.1:{port}"
+    except BaseException:
+        for log_path in sorted(tmp.glob("start-*.log")):
+            print(f"--- {log_path.name}\n{log_path.read_text()[-3000:]}", file=sys.stderr)
+        raise
     finally:
-        _stop(procs, timeout=30.0)
+        _stop(procs, timeout=60.0)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _wait_port(port: int, timeout: float) -> None:
+def _wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+    while text not in path.read_text(errors="replace"):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{path.name}: ray start exited ({proc.returncode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path.name}: no {text!r} after {timeout:.0f} s")
         time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def _wait_nodes(ray: ModuleType, n: int, timeout: float) -> None:
+    """Wait until ``n`` nodes are alive (a node may register a little after starting)."""
+    deadline = time.monotonic() + timeout
+    while sum(1 for x in ray.nodes() if x.get("Alive")) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {n} nodes alive after {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------
@@ -209,12 +237,14 @@ def cross_node_1gb(ray: ModuleType, repeat: int = 3) -> wl.Figures:
         with ray_nodes(layout) as address:
             ray.init(address=address)
             try:
+                _wait_nodes(ray, len(layout), 120.0)
                 return _cross_node(ray, repeat)
             finally:
                 ray.shutdown()
     with nbcluster_nodes(layout) as (address, token, _):
         ray.init(address=address, token_file=str(token))
         try:
+            _wait_nodes(ray, len(layout), 120.0)
             return _cross_node(ray, repeat)
         finally:
             ray.shutdown()

@@ -255,16 +255,27 @@ def test_holder_killed_mid_transfer(tmp_path: Path) -> None:
         t.start()
         # Stop the holder once the reader's copy is under way, check it is partial, then kill.
         wait_until(lambda: _files(reader.store_id, "doomed.p"), timeout=60, interval=0.001)
+        # A second reader arrives mid-transfer: it waits for the same pull (its object is
+        # reserved, not sealed yet), and shares its outcome.
+        late = c.client(reader)
+        t2 = threading.Thread(target=lambda: outcome.append(_get_error(late, frames)))
+        t2.start()
+        seen = _stats(c, reader)["bytes_in"]
+        wait_until(lambda: _stats(c, reader)["bytes_in"] > seen + 4 * MB, timeout=60)
         holder.proc.send_signal(signal.SIGSTOP)
         size = os.path.getsize(_files(reader.store_id, "doomed.p")[0])  # preallocated
         assert t.is_alive() and 0 < _stats(c, reader)["bytes_in"] < size
         t0 = time.monotonic()
         holder.proc.kill()
         t.join(30)
-        assert not t.is_alive()
+        t2.join(30)
+        assert not t.is_alive() and not t2.is_alive()
         assert time.monotonic() - t0 < 15
-        assert isinstance(outcome[0], ObjectLostError), outcome
-        assert "doomed.p" in str(outcome[0]) and "went away" in str(outcome[0])
+        assert len(outcome) == 2
+        for exc in outcome:
+            assert isinstance(exc, ObjectLostError), outcome
+            assert "doomed.p" in str(exc) and "went away" in str(exc)
+        late.close()
         # The partial segment is gone, and the store's books are back to nothing.
         assert _files(reader.store_id) == []
         assert _stats(c, reader)["objects"] == 0

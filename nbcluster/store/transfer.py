@@ -110,10 +110,10 @@ class ObjectPuller:
         ObjectStoreError
             If this node's store cannot take it.
         """
-        if self._manager.contains(oid):
-            return
-        fut = self._inflight.get(oid)
+        fut = self._inflight.get(oid)  # first: a pull in progress has its object reserved
         if fut is None:
+            if self._manager.contains(oid):
+                return
             fut = self._start(oid, addr)
             if not fut.done():
                 self._inflight[oid] = fut
@@ -204,8 +204,10 @@ class ObjectPuller:
                     event = parse_monitor_message(mon.recv_multipart())["event"]
                     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                         connected = True
-                    else:
+                    elif connected:
                         raise _lost(oid, addr, w, "its node went away mid-transfer")
+                    else:
+                        raise _lost(oid, addr, w, "its node refused or dropped the connection")
                 if sock in events:
                     h, payload = decode(sock.recv_multipart(copy=False))
                     if h.get("rid") != rid:
@@ -217,7 +219,7 @@ class ObjectPuller:
                     done = w.write(int(h["size"]), int(h["off"]), payload[0] if payload else b"")
                     with self._count:
                         self.bytes_in += len(payload[0]) if payload else 0
-                    last = now
+                    last = time.monotonic()  # after the write: making room may have taken long
                 elif not connected and now - start > CONNECT_TIMEOUT_S:
                     raise _lost(oid, addr, w, f"no answer within {CONNECT_TIMEOUT_S:.0f} s")
                 elif now - last > STALL_TIMEOUT_S:
