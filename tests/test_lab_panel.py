@@ -66,10 +66,6 @@ def _skip_reason() -> str | None:
     return None
 
 
-if (_reason := _skip_reason()) is not None:
-    pytestmark = [pytestmark, pytest.mark.skip(reason=_reason)]
-
-
 class Lab:
     """A ``jupyter lab`` subprocess that can be stopped and started again on the same port."""
 
@@ -183,6 +179,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    if (reason := _skip_reason()) is not None:
+        pytest.skip(reason)
     lab = Lab(tmp_path_factory.mktemp("lab"))
     lab.start()
     yield lab
@@ -200,6 +198,9 @@ def page(lab: Lab) -> Iterator[Page]:
             page.set_default_timeout(UI_TIMEOUT_MS)
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            # "Leave the page?" on reload while a notebook has unsaved output: leave. Playwright
+            # would dismiss it, which cancels the reload.
+            page.on("dialog", lambda d: d.accept())
             page.goto(f"{lab.url}lab?token={lab.token}", timeout=UI_TIMEOUT_MS * 2)
             page.locator(".nbc-status").wait_for(timeout=UI_TIMEOUT_MS * 2)
             yield page
@@ -251,6 +252,23 @@ def _widen_sidebar(page: Page, width: float = 420) -> None:
 def _screenshot(page: Page, name: str) -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMG / name))
+
+
+def test_the_package_installs_the_panel() -> None:
+    """`pip install` (editable too) puts the built panel where JupyterLab finds it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
+    r = subprocess.run(
+        [sys.executable, "-m", "jupyterlab.labextensions", "list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
+    assert re.search(r"^\s+nbcluster v\S+ enabled OK \(python, nbcluster\)$", out, re.M), (
+        "JupyterLab does not find the nbcluster panel: reinstall the package "
+        f"(pip install -e .), whose build hook builds and installs it.\n{out}"
+    )
 
 
 def test_panel_shows_the_local_node(lab: Lab, page: Page) -> None:
