@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, all_gone, wait_until
 from tests.jupyter_helpers import START_TIMEOUT_S, JupyterServer, free_port
 
 CHROMIUM = os.environ.get("NBCLUSTER_CHROMIUM", "/usr/bin/chromium")
@@ -36,6 +36,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
+    "--disable-quic",
 ]
 LABEXTENSION = ROOT / "nbcluster" / "labextension"
 IMG = ROOT / "docs" / "img"
@@ -483,16 +484,4 @@ def test_no_leftover_processes(lab: Lab) -> None:
     assert lab.server is not None
     pids = lab.server.stop()
     lab.server = None
-    wait_until(lambda: all(not _alive(p) for p in pids), timeout=30, interval=0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    wait_until(lambda: all_gone(pids), timeout=30, interval=0.2)
