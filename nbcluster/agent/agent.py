@@ -94,6 +94,7 @@ class NodeAgent:
         self._prestarted = asyncio.Event()
         self._workers: dict[str, dict[str, Any]] = {}  # ready workers, reported on rejoin
         self._rejoining = False
+        self._leaving = False
         self._metrics = MetricsThread(1.0)  # psutil + NVML, off the event loop
 
     async def start(self) -> None:
@@ -145,7 +146,7 @@ class NodeAgent:
 
     async def _rejoin(self) -> None:
         """The head does not know us (it restarted, or declared us dead): register again."""
-        if self._rejoining or self.stopped.is_set():
+        if self._rejoining or self._leaving or self.stopped.is_set():
             return
         self._rejoining = True
         log.warning("the head does not know this node any more: registering again")
@@ -166,6 +167,7 @@ class NodeAgent:
 
     async def drain(self) -> None:
         """Leave the cluster on purpose: the head reschedules what ran here right away."""
+        self._leaving = True  # the head forgets us now: do not register again
         if self._sock is not None and self.node_id:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._send({"k": Kind.GOODBYE, "drain": True}), 2.0)
