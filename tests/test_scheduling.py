@@ -406,3 +406,20 @@ def test_hard_affinity_fails_and_soft_moves_when_the_node_leaves(
             agent.wait(10)
         if agent.stdout is not None:
             agent.stdout.close()
+
+
+def test_locality_hint_counts_stored_arguments_only() -> None:
+    import msgpack
+
+    from nbcluster.scheduling import preferred_store, stored_bytes
+    from nbcluster.store.client import MARKER
+
+    def marker(store: str, size: int) -> list[bytes]:
+        return [MARKER + msgpack.packb({"oid": "x", "store": store, "size": size})]
+
+    inline = [b"\x80\x05small pickle", b"buffer"]
+    sizes = stored_bytes([marker("s1", 300), inline, marker("s2", 500), marker("s1", 400)])
+    assert sizes == {"s1": 700, "s2": 500}
+    assert preferred_store(sizes) == "s1"
+    assert preferred_store({"b": 5, "a": 5}) == "a"  # ties: stable
+    assert preferred_store(stored_bytes([inline])) is None

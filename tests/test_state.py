@@ -306,6 +306,13 @@ def test_bad_requests_are_answered_unschedulable() -> None:
     assert ins[0] == "unschedulable" and "non-negative" in ins[3]
     (ins,) = st.request_lease(A, "j", 3, {"CPU": 1}, "f", strategy={"t": "pack"})
     assert ins[0] == "unschedulable" and "invalid scheduling strategy" in ins[3]
+    (ins,) = st.request_lease(A, "j", 4, {"CPU": 1}, "f", strategy={"t": "node", "node": 7})
+    assert ins[0] == "unschedulable"
+    # A malformed locality hint is only a hint: ignored.
+    bad: Any = {"s": "lots", 3: 4, "t": True}
+    assert verbs(st.request_lease(A, "j", 5, {"CPU": 1}, "f", locality=bad)) == ["start_worker"]
+    assert st.pending[0].locality == {}
+    st.cancel_request(A, 5)
     assert not st.pending
     st.validate_state()
 

@@ -326,7 +326,7 @@ class ClusterState:
             name,
             units=units_of(shape),
             strategy=strategy,
-            locality={str(k): int(v) for k, v in (locality or {}).items()},
+            locality=_clean_locality(locality),
         )
         self.pending.append(req)
         return self.schedule()
@@ -732,6 +732,17 @@ def _check_request(shape: dict[str, float], strategy: dict[str, Any] | None) -> 
     if kind == "node" and isinstance(strategy.get("node"), str) and strategy["node"]:
         return None
     return f"invalid scheduling strategy {strategy!r}"
+
+
+def _clean_locality(raw: Any) -> dict[str, int]:
+    """A locality hint from the wire, with anything malformed left out (it is only a hint)."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        k: v
+        for k, v in raw.items()
+        if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+    }
 
 
 def _affinity_error(req: LeaseRequest, node_id: str, node: NodeInfo | None) -> str:
