@@ -423,3 +423,24 @@ def test_locality_hint_counts_stored_arguments_only() -> None:
     assert preferred_store(sizes) == "s1"
     assert preferred_store({"b": 5, "a": 5}) == "a"  # ties: stable
     assert preferred_store(stored_bytes([inline])) is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--num-gpus", "1.5"], "whole GPUs"),
+        (["--num-cpus", "-2"], "non-negative"),
+        (["--resources", "[1, 2]"], "must be a mapping"),
+        (["--resources", '{"TPU": -1}'], "non-negative"),
+    ],
+)
+def test_worker_rejects_bad_resource_flags(flags: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nbcluster", "worker", "--address", "127.0.0.1:1", *flags],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**os.environ, "NBCLUSTER_TOKEN": "not-used-for-this"},
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nbcluster._proc import setup_logging, watch_parent
 from nbcluster.agent.agent import NodeAgent
+from nbcluster.agent.resources import node_resources
 from nbcluster.exceptions import NbclusterError
 from nbcluster.protocol.security import read_token_file, token_from_environment
 
@@ -41,6 +42,11 @@ async def run_agent(args: argparse.Namespace) -> int:
             f"{sys.argv[0]}: no cluster secret: pass --token-file or set NBCLUSTER_TOKEN_FILE",
             file=sys.stderr,
         )
+        return 2
+    try:  # bad amounts are a usage error, said in one line
+        node_resources(args.num_cpus, args.num_gpus, args.resources, [])
+    except ValueError as exc:
+        print(f"nbcluster-worker: {exc}", file=sys.stderr)
         return 2
     agent = NodeAgent(
         args.address,

@@ -105,6 +105,8 @@ def node_resources(
         "GPU": float(len(gpus) if num_gpus is None else num_gpus),
         "memory": float(detect_memory()),
     }
+    if resources is not None and not isinstance(resources, dict):
+        raise ValueError(f'resources must be a mapping, e.g. {{"TPU": 4}}, got {resources!r}')
     for k, v in (resources or {}).items():
         if k in ("CPU", "GPU"):
             raise ValueError(f"declare {k} with num_cpus/num_gpus, not resources")
