@@ -53,6 +53,8 @@ MIN_CHUNK, MAX_CHUNK, MAX_WINDOW = 64 << 10, 64 << 20, 64
 STALL_TIMEOUT_S = 30.0
 #: The holder's store socket must answer the handshake within this long.
 CONNECT_TIMEOUT_S = 10.0
+#: ZeroMQ io threads (where CURVE decrypts) for pulls; concurrent pulls spread over them.
+_IO_THREADS = 2
 #: How often a pulling thread looks at the agent closing and at its deadlines.
 _TICK_MS = 250
 
@@ -90,6 +92,9 @@ class ObjectPuller:
         max_parallel: int = 4,
     ) -> None:
         self._transport = transport
+        # Pulls decrypt on io threads of their own: not on the agent's, which also encrypts what
+        # this node serves to others and carries its control traffic.
+        self._ctx: zmq.Context[Any] = zmq.Context(io_threads=_IO_THREADS)
         self._manager = manager
         self.chunk_bytes = chunk_bytes
         self.window = window
@@ -158,7 +163,7 @@ class ObjectPuller:
     def _connect(self, addr: str) -> tuple[Any, Any]:
         """A CURVE client socket to ``addr`` with its monitor, watched from before it connects."""
         t = self._transport
-        sock = t.ctx.socket(zmq.DEALER)
+        sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -241,6 +246,8 @@ class ObjectPuller:
         """Stop every pull (each removes its partial file) and wait for their threads."""
         self._stop.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if not self._ctx.closed:
+            self._ctx.destroy(linger=0)
 
 
 class _Writer:
