@@ -203,7 +203,7 @@ def page(lab: Lab) -> Iterator[Page]:
             # would dismiss it, which cancels the reload.
             page.on("dialog", lambda d: d.accept())
             page.goto(f"{lab.url}lab?token={lab.token}", timeout=UI_TIMEOUT_MS * 2)
-            page.locator(".nbc-status").wait_for(timeout=UI_TIMEOUT_MS * 2)
+            _wait_ready(page)
             yield page
             nbc_errors = [e for e in errors if "nbcluster" in e or "nbc-" in e]
             assert not nbc_errors, nbc_errors
@@ -211,11 +211,24 @@ def page(lab: Lab) -> Iterator[Page]:
             browser.close()
 
 
+def _wait_ready(page: Page) -> None:
+    """Wait until JupyterLab has loaded our extension and restored its layout."""
+    page.locator(".nbc-status").wait_for(timeout=UI_TIMEOUT_MS * 2)
+    expect(page.locator("#jupyterlab-splash")).to_have_count(0, timeout=UI_TIMEOUT_MS * 2)
+
+
 def _open_panel(page: Page) -> None:
     panel = page.locator("#nbcluster-panel")
-    if not panel.is_visible():
-        page.locator('.jp-SideBar [data-id="nbcluster-panel"]').click()
-    expect(panel).to_be_visible()
+    tab = page.locator('.jp-SideBar [data-id="nbcluster-panel"]')
+    deadline = time.monotonic() + UI_TIMEOUT_MS / 1000
+    while not panel.is_visible():
+        assert time.monotonic() < deadline, "the Cluster panel does not open"
+        # The tab toggles the panel: click only while it is not the current one (a layout
+        # restore may have opened the panel since we looked).
+        if "lm-mod-current" not in (tab.get_attribute("class") or ""):
+            tab.click()
+        with contextlib.suppress(AssertionError):
+            expect(panel).to_be_visible(timeout=3000)
 
 
 def _confirm(page: Page, button: str) -> None:
@@ -328,6 +341,7 @@ def test_notebook_cell_run_in_the_browser_shows_the_dashboard(lab: Lab, page: Pa
     )
     assert status in (200, 201), (status, body)
     page.goto(f"{lab.url}lab/tree/{DASHBOARD_NOTEBOOK}", timeout=UI_TIMEOUT_MS * 2)
+    _wait_ready(page)
     cell = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell").first
     expect(cell).to_be_visible(timeout=UI_TIMEOUT_MS * 2)
     # Run it from the toolbar once the kernel is up; a click that came too early is repeated.
@@ -449,7 +463,7 @@ def test_dark_theme(lab: Lab, page: Page) -> None:
     assert status == 204, (status, body)
     try:
         page.reload()
-        page.locator(".nbc-status").wait_for()
+        _wait_ready(page)
         expect(page.locator("body")).to_have_attribute("data-jp-theme-light", "false")
         _open_panel(page)
         expect(page.locator(".nbc-node").first).to_be_visible()

@@ -254,7 +254,9 @@ export class ClusterPanel extends Widget {
 
   private _render(state: IClusterState): void {
     const connected = state.connection === 'connected';
-    this.node.dataset.connection = state.connection;
+    // Data from a lost connection is stale (greyed) until the next snapshot.
+    this.node.dataset.connection =
+      !connected && state.head !== null ? 'disconnected' : state.connection;
     this._renderBanner(state);
     this._summary.textContent = connected
       ? summaryText(state.totals, true).replace(/^nbcluster: /, '')
@@ -283,20 +285,22 @@ export class ClusterPanel extends Widget {
       return;
     }
     this._banner.hidden = false;
-    if (state.connection === 'connecting') {
+    if (state.connection === 'connecting' && state.head === null) {
       this._banner.className = 'nbc-banner nbc-banner-connecting';
       this._banner.replaceChildren('Connecting to the cluster…');
       return;
     }
+    // Lost a connection we had: say so until a snapshot arrives, attempts included.
     this._banner.className = 'nbc-banner nbc-banner-disconnected';
-    const seconds = state.retryInMs !== null ? Math.max(1, Math.round(state.retryInMs / 1000)) : 0;
+    let next = ' · ';
+    if (state.connection === 'connecting') {
+      next = ' (trying now) · ';
+    } else if (state.retryInMs !== null) {
+      next = ` (next try in ${Math.max(1, Math.round(state.retryInMs / 1000))}s) · `;
+    }
     const retry = h('button', { class: 'nbc-link', type: 'button' }, 'reconnect now');
     retry.addEventListener('click', () => this._client.reconnectNow());
-    this._banner.replaceChildren(
-      h('b', {}, 'Disconnected — reconnecting'),
-      seconds ? ` (next try in ${seconds}s) · ` : ' · ',
-      retry
-    );
+    this._banner.replaceChildren(h('b', {}, 'Disconnected — reconnecting'), next, retry);
   }
 
   /** A table of rows under a heading, or a muted line when there are none. */
