@@ -200,6 +200,7 @@ class ObjectPuller:
             )
             connected = False
             start = last = time.monotonic()
+            t0 = time.perf_counter()
             while not done:
                 if self._stop.is_set():
                     raise ObjectLostError(f"object {oid}: this node is shutting down")
@@ -229,6 +230,11 @@ class ObjectPuller:
                     raise _lost(oid, addr, w, f"no answer within {CONNECT_TIMEOUT_S:.0f} s")
                 elif now - last > STALL_TIMEOUT_S:
                     raise _lost(oid, addr, w, f"nothing arrived for {STALL_TIMEOUT_S:.0f} s")
+            dt = time.perf_counter() - t0
+            log.info(
+                "pulled %s from %s: %d bytes in %.3f s (%.0f MB/s)",
+                *(oid, addr, w.size, dt, w.size / max(dt, 1e-9) / 1e6),
+            )
         except BaseException:
             w.discard()
             with contextlib.suppress(zmq.ZMQError):  # tell the holder to stop and unpin
