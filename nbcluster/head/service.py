@@ -199,11 +199,17 @@ class HeadService:
                 log.exception("error handling %r", rest[:1])
 
     async def _reaper(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(0.25 if self._recovery is not None else 1.0)
             if self._recovery is not None and self._recovery.over():
                 await self._end_recovery()
             now = time.monotonic()
+            # After the loop was blocked (e.g. a slow handler of the Jupyter server hosting us),
+            # pings are queued, not missing: read them before judging anyone silent.
+            stalled, last = now - last > 2.0, now
+            if stalled:
+                continue
             for peer in list(self.peers.values()):
                 limit = (
                     DRIVER_LIVENESS_TIMEOUT_S
