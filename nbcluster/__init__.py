@@ -5,7 +5,7 @@
 In Jupyter, ``%load_ext nbcluster`` adds magics; ``dashboard()`` and ``progress()`` are widgets.
 """
 
-from nbcluster import exceptions
+from nbcluster import exceptions, util
 from nbcluster._version import __version__
 from nbcluster.actor import ActorClass, ActorHandle, exit_actor, get_actor, kill, method
 from nbcluster.api import (
@@ -75,5 +75,6 @@ __all__ = [
     "put",
     "remote",
     "shutdown",
+    "util",
     "wait",
 ]

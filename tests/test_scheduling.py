@@ -35,6 +35,7 @@ _HEAD: dict[str, str] = {}  # the module cluster's head address and token file
 # --------------------------------------------------------------------------- options (no cluster)
 def test_strategy_options_are_validated() -> None:
     assert RayNodeAffinity is NodeAffinitySchedulingStrategy is nb.NodeAffinitySchedulingStrategy
+    assert nb.util.scheduling_strategies.NodeAffinitySchedulingStrategy is RayNodeAffinity
     assert strategy_spec(None) is None and strategy_spec("DEFAULT") is None
     assert strategy_spec("SPREAD") == {"t": "spread"}
     spec = strategy_spec(NodeAffinitySchedulingStrategy("node-1", soft=True))
