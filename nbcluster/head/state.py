@@ -472,6 +472,8 @@ class ClusterState:
         and keeps what it needs reserved for the rest of this pass, so that later requests
         look at other nodes instead of all queueing for the same one.
         """
+        if not self.pending:
+            return []
         out: list[Instruction] = []
         still: deque[LeaseRequest] = deque()
         plan = _Pass()
