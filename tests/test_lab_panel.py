@@ -312,6 +312,11 @@ def test_panel_shows_the_local_node(lab: Lab, page: Page) -> None:
     expect(page.locator(".nbc-status")).to_have_text(
         re.compile(r"^nbcluster: 1 node · CPUs [0-9.]+/2 · GPUs 0/1$")
     )
+    # The status-bar item brings the panel back after another sidebar tab took its place.
+    page.locator('.jp-SideBar [data-id="filebrowser"]').click()
+    expect(page.locator("#nbcluster-panel")).to_be_hidden()
+    page.locator(".nbc-status").click()
+    expect(page.locator("#nbcluster-panel")).to_be_visible()
 
 
 def test_notebook_cell_run_in_the_browser_shows_the_dashboard(lab: Lab, page: Page) -> None:
