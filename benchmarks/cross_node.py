@@ -278,10 +278,10 @@ def _cross_node(ray: ModuleType, repeat: int) -> wl.Figures:
 # --------------------------------------------------------------------------
 
 
-def _ceiling_server(port_file: str, keys: tuple[bytes, bytes], curve: bool) -> None:
+def _ceiling_server(port_file: str, keys: tuple[bytes, bytes], curve: bool, streams: int) -> None:
     import zmq
 
-    ctx = zmq.Context()
+    ctx = zmq.Context(io_threads=streams)  # each connection may then encrypt on its own thread
     srv = ctx.socket(zmq.ROUTER)
     srv.sndhwm = srv.rcvhwm = 0
     if curve:
@@ -290,27 +290,40 @@ def _ceiling_server(port_file: str, keys: tuple[bytes, bytes], curve: bool) -> N
     Path(port_file).write_text(str(srv.bind_to_random_port("tcp://127.0.0.1")))
     src = memoryview(os.urandom(64 << 20))
     while True:
-        ident, req = srv.recv_multipart()
-        if req == b"quit":
-            break
-        chunk, n, window = map(int, req.split(b","))
-        sent, credits = 0, window
-        while sent < n:  # the same flow control as STORE_READ: `window` chunks ahead
-            while credits and sent < n:
-                off = (sent * chunk) % len(src)
-                srv.send_multipart([ident, zmq.Frame(src[off : off + chunk])])
-                sent, credits = sent + 1, credits - 1
-            if sent < n:
-                srv.recv_multipart()
-                credits += 1
-    srv.close(0)
-    ctx.term()
+        # One request per stream: "chunk,n,window" (n chunks for each), or "quit".
+        todo: dict[bytes, int] = {}
+        credits: dict[bytes, int] = {}
+        chunk = 0
+        while len(todo) < streams:
+            ident, req = srv.recv_multipart()
+            if req == b"quit":
+                srv.close(0)
+                ctx.term()
+                return
+            chunk, n, window = map(int, req.split(b","))
+            todo[ident], credits[ident] = n, window
+        sent = 0
+        while any(todo.values()):  # the same flow control as STORE_READ: `window` ahead
+            for ident in todo:
+                while credits[ident] and todo[ident]:
+                    off = (sent * chunk) % len(src)
+                    srv.send_multipart([ident, zmq.Frame(src[off : off + chunk])])
+                    todo[ident] -= 1
+                    credits[ident] -= 1
+                    sent += 1
+            if any(todo.values()):
+                ident, _ = srv.recv_multipart()
+                credits[ident] += 1
 
 
-def ceiling(size: int, chunk: int, window: int, curve: bool, write: bool, runs: int) -> list[float]:
-    """MB/s of streaming ``size`` bytes over one ZeroMQ connection between two processes.
+def ceiling(
+    size: int, chunk: int, window: int, curve: bool, write: bool, runs: int, streams: int = 1
+) -> list[float]:
+    """MB/s of streaming ``size`` bytes over ZeroMQ connections between two processes.
 
     ``write``: the receiver also writes each chunk into a tmpfs file (what a pull does).
+    ``streams``: connections in parallel, each with a share of the bytes, on as many ZeroMQ io
+    threads at both ends.
     """
     import multiprocessing as mp
 
@@ -320,11 +333,11 @@ def ceiling(size: int, chunk: int, window: int, curve: bool, write: bool, runs: 
     client_pub, client_sec = zmq.curve_keypair()
     port_file = tempfile.mktemp(prefix="nbc-ceiling-")
     proc = mp.get_context("spawn").Process(
-        target=_ceiling_server, args=(port_file, (server_pub, server_sec), curve)
+        target=_ceiling_server, args=(port_file, (server_pub, server_sec), curve, streams)
     )
     proc.start()
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    ctx = zmq.Context(io_threads=streams)
+    socks = [ctx.socket(zmq.DEALER) for _ in range(streams)]
     rates = []
     try:
         deadline = time.monotonic() + 60
@@ -332,37 +345,48 @@ def ceiling(size: int, chunk: int, window: int, curve: bool, write: bool, runs: 
             if time.monotonic() > deadline:
                 raise RuntimeError("the ceiling server did not start")
             time.sleep(0.05)
-        sock.sndhwm = sock.rcvhwm = 0
-        if curve:
-            sock.curve_serverkey = server_pub
-            sock.curve_publickey, sock.curve_secretkey = client_pub, client_sec
-        sock.connect(f"tcp://127.0.0.1:{Path(port_file).read_text()}")
-        n = size // chunk
+        poller = zmq.Poller()
+        for sock in socks:
+            sock.sndhwm = sock.rcvhwm = 0
+            if curve:
+                sock.curve_serverkey = server_pub
+                sock.curve_publickey, sock.curve_secretkey = client_pub, client_sec
+            sock.connect(f"tcp://127.0.0.1:{Path(port_file).read_text()}")
+            poller.register(sock, zmq.POLLIN)
+        n = size // chunk // streams  # chunks per stream
         for _ in range(runs):
             path = f"/dev/shm/nbc-ceiling-{os.getpid()}"
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             try:
-                os.ftruncate(fd, n * chunk)
+                os.ftruncate(fd, n * chunk * streams)
                 t0 = time.perf_counter()
-                sock.send(b"%d,%d,%d" % (chunk, n, window))
-                got = 0
-                for i in range(n):
-                    if not sock.poll(60_000):
+                for sock in socks:
+                    sock.send(b"%d,%d,%d" % (chunk, n, window))
+                got = dict.fromkeys(socks, 0)
+                left = n * streams
+                while left:
+                    ready = poller.poll(60_000)
+                    if not ready:
                         raise RuntimeError("the ceiling server stopped sending")
-                    frame = sock.recv(copy=False)
-                    if i + window < n:
-                        sock.send(b"c")
-                    if write:
-                        os.pwrite(fd, frame.buffer, got)
-                    got += len(frame)
-                rates.append(got / (time.perf_counter() - t0) / 1e6)
+                    for sock, _ in ready:
+                        frame = sock.recv(copy=False)
+                        i = got[sock] // chunk
+                        if i + window < n:
+                            sock.send(b"c")
+                        if write:
+                            base = socks.index(sock) * n * chunk
+                            os.pwrite(fd, frame.buffer, base + got[sock])
+                        got[sock] += len(frame)
+                        left -= 1
+                rates.append(sum(got.values()) / (time.perf_counter() - t0) / 1e6)
             finally:
                 os.close(fd)
                 os.unlink(path)
-        sock.send(b"quit")
+        socks[0].send(b"quit")
         proc.join(30)
     finally:
-        sock.close(0)
+        for sock in socks:
+            sock.close(0)
         ctx.term()
         if proc.is_alive():
             proc.kill()
@@ -429,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--chunks", default="1,4,16", help="MiB per chunk (ceiling)")
     p.add_argument("--window", type=int, default=8, help="chunks ahead of credits (ceiling)")
+    p.add_argument(
+        "--streams", default="1", help="parallel connections, comma-separated (ceiling, CURVE)"
+    )
     args = p.parse_args(argv)
     size = int(args.size)
 
@@ -445,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"zmq {'CURVE' if curve else 'plain'} {mib} MiB x{args.window}"
                     label += " + tmpfs write" if write else ""
                     show(label, ceiling(size, mib << 20, args.window, curve, write, args.runs))
+                for streams in (int(x) for x in args.streams.split(",") if int(x) > 1):
+                    label = f"zmq CURVE {mib} MiB x{args.window}, {streams} streams + write"
+                    rates = ceiling(size, mib << 20, args.window, True, True, args.runs, streams)
+                    show(label, rates)
         if args.what in ("store", "both"):
             from nbcluster.store import transfer
 
