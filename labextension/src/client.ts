@@ -10,7 +10,7 @@ import { ServerConnection } from '@jupyterlab/services';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import {
-  applyMessage,
+  applyMessages,
   IClusterState,
   IMetrics,
   initialState,
@@ -42,8 +42,10 @@ export class ClusterClient {
       },
       {
         onMessage: msg => this._onMessage(msg),
-        onStatus: (status, retryInMs) =>
-          this._update(setConnection(this._state, status, retryInMs))
+        onStatus: (status, retryInMs) => {
+          this._flush(); // messages read before the status change come first
+          this._update(setConnection(this._state, status, retryInMs));
+        }
       }
     );
   }
@@ -72,6 +74,10 @@ export class ClusterClient {
   }
 
   dispose(): void {
+    if (this._flushTimer !== null) {
+      clearTimeout(this._flushTimer);
+      this._flushTimer = null;
+    }
     this._stream.dispose();
     Signal.clearData(this);
   }
@@ -118,9 +124,26 @@ export class ClusterClient {
     }
   }
 
+  /** Queue a message; the queue is folded in one go once the burst that brought it is read. */
   private _onMessage(msg: ServerMessage): void {
-    this._update(applyMessage(this._state, msg));
-    if (msg.type === 'snapshot') {
+    this._pending.push(msg);
+    if (this._flushTimer === null) {
+      this._flushTimer = setTimeout(() => this._flush(), 0);
+    }
+  }
+
+  private _flush(): void {
+    if (this._flushTimer !== null) {
+      clearTimeout(this._flushTimer);
+      this._flushTimer = null;
+    }
+    const msgs = this._pending;
+    this._pending = [];
+    if (this.isDisposed || msgs.length === 0) {
+      return;
+    }
+    this._update(applyMessages(this._state, msgs));
+    if (msgs.some(m => m.type === 'snapshot')) {
       void this._loadHistory();
     }
   }
@@ -130,6 +153,8 @@ export class ClusterClient {
     this._changed.emit(state);
   }
 
+  private _pending: ServerMessage[] = [];
+  private _flushTimer: ReturnType<typeof setTimeout> | null = null;
   private _settings: ServerConnection.ISettings;
   private _stream: EventStream;
   private _state: IClusterState = initialState();

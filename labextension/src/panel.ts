@@ -54,6 +54,9 @@ export function h(
   return el;
 }
 
+/** Rows drawn per table. */
+const MAX_ROWS = 100;
+
 const SVG_NS = 'http://www.w3.org/2000/svg';
 const SPARK_W = 48;
 const SPARK_H = 16;
@@ -305,6 +308,14 @@ export class ClusterPanel extends Widget {
 
   /** A table of rows under a heading, or a muted line when there are none. */
   private _table(title: string, head: string, empty: string, rows: HTMLElement[]): HTMLElement[] {
+    if (rows.length > MAX_ROWS) {
+      // Thousands of queued tasks would make every redraw slow; the head has them all.
+      const more = rows.length - MAX_ROWS;
+      rows = rows.slice(0, MAX_ROWS);
+      rows.push(
+        h('tr', { class: 'nbc-more' }, h('td', { colspan: '3' }, `… and ${more} more`))
+      );
+    }
     return [
       h('h3', {}, title),
       rows.length === 0

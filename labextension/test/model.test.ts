@@ -9,6 +9,7 @@ import {
   INode,
   ITask,
   applyMessage,
+  applyMessages,
   initialState,
   mergeHistory,
   parseMessage,
@@ -262,5 +263,58 @@ describe('views', () => {
     let s = snapshot([node('n1')]);
     s = mergeHistory(s, { n1: [metrics(98), metrics(99), metrics(100), metrics(101)] });
     expect(s.history.n1.map(m => m.time)).toEqual([98, 99, 100]);
+  });
+});
+
+describe('applyMessages', () => {
+  it('gives the same state as applying one message at a time', () => {
+    const start = snapshot([node('n1')], [task('t0', 'running')], [actor('a0', 'alive')]);
+    const msgs = [
+      { type: 'task', task: task('t1', 'queued') },
+      { type: 'task', task: task('t1', 'running') },
+      { type: 'actor', actor: actor('a1', 'alive') },
+      {
+        type: 'metrics',
+        time: 101,
+        nodes: [{ node_id: 'n1', metrics: metrics(101), tasks_running: 2 }],
+        totals: { nodes: 1, CPU: 4, CPU_used: 2, GPU: 1, GPU_used: 0 }
+      },
+      { type: 'task', task: task('t0', 'finished', { ended_at: 5 }) },
+      { type: 'actor', actor: actor('a0', 'dead') },
+      { type: 'node', node: node('n2') }
+    ] as const;
+    const frozen = JSON.stringify(start);
+    const batched = applyMessages(start, [...msgs]);
+    const oneByOne = msgs.reduce((s, m) => applyMessage(s, m), start);
+    expect(JSON.stringify(start)).toBe(frozen);
+    expect(batched.tasks).toEqual(oneByOne.tasks);
+    expect(Object.keys(batched.actors)).toEqual(Object.keys(oneByOne.actors));
+    expect(batched.actors).toEqual(oneByOne.actors);
+    expect(batched.nodes).toEqual(oneByOne.nodes);
+    expect(batched.history).toEqual(oneByOne.history);
+    expect(batched.totals).toEqual(oneByOne.totals);
+    expect(batched.tablesVersion).toBeGreaterThan(start.tablesVersion);
+  });
+
+  it('folds a flood of task events quickly', () => {
+    const start = snapshot([node('n1')]);
+    const msgs = Array.from({ length: 20000 }, (_, i) => ({
+      type: 'task' as const,
+      task: task(`t${i}`, 'queued', { submitted_at: i })
+    }));
+    const t0 = Date.now();
+    const s = applyMessages(start, msgs);
+    expect(Date.now() - t0).toBeLessThan(2000);
+    expect(visibleTasks(s)).toHaveLength(20000);
+  });
+
+  it('a snapshot in the batch replaces what came before it', () => {
+    const start = snapshot([node('n1')]);
+    const s = applyMessages(start, [
+      { type: 'task', task: task('old', 'queued') },
+      { type: 'snapshot', cluster: cluster([node('n1')]), tasks: [], actors: [] },
+      { type: 'task', task: task('new', 'queued') }
+    ]);
+    expect(Object.keys(s.tasks)).toEqual(['new']);
   });
 });
