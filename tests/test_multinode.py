@@ -244,3 +244,30 @@ def test_status_command_lists_nodes_tasks_and_actors(procs: Procs, tmp_path: Pat
     assert "ctr" in actor_line and "alive" in actor_line
     assert procs.token_file.read_text().strip() not in out  # never the secret
     nb.cancel(ref, force=True)
+
+
+def test_files_of_a_killed_agents_store_are_removed_by_the_next_agent(
+    procs: Procs, tmp_path: Path
+) -> None:
+    np = pytest.importorskip("numpy")
+    procs.start_head()
+    procs.join("main", "--num-cpus", "1")
+    procs.join("doomed", "--num-cpus", "1", "--resources", '{"d": 1}')
+    nb.init(address=procs.address, token_file=str(procs.token_file))
+
+    @nb.remote(resources={"d": 1})
+    def big() -> object:
+        return np.ones(1_000_000)
+
+    ref = big.remote()
+    nb.wait([ref], timeout=60)
+    store_id = next(n["store_id"] for n in nb.nodes() if n["name"] == "doomed")
+    shm = Path("/dev/shm")
+    assert list(shm.glob(f"nbc-{store_id}-*"))
+    procs.kill_agent("doomed")  # SIGKILL: it cannot clean up
+    procs.agents["doomed"].wait(10)
+    owner = shm / f"nbc-{store_id}.owner"
+    old = time.time() - 60  # owner files younger than 2 s are left alone (a store may be starting)
+    os.utime(owner, (old, old))
+    procs.join("next", "--num-cpus", "1")
+    assert not list(shm.glob(f"nbc-{store_id}*"))

@@ -21,7 +21,9 @@ from nbcluster.metrics import MetricsThread
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
-from nbcluster.store.manager import StoreManager, default_capacity
+from nbcluster.store import orphans
+from nbcluster.store.manager import StoreManager, cleanup_store, default_capacity
+from nbcluster.store.segment import SHM_DIR
 from nbcluster.store.service import StoreService
 from nbcluster.store.transfer import ObjectPuller
 from nbcluster.transport import Transport, wait_for_handshake
@@ -74,6 +76,7 @@ class NodeAgent:
         self.worker_env = worker_env or {}
         self.worker_cwd = worker_cwd
         self.store_id = secrets.token_hex(6)
+        _sweep_dead_stores()
         self.store = StoreManager(
             self.store_id,
             object_store_memory if object_store_memory is not None else default_capacity(),
@@ -367,6 +370,13 @@ class NodeAgent:
         self.store.cleanup()
         if self._transport is not None:
             self._transport.close()
+
+
+def _sweep_dead_stores() -> None:
+    """Remove what stores of agents that died without cleaning up (SIGKILL) left in /dev/shm."""
+    for store_id in orphans.dead_stores(SHM_DIR):
+        n = cleanup_store(store_id)
+        log.warning("removed %d file(s) left by the dead object store %s", n, store_id)
 
 
 def describe_exit(pid: int | None, rc: int | None) -> str:

@@ -29,6 +29,7 @@ produced it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -39,6 +40,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from types import TracebackType
 
+from nbcluster.store import orphans
 from nbcluster.store.errors import ObjectNotFoundError, ObjectStoreError, ObjectStoreFullError
 from nbcluster.store.segment import SHM_DIR, segment_name, validate_oid, validate_store_id
 
@@ -96,6 +98,8 @@ def cleanup_store(store_id: str, spill_dir: str | None = None, shm_dir: str = SH
         How many files were removed.
     """
     pattern = f"nbc-{validate_store_id(store_id)}-*"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(orphans.owner_path(store_id, shm_dir))
     default_dir = default_spill_dir(store_id)
     dirs = [shm_dir, spill_dir or default_dir]
     removed = 0
@@ -172,6 +176,8 @@ class StoreManager:
         self._used = 0
         self._spilled = 0
         self._lock = threading.RLock()
+        # Held while we live: an agent started after our death finds and removes our files.
+        self._owner_fd = orphans.claim(self.store_id, shm_dir)
 
     # ------------------------------------------------------------------ paths
     def shm_path(self, oid: str) -> str:
@@ -375,6 +381,9 @@ class StoreManager:
             self._lru.clear()
             self._used = self._spilled = 0
             removed += cleanup_store(self.store_id, self.spill_dir, self.shm_dir)
+            if self._owner_fd >= 0:
+                orphans.release(self._owner_fd, self.store_id, self.shm_dir)
+                self._owner_fd = -1
             return removed
 
     def __enter__(self) -> StoreManager:
