@@ -31,6 +31,7 @@ from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.security import derive_keys, read_token_file
 from nbcluster.store.client import StoreClient
+from nbcluster.store.errors import ObjectStoreFullError
 from nbcluster.store.manager import cleanup_store
 from nbcluster.store.segment import SHM_DIR
 from nbcluster.transport.sockets import Transport
@@ -235,6 +236,29 @@ def test_object_missing_on_the_holder_is_lost(two_nodes: Cluster) -> None:
         assert time.monotonic() - t0 < 10
         assert _files(reader.store_id, "gone.p") == []
     finally:
+        put.close()
+        get.close()
+
+
+def test_reader_node_without_room_says_so(two_nodes: Cluster) -> None:
+    c = two_nodes
+    holder = c.nodes[0]
+    small = c.join("small", "--object-store-memory", str(16 * MB), "--spill-limit", "0")
+    put, get = c.client(holder), c.client(small)
+    try:
+        frames = put.put("roomy.p", np.ones(64 * MB // 8), "job5")
+        t0 = time.monotonic()
+        with pytest.raises(ObjectStoreFullError):
+            get.get(frames)
+        assert time.monotonic() - t0 < 30
+        assert _files(small.store_id) == [] and _stats(c, small)["objects"] == 0
+        # The holder still serves it (to a node with room).
+        roomy = c.client(c.nodes[1])
+        assert _digest(roomy.get(frames)) == _digest(np.ones(64 * MB // 8))
+        roomy.free(["roomy.p"])
+        roomy.close()
+    finally:
+        put.free(["roomy.p"])
         put.close()
         get.close()
 
