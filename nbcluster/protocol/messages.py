@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 #: Bumped on every incompatible change; checked in the HELLO / REGISTER handshakes.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class Kind(StrEnum):

@@ -35,6 +35,9 @@ INLINE_THRESHOLD_BYTES = 100 * 1024
 MARKER = b"\x00nbc-store\x00"
 
 REQUEST_TIMEOUT_MS = 60_000
+#: A pull moves the whole object; the agent fails it itself on a stalled or dead holder, so
+#: this only bounds a pull that keeps making progress (1 TB at 350 MB/s).
+PULL_TIMEOUT_MS = 3_000_000
 
 
 def is_stored(frames: Sequence[Any]) -> bool:
@@ -101,16 +104,18 @@ class StoreClient:
             except zmq.ZMQError:
                 return
 
-    def _request(self, header: dict[str, Any]) -> dict[str, Any]:
+    def _request(
+        self, header: dict[str, Any], timeout_ms: int = REQUEST_TIMEOUT_MS
+    ) -> dict[str, Any]:
         rid = next(self._rid)
         with self._lock:
             self._flush_unpinned()
             self._sock.send_multipart(encode({**header, "rid": rid}))
             while True:
-                if not self._sock.poll(REQUEST_TIMEOUT_MS):
+                if not self._sock.poll(timeout_ms):
                     raise ObjectStoreError(
                         f"the node's object store at {self.address} did not answer within "
-                        f"{REQUEST_TIMEOUT_MS // 1000} s"
+                        f"{timeout_ms // 1000} s"
                     )
                 reply, _ = decode(self._sock.recv_multipart())
                 if reply.get("rid") == rid:
@@ -177,7 +182,8 @@ class StoreClient:
                 raise ObjectLostError(f"object {oid} lives in another node's store")
             # Our agent copies it from the node that holds it (once per node), then we map it.
             path = self._request(
-                {"k": Kind.STORE_PULL, "oid": oid, "from": meta["addr"], "job": meta.get("job")}
+                {"k": Kind.STORE_PULL, "oid": oid, "from": meta["addr"], "job": meta.get("job")},
+                PULL_TIMEOUT_MS,
             )["path"]
             mm = self._open_pinned(oid, path)
         else:
