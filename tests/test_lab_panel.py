@@ -43,6 +43,7 @@ IMG = ROOT / "docs" / "img"
 BASE_URL = "/user/t/"
 NOTEBOOK = "work/panel_demo.ipynb"
 DASHBOARD_NOTEBOOK = "work/dashboard.ipynb"
+FLOOD = 3000  # queued tasks in the flood test
 UI_TIMEOUT_MS = 60_000  # a 2-core CI box running other tests loads JupyterLab slowly
 
 T = TypeVar("T")
@@ -119,6 +120,8 @@ class Lab:
                 "JUPYTERLAB_SETTINGS_DIR": str(tmp / "settings"),
                 "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "workspaces"),
                 "JUPYTER_PLATFORM_DIRS": "1",
+                # Our data dir (the fresh build) before the environment's installed copy.
+                "JUPYTER_PREFER_ENV_PATH": "0",
                 "PYTHONUNBUFFERED": "1",
                 # One fake GPU (no NVIDIA driver here): the panel's GPU gauges get figures.
                 "NBCLUSTER_NVML_MODULE": "nbcluster.testing.fake_nvml",
@@ -455,6 +458,35 @@ def test_actor_from_a_notebook_appears_and_is_killed_from_the_panel(lab: Lab, pa
         "    print(type(e).__name__)\n",
     ).raise_for_error()
     assert "ActorDiedError" in r.stdout, r.stdout
+    _off_loop(kernel.shutdown)
+
+
+def test_a_flood_of_queued_tasks(lab: Lab, page: Page) -> None:
+    """Thousands of queued tasks: the panel keeps up, draws a bounded table and stays usable."""
+    assert lab.server is not None
+    kernel = _off_loop(lab.server.start_kernel, "work/flood.ipynb")
+    _open_panel(page)
+    t0 = time.monotonic()
+    _off_loop(
+        kernel.execute,
+        "import time\n"
+        "import nbcluster as nb\n"
+        "nb.init()\n"
+        "@nb.remote(num_cpus=1)\n"
+        "def step(i):\n"
+        "    time.sleep(60)\n"
+        f"refs = [step.remote(i) for i in range({FLOOD})]\n",
+    ).raise_for_error()
+    header = page.locator("#nbcluster-panel .nbc-tasks h3")
+    expect(header).to_have_text(f"Tasks ({FLOOD})")
+    shown = time.monotonic() - t0
+    expect(page.locator("#nbcluster-panel .nbc-tasks tr[data-task-id]")).to_have_count(100)
+    expect(page.locator("#nbcluster-panel .nbc-more")).to_have_text(f"… and {FLOOD - 100} more")
+    # Still responsive: the status bar follows the metrics ticks.
+    expect(page.locator(".nbc-status")).to_contain_text("CPUs 2/2")
+    print(f"\n{FLOOD} tasks submitted and listed in the panel in {shown:.1f} s", file=sys.stderr)
+    _off_loop(kernel.execute, "for r in refs:\n    nb.cancel(r)\n", timeout=180.0).raise_for_error()
+    expect(header).to_have_text("Tasks (0)")
     _off_loop(kernel.shutdown)
 
 
