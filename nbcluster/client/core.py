@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import psutil
 import zmq
 
 from nbcluster import context
@@ -196,6 +197,8 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                 "k": Kind.HELLO,
                 "v": PROTOCOL_VERSION,
                 "pid": os.getpid(),
+                # With the pid, lets a head on this machine watch our process (see its reaper).
+                "started": psutil.Process().create_time(),
                 "role": "worker" if self.worker_id else "driver",
             }
             if self.job_id:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import zmq
 
 from nbcluster._version import __version__
@@ -44,9 +45,11 @@ log = logging.getLogger(__name__)
 
 #: A client or agent silent for this long is considered gone.
 LIVENESS_TIMEOUT_S = 10.0
-#: Drivers ping every second; one silent this long is gone (a killed notebook kernel: its tasks,
-#: objects and actors are released within a few seconds, GPUs included).
-DRIVER_LIVENESS_TIMEOUT_S = 4.0
+#: A driver on this machine (a notebook kernel of the Jupyter server hosting us) is gone as soon
+#: as its process is: a killed kernel's tasks, objects and actors are released within a second or
+#: two, GPUs included. Silence alone drops it only after this long (a cell can hold the GIL in C
+#: code for a while; dropping a live kernel would kill its actors).
+LOCAL_DRIVER_SILENCE_S = 60.0
 DRAIN_REASON = "its node was drained (nbcluster-worker stopped)"
 #: Agents ping every second; a node silent this long is dead (its tasks retried elsewhere).
 AGENT_LIVENESS_TIMEOUT_S = 5.0
@@ -64,6 +67,29 @@ class Peer:
     worker_id: str | None = None
     node_id: str | None = None
     last_seen: float = 0.0
+    proc: psutil.Process | None = None  # a driver's process, when it runs on this machine
+
+
+def _local_process(pid: int, started: Any) -> psutil.Process | None:
+    """The process ``pid`` if it is the one that said hello (same start time), else ``None``.
+
+    ``None`` for a driver on another machine (or in another pid namespace): the head then knows
+    it only by its pings.
+    """
+    if not pid or not isinstance(started, int | float):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        return proc if abs(proc.create_time() - float(started)) < 0.05 else None
+    except psutil.Error:
+        return None
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 class HeadService:
@@ -211,13 +237,13 @@ class HeadService:
             if stalled:
                 continue
             for peer in list(self.peers.values()):
-                limit = (
-                    DRIVER_LIVENESS_TIMEOUT_S
-                    if peer.role == "driver"
-                    else AGENT_LIVENESS_TIMEOUT_S
-                    if peer.role == "agent"
-                    else LIVENESS_TIMEOUT_S
-                )
+                if peer.proc is not None:  # a driver on this machine: watch its process
+                    if _running(peer.proc) and now - peer.last_seen <= LOCAL_DRIVER_SILENCE_S:
+                        continue
+                    log.warning("driver pid %s exited without saying goodbye", peer.pid)
+                    await self._peer_gone(peer)
+                    continue
+                limit = AGENT_LIVENESS_TIMEOUT_S if peer.role == "agent" else LIVENESS_TIMEOUT_S
                 if now - peer.last_seen > limit:
                     log.warning(
                         "%s pid %s silent for %.0f s: dropping",
@@ -519,6 +545,8 @@ class HeadService:
             owns = True
         peer = Peer(ident, role, int(h.get("pid", 0)), job_id, owns, h.get("worker_id"))
         peer.last_seen = time.monotonic()
+        if role == "driver":
+            peer.proc = _local_process(peer.pid, h.get("started"))
         self.peers[ident] = peer
         self._dirty = True
         if h.get("rejoin"):
