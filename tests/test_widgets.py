@@ -165,3 +165,13 @@ def test_widget_modules_stay_out_of_plain_imports(tmp_path: Path) -> None:
         "print(any(m.startswith(('ipywidgets', 'IPython')) for m in sys.modules))"
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_status_magic_lists_gpus_with_their_metrics(k: Any) -> None:
+    def shown() -> str | None:
+        r = k.execute("%load_ext nbcluster\n%nbcluster status").raise_for_error()
+        return r.stdout if "81%" in r.stdout else None
+
+    out = str(wait_until(shown, timeout=30, interval=0.5))
+    gpu_lines = [line for line in out.splitlines() if "Fake GPU" in line]
+    assert len(gpu_lines) == 2 and "37%" in gpu_lines[0] and "6.0G/8.0G" in gpu_lines[1], out
