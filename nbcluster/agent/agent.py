@@ -26,7 +26,7 @@ from nbcluster.store.manager import StoreManager, cleanup_store, default_capacit
 from nbcluster.store.segment import SHM_DIR
 from nbcluster.store.service import StoreService
 from nbcluster.store.transfer import ObjectPuller
-from nbcluster.transport import Transport, wait_for_handshake
+from nbcluster.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,13 @@ class NodeAgent:
     async def start(self) -> None:
         """Connect and register with the head (raises on a wrong secret or version)."""
         self._transport = Transport(derive_keys(self._token))
-        self._sock = self._transport.client(zmq.DEALER, f"tcp://{self.head_address}")
         self._store_sock, self.store_address = self._transport.server(
             zmq.ROUTER, f"tcp://{self.bind_host}:0"
         )
         self._store_service.puller = ObjectPuller(self._transport, self.store)
-        await wait_for_handshake(self._sock, self.head_address, timeout=30.0)
+        self._sock = await self._transport.connect_verified(
+            zmq.DEALER, f"tcp://{self.head_address}", timeout=30.0
+        )
         await self._send(self._register_msg())
         header, _ = decode(await asyncio.wait_for(self._sock.recv_multipart(), 30.0))
         if header["k"] == Kind.ERROR:

@@ -48,7 +48,7 @@ from nbcluster.refs import ObjectRef
 from nbcluster.serialization import dumps, loads
 from nbcluster.store.client import StoreClient, is_stored
 from nbcluster.store.errors import ObjectStoreError
-from nbcluster.transport import Transport, wait_for_handshake
+from nbcluster.transport import Transport
 
 log = logging.getLogger("nbcluster")
 
@@ -191,8 +191,9 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
             self._owner_sock, self.owner_address = self._transport.server(
                 zmq.ROUTER, f"tcp://{self.bind_host}:0"
             )
-            self._head = self._transport.client(zmq.DEALER, f"tcp://{self.head_address}")
-            await wait_for_handshake(self._head, self.head_address, timeout=30.0)
+            self._head = await self._transport.connect_verified(
+                zmq.DEALER, f"tcp://{self.head_address}", timeout=30.0
+            )
             hello: dict[str, Any] = {
                 "k": Kind.HELLO,
                 "v": PROTOCOL_VERSION,

@@ -75,7 +75,19 @@ class Transport:
         bound = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         return sock, bound
 
-    def client(self, kind: int, endpoint: str, *, aio: bool = True) -> Any:
+    async def connect_verified(self, kind: int, endpoint: str, timeout: float) -> Any:
+        """Connect like :meth:`client` and wait until the CURVE handshake succeeded.
+
+        The handshake monitor is attached before connecting: attached after, it could miss a
+        handshake that completed in between and wait for nothing.
+        """
+        sock = self.client(kind, endpoint, connect=False)
+        mon = sock.get_monitor_socket()
+        sock.connect(endpoint)
+        await wait_for_handshake(sock, endpoint, timeout, mon)
+        return sock
+
+    def client(self, kind: int, endpoint: str, *, aio: bool = True, connect: bool = True) -> Any:
         """Connect an authenticated client socket to ``endpoint``."""
         ctx: zmq.Context[Any] = self.actx if aio else self.ctx
         sock = ctx.socket(kind)
@@ -86,7 +98,8 @@ class Transport:
         # A peer that went away (a restarting head) is retried with exponential backoff.
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(endpoint)
+        if connect:
+            sock.connect(endpoint)
         return sock
 
     def close(self) -> None:
@@ -112,8 +125,11 @@ _FAILED = (
 )
 
 
-async def wait_for_handshake(sock: Any, endpoint: str, timeout: float) -> None:
+async def wait_for_handshake(sock: Any, endpoint: str, timeout: float, mon: Any = None) -> None:
     """Wait until the CURVE handshake of ``sock`` with ``endpoint`` succeeded.
+
+    ``mon`` is ``sock``'s monitor socket when it was attached before connecting (see
+    :meth:`Transport.connect_verified`); without it one is attached now.
 
     Raises
     ------
@@ -122,7 +138,8 @@ async def wait_for_handshake(sock: Any, endpoint: str, timeout: float) -> None:
     ConnectionFailedError
         If nothing answered within ``timeout`` seconds.
     """
-    mon = sock.get_monitor_socket()
+    if mon is None:
+        mon = sock.get_monitor_socket()
     disconnects = 0
     try:
         loop = asyncio.get_running_loop()
