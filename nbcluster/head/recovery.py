@@ -29,7 +29,7 @@ import msgpack
 from nbcluster.head.actors import DEAD, ActorDirectory, ActorInfo
 
 #: How long a restarted head waits for the nodes it knew before scheduling anew.
-RECOVERY_WINDOW_S = 5.0
+RECOVERY_WINDOW_S = 10.0
 
 _SNAPSHOT_VERSION = 1
 
