@@ -27,6 +27,7 @@ import cloudpickle
 import nbcluster as nb
 from nbcluster.client import current
 from nbcluster.client.core import CoreClient
+from nbcluster.status import table, used
 from nbcluster.widgets import cluster_nodes
 
 #: Cells whose parent header is kept for late output (the oldest are forgotten first).
@@ -261,24 +262,8 @@ def _connect() -> None:
         attach_kernel(client)
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
-
-
 def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.1f}G"
-
-
-def _used(node: dict[str, Any], key: str) -> str:
-    total = node.get("resources_total", {}).get(key, 0.0)
-    if not total:
-        return "-"
-    free = node.get("resources_available", {}).get(key, 0.0)
-    return f"{total - free:g}/{total:g}"
 
 
 def status_text() -> str:
@@ -294,7 +279,7 @@ def status_text() -> str:
         )
         cpu = m.get("cpu_percent")
         custom = [
-            f"{k} {_used(n, k)}"
+            f"{k} {used(n, k)}"
             for k in sorted(n.get("resources_total", {}))
             if k not in ("CPU", "GPU", "memory", "object_store_memory")
         ]
@@ -302,9 +287,9 @@ def status_text() -> str:
             [
                 n.get("name", ""),
                 "alive" if n.get("alive") else "dead",
-                _used(n, "CPU"),
+                used(n, "CPU"),
                 "-" if cpu is None else f"{cpu:.0f}%",
-                _used(n, "GPU"),
+                used(n, "GPU"),
                 mem,
                 ", ".join(custom) or "-",
             ]
@@ -320,9 +305,9 @@ def status_text() -> str:
                     f"{_gib(g.get('memory_used'))}/{_gib(g.get('memory_total'))}",
                 ]
             )
-    text = _table(rows, ["node", "state", "CPU used", "CPU %", "GPU used", "memory", "resources"])
+    text = table(rows, ["node", "state", "CPU used", "CPU %", "GPU used", "memory", "resources"])
     if gpu_rows:
-        text += "\n\n" + _table(gpu_rows, ["node", "GPU", "name", "util", "memory"])
+        text += "\n\n" + table(gpu_rows, ["node", "GPU", "name", "util", "memory"])
     return text
 
 
@@ -374,10 +359,10 @@ def _magics_class() -> type:
                     [n["node_id"], n["name"], n["address"], "alive" if n["alive"] else "dead"]
                     for n in nb.nodes()
                 ]
-                print(_table(rows, ["node_id", "name", "address", "state"]))
+                print(table(rows, ["node_id", "name", "address", "state"]))
             elif cmd == "tasks":
                 rows = _tasks_snapshot(current.require())
-                print(_table(rows, ["task", "name", "state", "where"]) if rows else "no tasks")
+                print(table(rows, ["task", "name", "state", "where"]) if rows else "no tasks")
             elif cmd == "actors":
                 rows = [
                     [
@@ -389,7 +374,7 @@ def _magics_class() -> type:
                     ]
                     for a in nb.actors()
                 ]
-                print(_table(rows, ["actor", "class", "name", "state", "pid"]) if rows else "none")
+                print(table(rows, ["actor", "class", "name", "state", "pid"]) if rows else "none")
             else:
                 print(f"unknown command {cmd!r}\n\n{HELP}", file=sys.stderr)
 
