@@ -23,6 +23,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from nbcluster.jupyter.handlers import ROUTES
+from nbcluster.testing import fake_nvml
 from tests.conftest import wait_until
 from tests.jupyter_helpers import JupyterServer, Kernel, free_port, start_jupyter_server
 
@@ -33,15 +34,10 @@ FAKE_GPUS = [{"name": "NVIDIA H100", "utilization": 37, "memory_used": 1000, "me
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterServer]:
     """A server whose local node has 2 CPUs, 1 custom resource and one (faked) GPU to sample."""
     tmp = tmp_path_factory.mktemp("jserver")
-    gpus = tmp / "gpus.json"
-    gpus.write_text(json.dumps(FAKE_GPUS))
     srv = start_jupyter_server(
         tmp,
         nbcluster={"num_cpus": 2, "num_gpus": 0, "resources": {"custom": 1}},
-        env={
-            "NBCLUSTER_NVML_MODULE": "nbcluster.testing.fake_nvml",
-            "NBCLUSTER_FAKE_NVML": str(gpus),
-        },
+        env=fake_nvml.environment(FAKE_GPUS, tmp / "gpus.json"),
     )
     yield srv
     srv.stop()

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 import nbcluster as nb
-from tests.conftest import ROOT, all_gone, descendants, run_script, wait_until
+from tests.conftest import ROOT, all_gone, descendants, run_script, stop_processes, wait_until
 
 LIST_PIDS = """
 import json, psutil
@@ -185,16 +185,7 @@ def standalone(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield f"127.0.0.1:{port}", token_file, procs
     finally:
         nb.shutdown()
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            if p.stdout is not None:
-                p.stdout.close()
+        stop_processes(procs)
 
 
 def _join(address: str, token_file: Path, name: str, *flags: str) -> subprocess.Popen[str]:

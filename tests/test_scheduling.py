@@ -26,7 +26,7 @@ from nbcluster.scheduling import NodeAffinitySchedulingStrategy, strategy_spec
 from nbcluster.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy as RayNodeAffinity,
 )
-from tests.conftest import wait_until
+from tests.conftest import stop_processes, wait_until
 
 TIMEOUT = 90  # seconds: the machine is shared and small
 _HEAD: dict[str, str] = {}  # the module cluster's head address and token file
@@ -203,17 +203,7 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         yield {n["name"]: n["node_id"] for n in nb.nodes()}
     finally:
         nb.shutdown()
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-            if p.stdout is not None:
-                p.stdout.close()
+        stop_processes(procs, timeout=20)
 
 
 @nb.remote(num_cpus=1)

@@ -35,7 +35,7 @@ from nbcluster.store.errors import ObjectStoreFullError
 from nbcluster.store.manager import cleanup_store
 from nbcluster.store.segment import SHM_DIR
 from nbcluster.transport.sockets import Transport
-from tests.conftest import wait_until
+from tests.conftest import stop_processes, wait_until
 
 np = pytest.importorskip("numpy")
 
@@ -106,17 +106,7 @@ def _start_cluster(tmp: Path) -> Cluster:
 
 def _stop_cluster(c: Cluster) -> None:
     c.transport.close()
-    for p in reversed(c.procs):
-        if p.poll() is None:
-            p.terminate()
-    for p in c.procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-        if p.stdout is not None:
-            p.stdout.close()
+    stop_processes(c.procs)
     for node in c.nodes:  # a killed agent cannot clean up after itself: we do
         cleanup_store(node.store_id)
 

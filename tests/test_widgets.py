@@ -6,7 +6,6 @@ pushed by the node agent.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 import nbcluster as nb
+from nbcluster.testing import fake_nvml
 from tests.conftest import wait_until
 from tests.jupyter_helpers import JupyterServer, start_jupyter_server
 
@@ -27,15 +27,10 @@ FAKE_GPUS = [
 @pytest.fixture(scope="module")
 def gpu_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JupyterServer]:
     tmp = tmp_path_factory.mktemp("widgets")
-    gpus = tmp / "gpus.json"
-    gpus.write_text(json.dumps(FAKE_GPUS))
     srv = start_jupyter_server(
         tmp / "server",
         nbcluster={"num_cpus": 2, "num_gpus": 2},
-        env={
-            "NBCLUSTER_NVML_MODULE": "nbcluster.testing.fake_nvml",
-            "NBCLUSTER_FAKE_NVML": str(gpus),
-        },
+        env=fake_nvml.environment(FAKE_GPUS, tmp / "gpus.json"),
     )
     yield srv
     srv.stop()

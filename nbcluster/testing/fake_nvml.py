@@ -18,6 +18,13 @@ from typing import Any
 FILE_ENV = "NBCLUSTER_FAKE_NVML"
 
 
+def environment(gpus: list[dict[str, Any]], path: str | os.PathLike[str]) -> dict[str, str]:
+    """Write ``gpus`` to ``path``; returns the variables that make processes see them."""
+    with open(path, "w") as f:
+        json.dump(gpus, f)
+    return {"NBCLUSTER_NVML_MODULE": __name__, FILE_ENV: os.fspath(path)}
+
+
 class NVMLError(Exception):
     """Raised like pynvml's error when no (fake) driver is configured."""
 
