@@ -27,7 +27,7 @@ import cloudpickle
 import nbcluster as nb
 from nbcluster.client import current
 from nbcluster.client.core import CoreClient
-from nbcluster.status import table, used
+from nbcluster.status import other_resources, table, used
 from nbcluster.widgets import cluster_nodes
 
 #: Cells whose parent header is kept for late output (the oldest are forgotten first).
@@ -278,11 +278,6 @@ def status_text() -> str:
             else "-"
         )
         cpu = m.get("cpu_percent")
-        custom = [
-            f"{k} {used(n, k)}"
-            for k in sorted(n.get("resources_total", {}))
-            if k not in ("CPU", "GPU", "memory", "object_store_memory")
-        ]
         rows.append(
             [
                 n.get("name", ""),
@@ -291,7 +286,7 @@ def status_text() -> str:
                 "-" if cpu is None else f"{cpu:.0f}%",
                 used(n, "GPU"),
                 mem,
-                ", ".join(custom) or "-",
+                other_resources(n),
             ]
         )
         for g in m.get("gpus") or []:

@@ -17,6 +17,9 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
+_BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")
+
+
 def used(node: dict[str, Any], key: str) -> str:
     """``used/total`` of one resource of a node view, ``-`` when it has none."""
     total = float(node.get("resources_total", {}).get(key, 0.0))
@@ -24,6 +27,12 @@ def used(node: dict[str, Any], key: str) -> str:
         return "-"
     free = float(node.get("resources_available", {}).get(key, 0.0))
     return f"{total - free:g}/{total:g}"
+
+
+def other_resources(node: dict[str, Any]) -> str:
+    """A node view's custom resources as ``name used/total`` (``-`` when it has none)."""
+    names = sorted(k for k in node.get("resources_total", {}) if k not in _BUILTIN)
+    return ", ".join(f"{k} {used(node, k)}" for k in names) or "-"
 
 
 def _owner(o: dict[str, Any] | None) -> str:
@@ -43,11 +52,6 @@ def status_report(
     names = {str(n["node_id"]): str(n.get("name") or n["node_id"]) for n in nodes}
     node_rows = []
     for n in nodes:
-        custom = [
-            f"{k} {used(n, k)}"
-            for k in sorted(n.get("resources_total", {}))
-            if k not in ("CPU", "GPU", "memory", "object_store_memory")
-        ]
         node_rows.append(
             [
                 n.get("name", ""),
@@ -56,7 +60,7 @@ def status_report(
                 n.get("state") or ("alive" if n.get("alive") else "dead"),
                 used(n, "CPU"),
                 used(n, "GPU"),
-                ", ".join(custom) or "-",
+                other_resources(n),
                 n.get("tasks_running", "-"),
                 n.get("actors", "-"),
             ]

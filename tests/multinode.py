@@ -8,11 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbcluster as nb
-from tests.conftest import wait_until
+from tests.conftest import stop_processes, wait_until
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -120,20 +119,12 @@ class Procs:
 
     def close(self) -> None:
         nb.shutdown()
-        procs = [*self.agents.values(), *([self.head] if self.head else [])]
+        procs = [*([self.head] if self.head else []), *self.agents.values()]
         for p in procs:
-            if p.poll() is None:
+            if p.poll() is None:  # a test may have frozen it (SIGSTOP): it must hear SIGTERM
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGCONT)
-                p.terminate()
-        deadline = time.monotonic() + 15
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+                    os.kill(p.pid, signal.SIGCONT)
+        stop_processes(procs)
 
 
 def node_alive(node_id: str) -> bool | None:

@@ -485,3 +485,16 @@ def test_blocked_worker_dying_does_not_free_its_cpu_twice() -> None:
     st.worker_died("w1", "killed")
     assert st.nodes[n].avail_u["CPU"] == 10_000  # not 20_000
     st.validate_state()
+
+
+def test_gpu_shares_of_a_claimed_lease_match_what_placement_took() -> None:
+    from nbcluster.head.recovery import gpu_shares
+
+    for shape in ({"GPU": 0.5}, {"GPU": 2.0}, {"CPU": 1.0}):
+        st = ClusterState()
+        node_id, _ = st.add_node(b"agent", "n", "127.0.0.1", {"CPU": 4, "GPU": 2}, [0, 1])
+        st.worker_ready(node_id, "w1", "addr", "ctrl", 1)
+        st.request_lease(b"c", "job", 1, shape, "t")
+        (lease,) = st.leases.values()
+        # What a restarted head rebuilds from the GPU ids alone equals what was taken.
+        assert gpu_shares(sorted(lease.gpus), shape) == lease.gpus

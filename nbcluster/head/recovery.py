@@ -155,6 +155,14 @@ def restore_actors(actors: ActorDirectory, snap: Snapshot) -> None:
             actors.names[(a.namespace, a.name)] = a.aid
 
 
+def gpu_shares(gpu_ids: list[int], shape: dict[str, float]) -> dict[int, float]:
+    """What a lease holding ``shape`` takes of each of its GPUs (a fraction of one, or wholes)."""
+    need = float(shape.get("GPU", 0.0))
+    if not gpu_ids or need <= 0:
+        return {}
+    return {g: min(1.0, need / len(gpu_ids)) for g in gpu_ids}
+
+
 @dataclass
 class LeaseClaim:
     """A lease a reconnecting driver says it holds."""

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from nbcluster.head.actors import ALIVE, DEAD, PENDING, ActorDirectory, ActorInfo, actor_client
-from nbcluster.head.recovery import LeaseClaim, Recovery, save_snapshot, take_snapshot
+from nbcluster.head.recovery import (
+    LeaseClaim,
+    Recovery,
+    gpu_shares,
+    save_snapshot,
+    take_snapshot,
+)
 from nbcluster.head.state import ClusterState, Instruction, WorkerInfo
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
@@ -22,7 +28,7 @@ from nbcluster.transport import Transport
 if TYPE_CHECKING:
     from nbcluster.head.service import Peer
 
-log = logging.getLogger("nbcluster.head.service")
+log = logging.getLogger(__name__)
 
 
 class RestartMixin:
@@ -93,10 +99,7 @@ class RestartMixin:
             w_ = st.workers.get(a.worker_id or "")
             if w_ is None or w_.node_id != node_id or a.state != ALIVE or a.lease_id is None:
                 continue
-            gpus = {g: 1.0 for g in gpus_of.get(a.aid, [])}
-            if a.shape.get("GPU", 0) and gpus:
-                frac = float(a.shape["GPU"]) / len(gpus)
-                gpus = {g: min(1.0, frac) for g in gpus}
+            gpus = gpu_shares(gpus_of.get(a.aid, []), a.shape)
             if st.claim_lease(
                 actor_client(a.aid), a.job_id, a.lease_id, w_.worker_id, a.shape, gpus
             ):
@@ -112,9 +115,7 @@ class RestartMixin:
         return out
 
     def _claim(self, c: LeaseClaim) -> bool:
-        gpus = {g: 1.0 for g in c.gpus}
-        if c.shape.get("GPU", 0) and gpus and float(c.shape["GPU"]) < 1.0:
-            gpus = {g: float(c.shape["GPU"]) for g in gpus}
+        gpus = gpu_shares(c.gpus, c.shape)
         return self.state.claim_lease(c.client, c.job_id, c.lease_id, c.worker_id, c.shape, gpus)
 
     async def _rejoin_client(self, peer: Peer, h: dict[str, Any]) -> None:

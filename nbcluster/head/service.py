@@ -417,7 +417,7 @@ class HeadService(RestartMixin):
                     node.info["object_store"] = h["store"]
                 if h.get("metrics"):
                     self.observe.on_metrics(peer.node_id, h["metrics"])
-            await self._send(ident, {"k": Kind.PONG, "head_id": self.head_id})
+            await self._send(ident, {"k": Kind.PONG})
         elif kind == Kind.TASK_EVENTS:
             self.observe.on_task_events(ident, peer.job_id or "", list(h.get("events") or ()))
         elif kind == Kind.LEASE_REQUEST:
