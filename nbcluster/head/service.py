@@ -535,7 +535,7 @@ class HeadService(RestartMixin):
         if role == "driver":
             peer.proc = _local_process(peer.pid, h.get("started"))
         self.peers[ident] = peer
-        self._dirty = True
+        self._dirty |= owns  # the snapshot lists jobs, not task-level clients
         if h.get("rejoin"):
             await self._rejoin_client(peer, h)
         if owns:
@@ -596,7 +596,7 @@ class HeadService(RestartMixin):
 
     async def _peer_gone(self, peer: Peer, reason: str = "") -> None:
         self.peers.pop(peer.ident, None)
-        self._dirty = True
+        self._dirty |= peer.role == "agent" or peer.owns_job
         if peer.role == "agent" and peer.node_id is not None:
             self._dead_nodes.add(peer.node_id)
             why = reason or "its node stopped answering (dead or cut off)"
