@@ -52,7 +52,6 @@ class Lineage:
     def _init_lineage(self) -> None:
         self._lineage: dict[str, TaskRecord] = {}  # stored result id -> the task that made it
         self._dead_stores: set[str] = set()
-        self._rebuilt: dict[str, int] = {}  # task id -> times re-run
 
     def _keep_lineage(self, rec: TaskRecord, parts: Any) -> bool:
         """Remember ``rec`` for its stored results; ``True`` if it was kept (keep its deps)."""
@@ -79,7 +78,7 @@ class Lineage:
 
     def _can_rebuild(self, oid: str) -> bool:
         rec = self._lineage.get(oid)
-        return rec is not None and self._rebuilt.get(rec.tid, 0) < MAX_RECONSTRUCTIONS
+        return rec is not None and rec.rebuilds < MAX_RECONSTRUCTIONS
 
     def _do_node_died(self, store_id: str) -> None:
         if store_id:
@@ -92,7 +91,7 @@ class Lineage:
             return
         if rec.tid in self._by_tid:
             return  # already being rebuilt
-        self._rebuilt[rec.tid] = self._rebuilt.get(rec.tid, 0) + 1
+        rec.rebuilds += 1
         for rid in rec.return_ids:
             self.objects.reset(rid)
         rec.lease = None

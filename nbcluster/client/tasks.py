@@ -29,6 +29,7 @@ class TaskRecord:
     cancelled: bool = False
     force_cancel: bool = False
     attempts: int = 0
+    rebuilds: int = 0  # times re-run because its stored result was lost with a node
     nested: list[Any] = field(default_factory=list)  # refs inside the arguments, kept until done
     contained: list[Any] = field(default_factory=list)  # refs inside the result
     args_oid: str | None = None  # the arguments, when large enough to go into the store
