@@ -28,7 +28,11 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
     p.add_argument("--bind-host", default="127.0.0.1", help="address workers listen on")
     p.add_argument("--prestart", type=int, help="workers to start before any task arrives")
     p.add_argument("--object-store-memory", type=int, help="bytes of shared memory for objects")
-    p.add_argument("--spill-dir", help="where objects spill when the store is full")
+    p.add_argument(
+        "--spill-dir",
+        help="where objects spill when the store is full (private to you: mode 0700; default "
+        "$TMPDIR/nbcluster-UID/spill-STORE_ID)",
+    )
     p.add_argument("--spill-limit", type=int, help="most bytes to spill (default: free space)")
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--cwd", help=argparse.SUPPRESS)
@@ -48,21 +52,11 @@ async def run_agent(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"nbcluster-worker: {exc}", file=sys.stderr)
         return 2
-    agent = NodeAgent(
-        args.address,
-        token,
-        token_file=args.token_file,
-        name=args.node_name,
-        bind_host=args.bind_host,
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        resources=args.resources,
-        prestart=args.prestart,
-        worker_cwd=args.cwd,
-        object_store_memory=args.object_store_memory,
-        spill_dir=args.spill_dir,
-        spill_limit=args.spill_limit,
-    )
+    try:  # e.g. a spill directory another user controls: said in one line
+        agent = _make_agent(args, token)
+    except NbclusterError as exc:
+        print(f"nbcluster-worker: {exc}", file=sys.stderr)
+        return 1
     try:
         await agent.start()
     except NbclusterError as exc:
@@ -95,6 +89,24 @@ async def run_agent(args: argparse.Namespace) -> int:
         with contextlib.suppress(BaseException):
             await watcher
     return 0
+
+
+def _make_agent(args: argparse.Namespace, token: str) -> NodeAgent:
+    return NodeAgent(
+        args.address,
+        token,
+        token_file=args.token_file,
+        name=args.node_name,
+        bind_host=args.bind_host,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        resources=args.resources,
+        prestart=args.prestart,
+        worker_cwd=args.cwd,
+        object_store_memory=args.object_store_memory,
+        spill_dir=args.spill_dir,
+        spill_limit=args.spill_limit,
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "nbcluster-worker") -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -18,11 +19,14 @@ from typing import IO, Any
 
 import psutil
 
+from nbcluster._private_fs import UnsafePathError, user_dir, user_dir_path
 from nbcluster.exceptions import NbclusterError
 from nbcluster.protocol.security import new_token, write_token_file
 from nbcluster.store.manager import cleanup_store
 
 START_TIMEOUT_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 def _free_port(host: str) -> int:
@@ -79,8 +83,7 @@ class LocalCluster:
         object_store_memory: int | None = None,
         object_spill_limit: int | None = None,
     ) -> None:
-        root = Path(tempfile.gettempdir()) / f"nbcluster-{os.getuid()}"
-        root.mkdir(mode=0o700, exist_ok=True)
+        root, self._own_root = _session_root()
         self.session_dir = Path(tempfile.mkdtemp(prefix=f"session-{os.getpid()}-", dir=root))
         self.token = new_token()
         self.token_file = self.session_dir / "token"
@@ -208,6 +211,23 @@ class LocalCluster:
             self.token_file.unlink(missing_ok=True)
         else:
             shutil.rmtree(self.session_dir, ignore_errors=True)
+            if self._own_root:  # a fallback root made for this session alone
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.session_dir.parent)
+
+
+def _session_root() -> tuple[Path, bool]:
+    """The folder to make the session folder in, and whether it was made for this session only.
+
+    Normally the per-user folder ``$TMPDIR/nbcluster-<uid>`` (checked: ours, mode 0700, not a
+    link). If another user took that name first, a fresh private folder is used instead, so
+    that they can neither read the session nor stop us from starting one.
+    """
+    try:
+        return Path(user_dir()), False
+    except UnsafePathError as exc:
+        log.warning("not using %s (%s); using a fresh private folder", user_dir_path(), exc)
+        return Path(tempfile.mkdtemp(prefix=f"nbcluster-{os.getuid()}-")), True
 
 
 def _kill_tree(pid: int) -> None:

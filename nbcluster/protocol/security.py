@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 from zmq.utils import z85
 
+from nbcluster._private_fs import open_private_file
 from nbcluster.exceptions import ConfigurationError
 
 TOKEN_ENV = "NBCLUSTER_TOKEN"
@@ -35,7 +35,7 @@ def new_token() -> str:
 def write_token_file(path: Path, token: str) -> None:
     """Write ``token`` to ``path`` readable by the owner only (mode 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, token.encode())
@@ -44,16 +44,23 @@ def write_token_file(path: Path, token: str) -> None:
 
 
 def read_token_file(path: Path) -> str:
-    """Read a token file, refusing files that other users can read."""
+    """Read a token file, refusing one that another user could have written or can read.
+
+    The file is opened without following a symbolic link, and must be a regular file owned by
+    the current user with no group or other permission bits (mode 0600).
+
+    Raises
+    ------
+    ConfigurationError
+        If the file is missing, empty or not private (:class:`~nbcluster._private_fs.
+        UnsafePathError`, whose message says how to fix it, e.g. ``chmod 600``).
+    """
     try:
-        st = path.stat()
+        fd = open_private_file(path, "token file")
     except FileNotFoundError:
         raise ConfigurationError(f"token file {path} does not exist") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigurationError(
-            f"token file {path} is readable by other users; run: chmod 600 {path}"
-        )
-    token = path.read_text().strip()
+    with os.fdopen(fd, "rb") as f:
+        token = f.read().decode(errors="replace").strip()
     if not token:
         raise ConfigurationError(f"token file {path} is empty")
     return token

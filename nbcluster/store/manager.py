@@ -33,13 +33,18 @@ import contextlib
 import errno
 import glob
 import os
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from types import TracebackType
 
+from nbcluster._private_fs import (
+    UnsafePathError,
+    open_private_dir,
+    open_private_file,
+    user_dir,
+    user_dir_path,
+)
 from nbcluster.store import orphans
 from nbcluster.store.errors import ObjectNotFoundError, ObjectStoreError, ObjectStoreFullError
 from nbcluster.store.segment import SHM_DIR, segment_name, validate_oid, validate_store_id
@@ -71,8 +76,12 @@ def default_capacity(fraction: float = 0.3, shm_dir: str = SHM_DIR) -> int:
 
 
 def default_spill_dir(store_id: str) -> str:
-    """Where a store spills when not told otherwise: ``<tmpdir>/nbcluster-spill-<store_id>``."""
-    return os.path.join(tempfile.gettempdir(), f"nbcluster-spill-{validate_store_id(store_id)}")
+    """Where a store spills when not told otherwise: ``<tmpdir>/nbcluster-<uid>/spill-<store_id>``.
+
+    Inside the current user's private folder (:func:`nbcluster._private_fs.user_dir`, checked
+    before use), not directly in the shared temporary directory.
+    """
+    return os.path.join(user_dir_path(), f"spill-{validate_store_id(store_id)}")
 
 
 def cleanup_store(store_id: str, spill_dir: str | None = None, shm_dir: str = SHM_DIR) -> int:
@@ -138,7 +147,9 @@ class StoreManager:
         Shared memory the store may use (see :func:`default_capacity`).
     spill_dir
         Directory for spilled objects (created on first use, mode 0700); ``None`` means
-        :func:`default_spill_dir`.
+        :func:`default_spill_dir`. It must be private to this user (not a symbolic link, owned
+        by us, no group/other permission bits): it is opened once and checked, and spill files
+        are created and read relative to that descriptor.
     disk_limit_bytes
         Most bytes to spill; ``None`` means bounded only by the disk's free space.
     shm_dir
@@ -175,6 +186,8 @@ class StoreManager:
         self._lru: OrderedDict[str, None] = OrderedDict()
         self._used = 0
         self._spilled = 0
+        # The checked spill directory: files in it are created and opened relative to this.
+        self._spill_fd = _open_spill_dir(self.spill_dir, default=spill_dir is None)
         self._lock = threading.RLock()
         # Held while we live: an agent started after our death finds and removes our files.
         self._owner_fd = orphans.claim(self.store_id, shm_dir)
@@ -232,7 +245,6 @@ class StoreManager:
             if self._disk_can_take(size):
                 self._entries[oid] = _Entry(size, on_disk=True)
                 self._spilled += size
-                self._ensure_spill_dir()
                 return self.spill_path(oid)
             raise self._full(oid, size)
 
@@ -252,9 +264,8 @@ class StoreManager:
             e = self._get(oid)
             if e.sealed:
                 raise ObjectStoreError(f"object {oid} is already sealed")
-            path = self._path(oid, e)
             try:
-                actual = os.stat(path).st_size
+                actual = self._stat(oid, e).st_size
             except FileNotFoundError:
                 raise ObjectStoreError(f"object {oid} was reserved but never written") from None
             if actual > e.size:
@@ -307,9 +318,9 @@ class StoreManager:
                 return False
             self._lru.pop(oid, None)
             self._account(e, -e.size)
-            path = self._path(oid, e)
+            on_disk = e.on_disk
         # Unlinking a large tmpfs file frees its pages (milliseconds): not under the lock.
-        _unlink(path)
+        self._unlink(oid, on_disk)
         return True
 
     def locate(self, oid: str, pin: bool = False) -> str:
@@ -376,11 +387,14 @@ class StoreManager:
         with self._lock:
             removed = 0
             for oid, e in self._entries.items():
-                removed += _unlink(self._path(oid, e))
+                removed += self._unlink(oid, e.on_disk)
             self._entries.clear()
             self._lru.clear()
             self._used = self._spilled = 0
             removed += cleanup_store(self.store_id, self.spill_dir, self.shm_dir)
+            if self._spill_fd >= 0:
+                os.close(self._spill_fd)
+                self._spill_fd = -1
             if self._owner_fd >= 0:
                 orphans.release(self._owner_fd, self.store_id, self.shm_dir)
                 self._owner_fd = -1
@@ -410,6 +424,24 @@ class StoreManager:
             raise ObjectStoreError(f"object {oid} is not sealed yet")
         return e
 
+    def _stat(self, oid: str, e: _Entry) -> os.stat_result:
+        if e.on_disk:
+            name = segment_name(self.store_id, oid)
+            return os.stat(name, dir_fd=self._spill_fd, follow_symlinks=False)
+        return os.stat(self.shm_path(oid))
+
+    def _unlink(self, oid: str, on_disk: bool) -> int:
+        """Remove ``oid``'s file (a spill file through the checked directory descriptor)."""
+        if not on_disk:
+            return _unlink(self.shm_path(oid))
+        if self._spill_fd < 0:
+            return 0
+        try:
+            os.unlink(segment_name(self.store_id, oid), dir_fd=self._spill_fd)
+            return 1
+        except FileNotFoundError:
+            return 0
+
     def _account(self, e: _Entry, delta: int) -> None:
         if e.on_disk:
             self._spilled += delta
@@ -434,7 +466,8 @@ class StoreManager:
     def _disk_can_take(self, size: int) -> bool:
         if self.disk_limit is not None and self._spilled + size > self.disk_limit:
             return False
-        return _free_space(self.spill_dir) >= size
+        st = os.fstatvfs(self._spill_fd)
+        return st.f_bavail * st.f_frsize >= size
 
     def _make_room(self, oid: str, size: int) -> bool:
         """Spill LRU unpinned objects until ``size`` more bytes fit; False (and no spill) if
@@ -461,55 +494,82 @@ class StoreManager:
             self._spill(victim, self._entries[victim])
         return True
 
-    def _ensure_spill_dir(self) -> None:
-        os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
-
     def _spill(self, oid: str, e: _Entry) -> None:
-        self._ensure_spill_dir()
-        src, dst = self.shm_path(oid), self.spill_path(oid)
         try:
-            _copy_file(src, dst, e.size, preallocate=False)
+            _copy_file(
+                self.shm_path(oid),
+                None,
+                segment_name(self.store_id, oid),
+                self._spill_fd,
+                e.size,
+                preallocate=False,
+            )
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise self._full(oid, e.size, f"spill disk full ({exc})") from exc
             raise
-        _unlink(src)
+        _unlink(self.shm_path(oid))
         del self._lru[oid]
         self._used -= e.size
         self._spilled += e.size
         e.on_disk = True
 
     def _restore(self, oid: str, e: _Entry) -> None:
-        """Move a spilled object back into memory, if room can be made; else leave it."""
+        """Move a spilled object back into memory, if room can be made; else leave it.
+
+        Raises
+        ------
+        ObjectStoreError
+            If the spill file is not one this store wrote (another user's file, a symbolic
+            link, group/other permission bits): it is neither copied nor served.
+        """
         try:
             if not self._make_room(oid, e.size):
+                self._check_spill_file(oid)  # served from disk: readers check it too
                 return
         except ObjectStoreFullError:  # the spill disk filled up while making room
+            self._check_spill_file(oid)
             return
-        src, dst = self.spill_path(oid), self.shm_path(oid)
+        name = segment_name(self.store_id, oid)
         try:
             # Preallocate: tmpfs may be fuller than our books say (other users of /dev/shm).
-            _copy_file(src, dst, e.size, preallocate=True)
+            _copy_file(name, self._spill_fd, self.shm_path(oid), None, e.size, preallocate=True)
+        except UnsafePathError as exc:
+            raise ObjectStoreError(f"refusing to restore object {oid}: {exc}") from None
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 return  # serve it from disk instead
             raise
-        _unlink(src)
+        self._unlink(oid, True)
         self._spilled -= e.size
         self._used += e.size
         e.on_disk = False
         self._lru[oid] = None
 
+    def _check_spill_file(self, oid: str) -> None:
+        try:
+            os.close(
+                open_private_file(
+                    segment_name(self.store_id, oid),
+                    "spill file",
+                    dir_fd=self._spill_fd,
+                    display=self.spill_path(oid),
+                )
+            )
+        except UnsafePathError as exc:
+            raise ObjectStoreError(f"refusing to serve object {oid}: {exc}") from None
 
-def _free_space(path: str) -> int:
-    """Free bytes on the file system that holds ``path`` (or would, once created)."""
-    while not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+
+def _open_spill_dir(path: str, default: bool) -> int:
+    """Open and check the spill directory (the per-user folder too, for the default one)."""
+    try:
+        if default:
+            user_dir()
+        return open_private_dir(path, "spill directory")
+    except UnsafePathError as exc:
+        raise UnsafePathError(
+            f"{exc}; or pass the store another spill directory (--spill-dir)"
+        ) from None
 
 
 def _unlink(path: str) -> int:
@@ -520,30 +580,56 @@ def _unlink(path: str) -> int:
         return 0
 
 
-def _copy_file(src: str, dst: str, size: int, preallocate: bool) -> None:
-    """Copy ``src`` to a new ``dst`` in the kernel (``sendfile``); remove ``dst`` on failure."""
-    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+def _copy_file(
+    src: str, src_dir: int | None, dst: str, dst_dir: int | None, size: int, preallocate: bool
+) -> None:
+    """Copy ``src`` to a new ``dst`` in the kernel (``sendfile``); remove ``dst`` on failure.
+
+    Paths are relative to the directory descriptors ``src_dir``/``dst_dir`` when given. The
+    source must be a private file of this user (opened without following links, checked
+    through its descriptor): a file someone else planted is refused, never copied into a fresh
+    segment of ours. ``dst`` is created exclusively (mode 0600) without following links.
+
+    Raises
+    ------
+    UnsafePathError
+        If the source is a symbolic link, not a regular file, not ours, or not mode 0600.
+    """
+    fin = open_private_file(src, "object file", dir_fd=src_dir)
     try:
-        fout = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fout = os.open(dst, flags, 0o600, dir_fd=dst_dir)
         try:
             if preallocate and size:
                 os.posix_fallocate(fout, 0, size)
-            done = 0
-            while True:
-                n = os.sendfile(fout, fin, done, _CHUNK)
-                if n == 0:
-                    break
-                done += n
+            _copy_fd(fin, fout)
         except BaseException:
             os.close(fout)
-            _unlink(dst)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dst, dir_fd=dst_dir)
             raise
         os.close(fout)
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOSYS):  # pragma: no cover - sendfile unsupported
-            with open(src, "rb") as fi, open(dst, "wb") as fo:
-                shutil.copyfileobj(fi, fo, 1 << 20)
-        else:
-            raise
     finally:
         os.close(fin)
+
+
+def _copy_fd(fin: int, fout: int) -> None:
+    done = 0
+    try:
+        while True:
+            n = os.sendfile(fout, fin, done, _CHUNK)
+            if n == 0:
+                return
+            done += n
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):  # pragma: no cover - no sendfile
+            raise
+    while True:  # pragma: no cover - file systems without sendfile
+        data = os.pread(fin, 1 << 20, done)
+        if not data:
+            return
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fout, view, done)
+            done += n
+            view = view[n:]
