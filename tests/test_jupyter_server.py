@@ -6,6 +6,7 @@ import asyncio
 import glob
 import http.cookiejar
 import json
+import os
 import re
 import stat
 import subprocess
@@ -22,9 +23,9 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from nbcluster.jupyter.handlers import ROUTES
+from nbcluster.jupyter.handlers import ROUTES, CancelTaskHandler, KillActorHandler
 from nbcluster.testing import fake_nvml
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 from tests.jupyter_helpers import JupyterServer, Kernel, free_port, start_jupyter_server
 
 FAKE_GPUS = [{"name": "NVIDIA H100", "utilization": 37, "memory_used": 1000, "memory_total": 80000}]
@@ -414,6 +415,67 @@ def test_every_route_requires_auth_and_stop_leaves_nothing(tmp_path: Path) -> No
     finally:
         if not stopped:
             srv.stop()
+
+
+def _ws_first_message(srv: JupyterServer) -> dict[str, Any]:
+    """Open the events websocket with the server's token; return its first message."""
+    req = HTTPRequest(
+        srv.ws_url("nbcluster/api/events"), headers={"Authorization": f"token {srv.token}"}
+    )
+
+    async def first() -> dict[str, Any]:
+        conn = await websocket_connect(req)
+        try:
+            raw = await conn.read_message()
+            assert isinstance(raw, str)
+            msg: dict[str, Any] = json.loads(raw)
+            return msg
+        finally:
+            conn.close()
+
+    return asyncio.run(asyncio.wait_for(first(), 20))
+
+
+def test_every_route_asks_the_authorizer(tmp_path: Path) -> None:
+    """Authentication is not enough: the server's Authorizer decides, per route and action."""
+    policy = tmp_path / "authz"
+    policy.write_text("allow")  # the helper waits for GET /cluster to answer
+    srv = start_jupyter_server(
+        tmp_path / "authz-server",
+        nbcluster={"num_cpus": 1, "num_gpus": 0},
+        server={"authorizer_class": "tests.jupyter_authorizers.SwitchableAuthorizer"},
+        env={
+            "NBC_TEST_AUTHZ": str(policy),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        },
+    )
+    reads = [_concrete(p) for p, h in ROUTES if h not in (CancelTaskHandler, KillActorHandler)]
+    reads.remove("nbcluster/api/events")
+    writes = [_concrete(p) for p, h in ROUTES if h in (CancelTaskHandler, KillActorHandler)]
+    try:
+        policy.write_text("deny")
+        for path in reads:
+            assert srv.request("GET", path)[0] == 403, path
+        for path in writes:
+            assert srv.request("POST", path)[0] == 403, path
+        with pytest.raises(HTTPClientError) as exc:
+            _ws_first_message(srv)
+        assert exc.value.code == 403
+
+        policy.write_text("read")  # a read-only collaborator
+        for path in reads:
+            assert srv.request("GET", path)[0] == 200, path
+        assert _ws_first_message(srv)["type"] == "snapshot"
+        for path in writes:
+            assert srv.request("POST", path)[0] == 403, path
+
+        policy.write_text("allow")
+        for path in writes:  # authorized: the ids are unknown
+            assert srv.request("POST", path)[0] == 404, path
+        asked = set(policy.with_suffix(".log").read_text().splitlines())
+        assert {"read nbcluster", "execute nbcluster"} <= asked
+    finally:
+        srv.stop()
 
 
 def test_head_only_on_all_interfaces(tmp_path: Path) -> None:

@@ -3,15 +3,19 @@
 Thin: each reads a view from the head's :class:`~nbcluster.head.observe.Observer` (same process,
 same event loop) or asks the head to act. Every handler requires the server's own
 authentication; POSTs made with cookie authentication also need the XSRF token (jupyter-server
-checks it before our code runs).
+checks it before our code runs). Every handler is also authorized by the server's
+``Authorizer`` (JupyterHub roles, read-only collaborators) on the resource ``"nbcluster"``:
+reading views (and the events websocket, before its upgrade) needs action ``"read"``; cancelling
+a task or killing an actor needs ``"execute"``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from jupyter_server.auth.decorator import ws_authenticated
+from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.extension.handler import ExtensionHandlerMixin
@@ -26,10 +30,24 @@ if TYPE_CHECKING:
 
 #: The websocket's metrics message period.
 METRICS_PERIOD_MS = 1000
+#: What an ``Authorizer`` is asked about (``is_authorized(handler, user, action, resource)``).
+AUTH_RESOURCE = "nbcluster"
+#: Action needed to read the cluster, its tasks, actors and metrics (and the events stream).
+READ = "read"
+#: Action needed to cancel a task or kill an actor.
+EXECUTE = "execute"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _authorized(action: str) -> Callable[[_F], _F]:
+    """jupyter-server's ``@authorized(action)`` (on the handler's ``auth_resource``), typed."""
+    return cast("Callable[[_F], _F]", authorized(action))
 
 
 class _HeadMixin:
     settings: dict[str, Any]
+    auth_resource = AUTH_RESOURCE
 
     @property
     def nbcluster_head(self) -> HeadService:
@@ -53,6 +71,7 @@ class ClusterHandler(_Api):
     """``GET nbcluster/api/cluster``: the head, every node with its metrics, and totals."""
 
     @web.authenticated
+    @_authorized(READ)
     def get(self) -> None:
         self.write_json(self.observer.cluster())
 
@@ -61,6 +80,7 @@ class MetricsHandler(_Api):
     """``GET nbcluster/api/metrics[?node_id=ID]``: the last 10 minutes of metrics."""
 
     @web.authenticated
+    @_authorized(READ)
     def get(self) -> None:
         obs = self.observer
         node_id = self.get_query_argument("node_id", None)
@@ -79,6 +99,7 @@ class TasksHandler(_Api):
     """``GET nbcluster/api/tasks``: queued, running and infeasible tasks, and recent ended ones."""
 
     @web.authenticated
+    @_authorized(READ)
     def get(self) -> None:
         self.write_json({"tasks": self.observer.task_views()})
 
@@ -87,6 +108,7 @@ class ActorsHandler(_Api):
     """``GET nbcluster/api/actors``: every actor the head knows, with its owner."""
 
     @web.authenticated
+    @_authorized(READ)
     def get(self) -> None:
         self.write_json({"actors": self.observer.actor_views()})
 
@@ -95,6 +117,7 @@ class CancelTaskHandler(_Api):
     """``POST nbcluster/api/tasks/{task_id}/cancel``: the owning driver cancels it."""
 
     @web.authenticated
+    @_authorized(EXECUTE)
     async def post(self, task_id: str) -> None:
         force = self.get_query_argument("force", "false").lower() in ("1", "true", "yes")
         if await self.nbcluster_head.cancel_task(task_id, force):
@@ -107,6 +130,7 @@ class KillActorHandler(_Api):
     """``POST nbcluster/api/actors/{actor_id}/kill``: kill it for good (no restart)."""
 
     @web.authenticated
+    @_authorized(EXECUTE)
     async def post(self, actor_id: str) -> None:
         if await self.nbcluster_head.kill_actor(actor_id):
             self.write_json({"ok": True})
@@ -124,6 +148,7 @@ class EventsHandler(
     _tasks: dict[str, dict[str, Any]] | None = None  # task changes held until the next tick
 
     @ws_authenticated
+    @_authorized(READ)  # before the upgrade: a refused client gets 403, not a stream
     async def get(self, *args: Any, **kwargs: Any) -> None:
         self.nbcluster_head  # noqa: B018 - 503 before upgrading when there is no head
         res = super().get(*args, **kwargs)
