@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
+import zmq
 
 import nbcluster as nb
 from nbcluster._private_fs import UnsafePathError, open_private_dir, user_dir, user_dir_path
 from nbcluster.client.launcher import LocalCluster
 from nbcluster.exceptions import ConfigurationError
-from nbcluster.protocol.security import read_token_file, write_token_file
+from nbcluster.protocol.security import derive_keys, new_token, read_token_file, write_token_file
 from nbcluster.store import (
     ObjectStoreError,
     StoreManager,
@@ -32,6 +36,15 @@ from nbcluster.store import (
     write_segment,
 )
 from nbcluster.store.segment import loads_frames
+from nbcluster.transport.sockets import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    HANDSHAKE_TIMEOUT_MS,
+    MAX_MESSAGE_ENV,
+    MessageTooLargeError,
+    Transport,
+    check_frame_sizes,
+    max_message_bytes,
+)
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -338,3 +351,121 @@ def test_attack_through_a_taken_per_user_folder_fails(shared_tmp: Path) -> None:
     finally:
         nb.shutdown()
     assert list(planted.iterdir()) == []
+
+
+# ---------------------------------------------------------------- memory before authentication
+# A ZMTP 3.0 greeting asking for CURVE, as a client: what any peer may send before it has
+# proved anything.
+GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"CURVE".ljust(20, b"\0") + b"\0" * 32
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[nb.ClusterInfo]:
+    nb.shutdown()
+    info = nb.init(num_cpus=1)
+    yield info
+    nb.shutdown()
+
+
+def _head(info: nb.ClusterInfo) -> tuple[psutil.Process, str, int]:
+    procs = [
+        p for p in psutil.Process().children(recursive=True) if "nbcluster.head" in p.cmdline()
+    ]
+    assert len(procs) == 1
+    host, port = info.address.rsplit("/", 1)[-1].rsplit(":", 1)
+    return procs[0], host, int(port)
+
+
+def _wait_closed(sock: socket.socket, timeout: float) -> float:
+    """Read until the peer closes the connection; return how long that took."""
+    t0 = time.monotonic()
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:  # still open
+        return timeout
+    return time.monotonic() - t0
+
+
+def test_unauthenticated_oversized_frame_is_not_buffered(local: nb.ClusterInfo) -> None:
+    head, host, port = _head(local)
+    before = head.memory_info().rss
+    sent = 0
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(GREETING)
+        s.sendall(b"\x06" + (1 << 30).to_bytes(8, "big"))  # a "HELLO" command of 1 GiB
+        chunk = b"\0" * MB
+        try:
+            while sent < 192 * MB:  # what the head used to buffer for such a peer
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # reset by the head, as it should be
+            pass
+        assert _wait_closed(s, 20) < 20
+    assert sent < 64 * MB  # socket buffers take a few MB at most
+    assert head.memory_info().rss - before < 32 * MB
+    assert nb.get(nb.put(41), timeout=30) == 41  # the head carries on
+
+
+def test_greeting_only_peer_is_dropped_after_the_handshake_timeout(local: nb.ClusterInfo) -> None:
+    _, host, port = _head(local)
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(GREETING)
+        took = _wait_closed(s, 40)
+    assert HANDSHAKE_TIMEOUT_MS / 1000 - 1 < took < 20  # libzmq's default would be 30 s
+
+
+def test_listening_sockets_bound_frames_and_enforce_zap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MAX_MESSAGE_ENV, str(3 * MB))
+    t = Transport(derive_keys(new_token()))
+    try:
+        sock, _ = t.server(zmq.ROUTER, "tcp://127.0.0.1:*", aio=False)
+        assert sock.getsockopt(zmq.MAXMSGSIZE) == 3 * MB
+        assert sock.getsockopt(zmq.ZAP_ENFORCE_DOMAIN) == 1
+        assert sock.getsockopt(zmq.HANDSHAKE_IVL) == HANDSHAKE_TIMEOUT_MS
+    finally:
+        t.close()
+    monkeypatch.setenv(MAX_MESSAGE_ENV, "0")
+    assert max_message_bytes() == -1  # no limit
+    monkeypatch.setenv(MAX_MESSAGE_ENV, "lots")
+    with pytest.raises(ConfigurationError, match=MAX_MESSAGE_ENV):
+        max_message_bytes()
+    monkeypatch.delenv(MAX_MESSAGE_ENV)
+    assert max_message_bytes() == DEFAULT_MAX_MESSAGE_BYTES
+
+
+@nb.remote(num_cpus=0)
+class _Holder:
+    def __init__(self, a: np.ndarray) -> None:
+        self.n = len(a)
+
+    def size(self) -> int:
+        return self.n
+
+
+def test_values_over_the_limit_fail_clearly_in_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An actor's constructor arguments travel inline through the head: one over the limit is
+    an error in the caller, not a connection the head drops."""
+    monkeypatch.setenv(MAX_MESSAGE_ENV, str(8 * MB))  # the head and agent inherit it
+    nb.shutdown()
+    nb.init(num_cpus=1)
+    try:
+        head = [
+            p for p in psutil.Process().children(recursive=True) if "nbcluster.head" in p.cmdline()
+        ]
+        assert head and head[0].environ()[MAX_MESSAGE_ENV] == str(8 * MB)
+        with pytest.raises(MessageTooLargeError, match=MAX_MESSAGE_ENV):
+            _Holder.remote(np.zeros(16 * MB, dtype=np.uint8))
+        h = _Holder.remote(np.zeros(6 * MB, dtype=np.uint8))  # under the limit: fine
+        assert nb.get(h.size.remote(), timeout=60) == 6 * MB
+        # Large task arguments and values go through the store, whatever their size.
+        ref = nb.put(np.ones(16 * MB, dtype=np.uint8))
+        assert nb.get(_first_byte.remote(ref), timeout=60) == 1
+        assert nb.get(_first_byte.remote(np.full(16 * MB, 3, dtype=np.uint8)), timeout=60) == 3
+    finally:
+        nb.shutdown()
+    with pytest.raises(MessageTooLargeError, match="the value passed to put"):
+        check_frame_sizes([b"x" * (9 * MB)], "the value passed to put()")

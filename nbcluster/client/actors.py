@@ -21,6 +21,7 @@ from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.refs import ObjectRef
 from nbcluster.serialization import dumps, dumps_args
+from nbcluster.transport.sockets import check_frame_sizes
 
 if TYPE_CHECKING:
     import asyncio
@@ -95,6 +96,8 @@ class ActorCalls:
         ``get_if_exists`` the existing actor is returned); anonymous ones return at once.
         """
         frames, deps = dumps_args(f"{cls_name}.__init__", args, kwargs, is_ref)
+        # Constructor arguments travel inline, through the head.
+        check_frame_sizes([cls_blob, *frames], f"the class or an argument of {cls_name}")
         aid = self.new_id()
         header = {
             "k": Kind.ACTOR_CREATE,

@@ -33,6 +33,7 @@ from nbcluster.refs import ObjectRef, serialized_refs
 from nbcluster.scheduling import preferred_store, stored_bytes, strategy_key
 from nbcluster.serialization import copy_frames, dumps, dumps_args, loads
 from nbcluster.store.client import is_stored
+from nbcluster.transport.sockets import check_frame_sizes
 
 if TYPE_CHECKING:
     import asyncio
@@ -114,6 +115,7 @@ class TaskSubmission:
         strategy_spec`); tasks of one shape and strategy share leases.
         """
         rec, refs = self._new_record(name, args, kwargs, num_returns)
+        check_frame_sizes([fn_blob], f"function {name} (pickled)")
         rec.fn_id, rec.fn_blob = fn_id, fn_blob
         rec.shape, rec.shape_key = shape, tuple(sorted(shape.items()))
         if strategy is not None:
@@ -139,6 +141,7 @@ class TaskSubmission:
             if is_stored(frames):
                 args_oid = f"{tid}.a"
         else:
+            check_frame_sizes(frames, f"an argument of {name}")  # inline: no store here
             frames = copy_frames(frames)
         return_ids = [f"{tid}.{i}" for i in range(max(num_returns, 1))]
         refs = [ObjectRef(oid, self.owner_address, self) for oid in return_ids]
@@ -188,7 +191,11 @@ class TaskSubmission:
 
     def _serialize_value(self, oid: str, value: Any) -> list[Any]:
         store = self.store
-        return store.put(oid, value, self.job_id) if store is not None else dumps(value)
+        if store is not None:
+            return store.put(oid, value, self.job_id)
+        frames = dumps(value)
+        check_frame_sizes(frames, "the value passed to put()")  # inline: no store here
+        return frames
 
     def cancel(self, ref: ObjectRef, force: bool) -> None:
         self._post("cancel", ref.hex(), force)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import zmq
@@ -12,12 +14,70 @@ import zmq.asyncio
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from nbcluster.exceptions import AuthenticationError, ConnectionFailedError
+from nbcluster.exceptions import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionFailedError,
+    NbclusterError,
+)
 from nbcluster.protocol.security import CurveKeys
 
 log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "nbcluster"
+
+#: Environment variable: the largest frame (one part of a message) a listening socket accepts.
+MAX_MESSAGE_ENV = "NBCLUSTER_MAX_MESSAGE_BYTES"
+#: Its default. The largest frames that legitimately reach a listening socket are values that
+#: travel inline: an actor's constructor arguments and class (``ACTOR_CREATE``, through the
+#: head), and the arguments and ``put`` values of a driver without an object store. Store chunks
+#: (``STORE_CHUNK``, at most 64 MiB) go to connecting sockets, and values over 100 KiB that have
+#: a store travel as a small marker. 512 MiB leaves a wide margin over all of these while
+#: bounding what a peer that has not authenticated yet can make a process buffer.
+DEFAULT_MAX_MESSAGE_BYTES = 512 << 20
+#: How long a connecting peer has to complete the CURVE handshake (libzmq's default is 30 s).
+HANDSHAKE_TIMEOUT_MS = 10_000
+
+
+class MessageTooLargeError(NbclusterError, ValueError):
+    """A frame is larger than listening sockets accept (:func:`max_message_bytes`)."""
+
+
+def max_message_bytes() -> int:
+    """The largest frame a listening socket accepts: ``$NBCLUSTER_MAX_MESSAGE_BYTES`` (bytes;
+    ``0`` or negative: no limit), else :data:`DEFAULT_MAX_MESSAGE_BYTES`. ``-1`` means none."""
+    raw = os.environ.get(MAX_MESSAGE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_MESSAGE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{MAX_MESSAGE_ENV}={raw!r} is not a number of bytes") from None
+    return value if value > 0 else -1
+
+
+def check_frame_sizes(frames: Iterable[Any], what: str) -> None:
+    """Refuse, with a clear error, frames a listening socket would drop the connection for.
+
+    Called where a user's value is about to travel inline, so that a value over the limit is an
+    error in the user's call rather than a peer disconnected by libzmq.
+
+    Raises
+    ------
+    MessageTooLargeError
+        If a frame is larger than :func:`max_message_bytes`.
+    """
+    limit = max_message_bytes()
+    if limit < 0:
+        return
+    for frame in frames:
+        n = memoryview(frame).nbytes
+        if n > limit:
+            raise MessageTooLargeError(
+                f"{what} is {n} bytes, more than a message may carry ({limit} bytes, "
+                f"${MAX_MESSAGE_ENV}); pass it through the object store instead (nb.put() on a "
+                "node with an agent, then pass the ref), or raise the limit on every node"
+            )
 
 
 class _ClientKeyAllowlist:
@@ -65,6 +125,12 @@ class Transport:
         sock.curve_secretkey = self.keys.server_secret
         sock.curve_publickey = self.keys.server_public
         sock.zap_domain = ZAP_DOMAIN.encode()
+        # Fail closed if the ZAP handler is missing or does not answer for our domain.
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        # Bound what a peer can make us buffer (also before it authenticated: libzmq decodes
+        # handshake commands with the same limit), and how long it may take to authenticate.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes())
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_TIMEOUT_MS)
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
