@@ -48,6 +48,7 @@ from nbcluster.refs import ObjectRef
 from nbcluster.serialization import dumps, loads
 from nbcluster.store.client import StoreClient, is_stored
 from nbcluster.store.errors import ObjectStoreError
+from nbcluster.store.fetch import fetch_stored
 from nbcluster.transport import Transport
 
 log = logging.getLogger("nbcluster")
@@ -589,6 +590,9 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         if e.state == READY:
             if self._is_lost(e):
                 raise ObjectLostError("the node that stored it died")
+            if self.store is None and is_stored(e.frames):
+                # No store of our own: read it from the node that holds it, into our memory.
+                return fetch_stored(self._transport, e.frames, self._dead_stores.__contains__)
             return loads(e.frames, self.store)
         if e.state == FAILED:
             err = loads(e.frames)

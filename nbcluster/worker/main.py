@@ -414,7 +414,10 @@ class Worker:
             return dumps(err)
         except Exception:
             if isinstance(err, TaskError):  # the original exception does not pickle
-                err = TaskError(err.function_name, err.traceback_str, None, err.where, err.frames)
+                bare = TaskError(err.function_name, err.traceback_str, None, err.where, err.frames)
+                bare.cause_type = err.cause_type  # the driver still names it
+                bare.cause_unavailable = "it could not be pickled in the worker"
+                err = bare
             return dumps(err)
 
     def send_error(

@@ -1,0 +1,220 @@
+"""Fault semantics of data and errors: lost arguments rebuilt for tasks already submitted, a
+driver without a store of its own, remote exceptions that cannot be rebuilt in the driver, and
+argument checks of get / wait / cancel."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import nbcluster as nb
+from nbcluster.client import current
+from nbcluster.exceptions import TaskError
+from tests.conftest import wait_until
+from tests.multinode import Procs, node_alive
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    nb.shutdown()
+    p = Procs(tmp_path)
+    try:
+        yield p
+    except BaseException:
+        print(p.logs())
+        raise
+    finally:
+        p.close()
+
+
+# ------------------------------------------------------------------ remote errors
+class TwoArgError(Exception):
+    """Unpickling calls ``TwoArgError(message)``: its ``__init__`` wants two arguments."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"code {code}: {detail}")
+
+
+WORKER_ONLY = """
+class WorkerOnlyError(Exception):
+    pass
+"""
+
+
+def raise_two_args() -> None:
+    raise TwoArgError(7, "disk on fire")
+
+
+def raise_worker_only(where: str) -> None:
+    # A module only the worker can import: the driver cannot unpickle the exception.
+    sys.path.insert(0, where)
+    import nbc_worker_only_mod  # type: ignore[import-not-found]
+
+    raise nbc_worker_only_mod.WorkerOnlyError("only the worker knows this class")
+
+
+@nb.remote(max_retries=0)
+def two_args_task() -> None:
+    raise_two_args()
+
+
+@nb.remote(max_retries=0)
+def worker_only_task(where: str) -> None:
+    raise_worker_only(where)
+
+
+@nb.remote
+class Failing:
+    def __init__(self, mode: str = "", where: str = "") -> None:
+        if mode == "two":
+            raise_two_args()
+        if mode == "worker-only":
+            raise_worker_only(where)
+
+    def two(self) -> None:
+        raise_two_args()
+
+    def worker_only(self, where: str) -> None:
+        raise_worker_only(where)
+
+
+def check_wrapped(err: BaseException, name: str, type_name: str, message: str, fn: str) -> None:
+    """The wrapper names the task, the remote type and message, and shows the remote stack."""
+    assert isinstance(err, TaskError), repr(err)
+    text = str(err)
+    assert name in text, text
+    assert type_name in text and message in text, text
+    assert "Traceback (most recent call last)" in text and f"in {fn}" in text, text
+    assert err.cause_type.endswith(type_name)
+    assert err.cause_unavailable  # and why it is only a wrapper
+
+
+@pytest.fixture
+def worker_only_dir(tmp_path: Path) -> str:
+    (tmp_path / "nbc_worker_only_mod.py").write_text(WORKER_ONLY)
+    return str(tmp_path)
+
+
+def test_task_exception_that_cannot_be_unpickled_keeps_its_story(
+    cluster: nb.ClusterInfo, worker_only_dir: str
+) -> None:
+    with pytest.raises(TaskError) as info:
+        nb.get(two_args_task.remote(), timeout=60)
+    check_wrapped(info.value, "two_args_task", "TwoArgError", "code 7: disk on fire", "raise_two")
+    assert "TypeError" in str(info.value)  # why it could not be rebuilt
+
+    with pytest.raises(TaskError) as info:
+        nb.get(worker_only_task.remote(worker_only_dir), timeout=60)
+    check_wrapped(
+        info.value,
+        "worker_only_task",
+        "WorkerOnlyError",
+        "only the worker knows this class",
+        "raise_worker_only",
+    )
+    assert "ModuleNotFoundError" in str(info.value)
+
+
+def test_actor_exception_that_cannot_be_unpickled_keeps_its_story(
+    cluster: nb.ClusterInfo, worker_only_dir: str
+) -> None:
+    a = Failing.remote()
+    with pytest.raises(TaskError) as info:
+        nb.get(a.two.remote(), timeout=60)
+    check_wrapped(info.value, "two", "TwoArgError", "code 7: disk on fire", "raise_two_args")
+    with pytest.raises(TaskError) as info:
+        nb.get(a.worker_only.remote(worker_only_dir), timeout=60)
+    check_wrapped(
+        info.value, "worker_only", "WorkerOnlyError", "only the worker knows", "raise_worker_only"
+    )
+
+    for mode in ("two", "worker-only"):
+        broken = Failing.remote(mode, worker_only_dir)
+        with pytest.raises(TaskError) as info:
+            nb.get(broken.two.remote(), timeout=60)
+        assert "__init__" in str(info.value)
+        if mode == "two":
+            check_wrapped(info.value, "Failing", "TwoArgError", "disk on fire", "raise_two_args")
+        else:
+            check_wrapped(
+                info.value, "Failing", "WorkerOnlyError", "only the worker", "raise_worker_only"
+            )
+
+
+def test_exception_that_unpickles_is_still_raised_as_its_own_type(
+    cluster: nb.ClusterInfo,
+) -> None:
+    @nb.remote(max_retries=0)
+    def boom() -> None:
+        raise KeyError("plain")
+
+    with pytest.raises(KeyError) as info:
+        nb.get(boom.remote(), timeout=60)
+    assert isinstance(info.value, TaskError) and not info.value.cause_unavailable
+
+
+# ------------------------------------------------------------------ argument checks
+def test_get_wait_cancel_reject_what_is_not_a_ref(cluster: nb.ClusterInfo) -> None:
+    @nb.remote
+    def one() -> int:
+        return 1
+
+    ref = one.remote()
+    with pytest.raises(TypeError, match="wait.. expected a list of ObjectRefs, got a list "):
+        nb.wait([5])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="containing str"):
+        nb.wait([ref, "x"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="got a single ObjectRef"):
+        nb.wait(ref)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got dict"):
+        nb.wait({})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="containing list"):
+        nb.wait([[ref]])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="value 5, which is not an ObjectRef"):
+        nb.get([ref, 5])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="got int"):
+        nb.get(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cancel.. expected an ObjectRef, got int"):
+        nb.cancel(5)  # type: ignore[arg-type]
+    # Nothing was lost by the bad calls.
+    assert nb.get(ref, timeout=60) == 1
+    assert nb.wait([ref], timeout=60) == ([ref], [])
+
+
+# ------------------------------------------------------------------ a driver with no store
+def test_driver_without_a_store_reads_large_results_from_their_node(
+    procs: Procs, tmp_path: Path
+) -> None:
+    np = pytest.importorskip("numpy")
+    procs.start_head()
+    # Connected before any agent registered: this driver has no store of its own.
+    nb.init(address=procs.address, token_file=str(procs.token_file))
+    assert current.require().store is None
+    procs.join("a", "--num-cpus", "1")
+    runs = tmp_path / "runs"
+
+    @nb.remote
+    def make(n: int) -> object:
+        with open(runs, "a") as f:
+            f.write(f"{n}\n")
+        return np.arange(n, dtype=np.int64)
+
+    small, big = make.remote(1_000_000 // 8), make.remote(50_000_000 // 8)  # 1 MB and 50 MB
+    a, b = nb.get([small, big], timeout=120)
+    assert np.array_equal(a, np.arange(1_000_000 // 8, dtype=np.int64))
+    assert np.array_equal(b, np.arange(50_000_000 // 8, dtype=np.int64))
+    assert nb.get(small, timeout=60).sum() == a.sum()  # read again: still there
+    assert sorted(runs.read_text().split()) == sorted([str(1_000_000 // 8), str(50_000_000 // 8)])
+    # A task of this driver can take them as arguments too (read on the node, not here).
+    assert nb.get(total.remote(big), timeout=60) == int(b.sum())
+
+
+@nb.remote
+def total(x: object) -> int:
+    import numpy as np
+
+    return int(np.asarray(x).sum())
