@@ -126,7 +126,7 @@ class TaskError(NbclusterError):
     def _render_traceback_(self) -> list[str]:
         """What IPython shows for this error: the remote stack, as a local error would look."""
         cause = type(self.cause).__name__ if self.cause is not None else "TaskError"
-        if self.cause is None and getattr(self, "cause_type", ""):
+        if self.cause is None and self.cause_type:
             cause = self.cause_type.rpartition(".")[2]
         loc = f" ({self.where})" if self.where else ""
         return [

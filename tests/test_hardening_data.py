@@ -164,7 +164,7 @@ def test_get_wait_cancel_reject_what_is_not_a_ref(cluster: nb.ClusterInfo) -> No
         return 1
 
     ref = one.remote()
-    with pytest.raises(TypeError, match="wait.. expected a list of ObjectRefs, got a list "):
+    with pytest.raises(TypeError, match=r"wait\(\) expected a list of ObjectRefs, got a list "):
         nb.wait([5])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="containing str"):
         nb.wait([ref, "x"])  # type: ignore[list-item]
@@ -178,7 +178,7 @@ def test_get_wait_cancel_reject_what_is_not_a_ref(cluster: nb.ClusterInfo) -> No
         nb.get([ref, 5])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="got int"):
         nb.get(5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="cancel.. expected an ObjectRef, got int"):
+    with pytest.raises(TypeError, match=r"cancel\(\) expected an ObjectRef, got int"):
         nb.cancel(5)  # type: ignore[arg-type]
     # Nothing was lost by the bad calls.
     assert nb.get(ref, timeout=60) == 1
@@ -218,3 +218,49 @@ def total(x: object) -> int:
     import numpy as np
 
     return int(np.asarray(x).sum())
+
+
+# ------------------------------------------------------------------ lost arguments
+def test_consumers_submitted_right_after_their_arguments_node_died_get_them_rebuilt(
+    procs: Procs, tmp_path: Path
+) -> None:
+    np = pytest.importorskip("numpy")
+    procs.start_head()
+    procs.join("main", "--num-cpus", "3")  # the driver's node (it attaches to the first)
+    b = procs.join("b", "--num-cpus", "2")
+    nb.init(address=procs.address, token_file=str(procs.token_file))
+    runs = tmp_path / "runs"
+    n = 10_000_000 // 8  # 10 MB each: stored on the producing node
+
+    @nb.remote
+    def produce(seed: int) -> object:
+        with open(runs, "a") as f:
+            f.write(f"{seed} {nb.get_runtime_context().get_node_id()}\n")
+        return np.full(n, seed, dtype=np.int64)
+
+    @nb.remote
+    def consume(x: object, seed: int) -> tuple[int, int]:
+        arr = np.asarray(x)
+        return int(arr.sum()), int((arr == seed).all())
+
+    on_b = nb.NodeAffinitySchedulingStrategy(b, soft=True)  # soft: it may be rebuilt elsewhere
+    refs = [produce.options(scheduling_strategy=on_b).remote(i) for i in range(6)]
+    ready, _ = nb.wait(refs, num_returns=6, timeout=120)
+    assert len(ready) == 6
+    assert {line.split()[1] for line in runs.read_text().splitlines()} == {b}
+
+    procs.kill_agent("b")
+    consumers = [consume.remote(r, i) for i, r in enumerate(refs)]  # at once: b not known dead
+    wait_until(lambda: node_alive(b) is False, timeout=15)
+    declared = time.monotonic()
+    assert nb.get(consumers, timeout=60) == [(i * n, 1) for i in range(6)]
+    took = time.monotonic() - declared
+    print(f"consumers done {took:.2f} s after the node was declared dead")
+    assert took < 6.0, f"consumers finished {took:.1f} s after the node was declared dead"
+    # Each producer ran again, elsewhere (lineage), exactly once more.
+    seen: dict[int, list[str]] = {}
+    for line in runs.read_text().splitlines():
+        seed, node = line.split()
+        seen.setdefault(int(seed), []).append(node)
+    assert sorted(seen) == list(range(6))
+    assert all(len(v) == 2 and v[0] == b and v[1] != b for v in seen.values()), seen

@@ -157,8 +157,8 @@ def read_segment(
     except BaseException:
         if not done:  # tell the holder to stop streaming (and unpin)
             try:
-                msg = encode({"k": Kind.STORE_CREDIT, "rid": 1, "n": 0})
-                sock.send_multipart(msg, flags=zmq.NOBLOCK)
+                stop = encode({"k": Kind.STORE_CREDIT, "rid": 1, "n": 0})
+                sock.send_multipart(stop, flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         raise
