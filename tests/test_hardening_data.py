@@ -208,7 +208,13 @@ def test_driver_without_a_store_reads_large_results_from_their_node(
     assert np.array_equal(a, np.arange(1_000_000 // 8, dtype=np.int64))
     assert np.array_equal(b, np.arange(50_000_000 // 8, dtype=np.int64))
     assert nb.get(small, timeout=60).sum() == a.sum()  # read again: still there
-    assert sorted(runs.read_text().split()) == sorted([str(1_000_000 // 8), str(50_000_000 // 8)])
+    # Resolved on the client's I/O thread when it completes: the read happens off that thread.
+    later = make.remote(2_000_000 // 8)
+    fut = later.future()
+    assert np.array_equal(fut.result(timeout=60), np.arange(2_000_000 // 8, dtype=np.int64))
+    assert sorted(runs.read_text().split()) == sorted(
+        str(k // 8) for k in (1_000_000, 50_000_000, 2_000_000)
+    )  # each producer ran once
     # A task of this driver can take them as arguments too (read on the node, not here).
     assert nb.get(total.remote(big), timeout=60) == int(b.sum())
 
@@ -264,3 +270,46 @@ def test_consumers_submitted_right_after_their_arguments_node_died_get_them_rebu
         seen.setdefault(int(seed), []).append(node)
     assert sorted(seen) == list(range(6))
     assert all(len(v) == 2 and v[0] == b and v[1] != b for v in seen.values()), seen
+
+
+def test_queued_consumers_of_a_dead_nodes_results_wait_for_them_to_be_rebuilt(
+    procs: Procs, tmp_path: Path
+) -> None:
+    np = pytest.importorskip("numpy")
+    procs.start_head()
+    procs.join("main", "--num-cpus", "2", "--resources", '{"m": 1}')
+    b = procs.join("b", "--num-cpus", "1")
+    nb.init(address=procs.address, token_file=str(procs.token_file))
+    runs = tmp_path / "runs"
+    go = tmp_path / "go"
+    n = 2_000_000 // 8
+
+    @nb.remote
+    def produce(seed: int) -> object:
+        with open(runs, "a") as f:
+            f.write(f"{seed} {nb.get_runtime_context().get_node_id()}\n")
+        return np.full(n, seed, dtype=np.int64)
+
+    @nb.remote(resources={"m": 1})
+    def hold() -> None:
+        wait_until(go.exists, timeout=60)
+
+    @nb.remote(resources={"m": 1})
+    def consume(x: object) -> int:
+        return int(np.asarray(x).sum())
+
+    on_b = nb.NodeAffinitySchedulingStrategy(b, soft=True)
+    refs = [produce.options(scheduling_strategy=on_b).remote(i) for i in range(3)]
+    assert len(nb.wait(refs, num_returns=3, timeout=120)[0]) == 3
+    blocker = hold.remote()
+    procs.kill_agent("b")
+    consumers = [consume.remote(r) for r in refs]  # queued: "m" is held
+    wait_until(lambda: node_alive(b) is False, timeout=15)
+    go.write_text("")  # now they get a worker, with their arguments' node known dead
+    released = time.monotonic()
+    assert nb.get(consumers, timeout=60) == [i * n for i in range(3)]
+    nb.get(blocker, timeout=30)
+    took = time.monotonic() - released
+    assert took < 6.0, f"consumers finished {took:.1f} s after they could run"
+    nodes = [line.split()[1] for line in runs.read_text().splitlines()]
+    assert len(nodes) == 6 and nodes[:3] == [b] * 3 and b not in nodes[3:]

@@ -646,15 +646,23 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
     def ref_future(self, ref: ObjectRef) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
-        def resolve(_e: Entry | None = None) -> None:
+        def settle() -> None:
             try:
                 fut.set_result(self._value(ref))
             except BaseException as exc:
                 fut.set_exception(exc)
 
+        def resolve(e: Entry | None = None) -> None:
+            # A stored value may have to come from another node: never wait for that on the
+            # I/O thread (it also delivers the NODE_DIED that would end such a wait).
+            if e is not None and e.state == READY and is_stored(e.frames):
+                threading.Thread(target=settle, name="nbcluster-fetch", daemon=True).start()
+            else:
+                settle()
+
         self._prepare([ref])
         if not self.objects.on_ready(ref.hex(), resolve):
-            resolve()
+            settle()
         return fut
 
 

@@ -130,14 +130,11 @@ class Lineage:
         self._dead_stores.add(store_id)
         # Tasks queued with an argument in that store: get it back before sending them.
         for sc in list(self._classes.values()):
-            moved = False
-            for rec in list(sc.queue):
-                lost = [i for i, f in enumerate(rec.dep_frames) if stored_in(f) == store_id]
-                if lost:
-                    sc.queue.remove(rec)
-                    moved = True
-                    self._rewait(rec, lost, [])
-            if moved:
+            waiting = [rec for rec in sc.queue if self._lost_args(rec)]
+            for rec in waiting:
+                sc.queue.remove(rec)
+                self._rewait(rec, self._lost_args(rec), [])
+            if waiting:
                 self._pump(sc)  # withdraws lease requests it no longer needs
         # Tasks whose worker could not read an argument from there: now we know why.
         for p in [p for p in self._parked.values() if p.store == store_id]:
@@ -145,6 +142,20 @@ class Lineage:
             self._rewait(p.rec, p.indexes, p.error)
 
     # ------------------------------------------------------------------ lost arguments
+    def _lost_args(self, rec: TaskRecord) -> list[int]:
+        """Indexes of ``rec``'s arguments that live in the store of a node known dead."""
+        if not self._dead_stores:
+            return []
+        return [i for i, f in enumerate(rec.dep_frames) if stored_in(f) in self._dead_stores]
+
+    def _held_back(self, rec: TaskRecord) -> bool:
+        """About to send ``rec``: if an argument of it was lost meanwhile (its node died while
+        the task was queued, or its worker was lost), make it wait for that argument instead."""
+        lost = self._lost_args(rec)
+        if lost:
+            self._rewait(rec, lost, [])
+        return bool(lost)
+
     def _arg_lost(self, rec: TaskRecord, indexes: Any, error: list[Any]) -> bool:
         """A worker could not read arguments ``indexes`` of ``rec`` (I/O thread).
 

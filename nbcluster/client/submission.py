@@ -92,6 +92,7 @@ class TaskSubmission:
         # Lineage (nbcluster.client.lineage)
         def _keep_lineage(self, rec: TaskRecord, parts: Any) -> bool: ...
         def _dep_status(self, entry: Entry) -> int: ...
+        def _held_back(self, rec: TaskRecord) -> bool: ...
         def _lost_dep_error(self, rec: TaskRecord, entry: Entry) -> list[Any]: ...
         def _arg_lost(self, rec: TaskRecord, indexes: Any, error: list[Any]) -> bool: ...
 
@@ -291,7 +292,11 @@ class TaskSubmission:
         # it while other workers idle; that needs work stealing first.)
         idle = [lease for lease in sc.leases if not lease.inflight]
         while sc.queue and idle:
-            self._dispatch(sc.queue.popleft(), idle.pop())
+            rec = sc.queue.popleft()
+            if self._held_back(rec):
+                idle = [lease for lease in idle if not lease.inflight]  # it may have re-pumped
+                continue
+            self._dispatch(rec, idle.pop())
         want = min(len(sc.queue), MAX_LEASE_REQUESTS) - len(sc.requests)
         for _ in range(want):
             rid = next(self._rid)
