@@ -85,7 +85,6 @@ class Lineage:
         def _do_submit(self, rec: TaskRecord) -> None: ...
         def _dep_callback(self, rec: TaskRecord, i: int) -> Callable[[Entry], None]: ...
         def _do_fetch(self, oid: str, owner: str) -> None: ...
-        def _enqueue(self, rec: TaskRecord) -> None: ...
         def _pump(self, sc: SchedClass) -> None: ...
         def _finish(self, rec: TaskRecord, state: int, parts: Any) -> None: ...
         def _events(self) -> Any: ...
@@ -165,6 +164,7 @@ class Lineage:
             return False
         if not all(isinstance(i, int) and 0 <= i < len(rec.deps) for i in indexes):
             return False
+        self._events().requeued(rec)
         for i in indexes:
             entry = self.objects.get(rec.deps[i].hex())
             if entry is None:
@@ -173,7 +173,6 @@ class Lineage:
             store = stored_in(entry.frames) if unchanged else ""
             if unchanged and store and store not in self._dead_stores:
                 # Unreadable, but its node is not known dead (yet): wait for the head's word.
-                self._events().requeued(rec)
                 p = self._parked[rec.tid] = _Parked(rec, list(indexes), store, error)
                 if self._loop is not None:
                     p.timer = self._loop.call_later(PARK_S, self._park_expired, rec.tid)
@@ -197,16 +196,13 @@ class Lineage:
             self._finish(rec, FAILED, [p.error] * len(rec.return_ids))
             return
         rec.attempts += 1
-        rec.waiting_deps = 0
-        self._enqueue(rec)
+        self._rewait(rec, p.indexes, p.error)  # takes the arguments as they are now
 
     def _rewait(self, rec: TaskRecord, indexes: list[int], error: list[Any]) -> None:
         """Make ``rec`` wait again for its arguments ``indexes``, rebuilding the lost ones."""
         if rec.cancelled or rec.tid not in self._by_tid:
             return
         rec.lease = None
-        if error:
-            self._events().requeued(rec)
         waits: list[tuple[int, Entry]] = []
         for i in indexes:
             dep = rec.deps[i]
