@@ -261,10 +261,16 @@ def get(
     if single:
         refs = [refs]  # type: ignore[list-item]
     if not isinstance(refs, list | tuple):
-        raise TypeError(f"get() expects an ObjectRef or a list of them, got {type(refs).__name__}")
+        raise TypeError(
+            f"get() expected an ObjectRef or a list of ObjectRefs, got {type(refs).__name__}"
+        )
     for r in refs:
         if not isinstance(r, ObjectRef):
-            raise TypeError(f"get() expects ObjectRefs, got an element of type {type(r).__name__}")
+            raise TypeError(
+                f"Attempting to call get() on the value {r!r:.80}, which is not an ObjectRef "
+                f"(get() expected a list of ObjectRefs, got a list containing "
+                f"{type(r).__name__})"
+            )
     bar = None
     if progress:
         from nbcluster.progress import progress as show_progress
@@ -301,8 +307,15 @@ def wait(
 
     Both lists keep the order of ``refs``.
     """
-    if isinstance(refs, ObjectRef) or not isinstance(refs, list | tuple):
-        raise TypeError("wait() expects a list of ObjectRefs")
+    if isinstance(refs, ObjectRef):
+        raise TypeError("wait() expected a list of ObjectRefs, got a single ObjectRef")
+    if not isinstance(refs, list | tuple):
+        raise TypeError(f"wait() expected a list of ObjectRefs, got {type(refs).__name__}")
+    for r in refs:
+        if not isinstance(r, ObjectRef):
+            raise TypeError(
+                f"wait() expected a list of ObjectRefs, got a list containing {type(r).__name__}"
+            )
     if len(set(refs)) != len(refs):
         raise ValueError("wait() expects a list of unique ObjectRefs")
     if num_returns < 0 or num_returns > len(refs):
@@ -322,7 +335,7 @@ def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> No
     worker instead). Cancelling a finished task does nothing.
     """
     if not isinstance(ref, ObjectRef):
-        raise TypeError("cancel() expects an ObjectRef")
+        raise TypeError(f"cancel() expected an ObjectRef, got {type(ref).__name__}")
     _client().cancel(ref, force)
 
 

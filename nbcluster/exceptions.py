@@ -92,6 +92,11 @@ class TaskError(NbclusterError):
         self.where = where
         # (filename, lineno, function, source line) of the remote stack, innermost last.
         self.frames = frames
+        #: The remote exception's type (``module.Qualname``), kept even when the exception itself
+        #: cannot be rebuilt here.
+        self.cause_type = _type_name(type(cause)) if cause is not None else ""
+        #: Why the remote exception could not be rebuilt here ("" when it was, or was none).
+        self.cause_unavailable = ""
         super().__init__(self._message())
 
     def _render(self) -> str:
@@ -108,7 +113,12 @@ class TaskError(NbclusterError):
 
     def _message(self) -> str:
         loc = f" ({self.where})" if self.where else ""
-        return f"task {self.function_name}{loc} raised:\n\n{self._render()}"
+        text = f"task {self.function_name}{loc} raised:\n\n{self._render()}"
+        why = getattr(self, "cause_unavailable", "")
+        if why:
+            kind = getattr(self, "cause_type", "") or "exception"
+            text += f"\n\n(the remote {kind} could not be rebuilt here: {why})"
+        return text
 
     def __str__(self) -> str:
         return self._message()
@@ -116,6 +126,8 @@ class TaskError(NbclusterError):
     def _render_traceback_(self) -> list[str]:
         """What IPython shows for this error: the remote stack, as a local error would look."""
         cause = type(self.cause).__name__ if self.cause is not None else "TaskError"
+        if self.cause is None and self.cause_type:
+            cause = self.cause_type.rpartition(".")[2]
         loc = f" ({self.where})" if self.where else ""
         return [
             f"\x1b[0;31m{cause}\x1b[0m raised in task \x1b[1m{self.function_name}\x1b[0m{loc}",
@@ -123,9 +135,21 @@ class TaskError(NbclusterError):
         ]
 
     def __reduce__(self) -> tuple[Any, ...]:
+        # The cause travels as a pickle of its own: if it cannot be rebuilt where this error is
+        # unpickled (a class only the worker can import, an __init__ that wants other arguments),
+        # the error still arrives, with the cause's type, message and the remote traceback.
+        blob, why = _pickle_cause(self.cause)
         return (
             _rebuild_task_error,
-            (self.function_name, self.traceback_str, self.cause, self.where, self.frames),
+            (
+                self.function_name,
+                self.traceback_str,
+                blob,
+                self.where,
+                self.frames,
+                getattr(self, "cause_type", ""),
+                getattr(self, "cause_unavailable", "") or why,
+            ),
         )
 
     def as_instanceof_cause(self) -> TaskError:
@@ -144,6 +168,8 @@ class TaskError(NbclusterError):
             err.cause = self.cause
             err.where = self.where
             err.frames = self.frames
+            err.cause_type = getattr(self, "cause_type", "")
+            err.cause_unavailable = ""
             err.args = (self._message(),)
             return err
         except TypeError:  # e.g. a final class or incompatible layout (OSError subclasses)
@@ -164,14 +190,49 @@ def _dual_class(cause_cls: type) -> type:
     return cls
 
 
+def _type_name(cls: type) -> str:
+    module = getattr(cls, "__module__", "") or ""
+    name = getattr(cls, "__qualname__", cls.__name__)
+    return name if module in ("builtins", "__main__", "") else f"{module}.{name}"
+
+
+def _pickle_cause(cause: BaseException | None) -> tuple[bytes | None, str]:
+    """``(pickle of cause, "")``, or ``(None, why)`` when it cannot be pickled."""
+    if cause is None:
+        return None, ""
+    import cloudpickle  # here: this module is imported by everything, pickling is rare
+
+    try:
+        return cloudpickle.dumps(cause, protocol=5), ""
+    except Exception as exc:
+        return None, f"it could not be pickled: {type(exc).__name__}: {exc}"
+
+
 def _rebuild_task_error(
     function_name: str,
     traceback_str: str,
-    cause: BaseException | None,
+    cause: BaseException | bytes | None,
     where: str,
     frames: list[tuple[str, int, str, str]] | None = None,
+    cause_type: str = "",
+    unavailable: str = "",
 ) -> TaskError:
-    return TaskError(function_name, traceback_str, cause, where, frames)
+    why = unavailable
+    if isinstance(cause, bytes | bytearray | memoryview):
+        import pickle
+
+        try:
+            cause = pickle.loads(cause)
+        except Exception as exc:  # ModuleNotFoundError, a TypeError from the class's __init__...
+            cause, why = None, f"{type(exc).__name__}: {exc}"
+        if not isinstance(cause, BaseException):
+            cause = None
+    err = TaskError(function_name, traceback_str, cause, where, frames)
+    if cause is None:
+        err.cause_type = cause_type
+        err.cause_unavailable = why
+        err.args = (err._message(),)
+    return err
 
 
 class ActorError(NbclusterError):

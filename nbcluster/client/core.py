@@ -48,6 +48,7 @@ from nbcluster.refs import ObjectRef
 from nbcluster.serialization import dumps, loads
 from nbcluster.store.client import StoreClient, is_stored
 from nbcluster.store.errors import ObjectStoreError
+from nbcluster.store.fetch import fetch_stored
 from nbcluster.transport import Transport
 
 log = logging.getLogger("nbcluster")
@@ -589,6 +590,9 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         if e.state == READY:
             if self._is_lost(e):
                 raise ObjectLostError("the node that stored it died")
+            if self.store is None and is_stored(e.frames):
+                # No store of our own: read it from the node that holds it, into our memory.
+                return fetch_stored(self._transport, e.frames, self._dead_stores.__contains__)
             return loads(e.frames, self.store)
         if e.state == FAILED:
             err = loads(e.frames)
@@ -642,15 +646,23 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
     def ref_future(self, ref: ObjectRef) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
-        def resolve(_e: Entry | None = None) -> None:
+        def settle() -> None:
             try:
                 fut.set_result(self._value(ref))
             except BaseException as exc:
                 fut.set_exception(exc)
 
+        def resolve(e: Entry | None = None) -> None:
+            # A stored value may have to come from another node: never wait for that on the
+            # I/O thread (it also delivers the NODE_DIED that would end such a wait).
+            if e is not None and e.state == READY and is_stored(e.frames):
+                threading.Thread(target=settle, name="nbcluster-fetch", daemon=True).start()
+            else:
+                settle()
+
         self._prepare([ref])
         if not self.objects.on_ready(ref.hex(), resolve):
-            resolve()
+            settle()
         return fut
 
 

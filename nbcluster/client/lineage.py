@@ -11,22 +11,55 @@ be rebuilt raises :class:`ObjectLostError` at once instead of hanging:
 
 The head tells every client which nodes died (``NODE_DIED``); a stored value whose store
 belonged to one of them is known lost without trying to read it.
+
+Tasks that take such a value as an argument get it back too, whenever they were submitted:
+
+- submitted (or still queued) once the node is known dead: the argument is rebuilt first, and
+  the task waits for it instead of trying to read it from the dead node;
+- already sent to a worker that could not read it (its node refused the connection or went
+  away mid-transfer): the worker says which argument was lost (``RESULT`` with ``lost``), and the
+  task waits again. If the node is known dead (or the head says so within :data:`PARK_S`), the
+  argument is rebuilt; otherwise the node is alive after all and the task is sent again as it
+  was, as a retry.
+
+Borrowed arguments are fetched again from their owner, which rebuilds them (once: a value that
+comes back still in a dead store is lost).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from nbcluster.client.objects import READY, Entry, ObjectTable
-from nbcluster.client.tasks import TaskRecord
+from nbcluster.client.objects import FAILED, READY, Entry, ObjectTable
+from nbcluster.client.tasks import SchedClass, TaskRecord
 from nbcluster.exceptions import ObjectLostError
 from nbcluster.refs import ObjectRef
+from nbcluster.serialization import dumps
 from nbcluster.store.client import MARKER, is_stored
 
 MAX_RECONSTRUCTIONS = 3
+#: What :meth:`Lineage._dep_status` says of a ready argument.
+USE, WAIT, LOST = 0, 1, 2
+#: How long a task whose argument could not be read waits for the head to declare the argument's
+#: node dead (it does within 5 s for a node agent that stops answering) before it is sent again.
+PARK_S = 15.0
+
+
+@dataclass
+class _Parked:
+    """A task whose argument could not be read from a node not (yet) known dead."""
+
+    rec: TaskRecord
+    indexes: list[int]
+    store: str
+    error: list[Any]  # the worker's error frames, if it comes to failing
+    timer: asyncio.TimerHandle | None = None
 
 
 def stored_in(frames: list[Any]) -> str:
@@ -45,13 +78,22 @@ class Lineage:
     if TYPE_CHECKING:
         objects: ObjectTable
         _by_tid: dict[str, TaskRecord]
+        _classes: dict[tuple[tuple[str, float], ...], SchedClass]
+        _loop: asyncio.AbstractEventLoop | None
 
         def _post(self, *item: Any) -> None: ...
         def _do_submit(self, rec: TaskRecord) -> None: ...
+        def _dep_callback(self, rec: TaskRecord, i: int) -> Callable[[Entry], None]: ...
+        def _do_fetch(self, oid: str, owner: str) -> None: ...
+        def _pump(self, sc: SchedClass) -> None: ...
+        def _finish(self, rec: TaskRecord, state: int, parts: Any) -> None: ...
+        def _events(self) -> Any: ...
 
     def _init_lineage(self) -> None:
         self._lineage: dict[str, TaskRecord] = {}  # stored result id -> the task that made it
         self._dead_stores: set[str] = set()
+        self._parked: dict[str, _Parked] = {}  # task id -> waiting for its argument's node's fate
+        self._refetched: set[str] = set()  # borrowed values fetched again after their node died
 
     def _keep_lineage(self, rec: TaskRecord, parts: Any) -> bool:
         """Remember ``rec`` for its stored results; ``True`` if it was kept (keep its deps)."""
@@ -67,6 +109,7 @@ class Lineage:
     def _forget_lineage(self, oid: str) -> None:
         # Any thread (called when an entry is dropped): a plain dict pop, no lock.
         self._lineage.pop(oid, None)
+        self._refetched.discard(oid)
 
     def _is_lost(self, entry: Entry) -> bool:
         """Whether a ready value lives in the store of a node known to be dead."""
@@ -81,8 +124,146 @@ class Lineage:
         return rec is not None and rec.rebuilds < MAX_RECONSTRUCTIONS
 
     def _do_node_died(self, store_id: str) -> None:
-        if store_id:
-            self._dead_stores.add(store_id)
+        if not store_id or store_id in self._dead_stores:
+            return
+        self._dead_stores.add(store_id)
+        # Tasks queued with an argument in that store: get it back before sending them.
+        for sc in list(self._classes.values()):
+            waiting = [rec for rec in sc.queue if self._lost_args(rec)]
+            for rec in waiting:
+                sc.queue.remove(rec)
+                self._rewait(rec, self._lost_args(rec), [])
+            if waiting:
+                self._pump(sc)  # withdraws lease requests it no longer needs
+        # Tasks whose worker could not read an argument from there: now we know why.
+        for p in [p for p in self._parked.values() if p.store == store_id]:
+            self._unpark(p)
+            self._rewait(p.rec, p.indexes, p.error)
+
+    # ------------------------------------------------------------------ lost arguments
+    def _lost_args(self, rec: TaskRecord) -> list[int]:
+        """Indexes of ``rec``'s arguments that live in the store of a node known dead."""
+        if not self._dead_stores:
+            return []
+        return [i for i, f in enumerate(rec.dep_frames) if stored_in(f) in self._dead_stores]
+
+    def _held_back(self, rec: TaskRecord) -> bool:
+        """About to send ``rec``: if an argument of it was lost meanwhile (its node died while
+        the task was queued, or its worker was lost), make it wait for that argument instead."""
+        lost = self._lost_args(rec)
+        if lost:
+            self._rewait(rec, lost, [])
+        return bool(lost)
+
+    def _arg_lost(self, rec: TaskRecord, indexes: Any, error: list[Any]) -> bool:
+        """A worker could not read arguments ``indexes`` of ``rec`` (I/O thread).
+
+        Returns ``False`` when that cannot be helped (the task then fails with ``error``).
+        """
+        if not isinstance(indexes, list) or not indexes or len(rec.dep_frames) != len(rec.deps):
+            return False
+        if not all(isinstance(i, int) and 0 <= i < len(rec.deps) for i in indexes):
+            return False
+        self._events().requeued(rec)
+        for i in indexes:
+            entry = self.objects.get(rec.deps[i].hex())
+            if entry is None:
+                return False
+            unchanged = entry.state == READY and entry.frames is rec.dep_frames[i]
+            store = stored_in(entry.frames) if unchanged else ""
+            if unchanged and store and store not in self._dead_stores:
+                # Unreadable, but its node is not known dead (yet): wait for the head's word.
+                p = self._parked[rec.tid] = _Parked(rec, list(indexes), store, error)
+                if self._loop is not None:
+                    p.timer = self._loop.call_later(PARK_S, self._park_expired, rec.tid)
+                return True
+        self._rewait(rec, list(indexes), error)
+        return True
+
+    def _unpark(self, p: _Parked) -> None:
+        self._parked.pop(p.rec.tid, None)
+        if p.timer is not None:
+            p.timer.cancel()
+            p.timer = None
+
+    def _park_expired(self, tid: str) -> None:
+        """The argument's node was not declared dead: it lives, so send the task again."""
+        p = self._parked.pop(tid, None)
+        if p is None or p.rec.cancelled or tid not in self._by_tid:
+            return
+        rec = p.rec
+        if rec.max_retries != -1 and rec.attempts >= rec.max_retries:
+            self._finish(rec, FAILED, [p.error] * len(rec.return_ids))
+            return
+        rec.attempts += 1
+        self._rewait(rec, p.indexes, p.error)  # takes the arguments as they are now
+
+    def _rewait(self, rec: TaskRecord, indexes: list[int], error: list[Any]) -> None:
+        """Make ``rec`` wait again for its arguments ``indexes``, rebuilding the lost ones."""
+        if rec.cancelled or rec.tid not in self._by_tid:
+            return
+        rec.lease = None
+        waits: list[tuple[int, Entry]] = []
+        for i in indexes:
+            dep = rec.deps[i]
+            entry = self.objects.get(dep.hex())
+            if entry is None:
+                self._fail_lost(rec, error, f"argument {i} is not known here any more")
+                return
+            waits.append((i, entry))
+        rec.waiting_deps = len(waits)
+        for i, entry in waits:
+            if rec.tid not in self._by_tid:
+                return  # failed meanwhile
+            if entry.state == READY and entry.frames is rec.dep_frames[i] and self._is_lost(entry):
+                if entry.owned:
+                    if not self._can_rebuild(entry.oid):
+                        self._fail_lost(rec, error, f"argument {i} was lost with its node")
+                        return
+                    self._do_reconstruct(entry.oid)
+                elif not self._refetch(entry):
+                    self._fail_lost(rec, error, f"argument {i} was lost with its node")
+                    return
+            done = self._dep_callback(rec, i)
+            if not self.objects.on_ready(entry.oid, done):
+                done(entry)
+
+    def _refetch(self, entry: Entry) -> bool:
+        """Fetch a borrowed value again from its owner (which rebuilds it); once per value."""
+        if entry.oid in self._refetched or not entry.owner:
+            return False
+        self._refetched.add(entry.oid)
+        self.objects.reset(entry.oid)
+        entry.fetching = False
+        self._do_fetch(entry.oid, entry.owner)
+        return True
+
+    def _fail_lost(self, rec: TaskRecord, error: list[Any], why: str) -> None:
+        if not error:
+            error = dumps(ObjectLostError(f"task {rec.name}: {why}; it cannot be rebuilt"))
+        self._finish(rec, FAILED, [error] * len(rec.return_ids))
+
+    def _dep_status(self, entry: Entry) -> int:
+        """Whether a ready argument can be sent as it is (:data:`USE`), is being rebuilt or
+        fetched again (:data:`WAIT`), or was lost with its node for good (:data:`LOST`)."""
+        if not self._is_lost(entry):
+            return USE
+        if entry.owned:
+            if self._can_rebuild(entry.oid):
+                self._do_reconstruct(entry.oid)
+                return WAIT
+            return LOST
+        return WAIT if self._refetch(entry) else LOST
+
+    def _lost_dep_error(self, rec: TaskRecord, entry: Entry) -> list[Any]:
+        """Error frames for ``rec``, whose argument ``entry`` was lost for good."""
+        return dumps(
+            ObjectLostError(
+                f"task {rec.name} cannot run: its argument (object {entry.oid}) was lost with the "
+                "node that stored it, and cannot be rebuilt (a value made by put(), or rebuilt "
+                f"{MAX_RECONSTRUCTIONS} times already)"
+            )
+        )
 
     def _do_reconstruct(self, oid: str) -> None:
         """Re-run the task that made ``oid`` (I/O thread); idempotent while it runs."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from nbcluster.client.events import TaskEvents
+from nbcluster.client.lineage import LOST, USE, WAIT
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
 from nbcluster.client.wire import WorkerConn, is_ref, send_nowait, split_parts
@@ -91,9 +92,10 @@ class TaskSubmission:
 
         # Lineage (nbcluster.client.lineage)
         def _keep_lineage(self, rec: TaskRecord, parts: Any) -> bool: ...
-        def _is_lost(self, entry: Entry) -> bool: ...
-        def _can_rebuild(self, oid: str) -> bool: ...
-        def _do_reconstruct(self, oid: str) -> None: ...
+        def _dep_status(self, entry: Entry) -> int: ...
+        def _held_back(self, rec: TaskRecord) -> bool: ...
+        def _lost_dep_error(self, rec: TaskRecord, entry: Entry) -> list[Any]: ...
+        def _arg_lost(self, rec: TaskRecord, indexes: Any, error: list[Any]) -> bool: ...
 
     # ================================================================== submission (user thread)
     def submit(
@@ -221,7 +223,13 @@ class TaskSubmission:
             if entry is not None and entry.state == FAILED:
                 self._finish(rec, FAILED, [entry.frames] * len(rec.return_ids))
                 return
-            if entry is not None and entry.state == READY and not self._rebuild_dep(entry):
+            status = self._dep_status(entry) if entry is not None and entry.state == READY else -1
+            if status == LOST:
+                assert entry is not None
+                self._finish(rec, FAILED, [self._lost_dep_error(rec, entry)] * len(rec.return_ids))
+                return
+            if status == USE:
+                assert entry is not None
                 rec.dep_frames[i] = entry.frames
             else:
                 waiting += 1
@@ -238,8 +246,12 @@ class TaskSubmission:
             if entry.state == FAILED:
                 self._finish(rec, FAILED, [entry.frames] * len(rec.return_ids))
                 return
-            if self._rebuild_dep(entry):
-                self.objects.on_ready(entry.oid, done)  # lost with its node: wait for the rerun
+            status = self._dep_status(entry)
+            if status == WAIT:
+                self.objects.on_ready(entry.oid, done)  # lost with its node: wait for it again
+                return
+            if status == LOST:
+                self._finish(rec, FAILED, [self._lost_dep_error(rec, entry)] * len(rec.return_ids))
                 return
             rec.dep_frames[i] = entry.frames
             rec.waiting_deps -= 1
@@ -247,13 +259,6 @@ class TaskSubmission:
                 self._enqueue(rec)
 
         return done
-
-    def _rebuild_dep(self, entry: Entry) -> bool:
-        """If an argument we own was lost with its node, start rebuilding it; ``True`` if so."""
-        if entry.owned and self._is_lost(entry) and self._can_rebuild(entry.oid):
-            self._do_reconstruct(entry.oid)
-            return True
-        return False
 
     def _resolve(self, ref: ObjectRef) -> Entry | None:
         """The local entry of ``ref``, starting a fetch from its owner if we do not own it."""
@@ -272,6 +277,8 @@ class TaskSubmission:
             self._actor_call_ready(rec)
             return
         locality: dict[str, int] = {}
+        # Sent again (a retry, a rebuild, an argument got back): its preferred store may differ.
+        rec.shape_key = tuple(kv for kv in rec.shape_key if kv[0] != "@store")
         if rec.strategy is None:
             # Locality: prefer the node whose store holds most bytes of the arguments; tasks
             # preferring different nodes need leases on different nodes.
@@ -292,7 +299,11 @@ class TaskSubmission:
         # it while other workers idle; that needs work stealing first.)
         idle = [lease for lease in sc.leases if not lease.inflight]
         while sc.queue and idle:
-            self._dispatch(sc.queue.popleft(), idle.pop())
+            rec = sc.queue.popleft()
+            if self._held_back(rec):
+                idle = [lease for lease in idle if not lease.inflight]  # it may have re-pumped
+                continue
+            self._dispatch(rec, idle.pop())
         want = min(len(sc.queue), MAX_LEASE_REQUESTS) - len(sc.requests)
         for _ in range(want):
             rid = next(self._rid)
@@ -519,6 +530,8 @@ class TaskSubmission:
             self._finish(rec, READY, split_parts(h.get("n", []), payload))
         elif h.get("err") == "cancelled":
             self._finish(rec, FAILED, [payload] * len(rec.return_ids))
+        elif h.get("lost") and not rec.cancelled and self._arg_lost(rec, h["lost"], payload):
+            pass  # an argument was lost with its node: the task waits for it again
         else:
             if self._should_retry_exception(rec, payload):
                 rec.attempts += 1

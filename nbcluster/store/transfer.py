@@ -58,8 +58,12 @@ _IO_THREADS = 2
 #: How often a pulling thread looks at the agent closing and at its deadlines.
 _TICK_MS = 250
 
+#: What a pulling thread watches on its connection. A refused connection (``CONNECT_RETRIED``
+#: before any handshake) means nothing listens there any more: the holder is gone, and its
+#: objects with it; waiting :data:`CONNECT_TIMEOUT_S` for it would only delay the rebuild.
 _MONITORED = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_CONNECT_RETRIED
     | zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL

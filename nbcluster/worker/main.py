@@ -23,7 +23,7 @@ import zmq
 
 from nbcluster import context
 from nbcluster.client import current
-from nbcluster.exceptions import ProtocolError, TaskCancelledError, TaskError
+from nbcluster.exceptions import ObjectLostError, ProtocolError, TaskCancelledError, TaskError
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.security import derive_keys, token_from_environment
@@ -241,8 +241,12 @@ class Worker:
         pos = nargs
         dep_values = []
         with loaded_refs() as oids:
-            for count in h.get("deps", []):
-                dep_values.append(loads(payload[pos : pos + count], self.store))
+            for i, count in enumerate(h.get("deps", [])):
+                try:
+                    dep_values.append(loads(payload[pos : pos + count], self.store))
+                except ObjectLostError as exc:
+                    exc.dep_index = i  # type: ignore[attr-defined]  # see invoke: "lost"
+                    raise
                 pos += count
             values = loads_args(payload[:nargs], dep_values, self.store)
         if loaded is not None:
@@ -297,7 +301,11 @@ class Worker:
         try:
             args, kwargs = self.load_args(h, payload, loaded)
         except Exception as exc:
-            self.send_error(ident, tid, self.task_error(name, exc, skip=0), "exc")
+            # An argument lost with its node: the caller (its owner) may rebuild it and send the
+            # task again, so it learns which one.
+            lost = getattr(exc, "dep_index", None)
+            extra = {"lost": [lost]} if isinstance(lost, int) else None
+            self.send_error(ident, tid, self.task_error(name, exc, skip=0), "exc", extra=extra)
             return
         target, *tokens = self.begin(ident, h)
         self.stdout.default = self.stderr.default = target
@@ -414,11 +422,20 @@ class Worker:
             return dumps(err)
         except Exception:
             if isinstance(err, TaskError):  # the original exception does not pickle
-                err = TaskError(err.function_name, err.traceback_str, None, err.where, err.frames)
+                bare = TaskError(err.function_name, err.traceback_str, None, err.where, err.frames)
+                bare.cause_type = err.cause_type  # the driver still names it
+                bare.cause_unavailable = "it could not be pickled in the worker"
+                err = bare
             return dumps(err)
 
     def send_error(
-        self, ident: bytes, tid: str, err: BaseException, kind: str, kept: list[str] | None = None
+        self,
+        ident: bytes,
+        tid: str,
+        err: BaseException,
+        kind: str,
+        kept: list[str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         frames = self.error_frames(err)
         header: dict[str, Any] = {
@@ -427,6 +444,7 @@ class Worker:
             "ok": False,
             "err": kind,
             "n": [len(frames)],
+            **(extra or {}),
         }
         if kept:
             header["kept"] = kept
