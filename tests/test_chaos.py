@@ -35,9 +35,11 @@ KNOWN = {
     "actor_kill": "known bug: a call on an actor after kill(actor) may still return a value",
     "agent": "known bug: consumers submitted right after a node died fail with ObjectLostError "
     "instead of being rebuilt through lineage",
-    "head": "known bug: after a head restart a call on a surviving actor can hang ~30 s; and "
-    "(found here) a driver holding a lease with a '@store' locality key cannot rejoin the "
-    "restarted head (see test_driver_holding_a_locality_lease_rejoins_a_restarted_head)",
+    "head": "known bug: after a head restart a call on a surviving actor can hang ~30 s; found "
+    "here: (1) a driver holding a lease with a '@store' locality key cannot rejoin the restarted "
+    "head (see test_driver_holding_a_locality_lease_rejoins_a_restarted_head); (2) the restart "
+    "window closes once every node is back (head/recovery.py Recovery.over), ending the job of a "
+    "driver that has not said hello yet: its actors are killed and its objects freed",
     "worker_burst": "known bug: a burst of worker kills (every 50 ms) leaves the node with 0 "
     "workers forever",
 }

@@ -261,17 +261,19 @@ class ProcessCluster:
             cleanup_store(sid)
 
     def _live_processes(self) -> list[str]:
+        me = psutil.Process()
+        mine = {me.pid, *(p.pid for p in me.parents())}  # e.g. a `timeout` wrapping this run
         live = []
         for proc in psutil.process_iter(["pid", "cmdline", "status"]):
             try:
-                if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                if proc.pid in mine or proc.info["status"] == psutil.STATUS_ZOMBIE:
                     continue
                 cmd = " ".join(proc.info["cmdline"] or [])
-                ours = proc.pid in self._pids or str(self.workdir) in cmd
+                ours = proc.pid in self._pids or str(self.token_file) in cmd
                 if not ours and "nbcluster" in cmd:
                     # A worker we never saw: it names our head in its environment.
                     ours = proc.environ().get("NBCLUSTER_HEAD", "").endswith(f":{self.port}")
-                if ours and proc.pid != os.getpid():
+                if ours:
                     live.append(f"{proc.pid} {cmd}")
             except psutil.Error:
                 continue
