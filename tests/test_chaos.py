@@ -21,13 +21,25 @@ from tests.test_netns import Net, net  # noqa: F401  (the fixture, reused)
 SEED = seed_from_env()
 
 # Realistic rates: a fault every few seconds, on 3 nodes of 2 CPUs (the driver's node included).
+# item_timeout_s: the longest one result may take; a node taken for dead needs 10 s to be noticed.
 CASES: dict[str, dict[str, Any]] = {
-    "worker": {"faults": ("worker",), "duration_s": 8.0, "interval_s": 1.5},
-    "actor_kill": {"faults": ("actor_kill",), "duration_s": 5.0, "interval_s": 1.5},
-    "agent": {"faults": ("agent",), "duration_s": 10.0, "interval_s": 2.0},
-    "head": {"faults": ("head",), "duration_s": 8.0, "interval_s": 2.5},
+    "worker": {"faults": ("worker",), "duration_s": 8.0, "interval_s": 1.5, "item_timeout_s": 20},
+    "actor_kill": {
+        "faults": ("actor_kill",),
+        "duration_s": 5.0,
+        "interval_s": 1.5,
+        "item_timeout_s": 20,
+    },
+    "agent": {"faults": ("agent",), "duration_s": 10.0, "interval_s": 2.0, "item_timeout_s": 30},
+    "head": {"faults": ("head",), "duration_s": 8.0, "interval_s": 2.5, "item_timeout_s": 30},
     # One node, as in local mode: no other node's activity wakes the scheduler up.
-    "worker_burst": {"faults": ("worker_burst",), "duration_s": 5.0, "interval_s": 2.0, "nodes": 1},
+    "worker_burst": {
+        "faults": ("worker_burst",),
+        "duration_s": 5.0,
+        "interval_s": 2.0,
+        "item_timeout_s": 20,
+        "nodes": 1,
+    },
 }
 
 # Known bugs (being fixed elsewhere): remove a mark once its fix is merged.
@@ -62,11 +74,16 @@ def _check(report: ChaosReport) -> None:
 )
 def test_chaos(kind: str, tmp_path: Path) -> None:
     print(f"chaos {kind}: seed {SEED} (replay: {SEED_ENV}={SEED})")
-    config = ChaosConfig(seed=SEED, item_timeout_s=30.0, drain_s=45.0, **CASES[kind])
+    config = ChaosConfig(seed=SEED, drain_s=45.0, **CASES[kind])
     _check(run_chaos(config, tmp_path))
 
 
-@pytest.mark.xfail(strict=False, reason=KNOWN["agent"])
+@pytest.mark.xfail(
+    strict=False,
+    reason=KNOWN["agent"] + "; also a consumer whose argument sits on a host cut off for 10 s "
+    "(shorter than the death timeout) fails with ObjectLostError ('no answer within 10 s') in "
+    "the worker's load_args instead of being retried or rebuilt",
+)
 def test_chaos_link_cut_and_heal(
     net: Net,  # noqa: F811
     tmp_path: Path,
@@ -87,7 +104,7 @@ def test_chaos_link_cut_and_heal(
     config = ChaosConfig(
         seed=SEED,
         faults=("link",),
-        duration_s=14.0,
+        duration_s=12.0,
         interval_s=2.0,
         link_cut_s=(2.0, 13.0),
         driver_reads_big=False,  # the driver's host has no node (no store) here
@@ -141,12 +158,12 @@ def test_driver_holding_a_locality_lease_rejoins_a_restarted_head(tmp_path: Path
             cluster.kill_head()
             cluster.start_head()
             time.sleep(1.0)  # the driver notices the restart on its next heartbeat
-        assert nb.get(slow, timeout=30) == digest(expected(1, 1, 2 << 20))
-        assert nb.get(chaos_small.remote(runs, 1, 3, 0.0), timeout=30) == digest(
+        assert nb.get(slow, timeout=15) == digest(expected(1, 1, 2 << 20))
+        assert nb.get(chaos_small.remote(runs, 1, 3, 0.0), timeout=15) == digest(
             expected(1, 3, 4096)
         )
         again = chaos_consume.remote(runs, 4, big)
-        assert nb.get(again, timeout=30) == digest(expected(1, 1, 2 << 20))
+        assert nb.get(again, timeout=15) == digest(expected(1, 1, 2 << 20))
     except BaseException:
         print(cluster.log_tail(4000))
         raise
