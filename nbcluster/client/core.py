@@ -265,7 +265,10 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
     def _fail_all_pending(self, why: str) -> None:
         err = dumps(NbclusterError(why))
         for tid in list(self._by_tid):
-            rec = self._by_tid.pop(tid)
+            # A completion callback may already have removed a later entry.
+            rec = self._by_tid.pop(tid, None)
+            if rec is None:
+                continue
             for oid in rec.return_ids:
                 self.objects.complete(oid, FAILED, err)
 
