@@ -74,6 +74,8 @@ def validate(header: Header, payload: Sequence[Any] = ()) -> Message:
         raise MalformedMessage(
             f"unknown message kind {_short(kind)}", rid=_rid(header), header=header
         )
+    if isinstance(kind, Kind):  # a header built here; received ones hold a plain str
+        header = {**header, "k": kind.value}
     try:
         msg = msgspec.convert(header, cls)
     except msgspec.ValidationError as exc:

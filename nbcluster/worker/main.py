@@ -191,8 +191,8 @@ class Worker:
         _malformed(exc)
         if isinstance(exc, MalformedMessage) and exc.kind in (Kind.TASK, Kind.ACTOR_CALL):
             tid = exc.header.get("tid")
-            if isinstance(tid, str):
-                self.send_error(ident, tid, exc, "exc")
+            if isinstance(tid, str):  # not ``exc`` itself: it holds the malformed header
+                self.send_error(ident, tid, ProtocolError(str(exc)), "exc")
                 return
         if should_answer(exc):
             self.send(ident, error_reply(exc))
@@ -200,7 +200,7 @@ class Worker:
     def _failed(self, ident: bytes, h: dict[str, Any], exc: Exception) -> None:
         log.error("error handling %s", h["k"], exc_info=exc)
         if h["k"] in (Kind.TASK, Kind.ACTOR_CALL):
-            self.send_error(ident, h["tid"], exc, "exc")
+            self.send_error(ident, h["tid"], self.task_error(h.get("name", "task"), exc, 0), "exc")
         elif expects_reply(h):
             self.send(ident, error_reply(exc, INTERNAL, h.get("rid")))
 
