@@ -517,14 +517,20 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
             if h["k"] != Kind.OBJECT:  # e.g. an ERROR answering a request it found malformed
                 _malformed_peer(f"from {owner}: {h['k']}: {h.get('msg')}")
                 continue
-            if h.get("err") == "lost":
-                err = ObjectLostError(
-                    f"object {h['oid']} is no longer held by its owner at {owner} "
-                    "(it was freed, or its owner restarted)"
-                )
-                self.objects.complete(h["oid"], FAILED, dumps(err))
-            else:
-                self.objects.complete(h["oid"], READY if h["ok"] else FAILED, payload)
+            try:
+                self._on_object(owner, h, payload)
+            except Exception:  # a bug: keep reading this owner's answers
+                log.exception("nbcluster internal error handling an object from %s", owner)
+
+    def _on_object(self, owner: str, h: dict[str, Any], payload: list[Any]) -> None:
+        if h.get("err") == "lost":
+            err = ObjectLostError(
+                f"object {h['oid']} is no longer held by its owner at {owner} "
+                "(it was freed, or its owner restarted)"
+            )
+            self.objects.complete(h["oid"], FAILED, dumps(err))
+        else:
+            self.objects.complete(h["oid"], READY if h["ok"] else FAILED, payload)
 
     # ================================================================== loop: misc
     async def _release_loop(self) -> None:
