@@ -178,11 +178,11 @@ class Peer:
     """A DEALER with the cluster's client keys (what any secret holder can open)."""
 
     def __init__(self, keys: CurveKeys, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.curve_secretkey = keys.client_secret
-        self.sock.curve_publickey = keys.client_public
-        self.sock.curve_serverkey = keys.server_public
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.CURVE_SECRETKEY, keys.client_secret)
+        self.sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.client_public)
+        self.sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
         self.sock.connect(endpoint)
         self.endpoint = endpoint
 
@@ -228,7 +228,8 @@ def _task(fn: Callable[..., Any], *args: Any) -> tuple[dict[str, Any], list[Any]
     """A valid TASK calling ``fn(*args)`` (a stdlib function: the worker imports it)."""
     frames, _ = dumps_args(fn.__name__, args, {}, lambda _v: False)
     blob = dumps((fn, ""))[0]
-    header = {"k": Kind.TASK, "tid": f"fuzz{time.monotonic_ns()}", "fn": f"fuzz-{fn.__name__}"}
+    header: dict[str, Any] = {"k": Kind.TASK, "tid": f"fuzz{time.monotonic_ns()}"}
+    header["fn"] = f"fuzz-{fn.__name__}"
     header.update(fnb=1, name=fn.__name__, nargs=len(frames), nret=1)
     return header, [blob, *frames]
 
@@ -265,7 +266,7 @@ def _logs(info: nb.ClusterInfo) -> str:
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -421,9 +422,10 @@ def test_malformed_messages_stop_nothing(fuzzed: Fuzzed) -> None:
         worker.send(header, payload)
         h, value = _result(worker, header["tid"])
         assert h["ok"] and value == 1024
-        header, payload = _task(time.sleep, 120)
+        # Once it runs (it says so), only the control thread can interrupt it.
+        header, payload = _task(exec, "print('running', flush=True)\nimport time\ntime.sleep(120)")
         worker.send(header, payload)
-        time.sleep(0.5)  # let it start: a queued task is cancelled by the task socket instead
+        worker.wait_for(lambda h: h["k"] == Kind.LOG and h["lines"] == ["running"])
         control.send({"k": Kind.CANCEL, "tid": header["tid"], "force": False})
         h, _ = _result(worker, header["tid"])
         assert not h["ok"] and h["err"] == "cancelled"
