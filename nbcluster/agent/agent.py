@@ -18,9 +18,17 @@ import zmq
 from nbcluster.agent.resources import detect_gpus, node_resources
 from nbcluster.exceptions import NbclusterError, ProtocolError
 from nbcluster.metrics import MetricsThread
-from nbcluster.protocol.codec import decode, encode
+from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
+from nbcluster.protocol.validation import (
+    INTERNAL,
+    RateLimitedLog,
+    error_reply,
+    expects_reply,
+    receive,
+    should_answer,
+)
 from nbcluster.store import orphans
 from nbcluster.store.manager import StoreManager, cleanup_store, default_capacity
 from nbcluster.store.segment import SHM_DIR
@@ -29,6 +37,8 @@ from nbcluster.store.transfer import ObjectPuller
 from nbcluster.transport import Transport
 
 log = logging.getLogger(__name__)
+_malformed_store = RateLimitedLog(log, "dropping a malformed store request")
+_malformed_head = RateLimitedLog(log, "dropping a malformed message from the head")
 
 WORKER_START_TIMEOUT_S = 60.0
 
@@ -111,7 +121,7 @@ class NodeAgent:
             zmq.DEALER, f"tcp://{self.head_address}", timeout=30.0
         )
         await self._send(self._register_msg())
-        header, _ = decode(await asyncio.wait_for(self._sock.recv_multipart(), 30.0))
+        header, _ = receive(await asyncio.wait_for(self._sock.recv_multipart(), 30.0))
         if header["k"] == Kind.ERROR:
             raise ProtocolError(header.get("msg", "the head refused this node"))
         self.node_id = header["node_id"]
@@ -216,42 +226,58 @@ class NodeAgent:
         while True:
             frames = await sock.recv_multipart()
             try:
-                h, _ = decode(frames[1:])
+                h, _ = receive(frames[1:])
             except ProtocolError as exc:
-                log.warning("malformed store request: %s", exc)
+                _malformed_store(exc)
+                if should_answer(exc):
+                    send([frames[0], *encode(error_reply(exc))])
                 continue
             # Requests that copy files run concurrently; the manager serializes its books.
-            self._spawn(self._store_service.handle(send, frames[0], h), "agent-store-request")
+            self._spawn(self._store_request(send, frames[0], h), "agent-store-request")
+
+    async def _store_request(self, send: Any, ident: bytes, h: dict[str, Any]) -> None:
+        try:
+            await self._store_service.handle(send, ident, h)
+        except Exception as exc:  # a bug: answer it; the store serves on
+            log.exception("store request %s failed", h["k"])
+            if expects_reply(h):
+                send([ident, *encode(error_reply(exc, INTERNAL, h.get("rid")))])
 
     async def _serve(self) -> None:
         while True:
             frames = await self._sock.recv_multipart()
             try:
-                h, _ = decode(frames)
+                h, _ = receive(frames)
             except ProtocolError as exc:
-                log.warning("malformed message from head: %s", exc)
+                _malformed_head(exc)
                 continue
-            kind = h["k"]
-            if kind == Kind.START_WORKER:
-                self._spawn(self._start_worker(), "agent-start-worker")
-            elif kind == Kind.KILL_WORKER:
-                self._kill(h["worker_id"])
-            elif kind == Kind.JOB_ENDED:
-                n = self._store_service.job_ended(h["job_id"])
-                log.info("job %s ended: freed %d objects", h["job_id"], n)
-            elif kind == Kind.STOP_NODE:
-                log.info("stop requested by the head")
-                self.stopped.set()
-            elif kind in (Kind.PONG,):
-                pass
-            elif kind == Kind.NODE_REGISTERED:
-                await self._registered_again(h)
-            elif kind == Kind.ERROR and h.get("code") == "nohello":
-                await self._rejoin()
-            elif kind == Kind.ERROR:
-                log.error("head says: %s", h.get("msg"))
-            else:
-                log.warning("unexpected message %r", kind)
+            try:
+                await self._on_head(h)
+            except Exception:  # a bug: keep serving the head
+                log.exception("error handling %s from the head", h["k"])
+
+    async def _on_head(self, h: dict[str, Any]) -> None:
+        kind = h["k"]
+        if kind == Kind.START_WORKER:
+            self._spawn(self._start_worker(), "agent-start-worker")
+        elif kind == Kind.KILL_WORKER:
+            self._kill(h["worker_id"])
+        elif kind == Kind.JOB_ENDED:
+            n = self._store_service.job_ended(h["job_id"])
+            log.info("job %s ended: freed %d objects", h["job_id"], n)
+        elif kind == Kind.STOP_NODE:
+            log.info("stop requested by the head")
+            self.stopped.set()
+        elif kind in (Kind.PONG,):
+            pass
+        elif kind == Kind.NODE_REGISTERED:
+            await self._registered_again(h)
+        elif kind == Kind.ERROR and h.get("code") == "nohello":
+            await self._rejoin()
+        elif kind == Kind.ERROR:
+            log.error("head says: %s", h.get("msg"))
+        else:
+            log.warning("unexpected message %r", kind)
 
     async def _start_worker(self) -> None:
         worker_id = f"{self.node_id}-w{next(self._ids)}"

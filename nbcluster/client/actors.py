@@ -226,7 +226,7 @@ class ActorCalls:
 
     def _do_akill(self, aid: str, no_restart: bool) -> None:
         send_nowait(
-            self._head, encode({"k": Kind.ACTOR_KILL, "aid": aid, "no_restart": no_restart})
+            self._head, encode({"k": Kind.ACTOR_KILL, "aid": aid, "no_restart": bool(no_restart)})
         )
 
     def _maybe_release(self, ar: ActorRecord) -> None:

@@ -41,9 +41,16 @@ from nbcluster.exceptions import (
     ProtocolError,
     TaskError,
 )
-from nbcluster.protocol.codec import decode, encode
+from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import derive_keys, token_from_environment
+from nbcluster.protocol.validation import (
+    MalformedMessage,
+    RateLimitedLog,
+    error_reply,
+    receive,
+    should_answer,
+)
 from nbcluster.refs import ObjectRef
 from nbcluster.serialization import dumps, loads
 from nbcluster.store.client import StoreClient, is_stored
@@ -52,6 +59,8 @@ from nbcluster.store.fetch import fetch_stored
 from nbcluster.transport import Transport
 
 log = logging.getLogger("nbcluster")
+_malformed_head = RateLimitedLog(log, "dropping a malformed message from the head")
+_malformed_peer = RateLimitedLog(log, "dropping a malformed message about an object")
 
 MAX_LEASE_REQUESTS = 16  # outstanding lease requests per resource shape
 LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
@@ -211,7 +220,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                 hello.update(owner_identity())  # the kernel and notebook, in Jupyter
             self._hello = dict(hello)
             await self._head.send_multipart(encode(hello))
-            h, _ = decode(await asyncio.wait_for(self._head.recv_multipart(), 30.0))
+            h, _ = receive(await asyncio.wait_for(self._head.recv_multipart(), 30.0))
             if h["k"] == Kind.ERROR:
                 raise ProtocolError(h.get("msg", "the head refused the connection"))
             self.job_id = h["job_id"]
@@ -352,10 +361,14 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         while True:
             frames = await self._head.recv_multipart()
             try:
-                h, payload = decode(frames)
+                h, payload = receive(frames)
                 self._on_head(h, payload)
             except ProtocolError as exc:
-                log.warning("malformed message from the head: %s", exc)
+                _malformed_head(exc)
+                rid = exc.rid if isinstance(exc, MalformedMessage) else None
+                fut = self._replies.pop(rid, None) if rid is not None else None
+                if fut is not None and not fut.done():  # its request must not wait forever
+                    fut.set_exception(exc)
             except Exception:
                 log.exception("nbcluster internal error")
 
@@ -445,31 +458,40 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
             frames = await sock.recv_multipart(copy=False)
             ident = frames[0].bytes
             try:
-                h, _ = decode(frames[1:])
-            except ProtocolError:
+                h, _ = receive(frames[1:])
+            except ProtocolError as exc:
+                _malformed_peer(exc)
+                if should_answer(exc):
+                    send_nowait(sock, [ident, *encode(error_reply(exc))])
                 continue
-            kind = h["k"]
-            if kind == Kind.BORROW_DEL:
-                self.objects.add_borrows(h["oid"], -int(h.get("n", 1)))
-                continue
-            if kind == Kind.ESCAPE:
-                self.objects.mark_escaped(h["oid"])
-                continue
-            if kind != Kind.GET_OBJECT:
-                continue
-            oid = h["oid"]
-            entry = self.objects.get(oid)
-            if entry is None:
-                send_nowait(
-                    sock,
-                    [ident, *encode({"k": Kind.OBJECT, "oid": oid, "ok": False, "err": "lost"})],
-                )
-            elif entry.state == PENDING or (self._is_lost(entry) and self._can_rebuild(oid)):
-                if entry.state != PENDING:
-                    self._do_reconstruct(oid)  # lost with its node: run its task again
-                self.objects.on_ready(oid, functools.partial(self._reply_object, ident))
-            else:
-                self._reply_object(ident, entry)
+            try:
+                self._on_owner_request(ident, h)
+            except Exception:  # a bug: keep serving the objects we own
+                log.exception("nbcluster internal error serving %s", h["k"])
+
+    def _on_owner_request(self, ident: bytes, h: dict[str, Any]) -> None:
+        kind = h["k"]
+        if kind == Kind.BORROW_DEL:
+            self.objects.add_borrows(h["oid"], -int(h.get("n", 1)))
+            return
+        if kind == Kind.ESCAPE:
+            self.objects.mark_escaped(h["oid"])
+            return
+        if kind != Kind.GET_OBJECT:
+            return
+        oid = h["oid"]
+        entry = self.objects.get(oid)
+        if entry is None:
+            send_nowait(
+                self._owner_sock,
+                [ident, *encode({"k": Kind.OBJECT, "oid": oid, "ok": False, "err": "lost"})],
+            )
+        elif entry.state == PENDING or (self._is_lost(entry) and self._can_rebuild(oid)):
+            if entry.state != PENDING:
+                self._do_reconstruct(oid)  # lost with its node: run its task again
+            self.objects.on_ready(oid, functools.partial(self._reply_object, ident))
+        else:
+            self._reply_object(ident, entry)
 
     def _reply_object(self, ident: bytes, entry: Entry) -> None:
         h = {"k": Kind.OBJECT, "oid": entry.oid, "ok": entry.state == READY}
@@ -492,17 +514,27 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         while True:
             frames = await sock.recv_multipart(copy=False)
             try:
-                h, payload = decode(frames)
-            except ProtocolError:
+                h, payload = receive(frames)
+            except ProtocolError as exc:
+                _malformed_peer(f"from {owner}: {exc}")
                 continue
-            if h.get("err") == "lost":
-                err = ObjectLostError(
-                    f"object {h['oid']} is no longer held by its owner at {owner} "
-                    "(it was freed, or its owner restarted)"
-                )
-                self.objects.complete(h["oid"], FAILED, dumps(err))
-            else:
-                self.objects.complete(h["oid"], READY if h["ok"] else FAILED, payload)
+            if h["k"] != Kind.OBJECT:  # e.g. an ERROR answering a request it found malformed
+                _malformed_peer(f"from {owner}: {h['k']}: {h.get('msg')}")
+                continue
+            try:
+                self._on_object(owner, h, payload)
+            except Exception:  # a bug: keep reading this owner's answers
+                log.exception("nbcluster internal error handling an object from %s", owner)
+
+    def _on_object(self, owner: str, h: dict[str, Any], payload: list[Any]) -> None:
+        if h.get("err") == "lost":
+            err = ObjectLostError(
+                f"object {h['oid']} is no longer held by its owner at {owner} "
+                "(it was freed, or its owner restarted)"
+            )
+            self.objects.complete(h["oid"], FAILED, dumps(err))
+        else:
+            self.objects.complete(h["oid"], READY if h["ok"] else FAILED, payload)
 
     # ================================================================== loop: misc
     async def _release_loop(self) -> None:

@@ -28,8 +28,9 @@ from nbcluster.exceptions import (
     TaskUnschedulableError,
     WorkerCrashedError,
 )
-from nbcluster.protocol.codec import decode, encode
+from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
+from nbcluster.protocol.validation import RateLimitedLog, receive
 from nbcluster.refs import ObjectRef, serialized_refs
 from nbcluster.scheduling import preferred_store, stored_bytes, strategy_key
 from nbcluster.serialization import copy_frames, dumps, dumps_args, loads
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from nbcluster.transport import Transport
 
 log = logging.getLogger("nbcluster")
+_malformed_worker = RateLimitedLog(log, "dropping a malformed message from a worker")
 
 MAX_LEASE_REQUESTS = 16  # outstanding lease requests per resource shape
 LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
@@ -502,14 +504,14 @@ class TaskSubmission:
         while True:
             frames = await sock.recv_multipart(copy=False)
             try:
-                h, payload = decode(frames)
+                h, payload = receive(frames)
                 kind = h["k"]
                 if kind == Kind.RESULT:
                     self._on_result(conn, h, payload)
                 elif kind == Kind.LOG:
                     self._on_log(h, conn)
             except ProtocolError as exc:
-                log.warning("malformed message from worker %s: %s", conn.addr, exc)
+                _malformed_worker(f"{conn.addr}: {exc}")
             except Exception:
                 log.exception("nbcluster internal error handling a worker message")
 
@@ -651,6 +653,6 @@ class TaskSubmission:
             return
         rec.force_cancel = force
         conn = rec.lease.conn
-        msg = encode({"k": Kind.CANCEL, "tid": rec.tid, "force": force})
+        msg = encode({"k": Kind.CANCEL, "tid": rec.tid, "force": bool(force)})
         send_nowait(conn.sock, list(msg))
         send_nowait(conn.ctrl, list(msg))

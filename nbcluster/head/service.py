@@ -31,12 +31,21 @@ from nbcluster.head.recovery import (
 )
 from nbcluster.head.restart import RestartMixin
 from nbcluster.head.state import ClusterState, Instruction, Lease, WorkerInfo
-from nbcluster.protocol.codec import decode, encode
+from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import derive_keys
+from nbcluster.protocol.validation import (
+    INTERNAL,
+    RateLimitedLog,
+    error_reply,
+    expects_reply,
+    receive,
+    should_answer,
+)
 from nbcluster.transport import Transport
 
 log = logging.getLogger(__name__)
+_malformed = RateLimitedLog(log, "dropping a malformed message")
 
 #: A client or agent silent for this long is considered gone.
 LIVENESS_TIMEOUT_S = 10.0
@@ -211,13 +220,18 @@ class HeadService(RestartMixin):
             frames = await self._sock.recv_multipart(copy=True)
             ident, rest = frames[0], frames[1:]
             try:
-                header, payload = decode(rest)
-                await self._handle(ident, header, payload)
+                header, payload = receive(rest)
             except ProtocolError as exc:
-                log.warning("dropping malformed message from %r: %s", ident, exc)
-                await self._send(ident, {"k": Kind.ERROR, "msg": str(exc), "code": "protocol"})
-            except Exception:
+                _malformed(f"from {ident!r}: {exc}")
+                if should_answer(exc):
+                    await self._send(ident, error_reply(exc))
+                continue
+            try:
+                await self._handle(ident, header, payload)
+            except Exception as exc:  # a bug: answer it, and keep serving everyone else
                 log.exception("error handling %r", rest[:1])
+                if expects_reply(header):
+                    await self._send(ident, error_reply(exc, INTERNAL, header.get("rid")))
 
     async def _reaper(self) -> None:
         last = time.monotonic()
@@ -336,16 +350,20 @@ class HeadService(RestartMixin):
         while True:
             frames = await sock.recv_multipart()
             try:
-                h, payload = decode(frames)
-            except ProtocolError:
+                h, payload = receive(frames)
+            except ProtocolError as exc:
+                _malformed(f"from actor {aid}'s worker: {exc}")
                 continue
             kind = h["k"]
-            if kind == Kind.ACTOR_READY:
-                await self._run(self.actors.on_ready(aid))
-            elif kind == Kind.ACTOR_FAILED:
-                await self._run(self.actors.on_failed(aid, payload))
-            elif kind == Kind.ACTOR_EXIT:
-                await self._run(self.actors.exited(aid))
+            try:
+                if kind == Kind.ACTOR_READY:
+                    await self._run(self.actors.on_ready(aid))
+                elif kind == Kind.ACTOR_FAILED:
+                    await self._run(self.actors.on_failed(aid, payload))
+                elif kind == Kind.ACTOR_EXIT:
+                    await self._run(self.actors.exited(aid))
+            except Exception:  # a bug: keep watching this actor
+                log.exception("error handling %s from actor %s", kind, aid)
 
     def _drop_worker_sock(self, aid: str) -> None:
         a = self.actors.actors.get(aid)
@@ -629,7 +647,7 @@ class HeadService(RestartMixin):
         t = self.observe.find_task(task_id)
         if t is None or t.client not in self.peers:
             return False
-        await self._send(t.client, {"k": Kind.TASK_CANCEL, "tid": task_id, "force": force})
+        await self._send(t.client, {"k": Kind.TASK_CANCEL, "tid": task_id, "force": bool(force)})
         return True
 
     async def kill_actor(self, aid: str) -> bool:

@@ -4,6 +4,9 @@ A message is a ZeroMQ multipart message: one msgpack-encoded header (a dict whos
 one of the kinds below) followed by zero or more payload frames (pickle bytes and protocol-5
 out-of-band buffers). Headers never carry pickled data; only payload frames do, and payload frames
 are only ever unpickled after the connection was authenticated by CurveZMQ.
+
+The fields and payload frames of each kind are declared in :mod:`nbcluster.protocol.schema`;
+every receive loop checks what it receives against them (:mod:`nbcluster.protocol.validation`).
 """
 
 from __future__ import annotations
@@ -18,81 +21,81 @@ class Kind(StrEnum):
     """Message kinds. Values are short because they travel in every header."""
 
     # --- any peer <-> head -----------------------------------------------------------------
-    HELLO = "hello"  # client -> head: {v, role, pid, job_id?, worker_id?}
-    WELCOME = "welcome"  # head -> client: {job_id, node_id?}
-    ERROR = "error"  # either way: {msg, code, rid?}
-    PING = "ping"  # client/agent -> head (liveness); an agent's carries {store, metrics}
+    HELLO = "hello"  # client -> head
+    WELCOME = "welcome"  # head -> client
+    ERROR = "error"  # either way: a request failed
+    PING = "ping"  # client/agent -> head: liveness (an agent's carries store figures, metrics)
     PONG = "pong"  # head -> client/agent
     GOODBYE = "bye"  # client -> head: disconnecting cleanly
 
     # --- leases (driver <-> head) ----------------------------------------------------------
-    LEASE_REQUEST = "lreq"  # {rid, shape, name, strategy?, locality?: {store id: bytes}}
-    LEASE_GRANTED = "lgrant"  # {rid, lease_id, worker_id, worker_addr, control_addr, node_id, gpus}
-    LEASE_INFEASIBLE = "linf"  # {rid, missing, shape}
-    LEASE_FAILED = "lfail"  # head -> client: {rid, msg}: it can never be placed (hard affinity)
-    LEASE_CANCEL = "lcancel"  # {rid}
-    LEASE_RETURN = "lret"  # {lease_id}
-    LEASE_LOST = "llost"  # head -> client: {lease_id, reason, drain?}
-    NODE_DIED = "ndied"  # head -> clients: {node_id, store_id}: objects stored there are lost
-    WORKER_BLOCKED = "wblock"  # worker-as-client -> head: {worker_id}
-    WORKER_UNBLOCKED = "wunblock"  # {worker_id}
+    LEASE_REQUEST = "lreq"  # driver -> head
+    LEASE_GRANTED = "lgrant"  # head -> driver
+    LEASE_INFEASIBLE = "linf"  # head -> driver: no node has that much
+    LEASE_FAILED = "lfail"  # head -> client: it can never be placed (hard affinity)
+    LEASE_CANCEL = "lcancel"  # driver -> head
+    LEASE_RETURN = "lret"  # driver -> head
+    LEASE_LOST = "llost"  # head -> client
+    NODE_DIED = "ndied"  # head -> clients: objects stored there are lost
+    WORKER_BLOCKED = "wblock"  # worker-as-client -> head
+    WORKER_UNBLOCKED = "wunblock"  # worker-as-client -> head
 
     # --- queries (any client <-> head) -----------------------------------------------------
-    QUERY = "query"  # {rid, what: "nodes"}
-    QUERY_REPLY = "qreply"  # {rid, result}
+    QUERY = "query"  # client -> head
+    QUERY_REPLY = "qreply"  # head -> client
     SHUTDOWN_CLUSTER = "shutdown"  # owner driver -> head: stop head and every agent
 
     # --- observability (driver <-> head) ---------------------------------------------------
-    TASK_EVENTS = "tevents"  # driver -> head: {events: [[code, tid, time, ...]]} (events.py)
-    TASK_CANCEL = "tcancel"  # head -> driver: {tid, force}: cancel a task you submitted
+    TASK_EVENTS = "tevents"  # driver -> head: task state changes (client/events.py)
+    TASK_CANCEL = "tcancel"  # head -> driver: cancel a task you submitted
 
     # --- node agent <-> head ---------------------------------------------------------------
-    REGISTER_NODE = "reg"  # {v, name, address, resources, pid, gpus}
-    NODE_REGISTERED = "regok"  # {node_id}
-    START_WORKER = "wstart"  # head -> agent: {}
-    WORKER_READY = "wready"  # agent -> head: {worker_id, addr, control_addr, pid}
-    WORKER_DIED = "wdied"  # agent -> head: {worker_id, reason}
-    KILL_WORKER = "wkill"  # head -> agent: {worker_id}
+    REGISTER_NODE = "reg"  # agent -> head
+    NODE_REGISTERED = "regok"  # head -> agent
+    START_WORKER = "wstart"  # head -> agent
+    WORKER_READY = "wready"  # agent -> head
+    WORKER_DIED = "wdied"  # agent -> head
+    KILL_WORKER = "wkill"  # head -> agent
     STOP_NODE = "stop"  # head -> agent
 
     # --- driver <-> worker -----------------------------------------------------------------
-    BIND = "bind"  # driver -> worker: {job_id, sys_path}
-    TASK = "task"  # driver -> worker: {tid, fn, fnb?, nargs, deps, nret, name, gpus, ...}
-    CANCEL = "cancel"  # driver -> worker (and its control socket): {tid, force}
-    RESULT = "result"  # worker -> driver: {tid, ok, n: [frame counts], err?}
-    LOG = "log"  # worker -> driver: {tid, stream, lines, name, pid}
+    BIND = "bind"  # driver -> worker
+    TASK = "task"  # driver -> worker
+    CANCEL = "cancel"  # driver -> worker (and its control socket)
+    RESULT = "result"  # worker -> driver
+    LOG = "log"  # worker -> driver
 
     # --- actors ------------------------------------------------------------------------------
-    ACTOR_CREATE = "acreate"  # driver -> head: {rid, aid, cls_name, name, ns, ...} + [cls, args]
-    ACTOR_CREATED = "acreated"  # head -> driver: {rid, aid, existing, methods, cls_name}
-    ACTOR_RESOLVE = "aresolve"  # client -> head: {aid} (subscribes to its state)
-    ACTOR_STATE = "astate"  # head -> client: {aid, state, addr?, reason?} + [init error?]
-    ACTOR_KILL = "akill"  # client -> head: {aid, no_restart}
+    ACTOR_CREATE = "acreate"  # driver -> head: + class and argument frames
+    ACTOR_CREATED = "acreated"  # head -> driver
+    ACTOR_RESOLVE = "aresolve"  # client -> head: subscribe to its state
+    ACTOR_STATE = "astate"  # head -> client: + [init error]
+    ACTOR_KILL = "akill"  # client -> head
     ACTOR_RELEASE = "arelease"  # creator -> head: every handle is gone
-    ACTOR_INIT = "ainit"  # head -> worker: {aid, job_id, sys_path, gpus, ...} + [cls, args]
-    ACTOR_READY = "aready"  # worker -> head: {aid}
-    ACTOR_FAILED = "afailed"  # worker -> head: {aid} + [error]
-    ACTOR_EXIT = "aexit"  # worker -> head: {aid} (exit_actor() was called)
-    ACTOR_ATTACH = "aattach"  # head -> worker: {aid}: a restarted head now watches this actor
-    ACTOR_CALL = "acall"  # driver -> worker: {tid, method, nargs, deps, nret, name}
+    ACTOR_INIT = "ainit"  # head -> worker: + class and argument frames
+    ACTOR_READY = "aready"  # worker -> head
+    ACTOR_FAILED = "afailed"  # worker -> head: + [error]
+    ACTOR_EXIT = "aexit"  # worker -> head: exit_actor() was called
+    ACTOR_ATTACH = "aattach"  # head -> worker: a restarted head now watches this actor
+    ACTOR_CALL = "acall"  # driver -> worker
 
     # --- the node's object store (local processes <-> their node agent) ----------------------
-    STORE_RESERVE = "sreserve"  # {rid, oid, size, job} -> STORE_REPLY {rid, path} (or error)
-    STORE_SEAL = "sseal"  # {rid, oid} -> STORE_REPLY
-    STORE_LOCATE = "slocate"  # {rid, oid} -> STORE_REPLY {rid, path}; pins the object
-    STORE_PIN = "spin"  # {oid} (no reply): a reader mapped it straight from shared memory
-    STORE_UNPIN = "sunpin"  # {oid} (no reply)
-    STORE_FREE = "sfree"  # {oids} (no reply)
-    STORE_PULL = "spull"  # {rid, oid, from}: copy a remote node's object here, then LOCATE it
-    STORE_READ = "sread"  # agent -> agent: {rid, oid, chunk, window} -> STORE_CHUNKs (or REPLY)
-    STORE_CHUNK = "schunk"  # holder -> puller: {rid, off, size} + [bytes off..off+len of size]
-    STORE_CREDIT = "scredit"  # puller -> holder: {rid, n}: n more chunks; n == 0: stop the stream
-    STORE_STATS = "sstats"  # {rid} -> STORE_REPLY {rid, stats}: the store's and transfer figures
-    STORE_REPLY = "sreply"  # {rid, ok, path?, err?, args?}
-    JOB_ENDED = "jobend"  # head -> agent: {job_id}: free that job's objects
+    STORE_RESERVE = "sreserve"  # process -> its agent -> STORE_REPLY
+    STORE_SEAL = "sseal"  # process -> its agent -> STORE_REPLY
+    STORE_LOCATE = "slocate"  # process -> its agent -> STORE_REPLY; pins the object
+    STORE_PIN = "spin"  # (no reply) a reader mapped it straight from shared memory
+    STORE_UNPIN = "sunpin"  # (no reply)
+    STORE_FREE = "sfree"  # (no reply)
+    STORE_PULL = "spull"  # process -> its agent: copy a remote node's object here, then LOCATE it
+    STORE_READ = "sread"  # agent -> agent -> STORE_CHUNKs (or STORE_REPLY)
+    STORE_CHUNK = "schunk"  # holder -> puller: + [bytes]
+    STORE_CREDIT = "scredit"  # puller -> holder: n more chunks; n == 0: stop the stream
+    STORE_STATS = "sstats"  # -> STORE_REPLY: the store's and transfer figures
+    STORE_REPLY = "sreply"  # agent -> process
+    JOB_ENDED = "jobend"  # head -> agent: free that job's objects
 
     # --- object transfer (borrower <-> owner) ----------------------------------------------
-    GET_OBJECT = "oget"  # {oid}
-    BORROW_DEL = "bdel"  # borrower -> owner: {oid, n}: a callee that kept the ref let go of it
-    ESCAPE = "escape"  # borrower -> owner: {oid}: keep it until the job ends
-    OBJECT = "obj"  # {oid, ok, err?} + frames
+    GET_OBJECT = "oget"  # borrower -> owner
+    BORROW_DEL = "bdel"  # borrower -> owner: a callee that kept the ref let go of it
+    ESCAPE = "escape"  # borrower -> owner: keep it until the job ends
+    OBJECT = "obj"  # owner -> borrower: + its frames

@@ -14,8 +14,9 @@ import msgpack
 import zmq
 
 from nbcluster.exceptions import ObjectLostError
-from nbcluster.protocol.codec import decode, encode
+from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
+from nbcluster.protocol.validation import receive
 from nbcluster.store.errors import ObjectStoreError, ObjectStoreFullError
 from nbcluster.store.segment import (
     SHM_DIR,
@@ -117,7 +118,7 @@ class StoreClient:
                         f"the node's object store at {self.address} did not answer within "
                         f"{timeout_ms // 1000} s"
                     )
-                reply, _ = decode(self._sock.recv_multipart())
+                reply, _ = receive(self._sock.recv_multipart())
                 if reply.get("rid") == rid:
                     break
         if reply.get("ok"):

@@ -31,9 +31,10 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from nbcluster.exceptions import ObjectLostError
-from nbcluster.protocol.codec import decode, encode
+from nbcluster.exceptions import ObjectLostError, ProtocolError
+from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
+from nbcluster.protocol.validation import receive
 from nbcluster.store.errors import ObjectStoreError
 from nbcluster.store.manager import StoreManager
 
@@ -219,7 +220,11 @@ class ObjectPuller:
                     else:
                         raise _lost(oid, addr, w, "its node refused or dropped the connection")
                 if sock in events:
-                    h, payload = decode(sock.recv_multipart(copy=False))
+                    try:
+                        h, payload = receive(sock.recv_multipart(copy=False))
+                    except ProtocolError as exc:
+                        why = f"its node sent a malformed message: {exc}"
+                        raise _lost(oid, addr, w, why) from None
                     if h.get("rid") != rid:
                         continue
                     if h["k"] != Kind.STORE_CHUNK:

@@ -9,6 +9,7 @@ A control thread handles cancellation of the running task and notices a dead age
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -24,14 +25,27 @@ import zmq
 from nbcluster import context
 from nbcluster.client import current
 from nbcluster.exceptions import ObjectLostError, ProtocolError, TaskCancelledError, TaskError
-from nbcluster.protocol.codec import decode, encode
+from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.security import derive_keys, token_from_environment
+from nbcluster.protocol.validation import (
+    INTERNAL,
+    MalformedMessage,
+    RateLimitedLog,
+    error_reply,
+    expects_reply,
+    receive,
+    should_answer,
+)
 from nbcluster.refs import loaded_refs, serialized_refs
 from nbcluster.serialization import dumps, loads, loads_args
 from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
 from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
+
+# To the worker's own stderr (the agent's log), never to a driver's task output.
+log = logging.getLogger(__name__)
+_malformed = RateLimitedLog(log, "dropping a malformed message")
 
 Message = tuple[bytes, dict[str, Any], list[Any]]
 
@@ -151,7 +165,11 @@ class Worker:
                 while self.sock.poll(0):
                     self._receive(self.sock.recv_multipart(copy=False))
                 if self.queue:
-                    self._run_message(*self.queue.popleft())
+                    message = self.queue.popleft()
+                    try:
+                        self._run_message(*message)
+                    except Exception as exc:  # a bug: answer it and serve on
+                        self._failed(message[0], message[1], exc)
                     self._flush_outbox()
             except KeyboardInterrupt:
                 continue  # a cancellation that arrived just after its task finished
@@ -159,9 +177,34 @@ class Worker:
     def _receive(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
         try:
-            h, payload = decode(frames[1:])
-        except ProtocolError:
+            h, payload = receive(frames[1:])
+        except ProtocolError as exc:
+            self._refuse(ident, exc)
             return
+        try:
+            self._dispatch(ident, h, payload)
+        except Exception as exc:  # a bug: answer it and serve on
+            self._failed(ident, h, exc)
+
+    def _refuse(self, ident: bytes, exc: ProtocolError) -> None:
+        """Answer a malformed message when its sender waits (a call: with its result)."""
+        _malformed(exc)
+        if isinstance(exc, MalformedMessage) and exc.kind in (Kind.TASK, Kind.ACTOR_CALL):
+            tid = exc.header.get("tid")
+            if isinstance(tid, str):  # not ``exc`` itself: it holds the malformed header
+                self.send_error(ident, tid, ProtocolError(str(exc)), "exc")
+                return
+        if should_answer(exc):
+            self.send(ident, error_reply(exc))
+
+    def _failed(self, ident: bytes, h: dict[str, Any], exc: Exception) -> None:
+        log.error("error handling %s", h["k"], exc_info=exc)
+        if h["k"] in (Kind.TASK, Kind.ACTOR_CALL):
+            self.send_error(ident, h["tid"], self.task_error(h.get("name", "task"), exc, 0), "exc")
+        elif expects_reply(h):
+            self.send(ident, error_reply(exc, INTERNAL, h.get("rid")))
+
+    def _dispatch(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
         kind = h["k"]
         if kind in (Kind.TASK, Kind.ACTOR_INIT):
             self.queue.append((ident, h, payload))
@@ -456,10 +499,14 @@ class Worker:
         while True:
             if self.ctrl.poll(500):
                 frames = self.ctrl.recv_multipart()
-                with contextlib.suppress(ProtocolError):
-                    h, _ = decode(frames[1:])
+                try:
+                    h, _ = receive(frames[1:])
                     if h["k"] == Kind.CANCEL:
                         self._cancel_running(h["tid"], bool(h.get("force")))
+                except ProtocolError as exc:
+                    _malformed(exc)
+                except Exception:  # a bug: this thread must live on (cancels, agent watch)
+                    log.exception("error handling a control message")
             if agent_pid and os.getppid() != agent_pid:
                 os._exit(0)  # our agent is gone: nobody will ever use us again
 
@@ -475,6 +522,10 @@ class Worker:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    handler = logging.StreamHandler(sys.__stderr__)
+    handler.setFormatter(logging.Formatter("nbcluster worker %(process)d: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
     token = token_from_environment()
     if not token:
         print("nbcluster worker: no cluster secret in the environment", file=sys.stderr)

@@ -1,0 +1,602 @@
+"""The declared schema of every message kind: its header fields, their types, its payload frames.
+
+One :class:`msgspec.Struct` per :class:`~nbcluster.protocol.messages.Kind`, tagged by the header's
+``"k"``. A field without a default is required; ``X | None`` fields may also be sent as nil.
+Fields a schema does not declare are ignored (no handler reads them). :func:`validate` (in
+:mod:`nbcluster.protocol.validation`) checks a decoded header against its kind's schema and the
+payload frames against :meth:`Message.frames`; ``python -m nbcluster.protocol.doc`` writes the
+field tables of ``docs/protocol.md`` from these classes, so the two cannot drift apart.
+
+Receive loops still read the header as a dict; a later change can hand handlers these typed
+messages instead.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar
+
+import msgspec
+
+from nbcluster.protocol.messages import Kind
+
+#: A non-negative integer (sizes, counts).
+Count = Annotated[int, msgspec.Meta(ge=0)]
+#: A resource shape: resource name -> amount (the head checks the amounts themselves).
+Shape = dict[str, float]
+
+
+class Message(msgspec.Struct, tag_field="k", omit_defaults=True, kw_only=True):
+    """Base of every message schema. ``frames`` is the number of payload frames it carries.
+
+    ``None`` means any number; a subclass whose count depends on its fields overrides
+    :meth:`frames`.
+    """
+
+    frame_count: ClassVar[int | None] = 0
+    #: How :meth:`frames` counts, for the docs, where a subclass overrides it.
+    frames_doc: ClassVar[str] = ""
+    #: Does the sender wait for an answer (so a malformed one is answered with ``ERROR``)?
+    expects_reply: ClassVar[bool] = False
+    #: One line for docs/protocol.md: direction and purpose.
+    summary: ClassVar[str] = ""
+
+    def frames(self) -> int | None:
+        """How many payload frames this message must carry (``None``: any number)."""
+        return self.frame_count
+
+
+def _args_frames(nargs: int, deps: list[int], extra: int = 0) -> int:
+    return extra + nargs + sum(deps)
+
+
+# --- strategies (the wire form of nbcluster.scheduling) -------------------------------------
+class SpreadStrategy(msgspec.Struct, tag_field="t", tag="spread"):
+    """``{"t": "spread"}``: spread over nodes."""
+
+
+class NodeStrategy(msgspec.Struct, tag_field="t", tag="node"):
+    """``{"t": "node", node, soft, spill}``: node affinity."""
+
+    node: str
+    soft: bool = False
+    spill: bool = False
+
+
+Strategy = SpreadStrategy | NodeStrategy
+
+
+class HeldLease(msgspec.Struct):
+    """A lease a rejoining client still holds (in ``HELLO.leases``)."""
+
+    lease_id: str
+    worker_id: str
+    shape: Shape
+    gpus: list[int] = []
+
+
+class RunningWorker(msgspec.Struct):
+    """A worker a re-registering agent still runs (in ``REGISTER_NODE.workers``)."""
+
+    worker_id: str
+    addr: str
+    control_addr: str
+    pid: int
+
+
+# --- any peer <-> head -----------------------------------------------------------------------
+class Hello(Message, tag=Kind.HELLO.value):
+    expects_reply = True
+    summary = "client -> head: join (a driver, or a worker acting as a client)"
+    v: int
+    pid: int = 0
+    role: str = "driver"
+    job_id: str | None = None
+    worker_id: str | None = None
+    started: float | None = None
+    owns_job: bool = False
+    rejoin: bool = False
+    leases: list[HeldLease] = []
+    actors: list[str] = []
+    notebook: str | None = None
+    kernel_id: str | None = None
+
+
+class Welcome(Message, tag=Kind.WELCOME.value):
+    summary = "head -> client: accepted"
+    job_id: str
+    head_pid: int = 0
+    head_id: str = ""
+
+
+class Error(Message, tag=Kind.ERROR.value):
+    summary = "either way: a request failed (``rid`` names it when it had one)"
+    msg: str
+    code: str = ""
+    rid: int | None = None
+
+
+class Ping(Message, tag=Kind.PING.value):
+    expects_reply = True
+    summary = "client/agent -> head: liveness; an agent's carries its store figures and metrics"
+    store: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class Pong(Message, tag=Kind.PONG.value):
+    summary = "head -> client/agent"
+
+
+class Goodbye(Message, tag=Kind.GOODBYE.value):
+    summary = "client/agent -> head: disconnecting cleanly (``drain``: an agent draining)"
+    drain: bool = False
+
+
+# --- leases (driver <-> head) -----------------------------------------------------------------
+class LeaseRequest(Message, tag=Kind.LEASE_REQUEST.value):
+    expects_reply = True
+    summary = "driver -> head: a worker for this shape (``locality``: store id -> stored bytes)"
+    rid: int
+    shape: Shape
+    name: str = ""
+    strategy: Strategy | None = None
+    locality: dict[str, int] | None = None
+
+
+class LeaseGranted(Message, tag=Kind.LEASE_GRANTED.value):
+    summary = "head -> driver"
+    rid: int
+    lease_id: str
+    worker_id: str
+    worker_addr: str
+    control_addr: str
+    pid: int
+    node_id: str
+    shape: Shape
+    node_name: str = ""
+    gpus: list[int] = []
+
+
+class LeaseInfeasible(Message, tag=Kind.LEASE_INFEASIBLE.value):
+    summary = "head -> driver: no node has that much in total (the request stays queued)"
+    rid: int
+    missing: Shape
+    shape: Shape
+
+
+class LeaseFailed(Message, tag=Kind.LEASE_FAILED.value):
+    summary = "head -> driver: it can never be placed (hard affinity, malformed shape)"
+    rid: int
+    msg: str = ""
+
+
+class LeaseCancel(Message, tag=Kind.LEASE_CANCEL.value):
+    summary = "driver -> head: withdraw a request"
+    rid: int
+
+
+class LeaseReturn(Message, tag=Kind.LEASE_RETURN.value):
+    summary = "driver -> head: done with a worker"
+    lease_id: str
+
+
+class LeaseLost(Message, tag=Kind.LEASE_LOST.value):
+    summary = "head -> driver: the worker is gone (``drain``: retry without counting)"
+    lease_id: str
+    reason: str = ""
+    drain: bool = False
+
+
+class NodeDied(Message, tag=Kind.NODE_DIED.value):
+    summary = "head -> clients: objects stored on that node are lost"
+    node_id: str
+    store_id: str = ""
+
+
+class WorkerBlocked(Message, tag=Kind.WORKER_BLOCKED.value):
+    summary = "worker-as-client -> head: blocked in get(); its CPU may be lent"
+    worker_id: str
+
+
+class WorkerUnblocked(Message, tag=Kind.WORKER_UNBLOCKED.value):
+    summary = "worker-as-client -> head: running again"
+    worker_id: str
+
+
+# --- queries ------------------------------------------------------------------------------------
+class Query(Message, tag=Kind.QUERY.value):
+    expects_reply = True
+    summary = "client -> head: ``what`` is nodes, actors, actor, head, cluster, tasks, ..."
+    rid: int
+    what: str
+    name: str | None = None
+    ns: str | None = None
+    node_id: str | None = None
+
+
+class QueryReply(Message, tag=Kind.QUERY_REPLY.value):
+    summary = "head -> client"
+    rid: int
+    result: Any
+
+
+class ShutdownCluster(Message, tag=Kind.SHUTDOWN_CLUSTER.value):
+    summary = "owner driver -> head: stop the head and every agent"
+
+
+# --- observability --------------------------------------------------------------------------------
+class TaskEvents(Message, tag=Kind.TASK_EVENTS.value):
+    summary = "driver -> head: ``[[code, tid, time, ...]]`` (see nbcluster/client/events.py)"
+    events: list[list[Any]]
+
+
+class TaskCancel(Message, tag=Kind.TASK_CANCEL.value):
+    summary = "head -> driver: cancel a task you submitted (from the Jupyter panel)"
+    tid: str
+    force: bool = False
+
+
+# --- node agent <-> head ------------------------------------------------------------------------
+class RegisterNode(Message, tag=Kind.REGISTER_NODE.value):
+    expects_reply = True
+    summary = "agent -> head: join; again with ``node_id`` and ``workers`` after a head restart"
+    v: int
+    name: str
+    address: str
+    resources: Shape
+    gpu_ids: list[int] = []
+    pid: int = 0
+    prestart: Count = 0
+    info: dict[str, Any] = {}
+    node_id: str | None = None
+    workers: list[RunningWorker] = []
+
+
+class NodeRegistered(Message, tag=Kind.NODE_REGISTERED.value):
+    summary = "head -> agent (``fresh``: start over as a new incarnation)"
+    node_id: str
+    head_id: str = ""
+    fresh: bool = False
+
+
+class StartWorker(Message, tag=Kind.START_WORKER.value):
+    summary = "head -> agent"
+
+
+class WorkerReady(Message, tag=Kind.WORKER_READY.value):
+    summary = "agent -> head"
+    worker_id: str
+    addr: str
+    control_addr: str
+    pid: int
+
+
+class WorkerDied(Message, tag=Kind.WORKER_DIED.value):
+    summary = "agent -> head (``never_ready``: it failed to start)"
+    worker_id: str
+    reason: str = "worker died"
+    never_ready: bool = False
+
+
+class KillWorker(Message, tag=Kind.KILL_WORKER.value):
+    summary = "head -> agent"
+    worker_id: str
+
+
+class StopNode(Message, tag=Kind.STOP_NODE.value):
+    summary = "head -> agent"
+
+
+# --- driver <-> worker ----------------------------------------------------------------------------
+class Bind(Message, tag=Kind.BIND.value):
+    summary = "driver -> worker: serve this job with this module search path"
+    job_id: str | None = None
+    namespace: str | None = None
+    sys_path: list[str] = []
+
+
+class Task(Message, tag=Kind.TASK.value):
+    frames_doc = "(1 if fnb) + nargs + sum(deps)"
+    expects_reply = True
+    summary = (
+        "driver -> worker: + [function if ``fnb``] + ``nargs`` argument frames + each dependency's"
+        " ``deps[i]`` frames"
+    )
+    tid: str
+    fn: str
+    nargs: Count
+    fnb: int = 0
+    name: str = "task"
+    nret: Count = 1
+    deps: list[Count] = []
+    gpus: list[int] | None = None
+    assigned: dict[str, Any] | None = None
+
+    def frames(self) -> int | None:
+        return _args_frames(self.nargs, self.deps, 1 if self.fnb else 0)
+
+
+class Cancel(Message, tag=Kind.CANCEL.value):
+    summary = "driver -> worker (and its control socket)"
+    tid: str
+    force: bool = False
+
+
+class Result(Message, tag=Kind.RESULT.value):
+    frames_doc = "sum(n)"
+    summary = (
+        "worker -> driver: + ``n[i]`` frames per return value (the error's when not ``ok``); "
+        "``returned``: [oid, owner] of refs inside it"
+    )
+    tid: str
+    ok: bool
+    n: list[Count] = []
+    err: str | None = None
+    kept: list[str] = []
+    returned: list[list[str]] = []
+
+    def frames(self) -> int | None:
+        return sum(self.n)
+
+
+class Log(Message, tag=Kind.LOG.value):
+    summary = "worker -> driver: printed lines"
+    tid: str | None = None
+    stream: str = "stdout"
+    lines: list[str] = []
+    name: str = "task"
+    pid: int | None = None
+
+
+# --- actors -------------------------------------------------------------------------------------
+class ActorCreate(Message, tag=Kind.ACTOR_CREATE.value):
+    frames_doc = "1 + nargs + sum(deps)"
+    expects_reply = True
+    summary = "driver -> head: + [class, ``nargs`` argument frames, dependency frames]"
+    rid: int
+    aid: str
+    cls_name: str
+    nargs: Count
+    name: str | None = None
+    ns: str = ""
+    get_if_exists: bool = False
+    detached: bool = False
+    shape: Shape = {}
+    place_shape: Shape = {}
+    max_restarts: int = 0
+    max_task_retries: int = 0
+    max_concurrency: int = 1
+    is_async: bool = False
+    methods: dict[str, Any] = {}
+    sys_path: list[str] = []
+    strategy: Strategy | None = None
+    deps: list[Count] = []
+
+    def frames(self) -> int | None:
+        return _args_frames(self.nargs, self.deps, 1)
+
+
+class ActorCreated(Message, tag=Kind.ACTOR_CREATED.value):
+    summary = "head -> driver (``existing``: get_if_exists found it)"
+    rid: int
+    aid: str
+    existing: bool = False
+    methods: dict[str, Any] = {}
+    cls_name: str = ""
+    max_task_retries: int = 0
+    is_async: bool = False
+
+
+class ActorResolve(Message, tag=Kind.ACTOR_RESOLVE.value):
+    expects_reply = True
+    summary = "client -> head: subscribe to its state"
+    aid: str
+
+
+class ActorState(Message, tag=Kind.ACTOR_STATE.value):
+    frame_count = None
+    summary = "head -> client: + [init error] when ``init_error``"
+    aid: str
+    state: str
+    addr: str | None = None
+    control_addr: str | None = None
+    reason: str | None = None
+    cls_name: str | None = None
+    init_error: bool = False
+    infeasible: str | None = None
+
+
+class ActorKill(Message, tag=Kind.ACTOR_KILL.value):
+    summary = "client -> head"
+    aid: str
+    no_restart: bool = True
+
+
+class ActorRelease(Message, tag=Kind.ACTOR_RELEASE.value):
+    summary = "creator -> head: every handle is gone"
+    aid: str
+
+
+class ActorInit(Message, tag=Kind.ACTOR_INIT.value):
+    frames_doc = "1 + nargs + sum(deps)"
+    summary = "head -> worker: + [class, ``nargs`` argument frames, dependency frames]"
+    aid: str
+    job_id: str
+    nargs: Count
+    gpus: list[int] = []
+    cls_name: str = "Actor"
+    assigned: dict[str, Any] = {}
+    deps: list[Count] = []
+    max_concurrency: int = 1
+    is_async: bool = False
+    sys_path: list[str] = []
+
+    def frames(self) -> int | None:
+        return _args_frames(self.nargs, self.deps, 1)
+
+
+class ActorReady(Message, tag=Kind.ACTOR_READY.value):
+    summary = "worker -> head"
+    aid: str
+
+
+class ActorFailed(Message, tag=Kind.ACTOR_FAILED.value):
+    frame_count = None
+    summary = "worker -> head: + [error]"
+    aid: str
+
+
+class ActorExit(Message, tag=Kind.ACTOR_EXIT.value):
+    summary = "worker -> head: exit_actor() was called"
+    aid: str
+
+
+class ActorAttach(Message, tag=Kind.ACTOR_ATTACH.value):
+    summary = "head -> worker: a restarted head now watches this actor"
+    aid: str
+
+
+class ActorCall(Message, tag=Kind.ACTOR_CALL.value):
+    frames_doc = "nargs + sum(deps)"
+    expects_reply = True
+    summary = "driver -> worker: + ``nargs`` argument frames + dependency frames"
+    tid: str
+    method: str
+    name: str
+    nargs: Count
+    nret: Count = 1
+    deps: list[Count] = []
+
+    def frames(self) -> int | None:
+        return _args_frames(self.nargs, self.deps)
+
+
+# --- the node's object store --------------------------------------------------------------------
+class StoreReserve(Message, tag=Kind.STORE_RESERVE.value):
+    expects_reply = True
+    summary = "process -> its agent: a file for a new object -> STORE_REPLY {path}"
+    rid: int
+    oid: str
+    size: Count
+    job: str | None = None
+
+
+class StoreSeal(Message, tag=Kind.STORE_SEAL.value):
+    expects_reply = True
+    summary = "process -> its agent: the object is written -> STORE_REPLY"
+    rid: int
+    oid: str
+
+
+class StoreLocate(Message, tag=Kind.STORE_LOCATE.value):
+    expects_reply = True
+    summary = "process -> its agent: -> STORE_REPLY {path}; pins the object"
+    rid: int
+    oid: str
+
+
+class StorePin(Message, tag=Kind.STORE_PIN.value):
+    summary = "process -> its agent (no reply): a reader mapped it from shared memory"
+    oid: str
+
+
+class StoreUnpin(Message, tag=Kind.STORE_UNPIN.value):
+    summary = "process -> its agent (no reply)"
+    oid: str
+
+
+class StoreFree(Message, tag=Kind.STORE_FREE.value):
+    summary = "process -> its agent (no reply)"
+    oids: list[str]
+
+
+class StorePull(Message, tag=Kind.STORE_PULL.value):
+    expects_reply = True
+    summary = "process -> its agent: copy a remote node's object here, then LOCATE it"
+    rid: int
+    oid: str
+    from_: str = msgspec.field(name="from")
+    job: str | None = None
+
+
+class StoreRead(Message, tag=Kind.STORE_READ.value):
+    expects_reply = True
+    summary = "agent -> agent: stream an object -> STORE_CHUNKs (or STORE_REPLY on error)"
+    rid: int
+    oid: str
+    chunk: Count | None = None
+    window: Count = 1
+
+
+class StoreChunk(Message, tag=Kind.STORE_CHUNK.value):
+    frame_count = 1
+    summary = "holder -> puller: + [bytes ``off``.. of an object of ``size`` bytes]"
+    rid: int
+    off: Count
+    size: Count
+
+
+class StoreCredit(Message, tag=Kind.STORE_CREDIT.value):
+    summary = "puller -> holder: ``n`` more chunks; ``n`` == 0: stop the stream"
+    rid: int
+    n: Count
+
+
+class StoreStats(Message, tag=Kind.STORE_STATS.value):
+    expects_reply = True
+    summary = "-> STORE_REPLY {stats}: the store's and transfer figures"
+    rid: int
+
+
+class StoreReply(Message, tag=Kind.STORE_REPLY.value):
+    summary = "agent -> process (``err``: full, missing or error; ``args``: a full store's figures)"
+    ok: bool
+    rid: int | None = None
+    path: str | None = None
+    err: str | None = None
+    msg: str | None = None
+    args: list[Any] | None = None
+    stats: dict[str, Any] | None = None
+
+
+class JobEnded(Message, tag=Kind.JOB_ENDED.value):
+    summary = "head -> agent: free that job's objects"
+    job_id: str
+
+
+# --- object transfer (borrower <-> owner) -------------------------------------------------------
+class GetObject(Message, tag=Kind.GET_OBJECT.value):
+    expects_reply = True
+    summary = "borrower -> owner"
+    oid: str
+
+
+class BorrowDel(Message, tag=Kind.BORROW_DEL.value):
+    summary = "borrower -> owner: a callee that kept the ref let go of it ``n`` times"
+    oid: str
+    n: int = 1
+
+
+class Escape(Message, tag=Kind.ESCAPE.value):
+    summary = "borrower -> owner: keep it until the job ends"
+    oid: str
+
+
+class Object(Message, tag=Kind.OBJECT.value):
+    frame_count = None
+    summary = "owner -> borrower: + its frames (``err``: lost)"
+    oid: str
+    ok: bool
+    err: str | None = None
+
+
+def _collect() -> dict[str, type[Message]]:
+    out: dict[str, type[Message]] = {}
+    for cls in Message.__subclasses__():
+        tag = cls.__struct_config__.tag
+        assert isinstance(tag, str)
+        out[tag] = cls
+    return out
+
+
+#: Kind value -> its schema.
+SCHEMAS: dict[str, type[Message]] = _collect()
