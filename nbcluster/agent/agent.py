@@ -96,6 +96,7 @@ class NodeAgent:
         self._started_workers = 0
         self._prestarted = asyncio.Event()
         self._workers: dict[str, dict[str, Any]] = {}  # ready workers, reported on rejoin
+        self._killing: set[str] = set()  # workers killed on purpose (their death is no trouble)
         self._rejoining = False
         self._leaving = False
         self._metrics = MetricsThread(1.0)  # psutil + NVML, off the event loop
@@ -297,16 +298,17 @@ class NodeAgent:
             if self._started_workers >= self.prestart:
                 self._prestarted.set()
         except Exception as exc:
-            log.error("could not start a worker: %s", exc)
-            if proc is not None and proc.returncode is None:
-                proc.kill()
+            reason = await self._start_failure(proc, exc)
+            log.error("could not start a worker: %s", reason)
             self._procs.pop(worker_id, None)
+            # The head must hear of it whatever happened: it plans another start from this.
             await self._send(
                 {
                     "k": Kind.WORKER_DIED,
                     "worker_id": worker_id,
                     "never_ready": True,
-                    "reason": f"worker failed to start: {exc}",
+                    "requested": self._was_killed(worker_id),
+                    "reason": f"worker failed to start: {reason}",
                 }
             )
             return
@@ -327,9 +329,30 @@ class NodeAgent:
                 {
                     "k": Kind.WORKER_DIED,
                     "worker_id": worker_id,
+                    "requested": self._was_killed(worker_id),
                     "reason": describe_exit(proc.pid, rc),
                 }
             )
+
+    async def _start_failure(self, proc: asyncio.subprocess.Process | None, exc: Exception) -> str:
+        """Why a worker did not start (with its exit status), once it is surely gone."""
+        if proc is None:
+            return str(exc)
+        if proc.returncode is None:
+            # It closed its stdout or printed something else: give it a moment to exit.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 1.0)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return f"{exc} (killed it)"
+        return f"{exc} ({describe_exit(proc.pid, proc.returncode)})"
+
+    def _was_killed(self, worker_id: str) -> bool:
+        if worker_id in self._killing:
+            self._killing.discard(worker_id)
+            return True
+        return False
 
     async def _pump_stdout(self, worker_id: str, proc: asyncio.subprocess.Process) -> None:
         # Output written to the worker's file descriptors (C extensions, subprocesses) lands here.
@@ -340,6 +363,7 @@ class NodeAgent:
     def _kill(self, worker_id: str) -> None:
         proc = self._procs.get(worker_id)
         if proc is not None and proc.returncode is None:
+            self._killing.add(worker_id)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
 

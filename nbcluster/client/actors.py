@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ class ActorRecord:
     owned: bool = False  # created by this client: we release it when our handles are gone
     escaped: bool = False  # a handle was sent elsewhere: keep it alive
     release_when_idle: bool = False
+    killed: bool = False  # this client called kill(no_restart=True): dead here whatever comes
 
 
 class ActorCalls:
@@ -64,6 +66,7 @@ class ActorCalls:
     _producer: dict[str, TaskRecord]
     _actors: dict[str, ActorRecord]
     _loop: asyncio.AbstractEventLoop | None
+    _thread: threading.Thread | None
     _replies: dict[int, asyncio.Future[Any]]
     _rid: Any
 
@@ -142,7 +145,16 @@ class ActorCalls:
         self._post("aescaped", aid)
 
     def kill_actor(self, aid: str, no_restart: bool) -> None:
-        self._post("akill", aid, no_restart)
+        """Ask the head to kill ``aid``; with ``no_restart`` it is dead here when this returns.
+
+        The worker hosting the actor may run a while before the head's kill reaches it: the
+        actor is marked dead on this side first, so that no call made after ``kill()`` (nor one
+        still in flight) can be answered with a result.
+        """
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._post("akill", aid, no_restart, done)
+        if threading.current_thread() is not self._thread:
+            done.result(30)
 
     # ================================================================== loop
     def _record(self, aid: str, cls_name: str = "") -> ActorRecord:
@@ -221,10 +233,23 @@ class ActorCalls:
     def _do_aescaped(self, aid: str) -> None:
         self._record(aid).escaped = True
 
-    def _do_akill(self, aid: str, no_restart: bool) -> None:
-        send_nowait(
-            self._head, encode({"k": Kind.ACTOR_KILL, "aid": aid, "no_restart": no_restart})
-        )
+    def _do_akill(
+        self, aid: str, no_restart: bool, done: concurrent.futures.Future[None] | None = None
+    ) -> None:
+        try:
+            send_nowait(
+                self._head, encode({"k": Kind.ACTOR_KILL, "aid": aid, "no_restart": no_restart})
+            )
+            if no_restart:
+                ar = self._record(aid)
+                ar.killed = True
+                if ar.state != DEAD:
+                    name = ar.cls_name or "actor"
+                    why = f"the actor {name} ({aid}) is dead: killed by nbcluster.kill()"
+                    self._actor_dead(ar, dumps(ActorDiedError(why)))
+        finally:
+            if done is not None and not done.done():
+                done.set_result(None)
 
     def _maybe_release(self, ar: ActorRecord) -> None:
         if ar.release_when_idle and not ar.pending and not ar.inflight:
@@ -318,6 +343,8 @@ class ActorCalls:
             )
             return
         state = h["state"]
+        if ar.killed and state != DEAD:
+            return  # news sent before the head heard of our kill()
         if state == ALIVE:
             addr = h.get("addr")
             if ar.state != ALIVE or ar.conn is None or ar.conn.addr != addr:

@@ -107,6 +107,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         self._owner_sock: Any = None
         self._rid = itertools.count(1)
         self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._queries: dict[int, list[Any]] = {}  # unanswered queries, sent again on rejoin
         self._classes: dict[tuple[tuple[str, float], ...], SchedClass] = {}
         self._rid_class: dict[int, SchedClass] = {}
         self._leases: dict[str, Lease] = {}
@@ -191,6 +192,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
             self._owner_sock, self.owner_address = self._transport.server(
                 zmq.ROUTER, f"tcp://{self.bind_host}:0"
             )
+            await probe_listening(self.head_address)
             self._head = await self._transport.connect_verified(
                 zmq.DEALER, f"tcp://{self.head_address}", timeout=30.0
             )
@@ -386,6 +388,8 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                 fut.set_result(h["result"] if kind == Kind.QUERY_REPLY else h)
         elif kind == Kind.PONG:
             pass
+        elif kind == Kind.WARNING:  # e.g. workers that keep dying, with the reason
+            log.warning("nbcluster: %s", h.get("msg"))
         elif kind == Kind.WELCOME:
             self._rejoined()
         elif kind == Kind.NODE_DIED:
@@ -426,8 +430,10 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         send_nowait(self._head, encode(hello))
 
     def _rejoined(self) -> None:
-        """The restarted head took us back: ask again for the leases we were waiting for."""
+        """The restarted head took us back: ask again for the leases and answers we wait for."""
         self._rejoining = False
+        for frames in self._queries.values():  # sent to the old head, or before our hello
+            send_nowait(self._head, list(frames))
         for sc in self._classes.values():
             for rid in sc.requests:
                 self._rid_class.pop(rid, None)
@@ -517,19 +523,50 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         rid = next(self._rid)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._replies[rid] = fut
-        send_nowait(self._head, encode({"k": Kind.QUERY, "rid": rid, "what": what, **args}))
+        frames = encode({"k": Kind.QUERY, "rid": rid, "what": what, **args})
+        # Queries are idempotent: one the head lost (it restarted) is asked again once we are
+        # back (see _rejoined), so a question asked while reconnecting waits for the reconnect.
+        self._queries[rid] = list(frames)
+        send_nowait(self._head, frames)
         try:
             return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            why = (
+                "it restarted and this client could not reconnect yet"
+                if self._rejoining
+                else "it is unreachable, stopped or overloaded"
+            )
+            raise ConnectionFailedError(
+                f"the nbcluster head at {self.head_address} did not answer the {what!r} query "
+                f"within {timeout:g} s ({why})"
+            ) from None
         finally:
             self._replies.pop(rid, None)
+            self._queries.pop(rid, None)
 
     def query(self, what: str, timeout: float = 10.0) -> Any:
-        """Ask the head (``"nodes"``, ``"actors"``, ``"head"``)."""
-        return self._call(self._query(what, timeout), timeout + 1)
+        """Ask the head (``"nodes"``, ``"actors"``, ``"head"``).
+
+        Raises
+        ------
+        ConnectionFailedError
+            If the head did not answer within ``timeout`` seconds (a restarting head is waited
+            for within that time).
+        """
+        return self._ask(self._query(what, timeout), what, timeout)
 
     def query_args(self, what: str, timeout: float = 10.0, **args: Any) -> Any:
         """Ask the head a question with arguments (``"actor"``, name=..., ns=...)."""
-        return self._call(self._query(what, timeout, **args), timeout + 1)
+        return self._ask(self._query(what, timeout, **args), what, timeout)
+
+    def _ask(self, coro: Any, what: str, timeout: float) -> Any:
+        try:
+            return self._call(coro, timeout + 5)
+        except concurrent.futures.TimeoutError:
+            raise ConnectionFailedError(
+                f"no answer to the {what!r} query from the nbcluster head at "
+                f"{self.head_address}: this client's I/O thread is stuck"
+            ) from None
 
     def _do_fetch(self, oid: str, owner: str) -> None:
         entry = self.objects.get(oid)
@@ -652,6 +689,37 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         if not self.objects.on_ready(ref.hex(), resolve):
             resolve()
         return fut
+
+
+async def probe_listening(address: str, timeout: float = 5.0) -> None:
+    """Fail at once when nothing listens at ``address`` (``host:port``).
+
+    The ZeroMQ handshake retries a refused connection silently until its timeout; a plain TCP
+    connect tells a refused (or unresolvable, unreachable) address right away. A probe that
+    only times out proves nothing (a slow network): the handshake then has its own timeout.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+    except TimeoutError:
+        return
+    except ValueError:
+        raise ConnectionFailedError(
+            f"{address!r} is not a valid head address (expected HOST:PORT)"
+        ) from None
+    except ConnectionRefusedError:
+        raise ConnectionFailedError(
+            f"nothing is listening at {address} (connection refused): is the nbcluster head "
+            "running there, on that port? (start one with `nbcluster head`)"
+        ) from None
+    except OSError as exc:
+        raise ConnectionFailedError(
+            f"cannot reach the nbcluster head at {address}: {exc}"
+        ) from None
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
 
 
 def _wait_event(ev: threading.Event, deadline: float | None) -> bool:

@@ -24,6 +24,7 @@ class Kind(StrEnum):
     PING = "ping"  # client/agent -> head (liveness); an agent's carries {store, metrics}
     PONG = "pong"  # head -> client/agent
     GOODBYE = "bye"  # client -> head: disconnecting cleanly
+    WARNING = "warn"  # head -> driver: {msg, code}: something the user should know (logged)
 
     # --- leases (driver <-> head) ----------------------------------------------------------
     LEASE_REQUEST = "lreq"  # {rid, shape, name, strategy?, locality?: {store id: bytes}}
@@ -51,7 +52,7 @@ class Kind(StrEnum):
     NODE_REGISTERED = "regok"  # {node_id}
     START_WORKER = "wstart"  # head -> agent: {}
     WORKER_READY = "wready"  # agent -> head: {worker_id, addr, control_addr, pid}
-    WORKER_DIED = "wdied"  # agent -> head: {worker_id, reason}
+    WORKER_DIED = "wdied"  # agent -> head: {worker_id, reason, never_ready?, requested?}
     KILL_WORKER = "wkill"  # head -> agent: {worker_id}
     STOP_NODE = "stop"  # head -> agent
 
