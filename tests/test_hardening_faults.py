@@ -188,7 +188,7 @@ def test_queries_right_after_a_head_restart_wait_for_the_reconnect(procs: Procs)
     nb.init(address=procs.address, token_file=str(procs.token_file))
     keeper = Keeper.options(name="keeper", lifetime="detached").remote()
     assert nb.get(keeper.hello.remote(), timeout=60) == "hi"
-    wait_until(lambda: procs.state_file.exists(), 10)
+    procs.wait_saved(actors=1, jobs=1)
     procs.kill_head()
     procs.start_head()
     time.sleep(0.2)
@@ -198,6 +198,36 @@ def test_queries_right_after_a_head_restart_wait_for_the_reconnect(procs: Procs)
     assert nb.get(nb.get_actor("keeper").hello.remote(), timeout=30) == "hi"
     assert time.monotonic() - t0 < 15
     wait_until(lambda: node_alive(a) is True, timeout=20)
+
+
+def test_actor_newer_than_the_heads_snapshot_fails_clearly(procs: Procs) -> None:
+    """The head saves its state a moment after a change; killed in between, it restarts
+    without the newest actors. Calls to one of those must fail with a clear error (they hung:
+    the restarted head recycled the worker as unclaimed and told nobody)."""
+    procs.start_head()
+    procs.join("a", "--num-cpus", "2")
+    nb.init(address=procs.address, token_file=str(procs.token_file))
+    known = Box.remote()
+    assert nb.get(known.incr.remote(), timeout=60) == 1
+    procs.wait_saved(actors=1, jobs=1)
+    before = procs.state_file.read_bytes()
+    late = Box.remote()
+    assert nb.get(late.incr.remote(), timeout=60) == 1
+    procs.wait_saved(actors=2, jobs=1)
+    procs.kill_head()
+    procs.state_file.write_bytes(before)  # as if it died before saving the newest state
+    procs.start_head()
+
+    def died() -> ActorDiedError | None:
+        try:
+            nb.get(late.incr.remote(), timeout=30)  # answered until this driver rejoins
+        except ActorDiedError as exc:
+            return exc
+        return None
+
+    err = wait_until(died, timeout=30)
+    assert "no record of this actor" in str(err), err
+    assert nb.get(known.incr.remote(), timeout=30) == 2
 
 
 def test_init_with_nothing_listening_fails_at_once(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ class ActorRecord:
     escaped: bool = False  # a handle was sent elsewhere: keep it alive
     release_when_idle: bool = False
     killed: bool = False  # this client called kill(no_restart=True): dead here whatever comes
+    announced: bool = True  # False while our ACTOR_CREATE waits for its arguments
 
 
 class ActorCalls:
@@ -174,6 +175,7 @@ class ActorCalls:
     ) -> None:
         ar = self._record(header["aid"], header["cls_name"])
         ar.owned = True
+        ar.announced = False
         ar.subscribed = True  # the head subscribes the creator
         ar.max_task_retries = int(header.get("max_task_retries", 0))
         # The actor reads its constructor's arguments again on every restart: keep them.
@@ -199,6 +201,7 @@ class ActorCalls:
                 dep_frames.extend(e.frames)
                 counts.append(len(e.frames))
             rid = next(self._rid)
+            ar.announced = True
             assert self._loop is not None
             reply = self._loop.create_future()
             self._replies[rid] = reply
@@ -348,6 +351,10 @@ class ActorCalls:
         if state == ALIVE:
             addr = h.get("addr")
             if ar.state != ALIVE or ar.conn is None or ar.conn.addr != addr:
+                if ar.conn is not None and ar.inflight:
+                    # A new instance elsewhere (we missed the restart, e.g. across a head
+                    # restart): what the old worker had will never be answered.
+                    self._retry_or_fail_inflight(ar, "it was restarted in another worker")
                 ar.conn = self._conn(addr, h.get("control_addr") or addr) if addr else None
             ar.state = ALIVE
             self._pump_actor(ar)
@@ -366,7 +373,10 @@ class ActorCalls:
                     )
                 )
             self._actor_dead(ar, death)
-        else:
+        else:  # PENDING: not placed (again) yet; calls wait for ALIVE
+            if ar.conn is not None:
+                ar.conn = None
+                self._retry_or_fail_inflight(ar, "it is being placed again")
             ar.state = state
 
     def _retry_or_fail_inflight(self, ar: ActorRecord, reason: str) -> None:

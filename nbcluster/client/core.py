@@ -425,7 +425,8 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                 }
                 for ls in self._leases.values()
             ],
-            "actors": list(self._actors),
+            # Not the ones whose creation was not sent yet: the head would call them unknown.
+            "actors": [aid for aid, ar in self._actors.items() if ar.announced],
         }
         send_nowait(self._head, encode(hello))
 

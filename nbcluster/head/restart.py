@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_AFTER_RESTART = (
+    "the head restarted and has no record of this actor (it was created shortly before the "
+    "head stopped, after the head last saved its state); create it again"
+)
+
 
 class RestartMixin:
     """Snapshot writing, node and client adoption, and the end of the recovery window."""
@@ -144,6 +149,18 @@ class RestartMixin:
         for aid in h.get("actors") or ():
             a = self.actors.actors.get(aid)
             if a is None:
+                # Created after the old head last saved its snapshot (or its ACTOR_CREATE was
+                # lost with the old head): nobody can vouch for it, and the worker it may run
+                # in is recycled as unclaimed. Say so, or calls to it would wait forever.
+                await self._send(
+                    peer.ident,
+                    {
+                        "k": Kind.ACTOR_STATE,
+                        "aid": aid,
+                        "state": DEAD,
+                        "reason": UNKNOWN_AFTER_RESTART,
+                    },
+                )
                 continue
             a.subscribers.add(peer.ident)
             if a.job_id == peer.job_id and peer.owns_job:
