@@ -19,6 +19,8 @@ import pytest
 
 import nbcluster as nb
 from nbcluster.exceptions import ActorDiedError, ConnectionFailedError
+from nbcluster.head.state import ClusterState
+from nbcluster.head.trouble import MAX_BACKOFF_S, WorkerTrouble
 from tests.conftest import descendants, wait_until
 from tests.multinode import Procs, free_port, node_alive
 
@@ -74,6 +76,38 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         raise
     finally:
         p.close()
+
+
+# ------------------------------------------------------------------------------ pure state
+def test_failed_starts_are_planned_again() -> None:
+    """A worker that dies while starting leaves a waiting request and a short pool: both ask
+    for another start (before, nothing did, and the node stayed without workers for good)."""
+    st = ClusterState()
+    n, ins = st.add_node(b"agent", "n", "h", {"CPU": 2}, [], prestart=2)
+    assert [i[0] for i in ins] == ["start_worker", "start_worker"]
+    st.request_lease(b"driver", "j", 1, {"CPU": 1}, "f")
+    for _ in range(2):  # both prestarted workers die while starting
+        ins = st.worker_start_failed(n)
+        assert [i[0] for i in ins] == ["start_worker"]
+    assert st.nodes[n].starting == 2
+    ins = st.worker_ready(n, "w9", "tcp://w9", "tcp://w9c", 1)
+    assert [i[0] for i in ins] == ["grant"]
+    st.validate_state()
+
+
+def test_restart_backoff_grows_is_capped_and_warns_with_the_reason() -> None:
+    tr = WorkerTrouble()
+    delays = []
+    for i in range(40):
+        tr.died("n1", "worker pid 7 was killed by SIGKILL", now=100.0 + i * 0.01)
+        delays.append(tr.backoff("n1", now=100.0 + i * 0.01))
+    assert delays[0] == 0.0  # a few deaths are normal
+    assert delays == sorted(delays) and max(delays) == MAX_BACKOFF_S  # never "never"
+    msg = tr.warning("n1", "box", now=101.0)
+    assert msg is not None and "40 died in the last 10 s" in msg and "SIGKILL" in msg
+    assert tr.warning("n1", "box", now=101.5) is None  # not repeated at once
+    assert tr.backoff("n1", now=200.0) == 0.0  # the storm is over: start at once again
+    assert tr.backoff("n2", now=200.0) == 0.0  # per node
 
 
 # ------------------------------------------------------------------------------ kill() is final

@@ -11,6 +11,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import zmq
@@ -31,6 +32,7 @@ from nbcluster.transport import Transport
 log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 60.0
+REJOIN_AGAIN_S = 3.0  # a re-registration unanswered this long is sent again
 
 
 class NodeAgent:
@@ -98,6 +100,7 @@ class NodeAgent:
         self._workers: dict[str, dict[str, Any]] = {}  # ready workers, reported on rejoin
         self._killing: set[str] = set()  # workers killed on purpose (their death is no trouble)
         self._rejoining = False
+        self._rejoin_sent = 0.0
         self._leaving = False
         self._metrics = MetricsThread(1.0)  # psutil + NVML, off the event loop
 
@@ -151,9 +154,13 @@ class NodeAgent:
 
     async def _rejoin(self) -> None:
         """The head does not know us (it restarted, or declared us dead): register again."""
-        if self._rejoining or self._leaving or self.stopped.is_set():
+        if self._leaving or self.stopped.is_set():
             return
+        if self._rejoining and time.monotonic() - self._rejoin_sent < REJOIN_AGAIN_S:
+            return
+        # (Sent again when unanswered: the head that got it may have died before answering.)
         self._rejoining = True
+        self._rejoin_sent = time.monotonic()
         log.warning("the head does not know this node any more: registering again")
         await self._send(self._register_msg())
 

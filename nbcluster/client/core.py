@@ -55,6 +55,7 @@ log = logging.getLogger("nbcluster")
 MAX_LEASE_REQUESTS = 16  # outstanding lease requests per resource shape
 LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
 HEARTBEAT_S = 1.0
+REJOIN_AGAIN_S = 3.0  # a HELLO {rejoin} unanswered this long is sent again
 
 
 class CoreClient(TaskSubmission, ActorCalls, Lineage):
@@ -125,6 +126,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         self._seen_nodes: set[str] = set()
         self._hello: dict[str, Any] = {}  # what we said to the head, said again after it restarts
         self._rejoining = False
+        self._rejoin_sent = 0.0  # when; a rejoin unanswered for REJOIN_AGAIN_S is sent again
         self.store: StoreClient | None = None
         self.objects.on_drop = self._entry_dropped
         self.namespace = namespace or ""
@@ -409,9 +411,13 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
 
     def _rejoin(self) -> None:
         """The head does not know us: it restarted. Say hello again with what we hold."""
-        if self._rejoining or self._closing:
+        if self._closing:
             return
+        if self._rejoining and time.monotonic() - self._rejoin_sent < REJOIN_AGAIN_S:
+            return
+        # (Sent again when unanswered: the head that got it may have died before answering.)
         self._rejoining = True
+        self._rejoin_sent = time.monotonic()
         log.warning("the nbcluster head restarted: reconnecting")
         hello = {
             **self._hello,

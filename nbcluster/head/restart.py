@@ -137,6 +137,13 @@ class RestartMixin:
                 {k: float(v) for k, v in dict(ls["shape"]).items()},
                 list(ls.get("gpus") or ()),
             )
+            held = self.state.leases.get(claim.lease_id)
+            if held is not None and (held.worker_id, held.job_id) == (
+                claim.worker_id,
+                claim.job_id,
+            ):
+                held.client = peer.ident  # a repeated rejoin: it is ours already
+                continue
             if self._claim(claim):
                 continue
             if rec is not None and claim.worker_id not in self.state.workers:
