@@ -9,6 +9,8 @@ import logging
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -262,6 +264,64 @@ def test_actor_newer_than_the_heads_snapshot_fails_clearly(procs: Procs) -> None
     err = wait_until(died, timeout=30)
     assert "no record of this actor" in str(err), err
     assert nb.get(known.incr.remote(), timeout=30) == 2
+
+
+DRIVER = """
+import os, sys, time
+import nbcluster as nb
+
+@nb.remote
+class Counter:
+    def __init__(self):
+        self.n = 0
+    def incr(self):
+        self.n += 1
+        return self.n
+
+nb.init(address=sys.argv[1], token_file=sys.argv[2])
+c = Counter.remote()
+print("FIRST", nb.get(c.incr.remote(), timeout=60), flush=True)
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.02)
+try:
+    print("SECOND", nb.get(c.incr.remote(), timeout=30), flush=True)
+except Exception as exc:
+    print("FAILED", type(exc).__name__, exc, flush=True)
+"""
+
+
+def test_a_driver_slower_than_its_nodes_keeps_its_job_across_a_head_restart(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """The recovery window closed as soon as the nodes were back: a driver that reconnected a
+    moment later found its job ended and its actors killed."""
+    procs.start_head()
+    a = procs.join("a", "--num-cpus", "2")
+    go = tmp_path / "go"
+    out = tmp_path / "driver.out"
+    with open(out, "wb") as f:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, procs.address, str(procs.token_file), str(go)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: "FIRST 1" in out.read_text(), 60)
+        procs.wait_saved(actors=1, jobs=1)
+        driver.send_signal(signal.SIGSTOP)  # it will reconnect late
+        procs.kill_head()
+        procs.start_head()
+        nb.init(address=procs.address, token_file=str(procs.token_file))  # another job
+        wait_until(lambda: node_alive(a) is True, 20)
+        time.sleep(1.0)  # room for the old behaviour: the window closed within 0.25 s here
+        driver.send_signal(signal.SIGCONT)
+        go.touch()
+        wait_until(lambda: "SECOND" in out.read_text() or "FAILED" in out.read_text(), 60)
+        assert "SECOND 2" in out.read_text(), out.read_text()
+    finally:
+        driver.send_signal(signal.SIGCONT)
+        driver.kill()
+        driver.wait(10)
 
 
 def test_init_with_nothing_listening_fails_at_once(tmp_path: Path) -> None:
