@@ -638,6 +638,7 @@ class HeadService(RestartMixin):
         self._dirty |= peer.role == "agent" or peer.owns_job
         if peer.role == "agent" and peer.node_id is not None:
             self._dead_nodes.add(peer.node_id)
+            self._trouble.forget(peer.node_id)
             why = reason or "its node stopped answering (dead or cut off)"
             await self._run(self.state.remove_node(peer.node_id, why))
             node = self.state.nodes.get(peer.node_id)
