@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import nbcluster as nb
+from nbcluster.head.recovery import load_snapshot
 from tests.conftest import stop_processes, wait_until
 
 
@@ -103,6 +104,22 @@ class Procs:
         node_id = str(wait_until(ready, 60))
         self.node_ids[name] = node_id
         return node_id
+
+    def wait_saved(self, actors: int, jobs: int, timeout: float = 10.0) -> None:
+        """Wait until the head's restart snapshot lists ``actors`` ALIVE actors and ``jobs`` jobs.
+
+        The head writes it a moment after a change: a head killed sooner restarts from the
+        previous one (see test_hardening_faults for what that does to the newest actors).
+        """
+
+        def saved() -> bool:
+            snap = load_snapshot(str(self.state_file))
+            if snap is None:
+                return False
+            alive = sum(1 for a in snap.actors if a.get("state") == "ALIVE")
+            return (alive, len(snap.jobs)) == (actors, jobs)
+
+        wait_until(saved, timeout)
 
     def kill_head(self) -> None:
         assert self.head is not None

@@ -143,7 +143,7 @@ def test_head_restart_keeps_nodes_actors_and_running_tasks(procs: Procs, tmp_pat
     marker = tmp_path / "started"
     ref = slow_where.options(max_retries=0).remote(str(marker), 4.0)
     wait_until(marker.exists, 30)
-    wait_until(lambda: procs.state_file.exists(), 10)
+    procs.wait_saved(actors=2, jobs=1)
 
     procs.kill_head()
     procs.start_head()

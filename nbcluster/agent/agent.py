@@ -11,6 +11,7 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import zmq
@@ -41,6 +42,7 @@ _malformed_store = RateLimitedLog(log, "dropping a malformed store request")
 _malformed_head = RateLimitedLog(log, "dropping a malformed message from the head")
 
 WORKER_START_TIMEOUT_S = 60.0
+REJOIN_AGAIN_S = 3.0  # a re-registration unanswered this long is sent again
 
 
 class NodeAgent:
@@ -106,7 +108,9 @@ class NodeAgent:
         self._started_workers = 0
         self._prestarted = asyncio.Event()
         self._workers: dict[str, dict[str, Any]] = {}  # ready workers, reported on rejoin
+        self._killing: set[str] = set()  # workers killed on purpose (their death is no trouble)
         self._rejoining = False
+        self._rejoin_sent = 0.0
         self._leaving = False
         self._metrics = MetricsThread(1.0)  # psutil + NVML, off the event loop
 
@@ -160,9 +164,13 @@ class NodeAgent:
 
     async def _rejoin(self) -> None:
         """The head does not know us (it restarted, or declared us dead): register again."""
-        if self._rejoining or self._leaving or self.stopped.is_set():
+        if self._leaving or self.stopped.is_set():
             return
+        if self._rejoining and time.monotonic() - self._rejoin_sent < REJOIN_AGAIN_S:
+            return
+        # (Sent again when unanswered: the head that got it may have died before answering.)
         self._rejoining = True
+        self._rejoin_sent = time.monotonic()
         log.warning("the head does not know this node any more: registering again")
         await self._send(self._register_msg())
 
@@ -323,16 +331,17 @@ class NodeAgent:
             if self._started_workers >= self.prestart:
                 self._prestarted.set()
         except Exception as exc:
-            log.error("could not start a worker: %s", exc)
-            if proc is not None and proc.returncode is None:
-                proc.kill()
+            reason = await self._start_failure(proc, exc)
+            log.error("could not start a worker: %s", reason)
             self._procs.pop(worker_id, None)
+            # The head must hear of it whatever happened: it plans another start from this.
             await self._send(
                 {
                     "k": Kind.WORKER_DIED,
                     "worker_id": worker_id,
                     "never_ready": True,
-                    "reason": f"worker failed to start: {exc}",
+                    "requested": self._was_killed(worker_id),
+                    "reason": f"worker failed to start: {reason}",
                 }
             )
             return
@@ -353,9 +362,30 @@ class NodeAgent:
                 {
                     "k": Kind.WORKER_DIED,
                     "worker_id": worker_id,
+                    "requested": self._was_killed(worker_id),
                     "reason": describe_exit(proc.pid, rc),
                 }
             )
+
+    async def _start_failure(self, proc: asyncio.subprocess.Process | None, exc: Exception) -> str:
+        """Why a worker did not start (with its exit status), once it is surely gone."""
+        if proc is None:
+            return str(exc)
+        if proc.returncode is None:
+            # It closed its stdout or printed something else: give it a moment to exit.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 1.0)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return f"{exc} (killed it)"
+        return f"{exc} ({describe_exit(proc.pid, proc.returncode)})"
+
+    def _was_killed(self, worker_id: str) -> bool:
+        if worker_id in self._killing:
+            self._killing.discard(worker_id)
+            return True
+        return False
 
     async def _pump_stdout(self, worker_id: str, proc: asyncio.subprocess.Process) -> None:
         # Output written to the worker's file descriptors (C extensions, subprocesses) lands here.
@@ -366,6 +396,7 @@ class NodeAgent:
     def _kill(self, worker_id: str) -> None:
         proc = self._procs.get(worker_id)
         if proc is not None and proc.returncode is None:
+            self._killing.add(worker_id)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,8 @@ class ActorRecord:
     owned: bool = False  # created by this client: we release it when our handles are gone
     escaped: bool = False  # a handle was sent elsewhere: keep it alive
     release_when_idle: bool = False
+    killed: bool = False  # this client called kill(no_restart=True): dead here whatever comes
+    announced: bool = True  # False while our ACTOR_CREATE waits for its arguments
 
 
 class ActorCalls:
@@ -65,6 +68,7 @@ class ActorCalls:
     _producer: dict[str, TaskRecord]
     _actors: dict[str, ActorRecord]
     _loop: asyncio.AbstractEventLoop | None
+    _thread: threading.Thread | None
     _replies: dict[int, asyncio.Future[Any]]
     _rid: Any
 
@@ -145,7 +149,16 @@ class ActorCalls:
         self._post("aescaped", aid)
 
     def kill_actor(self, aid: str, no_restart: bool) -> None:
-        self._post("akill", aid, no_restart)
+        """Ask the head to kill ``aid``; with ``no_restart`` it is dead here when this returns.
+
+        The worker hosting the actor may run a while before the head's kill reaches it: the
+        actor is marked dead on this side first, so that no call made after ``kill()`` (nor one
+        still in flight) can be answered with a result.
+        """
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._post("akill", aid, no_restart, done)
+        if threading.current_thread() is not self._thread:
+            done.result(30)
 
     # ================================================================== loop
     def _record(self, aid: str, cls_name: str = "") -> ActorRecord:
@@ -165,6 +178,7 @@ class ActorCalls:
     ) -> None:
         ar = self._record(header["aid"], header["cls_name"])
         ar.owned = True
+        ar.announced = False
         ar.subscribed = True  # the head subscribes the creator
         ar.max_task_retries = int(header.get("max_task_retries", 0))
         # The actor reads its constructor's arguments again on every restart: keep them.
@@ -190,6 +204,7 @@ class ActorCalls:
                 dep_frames.extend(e.frames)
                 counts.append(len(e.frames))
             rid = next(self._rid)
+            ar.announced = True
             assert self._loop is not None
             reply = self._loop.create_future()
             self._replies[rid] = reply
@@ -224,10 +239,24 @@ class ActorCalls:
     def _do_aescaped(self, aid: str) -> None:
         self._record(aid).escaped = True
 
-    def _do_akill(self, aid: str, no_restart: bool) -> None:
-        send_nowait(
-            self._head, encode({"k": Kind.ACTOR_KILL, "aid": aid, "no_restart": bool(no_restart)})
-        )
+    def _do_akill(
+        self, aid: str, no_restart: bool, done: concurrent.futures.Future[None] | None = None
+    ) -> None:
+        try:
+            send_nowait(
+                self._head,
+                encode({"k": Kind.ACTOR_KILL, "aid": aid, "no_restart": bool(no_restart)}),
+            )
+            if no_restart:
+                ar = self._record(aid)
+                ar.killed = True
+                if ar.state != DEAD:
+                    name = ar.cls_name or "actor"
+                    why = f"the actor {name} ({aid}) is dead: killed by nbcluster.kill()"
+                    self._actor_dead(ar, dumps(ActorDiedError(why)))
+        finally:
+            if done is not None and not done.done():
+                done.set_result(None)
 
     def _maybe_release(self, ar: ActorRecord) -> None:
         if ar.release_when_idle and not ar.pending and not ar.inflight:
@@ -321,9 +350,15 @@ class ActorCalls:
             )
             return
         state = h["state"]
+        if ar.killed and state != DEAD:
+            return  # news sent before the head heard of our kill()
         if state == ALIVE:
             addr = h.get("addr")
             if ar.state != ALIVE or ar.conn is None or ar.conn.addr != addr:
+                if ar.conn is not None and ar.inflight:
+                    # A new instance elsewhere (we missed the restart, e.g. across a head
+                    # restart): what the old worker had will never be answered.
+                    self._retry_or_fail_inflight(ar, "it was restarted in another worker")
                 ar.conn = self._conn(addr, h.get("control_addr") or addr) if addr else None
             ar.state = ALIVE
             self._pump_actor(ar)
@@ -342,7 +377,10 @@ class ActorCalls:
                     )
                 )
             self._actor_dead(ar, death)
-        else:
+        else:  # PENDING: not placed (again) yet; calls wait for ALIVE
+            if ar.conn is not None:
+                ar.conn = None
+                self._retry_or_fail_inflight(ar, "it is being placed again")
             ar.state = state
 
     def _retry_or_fail_inflight(self, ar: ActorRecord, reason: str) -> None:

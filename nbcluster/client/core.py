@@ -65,6 +65,7 @@ _malformed_peer = RateLimitedLog(log, "dropping a malformed message about an obj
 MAX_LEASE_REQUESTS = 16  # outstanding lease requests per resource shape
 LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
 HEARTBEAT_S = 1.0
+REJOIN_AGAIN_S = 3.0  # a HELLO {rejoin} unanswered this long is sent again
 
 
 class CoreClient(TaskSubmission, ActorCalls, Lineage):
@@ -117,6 +118,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         self._owner_sock: Any = None
         self._rid = itertools.count(1)
         self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._queries: dict[int, list[Any]] = {}  # unanswered queries, sent again on rejoin
         self._classes: dict[tuple[tuple[str, float], ...], SchedClass] = {}
         self._rid_class: dict[int, SchedClass] = {}
         self._leases: dict[str, Lease] = {}
@@ -134,6 +136,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         self._seen_nodes: set[str] = set()
         self._hello: dict[str, Any] = {}  # what we said to the head, said again after it restarts
         self._rejoining = False
+        self._rejoin_sent = 0.0  # when; a rejoin unanswered for REJOIN_AGAIN_S is sent again
         self.store: StoreClient | None = None
         self.objects.on_drop = self._entry_dropped
         self.namespace = namespace or ""
@@ -201,6 +204,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
             self._owner_sock, self.owner_address = self._transport.server(
                 zmq.ROUTER, f"tcp://{self.bind_host}:0"
             )
+            await probe_listening(self.head_address)
             self._head = await self._transport.connect_verified(
                 zmq.DEALER, f"tcp://{self.head_address}", timeout=30.0
             )
@@ -403,6 +407,8 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                 fut.set_result(h["result"] if kind == Kind.QUERY_REPLY else h)
         elif kind == Kind.PONG:
             pass
+        elif kind == Kind.WARNING:  # e.g. workers that keep dying, with the reason
+            log.warning("nbcluster: %s", h.get("msg"))
         elif kind == Kind.WELCOME:
             self._rejoined()
         elif kind == Kind.NODE_DIED:
@@ -422,9 +428,13 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
 
     def _rejoin(self) -> None:
         """The head does not know us: it restarted. Say hello again with what we hold."""
-        if self._rejoining or self._closing:
+        if self._closing:
             return
+        if self._rejoining and time.monotonic() - self._rejoin_sent < REJOIN_AGAIN_S:
+            return
+        # (Sent again when unanswered: the head that got it may have died before answering.)
         self._rejoining = True
+        self._rejoin_sent = time.monotonic()
         log.warning("the nbcluster head restarted: reconnecting")
         hello = {
             **self._hello,
@@ -438,13 +448,16 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                 }
                 for ls in self._leases.values()
             ],
-            "actors": list(self._actors),
+            # Not the ones whose creation was not sent yet: the head would call them unknown.
+            "actors": [aid for aid, ar in self._actors.items() if ar.announced],
         }
         send_nowait(self._head, encode(hello))
 
     def _rejoined(self) -> None:
-        """The restarted head took us back: ask again for the leases we were waiting for."""
+        """The restarted head took us back: ask again for the leases and answers we wait for."""
         self._rejoining = False
+        for frames in self._queries.values():  # sent to the old head, or before our hello
+            send_nowait(self._head, list(frames))
         for sc in self._classes.values():
             for rid in sc.requests:
                 self._rid_class.pop(rid, None)
@@ -553,19 +566,50 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         rid = next(self._rid)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._replies[rid] = fut
-        send_nowait(self._head, encode({"k": Kind.QUERY, "rid": rid, "what": what, **args}))
+        frames = encode({"k": Kind.QUERY, "rid": rid, "what": what, **args})
+        # Queries are idempotent: one the head lost (it restarted) is asked again once we are
+        # back (see _rejoined), so a question asked while reconnecting waits for the reconnect.
+        self._queries[rid] = list(frames)
+        send_nowait(self._head, frames)
         try:
             return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            why = (
+                "it restarted and this client could not reconnect yet"
+                if self._rejoining
+                else "it is unreachable, stopped or overloaded"
+            )
+            raise ConnectionFailedError(
+                f"the nbcluster head at {self.head_address} did not answer the {what!r} query "
+                f"within {timeout:g} s ({why})"
+            ) from None
         finally:
             self._replies.pop(rid, None)
+            self._queries.pop(rid, None)
 
     def query(self, what: str, timeout: float = 10.0) -> Any:
-        """Ask the head (``"nodes"``, ``"actors"``, ``"head"``)."""
-        return self._call(self._query(what, timeout), timeout + 1)
+        """Ask the head (``"nodes"``, ``"actors"``, ``"head"``).
+
+        Raises
+        ------
+        ConnectionFailedError
+            If the head did not answer within ``timeout`` seconds (a restarting head is waited
+            for within that time).
+        """
+        return self._ask(self._query(what, timeout), what, timeout)
 
     def query_args(self, what: str, timeout: float = 10.0, **args: Any) -> Any:
         """Ask the head a question with arguments (``"actor"``, name=..., ns=...)."""
-        return self._call(self._query(what, timeout, **args), timeout + 1)
+        return self._ask(self._query(what, timeout, **args), what, timeout)
+
+    def _ask(self, coro: Any, what: str, timeout: float) -> Any:
+        try:
+            return self._call(coro, timeout + 5)
+        except concurrent.futures.TimeoutError:
+            raise ConnectionFailedError(
+                f"no answer to the {what!r} query from the nbcluster head at "
+                f"{self.head_address}: this client's I/O thread is stuck"
+            ) from None
 
     def _do_fetch(self, oid: str, owner: str) -> None:
         entry = self.objects.get(oid)
@@ -699,6 +743,37 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         if not self.objects.on_ready(ref.hex(), resolve):
             settle()
         return fut
+
+
+async def probe_listening(address: str, timeout: float = 5.0) -> None:
+    """Fail at once when nothing listens at ``address`` (``host:port``).
+
+    The ZeroMQ handshake retries a refused connection silently until its timeout; a plain TCP
+    connect tells a refused (or unresolvable, unreachable) address right away. A probe that
+    only times out proves nothing (a slow network): the handshake then has its own timeout.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+    except TimeoutError:
+        return
+    except ValueError:
+        raise ConnectionFailedError(
+            f"{address!r} is not a valid head address (expected HOST:PORT)"
+        ) from None
+    except ConnectionRefusedError:
+        raise ConnectionFailedError(
+            f"nothing is listening at {address} (connection refused): is the nbcluster head "
+            "running there, on that port? (start one with `nbcluster head`)"
+        ) from None
+    except OSError as exc:
+        raise ConnectionFailedError(
+            f"cannot reach the nbcluster head at {address}: {exc}"
+        ) from None
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
 
 
 def _wait_event(ev: threading.Event, deadline: float | None) -> bool:

@@ -8,11 +8,16 @@ and rebuilds the rest from the peers that reconnect:
 - node agents re-register with their node id and their running workers;
 - drivers say hello again with their job id, the leases they hold and the actors they use.
 
-Until every node of the snapshot is back (or :data:`RECOVERY_WINDOW_S` passed) new lease
-requests wait, so that no idle-looking worker is handed out while its real holder has not yet
-claimed it. At the end of the window, claims nobody could honour are answered ``lease_lost``,
-actors whose worker did not come back are restarted or buried, jobs whose driver did not come
-back end, and adopted workers nobody claimed are recycled.
+Until every node and every job's driver of the snapshot is back (or :data:`RECOVERY_WINDOW_S`
+passed) new lease requests wait, so that no idle-looking worker is handed out while its real
+holder has not yet claimed it. At the end of the window, claims nobody could honour are
+answered ``lease_lost``, actors whose worker did not come back are restarted or buried, jobs
+whose driver did not come back end, and adopted workers nobody claimed are recycled.
+
+The snapshot is written at most twice a second: a head that dies within that moment of a change
+restarts without it. An actor created in that moment is unknown to the restarted head, which
+answers a driver naming it that it is dead (and recycles its worker); one saved before it was
+placed is placed again, as a new instance.
 """
 
 from __future__ import annotations
@@ -191,6 +196,14 @@ class Recovery:
         self.waiting_nodes = set(self.snapshot.nodes)
 
     def over(self, now: float | None = None) -> bool:
-        """Whether the window is closed: every node is back, or it timed out."""
+        """Whether the window is closed: every node and every job's driver is back, or it
+        timed out.
+
+        Drivers count too: a job whose driver is not back when the window closes is ended
+        (its actors killed, its workers recycled), and nodes usually reconnect a moment
+        before drivers do.
+        """
         now = time.monotonic() if now is None else now
-        return not self.waiting_nodes or now - self.started > RECOVERY_WINDOW_S
+        if now - self.started > RECOVERY_WINDOW_S:
+            return True
+        return not self.waiting_nodes and set(self.snapshot.jobs) <= self.rejoined_jobs

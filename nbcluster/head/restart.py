@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+UNKNOWN_AFTER_RESTART = (
+    "the head restarted and has no record of this actor (it was created shortly before the "
+    "head stopped, after the head last saved its state); create it again"
+)
+
 
 class RestartMixin:
     """Snapshot writing, node and client adoption, and the end of the recovery window."""
@@ -132,6 +137,13 @@ class RestartMixin:
                 {k: float(v) for k, v in dict(ls["shape"]).items()},
                 list(ls.get("gpus") or ()),
             )
+            held = self.state.leases.get(claim.lease_id)
+            if held is not None and (held.worker_id, held.job_id) == (
+                claim.worker_id,
+                claim.job_id,
+            ):
+                held.client = peer.ident  # a repeated rejoin: it is ours already
+                continue
             if self._claim(claim):
                 continue
             if rec is not None and claim.worker_id not in self.state.workers:
@@ -144,6 +156,18 @@ class RestartMixin:
         for aid in h.get("actors") or ():
             a = self.actors.actors.get(aid)
             if a is None:
+                # Created after the old head last saved its snapshot (or its ACTOR_CREATE was
+                # lost with the old head): nobody can vouch for it, and the worker it may run
+                # in is recycled as unclaimed. Say so, or calls to it would wait forever.
+                await self._send(
+                    peer.ident,
+                    {
+                        "k": Kind.ACTOR_STATE,
+                        "aid": aid,
+                        "state": DEAD,
+                        "reason": UNKNOWN_AFTER_RESTART,
+                    },
+                )
                 continue
             a.subscribers.add(peer.ident)
             if a.job_id == peer.job_id and peer.owns_job:

@@ -31,6 +31,7 @@ from nbcluster.head.recovery import (
 )
 from nbcluster.head.restart import RestartMixin
 from nbcluster.head.state import ClusterState, Instruction, Lease, WorkerInfo
+from nbcluster.head.trouble import WorkerTrouble
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import derive_keys
@@ -137,6 +138,8 @@ class HeadService(RestartMixin):
         self._stopped = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self._trouble = WorkerTrouble()  # workers that keep dying: backoff and warnings
+        self._delayed: set[asyncio.Task[Any]] = set()  # worker starts held back by the backoff
 
     async def start(self) -> str:
         """Bind and start serving; returns ``host:port``."""
@@ -188,9 +191,9 @@ class HeadService(RestartMixin):
         elif self.state_file:
             self._save()
         await asyncio.sleep(0.05)  # let the STOP frames leave before closing the socket
-        for t in self._tasks:
+        for t in [*self._tasks, *self._delayed]:
             t.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._delayed]:
             with contextlib.suppress(BaseException):
                 await t
         for sock in self._worker_socks.values():
@@ -278,8 +281,7 @@ class HeadService(RestartMixin):
                 await self._publish(ins[1])
                 self.observe.actor_changed(ins[1])
             elif verb == "start_worker":
-                node = self.state.nodes[ins[1]]
-                await self._send(node.client, {"k": Kind.START_WORKER})
+                await self._start_worker(ins[1])
             elif verb == "kill_worker":
                 target = self.state.nodes.get(ins[1])
                 if target is not None and target.alive:
@@ -301,6 +303,45 @@ class HeadService(RestartMixin):
                 await self._send(client, {"k": Kind.LEASE_FAILED, "rid": rid, "msg": why})
             else:  # pragma: no cover - a bug in ClusterState
                 log.error("unknown instruction %r", ins)
+
+    async def _start_worker(self, node_id: str) -> None:
+        """Ask ``node_id`` for a worker: now, or after the backoff while its workers keep dying.
+
+        The state counts the worker as starting meanwhile, so nothing asks for it twice.
+        """
+        delay = self._trouble.backoff(node_id)
+        if delay <= 0:
+            await self._send(self.state.nodes[node_id].client, {"k": Kind.START_WORKER})
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            node = self.state.nodes.get(node_id)
+            if node is not None and node.alive:
+                await self._send(node.client, {"k": Kind.START_WORKER})
+
+        t = asyncio.create_task(later(), name="head-start-worker-later")
+        self._delayed.add(t)
+        t.add_done_callback(self._delayed.discard)
+
+    async def _worker_died(self, peer: Peer, h: dict[str, Any]) -> None:
+        """An agent reports a worker that exited, or that never became ready."""
+        node_id = peer.node_id or ""
+        reason = str(h.get("reason") or "worker died")
+        if not h.get("requested"):  # not one we asked the agent to kill
+            self._trouble.died(node_id, reason)
+            node = self.state.nodes.get(node_id)
+            msg = self._trouble.warning(node_id, node.name if node is not None else node_id)
+            if msg is not None:
+                log.warning("%s", msg)
+                for p in list(self.peers.values()):
+                    if p.role == "driver":
+                        await self._send(
+                            p.ident, {"k": Kind.WARNING, "msg": msg, "code": "workers_dying"}
+                        )
+        if h.get("never_ready"):
+            await self._run(self.state.worker_start_failed(node_id))
+        await self._run(self.state.worker_died(h["worker_id"], reason))
 
     async def _run_for_actor(self, ins: Instruction) -> None:
         verb, client = ins[0], ins[1]
@@ -469,9 +510,7 @@ class HeadService(RestartMixin):
                 )
             )
         elif kind == Kind.WORKER_DIED:
-            if h.get("never_ready"):
-                await self._run(st.worker_start_failed(peer.node_id or ""))
-            await self._run(st.worker_died(h["worker_id"], h.get("reason", "worker died")))
+            await self._worker_died(peer, h)
         elif kind == Kind.ACTOR_CREATE:
             assert peer.job_id is not None
             reply, ins = self.actors.create(ident, peer.job_id, h, [bytes(f) for f in payload])
@@ -617,6 +656,7 @@ class HeadService(RestartMixin):
         self._dirty |= peer.role == "agent" or peer.owns_job
         if peer.role == "agent" and peer.node_id is not None:
             self._dead_nodes.add(peer.node_id)
+            self._trouble.forget(peer.node_id)
             why = reason or "its node stopped answering (dead or cut off)"
             await self._run(self.state.remove_node(peer.node_id, why))
             node = self.state.nodes.get(peer.node_id)

@@ -247,10 +247,19 @@ class ClusterState:
         return self.schedule()
 
     def worker_start_failed(self, node_id: str) -> list[Instruction]:
+        """A worker the node was asked for never became ready: plan again.
+
+        The requests it was started for still wait, and the node's pool is still short: both
+        ask for another worker now (the service spaces the starts out when they keep failing).
+        """
         node = self.nodes.get(node_id)
-        if node is not None:
-            node.starting = max(0, node.starting - 1)
-        return []
+        if node is None:
+            return []
+        node.starting = max(0, node.starting - 1)
+        out = self.schedule()
+        if node.alive:
+            out += self._refill(node)
+        return out
 
     def worker_died(self, worker_id: str, reason: str) -> list[Instruction]:
         """A worker process exited; its lease (if any) is lost and its resources freed."""

@@ -27,6 +27,7 @@ class Kind(StrEnum):
     PING = "ping"  # client/agent -> head: liveness (an agent's carries store figures, metrics)
     PONG = "pong"  # head -> client/agent
     GOODBYE = "bye"  # client -> head: disconnecting cleanly
+    WARNING = "warn"  # head -> driver: something the user should know (logged)
 
     # --- leases (driver <-> head) ----------------------------------------------------------
     LEASE_REQUEST = "lreq"  # driver -> head

@@ -131,6 +131,12 @@ class Goodbye(Message, tag=Kind.GOODBYE.value):
     drain: bool = False
 
 
+class Warning_(Message, tag=Kind.WARNING.value):
+    summary = "head -> driver: something the user should know, logged by the driver"
+    msg: str
+    code: str = ""
+
+
 # --- leases (driver <-> head) -----------------------------------------------------------------
 class LeaseRequest(Message, tag=Kind.LEASE_REQUEST.value):
     expects_reply = True
@@ -275,6 +281,7 @@ class WorkerDied(Message, tag=Kind.WORKER_DIED.value):
     worker_id: str
     reason: str = "worker died"
     never_ready: bool = False
+    requested: bool = False  # the head asked for it: not counted as a worker in trouble
 
 
 class KillWorker(Message, tag=Kind.KILL_WORKER.value):
@@ -333,6 +340,7 @@ class Result(Message, tag=Kind.RESULT.value):
     err: str | None = None
     kept: list[str] = []
     returned: list[list[str]] = []
+    lost: list[Count] = []  # argument indexes lost with their node: the owner may rebuild them
 
     def frames(self) -> int | None:
         return sum(self.n)
