@@ -177,7 +177,9 @@ def test_exit_actor(cluster: nb.ClusterInfo) -> None:
 
     q = Quitter.remote()
     assert nb.get(q.work.remote(), timeout=30) == "ok"
-    assert nb.get(q.quit.remote(), timeout=30) is None
+    # As in Ray: the call that exits sees the actor's death, and so does every later call.
+    with pytest.raises(ActorDiedError, match="exit_actor"):
+        nb.get(q.quit.remote(), timeout=30)
     with pytest.raises(ActorDiedError, match="exit_actor"):
         nb.get(q.work.remote(), timeout=30)
     with pytest.raises(TypeError):

@@ -42,20 +42,6 @@ CASES: dict[str, dict[str, Any]] = {
     },
 }
 
-# Known bugs (being fixed elsewhere): remove a mark once its fix is merged.
-KNOWN = {
-    "actor_kill": "known bug: a call on an actor after kill(actor) may still return a value",
-    "agent": "known bug: consumers submitted right after a node died fail with ObjectLostError "
-    "instead of being rebuilt through lineage",
-    "head": "known bug: after a head restart a call on a surviving actor can hang ~30 s; found "
-    "here: (1) a driver holding a lease with a '@store' locality key cannot rejoin the restarted "
-    "head (see test_driver_holding_a_locality_lease_rejoins_a_restarted_head); (2) the restart "
-    "window closes once every node is back (head/recovery.py Recovery.over), ending the job of a "
-    "driver that has not said hello yet: its actors are killed and its objects freed",
-    "worker_burst": "known bug: a burst of worker kills (every 50 ms) leaves the node with 0 "
-    "workers forever",
-}
-
 
 def _check(report: ChaosReport) -> None:
     print(report.format())
@@ -65,25 +51,13 @@ def _check(report: ChaosReport) -> None:
     assert not problems, f"{SEED_ENV}={report.seed}\n{report.format()}"
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(k, marks=pytest.mark.xfail(strict=False, reason=KNOWN[k])) if k in KNOWN else k
-        for k in CASES
-    ],
-)
+@pytest.mark.parametrize("kind", list(CASES))
 def test_chaos(kind: str, tmp_path: Path) -> None:
     print(f"chaos {kind}: seed {SEED} (replay: {SEED_ENV}={SEED})")
     config = ChaosConfig(seed=SEED, drain_s=45.0, **CASES[kind])
     _check(run_chaos(config, tmp_path))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=KNOWN["agent"] + "; also a consumer whose argument sits on a host cut off for 10 s "
-    "(shorter than the death timeout) fails with ObjectLostError ('no answer within 10 s') in "
-    "the worker's load_args instead of being retried or rebuilt",
-)
 def test_chaos_link_cut_and_heal(
     net: Net,  # noqa: F811
     tmp_path: Path,
@@ -128,12 +102,6 @@ def test_seed_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         ChaosConfig(faults=("meteor",))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="bug found by chaos: a driver holding a lease whose scheduling class has a locality "
-    "key ('@store') cannot rejoin a restarted head (ValueError in head/restart.py "
-    "_rejoin_client; no WELCOME, the driver stays 'rejoining' for good)",
-)
 def test_driver_holding_a_locality_lease_rejoins_a_restarted_head(tmp_path: Path) -> None:
     """Found by the head chaos case (seed 1054245520), made deterministic: the head restarts
     while a task that reads a stored argument runs, then restarts once more."""

@@ -159,7 +159,8 @@ def test_head_restart_keeps_nodes_actors_and_running_tasks(procs: Procs, tmp_pat
     assert states.get(counter._aid) == "ALIVE"
     nb.kill(named)
     # The restarted head watches the actor's process: exit_actor() still ends it.
-    nb.get(counter.quit.remote(), timeout=30)
+    with pytest.raises(nb.exceptions.ActorDiedError, match="exit_actor"):
+        nb.get(counter.quit.remote(), timeout=30)
     wait_until(lambda: all_gone([actor_pid]), timeout=15)
     with pytest.raises(nb.exceptions.ActorDiedError):
         nb.get(counter.incr.remote(), timeout=30)

@@ -31,7 +31,7 @@ from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.security import derive_keys, read_token_file
 from nbcluster.store.client import StoreClient
-from nbcluster.store.errors import ObjectStoreFullError
+from nbcluster.store.errors import ObjectExistsError, ObjectStoreFullError
 from nbcluster.store.manager import cleanup_store
 from nbcluster.store.segment import SHM_DIR
 from nbcluster.transport.sockets import Transport
@@ -228,6 +228,25 @@ def test_object_missing_on_the_holder_is_lost(two_nodes: Cluster) -> None:
     finally:
         put.close()
         get.close()
+
+
+def test_a_retried_task_finds_its_value_already_stored(two_nodes: Cluster) -> None:
+    """Return values are named after their task: a second attempt on the node where the first
+    one stored its value keeps that value (ids are immutable) instead of failing."""
+    c = two_nodes
+    store = c.client(c.nodes[0])
+    try:
+        first = np.arange(MB // 8, dtype=np.int64)
+        store.put("rerun.0", first, "job4")
+        again = store.put("rerun.0", np.zeros(2 * MB // 8), "job4")  # a nondeterministic rerun
+        assert np.array_equal(store.get(again), first)
+        # One still being written is not taken for the value.
+        store._request({"k": "sreserve", "oid": "half.0", "size": MB, "job": "job4"})
+        with pytest.raises(ObjectExistsError, match="still being written"):
+            store.put("half.0", np.zeros(MB // 8), "job4")
+        store.free(["rerun.0", "half.0"])
+    finally:
+        store.close()
 
 
 def test_reader_node_without_room_says_so(two_nodes: Cluster) -> None:

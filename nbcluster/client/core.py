@@ -443,7 +443,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                 {
                     "lease_id": ls.lease_id,
                     "worker_id": ls.worker_id,
-                    "shape": dict(ls.shape_key),
+                    "shape": ls.shape,  # not shape_key: that also names strategy and store
                     "gpus": ls.gpus,
                 }
                 for ls in self._leases.values()

@@ -377,6 +377,7 @@ class TaskSubmission:
             node_id=h["node_id"],
             node_name=h.get("node_name", ""),
             gpus=list(h.get("gpus") or []),
+            shape=dict(sc.shape),
             shape_key=sc.key or tuple(sorted(h["shape"].items())),
             conn=conn,
         )

@@ -51,7 +51,8 @@ class Lease:
     node_id: str
     node_name: str
     gpus: list[int]
-    shape_key: tuple[Any, ...]
+    shape: dict[str, float]  # the resources it holds (told to a restarted head)
+    shape_key: tuple[Any, ...]  # its scheduling class: also strategy and preferred store
     conn: Any  # WorkerConn
     inflight: deque[TaskRecord] = field(default_factory=deque)
     linger: Any = None  # asyncio.TimerHandle returning the lease when idle

@@ -17,7 +17,7 @@ from nbcluster.exceptions import ObjectLostError
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.validation import receive
-from nbcluster.store.errors import ObjectStoreError, ObjectStoreFullError
+from nbcluster.store.errors import ObjectExistsError, ObjectStoreError, ObjectStoreFullError
 from nbcluster.store.segment import (
     SHM_DIR,
     dumps_oob,
@@ -127,6 +127,9 @@ class StoreClient:
             raise ObjectStoreFullError(*reply["args"])
         if reply.get("err") == "missing":
             raise ObjectLostError(str(reply.get("msg")))
+        if reply.get("err") == "exists" and reply.get("args"):
+            size, sealed = reply["args"]
+            raise ObjectExistsError(str(header.get("oid")), int(size), bool(sealed))
         raise ObjectStoreError(str(reply.get("msg", "object store request failed")))
 
     def _notify(self, header: dict[str, Any]) -> None:
@@ -150,15 +153,23 @@ class StoreClient:
         size = segment_size(frames)
         if size <= INLINE_THRESHOLD_BYTES:
             return [frames[0], *(memoryview(f).tobytes() for f in frames[1:])]
-        path = self._request({"k": Kind.STORE_RESERVE, "oid": oid, "size": size, "job": job_id})[
-            "path"
-        ]
         try:
-            write_segment(path, frames)
-        except BaseException:
-            self.free([oid])
-            raise
-        self._request({"k": Kind.STORE_SEAL, "oid": oid})
+            reply = self._request(
+                {"k": Kind.STORE_RESERVE, "oid": oid, "size": size, "job": job_id}
+            )
+        except ObjectExistsError as exc:
+            if not exc.sealed:
+                raise
+            # An earlier attempt of the same task stored this value here (a retry after its
+            # node was taken for dead, a rebuild): object ids are immutable, so keep that one.
+            size = exc.size
+        else:
+            try:
+                write_segment(reply["path"], frames)
+            except BaseException:
+                self.free([oid])
+                raise
+            self._request({"k": Kind.STORE_SEAL, "oid": oid})
         meta = {
             "oid": oid,
             "store": self.store_id,

@@ -29,6 +29,25 @@ class ObjectNotFoundError(ObjectStoreError, KeyError):
         return (type(self), (self.oid,))
 
 
+class ObjectExistsError(ObjectStoreError, ValueError):
+    """The store already holds an object with this id.
+
+    Task return values are named after their task, so a retried task whose earlier attempt ran
+    on this node finds its value already stored; ``sealed`` says it is complete and readable.
+    """
+
+    def __init__(self, oid: str, size: int, sealed: bool) -> None:
+        self.oid, self.size, self.sealed = oid, size, sealed
+        super().__init__(oid, size, sealed)
+
+    def __str__(self) -> str:
+        state = "" if self.sealed else " (still being written)"
+        return f"object {self.oid} is already in the store{state}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.oid, self.size, self.sealed))
+
+
 class ObjectStoreFullError(ObjectStoreError):
     """Neither the store's memory nor its spill disk can take an object.
 

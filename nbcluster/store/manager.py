@@ -46,7 +46,12 @@ from nbcluster._private_fs import (
     user_dir_path,
 )
 from nbcluster.store import orphans
-from nbcluster.store.errors import ObjectNotFoundError, ObjectStoreError, ObjectStoreFullError
+from nbcluster.store.errors import (
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ObjectStoreError,
+    ObjectStoreFullError,
+)
 from nbcluster.store.segment import SHM_DIR, segment_name, validate_oid, validate_store_id
 
 __all__ = ["StoreManager", "cleanup_store", "default_capacity", "default_spill_dir"]
@@ -229,15 +234,18 @@ class StoreManager:
         ------
         ObjectStoreFullError
             If neither memory nor disk can take ``size`` bytes; nothing was spilled.
+        ObjectExistsError
+            If ``oid`` is already in the store.
         ValueError
-            If ``oid`` is already in the store, or ``size`` is negative.
+            If ``size`` is negative.
         """
         validate_oid(oid)
         if size < 0:
             raise ValueError(f"negative object size {size}")
         with self._lock:
             if oid in self._entries:
-                raise ValueError(f"object {oid} is already in the store")
+                e = self._entries[oid]
+                raise ObjectExistsError(oid, e.size, e.sealed)
             if self._make_room(oid, size):
                 self._entries[oid] = _Entry(size)
                 self._used += size

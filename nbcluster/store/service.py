@@ -14,7 +14,12 @@ import zmq
 from nbcluster.exceptions import ObjectLostError
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
-from nbcluster.store.errors import ObjectNotFoundError, ObjectStoreError, ObjectStoreFullError
+from nbcluster.store.errors import (
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ObjectStoreError,
+    ObjectStoreFullError,
+)
 from nbcluster.store.manager import StoreManager
 from nbcluster.store.transfer import (
     MAX_CHUNK,
@@ -110,6 +115,8 @@ class StoreService:
             )
         except (ObjectNotFoundError, ObjectLostError) as exc:
             reply.update(ok=False, err="missing", msg=str(exc))
+        except ObjectExistsError as exc:
+            reply.update(ok=False, err="exists", msg=str(exc), args=[exc.size, exc.sealed])
         except Exception as exc:  # a bug or an OS error: report it, never crash the node
             log.exception("store request %s failed", kind)
             reply.update(ok=False, err="error", msg=f"{type(exc).__name__}: {exc}")

@@ -222,7 +222,7 @@ class ActorHost:
         kept = w.kept(call.loaded)
         tid, name, nret = h["tid"], h.get("name", self.cls_name), h.get("nret", 1)
         if isinstance(exc, ActorExit):
-            w.send_result(ident, tid, name, nret, None, kept)
+            w.send_error(ident, tid, self.exit_error(), "exc", kept)  # as in Ray: see main.py
             self.exit()
         elif exc is not None:
             w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc", kept)
@@ -242,6 +242,9 @@ class ActorHost:
         """Answer a call that arrived after ``exit_actor()``; returns whether it did."""
         if not self.exited:
             return False
-        err = ActorDiedError(f"the actor {self.cls_name} called exit_actor()")
-        self.worker.send_error(ident, h["tid"], err, "exc")
+        self.worker.send_error(ident, h["tid"], self.exit_error(), "exc")
         return True
+
+    def exit_error(self) -> ActorDiedError:
+        """What callers of this actor get once it called ``exit_actor()``."""
+        return ActorDiedError(f"the actor {self.cls_name} called exit_actor()")

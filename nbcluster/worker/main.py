@@ -381,6 +381,11 @@ class Worker:
         kept = self.kept(loaded)
         if cancelled:
             self.send_error(ident, tid, TaskCancelledError(tid), "cancelled", kept)
+        elif exiting and self.actor is not None:
+            # As in Ray, the caller of the method that called exit_actor() sees the actor's
+            # death, not a value: the same answer whichever of this reply and the head's
+            # notice of the death reaches it first.
+            self.send_error(ident, tid, self.actor.exit_error(), "exc", kept)
         elif not ok:
             assert error is not None
             self.send_error(ident, tid, self.task_error(name, error, skip=1), "exc", kept)
