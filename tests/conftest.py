@@ -54,6 +54,23 @@ def all_gone(pids: list[int]) -> bool:
     return True
 
 
+def ready_line(stream: Any, marker: str = "NBCLUSTER_AGENT_READY", max_lines: int = 100) -> str:
+    """Read a started process's merged stdout/stderr up to the line starting with ``marker``.
+
+    Warnings may come first (e.g. an agent removing what a killed store left in /dev/shm); a
+    process that exits first ends the stream, which fails here with what it printed.
+    """
+    seen: list[str] = []
+    for _ in range(max_lines):
+        line = stream.readline()
+        if line.startswith(marker):
+            return str(line)
+        if not line:
+            break
+        seen.append(line)
+    raise AssertionError(f"no {marker} line; the process printed:\n{''.join(seen)}")
+
+
 def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float = 15.0) -> None:
     """Terminate ``procs`` (last started first), kill what outlives ``timeout``, close pipes."""
     for p in reversed(procs):

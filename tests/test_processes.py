@@ -15,7 +15,15 @@ import psutil
 import pytest
 
 import nbcluster as nb
-from tests.conftest import ROOT, all_gone, descendants, run_script, stop_processes, wait_until
+from tests.conftest import (
+    ROOT,
+    all_gone,
+    descendants,
+    ready_line,
+    run_script,
+    stop_processes,
+    wait_until,
+)
 
 LIST_PIDS = """
 import json, psutil
@@ -180,8 +188,7 @@ def standalone(tmp_path: Path):  # type: ignore[no-untyped-def]
         )
         procs.append(agent)
         assert agent.stdout is not None
-        first = agent.stdout.readline()
-        assert first.startswith("NBCLUSTER_AGENT_READY"), first
+        ready_line(agent.stdout)
         yield f"127.0.0.1:{port}", token_file, procs
     finally:
         nb.shutdown()
@@ -209,8 +216,7 @@ def _join(address: str, token_file: Path, name: str, *flags: str) -> subprocess.
         text=True,
     )
     assert agent.stdout is not None
-    line = agent.stdout.readline()
-    assert line.startswith("NBCLUSTER_AGENT_READY"), line
+    ready_line(agent.stdout)
     return agent
 
 

@@ -51,7 +51,7 @@ from nbcluster.serialization import dumps, loads
 from nbcluster.serialization.pickling import dumps_args
 from nbcluster.store.segment import SHM_DIR
 from nbcluster.transport import Transport
-from tests.conftest import descendants, stop_processes, wait_until
+from tests.conftest import descendants, ready_line, stop_processes, wait_until
 
 #: Examples per fuzzed socket; each sends 1-8 messages (a few thousand in all).
 EXAMPLES = int(os.environ.get("NBCLUSTER_FUZZ_EXAMPLES", "300"))
@@ -487,8 +487,7 @@ def test_agent_survives_malformed_messages_from_its_head(tmp_path: Path) -> None
         validate(reg)
         head.send_multipart([ident, *encode({"k": Kind.NODE_REGISTERED, "node_id": "fz"})])
         assert agent.stdout is not None
-        line = agent.stdout.readline()
-        assert line.startswith("NBCLUSTER_AGENT_READY"), line
+        line = ready_line(agent.stdout)
         store_id = line.split()[3]
         rss = psutil.Process(agent.pid).memory_info().rss
         sent = [0]

@@ -35,7 +35,7 @@ from nbcluster.store.errors import ObjectExistsError, ObjectStoreFullError
 from nbcluster.store.manager import cleanup_store
 from nbcluster.store.segment import SHM_DIR
 from nbcluster.transport.sockets import Transport
-from tests.conftest import stop_processes, wait_until
+from tests.conftest import ready_line, stop_processes, wait_until
 
 np = pytest.importorskip("numpy")
 
@@ -70,8 +70,7 @@ class Cluster:
         )
         self.procs.append(proc)
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("NBCLUSTER_AGENT_READY"), line
+        line = ready_line(proc.stdout)
         _, _, addr, store_id = line.split()
         node = Node(proc, addr, store_id)
         self.nodes.append(node)

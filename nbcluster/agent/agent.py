@@ -434,7 +434,8 @@ def _sweep_dead_stores() -> None:
     """Remove what stores of agents that died without cleaning up (SIGKILL) left in /dev/shm."""
     for store_id in orphans.dead_stores(SHM_DIR):
         n = cleanup_store(store_id)
-        log.warning("removed %d file(s) left by the dead object store %s", n, store_id)
+        if n:
+            log.warning("removed %d file(s) left by the dead object store %s", n, store_id)
 
 
 def describe_exit(pid: int | None, rc: int | None) -> str:
