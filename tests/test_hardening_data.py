@@ -4,6 +4,8 @@ argument checks of get / wait / cancel."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -313,3 +315,59 @@ def test_queued_consumers_of_a_dead_nodes_results_wait_for_them_to_be_rebuilt(
     assert took < 6.0, f"consumers finished {took:.1f} s after they could run"
     nodes = [line.split()[1] for line in runs.read_text().splitlines()]
     assert len(nodes) == 6 and nodes[:3] == [b] * 3 and b not in nodes[3:]
+
+
+def test_values_stored_on_a_node_back_from_a_cut_are_alive_and_old_ones_rebuilt(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """A node cut off long enough is declared dead, then rejoins as a new incarnation with the
+    same (emptied) store: what it stored before is lost, what it stores after is not."""
+    np = pytest.importorskip("numpy")
+    procs.start_head()
+    procs.join("main", "--num-cpus", "1")  # the driver's node (it attaches to the first)
+    a = procs.join("a", "--num-cpus", "1")
+    nb.init(address=procs.address, token_file=str(procs.token_file))
+    runs = tmp_path / "runs"
+    n = 2_000_000 // 8  # 2 MB each: stored on the producing node
+
+    @nb.remote
+    def produce(seed: int) -> object:
+        with open(runs, "a") as f:
+            f.write(f"{seed} {nb.get_runtime_context().get_node_id()}\n")
+        return np.full(n, seed, dtype=np.int64)
+
+    @nb.remote
+    def consume(x: object) -> int:
+        return int(np.asarray(x).sum())
+
+    old = produce.options(scheduling_strategy=nb.NodeAffinitySchedulingStrategy(a, soft=True))
+    before = old.remote(7)
+    assert nb.wait([before], timeout=60) == ([before], [])
+    # Freeze agent a: to the head the node is cut off, and declared dead.
+    os.kill(procs.agents["a"].pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: node_alive(a) is False, timeout=15)
+    finally:
+        os.kill(procs.agents["a"].pid, signal.SIGCONT)
+
+    def rejoined() -> str | None:
+        for node in nb.nodes():
+            if node["name"] == "a" and node["alive"] and node["node_id"] != a:
+                return str(node["node_id"])
+        return None
+
+    new_a = str(wait_until(rejoined, timeout=20))
+    # Stored by the new incarnation (in the store the dead one had): read as they are, each
+    # made once. (They were taken for lost: rebuilt on the same node until it gave up.)
+    on_new = produce.options(scheduling_strategy=nb.NodeAffinitySchedulingStrategy(new_a))
+    after = [on_new.remote(i) for i in range(3)]
+    assert nb.get([consume.remote(r) for r in after], timeout=60) == [i * n for i in range(3)]
+    assert np.array_equal(nb.get(after[2], timeout=60), np.full(n, 2, dtype=np.int64))
+    # Stored by the old incarnation: lost with it, rebuilt (wherever: the new one is fine).
+    assert nb.get(consume.remote(before), timeout=60) == 7 * n
+    seen: dict[int, list[str]] = {}
+    for line in runs.read_text().splitlines():
+        seed, node = line.split()
+        seen.setdefault(int(seed), []).append(node)
+    assert {i: seen[i] for i in range(3)} == {i: [new_a] for i in range(3)}, seen
+    assert len(seen[7]) == 2 and seen[7][0] == a, seen

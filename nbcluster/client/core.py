@@ -412,7 +412,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         elif kind == Kind.WELCOME:
             self._rejoined()
         elif kind == Kind.NODE_DIED:
-            self._do_node_died(str(h.get("store_id") or ""))
+            self._do_node_died(str(h["node_id"]), str(h.get("store_id") or ""))
         elif kind == Kind.ERROR and h.get("code") == "nohello":
             self._rejoin()
         elif kind == Kind.TASK_CANCEL:  # from the Jupyter panel, through the head
@@ -671,7 +671,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                 raise ObjectLostError("the node that stored it died")
             if self.store is None and is_stored(e.frames):
                 # No store of our own: read it from the node that holds it, into our memory.
-                return fetch_stored(self._transport, e.frames, self._dead_stores.__contains__)
+                return fetch_stored(self._transport, e.frames, lambda _store: e.lost)
             return loads(e.frames, self.store)
         if e.state == FAILED:
             err = loads(e.frames)

@@ -9,8 +9,10 @@ be rebuilt raises :class:`ObjectLostError` at once instead of hanging:
 - results of tasks whose own large arguments were already freed from the store;
 - results rebuilt :data:`MAX_RECONSTRUCTIONS` times already.
 
-The head tells every client which nodes died (``NODE_DIED``); a stored value whose store
-belonged to one of them is known lost without trying to read it.
+The head tells every client which nodes died (``NODE_DIED``); the values stored in that node's
+store until then are known lost without trying to read them. A node cut off and back again
+rejoins as a new incarnation with the same store (emptied): what is stored there after the
+notice is the new incarnation's, and alive.
 
 Tasks that take such a value as an argument get it back too, whenever they were submitted:
 
@@ -22,8 +24,7 @@ Tasks that take such a value as an argument get it back too, whenever they were 
   argument is rebuilt; otherwise the node is alive after all and the task is sent again as it
   was, as a retry.
 
-Borrowed arguments are fetched again from their owner, which rebuilds them (once: a value that
-comes back still in a dead store is lost).
+Borrowed arguments are fetched again from their owner, which rebuilds them (once per value).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Lineage:
 
     def _init_lineage(self) -> None:
         self._lineage: dict[str, TaskRecord] = {}  # stored result id -> the task that made it
-        self._dead_stores: set[str] = set()
+        self._dead_nodes: set[str] = set()  # node incarnations the head said died
         self._parked: dict[str, _Parked] = {}  # task id -> waiting for its argument's node's fate
         self._refetched: set[str] = set()  # borrowed values fetched again after their node died
 
@@ -112,21 +113,23 @@ class Lineage:
         self._refetched.discard(oid)
 
     def _is_lost(self, entry: Entry) -> bool:
-        """Whether a ready value lives in the store of a node known to be dead."""
-        return (
-            bool(self._dead_stores)
-            and entry.state == READY
-            and stored_in(entry.frames) in self._dead_stores
-        )
+        """Whether a ready value was stored on a node incarnation known to be dead."""
+        return entry.state == READY and entry.lost
 
     def _can_rebuild(self, oid: str) -> bool:
         rec = self._lineage.get(oid)
         return rec is not None and rec.rebuilds < MAX_RECONSTRUCTIONS
 
-    def _do_node_died(self, store_id: str) -> None:
-        if not store_id or store_id in self._dead_stores:
+    def _do_node_died(self, node_id: str, store_id: str) -> None:
+        if not store_id or node_id in self._dead_nodes:
             return
-        self._dead_stores.add(store_id)
+        self._dead_nodes.add(node_id)
+        # What that store holds now is lost. Not the store id itself: the node may come back as
+        # a new incarnation with the same store, and what is stored there then is alive (a
+        # dead store id made every later value there "lost", rebuilt until it failed for good).
+        for entry in self.objects.ready():
+            if stored_in(entry.frames) == store_id:
+                entry.lost = True
         # Tasks queued with an argument in that store: get it back before sending them.
         for sc in list(self._classes.values()):
             waiting = [rec for rec in sc.queue if self._lost_args(rec)]
@@ -142,10 +145,16 @@ class Lineage:
 
     # ------------------------------------------------------------------ lost arguments
     def _lost_args(self, rec: TaskRecord) -> list[int]:
-        """Indexes of ``rec``'s arguments that live in the store of a node known dead."""
-        if not self._dead_stores:
-            return []
-        return [i for i, f in enumerate(rec.dep_frames) if stored_in(f) in self._dead_stores]
+        """Indexes of ``rec``'s arguments stored on a node known dead (or replaced since
+        ``rec`` took them: being rebuilt or fetched again because they were lost)."""
+        lost = []
+        for i, (dep, frames) in enumerate(zip(rec.deps, rec.dep_frames, strict=False)):
+            if not is_stored(frames):
+                continue
+            entry = self.objects.get(dep.hex())
+            if entry is None or entry.frames is not frames or entry.lost:
+                lost.append(i)
+        return lost
 
     def _held_back(self, rec: TaskRecord) -> bool:
         """About to send ``rec``: if an argument of it was lost meanwhile (its node died while
@@ -171,7 +180,7 @@ class Lineage:
                 return False
             unchanged = entry.state == READY and entry.frames is rec.dep_frames[i]
             store = stored_in(entry.frames) if unchanged else ""
-            if unchanged and store and store not in self._dead_stores:
+            if unchanged and store and not entry.lost:
                 # Unreadable, but its node is not known dead (yet): wait for the head's word.
                 p = self._parked[rec.tid] = _Parked(rec, list(indexes), store, error)
                 if self._loop is not None:

@@ -35,6 +35,7 @@ class Entry:
     event: threading.Event | None = None
     callbacks: list[Callback] = field(default_factory=list)
     fetching: bool = False
+    lost: bool = False  # READY, stored on a node the head since said died (see lineage)
 
 
 class ObjectTable:
@@ -149,7 +150,13 @@ class ObjectTable:
             e.state = PENDING
             e.frames = []
             e.event = None
+            e.lost = False
             return True
+
+    def ready(self) -> list[Entry]:
+        """The objects whose value is here now (a snapshot)."""
+        with self.lock:
+            return [e for e in self._entries.values() if e.state == READY]
 
     def on_ready(self, oid: str, cb: Callback) -> bool:
         """Run ``cb(entry)`` once the object is no longer pending.
