@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -371,3 +372,57 @@ def test_values_stored_on_a_node_back_from_a_cut_are_alive_and_old_ones_rebuilt(
         seen.setdefault(int(seed), []).append(node)
     assert {i: seen[i] for i in range(3)} == {i: [new_a] for i in range(3)}, seen
     assert len(seen[7]) == 2 and seen[7][0] == a, seen
+
+
+def _worker_store() -> Any:
+    """Inside a task: a store client of this worker's node, writing as this worker."""
+    from nbcluster.protocol.security import derive_keys, token_from_environment
+    from nbcluster.store.client import StoreClient
+    from nbcluster.transport import Transport
+
+    transport = Transport(derive_keys(token_from_environment() or ""))
+    env = os.environ
+    return StoreClient(
+        transport,
+        env["NBCLUSTER_STORE"],
+        env["NBCLUSTER_STORE_ID"],
+        writer=env["NBCLUSTER_WORKER_ID"],
+    )
+
+
+@nb.remote(max_retries=0)
+def _reserve_and_die(oid: str) -> None:
+    store = _worker_store()
+    store._request({"k": "sreserve", "oid": oid, "size": 1 << 20, "job": "", "w": store.writer})
+    os.kill(os.getpid(), signal.SIGKILL)  # dies between reserving and sealing
+
+
+@nb.remote
+def _store_state(oid: str) -> str:
+    store = _worker_store()
+    try:
+        store._request({"k": "slocate", "oid": oid})
+    except Exception as exc:
+        return str(exc)
+    return "readable"
+
+
+def test_an_object_its_writer_died_writing_is_freed() -> None:
+    """Found by the 30-minute chaos run: a worker killed between reserving and sealing a result
+    left it "in the store" but unsealed for good, so a retry's copy pulled to that node was never
+    fetched ("not sealed yet") and the value could not be read there."""
+    nb.shutdown()
+    nb.init(num_cpus=1)
+    try:
+        with pytest.raises(nb.exceptions.NbclusterError):
+            nb.get(_reserve_and_die.remote("half.written"), timeout=30)
+        states: list[str] = []
+
+        def freed() -> bool:
+            states.append(nb.get(_store_state.remote("half.written"), timeout=30))
+            return "not in the object store" in states[-1]
+
+        wait_until(freed, timeout=20, interval=0.2)
+        assert "not sealed" not in states[-1]
+    finally:
+        nb.shutdown()

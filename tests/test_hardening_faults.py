@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -335,3 +336,31 @@ def test_init_with_nothing_listening_fails_at_once(tmp_path: Path) -> None:
         nb.init(address=address, token_file=str(token))
     assert time.monotonic() - t0 < 5
     assert address in str(err.value)
+
+
+def test_a_worker_at_a_reused_address_gets_a_fresh_connection(two_cpus: nb.ClusterInfo) -> None:
+    """Found by the 30-minute chaos run: a new worker process listening at a dead worker's
+    port was reached through the old connection, never bound to the job nor sent the
+    functions, and failed every task with KeyError. Connections belong to a worker process."""
+    import concurrent.futures
+
+    from nbcluster.client import current
+
+    assert nb.get(square.remote(3), timeout=30) == 9
+    client = current.get()
+    assert client is not None and client._loop is not None
+    old = next(iter(client._conns.values()))
+    assert old.worker_id and old.fns_sent  # the function was sent on it
+
+    def conn_for(worker_id: str) -> Any:
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def make() -> None:
+            fut.set_result(client._conn(old.addr, old.control_addr, worker_id))
+
+        client._loop.call_soon_threadsafe(make)  # connections are the I/O thread's
+        return fut.result(10)
+
+    assert conn_for(old.worker_id) is old  # the same process: kept
+    new = conn_for("another-process")
+    assert new is not old and new.fns_sent == set() and client._conns[old.addr] is new

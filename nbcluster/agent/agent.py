@@ -334,6 +334,7 @@ class NodeAgent:
             reason = await self._start_failure(proc, exc)
             log.error("could not start a worker: %s", reason)
             self._procs.pop(worker_id, None)
+            self._store_service.writer_died(worker_id)
             # The head must hear of it whatever happened: it plans another start from this.
             await self._send(
                 {
@@ -357,6 +358,9 @@ class NodeAgent:
         rc = await proc.wait()
         self._procs.pop(worker_id, None)
         self._workers.pop(worker_id, None)
+        freed = self._store_service.writer_died(worker_id)
+        if freed:
+            log.info("freed %d object(s) worker %s died writing", freed, worker_id)
         if not self.stopped.is_set():
             await self._send(
                 {

@@ -81,7 +81,7 @@ class ActorCalls:
             self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], num_returns: int
         ) -> tuple[TaskRecord, list[ObjectRef]]: ...
         def _finish(self, rec: TaskRecord, state: int, parts: Any) -> None: ...
-        def _conn(self, addr: str, control_addr: str) -> WorkerConn: ...
+        def _conn(self, addr: str, control_addr: str, worker_id: str = "") -> WorkerConn: ...
         def _call(self, coro: Any, timeout: float = 30.0) -> Any: ...
         def _resolve(self, ref: ObjectRef) -> Entry | None: ...
 
@@ -353,13 +353,17 @@ class ActorCalls:
         if ar.killed and state != DEAD:
             return  # news sent before the head heard of our kill()
         if state == ALIVE:
-            addr = h.get("addr")
-            if ar.state != ALIVE or ar.conn is None or ar.conn.addr != addr:
+            addr, worker_id = h.get("addr"), h.get("worker_id") or ""
+            moved = ar.conn is not None and (
+                ar.conn.addr != addr or (worker_id and ar.conn.worker_id != worker_id)
+            )
+            if ar.state != ALIVE or ar.conn is None or moved:
                 if ar.conn is not None and ar.inflight:
                     # A new instance elsewhere (we missed the restart, e.g. across a head
                     # restart): what the old worker had will never be answered.
                     self._retry_or_fail_inflight(ar, "it was restarted in another worker")
-                ar.conn = self._conn(addr, h.get("control_addr") or addr) if addr else None
+                ctrl = h.get("control_addr") or addr
+                ar.conn = self._conn(addr, ctrl, worker_id) if addr else None
             ar.state = ALIVE
             self._pump_actor(ar)
         elif state == RESTARTING:

@@ -367,7 +367,7 @@ class TaskSubmission:
             if sc is None or not sc.queue:
                 send_nowait(self._head, encode({"k": Kind.LEASE_RETURN, "lease_id": h["lease_id"]}))
                 return
-        conn = self._conn(h["worker_addr"], h["control_addr"])
+        conn = self._conn(h["worker_addr"], h["control_addr"], h["worker_id"])
         lease = Lease(
             lease_id=h["lease_id"],
             worker_id=h["worker_id"],
@@ -403,14 +403,19 @@ class TaskSubmission:
             self._finish(rec, FAILED, [dumps(err)] * len(rec.return_ids))
         self._pump(sc)  # withdraws the class's other requests
 
-    def _conn(self, addr: str, control_addr: str) -> WorkerConn:
+    def _conn(self, addr: str, control_addr: str, worker_id: str = "") -> WorkerConn:
         """The connection to a worker (made once; the first message binds it to our job)."""
         conn = self._conns.get(addr)
+        if conn is not None and worker_id and conn.worker_id and conn.worker_id != worker_id:
+            # Another worker process listens at this address now (the old one died and its
+            # port was reused): it was never bound to our job nor sent our functions.
+            self._close_conn(conn)
+            conn = None
         if conn is None:
             assert self._transport is not None
             sock = self._transport.client(zmq.DEALER, addr)
             ctrl = self._transport.client(zmq.DEALER, control_addr)
-            conn = WorkerConn(addr, control_addr, sock, ctrl)
+            conn = WorkerConn(addr, control_addr, sock, ctrl, worker_id)
             self._conns[addr] = conn
             bind = {
                 "k": Kind.BIND,
@@ -421,6 +426,11 @@ class TaskSubmission:
             send_nowait(sock, encode(bind))
             conn.reader = self._spawn(self._read_worker(conn))
         return conn
+
+    def _close_conn(self, conn: WorkerConn) -> None:
+        if self._conns.get(conn.addr) is conn:
+            del self._conns[conn.addr]
+        conn.close()
 
     def _linger(self, lease: Lease) -> None:
         assert self._loop is not None
@@ -451,12 +461,8 @@ class TaskSubmission:
         if lease is None:
             return
         self._drop_lease(lease)
-        conn = self._conns.pop(lease.worker_addr, None)
-        if conn is not None:
-            if conn.reader is not None:
-                conn.reader.cancel()
-            conn.sock.close(linger=0)
-            conn.ctrl.close(linger=0)
+        if self._conns.get(lease.worker_addr) is lease.conn:  # not a later worker's
+            self._close_conn(lease.conn)
         inflight = list(lease.inflight)
         lease.inflight.clear()
         sc = self._classes.get(lease.shape_key)

@@ -15,8 +15,11 @@ log = logging.getLogger("nbcluster")
 class WorkerConn:
     """A connection to one worker process (kept across leases of the same worker)."""
 
-    def __init__(self, addr: str, control_addr: str, sock: Any, ctrl: Any) -> None:
+    def __init__(
+        self, addr: str, control_addr: str, sock: Any, ctrl: Any, worker_id: str = ""
+    ) -> None:
         self.addr = addr
+        self.worker_id = worker_id  # the process behind addr: a later one may reuse its port
         self.control_addr = control_addr
         self.sock = sock
         self.ctrl = ctrl
@@ -25,6 +28,13 @@ class WorkerConn:
         self.lease: Lease | None = None
         self.node_id = ""  # where the worker runs (named in its output when that helps)
         self.node_name = ""
+
+    def close(self) -> None:
+        """Stop reading and close both sockets (I/O thread)."""
+        if self.reader is not None:
+            self.reader.cancel()
+        self.sock.close(linger=0)
+        self.ctrl.close(linger=0)
 
 
 def send_nowait(sock: Any, frames: list[Any]) -> None:

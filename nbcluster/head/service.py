@@ -420,6 +420,7 @@ class HeadService(RestartMixin):
             "state": a.state,
             "addr": a.address,
             "control_addr": a.control_address,
+            "worker_id": a.worker_id,
             "reason": a.death_reason,
             "cls_name": a.cls_name,
         }

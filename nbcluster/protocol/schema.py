@@ -407,6 +407,7 @@ class ActorState(Message, tag=Kind.ACTOR_STATE.value):
     state: str
     addr: str | None = None
     control_addr: str | None = None
+    worker_id: str | None = None
     reason: str | None = None
     cls_name: str | None = None
     init_error: bool = False
@@ -486,6 +487,7 @@ class StoreReserve(Message, tag=Kind.STORE_RESERVE.value):
     oid: str
     size: Count
     job: str | None = None
+    w: str = ""  # the worker writing it: what it never sealed is freed when it dies
 
 
 class StoreSeal(Message, tag=Kind.STORE_SEAL.value):
@@ -493,6 +495,7 @@ class StoreSeal(Message, tag=Kind.STORE_SEAL.value):
     summary = "process -> its agent: the object is written -> STORE_REPLY"
     rid: int
     oid: str
+    w: str = ""
 
 
 class StoreLocate(Message, tag=Kind.STORE_LOCATE.value):

@@ -70,8 +70,10 @@ class StoreClient:
         store_id: str,
         shm_dir: str = SHM_DIR,
         keep_mapped: int = 0,
+        writer: str = "",
     ) -> None:
         self.address = address
+        self.writer = writer  # a worker's id: the agent frees what it never sealed if it dies
         self.store_id = store_id
         self.shm_dir = shm_dir
         # Workers keep their last few mappings: a ref passed to many tasks is then mapped once,
@@ -155,7 +157,7 @@ class StoreClient:
             return [frames[0], *(memoryview(f).tobytes() for f in frames[1:])]
         try:
             reply = self._request(
-                {"k": Kind.STORE_RESERVE, "oid": oid, "size": size, "job": job_id}
+                {"k": Kind.STORE_RESERVE, "oid": oid, "size": size, "job": job_id, "w": self.writer}
             )
         except ObjectExistsError as exc:
             if not exc.sealed:
@@ -169,7 +171,7 @@ class StoreClient:
             except BaseException:
                 self.free([oid])
                 raise
-            self._request({"k": Kind.STORE_SEAL, "oid": oid})
+            self._request({"k": Kind.STORE_SEAL, "oid": oid, "w": self.writer})
         meta = {
             "oid": oid,
             "store": self.store_id,

@@ -44,6 +44,9 @@ class StoreService:
         self.manager = manager
         self.puller = puller
         self._jobs: dict[str, str] = {}  # oid -> job id
+        # Worker id -> objects it reserved and has not sealed yet: freed if it dies first, else
+        # a half-written object would stay "in the store" and unreadable for good.
+        self._writing: dict[str, set[str]] = {}
         self._streams: dict[tuple[bytes, Any], _Stream] = {}  # (peer, rid) -> what it may send
         self.streams_served = 0  # objects sent to other nodes (one per pull, however many readers)
         self.bytes_out = 0
@@ -80,8 +83,12 @@ class StoreService:
                 reply["path"] = await loop.run_in_executor(None, m.reserve, h["oid"], h["size"])
                 if h.get("job"):
                     self._jobs[h["oid"]] = h["job"]
+                if h.get("w"):
+                    self._writing.setdefault(h["w"], set()).add(h["oid"])
             elif kind == Kind.STORE_SEAL:
                 m.seal(h["oid"])
+                if h.get("w"):
+                    self._writing.get(h["w"], set()).discard(h["oid"])
             elif kind == Kind.STORE_LOCATE:
                 reply["path"] = await loop.run_in_executor(None, lambda: m.locate(h["oid"], True))
             elif kind == Kind.STORE_PULL:
@@ -187,6 +194,14 @@ class StoreService:
         stats["pulls"] = self.puller.pulls if self.puller is not None else 0
         stats["bytes_in"] = self.puller.bytes_in if self.puller is not None else 0
         return stats
+
+    def writer_died(self, worker_id: str) -> int:
+        """Free what ``worker_id`` reserved and never sealed; returns how many."""
+        oids = self._writing.pop(worker_id, set())
+        for oid in oids:
+            self._jobs.pop(oid, None)
+            self.manager.free(oid)
+        return len(oids)
 
     def job_ended(self, job_id: str) -> int:
         """Free every object of ``job_id``; returns how many."""

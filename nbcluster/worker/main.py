@@ -107,7 +107,11 @@ class Worker:
         store_addr = os.environ.get("NBCLUSTER_STORE")
         self.store = (
             StoreClient(
-                transport, store_addr, os.environ.get("NBCLUSTER_STORE_ID", ""), keep_mapped=2
+                transport,
+                store_addr,
+                os.environ.get("NBCLUSTER_STORE_ID", ""),
+                keep_mapped=2,
+                writer=os.environ.get("NBCLUSTER_WORKER_ID", ""),
             )
             if store_addr
             else None
