@@ -512,3 +512,80 @@ def test_gpu_shares_of_a_claimed_lease_match_what_placement_took() -> None:
         (lease,) = st.leases.values()
         # What a restarted head rebuilds from the GPU ids alone equals what was taken.
         assert gpu_shares(sorted(lease.gpus), shape) == lease.gpus
+
+
+def test_random_actors_and_adopted_workers_keep_invariants() -> None:
+    """Actors, adopted workers and claimed leases mixed with tasks: besides the resource
+    invariants, no retired (ex-actor) or adopted worker is ever granted, and actors' workers
+    never go to tasks."""
+    from nbcluster.head.actors import ActorDirectory
+    from nbcluster.head.model import WorkerState
+
+    rng = random.Random(5)
+    st = ClusterState()
+    d = ActorDirectory(st)
+    nodes = [_node(st, cpus=rng.choice([2, 4]), gpus=rng.choice([0, 1])) for _ in range(3)]
+    never_granted: set[str] = set()  # retired or adopted when last seen
+
+    def run(ins: list[Instruction]) -> None:
+        # What the service does with lease instructions of actors (no sockets here).
+        for i in ins:
+            if isinstance(i, Grant):
+                assert i.worker.worker_id not in never_granted, i
+                if isinstance(i.requester, ActorRequester):
+                    run(d.on_grant(i.requester.aid, i.lease, i.worker))
+                else:
+                    assert i.worker.actor_id is None, i
+            elif isinstance(i, LeaseLost) and isinstance(i.requester, ActorRequester):
+                run(d.on_lost(i.requester.aid, i.reason))
+            elif isinstance(i, Unschedulable) and isinstance(i.requester, ActorRequester):
+                run(d.on_unschedulable(i.requester.aid, i.reason))
+
+    wid = rid = aid = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.15:
+            wid += 1
+            run(st.worker_ready(rng.choice(nodes), f"w{wid}", "a", "c", 1))
+        elif op < 0.2:
+            wid += 1
+            st.adopt_worker(rng.choice(nodes), f"w{wid}", "a", "c", 1)
+        elif op < 0.25 and st.workers:
+            w = rng.choice(list(st.workers.values()))
+            rid += 1
+            ok = st.claim_lease(A, "j1", f"claimed-{rid}", w.worker_id, {"CPU": 0.5}, {})
+            assert ok == (w.worker_id in st.workers and w.lease_id == f"claimed-{rid}")
+        elif op < 0.45:
+            rid += 1
+            shape = rng.choice([{"CPU": 1}, {"CPU": 0.5}, {"GPU": 0.5}, {}])
+            run(st.request_lease(rng.choice([A, B]), rng.choice(["j1", "j2"]), rid, shape, "f"))
+        elif op < 0.55:
+            aid += 1
+            spec = {"aid": f"a{aid}", "cls_name": "C", "shape": {}, "ns": "", "max_restarts": 1}
+            run(d.create(A, "j1", {**spec, "place_shape": {"CPU": 1}}, [])[1])
+        elif op < 0.6 and d.actors:
+            a = rng.choice(list(d.actors.values()))
+            run(d.on_ready(a.aid))
+        elif op < 0.65 and d.actors:
+            run(d.kill(rng.choice(list(d.actors)), rng.random() < 0.5, "killed"))
+        elif op < 0.8 and st.leases:
+            lease = rng.choice(list(st.leases.values()))
+            run(st.return_lease(lease.requester, lease.lease_id))
+        elif op < 0.9 and st.workers:
+            run(st.worker_died(rng.choice(list(st.workers)), "died"))
+        elif op < 0.97 and st.workers:
+            w = rng.choice(list(st.workers.values()))
+            run(st.worker_blocked(w.worker_id, not w.blocked))
+        else:
+            run(d.job_gone("j2") + st.client_gone(B, "j2", True))
+        st.validate_state()
+        never_granted = {
+            w.worker_id
+            for w in st.workers.values()
+            if w.state in (WorkerState.RETIRED, WorkerState.ADOPTED)
+        }
+        for w in st.workers.values():
+            if w.actor_id is not None:
+                assert w.state in (WorkerState.LEASED, WorkerState.RETIRED), w
+    states = {w.state for w in st.workers.values()}
+    assert WorkerState.LEASED in states and WorkerState.IDLE in states
