@@ -363,8 +363,9 @@ class ClusterState:
         want = tuple(sorted(gpus))
         best: WorkerInfo | None = None
         best_rank = 99
+        idle = WorkerState.IDLE  # a local: the hot path reads it once per worker
         for w in node.workers.values():
-            if w.state is not WorkerState.IDLE or w.job_id not in (None, job_id):
+            if w.state is not idle or w.job_id not in (None, job_id):
                 continue
             if want and w.gpus is not None and w.gpus != want:
                 continue  # pinned to other GPUs
@@ -456,13 +457,17 @@ class ClusterState:
 
     def _default_order(self, req: LeaseRequest, nodes: list[NodeInfo]) -> list[NodeInfo]:
         # Prefer nodes with an idle worker of this job, then the least loaded.
+        idle = WorkerState.IDLE  # locals, and a loop rather than any(): this is the hot path
+        job_id = req.job_id
+
         def key(n: NodeInfo) -> tuple[int, float]:
-            has_idle = any(
-                w.state is WorkerState.IDLE and w.job_id in (None, req.job_id)
-                for w in n.workers.values()
-            )
+            busy = 1
+            for w in n.workers.values():
+                if w.state is idle and (w.job_id is None or w.job_id == job_id):
+                    busy = 0
+                    break
             cpu_total = n.total_u.get("CPU", 0) or 1
-            return (0 if has_idle else 1, -n.avail_u.get("CPU", 0) / cpu_total)
+            return (busy, -n.avail_u.get("CPU", 0) / cpu_total)
 
         return sorted(nodes, key=key)
 
