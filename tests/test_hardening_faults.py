@@ -22,6 +22,7 @@ import pytest
 
 import nbcluster as nb
 from nbcluster.exceptions import ActorDiedError, ConnectionFailedError
+from nbcluster.head.instructions import Grant, StartWorker
 from nbcluster.head.state import ClusterState
 from nbcluster.head.trouble import MAX_BACKOFF_S, WorkerTrouble
 from tests.conftest import descendants, wait_until
@@ -87,14 +88,14 @@ def test_failed_starts_are_planned_again() -> None:
     for another start (before, nothing did, and the node stayed without workers for good)."""
     st = ClusterState()
     n, ins = st.add_node(b"agent", "n", "h", {"CPU": 2}, [], prestart=2)
-    assert [i[0] for i in ins] == ["start_worker", "start_worker"]
+    assert [type(i) for i in ins] == [StartWorker, StartWorker]
     st.request_lease(b"driver", "j", 1, {"CPU": 1}, "f")
     for _ in range(2):  # both prestarted workers die while starting
         ins = st.worker_start_failed(n)
-        assert [i[0] for i in ins] == ["start_worker"]
+        assert [type(i) for i in ins] == [StartWorker]
     assert st.nodes[n].starting == 2
     ins = st.worker_ready(n, "w9", "tcp://w9", "tcp://w9c", 1)
-    assert [i[0] for i in ins] == ["grant"]
+    assert [type(i) for i in ins] == [Grant]
     st.validate_state()
 
 

@@ -5,6 +5,17 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from nbcluster.head.instructions import (
+    ActorInit,
+    ActorRequester,
+    Grant,
+    Infeasible,
+    Instruction,
+    KillWorker,
+    LeaseLost,
+    StartWorker,
+    Unschedulable,
+)
 from nbcluster.head.state import ClusterState
 
 A, B = b"client-a", b"client-b"
@@ -18,21 +29,25 @@ def _node(st: ClusterState, cpus: float = 2, gpus: int = 0, prestart: int = 0, *
     return node_id
 
 
-def _ready(st: ClusterState, node_id: str, wid: str) -> list[tuple[object, ...]]:
+def _ready(st: ClusterState, node_id: str, wid: str) -> list[Instruction]:
     return st.worker_ready(node_id, wid, f"tcp://{wid}", f"tcp://{wid}c", 1)
 
 
-def verbs(ins: list[tuple[object, ...]]) -> list[object]:
-    return [i[0] for i in ins]
+def kinds(ins: list[Instruction]) -> list[type]:
+    return [type(i) for i in ins]
+
+
+def grants(ins: list[Instruction]) -> list[Grant]:
+    return [i for i in ins if isinstance(i, Grant)]
 
 
 def test_prestart_and_grant() -> None:
     st = ClusterState()
     node_id, ins = st.add_node(b"agent", "n", "h", {"CPU": 2}, [], prestart=2)
-    assert verbs(ins) == ["start_worker", "start_worker"]
-    assert verbs(st.request_lease(A, "j1", 1, {"CPU": 1}, "f")) == []  # no worker yet
+    assert kinds(ins) == [StartWorker, StartWorker]
+    assert kinds(st.request_lease(A, "j1", 1, {"CPU": 1}, "f")) == []  # no worker yet
     ins = _ready(st, node_id, "w1")
-    assert verbs(ins) == ["grant"]
+    assert kinds(ins) == [Grant]
     assert st.nodes[node_id].available["CPU"] == 1
     st.validate_state()
 
@@ -42,10 +57,10 @@ def test_request_waits_for_resources_then_gets_the_returned_worker() -> None:
     n = _node(st, cpus=1)
     _ready(st, n, "w1")
     (grant,) = st.request_lease(A, "j1", 1, {"CPU": 1}, "f")
-    lease = grant[3]
-    assert verbs(st.request_lease(A, "j1", 2, {"CPU": 1}, "f")) == []
+    lease = grant.lease
+    assert kinds(st.request_lease(A, "j1", 2, {"CPU": 1}, "f")) == []
     ins = st.return_lease(A, lease.lease_id)  # type: ignore[attr-defined]
-    assert verbs(ins) == ["grant"] and ins[0][4].worker_id == "w1"
+    assert kinds(ins) == [Grant] and ins[0].worker.worker_id == "w1"
     st.validate_state()
 
 
@@ -54,10 +69,10 @@ def test_jobs_do_not_share_workers() -> None:
     n = _node(st, cpus=2)
     _ready(st, n, "w1")
     (g,) = st.request_lease(A, "j1", 1, {"CPU": 1}, "f")
-    st.return_lease(A, g[3].lease_id)
+    st.return_lease(A, g.lease.lease_id)
     # w1 now belongs to job j1: job j2 needs a worker of its own.
     ins = st.request_lease(B, "j2", 1, {"CPU": 1}, "f")
-    assert verbs(ins) == ["start_worker"]
+    assert kinds(ins) == [StartWorker]
     st.validate_state()
 
 
@@ -65,11 +80,11 @@ def test_infeasible_is_reported_once_and_cleared_by_a_new_node() -> None:
     st = ClusterState()
     _node(st, cpus=2)
     ins = st.request_lease(A, "j1", 1, {"GPU": 1}, "train")
-    assert verbs(ins) == ["infeasible"] and ins[0][3] == {"GPU": 1}
-    assert verbs(st.schedule()) == []  # not repeated
+    assert kinds(ins) == [Infeasible] and ins[0].missing == {"GPU": 1}
+    assert kinds(st.schedule()) == []  # not repeated
     n2, ins = st.add_node(b"agent2", "gpu-box", "h2", {"CPU": 4, "GPU": 1}, [0])
-    assert "start_worker" in verbs(ins)
-    assert verbs(_ready(st, n2, "w9")) == ["grant"]
+    assert StartWorker in kinds(ins)
+    assert kinds(_ready(st, n2, "w9")) == [Grant]
     st.validate_state()
 
 
@@ -81,17 +96,17 @@ def test_gpu_ids_fractional_and_pinned_workers() -> None:
     (g1,) = st.request_lease(A, "j", 1, {"GPU": 1}, "f")
     (g2,) = st.request_lease(A, "j", 2, {"GPU": 0.5}, "f")
     (g3,) = st.request_lease(A, "j", 3, {"GPU": 0.5}, "f")
-    assert set(g1[3].gpus) != set(g2[3].gpus)
-    assert g2[3].gpus == g3[3].gpus  # two halves share one GPU
-    assert verbs(st.request_lease(A, "j", 4, {"GPU": 0.5}, "f")) == []  # both GPUs full
+    assert set(g1.lease.gpus) != set(g2.lease.gpus)
+    assert g2.lease.gpus == g3.lease.gpus  # two halves share one GPU
+    assert kinds(st.request_lease(A, "j", 4, {"GPU": 0.5}, "f")) == []  # both GPUs full
     st.validate_state()
     # A worker pinned to GPU 0 never gets a lease for GPU 1.
     for g in (g1, g2, g3):
-        st.return_lease(A, g[3].lease_id)
+        st.return_lease(A, g.lease.lease_id)
     pinned = {w.worker_id: w.gpus for w in st.workers.values()}
-    (g,) = [i for i in st.request_lease(A, "j", 5, {"GPU": 1}, "f") if i[0] == "grant"] or [None]
+    (g,) = grants(st.request_lease(A, "j", 5, {"GPU": 1}, "f")) or [None]
     if g is not None:
-        assert pinned[g[4].worker_id] in (None, tuple(sorted(g[3].gpus)))
+        assert pinned[g.worker.worker_id] in (None, tuple(sorted(g.lease.gpus)))
     st.validate_state()
 
 
@@ -100,10 +115,10 @@ def test_blocked_worker_lends_its_cpu() -> None:
     n = _node(st, cpus=1)
     _ready(st, n, "w1")
     (_grant,) = st.request_lease(A, "j", 1, {"CPU": 1}, "parent")
-    assert verbs(st.request_lease(A, "j", 2, {"CPU": 1}, "child")) == []
+    assert kinds(st.request_lease(A, "j", 2, {"CPU": 1}, "child")) == []
     ins = st.worker_blocked("w1", True)
-    assert verbs(ins) == ["start_worker"]  # the child may run now
-    assert verbs(_ready(st, n, "w2")) == ["grant"]
+    assert kinds(ins) == [StartWorker]  # the child may run now
+    assert kinds(_ready(st, n, "w2")) == [Grant]
     st.validate_state()
     st.worker_blocked("w1", False)  # oversubscribed until the child finishes
     assert st.nodes[n].available["CPU"] == -1
@@ -116,8 +131,8 @@ def test_worker_death_loses_lease_and_refills_pool() -> None:
     _ready(st, n, "w1")
     (g,) = st.request_lease(A, "j", 1, {"CPU": 1}, "f")
     ins = st.worker_died("w1", "killed by SIGKILL")
-    assert ("lease_lost", A, g[3].lease_id, "killed by SIGKILL") in ins
-    assert "start_worker" in verbs(ins)
+    assert LeaseLost(A, g.lease.lease_id, "killed by SIGKILL") in ins
+    assert StartWorker in kinds(ins)
     assert st.nodes[n].available["CPU"] == 1
     st.validate_state()
 
@@ -130,7 +145,7 @@ def test_driver_leaving_kills_its_workers() -> None:
     st.request_lease(A, "j", 1, {"CPU": 1}, "f")
     st.request_lease(A, "j", 2, {"CPU": 10}, "f")  # pending, infeasible
     ins = st.client_gone(A, "j", owns_job=True)
-    assert sorted(i[2] for i in ins if i[0] == "kill_worker") == ["w1"]
+    assert sorted(i.worker_id for i in ins if isinstance(i, KillWorker)) == ["w1"]
     assert not st.pending and not st.leases
     st.validate_state()
 
@@ -152,7 +167,7 @@ def test_random_event_sequences_keep_invariants() -> None:
             st.request_lease(rng.choice([A, B]), rng.choice(["j1", "j2"]), rid, shape, "f")
         elif op < 0.75 and st.leases:
             lease = rng.choice(list(st.leases.values()))
-            st.return_lease(lease.client, lease.lease_id)
+            st.return_lease(lease.requester, lease.lease_id)
         elif op < 0.85 and st.workers:
             st.worker_died(rng.choice(list(st.workers)), "died")
         elif op < 0.95 and st.workers:
@@ -164,7 +179,7 @@ def test_random_event_sequences_keep_invariants() -> None:
 
 
 def test_actor_directory_lifecycle() -> None:
-    from nbcluster.head.actors import ActorDirectory, actor_client
+    from nbcluster.head.actors import ActorDirectory
 
     st = ClusterState()
     n = _node(st, cpus=2)
@@ -182,8 +197,8 @@ def test_actor_directory_lifecycle() -> None:
     reply, ins = d.create(A, "j", spec, [b"cls"])
     assert reply["aid"] == "a1" and not reply["existing"]
     (grant,) = ins
-    ins = d.on_grant("a1", grant[3], grant[4])
-    assert verbs(ins) == ["actor_init"]
+    ins = d.on_grant("a1", grant.lease, grant.worker)
+    assert kinds(ins) == [ActorInit]
     d.on_ready("a1")
     assert st.nodes[n].available["CPU"] == 2  # placed with 1 CPU, holds none
     st.validate_state()
@@ -192,10 +207,10 @@ def test_actor_directory_lifecycle() -> None:
     assert d.create(B, "j2", {**spec, "aid": "a3", "get_if_exists": True}, [])[0]["aid"] == "a1"
     # Its worker dies: one restart allowed.
     ins = st.worker_died("w1", "killed")
-    assert ("lease_lost", actor_client("a1"), grant[3].lease_id, "killed") in ins
+    assert LeaseLost(ActorRequester("a1"), grant.lease.lease_id, "killed") in ins
     ins = d.on_lost("a1", "killed")
     assert d.actors["a1"].state == "RESTARTING" and d.actors["a1"].restarts == 1
-    assert "start_worker" in verbs(ins)
+    assert StartWorker in kinds(ins)
     # Killed before it found a worker again: dead, name free.
     d.kill("a1", True, "killed by test")
     assert d.actors["a1"].state == "DEAD"
@@ -213,14 +228,14 @@ def test_detached_actor_workers_survive_their_driver() -> None:
     d = ActorDirectory(st)
     spec = {"cls_name": "S", "shape": {}, "place_shape": {"CPU": 1}, "ns": "x"}
     _, (g1,) = d.create(A, "j", {**spec, "aid": "keep", "name": "svc", "detached": True}, [])
-    d.on_grant("keep", g1[3], g1[4])
+    d.on_grant("keep", g1.lease, g1.worker)
     _, (g2,) = d.create(A, "j", {**spec, "aid": "mine"}, [])
-    d.on_grant("mine", g2[3], g2[4])
+    d.on_grant("mine", g2.lease, g2.worker)
     d.on_ready("keep")
     d.on_ready("mine")
     ins = d.job_gone("j") + st.client_gone(A, "j", owns_job=True)
-    killed = {i[2] for i in ins if i[0] == "kill_worker"}
-    assert killed == {g2[4].worker_id}
+    killed = {i.worker_id for i in ins if isinstance(i, KillWorker)}
+    assert killed == {g2.worker.worker_id}
 
 
 # --------------------------------------------------------------------------- scheduling (issue 5)
@@ -238,9 +253,9 @@ def _storage_node(st: ClusterState, name: str, cpus: float = 2) -> str:
     return node_id
 
 
-def _granted_node(ins: list[tuple[Any, ...]]) -> str:
-    (grant,) = [i for i in ins if i[0] == "grant"]
-    return str(grant[3].node_id)
+def _granted_node(ins: list[Instruction]) -> str:
+    (grant,) = grants(ins)
+    return grant.lease.node_id
 
 
 def test_fractional_gpus_pack_exactly_and_never_overcommit() -> None:
@@ -250,15 +265,15 @@ def test_fractional_gpus_pack_exactly_and_never_overcommit() -> None:
         _ready(st, n, w)
     (g1,) = st.request_lease(A, "j", 1, {"GPU": 0.5}, "half")
     (g2,) = st.request_lease(A, "j", 2, {"GPU": 0.5}, "half")
-    assert g1[3].gpus == g2[3].gpus == {0: 0.5}
-    assert g1[4].worker_id != g2[4].worker_id
+    assert g1.lease.gpus == g2.lease.gpus == {0: 0.5}
+    assert g1.worker.worker_id != g2.worker.worker_id
     assert st.nodes[n].gpu_free_u == {0: 0}
-    assert verbs(st.request_lease(A, "j", 3, {"GPU": 0.5}, "half")) == []  # the GPU is full
+    assert kinds(st.request_lease(A, "j", 3, {"GPU": 0.5}, "half")) == []  # the GPU is full
     st.validate_state()
     # 0.5 + 0.75 do not fit one GPU: the 0.75 waits for the whole GPU to have room.
-    st.return_lease(A, g1[3].lease_id)  # (3 takes its place)
-    st.return_lease(A, g2[3].lease_id)
-    assert verbs(st.request_lease(A, "j", 4, {"GPU": 0.75}, "big")) == []
+    st.return_lease(A, g1.lease.lease_id)  # (3 takes its place)
+    st.return_lease(A, g2.lease.lease_id)
+    assert kinds(st.request_lease(A, "j", 4, {"GPU": 0.75}, "big")) == []
     st.validate_state()
 
 
@@ -269,7 +284,7 @@ def test_half_and_three_quarters_go_to_different_gpus() -> None:
         _ready(st, n, w)
     (g1,) = st.request_lease(A, "j", 1, {"GPU": 0.5}, "f")
     (g2,) = st.request_lease(A, "j", 2, {"GPU": 0.75}, "f")
-    assert set(g1[3].gpus) != set(g2[3].gpus)
+    assert set(g1.lease.gpus) != set(g2.lease.gpus)
     st.validate_state()
 
 
@@ -280,17 +295,17 @@ def test_no_float_drift_in_resource_accounting() -> None:
         _ready(st, n, f"w{i}")
     # Ten 0.1-CPU leases fill one CPU exactly (0.1 * 10 != 1.0 in floats); the 11th waits.
     grants = [st.request_lease(A, "j", i, {"CPU": 0.1}, "f") for i in range(10)]
-    assert all(verbs(g) == ["grant"] for g in grants)
-    assert verbs(st.request_lease(A, "j", 10, {"CPU": 0.1}, "f")) == []
+    assert all(kinds(g) == [Grant] for g in grants)
+    assert kinds(st.request_lease(A, "j", 10, {"CPU": 0.1}, "f")) == []
     assert st.nodes[n].avail_u["CPU"] == 0
     st.cancel_request(A, 10)
     for g in grants:
-        st.return_lease(A, g[0][3].lease_id)
+        st.return_lease(A, g[0].lease.lease_id)
     # Many odd fractions granted and returned leave exactly what the node had.
     for i in range(300):
         shape = {"CPU": [0.1, 0.3, 0.7, 1 / 3][i % 4], "GPU": [0.1, 0.2, 0.3][i % 3]}
         (one,) = st.request_lease(A, "j", 100 + i, shape, "f")
-        st.return_lease(A, one[3].lease_id)
+        st.return_lease(A, one.lease.lease_id)
     node = st.nodes[n]
     assert node.avail_u == node.total_u and node.gpu_free_u == {0: 10_000}
     assert node.available == {"CPU": 1.0, "GPU": 1.0}
@@ -301,16 +316,16 @@ def test_bad_requests_are_answered_unschedulable() -> None:
     st = ClusterState()
     _node(st, cpus=2, gpus=2)
     (ins,) = st.request_lease(A, "j", 1, {"GPU": 1.5}, "f")
-    assert ins[0] == "unschedulable" and "whole number" in ins[3]
+    assert isinstance(ins, Unschedulable) and "whole number" in ins.reason
     (ins,) = st.request_lease(A, "j", 2, {"CPU": -1}, "f")
-    assert ins[0] == "unschedulable" and "non-negative" in ins[3]
+    assert isinstance(ins, Unschedulable) and "non-negative" in ins.reason
     (ins,) = st.request_lease(A, "j", 3, {"CPU": 1}, "f", strategy={"t": "pack"})
-    assert ins[0] == "unschedulable" and "invalid scheduling strategy" in ins[3]
+    assert isinstance(ins, Unschedulable) and "invalid scheduling strategy" in ins.reason
     (ins,) = st.request_lease(A, "j", 4, {"CPU": 1}, "f", strategy={"t": "node", "node": 7})
-    assert ins[0] == "unschedulable"
+    assert isinstance(ins, Unschedulable)
     # A malformed locality hint is only a hint: ignored.
     bad: Any = {"s": "lots", 3: 4, "t": True}
-    assert verbs(st.request_lease(A, "j", 5, {"CPU": 1}, "f", locality=bad)) == ["start_worker"]
+    assert kinds(st.request_lease(A, "j", 5, {"CPU": 1}, "f", locality=bad)) == [StartWorker]
     assert st.pending[0].locality == {}
     st.cancel_request(A, 5)
     assert not st.pending
@@ -338,7 +353,7 @@ def test_spread_starts_workers_on_different_nodes() -> None:
     nodes = [_node(st, cpus=4) for _ in range(3)]
     started = []
     for i in range(3):
-        started += [x[1] for x in st.request_lease(A, "j", i, {"CPU": 1}, "f", SPREAD)]
+        started += [x.node_id for x in st.request_lease(A, "j", i, {"CPU": 1}, "f", SPREAD)]
     assert sorted(started) == sorted(nodes)
     # Waiting requests stay with their node: later passes start nothing more.
     for _ in range(5):
@@ -351,7 +366,7 @@ def test_default_does_not_queue_everything_on_one_full_node() -> None:
     n1, n2 = _node(st, cpus=1), _node(st, cpus=1)
     started = []
     for i in range(2):
-        started += [x[1] for x in st.request_lease(A, "j", i, {"CPU": 1}, "f")]
+        started += [x.node_id for x in st.request_lease(A, "j", i, {"CPU": 1}, "f")]
     assert sorted(started) == sorted([n1, n2])  # what waits for n1 keeps n1's CPU reserved
 
 
@@ -360,7 +375,7 @@ def test_hard_affinity_runs_only_on_its_node() -> None:
     n1, n2 = _node(st, cpus=2), _node(st, cpus=2)
     _ready(st, n1, "w1")  # an idle worker elsewhere does not tempt it
     ins = st.request_lease(A, "j", 1, {"CPU": 1}, "f", _affinity(n2))
-    assert ins == [("start_worker", n2)]
+    assert ins == [StartWorker(n2)]
     assert _granted_node(_ready(st, n2, "w2")) == n2
     # Busy: the next one waits for n2 rather than running on n1.
     st.request_lease(A, "j", 2, {"CPU": 2}, "f", _affinity(n2))
@@ -372,15 +387,16 @@ def test_hard_affinity_to_unknown_dead_or_small_node_fails() -> None:
     st = ClusterState()
     n1, n2 = _node(st, cpus=2), _node(st, cpus=1)
     (ins,) = st.request_lease(A, "j", 1, {"CPU": 1}, "f", _affinity("node-bogus"))
-    assert ins[:3] == ("unschedulable", A, 1) and "not part of the cluster" in ins[3]
+    assert isinstance(ins, Unschedulable) and (ins.requester, ins.rid) == (A, 1)
+    assert "not part of the cluster" in ins.reason
     (ins,) = st.request_lease(A, "j", 2, {"CPU": 2}, "f", _affinity(n2))
-    assert ins[0] == "unschedulable" and "less than" in ins[3]
+    assert isinstance(ins, Unschedulable) and "less than" in ins.reason
     # Waiting for its node when the node dies: the request fails then.
     _ready(st, n1, "w1")
     st.request_lease(B, "j", 3, {"CPU": 2}, "hog", _affinity(n1))
-    assert verbs(st.request_lease(A, "j", 4, {"CPU": 1}, "f", _affinity(n1))) == []
+    assert kinds(st.request_lease(A, "j", 4, {"CPU": 1}, "f", _affinity(n1))) == []
     out = st.remove_node(n1, "node died")
-    assert ("unschedulable", A, 4) in [i[:3] for i in out]
+    assert (A, 4) in [(i.requester, i.rid) for i in out if isinstance(i, Unschedulable)]
     assert not st.pending
     st.validate_state()
 
@@ -391,18 +407,16 @@ def test_soft_affinity_falls_back() -> None:
     _ready(st, n1, "w1")
     _ready(st, n2, "w2")
     # Unknown node: anywhere.
-    assert verbs(st.request_lease(A, "j", 1, {"CPU": 1}, "f", _affinity("x", soft=True))) == [
-        "grant"
-    ]
+    assert kinds(st.request_lease(A, "j", 1, {"CPU": 1}, "f", _affinity("x", soft=True))) == [Grant]
     st.return_lease(A, next(iter(st.leases)))
     # Its node is busy: waited for (as Ray), unless spilling is allowed.
     st.request_lease(B, "k", 2, {"CPU": 1}, "hog", _affinity(n2))
-    assert verbs(st.request_lease(A, "j", 3, {"CPU": 1}, "f", _affinity(n2, soft=True))) == []
+    assert kinds(st.request_lease(A, "j", 3, {"CPU": 1}, "f", _affinity(n2, soft=True))) == []
     st.cancel_request(A, 3)
     ins = st.request_lease(A, "j", 4, {"CPU": 1}, "f", _affinity(n2, soft=True, spill=True))
     assert _granted_node(ins) == n1
     # Its node dies: a soft request still runs.
-    st.return_lease(A, ins[0][3].lease_id)
+    st.return_lease(A, ins[0].lease.lease_id)
     st.remove_node(n2, "died")
     assert _granted_node(st.request_lease(A, "j", 5, {"CPU": 1}, "f", _affinity(n2, True))) == n1
     st.validate_state()
@@ -414,13 +428,13 @@ def test_locality_prefers_the_node_holding_the_arguments() -> None:
     _ready(st, n1, "w1")  # the default order would pick n1 (it has an idle worker)
     locality = {"store-b": 50_000_000, "store-a": 1_000_000}
     ins = st.request_lease(A, "j", 1, {"CPU": 1}, "consume", locality=locality)
-    assert ins == [("start_worker", n2)]  # a worker is started there rather than moving data
+    assert ins == [StartWorker(n2)]  # a worker is started there rather than moving data
     assert _granted_node(_ready(st, n2, "w2")) == n2
     # n2 is full now: the next one runs where it can.
     ins = st.request_lease(A, "j", 2, {"CPU": 1}, "consume", locality=locality)
     assert _granted_node(ins) == n1
     # Unknown stores and stores of nodes that are too small are ignored.
-    st.return_lease(A, ins[0][3].lease_id)
+    st.return_lease(A, ins[0].lease.lease_id)
     ins = st.request_lease(A, "j", 3, {"CPU": 1}, "f", locality={"store-zzz": 10**9})
     assert _granted_node(ins) == n1
     st.validate_state()
@@ -435,8 +449,8 @@ def test_actor_with_hard_affinity_to_a_bogus_node_dies_with_the_reason() -> None
     spec = {"cls_name": "S", "shape": {}, "place_shape": {"CPU": 1}, "ns": "x", "aid": "a1"}
     _, out = d.create(A, "j", {**spec, "strategy": _affinity("node-404")}, [])
     (ins,) = out
-    assert ins[0] == "unschedulable"
-    d.on_unschedulable("a1", ins[3])
+    assert isinstance(ins, Unschedulable) and ins.requester == ActorRequester("a1")
+    d.on_unschedulable("a1", ins.reason)
     assert d.actors["a1"].state == "DEAD" and "node-404" in d.actors["a1"].death_reason
 
 
@@ -498,3 +512,80 @@ def test_gpu_shares_of_a_claimed_lease_match_what_placement_took() -> None:
         (lease,) = st.leases.values()
         # What a restarted head rebuilds from the GPU ids alone equals what was taken.
         assert gpu_shares(sorted(lease.gpus), shape) == lease.gpus
+
+
+def test_random_actors_and_adopted_workers_keep_invariants() -> None:
+    """Actors, adopted workers and claimed leases mixed with tasks: besides the resource
+    invariants, no retired (ex-actor) or adopted worker is ever granted, and actors' workers
+    never go to tasks."""
+    from nbcluster.head.actors import ActorDirectory
+    from nbcluster.head.model import WorkerState
+
+    rng = random.Random(5)
+    st = ClusterState()
+    d = ActorDirectory(st)
+    nodes = [_node(st, cpus=rng.choice([2, 4]), gpus=rng.choice([0, 1])) for _ in range(3)]
+    never_granted: set[str] = set()  # retired or adopted when last seen
+
+    def run(ins: list[Instruction]) -> None:
+        # What the service does with lease instructions of actors (no sockets here).
+        for i in ins:
+            if isinstance(i, Grant):
+                assert i.worker.worker_id not in never_granted, i
+                if isinstance(i.requester, ActorRequester):
+                    run(d.on_grant(i.requester.aid, i.lease, i.worker))
+                else:
+                    assert i.worker.actor_id is None, i
+            elif isinstance(i, LeaseLost) and isinstance(i.requester, ActorRequester):
+                run(d.on_lost(i.requester.aid, i.reason))
+            elif isinstance(i, Unschedulable) and isinstance(i.requester, ActorRequester):
+                run(d.on_unschedulable(i.requester.aid, i.reason))
+
+    wid = rid = aid = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.15:
+            wid += 1
+            run(st.worker_ready(rng.choice(nodes), f"w{wid}", "a", "c", 1))
+        elif op < 0.2:
+            wid += 1
+            st.adopt_worker(rng.choice(nodes), f"w{wid}", "a", "c", 1)
+        elif op < 0.25 and st.workers:
+            w = rng.choice(list(st.workers.values()))
+            rid += 1
+            ok = st.claim_lease(A, "j1", f"claimed-{rid}", w.worker_id, {"CPU": 0.5}, {})
+            assert ok == (w.worker_id in st.workers and w.lease_id == f"claimed-{rid}")
+        elif op < 0.45:
+            rid += 1
+            shape = rng.choice([{"CPU": 1}, {"CPU": 0.5}, {"GPU": 0.5}, {}])
+            run(st.request_lease(rng.choice([A, B]), rng.choice(["j1", "j2"]), rid, shape, "f"))
+        elif op < 0.55:
+            aid += 1
+            spec = {"aid": f"a{aid}", "cls_name": "C", "shape": {}, "ns": "", "max_restarts": 1}
+            run(d.create(A, "j1", {**spec, "place_shape": {"CPU": 1}}, [])[1])
+        elif op < 0.6 and d.actors:
+            a = rng.choice(list(d.actors.values()))
+            run(d.on_ready(a.aid))
+        elif op < 0.65 and d.actors:
+            run(d.kill(rng.choice(list(d.actors)), rng.random() < 0.5, "killed"))
+        elif op < 0.8 and st.leases:
+            lease = rng.choice(list(st.leases.values()))
+            run(st.return_lease(lease.requester, lease.lease_id))
+        elif op < 0.9 and st.workers:
+            run(st.worker_died(rng.choice(list(st.workers)), "died"))
+        elif op < 0.97 and st.workers:
+            w = rng.choice(list(st.workers.values()))
+            run(st.worker_blocked(w.worker_id, not w.blocked))
+        else:
+            run(d.job_gone("j2") + st.client_gone(B, "j2", True))
+        st.validate_state()
+        never_granted = {
+            w.worker_id
+            for w in st.workers.values()
+            if w.state in (WorkerState.RETIRED, WorkerState.ADOPTED)
+        }
+        for w in st.workers.values():
+            if w.actor_id is not None:
+                assert w.state in (WorkerState.LEASED, WorkerState.RETIRED), w
+    states = {w.state for w in st.workers.values()}
+    assert WorkerState.LEASED in states and WorkerState.IDLE in states

@@ -1,8 +1,8 @@
 """The head's actor directory: creation, placement, restarts, names and death.
 
 Actors are placed through the same lease machinery as tasks: the directory asks
-:class:`ClusterState` for a lease on behalf of a pseudo-client ``b"@actor:<id>"``, and the worker
-it gets hosts the actor for its whole life. Like ``ClusterState`` this is pure state: methods
+:class:`ClusterState` for a lease on behalf of an :class:`ActorRequester`, and the worker it gets
+hosts the actor for its whole life. Like ``ClusterState`` this is pure state: methods
 return instructions for the service to carry out.
 """
 
@@ -13,19 +13,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbcluster.head.state import ClusterState, Instruction, Lease, WorkerInfo
-
-ACTOR_PREFIX = b"@actor:"
+from nbcluster.head.instructions import (
+    ActorChanged,
+    ActorInit,
+    ActorRequester,
+    Instruction,
+    KillWorker,
+)
+from nbcluster.head.model import Lease, WorkerInfo
+from nbcluster.head.state import ClusterState
 
 PENDING = "PENDING"
 ALIVE = "ALIVE"
 RESTARTING = "RESTARTING"
 DEAD = "DEAD"
-
-
-def actor_client(aid: str) -> bytes:
-    """The pseudo-client identity under which an actor's lease is requested."""
-    return ACTOR_PREFIX + aid.encode()
 
 
 @dataclass
@@ -154,22 +155,22 @@ class ActorDirectory:
     def _place(self, a: ActorInfo) -> list[Instruction]:
         a.rid = next(self._rids)
         return self.cluster.request_lease(
-            actor_client(a.aid), a.job_id, a.rid, a.place_shape, a.cls_name, strategy=a.strategy
+            ActorRequester(a.aid), a.job_id, a.rid, a.place_shape, a.cls_name, strategy=a.strategy
         )
 
     def on_grant(self, aid: str, lease: Lease, worker: WorkerInfo) -> list[Instruction]:
         """A worker was leased for the actor: ask it to create the instance."""
         a = self.actors.get(aid)
         if a is None or a.state == DEAD:  # killed while it waited for a worker
-            out = self.cluster.return_lease(actor_client(aid), lease.lease_id)
-            return [("kill_worker", worker.node_id, worker.worker_id), *out]
+            out = self.cluster.return_lease(ActorRequester(aid), lease.lease_id)
+            return [KillWorker(worker.node_id, worker.worker_id), *out]
         a.lease_id = lease.lease_id
         a.worker_id = worker.worker_id
         a.node_id = worker.node_id
         a.pid = worker.pid
         worker.actor_id = aid
         worker.detached = a.detached
-        return [("actor_init", a, worker, sorted(lease.gpus))]
+        return [ActorInit(a, worker, sorted(lease.gpus))]
 
     def on_ready(self, aid: str) -> list[Instruction]:
         a = self.actors.get(aid)
@@ -182,7 +183,7 @@ class ActorDirectory:
         out: list[Instruction] = []
         if a.lease_id is not None and a.shape != a.place_shape:
             out += self.cluster.resize_lease(a.lease_id, a.shape)
-        return [("actor_state", a), *out]
+        return [ActorChanged(a), *out]
 
     def on_failed(self, aid: str, error: list[bytes]) -> list[Instruction]:
         """``__init__`` raised: the actor is dead, and every call fails with that error."""
@@ -206,7 +207,7 @@ class ActorDirectory:
         a.restarts += 1
         a.state = RESTARTING
         a.death_reason = reason
-        return [("actor_state", a), *self._place(a)]
+        return [ActorChanged(a), *self._place(a)]
 
     def on_unschedulable(self, aid: str, reason: str) -> list[Instruction]:
         """The actor can never be placed (hard affinity to a dead node): it is dead."""
@@ -226,8 +227,8 @@ class ActorDirectory:
         a.death_reason = reason
         if a.worker_id is not None and a.node_id is not None:
             # The agent reports the exit; on_lost then restarts or buries it.
-            return [("kill_worker", a.node_id, a.worker_id)]
-        out = self.cluster.cancel_request(actor_client(aid), a.rid)
+            return [KillWorker(a.node_id, a.worker_id)]
+        out = self.cluster.cancel_request(ActorRequester(aid), a.rid)
         if a.no_restart:
             return out + self._die(a, reason)
         return out
@@ -253,9 +254,9 @@ class ActorDirectory:
     def _die(self, a: ActorInfo, reason: str) -> list[Instruction]:
         a.state = DEAD
         a.death_reason = reason
-        out: list[Instruction] = [("actor_state", a)]
+        out: list[Instruction] = [ActorChanged(a)]
         if a.worker_id is not None and a.node_id is not None:
-            out.append(("kill_worker", a.node_id, a.worker_id))
+            out.append(KillWorker(a.node_id, a.worker_id))
         if a.name is not None and self.names.get((a.namespace, a.name)) == a.aid:
             del self.names[(a.namespace, a.name)]
         return out

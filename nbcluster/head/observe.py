@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbcluster.head.actors import ActorDirectory, ActorInfo
-from nbcluster.head.state import ClusterState, NodeInfo
+from nbcluster.head.model import NodeInfo
+from nbcluster.head.state import ClusterState
 
 log = logging.getLogger(__name__)
 

@@ -8,16 +8,20 @@ and rebuilds the rest from the peers that reconnect:
 - node agents re-register with their node id and their running workers;
 - drivers say hello again with their job id, the leases they hold and the actors they use.
 
-Until every node and every job's driver of the snapshot is back (or :data:`RECOVERY_WINDOW_S`
-passed) new lease requests wait, so that no idle-looking worker is handed out while its real
-holder has not yet claimed it. At the end of the window, claims nobody could honour are
-answered ``lease_lost``, actors whose worker did not come back are restarted or buried, jobs
-whose driver did not come back end, and adopted workers nobody claimed are recycled.
+Until every node and every job's driver of the snapshot is back (or
+:data:`~nbcluster.head.restart.RECOVERY_WINDOW_S` passed) new lease requests wait, so that no
+idle-looking worker is handed out while its real holder has not yet claimed it. At the end of
+the window, claims nobody could honour are answered ``lease_lost``, actors whose worker did not
+come back are restarted or buried, jobs whose driver did not come back end, and adopted workers
+nobody claimed are recycled.
 
 The snapshot is written at most twice a second: a head that dies within that moment of a change
 restarts without it. An actor created in that moment is unknown to the restarted head, which
 answers a driver naming it that it is dead (and recycles its worker); one saved before it was
 placed is placed again, as a new instance.
+
+This module holds the snapshot; :mod:`nbcluster.head.restart` decides what to do with the peers
+that come back.
 """
 
 from __future__ import annotations
@@ -32,9 +36,6 @@ from typing import Any
 import msgpack
 
 from nbcluster.head.actors import DEAD, ActorDirectory, ActorInfo
-
-#: How long a restarted head waits for the nodes it knew before scheduling anew.
-RECOVERY_WINDOW_S = 10.0
 
 _SNAPSHOT_VERSION = 1
 
@@ -166,44 +167,3 @@ def gpu_shares(gpu_ids: list[int], shape: dict[str, float]) -> dict[int, float]:
     if not gpu_ids or need <= 0:
         return {}
     return {g: min(1.0, need / len(gpu_ids)) for g in gpu_ids}
-
-
-@dataclass
-class LeaseClaim:
-    """A lease a reconnecting driver says it holds."""
-
-    client: bytes
-    job_id: str
-    lease_id: str
-    worker_id: str
-    shape: dict[str, float]
-    gpus: list[int]
-
-
-@dataclass
-class Recovery:
-    """Bookkeeping of one restart, from the snapshot until the window closes."""
-
-    snapshot: Snapshot
-    started: float = field(default_factory=time.monotonic)
-    waiting_nodes: set[str] = field(default_factory=set)
-    claims: dict[str, LeaseClaim] = field(default_factory=dict)  # worker id -> claim
-    rejoined_jobs: set[str] = field(default_factory=set)
-    deferred: list[tuple[bytes, dict[str, Any], list[Any]]] = field(default_factory=list)
-    adopted: set[str] = field(default_factory=set)  # worker ids re-registered by agents
-
-    def __post_init__(self) -> None:
-        self.waiting_nodes = set(self.snapshot.nodes)
-
-    def over(self, now: float | None = None) -> bool:
-        """Whether the window is closed: every node and every job's driver is back, or it
-        timed out.
-
-        Drivers count too: a job whose driver is not back when the window closes is ended
-        (its actors killed, its workers recycled), and nodes usually reconnect a moment
-        before drivers do.
-        """
-        now = time.monotonic() if now is None else now
-        if now - self.started > RECOVERY_WINDOW_S:
-            return True
-        return not self.waiting_nodes and set(self.snapshot.jobs) <= self.rejoined_jobs

@@ -1,137 +1,186 @@
-"""The head's side of a restart: the snapshot it keeps, and taking peers back after it.
+"""Taking the cluster back after a head restart: events in, instructions out, no sockets.
 
-A mixin of :class:`~nbcluster.head.service.HeadService`; the snapshot format and the window's
-bookkeeping are in :mod:`nbcluster.head.recovery`.
+:class:`Recovery` gets the snapshot the old head left (:mod:`nbcluster.head.recovery`) and the
+peers that come back: a node re-registering with its workers (:meth:`Recovery.node_rejoined`),
+a driver saying hello again with its leases and actors (:meth:`Recovery.client_rejoined`). It
+opens a window while any of the snapshot's nodes or jobs' drivers is missing; the service holds
+new lease requests and actor creations back meanwhile (:meth:`Recovery.defer`) and closes it
+(:meth:`Recovery.end`) once :meth:`Recovery.over`. Like :class:`ClusterState` it returns
+instructions for the service to carry out.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
-import zmq
-
-from nbcluster.head.actors import ALIVE, DEAD, PENDING, ActorDirectory, ActorInfo, actor_client
-from nbcluster.head.recovery import (
-    LeaseClaim,
-    Recovery,
-    gpu_shares,
-    save_snapshot,
-    take_snapshot,
+from nbcluster.head.actors import ALIVE, DEAD, PENDING, ActorDirectory
+from nbcluster.head.instructions import (
+    ActorChanged,
+    ActorRequester,
+    ActorUnknown,
+    AttachActor,
+    Instruction,
+    JobEnded,
+    KillWorker,
+    LeaseLost,
+    PublishActorTo,
 )
-from nbcluster.head.state import ClusterState, Instruction, WorkerInfo
-from nbcluster.protocol.codec import encode
-from nbcluster.protocol.messages import Kind
-from nbcluster.transport import Transport
-
-if TYPE_CHECKING:
-    from nbcluster.head.service import Peer
+from nbcluster.head.model import WorkerState
+from nbcluster.head.recovery import Snapshot, gpu_shares, restore_actors
+from nbcluster.head.state import ClusterState
 
 log = logging.getLogger(__name__)
+
+#: How long a restarted head waits for the nodes and drivers it knew before scheduling anew.
+RECOVERY_WINDOW_S = 10.0
 
 UNKNOWN_AFTER_RESTART = (
     "the head restarted and has no record of this actor (it was created shortly before the "
     "head stopped, after the head last saved its state); create it again"
 )
+NODE_NOT_BACK = "its node did not come back after the head restarted"
+
+#: A message held back during the window: (sender identity, header, payload).
+Deferred = tuple[bytes, dict[str, Any], list[Any]]
 
 
-class RestartMixin:
-    """Snapshot writing, node and client adoption, and the end of the recovery window."""
+@dataclass
+class LeaseClaim:
+    """A lease a reconnecting driver says it holds."""
 
-    if TYPE_CHECKING:
-        state: ClusterState
-        actors: ActorDirectory
-        peers: dict[bytes, Peer]
-        head_id: str
-        state_file: str | None
-        _recovery: Recovery | None
-        _dead_nodes: set[str]
-        _dirty: bool
-        _transport: Transport | None
-        _worker_socks: dict[str, Any]
-        _tasks: list[asyncio.Task[Any]]
+    client: bytes
+    job_id: str
+    lease_id: str
+    worker_id: str
+    shape: dict[str, float]
+    gpus: list[int]
 
-        async def _send(
-            self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None
-        ) -> None: ...
-        async def _run(self, instructions: list[Instruction]) -> None: ...
-        async def _handle(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None: ...
-        async def _publish_to(self, a: ActorInfo, ident: bytes) -> None: ...
-        async def _read_worker(self, sock: Any, aid: str) -> None: ...
 
-    async def _attach_actor(self, a: ActorInfo, w: WorkerInfo) -> None:
-        """Reconnect to an actor's worker after a restart, so that its notices reach us."""
-        assert self._transport is not None
-        sock = self._transport.client(zmq.DEALER, w.address)
-        self._worker_socks[w.worker_id] = sock
-        self._tasks.append(asyncio.create_task(self._read_worker(sock, a.aid)))
-        await sock.send_multipart(encode({"k": Kind.ACTOR_ATTACH, "aid": a.aid}))
+@dataclass
+class Window:
+    """Bookkeeping of one restart, from the snapshot until the window closes."""
 
-    async def _persist_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            if self._dirty and self._recovery is None:
-                self._save()
+    snapshot: Snapshot
+    started: float = field(default_factory=time.monotonic)
+    waiting_nodes: set[str] = field(default_factory=set)
+    claims: dict[str, LeaseClaim] = field(default_factory=dict)  # worker id -> claim
+    rejoined_jobs: set[str] = field(default_factory=set)
+    deferred: list[Deferred] = field(default_factory=list)
+    adopted: set[str] = field(default_factory=set)  # worker ids re-registered by agents
 
-    def _save(self) -> None:
-        """Write the restart snapshot (see :mod:`nbcluster.head.recovery`)."""
-        if not self.state_file:
-            return
-        self._dirty = False
-        jobs = [p.job_id for p in self.peers.values() if p.owns_job and p.job_id]
-        try:
-            snap = take_snapshot(self.head_id, self.actors, jobs, sorted(self._dead_nodes))
-            save_snapshot(self.state_file, snap)
-        except OSError as exc:
-            log.warning("could not write the head's restart snapshot %s: %s", self.state_file, exc)
+    def __post_init__(self) -> None:
+        self.waiting_nodes = set(self.snapshot.nodes)
 
-    async def _adopt_node(self, node_id: str, workers: list[dict[str, Any]]) -> list[Instruction]:
-        """Take over the workers (and the actors in them) of a node that outlived the old head."""
-        rec = self._recovery
+    def over(self, now: float | None = None) -> bool:
+        """Whether the window is closed: every node and every job's driver is back, or it
+        timed out.
+
+        Drivers count too: a job whose driver is not back when the window closes is ended
+        (its actors killed, its workers recycled), and nodes usually reconnect a moment
+        before drivers do.
+        """
+        now = time.monotonic() if now is None else now
+        if now - self.started > RECOVERY_WINDOW_S:
+            return True
+        return not self.waiting_nodes and set(self.snapshot.jobs) <= self.rejoined_jobs
+
+
+class Recovery:
+    """Adopts what outlived the old head, and settles what did not come back.
+
+    Peers may rejoin without a window too (a head without a state file, or one whose window
+    already closed): their leases and actors are taken back as far as the head can.
+
+    Parameters
+    ----------
+    state, actors
+        The head's scheduling state and actor directory (they get the adopted workers, the
+        claimed leases and the snapshot's actors).
+    """
+
+    def __init__(self, state: ClusterState, actors: ActorDirectory) -> None:
+        self.state = state
+        self.actors = actors
+        self.window: Window | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the window is open (new lease requests and actor creations wait)."""
+        return self.window is not None
+
+    def start(self, snap: Snapshot, now: float | None = None) -> None:
+        """Put the snapshot's actors back and open the window."""
+        restore_actors(self.actors, snap)
+        self.window = Window(snap) if now is None else Window(snap, started=now)
+
+    def over(self, now: float | None = None) -> bool:
+        """Whether an open window should close now (see :meth:`Window.over`)."""
+        return self.window is not None and self.window.over(now)
+
+    def defer(self, message: Deferred) -> bool:
+        """Hold a message back until the window closes; ``False`` when none is open."""
+        if self.window is None:
+            return False
+        self.window.deferred.append(message)
+        return True
+
+    # ------------------------------------------------------------------------ events
+    def node_rejoined(self, node_id: str, workers: list[dict[str, Any]]) -> list[Instruction]:
+        """A node that outlived the old head registered again (already added to the state
+        under its old id) with its running ``workers`` (``REGISTER_NODE.workers``): adopt them,
+        with the actors they host and the leases drivers claimed before it was back."""
+        rec = self.window
         st = self.state
         for w in workers:
-            st.adopt_worker(
-                node_id, w["worker_id"], w["addr"], w["control_addr"], int(w["pid"]), "@adopted"
-            )
+            wid = w["worker_id"]
+            st.adopt_worker(node_id, wid, w["addr"], w["control_addr"], int(w["pid"]))
             if rec is not None:
-                rec.adopted.add(w["worker_id"])
+                rec.adopted.add(wid)
         if rec is not None:
             rec.waiting_nodes.discard(node_id)
         gpus_of = rec.snapshot.actor_gpus if rec is not None else {}
-        out: list[Instruction] = []
+        attach: list[Instruction] = []
+        changed: list[Instruction] = []
         for a in self.actors.actors.values():
             w_ = st.workers.get(a.worker_id or "")
             if w_ is None or w_.node_id != node_id or a.state != ALIVE or a.lease_id is None:
                 continue
             gpus = gpu_shares(gpus_of.get(a.aid, []), a.shape)
             if st.claim_lease(
-                actor_client(a.aid), a.job_id, a.lease_id, w_.worker_id, a.shape, gpus
+                ActorRequester(a.aid), a.job_id, a.lease_id, w_.worker_id, a.shape, gpus
             ):
                 w_.actor_id = a.aid
                 w_.detached = a.detached
                 a.node_id = node_id
-                out.append(("actor_state", a))
-                await self._attach_actor(a, w_)
+                attach.append(AttachActor(a, w_))
+                changed.append(ActorChanged(a))
         if rec is not None:
             for wid, claim in list(rec.claims.items()):
                 if wid in st.workers and self._claim(claim):
                     del rec.claims[wid]
-        return out
+        return attach + changed
 
-    def _claim(self, c: LeaseClaim) -> bool:
-        gpus = gpu_shares(c.gpus, c.shape)
-        return self.state.claim_lease(c.client, c.job_id, c.lease_id, c.worker_id, c.shape, gpus)
-
-    async def _rejoin_client(self, peer: Peer, h: dict[str, Any]) -> None:
-        """A driver (or worker-client) is back after a head restart: take back what it holds."""
-        rec = self._recovery
-        if rec is not None and peer.job_id:
-            rec.rejoined_jobs.add(peer.job_id)
-        for ls in h.get("leases") or ():
+    def client_rejoined(
+        self,
+        client: bytes,
+        job_id: str | None,
+        owns_job: bool,
+        leases: list[dict[str, Any]],
+        actor_ids: list[str],
+    ) -> list[Instruction]:
+        """A driver (or worker-client) said hello again after a head restart, naming the
+        ``leases`` it holds (``HELLO.leases``) and the actors it uses: take them back."""
+        rec = self.window
+        out: list[Instruction] = []
+        if rec is not None and job_id:
+            rec.rejoined_jobs.add(job_id)
+        for ls in leases:
             claim = LeaseClaim(
-                peer.ident,
-                peer.job_id or "",
+                client,
+                job_id or "",
                 ls["lease_id"],
                 ls["worker_id"],
                 {k: float(v) for k, v in dict(ls["shape"]).items()},
@@ -142,54 +191,42 @@ class RestartMixin:
                 claim.worker_id,
                 claim.job_id,
             ):
-                held.client = peer.ident  # a repeated rejoin: it is ours already
+                held.requester = client  # a repeated rejoin: it is ours already
                 continue
             if self._claim(claim):
                 continue
             if rec is not None and claim.worker_id not in self.state.workers:
                 rec.claims[claim.worker_id] = claim  # its node has not reconnected yet
             else:
-                await self._send(
-                    peer.ident,
-                    {"k": Kind.LEASE_LOST, "lease_id": claim.lease_id, "reason": "head restarted"},
-                )
-        for aid in h.get("actors") or ():
+                out.append(LeaseLost(client, claim.lease_id, "head restarted"))
+        for aid in actor_ids:
             a = self.actors.actors.get(aid)
             if a is None:
                 # Created after the old head last saved its snapshot (or its ACTOR_CREATE was
                 # lost with the old head): nobody can vouch for it, and the worker it may run
                 # in is recycled as unclaimed. Say so, or calls to it would wait forever.
-                await self._send(
-                    peer.ident,
-                    {
-                        "k": Kind.ACTOR_STATE,
-                        "aid": aid,
-                        "state": DEAD,
-                        "reason": UNKNOWN_AFTER_RESTART,
-                    },
-                )
+                out.append(ActorUnknown(client, aid, UNKNOWN_AFTER_RESTART))
                 continue
-            a.subscribers.add(peer.ident)
-            if a.job_id == peer.job_id and peer.owns_job:
-                a.owner = peer.ident
+            a.subscribers.add(client)
+            if a.job_id == job_id and owns_job:
+                a.owner = client
             if a.state != PENDING or rec is None:
-                await self._publish_to(a, peer.ident)
+                out.append(PublishActorTo(client, a))
+        return out
 
-    async def _end_recovery(self) -> None:
-        """Close the restart window: settle everything nobody came back for."""
-        rec, self._recovery = self._recovery, None
+    def end(self) -> tuple[list[Instruction], list[Deferred]] | None:
+        """Close the window: settle everything nobody came back for.
+
+        Returns the instructions and the messages held back meanwhile (to be handled now, in
+        order); ``None`` when no window was open.
+        """
+        rec, self.window = self.window, None
         if rec is None:
-            return
+            return None
         st = self.state
-        for claim in rec.claims.values():
-            await self._send(
-                claim.client,
-                {
-                    "k": Kind.LEASE_LOST,
-                    "lease_id": claim.lease_id,
-                    "reason": "its node did not come back after the head restarted",
-                },
-            )
+        notices: list[Instruction] = [
+            LeaseLost(c.client, c.lease_id, NODE_NOT_BACK) for c in rec.claims.values()
+        ]
         ins: list[Instruction] = []
         for a in list(self.actors.actors.values()):
             w = st.workers.get(a.worker_id or "")
@@ -199,24 +236,18 @@ class RestartMixin:
             if a.state == PENDING and a.restarts == 0 and a.worker_id is None:
                 ins += self.actors.place(a)
             else:
-                ins += self.actors.on_lost(
-                    a.aid, "its node did not come back after the head restarted"
-                )
+                ins += self.actors.on_lost(a.aid, NODE_NOT_BACK)
         for job in set(rec.snapshot.jobs) - rec.rejoined_jobs:
             log.info("job %s did not reconnect after the restart: ending it", job)
             ins += self.actors.job_gone(job)
             ins += st.client_gone(b"", job, True)
-            for node in st.nodes.values():
-                if node.alive:
-                    await self._send(node.client, {"k": Kind.JOB_ENDED, "job_id": job})
+            notices.append(JobEnded(job))
         for wid in rec.adopted:
             w = st.workers.get(wid)
-            if w is not None and w.lease_id is None and w.job_id == "@adopted":
-                ins.append(("kill_worker", w.node_id, wid))  # its job is unknown: recycle it
-        await self._run(ins)
-        self._dirty = True
-        log.warning(
-            "restart complete: %d node(s), %d actor(s)", len(st.nodes), len(self.actors.actors)
-        )
-        for ident, h, payload in rec.deferred:
-            await self._handle(ident, h, payload)
+            if w is not None and w.state is WorkerState.ADOPTED:
+                ins.append(KillWorker(w.node_id, wid))  # its job is unknown: recycle it
+        return notices + ins, rec.deferred
+
+    def _claim(self, c: LeaseClaim) -> bool:
+        gpus = gpu_shares(c.gpus, c.shape)
+        return self.state.claim_lease(c.client, c.job_id, c.lease_id, c.worker_id, c.shape, gpus)

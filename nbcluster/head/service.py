@@ -9,28 +9,35 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, assert_never
 
-import psutil
 import zmq
 
 from nbcluster._version import __version__
 from nbcluster.exceptions import ProtocolError
-from nbcluster.head.actors import (
-    ACTOR_PREFIX,
-    DEAD,
-    ActorDirectory,
-    ActorInfo,
+from nbcluster.head.actors import DEAD, ActorDirectory, ActorInfo
+from nbcluster.head.instructions import (
+    ActorChanged,
+    ActorInit,
+    ActorRequester,
+    ActorUnknown,
+    AttachActor,
+    Grant,
+    Infeasible,
+    Instruction,
+    JobEnded,
+    KillWorker,
+    LeaseLost,
+    PublishActorTo,
+    StartWorker,
+    Unschedulable,
 )
+from nbcluster.head.model import Lease, WorkerInfo
 from nbcluster.head.observe import Observer
-from nbcluster.head.recovery import (
-    Recovery,
-    load_snapshot,
-    restore_actors,
-)
-from nbcluster.head.restart import RestartMixin
-from nbcluster.head.state import ClusterState, Instruction, Lease, WorkerInfo
+from nbcluster.head.peers import Peer, local_process, running
+from nbcluster.head.recovery import load_snapshot, save_snapshot, take_snapshot
+from nbcluster.head.restart import Recovery
+from nbcluster.head.state import ClusterState
 from nbcluster.head.trouble import WorkerTrouble
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
@@ -60,44 +67,7 @@ DRAIN_REASON = "its node was drained (nbcluster-worker stopped)"
 AGENT_LIVENESS_TIMEOUT_S = 5.0
 
 
-@dataclass
-class Peer:
-    """Someone connected to the head: a driver, a worker acting as a client, or an agent."""
-
-    ident: bytes
-    role: str
-    pid: int
-    job_id: str | None = None
-    owns_job: bool = False
-    worker_id: str | None = None
-    node_id: str | None = None
-    last_seen: float = 0.0
-    proc: psutil.Process | None = None  # a driver's process, when it runs on this machine
-
-
-def _local_process(pid: int, started: Any) -> psutil.Process | None:
-    """The process ``pid`` if it is the one that said hello (same start time), else ``None``.
-
-    ``None`` for a driver on another machine (or in another pid namespace): the head then knows
-    it only by its pings.
-    """
-    if not pid or not isinstance(started, int | float):
-        return None
-    try:
-        proc = psutil.Process(pid)
-        return proc if abs(proc.create_time() - float(started)) < 0.05 else None
-    except psutil.Error:
-        return None
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
-
-
-class HeadService(RestartMixin):
+class HeadService:
     """Control plane of one cluster.
 
     Parameters
@@ -120,10 +90,10 @@ class HeadService(RestartMixin):
         self.state_file = state_file
         self.head_id = secrets.token_hex(4)
         self.state = ClusterState(id_prefix=self.head_id[:4] + "-")
-        self._recovery: Recovery | None = None
         self._dead_nodes: set[str] = set()
         self._dirty = False
         self.actors = ActorDirectory(self.state)
+        self.recovery = Recovery(self.state, self.actors)  # taking peers back after a restart
         self._worker_socks: dict[str, Any] = {}  # head -> actor-hosting worker connections
         self.peers: dict[bytes, Peer] = {}
         self._jobs = itertools.count(1)
@@ -150,9 +120,8 @@ class HeadService(RestartMixin):
         self.observe.address = self.address
         snap = load_snapshot(self.state_file) if self.state_file else None
         if snap is not None and (snap.nodes or snap.actors or snap.jobs):
-            restore_actors(self.actors, snap)
+            self.recovery.start(snap)
             self._dead_nodes = set(snap.dead_nodes)
-            self._recovery = Recovery(snap)
             log.warning(
                 "restarted: waiting for %d node(s), %d actor(s), %d job(s) to reconnect",
                 len(snap.nodes),
@@ -239,8 +208,8 @@ class HeadService(RestartMixin):
     async def _reaper(self) -> None:
         last = time.monotonic()
         while True:
-            await asyncio.sleep(0.25 if self._recovery is not None else 1.0)
-            if self._recovery is not None and self._recovery.over():
+            await asyncio.sleep(0.25 if self.recovery.active else 1.0)
+            if self.recovery.over():
                 await self._end_recovery()
             now = time.monotonic()
             # After the loop was blocked (e.g. a slow handler of the Jupyter server hosting us),
@@ -250,7 +219,7 @@ class HeadService(RestartMixin):
                 continue
             for peer in list(self.peers.values()):
                 if peer.proc is not None:  # a driver on this machine: watch its process
-                    if _running(peer.proc) and now - peer.last_seen <= LOCAL_DRIVER_SILENCE_S:
+                    if running(peer.proc) and now - peer.last_seen <= LOCAL_DRIVER_SILENCE_S:
                         continue
                     log.warning("driver pid %s exited without saying goodbye", peer.pid)
                     await self._peer_gone(peer)
@@ -266,43 +235,78 @@ class HeadService(RestartMixin):
                     await self._peer_gone(peer)
 
     async def _run(self, instructions: list[Instruction]) -> None:
+        """Carry out what the state, the actor directory or the recovery decided, in order.
+
+        What concerns a lease an actor asked for goes back to the actor directory.
+        """
         for ins in instructions:
-            verb = ins[0]
-            for_actor = verb in ("grant", "lease_lost", "infeasible", "unschedulable")
-            if for_actor and ins[1].startswith(ACTOR_PREFIX):
-                await self._run_for_actor(ins)
-            elif verb == "grant":
-                _, client, rid, lease, w = ins
-                await self._send(client, self._grant_msg(rid, lease, w))
-            elif verb == "actor_init":
-                await self._actor_init(ins[1], ins[2], ins[3])
-            elif verb == "actor_state":
-                self._dirty = True
-                await self._publish(ins[1])
-                self.observe.actor_changed(ins[1])
-            elif verb == "start_worker":
-                await self._start_worker(ins[1])
-            elif verb == "kill_worker":
-                target = self.state.nodes.get(ins[1])
-                if target is not None and target.alive:
-                    await self._send(target.client, {"k": Kind.KILL_WORKER, "worker_id": ins[2]})
-            elif verb == "lease_lost":
-                _, client, lease_id, reason = ins
-                msg = {"k": Kind.LEASE_LOST, "lease_id": lease_id, "reason": reason}
-                if reason == DRAIN_REASON:
-                    msg["drain"] = True  # not the task's fault: retry it without counting
-                await self._send(client, msg)
-            elif verb == "infeasible":
-                _, client, rid, missing, shape = ins
-                await self._send(
-                    client,
-                    {"k": Kind.LEASE_INFEASIBLE, "rid": rid, "missing": missing, "shape": shape},
-                )
-            elif verb == "unschedulable":
-                _, client, rid, why = ins
-                await self._send(client, {"k": Kind.LEASE_FAILED, "rid": rid, "msg": why})
-            else:  # pragma: no cover - a bug in ClusterState
-                log.error("unknown instruction %r", ins)
+            match ins:
+                case Grant(requester=who, rid=rid, lease=lease, worker=w):
+                    if isinstance(who, ActorRequester):
+                        await self._run(self.actors.on_grant(who.aid, lease, w))
+                    else:
+                        await self._send(who, self._grant_msg(rid, lease, w))
+                case LeaseLost(requester=who, lease_id=lease_id, reason=reason):
+                    if isinstance(who, ActorRequester):
+                        self._drop_worker_sock(who.aid)
+                        await self._run(self.actors.on_lost(who.aid, reason))
+                        continue
+                    msg: dict[str, Any] = {
+                        "k": Kind.LEASE_LOST,
+                        "lease_id": lease_id,
+                        "reason": reason,
+                    }
+                    if reason == DRAIN_REASON:
+                        msg["drain"] = True  # not the task's fault: retry it without counting
+                    await self._send(who, msg)
+                case Infeasible(requester=who, rid=rid, missing=missing, shape=shape):
+                    if isinstance(who, ActorRequester):
+                        await self._actor_infeasible(who.aid, missing)
+                        continue
+                    await self._send(
+                        who,
+                        {
+                            "k": Kind.LEASE_INFEASIBLE,
+                            "rid": rid,
+                            "missing": missing,
+                            "shape": shape,
+                        },
+                    )
+                case Unschedulable(requester=who, rid=rid, reason=why):
+                    if isinstance(who, ActorRequester):
+                        await self._run(self.actors.on_unschedulable(who.aid, why))
+                    else:
+                        await self._send(who, {"k": Kind.LEASE_FAILED, "rid": rid, "msg": why})
+                case ActorInit(actor=a, worker=w, gpus=gpus):
+                    await self._actor_init(a, w, gpus)
+                case ActorChanged(actor=a):
+                    self._dirty = True
+                    await self._publish(a)
+                    self.observe.actor_changed(a)
+                case StartWorker(node_id=node_id):
+                    await self._start_worker(node_id)
+                case KillWorker(node_id=node_id, worker_id=worker_id):
+                    target = self.state.nodes.get(node_id)
+                    if target is not None and target.alive:
+                        kill = {"k": Kind.KILL_WORKER, "worker_id": worker_id}
+                        await self._send(target.client, kill)
+                case AttachActor(actor=a, worker=w):
+                    await self._attach_actor(a, w)
+                case PublishActorTo(client=client, actor=a):
+                    await self._publish_to(a, client)
+                case ActorUnknown(client=client, aid=aid, reason=why):
+                    dead = {"k": Kind.ACTOR_STATE, "aid": aid, "state": DEAD, "reason": why}
+                    await self._send(client, dead)
+                case JobEnded(job_id=job_id):
+                    await self._job_ended(job_id)
+                case _:
+                    assert_never(ins)
+
+    async def _job_ended(self, job_id: str) -> None:
+        """Tell every alive node that the job ended: its stored objects are freed."""
+        for node in self.state.nodes.values():
+            if node.alive:
+                await self._send(node.client, {"k": Kind.JOB_ENDED, "job_id": job_id})
 
     async def _start_worker(self, node_id: str) -> None:
         """Ask ``node_id`` for a worker: now, or after the backoff while its workers keep dying.
@@ -343,31 +347,23 @@ class HeadService(RestartMixin):
             await self._run(self.state.worker_start_failed(node_id))
         await self._run(self.state.worker_died(h["worker_id"], reason))
 
-    async def _run_for_actor(self, ins: Instruction) -> None:
-        verb, client = ins[0], ins[1]
-        aid = client[len(ACTOR_PREFIX) :].decode()
-        if verb == "grant":
-            await self._run(self.actors.on_grant(aid, ins[3], ins[4]))
-        elif verb == "lease_lost":
-            self._drop_worker_sock(aid)
-            await self._run(self.actors.on_lost(aid, ins[3]))
-        elif verb == "unschedulable":
-            await self._run(self.actors.on_unschedulable(aid, ins[3]))
-        elif verb == "infeasible":
-            a = self.actors.actors.get(aid)
-            if a is not None:
-                missing = ", ".join(f"{k}: {v:g}" for k, v in ins[3].items())
-                for sub in a.subscribers:
-                    await self._send(
-                        sub,
-                        {
-                            "k": Kind.ACTOR_STATE,
-                            "aid": aid,
-                            "state": a.state,
-                            "infeasible": missing,
-                            "cls_name": a.cls_name,
-                        },
-                    )
+    async def _actor_infeasible(self, aid: str, missing: dict[str, float]) -> None:
+        """Tell an actor's subscribers that no node could ever place it (it keeps waiting)."""
+        a = self.actors.actors.get(aid)
+        if a is None:
+            return
+        what = ", ".join(f"{k}: {v:g}" for k, v in missing.items())
+        for sub in a.subscribers:
+            await self._send(
+                sub,
+                {
+                    "k": Kind.ACTOR_STATE,
+                    "aid": aid,
+                    "state": a.state,
+                    "infeasible": what,
+                    "cls_name": a.cls_name,
+                },
+            )
 
     async def _actor_init(self, a: ActorInfo, w: WorkerInfo, gpus: list[int]) -> None:
         assert self._transport is not None
@@ -466,10 +462,10 @@ class HeadService(RestartMixin):
             await self._send(ident, {"k": Kind.ERROR, "msg": "say hello first", "code": "nohello"})
             return
         st = self.state
-        if self._recovery is not None and kind in (Kind.LEASE_REQUEST, Kind.ACTOR_CREATE):
-            # Until the old leases are claimed back, no idle-looking worker may be handed out.
-            self._recovery.deferred.append((ident, h, payload))
-            return
+        if kind in (Kind.LEASE_REQUEST, Kind.ACTOR_CREATE) and self.recovery.defer(
+            (ident, h, payload)
+        ):
+            return  # until the old leases are claimed back, no idle-looking worker is handed out
         if kind == Kind.PING:
             if peer.node_id is not None and "store" in h:
                 node = self.state.nodes.get(peer.node_id)
@@ -591,11 +587,19 @@ class HeadService(RestartMixin):
         peer = Peer(ident, role, int(h.get("pid", 0)), job_id, owns, h.get("worker_id"))
         peer.last_seen = time.monotonic()
         if role == "driver":
-            peer.proc = _local_process(peer.pid, h.get("started"))
+            peer.proc = local_process(peer.pid, h.get("started"))
         self.peers[ident] = peer
         self._dirty |= owns  # the snapshot lists jobs, not task-level clients
-        if h.get("rejoin"):
-            await self._rejoin_client(peer, h)
+        if h.get("rejoin"):  # after a head restart: take back what it holds
+            await self._run(
+                self.recovery.client_rejoined(
+                    ident,
+                    peer.job_id,
+                    peer.owns_job,
+                    list(h.get("leases") or ()),
+                    list(h.get("actors") or ()),
+                )
+            )
         if owns:
             self.observe.job_started(job_id, h)  # kernel_id / notebook: the panel's "owner"
         await self._send(
@@ -647,8 +651,8 @@ class HeadService(RestartMixin):
                 "fresh": bool(old_id) and not adopt,
             },
         )
-        if adopt:
-            ins += await self._adopt_node(node_id, list(h.get("workers") or ()))
+        if adopt:  # it outlived the old head: take over its workers and the actors in them
+            ins += self.recovery.node_rejoined(node_id, list(h.get("workers") or ()))
         await self._run(ins)
         self.observe.node_changed(node_id)
 
@@ -673,14 +677,56 @@ class HeadService(RestartMixin):
         else:
             if peer.owns_job and peer.job_id is not None:
                 await self._run(self.actors.job_gone(peer.job_id))
-                for node in self.state.nodes.values():  # free the job's stored objects
-                    if node.alive:
-                        await self._send(node.client, {"k": Kind.JOB_ENDED, "job_id": peer.job_id})
+                await self._job_ended(peer.job_id)
             for a in self.actors.actors.values():
                 a.subscribers.discard(peer.ident)
             await self._run(self.state.client_gone(peer.ident, peer.job_id, peer.owns_job))
             if peer.owns_job and peer.job_id is not None:
                 self.observe.job_gone(peer.job_id)
+
+    # ------------------------------------------------------------------------------ restarts
+    async def _end_recovery(self) -> None:
+        """Close the restart window: settle what nobody came back for, then handle the
+        requests held back meanwhile."""
+        ended = self.recovery.end()
+        if ended is None:
+            return
+        ins, deferred = ended
+        await self._run(ins)
+        self._dirty = True
+        log.warning(
+            "restart complete: %d node(s), %d actor(s)",
+            len(self.state.nodes),
+            len(self.actors.actors),
+        )
+        for ident, h, payload in deferred:
+            await self._handle(ident, h, payload)
+
+    async def _attach_actor(self, a: ActorInfo, w: WorkerInfo) -> None:
+        """Reconnect to an actor's worker after a restart, so that its notices reach us."""
+        assert self._transport is not None
+        sock = self._transport.client(zmq.DEALER, w.address)
+        self._worker_socks[w.worker_id] = sock
+        self._tasks.append(asyncio.create_task(self._read_worker(sock, a.aid)))
+        await sock.send_multipart(encode({"k": Kind.ACTOR_ATTACH, "aid": a.aid}))
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if self._dirty and not self.recovery.active:
+                self._save()
+
+    def _save(self) -> None:
+        """Write the restart snapshot (see :mod:`nbcluster.head.recovery`)."""
+        if not self.state_file:
+            return
+        self._dirty = False
+        jobs = [p.job_id for p in self.peers.values() if p.owns_job and p.job_id]
+        try:
+            snap = take_snapshot(self.head_id, self.actors, jobs, sorted(self._dead_nodes))
+            save_snapshot(self.state_file, snap)
+        except OSError as exc:
+            log.warning("could not write the head's restart snapshot %s: %s", self.state_file, exc)
 
     # ------------------------------------------------------------------------------ panel
     async def cancel_task(self, task_id: str, force: bool = False) -> bool:

@@ -5,9 +5,8 @@ lease, ...) into :class:`ClusterState`; each call returns the instructions the s
 out (grant a lease, start a worker, ...). Keeping this free of I/O makes it unit-testable and lets
 :meth:`ClusterState.validate_state` check its invariants after any sequence of events.
 
-Resource amounts are kept as integers of 1/10000 (:data:`UNIT`, as Ray does): two
-``num_gpus=0.5`` leases fill a GPU exactly, and a thousand grants and returns of ``0.1`` CPU
-leave the node with exactly what it had.
+The records it keeps (nodes, workers, requests, leases; resources in exact integer units) are
+in :mod:`nbcluster.head.model`, the instructions in :mod:`nbcluster.head.instructions`.
 """
 
 from __future__ import annotations
@@ -17,129 +16,26 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Resource amounts are counted in units of 1/UNIT (a GPU is UNIT units).
-UNIT = 10_000
-
-
-def to_units(amount: float) -> int:
-    """An amount (CPUs, GPUs, bytes, ...) in integer units of 1/:data:`UNIT`."""
-    return round(float(amount) * UNIT)
-
-
-def units_of(shape: dict[str, float]) -> dict[str, int]:
-    """A resource shape in integer units, zero amounts left out."""
-    out = {str(k): to_units(v) for k, v in shape.items()}
-    return {k: v for k, v in out.items() if v != 0}
-
-
-def amounts_of(units: dict[str, int]) -> dict[str, float]:
-    """Integer units back to amounts."""
-    return {k: v / UNIT for k, v in units.items()}
-
-
-@dataclass
-class WorkerInfo:
-    """A worker process known to the head."""
-
-    worker_id: str
-    node_id: str
-    address: str
-    control_address: str
-    pid: int
-    job_id: str | None = None  # a worker serves one job for its whole life
-    lease_id: str | None = None
-    blocked: bool = False
-    # GPU ids of its first GPU lease: CUDA reads CUDA_VISIBLE_DEVICES once per process, so a
-    # worker only ever gets leases for those same GPUs afterwards.
-    gpus: tuple[int, ...] | None = None
-    actor_id: str | None = None  # hosts this actor for its whole life
-    detached: bool = False  # hosts a detached actor: outlives its job's driver
-
-
-@dataclass
-class NodeInfo:
-    """A node (one agent) and its resources (kept in integer units; see :data:`UNIT`)."""
-
-    node_id: str
-    name: str
-    address: str
-    client: bytes  # the agent's identity on the head socket
-    total_u: dict[str, int]
-    avail_u: dict[str, int]
-    gpu_free_u: dict[int, int]  # GPU id -> free units (UNIT = the whole GPU)
-    pid: int = 0
-    alive: bool = True
-    starting: int = 0  # workers asked for and not ready yet
-    prestart: int = 0
-    workers: dict[str, WorkerInfo] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total(self) -> dict[str, float]:
-        """Declared resources (a copy, as amounts)."""
-        return amounts_of(self.total_u)
-
-    @property
-    def available(self) -> dict[str, float]:
-        """Free resources (a copy, as amounts; CPU may be negative while blocked workers
-        that lent their CPUs run again)."""
-        return amounts_of(self.avail_u)
-
-    @property
-    def gpus(self) -> dict[int, float]:
-        """GPU id -> free fraction (a copy)."""
-        return {g: u / UNIT for g, u in self.gpu_free_u.items()}
-
-    @property
-    def store_id(self) -> str:
-        return str(self.info.get("store_id") or "")
-
-
-@dataclass
-class LeaseRequest:
-    """A client's wish for a worker holding ``shape``, placed according to ``strategy``."""
-
-    rid: int
-    client: bytes
-    job_id: str
-    shape: dict[str, float]
-    name: str
-    units: dict[str, int] = field(default_factory=dict)
-    strategy: dict[str, Any] | None = None  # nbcluster.scheduling wire form; None = DEFAULT
-    locality: dict[str, int] = field(default_factory=dict)  # store id -> bytes of arguments
-    infeasible_reported: bool = False
-    # The node a worker is being started on for it: tried first in later passes, so that a
-    # waiting request does not hop between equally good nodes (and SPREAD counts it there).
-    waiting_on: str | None = None
-
-
-@dataclass
-class Lease:
-    """A worker leased to a client together with the resources it holds.
-
-    ``shape`` and ``gpus`` (GPU id -> fraction) are the amounts as the client sees them; the
-    accounting uses their exact integer forms ``units`` and ``gpu_units``.
-    """
-
-    lease_id: str
-    client: bytes
-    job_id: str
-    worker_id: str
-    node_id: str
-    shape: dict[str, float]
-    gpus: dict[int, float]
-    units: dict[str, int] = field(default_factory=dict)
-    gpu_units: dict[int, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.units:
-            self.units = units_of(self.shape)
-        if not self.gpu_units:
-            self.gpu_units = {g: to_units(f) for g, f in self.gpus.items()}
-
-
-# Instructions: (verb, *arguments). The service interprets them.
-Instruction = tuple[Any, ...]
+from nbcluster.head.instructions import (
+    Grant,
+    Infeasible,
+    Instruction,
+    KillWorker,
+    LeaseLost,
+    Requester,
+    StartWorker,
+    Unschedulable,
+)
+from nbcluster.head.model import (
+    UNIT,
+    Lease,
+    LeaseRequest,
+    NodeInfo,
+    WorkerInfo,
+    WorkerState,
+    to_units,
+    units_of,
+)
 
 
 @dataclass
@@ -212,7 +108,7 @@ class ClusterState:
         out: list[Instruction] = []
         for _ in range(prestart):
             node.starting += 1
-            out.append(("start_worker", node_id))
+            out.append(StartWorker(node_id))
         # A new node may make waiting requests feasible.
         for req in self.pending:
             req.infeasible_reported = False
@@ -239,7 +135,7 @@ class ClusterState:
         """An agent reports a started worker; it joins the idle pool."""
         node = self.nodes.get(node_id)
         if node is None or not node.alive:
-            return [("kill_worker", node_id, worker_id)]
+            return [KillWorker(node_id, worker_id)]
         node.starting = max(0, node.starting - 1)
         w = WorkerInfo(worker_id, node_id, address, control_address, pid)
         node.workers[worker_id] = w
@@ -271,7 +167,7 @@ class ClusterState:
             lease = self.leases.get(w.lease_id)
             if lease is not None:
                 self._release(lease)  # while the worker is known: a blocked one lent its CPUs
-                out.append(("lease_lost", lease.client, lease.lease_id, reason))
+                out.append(LeaseLost(lease.requester, lease.lease_id, reason))
         self.workers.pop(worker_id, None)
         node = self.nodes.get(w.node_id)
         if node is not None:
@@ -283,11 +179,13 @@ class ClusterState:
 
     def _refill(self, node: NodeInfo) -> list[Instruction]:
         """Keep ``prestart`` fresh workers ready, so that the next job starts without waiting."""
-        fresh = sum(1 for w in node.workers.values() if w.job_id is None)
+        fresh = sum(
+            1 for w in node.workers.values() if w.job_id is None and w.state is WorkerState.IDLE
+        )
         out: list[Instruction] = []
         while fresh + node.starting < node.prestart:
             node.starting += 1
-            out.append(("start_worker", node.node_id))
+            out.append(StartWorker(node.node_id))
         return out
 
     def worker_blocked(self, worker_id: str, blocked: bool) -> list[Instruction]:
@@ -310,7 +208,7 @@ class ClusterState:
     # ----------------------------------------------------------------------------- leases
     def request_lease(
         self,
-        client: bytes,
+        requester: Requester,
         job_id: str,
         rid: int,
         shape: dict[str, float],
@@ -322,14 +220,14 @@ class ClusterState:
 
         ``strategy`` is a scheduling strategy in its wire form (:mod:`nbcluster.scheduling`),
         ``locality`` the bytes of the task's stored arguments per node store. A request that
-        can never be placed (a malformed shape or strategy) is answered ``unschedulable``.
+        can never be placed (a malformed shape or strategy) is answered :class:`Unschedulable`.
         """
         error = _check_request(shape, strategy)
         if error is not None:
-            return [("unschedulable", client, rid, error)]
+            return [Unschedulable(requester, rid, error)]
         req = LeaseRequest(
             rid,
-            client,
+            requester,
             job_id,
             dict(shape),
             name,
@@ -340,14 +238,16 @@ class ClusterState:
         self.pending.append(req)
         return self.schedule()
 
-    def cancel_request(self, client: bytes, rid: int) -> list[Instruction]:
-        self.pending = deque(r for r in self.pending if not (r.client == client and r.rid == rid))
+    def cancel_request(self, requester: Requester, rid: int) -> list[Instruction]:
+        self.pending = deque(
+            r for r in self.pending if not (r.requester == requester and r.rid == rid)
+        )
         return []
 
-    def return_lease(self, client: bytes, lease_id: str) -> list[Instruction]:
-        """The client is done with a lease: free its resources, its worker becomes idle."""
+    def return_lease(self, requester: Requester, lease_id: str) -> list[Instruction]:
+        """The holder is done with a lease: free its resources, its worker becomes idle."""
         lease = self.leases.get(lease_id)
-        if lease is None or lease.client != client:
+        if lease is None or lease.requester != requester:
             return []
         self._release(lease)
         return self.schedule()
@@ -358,17 +258,17 @@ class ClusterState:
         When it was the driver of ``job_id``, every worker of that job is stopped too (a job's
         workers run its code and must not outlive it).
         """
-        self.pending = deque(r for r in self.pending if r.client != client)
+        self.pending = deque(r for r in self.pending if r.requester != client)
         out: list[Instruction] = []
-        for lease in [ls for ls in self.leases.values() if ls.client == client]:
+        for lease in [ls for ls in self.leases.values() if ls.requester == client]:
             self._release(lease)
             w = self.workers.get(lease.worker_id)
             if w is not None and not owns_job:
                 # The worker may still run a task for the gone client: recycle it.
-                out.append(("kill_worker", w.node_id, w.worker_id))
+                out.append(KillWorker(w.node_id, w.worker_id))
         if owns_job and job_id is not None:
             for w in [w for w in self.workers.values() if w.job_id == job_id and not w.detached]:
-                out.append(("kill_worker", w.node_id, w.worker_id))
+                out.append(KillWorker(w.node_id, w.worker_id))
         return out + self.schedule()
 
     def resize_lease(self, lease_id: str, shape: dict[str, float]) -> list[Instruction]:
@@ -403,8 +303,8 @@ class ClusterState:
         if w is not None:
             w.lease_id = None
             w.blocked = False
-            if w.actor_id is not None:
-                w.job_id = "@dead-actor"  # never reused for tasks; the service kills it
+            # An actor's worker is never reused for tasks; the service kills it.
+            w.state = WorkerState.IDLE if w.actor_id is None else WorkerState.RETIRED
         if node is None:
             return
         for k, v in lease.units.items():
@@ -463,8 +363,9 @@ class ClusterState:
         want = tuple(sorted(gpus))
         best: WorkerInfo | None = None
         best_rank = 99
+        idle = WorkerState.IDLE  # a local: the hot path reads it once per worker
         for w in node.workers.values():
-            if w.lease_id is not None or w.job_id not in (None, job_id):
+            if w.state is not idle or w.job_id not in (None, job_id):
                 continue
             if want and w.gpus is not None and w.gpus != want:
                 continue  # pinned to other GPUs
@@ -490,7 +391,7 @@ class ClusterState:
         for req in self.pending:
             nodes, error = self._candidates(req, plan)
             if error is not None:
-                out.append(("unschedulable", req.client, req.rid, error))
+                out.append(Unschedulable(req.requester, req.rid, error))
                 continue
             placed = False
             feasible_now = False
@@ -516,14 +417,14 @@ class ClusterState:
                 missing = self.missing_resources(req.shape)
                 if missing is not None:
                     req.infeasible_reported = True
-                    out.append(("infeasible", req.client, req.rid, missing, req.shape))
+                    out.append(Infeasible(req.requester, req.rid, missing, req.shape))
         self.pending = still
         for node_id, n in want_start.items():
             node = self.nodes[node_id]
             extra = n - node.starting
             for _ in range(max(0, extra)):
                 node.starting += 1
-                out.append(("start_worker", node_id))
+                out.append(StartWorker(node_id))
         return out
 
     def _candidates(self, req: LeaseRequest, plan: _Pass) -> tuple[list[NodeInfo], str | None]:
@@ -556,12 +457,17 @@ class ClusterState:
 
     def _default_order(self, req: LeaseRequest, nodes: list[NodeInfo]) -> list[NodeInfo]:
         # Prefer nodes with an idle worker of this job, then the least loaded.
+        idle = WorkerState.IDLE  # locals, and a loop rather than any(): this is the hot path
+        job_id = req.job_id
+
         def key(n: NodeInfo) -> tuple[int, float]:
-            has_idle = any(
-                w.lease_id is None and w.job_id in (None, req.job_id) for w in n.workers.values()
-            )
+            busy = 1
+            for w in n.workers.values():
+                if w.state is idle and (w.job_id is None or w.job_id == job_id):
+                    busy = 0
+                    break
             cpu_total = n.total_u.get("CPU", 0) or 1
-            return (0 if has_idle else 1, -n.avail_u.get("CPU", 0) / cpu_total)
+            return (busy, -n.avail_u.get("CPU", 0) / cpu_total)
 
         return sorted(nodes, key=key)
 
@@ -594,7 +500,7 @@ class ClusterState:
 
     def _grant(
         self, req: LeaseRequest, node: NodeInfo, w: WorkerInfo, gpus: dict[int, int]
-    ) -> Instruction:
+    ) -> Grant:
         lease_id = f"lease-{self._id_prefix}{next(self._ids)}"
         for k, v in req.units.items():
             node.avail_u[k] = node.avail_u.get(k, 0) - v
@@ -602,11 +508,12 @@ class ClusterState:
             node.gpu_free_u[g] -= u
         w.job_id = req.job_id
         w.lease_id = lease_id
+        w.state = WorkerState.LEASED
         if gpus and w.gpus is None:
             w.gpus = tuple(sorted(gpus))
         lease = Lease(
             lease_id,
-            req.client,
+            req.requester,
             req.job_id,
             w.worker_id,
             node.node_id,
@@ -616,27 +523,27 @@ class ClusterState:
             gpu_units=dict(gpus),
         )
         self.leases[lease_id] = lease
-        return ("grant", req.client, req.rid, lease, w)
+        return Grant(req.requester, req.rid, lease, w)
 
     # ----------------------------------------------------------------------------- recovery
     def adopt_worker(
-        self, node_id: str, worker_id: str, address: str, control_address: str, pid: int, job: str
+        self, node_id: str, worker_id: str, address: str, control_address: str, pid: int
     ) -> None:
         """A re-registering agent reports a worker started before the head restarted.
 
-        It joins the node unleased, bound to ``job`` (the sentinel ``"@adopted"`` when nobody has
-        claimed it yet, so that no other job is given it meanwhile).
+        It joins the node :attr:`~WorkerState.ADOPTED`: unleased, and given to nobody until its
+        holder claims it back (:meth:`claim_lease`).
         """
         node = self.nodes.get(node_id)
         if node is None:
             return
-        w = WorkerInfo(worker_id, node_id, address, control_address, pid, job_id=job)
+        w = WorkerInfo(worker_id, node_id, address, control_address, pid, state=WorkerState.ADOPTED)
         node.workers[worker_id] = w
         self.workers[worker_id] = w
 
     def claim_lease(
         self,
-        client: bytes,
+        requester: Requester,
         job_id: str,
         lease_id: str,
         worker_id: str,
@@ -645,16 +552,18 @@ class ClusterState:
     ) -> bool:
         """Re-create a lease its holder still uses after a head restart; ``False`` if it can't."""
         w = self.workers.get(worker_id)
-        if w is None or w.lease_id is not None or lease_id in self.leases:
+        claimable = (WorkerState.IDLE, WorkerState.ADOPTED)
+        if w is None or w.state not in claimable or lease_id in self.leases:
             return False
         node = self.nodes[w.node_id]
-        lease = Lease(lease_id, client, job_id, worker_id, w.node_id, shape, gpus)
+        lease = Lease(lease_id, requester, job_id, worker_id, w.node_id, shape, gpus)
         for k, v in lease.units.items():
             node.avail_u[k] = node.avail_u.get(k, 0) - v
         for g, u in lease.gpu_units.items():
             node.gpu_free_u[g] = node.gpu_free_u.get(g, UNIT) - u
         w.job_id = job_id
         w.lease_id = lease_id
+        w.state = WorkerState.LEASED
         if gpus and w.gpus is None:
             w.gpus = tuple(sorted(gpus))
         self.leases[lease_id] = lease
@@ -721,6 +630,11 @@ class ClusterState:
             )
         for w in self.workers.values():
             assert w.node_id in self.nodes, f"{w.worker_id} on unknown node"
+            leased = w.state is WorkerState.LEASED
+            assert leased == (w.lease_id is not None), f"{w.worker_id} {w.state} {w.lease_id}"
+            assert not w.blocked or leased, f"{w.worker_id} blocked without a lease"
+            if w.state is WorkerState.ADOPTED:
+                assert w.job_id is None, f"adopted {w.worker_id} bound to {w.job_id}"
         for req in self.pending:
             assert req.units == units_of(req.shape), f"request {req.rid}: units drifted"
 
