@@ -362,7 +362,7 @@ class ActorCalls:
                     # A new instance elsewhere (we missed the restart, e.g. across a head
                     # restart): what the old worker had will never be answered.
                     self._retry_or_fail_inflight(ar, "it was restarted in another worker")
-                ctrl = h.get("control_addr") or addr
+                ctrl = str(h.get("control_addr") or addr)
                 ar.conn = self._conn(addr, ctrl, worker_id) if addr else None
             ar.state = ALIVE
             self._pump_actor(ar)

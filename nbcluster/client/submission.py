@@ -461,8 +461,9 @@ class TaskSubmission:
         if lease is None:
             return
         self._drop_lease(lease)
-        if self._conns.get(lease.worker_addr) is lease.conn:  # not a later worker's
-            self._close_conn(lease.conn)
+        conn = self._conns.get(lease.worker_addr)
+        if conn is not None and conn is lease.conn:  # not a later worker's
+            self._close_conn(conn)
         inflight = list(lease.inflight)
         lease.inflight.clear()
         sc = self._classes.get(lease.shape_key)
