@@ -559,7 +559,10 @@ class StoreStats(Message, tag=Kind.STORE_STATS.value):
 
 
 class StoreReply(Message, tag=Kind.STORE_REPLY.value):
-    summary = "agent -> process (``err``: full, missing or error; ``args``: a full store's figures)"
+    summary = (
+        "agent -> process (``err``: full, missing, exists or error; ``args``: a full store's "
+        "figures, or an existing object's size and whether it is sealed)"
+    )
     ok: bool
     rid: int | None = None
     path: str | None = None
