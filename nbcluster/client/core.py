@@ -24,7 +24,6 @@ from typing import Any
 import psutil
 import zmq
 
-from nbcluster import context
 from nbcluster.client.actors import ActorCalls, ActorRecord
 from nbcluster.client.events import owner_identity
 from nbcluster.client.lineage import MAX_RECONSTRUCTIONS, Lineage
@@ -43,7 +42,7 @@ from nbcluster.exceptions import (
 )
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
-from nbcluster.protocol.security import derive_keys, token_from_environment
+from nbcluster.protocol.security import derive_keys
 from nbcluster.protocol.validation import (
     MalformedMessage,
     RateLimitedLog,
@@ -788,26 +787,3 @@ def _wait_event(ev: threading.Event, deadline: float | None) -> bool:
             return ev.is_set()
         if ev.wait(min(left, 0.25)):
             return True
-
-
-def connect_from_worker() -> CoreClient:
-    """The client a worker process uses when its task submits tasks or gets borrowed refs."""
-    ident = context.worker_identity
-    if ident is None:
-        raise RuntimeError("not inside an nbcluster worker")
-    token = token_from_environment()
-    if not token:
-        raise NbclusterError("no cluster secret in this worker's environment")
-    client = CoreClient(
-        ident.head_address,
-        token,
-        job_id=ident.job_id,
-        worker_id=ident.worker_id,
-        node_id=ident.node_id,
-        namespace=ident.namespace or None,
-    )
-    client.connect()
-    store = os.environ.get("NBCLUSTER_STORE")
-    if store:
-        client.attach_store(store, os.environ.get("NBCLUSTER_STORE_ID", ""))
-    return client
