@@ -41,7 +41,7 @@ from nbcluster.exceptions import (
     TaskError,
 )
 from nbcluster.protocol.codec import encode
-from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
+from nbcluster.protocol.messages import PROTOCOL_VERSION, REJOIN_AGAIN_S, Kind
 from nbcluster.protocol.security import derive_keys
 from nbcluster.protocol.validation import (
     MalformedMessage,
@@ -61,10 +61,7 @@ log = logging.getLogger("nbcluster")
 _malformed_head = RateLimitedLog(log, "dropping a malformed message from the head")
 _malformed_peer = RateLimitedLog(log, "dropping a malformed message about an object")
 
-MAX_LEASE_REQUESTS = 16  # outstanding lease requests per resource shape
-LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
 HEARTBEAT_S = 1.0
-REJOIN_AGAIN_S = 3.0  # a HELLO {rejoin} unanswered this long is sent again
 
 
 class CoreClient(TaskSubmission, ActorCalls, Lineage):
