@@ -37,11 +37,11 @@ class Edge:
         return f"{self.source} -> {self.target}    ({self.path}:{self.line}: {self.statement})"
 
 
-def module_files() -> dict[str, Path]:
+def module_files(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
     """Every module of the package by dotted name (``pkg/__init__.py`` is ``pkg``)."""
     modules: dict[str, Path] = {}
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("")
+    for path in sorted(package_dir.rglob("*.py")):
+        rel = path.relative_to(package_dir.parent).with_suffix("")
         parts = list(rel.parts)
         if parts[-1] == "__init__":
             parts.pop()
@@ -94,7 +94,7 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def import_graph(*, in_functions: bool = False) -> list[Edge]:
+def import_graph(package_dir: Path = PACKAGE_DIR, *, in_functions: bool = False) -> list[Edge]:
     """The import edges between modules of the package (module-level ones by default).
 
     Importing ``a.b.c`` runs the bodies of ``a``, ``a.b`` and ``a.b.c``, so an edge goes to each
@@ -103,7 +103,8 @@ def import_graph(*, in_functions: bool = False) -> list[Edge]:
     itself (``import nbcluster``, ``from nbcluster import get``) does depend on its body: an
     edge. ``from a import name`` depends on ``a``'s body when ``name`` is not a submodule.
     """
-    modules = module_files()
+    modules = module_files(package_dir)
+    root = package_dir.parent
     edges: set[Edge] = set()
     for source, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -128,14 +129,14 @@ def import_graph(*, in_functions: bool = False) -> list[Edge]:
             statement = lines[node.lineno - 1].strip()
             own_ancestors = set(_ancestors(source))
             for target in targets:
-                if target.split(".")[0] != PACKAGE:
+                if target.split(".")[0] != package_dir.name:
                     continue
                 implied = [a for a in _ancestors(target) if a not in own_ancestors]
                 for name in [*implied, target]:
                     if name == source or name not in modules:
                         continue
                     edges.add(
-                        Edge(source, name, str(path.relative_to(ROOT)), node.lineno, statement)
+                        Edge(source, name, str(path.relative_to(root)), node.lineno, statement)
                     )
     return sorted(edges, key=lambda e: (e.source, e.line, e.target))
 
@@ -189,9 +190,10 @@ def strongly_connected(nodes: list[str], edges: list[Edge]) -> list[list[str]]:
     return components
 
 
-def cycle_report(edges: list[Edge]) -> str:
+def cycle_report(edges: list[Edge], package_dir: Path = PACKAGE_DIR) -> str:
     """Each cycle (strongly connected component) with the imports inside it; empty if none."""
-    cycles = [c for c in strongly_connected(sorted(module_files()), edges) if len(c) > 1]
+    modules = sorted(module_files(package_dir))
+    cycles = [c for c in strongly_connected(modules, edges) if len(c) > 1]
     report = []
     for component in cycles:
         members = set(component)
@@ -219,13 +221,43 @@ def test_no_import_cycles_through_function_imports() -> None:
     assert not report, f"imports (some inside functions) form cycles; {HOW_TO_BREAK}:\n\n{report}"
 
 
-def test_graph_sees_relative_and_package_imports() -> None:
-    # The graph must know that nbcluster/__init__.py runs nbcluster.api (relative import) and
-    # that importing a submodule runs its package's __init__, or cycles would go unseen.
-    edges = {(e.source, e.target) for e in import_graph()}
-    assert ("nbcluster", "nbcluster.api") in edges
-    assert any(s == "nbcluster.api" and t == "nbcluster.client" for s, t in edges)
-    assert len(edges) > 100
+def test_graph_sees_relative_package_and_function_imports(tmp_path: Path) -> None:
+    # The checker itself: a small package whose cycles it must see (and not invent).
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "from pkg.sub import leaf\n",
+        "low.py": "X = 1\n",
+        "sub/__init__.py": "from . import leaf\n",
+        "sub/leaf.py": "from ..low import X\n",
+        "high.py": (
+            "from typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from pkg import mid\n"
+            "def f():\n    from pkg import later\n"
+        ),
+        "mid.py": "from pkg.high import f\n",
+        "later.py": "import pkg.mid\n",
+        "top.py": "from pkg import X\n",  # a name of pkg/__init__.py: its body runs first
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    edges = {(e.source, e.target) for e in import_graph(pkg)}
+    assert ("pkg", "pkg.sub") in edges and ("pkg", "pkg.sub.leaf") in edges
+    assert ("pkg.sub", "pkg.sub.leaf") in edges
+    assert ("pkg.sub.leaf", "pkg.low") in edges
+    assert ("pkg.top", "pkg") in edges
+    assert ("pkg.sub.leaf", "pkg.sub") not in edges  # its own package ran before it
+    assert not any(s == "pkg.high" for s, _ in edges)  # TYPE_CHECKING and functions: later
+    assert cycle_report(import_graph(pkg), pkg) == ""
+    report = cycle_report(import_graph(pkg, in_functions=True), pkg)
+    assert "cycle between pkg.high, pkg.later, pkg.mid:" in report
+    assert "pkg.high -> pkg.later    (pkg/high.py:5: from pkg import later)" in report
+    assert report.count("cycle between") == 1
+    # And the real package: nbcluster/__init__.py runs nbcluster.api, which runs the client.
+    real = {(e.source, e.target) for e in import_graph()}
+    assert ("nbcluster", "nbcluster.api") in real
+    assert ("nbcluster.api", "nbcluster.client") in real
+    assert len(real) > 100
 
 
 def test_no_oversized_modules() -> None:
