@@ -41,7 +41,13 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
 
 
 async def run_agent(args: argparse.Namespace) -> int:
-    token = read_token_file(Path(args.token_file)) if args.token_file else token_from_environment()
+    try:  # a missing or unsafe token file: said in one line
+        token = (
+            read_token_file(Path(args.token_file)) if args.token_file else token_from_environment()
+        )
+    except NbclusterError as exc:
+        print(f"nbcluster-worker: {exc}", file=sys.stderr)
+        return 2
     if not token:
         print(
             f"{sys.argv[0]}: no cluster secret: pass --token-file or set NBCLUSTER_TOKEN_FILE",
