@@ -79,6 +79,7 @@ class ChildProcess:
         self.log = log
         self._log_file: IO[bytes] | None = open(log, "ab") if log is not None else None  # noqa: SIM115 - closed in stop()
         self._drain: threading.Thread | None = None
+        self._started = time.monotonic()
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", module, *args],
@@ -116,8 +117,9 @@ class ChildProcess:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     where = f"; see {self.log}" if self.log is not None else ""
+                    waited = time.monotonic() - self._started
                     raise NbclusterError(
-                        f"the {self.what} did not start within {START_TIMEOUT_S:.0f} s{where}"
+                        f"the {self.what} did not start within {waited:.0f} s{where}"
                     )
                 if not sel.select(min(left, 0.5)):
                     if self.proc.poll() is not None:
@@ -143,9 +145,11 @@ class ChildProcess:
         tail = ""
         if self.log is not None and self.log.exists():
             tail = ":\n" + self.log.read_text(errors="replace")[-2000:]
-        raise NbclusterError(
-            f"the {self.what} exited during start-up (code {self.proc.wait()}){tail}"
-        )
+        try:
+            how = f"exited during start-up (code {self.proc.wait(5)})"
+        except subprocess.TimeoutExpired:  # it closed its stdout but runs on
+            how = "closed its output without a ready line"
+        raise NbclusterError(f"the {self.what} {how}{tail}")
 
     def _start_drain(self, pending: bytes) -> None:
         """Keep reading stdout after the ready line, so that a chatty child never blocks on it."""
