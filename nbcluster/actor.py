@@ -316,6 +316,4 @@ def exit_actor() -> None:
     task = context.current_task.get()
     if task is None or task.actor_id is None:
         raise TypeError("exit_actor() can only be called inside an actor method")
-    from nbcluster.worker.main import ActorExit
-
-    raise ActorExit()
+    raise context.ActorExit()

@@ -20,13 +20,13 @@ from nbcluster.client.core import CoreClient
 from nbcluster.client.launcher import LocalCluster
 from nbcluster.client.objects import PENDING
 from nbcluster.exceptions import ConfigurationError
+from nbcluster.kernel import attach_kernel
 from nbcluster.protocol.security import read_token_file, token_from_environment
 from nbcluster.refs import ObjectRef
 
 ADDRESS_ENV = "NBCLUSTER_ADDRESS"
 
-_local: LocalCluster | None = None
-_info: ClusterInfo | None = None
+# Serialises init() and shutdown(); what they set up is the one session (client.current).
 _init_lock = threading.Lock()
 
 
@@ -101,7 +101,6 @@ def init(
     ClusterInfo
         Calling ``init`` again returns the same information (re-running a notebook cell is safe).
     """
-    global _local, _info
     unknown = set(ray_compat) - {
         "include_dashboard",
         "configure_logging",
@@ -113,18 +112,23 @@ def init(
     if unknown:
         raise TypeError(f"init() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
     with _init_lock:
-        if _info is not None and current.get() is not None:
+        session = current.session()
+        if session is not None and session.info is not None:
+            info = session.info
             wanted = (address or "").removeprefix("nbcluster://").removeprefix("tcp://")
-            if wanted and wanted != "auto" and wanted != _info.address:
+            if wanted and wanted != "auto" and wanted != info.address:
                 raise RuntimeError(
-                    f"already connected to {_info.address}; call nbcluster.shutdown() before "
+                    f"already connected to {info.address}; call nbcluster.shutdown() before "
                     f"connecting to {wanted}"
                 )
-            return _info
+            return info
         if context.in_worker():
             client = current.require()
-            _info = ClusterInfo(client.head_address, client.job_id, client.node_id, False)
-            return _info
+            info = ClusterInfo(client.head_address, client.job_id, client.node_id, False)
+            session = current.session()
+            if session is not None:
+                session.info = info
+            return info
         address = address or os.environ.get(ADDRESS_ENV) or None
         if address in ("auto",):
             address = os.environ.get(ADDRESS_ENV)
@@ -148,8 +152,8 @@ def init(
             client.node_id = str(node.get("node_id", ""))
             if node.get("store_address"):
                 client.attach_store(node["store_address"], node["store_id"])
-            current.set_current(client)
-            _info = ClusterInfo(address, client.job_id, client.node_id, False)
+            info = ClusterInfo(address, client.job_id, client.node_id, False)
+            current.set_session(current.Session(client, info))
         else:
             cluster = LocalCluster(
                 num_cpus=num_cpus,
@@ -172,15 +176,12 @@ def init(
             except BaseException:
                 cluster.stop()
                 raise
-            _local = cluster
-            current.set_current(client)
-            _info = ClusterInfo(
+            info = ClusterInfo(
                 cluster.address, client.job_id, cluster.node_id, True, str(cluster.session_dir)
             )
-        from nbcluster.magics import attach_kernel
-
+            current.set_session(current.Session(client, info, local=cluster))
         attach_kernel(client)  # in a notebook: remote prints go under the submitting cell
-        return _info
+        return info
 
 
 def _local_node(client: CoreClient) -> dict[str, Any]:
@@ -211,12 +212,11 @@ def is_initialized() -> bool:
 
 def shutdown() -> None:
     """Disconnect; when ``init()`` started a local cluster, stop all of its processes."""
-    global _local, _info
     with _init_lock:
-        client = current.get()
-        current.set_current(None)
-        local, _local = _local, None
-        _info = None
+        session = current.session()
+        current.set_session(None)
+        client = session.client if session is not None else None
+        local = session.local if session is not None else None
         if client is not None:
             client.close(shutdown_cluster=local is not None)
         if local is not None:

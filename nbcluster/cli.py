@@ -9,7 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nbcluster.protocol.security import new_token, read_token_file, write_token_file
+from nbcluster.protocol.security import (
+    TOKEN_FILE_ENV,
+    new_token,
+    read_token_file,
+    write_token_file,
+)
 
 DEFAULT_TOKEN_FILE = Path(os.environ.get("NBCLUSTER_HOME", Path.home() / ".nbcluster")) / "token"
 
@@ -49,7 +54,7 @@ def _cmd_head(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     import nbcluster as nb
 
-    address = args.address or os.environ.get("NBCLUSTER_ADDRESS")
+    address = args.address or os.environ.get(nb.api.ADDRESS_ENV)
     if not address:
         print(
             "nbcluster status: pass --address HOST:PORT or set NBCLUSTER_ADDRESS", file=sys.stderr
@@ -57,7 +62,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 2
     token_file = (
         args.token_file
-        or os.environ.get("NBCLUSTER_TOKEN_FILE")
+        or os.environ.get(TOKEN_FILE_ENV)
         or (str(DEFAULT_TOKEN_FILE) if DEFAULT_TOKEN_FILE.exists() else None)
     )
     from nbcluster.client import current

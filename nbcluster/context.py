@@ -41,6 +41,10 @@ class WorkerIdentity:
 worker_identity: WorkerIdentity | None = None
 
 
+class ActorExit(BaseException):
+    """Raised by :func:`nbcluster.exit_actor` to end the actor after the current call."""
+
+
 def in_worker() -> bool:
     """Whether this process is an nbcluster worker."""
     return worker_identity is not None or "NBCLUSTER_WORKER_ID" in os.environ

@@ -1,37 +1,29 @@
 """The IPython extension: ``%load_ext nbcluster``, ``%nbcluster``, ``%%remote``, ``%%on``.
 
-It also routes remote output in a notebook kernel: every task remembers which cell submitted it
-(the kernel's parent header when ``.remote()`` was called), and its prints are published under
-that cell, even when they arrive after the cell finished.
-
-IPython is imported only when the extension is loaded: workers import this module to run
-``%%on`` cells (:func:`run_cell`) and should not pay for IPython.
+The cells run remotely with :func:`nbcluster.cells.run_cell`; remote output is routed to the
+submitting cell by :mod:`nbcluster.kernel`. IPython is imported only when the extension is
+loaded.
 """
 
 from __future__ import annotations
 
 import ast
-import builtins
 import importlib
 import json
 import linecache
 import shlex
 import sys
-import threading
 import types
-from collections import OrderedDict
 from typing import Any
 
-import cloudpickle
-
-import nbcluster as nb
+from nbcluster.actor import ActorHandle, get_actor
+from nbcluster.api import actors, get, init, is_initialized, nodes, shutdown
+from nbcluster.cells import EXEC_METHOD, ModuleByName, pickle_problem, run_cell
 from nbcluster.client import current
 from nbcluster.client.core import CoreClient
-from nbcluster.status import other_resources, table, used
-from nbcluster.widgets import cluster_nodes
-
-#: Cells whose parent header is kept for late output (the oldest are forgotten first).
-MAX_CELLS = 512
+from nbcluster.kernel import attach_kernel
+from nbcluster.remote import remote
+from nbcluster.status import cluster_nodes, other_resources, table, used
 
 # Names IPython keeps in the user namespace that a cell never means to send.
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
@@ -52,78 +44,6 @@ HELP = """\
 
 
 # ============================================================================ running a cell
-_NO_SELF = object()
-
-
-class _Module:
-    """A module a remote cell imported: the notebook imports it by name (if it can)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-def _pickle_problem(value: Any) -> str | None:
-    """Why ``value`` cannot travel between processes (``None`` when it can)."""
-    try:
-        # Out-of-band buffers are not copied: checking a large array costs next to nothing.
-        cloudpickle.dumps(value, protocol=5, buffer_callback=lambda _b: None)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def run_cell(
-    code: str, inputs: dict[str, Any], filename: str, *, bound_self: Any = _NO_SELF
-) -> dict[str, Any]:
-    """Run a notebook cell's ``code`` here (in a task or an actor) with ``inputs`` as globals.
-
-    Returns the names the cell bound (new or rebound, and picklable), the reasons others were
-    skipped, and the value of a trailing expression, as a notebook cell would display it.
-    """
-    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
-    ns.update(inputs)
-    if bound_self is not _NO_SELF:
-        ns["self"] = bound_self
-    before = dict(ns)
-    tree = ast.parse(code, filename)
-    last: ast.expr | None = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = tree.body.pop().value  # type: ignore[attr-defined]
-    exec(compile(tree, filename, "exec"), ns)
-    result = None
-    if last is not None:
-        result = eval(compile(ast.Expression(last), filename, "eval"), ns)
-    values: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    for name, value in ns.items():
-        if name.startswith("__") or name == "self":
-            continue
-        if name in before and before[name] is value:
-            continue  # not rebound by the cell
-        if isinstance(value, types.ModuleType):
-            values[name] = _Module(value.__name__)
-            continue
-        why = _pickle_problem(value)
-        if why is None:
-            values[name] = value
-        else:
-            skipped[name] = why
-    if result is not None and _pickle_problem(result) is not None:
-        skipped["(cell result)"] = "does not pickle; shown as its repr"
-        result = _Repr(repr(result))
-    return {"values": values, "skipped": skipped, "result": result}
-
-
-class _Repr:
-    """Stands in for an unpicklable cell result: displays as the remote value's repr."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
-
-
 def _used_names(code: str) -> set[str]:
     """Every name a cell's code mentions (read or written, at any depth)."""
     try:
@@ -144,7 +64,7 @@ def _inputs(code: str, user_ns: dict[str, Any]) -> tuple[dict[str, Any], dict[st
         if isinstance(value, types.ModuleType):
             inputs[name] = value  # pickled by reference: imported again where the cell runs
             continue
-        why = _pickle_problem(value)
+        why = pickle_problem(value)
         if why is None:
             inputs[name] = value
         else:
@@ -172,7 +92,7 @@ def _note(skipped: dict[str, str], what: str) -> None:
 def _finish_cell(outcome: dict[str, Any], user_ns: dict[str, Any]) -> Any:
     skipped = dict(outcome["skipped"])
     for name, value in outcome["values"].items():
-        if isinstance(value, _Module):  # imported remotely: import it here too
+        if isinstance(value, ModuleByName):  # imported remotely: import it here too
             try:
                 value = importlib.import_module(value.name)
             except ImportError as exc:
@@ -183,80 +103,11 @@ def _finish_cell(outcome: dict[str, Any], user_ns: dict[str, Any]) -> Any:
     return outcome["result"]
 
 
-# ============================================================================ output routing
-class CellOutput:
-    """Publishes remote output under the notebook cell that submitted the task.
-
-    ``tag`` runs in the user's thread at ``.remote()`` time and remembers the cell's parent
-    header; ``write`` runs on the client's I/O thread and writes the lines to the kernel's stream
-    with that parent header (ipykernel then sends a ``stream`` message the frontend shows under
-    that cell).
-    """
-
-    def __init__(self, kernel: Any) -> None:
-        self.kernel = kernel
-        self.streams: dict[str, Any] = {"stdout": sys.stdout, "stderr": sys.stderr}  # OutStreams
-        self._headers: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def tag(self) -> str | None:
-        """The id of the cell running now (its request's ``msg_id``)."""
-        try:
-            parent = self.kernel.get_parent("shell")
-        except Exception:
-            return None
-        header = (parent or {}).get("header") or {}
-        msg_id = header.get("msg_id")
-        if not msg_id:
-            return None
-        with self._lock:
-            self._headers[msg_id] = header
-            self._headers.move_to_end(msg_id)
-            while len(self._headers) > MAX_CELLS:
-                self._headers.popitem(last=False)
-        return str(msg_id)
-
-    def write(self, stream: str, text: str, tag: Any) -> None:
-        out = self.streams.get(stream) or self.streams["stdout"]
-        with self._lock:
-            header = self._headers.get(tag) if tag else None
-        try:
-            if header is not None and hasattr(out, "set_thread_parent"):
-                token = out.set_thread_parent(header)
-                try:
-                    out.write(text)
-                finally:
-                    out.reset_thread_parent(token)
-            else:  # no cell known (or an older ipykernel): the current cell gets it
-                out.write(text)
-        except Exception:  # the kernel is shutting down: nowhere left to show it
-            pass
-
-
-def _kernel_shell() -> Any:
-    """The IPython shell of the Jupyter kernel we run in, else ``None``."""
-    ipython = sys.modules.get("IPython")
-    if ipython is None:
-        return None
-    shell = ipython.get_ipython()
-    return shell if getattr(shell, "kernel", None) is not None else None
-
-
-def attach_kernel(client: CoreClient) -> None:
-    """Route ``client``'s remote output to notebook cells when it runs in a Jupyter kernel."""
-    shell = _kernel_shell()
-    if shell is None or client.on_output is not None:
-        return
-    router = CellOutput(shell.kernel)
-    client.output_tag = router.tag
-    client.on_output = router.write
-
-
 # ============================================================================ the magics
 def _connect() -> None:
     """Connect as ``init()`` does: the server's head when the kernel was told one, else local."""
-    if not nb.is_initialized():
-        nb.init()
+    if not is_initialized():
+        init()
     client = current.get()
     if client is not None:
         attach_kernel(client)
@@ -343,7 +194,7 @@ def _magics_class() -> type:
                 print(HELP)
                 return
             if cmd == "shutdown":
-                nb.shutdown()
+                shutdown()
                 print("nbcluster: disconnected")
                 return
             _connect()
@@ -352,7 +203,7 @@ def _magics_class() -> type:
             elif cmd == "nodes":
                 rows = [
                     [n["node_id"], n["name"], n["address"], "alive" if n["alive"] else "dead"]
-                    for n in nb.nodes()
+                    for n in nodes()
                 ]
                 print(table(rows, ["node_id", "name", "address", "state"]))
             elif cmd == "tasks":
@@ -367,7 +218,7 @@ def _magics_class() -> type:
                         a["state"],
                         str(a.get("pid") or "-"),
                     ]
-                    for a in nb.actors()
+                    for a in actors()
                 ]
                 print(table(rows, ["actor", "class", "name", "state", "pid"]) if rows else "none")
             else:
@@ -382,8 +233,8 @@ def _magics_class() -> type:
             inputs, skipped = _inputs(cell, user_ns)
             _note(skipped, "not sent to the cluster")
             filename = _register_source(cell)
-            task = nb.remote(**options)(run_cell).options(name="%%remote")
-            return _finish_cell(nb.get(task.remote(cell, inputs, filename)), user_ns)
+            task = remote(**options)(run_cell).options(name="%%remote")
+            return _finish_cell(get(task.remote(cell, inputs, filename)), user_ns)
 
         @cell_magic
         def on(self, line: str, cell: str) -> Any:
@@ -395,13 +246,11 @@ def _magics_class() -> type:
             inputs.pop("self", None)
             _note(skipped, "not sent to the actor")
             filename = _register_source(cell)
-            from nbcluster.worker.actor_host import EXEC_METHOD
-
             client = current.require()
             (ref,) = client.submit_actor_call(
                 handle._aid, handle._cls_name, EXEC_METHOD, (cell, inputs, filename), {}, 1
             )
-            return _finish_cell(nb.get(ref), user_ns)
+            return _finish_cell(get(ref), user_ns)
 
     return NbclusterMagics
 
@@ -439,17 +288,17 @@ def _parse_remote_options(line: str) -> dict[str, Any]:
     return options
 
 
-def _resolve_actor(what: str, user_ns: dict[str, Any]) -> nb.ActorHandle:
+def _resolve_actor(what: str, user_ns: dict[str, Any]) -> ActorHandle:
     """``%%on``'s argument: a notebook variable holding a handle, or a named actor's name."""
     if not what:
         raise ValueError("%%on needs an actor: a variable holding its handle, or its name")
     value = user_ns.get(what)
-    if isinstance(value, nb.ActorHandle):
+    if isinstance(value, ActorHandle):
         return value
     if value is not None:
         raise TypeError(f"%%on: {what} is a {type(value).__name__}, not an actor handle")
     try:
-        return nb.get_actor(what)
+        return get_actor(what)
     except ValueError:
         raise ValueError(f"%%on: no variable or named actor called {what!r}") from None
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from nbcluster.client import current
 from nbcluster.client.objects import FAILED, PENDING, Entry
+from nbcluster.kernel import kernel_shell
 from nbcluster.refs import ObjectRef
 
 TICK_S = 0.2  # how often the bar is redrawn while refs complete
@@ -127,9 +128,7 @@ class Progress:
 
 def _make_widget(total: int) -> tuple[Any, Any, Any] | None:
     """An ipywidgets bar when running in a Jupyter kernel with ipywidgets, else ``None``."""
-    from nbcluster.magics import _kernel_shell
-
-    if _kernel_shell() is None:
+    if kernel_shell() is None:
         return None
     try:
         import ipywidgets

@@ -5,6 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from nbcluster.client import current
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """Every node with its latest ``metrics`` and counts of running tasks and actors.
+
+    The head's panel view (the same data as ``GET /nbcluster/api/cluster``); from a head without
+    it, the plain node list (no metrics: the views show n/a).
+    """
+    client = current.require()
+    data = client.query("cluster")
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
+        return list(data["nodes"])
+    return [dict(n) for n in client.query("nodes")]
+
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     """Left-aligned columns under a header and a rule."""

@@ -121,7 +121,7 @@ def test_progress_text_fallback_outside_a_notebook(
 
 
 def test_dashboard_outside_a_kernel_and_without_metrics(cluster: nb.ClusterInfo) -> None:
-    from nbcluster.widgets.dashboard import GpuView, NodeView, _NodeRow, snapshot
+    from nbcluster.widgets.cluster_view import GpuView, NodeView, _NodeRow, snapshot
 
     @nb.remote(num_gpus=1)
     class Held:

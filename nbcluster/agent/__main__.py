@@ -14,6 +14,7 @@ from nbcluster._proc import setup_logging, watch_parent
 from nbcluster.agent.agent import NodeAgent
 from nbcluster.agent.resources import node_resources
 from nbcluster.exceptions import NbclusterError
+from nbcluster.launch import AGENT_READY
 from nbcluster.protocol.security import read_token_file, token_from_environment
 
 
@@ -40,7 +41,13 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
 
 
 async def run_agent(args: argparse.Namespace) -> int:
-    token = read_token_file(Path(args.token_file)) if args.token_file else token_from_environment()
+    try:  # a missing or unsafe token file: said in one line
+        token = (
+            read_token_file(Path(args.token_file)) if args.token_file else token_from_environment()
+        )
+    except NbclusterError as exc:
+        print(f"nbcluster-worker: {exc}", file=sys.stderr)
+        return 2
     if not token:
         print(
             f"{sys.argv[0]}: no cluster secret: pass --token-file or set NBCLUSTER_TOKEN_FILE",
@@ -65,7 +72,7 @@ async def run_agent(args: argparse.Namespace) -> int:
         return 1
     await agent.wait_prestarted(timeout=30.0)
     print(
-        f"NBCLUSTER_AGENT_READY {agent.node_id} {agent.store_address} {agent.store_id}",
+        f"{AGENT_READY} {agent.node_id} {agent.store_address} {agent.store_id}",
         flush=True,
     )
     loop = asyncio.get_running_loop()

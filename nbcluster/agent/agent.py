@@ -20,7 +20,7 @@ from nbcluster.agent.resources import detect_gpus, node_resources
 from nbcluster.exceptions import NbclusterError, ProtocolError
 from nbcluster.metrics import MetricsThread
 from nbcluster.protocol.codec import encode
-from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
+from nbcluster.protocol.messages import PROTOCOL_VERSION, REJOIN_AGAIN_S, Kind
 from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
 from nbcluster.protocol.validation import (
     INTERNAL,
@@ -42,7 +42,6 @@ _malformed_store = RateLimitedLog(log, "dropping a malformed store request")
 _malformed_head = RateLimitedLog(log, "dropping a malformed message from the head")
 
 WORKER_START_TIMEOUT_S = 60.0
-REJOIN_AGAIN_S = 3.0  # a re-registration unanswered this long is sent again
 
 
 class NodeAgent:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from typing import Any
 
 import psutil
+
+# NVML_MODULE_ENV is re-exported: tests point it at a fake NVML through this module.
+from nbcluster.metrics.gpu import NVML_MODULE_ENV as NVML_MODULE_ENV
+from nbcluster.metrics.gpu import load_nvml
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +29,6 @@ def detect_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
-#: Names the module providing the NVML API (default ``pynvml``, from ``nvidia-ml-py``); tests on
-#: machines without a GPU point it at :mod:`nbcluster.testing.fake_nvml`.
-NVML_MODULE_ENV = "NBCLUSTER_NVML_MODULE"
-
-
 def detect_gpus() -> list[dict[str, Any]]:
     """The NVIDIA GPUs of this host as ``[{index, name, memory_total}]`` (bytes).
 
@@ -38,13 +36,8 @@ def detect_gpus() -> list[dict[str, Any]]:
     process's ``CUDA_VISIBLE_DEVICES`` (a list of indices) are left out, so that an agent started
     inside a GPU allocation only offers the GPUs it was given.
     """
-    try:
-        nvml = importlib.import_module(os.environ.get(NVML_MODULE_ENV) or "pynvml")
-    except ImportError:  # nvidia-ml-py is an optional dependency
-        return []
-    try:
-        nvml.nvmlInit()
-    except Exception:  # no driver: no GPUs, and no error
+    nvml = load_nvml()  # nvidia-ml-py is an optional dependency
+    if nvml is None:
         return []
     try:
         gpus = []

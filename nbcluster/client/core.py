@@ -24,7 +24,6 @@ from typing import Any
 import psutil
 import zmq
 
-from nbcluster import context
 from nbcluster.client.actors import ActorCalls, ActorRecord
 from nbcluster.client.events import owner_identity
 from nbcluster.client.lineage import MAX_RECONSTRUCTIONS, Lineage
@@ -42,8 +41,8 @@ from nbcluster.exceptions import (
     TaskError,
 )
 from nbcluster.protocol.codec import encode
-from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
-from nbcluster.protocol.security import derive_keys, token_from_environment
+from nbcluster.protocol.messages import PROTOCOL_VERSION, REJOIN_AGAIN_S, Kind
+from nbcluster.protocol.security import derive_keys
 from nbcluster.protocol.validation import (
     MalformedMessage,
     RateLimitedLog,
@@ -62,10 +61,7 @@ log = logging.getLogger("nbcluster")
 _malformed_head = RateLimitedLog(log, "dropping a malformed message from the head")
 _malformed_peer = RateLimitedLog(log, "dropping a malformed message about an object")
 
-MAX_LEASE_REQUESTS = 16  # outstanding lease requests per resource shape
-LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
 HEARTBEAT_S = 1.0
-REJOIN_AGAIN_S = 3.0  # a HELLO {rejoin} unanswered this long is sent again
 
 
 class CoreClient(TaskSubmission, ActorCalls, Lineage):
@@ -788,26 +784,3 @@ def _wait_event(ev: threading.Event, deadline: float | None) -> bool:
             return ev.is_set()
         if ev.wait(min(left, 0.25)):
             return True
-
-
-def connect_from_worker() -> CoreClient:
-    """The client a worker process uses when its task submits tasks or gets borrowed refs."""
-    ident = context.worker_identity
-    if ident is None:
-        raise RuntimeError("not inside an nbcluster worker")
-    token = token_from_environment()
-    if not token:
-        raise NbclusterError("no cluster secret in this worker's environment")
-    client = CoreClient(
-        ident.head_address,
-        token,
-        job_id=ident.job_id,
-        worker_id=ident.worker_id,
-        node_id=ident.node_id,
-        namespace=ident.namespace or None,
-    )
-    client.connect()
-    store = os.environ.get("NBCLUSTER_STORE")
-    if store:
-        client.attach_store(store, os.environ.get("NBCLUSTER_STORE_ID", ""))
-    return client

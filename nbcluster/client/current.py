@@ -1,26 +1,60 @@
-"""The one process-global the public API needs: the current connection to a cluster."""
+"""The one process-global the public API needs: the current session (connection to a cluster).
+
+This module sits below the client (``refs`` and ``remote`` find the client here), so it cannot
+import the client to connect a worker's tasks on first use: the worker process registers how
+(:func:`set_worker_connector`).
+"""
 
 from __future__ import annotations
 
-import os
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from nbcluster.api import ClusterInfo
     from nbcluster.client.core import CoreClient
+    from nbcluster.client.launcher import LocalCluster
 
-_client: CoreClient | None = None
+
+@dataclass
+class Session:
+    """This process's connection to a cluster, and what ``shutdown()`` ends with it."""
+
+    client: CoreClient
+    info: ClusterInfo | None = None
+    """What ``init()`` returned (``None`` for a worker's own connection)."""
+    local: LocalCluster | None = None
+    """The local cluster ``init()`` started, stopped by ``shutdown()``."""
+
+
+_session: Session | None = None
 _lock = threading.RLock()
+_worker_connector: Callable[[], CoreClient] | None = None
+
+
+def session() -> Session | None:
+    """The current session, or ``None``."""
+    return _session
 
 
 def get() -> CoreClient | None:
     """The connected client, or ``None``."""
-    return _client
+    s = _session
+    return s.client if s is not None else None
 
 
-def set_current(client: CoreClient | None) -> None:
-    global _client
-    _client = client
+def set_session(new: Session | None) -> None:
+    """Make ``new`` the current session (``None``: disconnected)."""
+    global _session
+    _session = new
+
+
+def set_worker_connector(connect: Callable[[], CoreClient]) -> None:
+    """In a worker process: how to connect when a task first uses the cluster."""
+    global _worker_connector
+    _worker_connector = connect
 
 
 def require() -> CoreClient:
@@ -31,19 +65,14 @@ def require() -> CoreClient:
     RuntimeError
         In a driver that has not called ``nbcluster.init()``.
     """
-    c = _client
-    if c is not None:
-        return c
+    s = _session
+    if s is not None:
+        return s.client
     with _lock:
-        if _client is not None:
-            return _client
-        if "NBCLUSTER_WORKER_ID" in os.environ:
-            from nbcluster.client.core import connect_from_worker
-
-            set_current(connect_from_worker())
-            assert _client is not None
-            return _client
+        if _session is not None:
+            return _session.client
+        if _worker_connector is not None:
+            client = _worker_connector()
+            set_session(Session(client))
+            return client
     raise RuntimeError("nbcluster is not initialized: call nbcluster.init() first")
-
-
-lock = _lock

@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
-import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +15,16 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Dict, Float, Int, Unicode
 
 from nbcluster.api import ADDRESS_ENV
+from nbcluster.exceptions import NbclusterError
 from nbcluster.head.service import HeadService
+from nbcluster.launch import START_TIMEOUT_S, AgentOptions, AgentProcess, start_agent
 from nbcluster.protocol.security import (
     TOKEN_FILE_ENV,
     new_token,
     read_token_file,
     write_token_file,
 )
-from nbcluster.store.manager import cleanup_store
 
-AGENT_START_TIMEOUT_S = 60.0
 AGENT_STOP_TIMEOUT_S = 10.0
 _WILDCARDS = ("0.0.0.0", "", "*", "::")
 
@@ -112,10 +111,10 @@ class NbclusterApp(ExtensionApp):
 
     head: HeadService | None = None
     address = ""  # what kernels and local agents connect to
-    _agent: asyncio.subprocess.Process | None = None
+    _agent: AgentProcess | None = None
     _agent_ready: asyncio.Event | None = None
     _agent_reader: asyncio.Task[Any] | None = None
-    _store_id = ""
+    _stopping = False
     _conn_file: Path | None = None
     _token = ""
 
@@ -186,59 +185,33 @@ class NbclusterApp(ExtensionApp):
             await self._start_agent()
 
     async def _start_agent(self) -> None:
-        args = [
-            "-m",
-            "nbcluster.agent",
-            "--address",
-            self.address,
-            "--token-file",
-            self.token_file,
-            "--parent-pid",
-            str(os.getpid()),
-            "--bind-host",
-            self.node_bind_host or ("127.0.0.1" if self.ip in _WILDCARDS else self.ip),
-            "--node-name",
-            self.node_name or socket.gethostname(),
-            "--cwd",
-            str(Path(self._server.root_dir).expanduser()),
-        ]
-        if self.num_cpus is not None:
-            args += ["--num-cpus", str(self.num_cpus)]
-        if self.num_gpus is not None:
-            args += ["--num-gpus", str(self.num_gpus)]
-        if self.resources:
-            args += ["--resources", json.dumps(self.resources)]
-        if self.object_store_memory is not None:
-            args += ["--object-store-memory", str(int(self.object_store_memory))]
-        env = dict(os.environ)
-        env.pop("NBCLUSTER_WORKER_ID", None)
-        self._agent = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-            start_new_session=True,  # a Ctrl-C at the server's terminal is the server's
+        options = AgentOptions(
+            head_address=self.address,
+            token_file=self.token_file,
+            node_name=self.node_name,
+            bind_host=self.node_bind_host or ("127.0.0.1" if self.ip in _WILDCARDS else self.ip),
+            cwd=str(Path(self._server.root_dir).expanduser()),
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            resources=self.resources,
+            object_store_memory=self.object_store_memory,
         )
+        # Its log goes to the server's stderr.
+        self._agent = start_agent(options)
         self._agent_ready = asyncio.Event()
         self._agent_reader = asyncio.create_task(self._read_agent(self._agent))
 
-    async def _read_agent(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None and self._agent_ready is not None
+    async def _read_agent(self, agent: AgentProcess) -> None:
+        assert self._agent_ready is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), AGENT_START_TIMEOUT_S)
-        except TimeoutError:
-            self.log.error("nbcluster: the local node agent did not start in time")
+            await asyncio.to_thread(agent.wait_ready, deadline)  # off the server's loop
+        except NbclusterError as exc:
+            if not self._stopping:  # else stopped by stop_extension() while starting
+                self.log.error("nbcluster: the local node agent failed to start: %s", exc)
             return
-        parts = line.decode(errors="replace").split()
-        if len(parts) == 4 and parts[0] == "NBCLUSTER_AGENT_READY":
-            self._store_id = parts[3]
-            self._agent_ready.set()
-            self.log.info("nbcluster: local node %s is up", parts[1])
-        else:
-            self.log.error("nbcluster: the local node agent failed to start (%r)", line)
-        async for _ in proc.stdout:  # keep the pipe drained
-            pass
+        self._agent_ready.set()
+        self.log.info("nbcluster: local node %s is up", agent.node_id)
 
     async def wait_agent_ready(self, timeout: float) -> bool:
         """Whether the local agent registered within ``timeout`` seconds."""
@@ -257,18 +230,9 @@ class NbclusterApp(ExtensionApp):
         The local agent leaves first (SIGTERM: it says goodbye, so the head's restart snapshot
         does not wait for it). Other agents stay up to rejoin the next head (``keep_nodes``).
         """
-        proc = self._agent
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), AGENT_STOP_TIMEOUT_S)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-            if self._store_id:  # the agent cleans up; this catches one that was killed
-                cleanup_store(self._store_id, None)
+        self._stopping = True
+        if self._agent is not None:
+            await asyncio.to_thread(self._agent.stop, AGENT_STOP_TIMEOUT_S)
         if self.head is not None:
             await self.head.stop(stop_nodes=not self.keep_nodes)
         if self._agent_reader is not None:

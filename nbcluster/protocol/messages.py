@@ -16,6 +16,10 @@ from enum import StrEnum
 #: Bumped on every incompatible change; checked in the HELLO / REGISTER handshakes.
 PROTOCOL_VERSION = 2
 
+#: A re-registration with a restarted head (a driver's ``HELLO {rejoin}``, an agent's
+#: ``REGISTER``) unanswered this long is sent again.
+REJOIN_AGAIN_S = 3.0
+
 
 class Kind(StrEnum):
     """Message kinds. Values are short because they travel in every header."""

@@ -7,6 +7,15 @@ from nbcluster.serialization.pickling import (
     dumps_args,
     loads,
     loads_args,
+    restore_filenames,
 )
 
-__all__ = ["DepMarker", "copy_frames", "dumps", "dumps_args", "loads", "loads_args"]
+__all__ = [
+    "DepMarker",
+    "copy_frames",
+    "dumps",
+    "dumps_args",
+    "loads",
+    "loads_args",
+    "restore_filenames",
+]

@@ -7,7 +7,9 @@ pickle stream and can be sent as separate ZeroMQ frames.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,3 +142,28 @@ def loads_args(
         a = tuple(put(v) for v in a)
         k = {key: put(v) for key, v in k.items()}
     return a, k
+
+
+def restore_filenames(fn: Any, filename: str) -> Any:
+    """Give code pickled by value (cloudpickle says ``<dynamic-code>``) its file name back.
+
+    Tracebacks then name the real file and line, as they would in the driver.
+    """
+
+    def fix(code: types.CodeType) -> types.CodeType:
+        consts = tuple(fix(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+        if code.co_filename == "<dynamic-code>":
+            return code.replace(co_filename=filename, co_consts=consts)
+        return code.replace(co_consts=consts)
+
+    if not filename:
+        return fn
+    targets = [fn]
+    if isinstance(fn, type):  # an actor class: fix its methods
+        targets = [getattr(v, "__func__", v) for v in vars(fn).values()]
+    for f in targets:
+        code = getattr(f, "__code__", None)
+        if isinstance(code, types.CodeType):
+            with contextlib.suppress(Exception):
+                f.__code__ = fix(code)
+    return fn

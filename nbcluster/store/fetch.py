@@ -28,11 +28,9 @@ from nbcluster.store.transfer import (
     CHUNK_BYTES,
     CONNECT_TIMEOUT_S,
     STALL_TIMEOUT_S,
+    TICK_MS,
     WINDOW,
 )
-
-#: How often the reading thread looks at its deadlines and at ``gone``.
-_TICK_MS = 250
 
 
 def stored_meta(frames: Sequence[Any]) -> dict[str, Any]:
@@ -112,7 +110,7 @@ def read_segment(
         while not done:
             if gone():
                 raise lost("its node died")
-            events = dict(poller.poll(_TICK_MS))
+            events = dict(poller.poll(TICK_MS))
             now = time.monotonic()
             if mon in events:
                 event = parse_monitor_message(mon.recv_multipart())["event"]

@@ -52,11 +52,15 @@ from nbcluster.store.errors import (
     ObjectStoreError,
     ObjectStoreFullError,
 )
-from nbcluster.store.segment import SHM_DIR, segment_name, validate_oid, validate_store_id
+from nbcluster.store.segment import (
+    IO_CHUNK,
+    SHM_DIR,
+    segment_name,
+    validate_oid,
+    validate_store_id,
+)
 
 __all__ = ["StoreManager", "cleanup_store", "default_capacity", "default_spill_dir"]
-
-_CHUNK = 1 << 30
 
 
 def default_capacity(fraction: float = 0.3, shm_dir: str = SHM_DIR) -> int:
@@ -625,7 +629,7 @@ def _copy_fd(fin: int, fout: int) -> None:
     done = 0
     try:
         while True:
-            n = os.sendfile(fout, fin, done, _CHUNK)
+            n = os.sendfile(fout, fin, done, IO_CHUNK)
             if n == 0:
                 return
             done += n

@@ -42,8 +42,8 @@ MAGIC = b"NBCSEG01"
 ALIGN = 64
 _FIXED = struct.Struct("<8sII")  # magic, frame count, reserved
 _ENTRY = struct.Struct("<QQ")  # offset, length
-# Linux transfers at most 0x7ffff000 bytes per write()/sendfile(); stay below it.
-_CHUNK = 1 << 30
+#: Most bytes one write()/sendfile() call is given: Linux transfers at most 0x7ffff000.
+IO_CHUNK = 1 << 30
 
 _STORE_ID_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
 _OID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
@@ -175,7 +175,7 @@ def _header(lengths: Sequence[int], offsets: Sequence[int]) -> bytes:
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < data.nbytes:
-        n = os.pwrite(fd, data[done : done + _CHUNK], offset + done)
+        n = os.pwrite(fd, data[done : done + IO_CHUNK], offset + done)
         if n <= 0:  # pragma: no cover - a regular file never does this
             raise OSError(f"short write at offset {offset + done}")
         done += n

@@ -57,7 +57,7 @@ CONNECT_TIMEOUT_S = 10.0
 #: ZeroMQ io threads (where CURVE decrypts) for pulls; concurrent pulls spread over them.
 _IO_THREADS = 2
 #: How often a pulling thread looks at the agent closing and at its deadlines.
-_TICK_MS = 250
+TICK_MS = 250
 
 #: What a pulling thread watches on its connection. A refused connection (``CONNECT_RETRIED``
 #: before any handshake) means nothing listens there any more: the holder is gone, and its
@@ -209,7 +209,7 @@ class ObjectPuller:
             while not done:
                 if self._stop.is_set():
                     raise ObjectLostError(f"object {oid}: this node is shutting down")
-                events = dict(poller.poll(_TICK_MS))
+                events = dict(poller.poll(TICK_MS))
                 now = time.monotonic()
                 if mon in events:
                     event = parse_monitor_message(mon.recv_multipart())["event"]

@@ -21,11 +21,10 @@ from pathlib import Path
 import psutil
 
 import nbcluster
+from nbcluster.launch import AGENT_READY, HEAD_READY
+from nbcluster.store.segment import SHM_DIR
 
 Popen = subprocess.Popen[bytes]
-
-#: Where node stores keep their segment files (``nbc-<store_id>-*``).
-SHM_DIR = "/dev/shm"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -154,7 +153,7 @@ class ProcessCluster:
         args = ["head", "--host", self.host, "--port", str(self.port)]
         args += ["--token-file", str(self.token_file), "--state-file", str(self.state_file)]
         self.head, start = self._popen(args, "head", ())
-        self._wait_line(self.head, "head", start, "NBCLUSTER_HEAD_READY", timeout)
+        self._wait_line(self.head, "head", start, HEAD_READY, timeout)
 
     def kill_head(self) -> None:
         """SIGKILL the head (it leaves its snapshot behind)."""
@@ -175,7 +174,7 @@ class ProcessCluster:
         """
         args = ["worker", "--address", self.address, "--token-file", str(self.token_file)]
         proc, start = self._popen([*args, "--node-name", name, *flags], f"agent-{name}", prefix)
-        words = self._wait_line(proc, f"agent-{name}", start, "NBCLUSTER_AGENT_READY", timeout)
+        words = self._wait_line(proc, f"agent-{name}", start, AGENT_READY, timeout)
         node_id, store_id = words[1], words[3]
         self.store_ids.add(store_id)
         self.agents[name] = Agent(name, proc, node_id, store_id, tuple(flags), prefix)

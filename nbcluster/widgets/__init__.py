@@ -8,21 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nbcluster.client import current
-
-
-def cluster_nodes() -> list[dict[str, Any]]:
-    """Every node with its latest ``metrics`` and counts of running tasks and actors.
-
-    The head's panel view (the same data as ``GET /nbcluster/api/cluster``); from a head without
-    it, ``nodes()`` (no metrics: the views show n/a).
-    """
-    import nbcluster as nb
-
-    data = current.require().query("cluster")
-    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
-        return list(data["nodes"])
-    return nb.nodes()
+from nbcluster.kernel import kernel_shell
+from nbcluster.status import cluster_nodes
 
 
 def dashboard(interval: float = 1.0) -> Any:
@@ -35,10 +22,10 @@ def dashboard(interval: float = 1.0) -> Any:
 
     Returns
     -------
-    nbcluster.widgets.dashboard.Dashboard
+    nbcluster.widgets.cluster_view.Dashboard
         An ``ipywidgets.VBox``.
     """
-    from nbcluster.widgets.dashboard import Dashboard
+    from nbcluster.widgets.cluster_view import Dashboard  # imports ipywidgets: only when used
 
     return Dashboard(interval=interval)
 
@@ -48,12 +35,10 @@ def dashboard_bundle(html: str, **kwargs: Any) -> dict[str, Any] | None:
 
     ``None`` elsewhere (IPython then uses the plain HTML summary).
     """
-    from nbcluster.magics import _kernel_shell
-
-    if _kernel_shell() is None:
+    if kernel_shell() is None:
         return None
     try:
-        from nbcluster.widgets.dashboard import Dashboard
+        from nbcluster.widgets.cluster_view import Dashboard
     except ImportError:  # no ipywidgets
         return None
     bundle = Dashboard()._repr_mimebundle_(**kwargs)

@@ -10,17 +10,14 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nbcluster.cells import EXEC_METHOD, run_cell
+from nbcluster.context import ActorExit
 from nbcluster.exceptions import ActorDiedError
 from nbcluster.protocol.messages import Kind
-from nbcluster.serialization import loads
-from nbcluster.worker.main import ActorExit, restore_filenames
+from nbcluster.serialization import loads, restore_filenames
 
 if TYPE_CHECKING:
     from nbcluster.worker.main import Worker
-
-
-#: The hidden method ``%%on ACTOR`` calls: ``(code, inputs, filename)`` -> the cell's outcome.
-EXEC_METHOD = "__nbcluster_exec__"
 
 
 @dataclass
@@ -136,8 +133,6 @@ class ActorHost:
     def _method(self, h: dict[str, Any]) -> Any:
         name = h["method"]
         if name == EXEC_METHOD:  # ``%%on ACTOR``: run a notebook cell with the instance as self
-            from nbcluster.magics import run_cell
-
             return functools.partial(run_cell, bound_self=self.instance)
         if name.startswith("__") and name != "__call__":
             raise AttributeError(f"{self.cls_name} actors do not expose {name}")

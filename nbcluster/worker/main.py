@@ -15,10 +15,9 @@ import signal
 import sys
 import threading
 import traceback
-import types
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -38,45 +37,19 @@ from nbcluster.protocol.validation import (
     should_answer,
 )
 from nbcluster.refs import loaded_refs, serialized_refs
-from nbcluster.serialization import dumps, loads, loads_args
+from nbcluster.serialization import dumps, loads, loads_args, restore_filenames
 from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
 from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
+
+if TYPE_CHECKING:
+    from nbcluster.client.core import CoreClient
 
 # To the worker's own stderr (the agent's log), never to a driver's task output.
 log = logging.getLogger(__name__)
 _malformed = RateLimitedLog(log, "dropping a malformed message")
 
 Message = tuple[bytes, dict[str, Any], list[Any]]
-
-
-class ActorExit(BaseException):
-    """Raised by :func:`nbcluster.exit_actor` to end the actor after the current call."""
-
-
-def restore_filenames(fn: Any, filename: str) -> Any:
-    """Give code pickled by value (cloudpickle says ``<dynamic-code>``) its file name back.
-
-    Tracebacks then name the real file and line, as they would in the driver.
-    """
-
-    def fix(code: types.CodeType) -> types.CodeType:
-        consts = tuple(fix(c) if isinstance(c, types.CodeType) else c for c in code.co_consts)
-        if code.co_filename == "<dynamic-code>":
-            return code.replace(co_filename=filename, co_consts=consts)
-        return code.replace(co_consts=consts)
-
-    if not filename:
-        return fn
-    targets = [fn]
-    if isinstance(fn, type):  # an actor class: fix its methods
-        targets = [getattr(v, "__func__", v) for v in vars(fn).values()]
-    for f in targets:
-        code = getattr(f, "__code__", None)
-        if isinstance(code, types.CodeType):
-            with contextlib.suppress(Exception):
-                f.__code__ = fix(code)
-    return fn
 
 
 class Worker:
@@ -365,7 +338,7 @@ class Worker:
             try:
                 result = fn(*args, **kwargs)
                 ok = True
-            except ActorExit:
+            except context.ActorExit:
                 ok = exiting = True
             except KeyboardInterrupt as exc:
                 cancelled = self._cancel_requested == tid
@@ -550,6 +523,14 @@ def main() -> None:
         head_address=os.environ.get("NBCLUSTER_HEAD", ""),
     )
     context.worker_identity = ident
+    current.set_worker_connector(_connect_client)
     sys.stdout.write(f"NBCLUSTER_WORKER_READY {addr} {ctrl_addr} {os.getpid()}\n")
     sys.stdout.flush()
     Worker(transport, sock, ctrl, ident).run()
+
+
+def _connect_client() -> CoreClient:
+    """The client this worker's tasks use to submit tasks or get borrowed refs (on first use)."""
+    from nbcluster.client.in_worker import connect_from_worker  # most tasks never need it
+
+    return connect_from_worker()

@@ -10,8 +10,8 @@ from typing import Any
 
 import ipywidgets as w
 
-import nbcluster as nb
-from nbcluster.widgets import cluster_nodes
+from nbcluster.client import current
+from nbcluster.status import cluster_nodes
 
 #: Dashboards that keep updating at once; making another freezes the oldest (a re-run cell's
 #: old output is never closed by the frontend, so its thread would otherwise run forever).
@@ -56,9 +56,9 @@ class NodeView:
 
 
 def snapshot() -> list[NodeView]:
-    """The cluster as the dashboard shows it (see :func:`nbcluster.widgets.cluster_nodes`)."""
+    """The cluster as the dashboard shows it (see :func:`nbcluster.status.cluster_nodes`)."""
     actors_by_node: dict[str, list[str]] = {}
-    for a in nb.actors():
+    for a in current.require().query("actors"):
         if a.get("state") == "ALIVE" and a.get("node_id"):
             label = a.get("name") or a.get("class_name") or "actor"
             actors_by_node.setdefault(str(a["node_id"]), []).append(str(label))
@@ -240,7 +240,7 @@ class Dashboard(w.VBox):  # type: ignore[misc]
             try:
                 self.refresh()
             except Exception:
-                if not nb.is_initialized():
+                if current.get() is None:
                     break  # disconnected: nothing more to show
         with _live_lock, contextlib.suppress(ValueError):
             _live.remove(self)

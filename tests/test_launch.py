@@ -1,0 +1,110 @@
+"""The one launcher of heads and node agents (``nbcluster.launch``), with real processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nbcluster.exceptions import NbclusterError
+from nbcluster.launch import (
+    HEAD_READY,
+    START_TIMEOUT_S,
+    AgentOptions,
+    ChildProcess,
+    start_agent,
+)
+from nbcluster.protocol.security import new_token, write_token_file
+from nbcluster.store.segment import SHM_DIR
+from tests.conftest import all_gone
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_agent_options_build_the_command_line(tmp_path: Path) -> None:
+    opts = AgentOptions(
+        head_address="10.0.0.1:7711",
+        token_file=tmp_path / "token",
+        node_name="box",
+        num_cpus=2,
+        resources={"TPU": 1},
+        spill_dir=tmp_path / "spill",
+        spill_limit=5,
+    )
+    args = opts.args()
+    assert args[:4] == ["--address", "10.0.0.1:7711", "--token-file", str(tmp_path / "token")]
+    assert args[args.index("--parent-pid") + 1] == str(os.getpid())
+    assert args[args.index("--node-name") + 1] == "box"
+    assert args[args.index("--resources") + 1] == '{"TPU": 1}'
+    assert args[args.index("--spill-dir") + 1] == str(tmp_path / "spill")
+    assert "--num-gpus" not in args and "--cwd" not in args
+    assert "--parent-pid" not in AgentOptions("h:1", "t", watch_parent=False).args()
+    # Default node name: this host's.
+    default = AgentOptions("h:1", "t").args()
+    assert default[default.index("--node-name") + 1] == socket.gethostname()
+
+
+def test_an_agent_that_cannot_start_is_a_clear_error_with_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "agent.log"
+    write_token_file(tmp_path / "token", new_token())
+    agent = start_agent(
+        AgentOptions("127.0.0.1:1", tmp_path / "token", num_cpus=-1), log=log
+    )  # a negative CPU count: a usage error, said in one line, before anything starts
+    with pytest.raises(NbclusterError, match=r"exited during start-up \(code 2\)") as err:
+        agent.wait_ready(time.monotonic() + START_TIMEOUT_S)
+    assert "nbcluster-worker" in str(err.value)  # the end of its log comes with the error
+    agent.stop()
+    assert agent.proc.returncode == 2 and agent.node_id == ""
+
+    # No secret: one line, not a traceback.
+    log = tmp_path / "agent-2.log"
+    agent = start_agent(AgentOptions("127.0.0.1:1", tmp_path / "missing"), log=log)
+    with pytest.raises(NbclusterError, match=r"code 2\):\nnbcluster-worker: token file"):
+        agent.wait_ready(time.monotonic() + START_TIMEOUT_S)
+    agent.stop()
+    assert "Traceback" not in log.read_text()
+
+
+def test_head_and_agent_start_report_their_ids_and_stop_with_their_workers(
+    tmp_path: Path,
+) -> None:
+    token_file = tmp_path / "token"
+    write_token_file(token_file, new_token())
+    port = _free_port()
+    head = ChildProcess(
+        "head",
+        "nbcluster.head",
+        ["--port", str(port), "--token-file", str(token_file), "--parent-pid", str(os.getpid())],
+        marker=HEAD_READY,
+        log=tmp_path / "head.log",
+    )
+    agent = None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        assert head.wait_ready(deadline).endswith(f":{port}")
+        agent = start_agent(
+            AgentOptions(f"127.0.0.1:{port}", token_file, num_cpus=1, spill_dir=tmp_path / "sp"),
+            log=tmp_path / "agent.log",
+        )
+        agent.wait_ready(deadline)
+        assert len(agent.node_id) > 0 and agent.store_address.startswith("tcp://")
+        assert agent.store_id and agent.head_address == f"127.0.0.1:{port}"
+        assert any(f.startswith(f"nbc-{agent.store_id}") for f in os.listdir(SHM_DIR))
+        workers = [p.pid for p in psutil.Process(agent.pid).children(recursive=True)]
+        assert workers  # prestarted
+    finally:
+        if agent is not None:
+            agent.stop()
+        head.stop()
+    assert all_gone([head.pid, agent.pid, *workers])
+    assert not any(f.startswith(f"nbc-{agent.store_id}") for f in os.listdir(SHM_DIR))
+    assert (tmp_path / "agent.log").exists() and agent.proc.stdout is not None
+    assert agent.proc.stdout.closed
