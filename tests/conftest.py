@@ -8,12 +8,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 
 import nbcluster as nb
+
+if TYPE_CHECKING:
+    from tests.multinode import Procs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +28,23 @@ def cluster() -> Iterator[nb.ClusterInfo]:
     info = nb.init(num_cpus=2, num_gpus=2, resources={"custom": 1})
     yield info
     nb.shutdown()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """A standalone head and node agents started by the test (``tests/multinode.py``); their
+    logs are printed when the test fails."""
+    from tests.multinode import Procs  # it imports this module
+
+    nb.shutdown()
+    p = Procs(tmp_path)
+    try:
+        yield p
+    except BaseException:
+        print(p.logs())
+        raise
+    finally:
+        p.close()
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +18,6 @@ from nbcluster.client import current
 from nbcluster.exceptions import TaskError
 from tests.conftest import wait_until
 from tests.multinode import Procs, node_alive
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    nb.shutdown()
-    p = Procs(tmp_path)
-    try:
-        yield p
-    except BaseException:
-        print(p.logs())
-        raise
-    finally:
-        p.close()
 
 
 # ------------------------------------------------------------------ remote errors

@@ -69,19 +69,6 @@ def two_cpus() -> Iterator[nb.ClusterInfo]:
     nb.shutdown()
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    nb.shutdown()
-    p = Procs(tmp_path)
-    try:
-        yield p
-    except BaseException:
-        print(p.logs())
-        raise
-    finally:
-        p.close()
-
-
 # ------------------------------------------------------------------------------ pure state
 def test_failed_starts_are_planned_again() -> None:
     """A worker that dies while starting leaves a waiting request and a short pool: both ask

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,19 +13,6 @@ import pytest
 import nbcluster as nb
 from tests.conftest import all_gone, wait_until
 from tests.multinode import Procs, node_alive
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    nb.shutdown()
-    p = Procs(tmp_path)
-    try:
-        yield p
-    except BaseException:
-        print(p.logs())
-        raise
-    finally:
-        p.close()
 
 
 @nb.remote
