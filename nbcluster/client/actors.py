@@ -19,7 +19,7 @@ from nbcluster.client.tasks import TaskRecord
 from nbcluster.client.wire import WorkerConn, is_ref, send_nowait, split_parts
 from nbcluster.exceptions import ActorDiedError, NbclusterError, TaskCancelledError
 from nbcluster.protocol.codec import encode
-from nbcluster.protocol.messages import Kind
+from nbcluster.protocol.messages import ALIVE, DEAD, RESTARTING, Kind
 from nbcluster.refs import ObjectRef
 from nbcluster.serialization import dumps, dumps_args
 from nbcluster.transport.sockets import check_frame_sizes
@@ -29,10 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nbcluster")
 
-UNKNOWN = "UNKNOWN"
-ALIVE = "ALIVE"
-RESTARTING = "RESTARTING"
-DEAD = "DEAD"
+UNKNOWN = "UNKNOWN"  # the driver's own: not heard of from the head yet
 
 
 @dataclass

@@ -22,11 +22,7 @@ from nbcluster.head.instructions import (
 )
 from nbcluster.head.model import Lease, WorkerInfo
 from nbcluster.head.state import ClusterState
-
-PENDING = "PENDING"
-ALIVE = "ALIVE"
-RESTARTING = "RESTARTING"
-DEAD = "DEAD"
+from nbcluster.protocol.messages import ALIVE, DEAD, PENDING, RESTARTING
 
 
 @dataclass

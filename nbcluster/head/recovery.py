@@ -35,7 +35,8 @@ from typing import Any
 
 import msgpack
 
-from nbcluster.head.actors import DEAD, ActorDirectory, ActorInfo
+from nbcluster.head.actors import ActorDirectory, ActorInfo
+from nbcluster.protocol.messages import DEAD
 
 _SNAPSHOT_VERSION = 1
 

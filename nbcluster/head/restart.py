@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbcluster.head.actors import ALIVE, DEAD, PENDING, ActorDirectory
+from nbcluster.head.actors import ActorDirectory
 from nbcluster.head.instructions import (
     ActorChanged,
     ActorRequester,
@@ -31,6 +31,7 @@ from nbcluster.head.instructions import (
 from nbcluster.head.model import WorkerState
 from nbcluster.head.recovery import Snapshot, gpu_shares, restore_actors
 from nbcluster.head.state import ClusterState
+from nbcluster.protocol.messages import ALIVE, DEAD, PENDING
 
 log = logging.getLogger(__name__)
 

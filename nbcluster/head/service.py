@@ -15,7 +15,7 @@ import zmq
 
 from nbcluster._version import __version__
 from nbcluster.exceptions import ProtocolError
-from nbcluster.head.actors import DEAD, ActorDirectory, ActorInfo
+from nbcluster.head.actors import ActorDirectory, ActorInfo
 from nbcluster.head.instructions import (
     ActorChanged,
     ActorInit,
@@ -40,7 +40,7 @@ from nbcluster.head.restart import Recovery
 from nbcluster.head.state import ClusterState
 from nbcluster.head.trouble import WorkerTrouble
 from nbcluster.protocol.codec import encode
-from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
+from nbcluster.protocol.messages import DEAD, PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import derive_keys
 from nbcluster.protocol.validation import (
     INTERNAL,

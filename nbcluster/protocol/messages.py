@@ -104,3 +104,10 @@ class Kind(StrEnum):
     BORROW_DEL = "bdel"  # borrower -> owner: a callee that kept the ref let go of it
     ESCAPE = "escape"  # borrower -> owner: keep it until the job ends
     OBJECT = "obj"  # owner -> borrower: + its frames
+
+
+# --- actor states, as ACTOR_STATE carries them (and the head's directory and clients use) -------
+PENDING = "PENDING"  # not placed yet
+ALIVE = "ALIVE"
+RESTARTING = "RESTARTING"  # its worker died; being placed again (max_restarts)
+DEAD = "DEAD"
