@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import builtins
 import types
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import cloudpickle
@@ -37,6 +38,25 @@ def pickle_problem(value: Any) -> str | None:
     return None
 
 
+def sendable(
+    items: Iterable[tuple[str, Any]], module: Callable[[types.ModuleType], Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split named values into those that can be sent (modules as ``module`` makes them) and,
+    for the others, why they do not pickle."""
+    values: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name, value in items:
+        if isinstance(value, types.ModuleType):
+            values[name] = module(value)
+            continue
+        why = pickle_problem(value)
+        if why is None:
+            values[name] = value
+        else:
+            skipped[name] = why
+    return values, skipped
+
+
 def run_cell(
     code: str, inputs: dict[str, Any], filename: str, *, bound_self: Any = NO_SELF
 ) -> dict[str, Any]:
@@ -58,21 +78,13 @@ def run_cell(
     result = None
     if last is not None:
         result = eval(compile(ast.Expression(last), filename, "eval"), ns)
-    values: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    for name, value in ns.items():
-        if name.startswith("__") or name == "self":
-            continue
-        if name in before and before[name] is value:
-            continue  # not rebound by the cell
-        if isinstance(value, types.ModuleType):
-            values[name] = ModuleByName(value.__name__)
-            continue
-        why = pickle_problem(value)
-        if why is None:
-            values[name] = value
-        else:
-            skipped[name] = why
+    bound = (
+        (name, value)
+        for name, value in ns.items()
+        if not (name.startswith("__") or name == "self")
+        and not (name in before and before[name] is value)  # not rebound by the cell
+    )
+    values, skipped = sendable(bound, lambda m: ModuleByName(m.__name__))
     if result is not None and pickle_problem(result) is not None:
         skipped["(cell result)"] = "does not pickle; shown as its repr"
         result = ReprOnly(repr(result))

@@ -13,12 +13,11 @@ import json
 import linecache
 import shlex
 import sys
-import types
 from typing import Any
 
 from nbcluster.actor import ActorHandle, get_actor
 from nbcluster.api import actors, get, init, is_initialized, nodes, shutdown
-from nbcluster.cells import EXEC_METHOD, ModuleByName, pickle_problem, run_cell
+from nbcluster.cells import EXEC_METHOD, ModuleByName, run_cell, sendable
 from nbcluster.client import current
 from nbcluster.client.core import CoreClient
 from nbcluster.kernel import attach_kernel
@@ -55,21 +54,13 @@ def _used_names(code: str) -> set[str]:
 
 def _inputs(code: str, user_ns: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """The notebook globals a cell uses that can be sent, and why the others cannot."""
-    inputs: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    for name in sorted(_used_names(code)):
-        if name not in user_ns or name in _IPYTHON_NAMES or name.startswith("__"):
-            continue
-        value = user_ns[name]
-        if isinstance(value, types.ModuleType):
-            inputs[name] = value  # pickled by reference: imported again where the cell runs
-            continue
-        why = pickle_problem(value)
-        if why is None:
-            inputs[name] = value
-        else:
-            skipped[name] = why
-    return inputs, skipped
+    used = (
+        (name, user_ns[name])
+        for name in sorted(_used_names(code))
+        if name in user_ns and name not in _IPYTHON_NAMES and not name.startswith("__")
+    )
+    # Modules are pickled by reference: imported again where the cell runs.
+    return sendable(used, lambda m: m)
 
 
 _cell_numbers = iter(range(1, sys.maxsize))
