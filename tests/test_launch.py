@@ -108,3 +108,52 @@ def test_head_and_agent_start_report_their_ids_and_stop_with_their_workers(
     assert not any(f.startswith(f"nbc-{agent.store_id}") for f in os.listdir(SHM_DIR))
     assert (tmp_path / "agent.log").exists() and agent.proc.stdout is not None
     assert agent.proc.stdout.closed
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` now (``SigCgt`` in its status)."""
+    with open(f"/proc/{pid}/status") as f:
+        caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(caught & (1 << (signum - 1)))
+
+
+def test_a_sigterm_right_after_the_ready_line_still_stops_the_workers(tmp_path: Path) -> None:
+    """The ready line is printed after the SIGTERM handler is in place.
+
+    Before, a SIGTERM that came between the two ended the agent by default and left its workers
+    (in their own sessions) running: CI saw a worker outlive ``stop()``.
+    """
+    import signal
+
+    token_file = tmp_path / "token"
+    write_token_file(token_file, new_token())
+    port = _free_port()
+    head = ChildProcess(
+        "head",
+        "nbcluster.head",
+        ["--port", str(port), "--token-file", str(token_file), "--parent-pid", str(os.getpid())],
+        marker=HEAD_READY,
+        log=tmp_path / "head.log",
+    )
+    workers: list[int] = []
+    agent = None
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        head.wait_ready(deadline)
+        assert _catches(head.pid, signal.SIGTERM)
+        agent = start_agent(
+            AgentOptions(f"127.0.0.1:{port}", token_file, num_cpus=2, spill_dir=tmp_path / "sp"),
+            log=tmp_path / "agent.log",
+        )
+        agent.wait_ready(deadline)
+        assert _catches(agent.pid, signal.SIGTERM)
+        workers = [p.pid for p in psutil.Process(agent.pid).children(recursive=True)]
+        agent.terminate()  # at once, as a user's Ctrl-C in the launching notebook would
+        agent.proc.wait(START_TIMEOUT_S)
+        assert agent.proc.returncode == 0  # it ran its shutdown, not the default action
+        assert workers and all_gone(workers)
+    finally:
+        if agent is not None:
+            agent.stop()
+        head.stop()
+    assert all_gone([head.pid, *workers])

@@ -64,6 +64,12 @@ async def run_agent(args: argparse.Namespace) -> int:
     except NbclusterError as exc:
         print(f"nbcluster-worker: {exc}", file=sys.stderr)
         return 1
+    # Handlers before anything starts: a SIGTERM that came between the ready line and the
+    # handler would end us by default and leave our workers (own sessions) running.
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signalled.set)
     try:
         await agent.start()
     except NbclusterError as exc:
@@ -75,10 +81,6 @@ async def run_agent(args: argparse.Namespace) -> int:
         f"{AGENT_READY} {agent.node_id} {agent.store_address} {agent.store_id}",
         flush=True,
     )
-    loop = asyncio.get_running_loop()
-    signalled = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, signalled.set)
     watcher = None
     if args.parent_pid:
         watcher = asyncio.create_task(watch_parent(args.parent_pid, agent.stopped))

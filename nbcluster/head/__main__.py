@@ -23,12 +23,13 @@ async def run_head(args: argparse.Namespace) -> int:
         print("nbcluster head: no cluster secret (use --token-file)", file=sys.stderr)
         return 2
     head = HeadService(token, args.host, args.port, state_file=getattr(args, "state_file", None))
-    address = await head.start()
-    print(f"NBCLUSTER_HEAD_READY {address}", flush=True)
+    # Handlers before the ready line: a SIGTERM right after it must still stop the nodes.
     gone = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gone.set)
+    address = await head.start()
+    print(f"NBCLUSTER_HEAD_READY {address}", flush=True)
     watchers = []
     if args.parent_pid:
         watchers.append(asyncio.create_task(watch_parent(args.parent_pid, gone)))
