@@ -1,10 +1,14 @@
 """What checking every received message against its schema costs.
 
-Two figures:
+Three figures:
 
 - per message, in µs: decoding the header (msgpack) and validating it
-  (``nbcluster.protocol.validation.validate``), for the hot-path kinds (``TASK``, ``RESULT``,
-  ``LEASE_REQUEST``, ``LEASE_GRANTED``, ``ACTOR_CALL``) as the code sends them;
+  (``nbcluster.protocol.validation.validate``), against decoding it straight into its typed
+  message (``receive_message``: one ``msgspec`` decoder for the tagged union of every kind), for
+  the hot-path kinds (``TASK``, ``RESULT``, ``LEASE_REQUEST``, ``LEASE_GRANTED``, ``ACTOR_CALL``)
+  as the code sends them;
+- per message, in µs: building and encoding the header as a dict (msgpack) against building its
+  typed message and encoding that (``msgspec``);
 - the no-op task round trip: ``nb.get(f.remote())`` in a loop on a local cluster, in µs per task.
   Run it under the code before and after a change (``PYTHONPATH=<checkout>``) to compare.
 
@@ -72,7 +76,7 @@ HOT: dict[str, tuple[dict[str, Any], int]] = {
 def micro(number: int = 200_000) -> dict[str, dict[str, float]]:
     """µs per message: decode alone, validate alone, decode + validate."""
     from nbcluster.protocol.codec import decode, encode
-    from nbcluster.protocol.validation import receive, validate
+    from nbcluster.protocol.validation import receive, receive_message, validate
 
     out = {}
     for kind, (header, nframes) in HOT.items():
@@ -82,10 +86,37 @@ def micro(number: int = 200_000) -> dict[str, dict[str, float]]:
             "decode_us": functools.partial(decode, frames),
             "validate_us": functools.partial(validate, decoded, payload),
             "receive_us": functools.partial(receive, frames),
+            "typed_us": functools.partial(receive_message, frames),
         }
         out[kind] = {
             what: min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
             for what, fn in runs.items()
+        }
+    return out
+
+
+def encoding(number: int = 200_000) -> dict[str, dict[str, float]]:
+    """µs per header: a dict packed with msgpack against a typed message encoded by msgspec."""
+    import msgspec
+
+    from nbcluster.protocol.codec import encode
+    from nbcluster.protocol.schema import SCHEMAS
+
+    enc = msgspec.msgpack.Encoder()
+    out = {}
+    for kind, (header, _) in HOT.items():
+        cls = SCHEMAS[kind]
+        fields = {k: v for k, v in header.items() if k != "k"}
+
+        def as_dict(fields: dict[str, Any] = fields, kind: str = kind) -> object:
+            return encode({"k": kind, **fields})
+
+        def as_struct(fields: dict[str, Any] = fields, cls: Any = cls) -> object:
+            return [enc.encode(cls(**fields))]
+
+        out[kind] = {
+            "dict_us": min(timeit.repeat(as_dict, number=number, repeat=5)) / number * 1e6,
+            "struct_us": min(timeit.repeat(as_struct, number=number, repeat=5)) / number * 1e6,
         }
     return out
 
@@ -121,11 +152,18 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     if args.micro or not args.roundtrip:
-        print(f"{'kind':8} {'decode µs':>10} {'validate µs':>12} {'decode+validate µs':>19}")
+        print(
+            f"{'kind':8} {'decode µs':>10} {'validate µs':>12} {'decode+validate µs':>19} "
+            f"{'typed decode µs':>16}"
+        )
         for kind, r in micro().items():
             print(
-                f"{kind:8} {r['decode_us']:10.2f} {r['validate_us']:12.2f} {r['receive_us']:19.2f}"
+                f"{kind:8} {r['decode_us']:10.2f} {r['validate_us']:12.2f} "
+                f"{r['receive_us']:19.2f} {r['typed_us']:16.2f}"
             )
+        print(f"{'kind':8} {'dict+msgpack µs':>16} {'struct+msgspec µs':>18}")
+        for kind, r in encoding().items():
+            print(f"{kind:8} {r['dict_us']:16.2f} {r['struct_us']:18.2f}")
     if args.roundtrip or not args.micro:
         runs = roundtrip(args.roundtrip or 2000, args.repeat)
         print(
