@@ -1,0 +1,227 @@
+"""The transport seam: what the head and agents need from a message transport, and two of them.
+
+A :class:`Listener` is a bound endpoint many peers connect to; each received message comes with
+the identity of the peer that sent it, and answers go back by that identity. A :class:`Channel`
+is one connection to a listener. A :class:`Network` makes both. Messages are lists of frames
+(:mod:`nbcluster.protocol.codec`).
+
+- :class:`ZmqNetwork`: the real one, ZeroMQ ROUTER/DEALER sockets with CurveZMQ authentication,
+  made by a :class:`~nbcluster.transport.sockets.Transport` (its security is unchanged).
+- :class:`MemoryNetwork`: asyncio queues in one process, so that head and agent logic can be
+  run and tested together without sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import zmq
+
+from nbcluster.exceptions import ConnectionFailedError
+from nbcluster.transport.sockets import Transport
+
+
+class PeerUnreachable(ConnectionError):
+    """A listener has no connection to that peer (it left, or never connected)."""
+
+
+class Channel(Protocol):
+    """One connection to a listener: messages in order, both ways."""
+
+    async def send(self, frames: Sequence[Any]) -> None:
+        """Queue one message (a list of frames) for the listener."""
+        ...
+
+    async def recv(self) -> list[Any]:
+        """The next message from the listener."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection (what is still queued may be lost)."""
+        ...
+
+
+class Listener(Protocol):
+    """A bound endpoint: messages from every peer connected to it, each with its identity."""
+
+    #: Where peers connect (``tcp://host:port``).
+    endpoint: str
+
+    async def send(self, peer: bytes, frames: Sequence[Any]) -> None:
+        """Queue one message for ``peer``.
+
+        Raises
+        ------
+        PeerUnreachable
+            If no peer of that identity is connected.
+        """
+        ...
+
+    async def recv(self) -> tuple[bytes, list[Any]]:
+        """The next message from any peer, with that peer's identity."""
+        ...
+
+    def close(self) -> None:
+        """Stop listening."""
+        ...
+
+
+class Network(Protocol):
+    """Makes listeners and channels (one per process, closed with it)."""
+
+    def listen(self, endpoint: str) -> Listener:
+        """Bind ``endpoint`` (``tcp://host:0`` picks a free port: see ``Listener.endpoint``)."""
+        ...
+
+    async def connect(self, endpoint: str, verify_timeout: float | None = None) -> Channel:
+        """Connect to a listener; with ``verify_timeout``, wait until it answered (and, on
+        ZeroMQ, accepted our credentials) for at most that long."""
+        ...
+
+    def close(self) -> None:
+        """Close every listener and channel made here."""
+        ...
+
+
+# ------------------------------------------------------------------------------ ZeroMQ
+class ZmqChannel:
+    """A :class:`Channel` over an asyncio ZeroMQ DEALER socket."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    async def send(self, frames: Sequence[Any]) -> None:
+        await self.sock.send_multipart(frames)
+
+    async def recv(self) -> list[Any]:
+        frames: list[Any] = await self.sock.recv_multipart()
+        return frames
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class ZmqListener:
+    """A :class:`Listener` over an asyncio ZeroMQ ROUTER socket (``ROUTER_MANDATORY``)."""
+
+    def __init__(self, sock: Any, endpoint: str) -> None:
+        self.sock, self.endpoint = sock, endpoint
+
+    async def send(self, peer: bytes, frames: Sequence[Any]) -> None:
+        try:
+            await self.sock.send_multipart([peer, *frames])
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is not connected
+            raise PeerUnreachable(str(exc)) from None
+
+    async def recv(self) -> tuple[bytes, list[Any]]:
+        frames = await self.sock.recv_multipart()
+        return frames[0], frames[1:]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class ZmqNetwork:
+    """The ZeroMQ :class:`Network`: CURVE-authenticated sockets of one :class:`Transport`."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def listen(self, endpoint: str) -> ZmqListener:
+        sock, bound = self.transport.server(zmq.ROUTER, endpoint)
+        return ZmqListener(sock, bound)
+
+    async def connect(self, endpoint: str, verify_timeout: float | None = None) -> ZmqChannel:
+        if verify_timeout is None:
+            return ZmqChannel(self.transport.client(zmq.DEALER, endpoint))
+        sock = await self.transport.connect_verified(zmq.DEALER, endpoint, verify_timeout)
+        return ZmqChannel(sock)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+# ------------------------------------------------------------------------------ in memory
+class MemoryChannel:
+    """One end of an in-memory connection (a :class:`Channel`)."""
+
+    def __init__(self, listener: MemoryListener, ident: bytes) -> None:
+        self.listener, self.ident = listener, ident
+        self.inbox: asyncio.Queue[list[Any]] = asyncio.Queue()
+        self.closed = False
+
+    async def send(self, frames: Sequence[Any]) -> None:
+        if not self.closed and not self.listener.closed:  # like ZeroMQ: dropped, no error
+            self.listener.inbox.put_nowait((self.ident, [bytes(f) for f in frames]))
+
+    async def recv(self) -> list[Any]:
+        return await self.inbox.get()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.peers.pop(self.ident, None)
+
+
+class MemoryListener:
+    """An in-memory :class:`Listener`; peers get identities as ZeroMQ would give them."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.inbox: asyncio.Queue[tuple[bytes, list[Any]]] = asyncio.Queue()
+        self.peers: dict[bytes, MemoryChannel] = {}
+        self.closed = False
+        self._ids = itertools.count(1)
+
+    def connect(self) -> MemoryChannel:
+        """A new connection from a new peer."""
+        ch = MemoryChannel(self, b"\0peer-%d" % next(self._ids))
+        self.peers[ch.ident] = ch
+        return ch
+
+    async def send(self, peer: bytes, frames: Sequence[Any]) -> None:
+        ch = self.peers.get(peer)
+        if ch is None or ch.closed:
+            raise PeerUnreachable(f"no peer {peer!r}")
+        ch.inbox.put_nowait([bytes(f) for f in frames])
+
+    async def recv(self) -> tuple[bytes, list[Any]]:
+        return await self.inbox.get()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemoryNetwork:
+    """A :class:`Network` of asyncio queues: every listener and channel lives in this process.
+
+    Frames are copied to ``bytes`` on the way, as they would be by a socket. Endpoints look like
+    ZeroMQ's (``tcp://host:port``, with made-up ports) so that code parsing them works unchanged.
+    """
+
+    def __init__(self) -> None:
+        self.listeners: dict[str, MemoryListener] = {}
+        self._ports = itertools.count(40000)
+
+    def listen(self, endpoint: str) -> MemoryListener:
+        host_port = endpoint.removeprefix("tcp://")
+        host, _, port = host_port.rpartition(":")
+        if port in ("0", "*"):
+            port = str(next(self._ports))
+        bound = f"tcp://{host}:{port}"
+        if bound in self.listeners and not self.listeners[bound].closed:
+            raise ConnectionFailedError(f"could not bind {bound}: already in use")
+        listener = self.listeners[bound] = MemoryListener(bound)
+        return listener
+
+    async def connect(self, endpoint: str, verify_timeout: float | None = None) -> MemoryChannel:
+        listener = self.listeners.get(endpoint)
+        if listener is None or listener.closed:
+            raise ConnectionFailedError(f"nothing listens at {endpoint}")
+        return listener.connect()
+
+    def close(self) -> None:
+        for listener in self.listeners.values():
+            listener.close()
