@@ -17,6 +17,7 @@ from typing import Any
 from nbcluster.head.actors import ActorDirectory, ActorInfo
 from nbcluster.head.model import NodeInfo
 from nbcluster.head.state import ClusterState
+from nbcluster.protocol.schema import Hello
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,10 @@ class Observer:
     jobs: dict[str, JobOwner] = field(default_factory=dict)
 
     # --------------------------------------------------------------------------- events in
-    def job_started(self, job_id: str, h: dict[str, Any]) -> None:
-        """A driver said hello; ``h`` may name its kernel and notebook."""
-        kernel_id = h.get("kernel_id") or None
-        notebook = h.get("notebook") or None
+    def job_started(self, job_id: str, hello: Hello) -> None:
+        """A driver said hello; its ``HELLO`` may name its kernel and notebook."""
         self.jobs[job_id] = JobOwner(
-            job_id,
-            str(kernel_id) if kernel_id else None,
-            str(notebook) if notebook else None,
-            int(h.get("pid", 0)),
+            job_id, hello.kernel_id or None, hello.notebook or None, hello.pid
         )
 
     def job_gone(self, job_id: str) -> None:

@@ -45,7 +45,8 @@ UNKNOWN_AFTER_RESTART = (
 NODE_NOT_BACK = "its node did not come back after the head restarted"
 
 #: A message held back during the window: (sender identity, header, payload).
-Deferred = tuple[bytes, dict[str, Any], list[Any]]
+#: A message held back during the window: (sender, typed message, payload frames).
+Deferred = tuple[bytes, Any, list[Any]]
 
 
 @dataclass

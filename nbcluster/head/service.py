@@ -9,12 +9,12 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, assert_never
 
-import zmq
+import msgspec
 
 from nbcluster._version import __version__
-from nbcluster.exceptions import ProtocolError
 from nbcluster.head.actors import ActorDirectory, ActorInfo
 from nbcluster.head.instructions import (
     ActorChanged,
@@ -39,21 +39,18 @@ from nbcluster.head.recovery import load_snapshot, save_snapshot, take_snapshot
 from nbcluster.head.restart import Recovery
 from nbcluster.head.state import ClusterState
 from nbcluster.head.trouble import WorkerTrouble
+from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import DEAD, PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import derive_keys
-from nbcluster.protocol.validation import (
-    INTERNAL,
-    RateLimitedLog,
-    error_reply,
-    expects_reply,
-    receive,
-    should_answer,
-)
 from nbcluster.transport import Transport
+from nbcluster.transport.channel import Channel, Listener, Network, PeerUnreachable, ZmqNetwork
+from nbcluster.transport.serve import Dispatcher, follow, serve
 
 log = logging.getLogger(__name__)
-_malformed = RateLimitedLog(log, "dropping a malformed message")
+
+#: A handler of messages from a connected peer.
+PeerHandler = Callable[[Peer, Any, list[Any]], Awaitable[None]]
 
 #: A client or agent silent for this long is considered gone.
 LIVENESS_TIMEOUT_S = 10.0
@@ -79,12 +76,22 @@ class HeadService:
     state_file
         Where to keep the snapshot that lets a restarted head pick the cluster up again
         (``None``: not restartable).
+    network
+        The transport (default: ZeroMQ with CURVE keys derived from ``token``; a
+        :class:`~nbcluster.transport.channel.MemoryNetwork` runs the head in one process).
     """
 
     def __init__(
-        self, token: str, host: str = "127.0.0.1", port: int = 0, state_file: str | None = None
+        self,
+        token: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        state_file: str | None = None,
+        *,
+        network: Network | None = None,
     ) -> None:
         self._token = token
+        self._net = network
         self.host = host
         self.port = port
         self.state_file = state_file
@@ -94,11 +101,29 @@ class HeadService:
         self._dirty = False
         self.actors = ActorDirectory(self.state)
         self.recovery = Recovery(self.state, self.actors)  # taking peers back after a restart
-        self._worker_socks: dict[str, Any] = {}  # head -> actor-hosting worker connections
+        self._worker_socks: dict[str, Channel] = {}  # head -> actor-hosting worker connections
         self.peers: dict[bytes, Peer] = {}
         self._jobs = itertools.count(1)
-        self._transport: Transport | None = None
-        self._sock: Any = None
+        self._sock: Listener | None = None
+        self._dispatch = Dispatcher[bytes](self._handle, what="", logger=log, answer=self._send)
+        self._handlers: dict[type[m.Message], PeerHandler] = {
+            m.Ping: self._on_ping,
+            m.LeaseRequest: self._on_lease_request,
+            m.LeaseReturn: self._on_lease_return,
+            m.LeaseCancel: self._on_lease_cancel,
+            m.TaskEvents: self._on_task_events,
+            m.WorkerBlocked: self._on_blocked,
+            m.WorkerUnblocked: self._on_blocked,
+            m.Query: self._on_query,
+            m.WorkerReady: self._on_worker_ready,
+            m.WorkerDied: self._worker_died,
+            m.ActorCreate: self._on_actor_create,
+            m.ActorResolve: self._on_actor_resolve,
+            m.ActorKill: self._on_actor_kill,
+            m.ActorRelease: self._on_actor_release,
+            m.Goodbye: self._on_goodbye,
+            m.ShutdownCluster: self._on_shutdown,
+        }
         self.address = ""
         self.started_at = time.time()
         # Views, metrics history, task table and change events for the Jupyter panel.
@@ -113,9 +138,10 @@ class HeadService:
 
     async def start(self) -> str:
         """Bind and start serving; returns ``host:port``."""
-        self._transport = Transport(derive_keys(self._token))
-        self._sock, endpoint = self._transport.server(zmq.ROUTER, f"tcp://{self.host}:{self.port}")
-        self.port = int(endpoint.rsplit(":", 1)[1])
+        if self._net is None:
+            self._net = ZmqNetwork(Transport(derive_keys(self._token)))
+        self._sock = self._net.listen(f"tcp://{self.host}:{self.port}")
+        self.port = int(self._sock.endpoint.rsplit(":", 1)[1])
         self.address = f"{self.host}:{self.port}"
         self.observe.address = self.address
         snap = load_snapshot(self.state_file) if self.state_file else None
@@ -166,13 +192,13 @@ class HeadService:
             with contextlib.suppress(BaseException):
                 await t
         for sock in self._worker_socks.values():
-            sock.close(linger=0)
+            sock.close()
         self._worker_socks.clear()
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close()
         self._sock = None
-        if self._transport is not None:
-            self._transport.close()
+        if self._net is not None:
+            self._net.close()
         self._stopped.set()
 
     # ------------------------------------------------------------------------------ I/O
@@ -182,28 +208,13 @@ class HeadService:
         if self._sock is None:
             return
         try:
-            await self._sock.send_multipart([ident, *encode(header, payload or ())])
-        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY): it will be reaped
+            await self._sock.send(ident, encode(header, payload or ()))
+        except PeerUnreachable as exc:  # peer gone (ROUTER_MANDATORY): it will be reaped
             log.debug("send to %r failed: %s", ident, exc)
 
     async def _serve(self) -> None:
         assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart(copy=True)
-            ident, rest = frames[0], frames[1:]
-            try:
-                header, payload = receive(rest)
-            except ProtocolError as exc:
-                _malformed(f"from {ident!r}: {exc}")
-                if should_answer(exc):
-                    await self._send(ident, error_reply(exc))
-                continue
-            try:
-                await self._handle(ident, header, payload)
-            except Exception as exc:  # a bug: answer it, and keep serving everyone else
-                log.exception("error handling %r", rest[:1])
-                if expects_reply(header):
-                    await self._send(ident, error_reply(exc, INTERNAL, header.get("rid")))
+        await serve(self._sock, self._dispatch)  # malformed messages: see transport/serve.py
 
     async def _reaper(self) -> None:
         last = time.monotonic()
@@ -328,11 +339,11 @@ class HeadService:
         self._delayed.add(t)
         t.add_done_callback(self._delayed.discard)
 
-    async def _worker_died(self, peer: Peer, h: dict[str, Any]) -> None:
+    async def _worker_died(self, peer: Peer, h: m.WorkerDied, payload: list[Any]) -> None:
         """An agent reports a worker that exited, or that never became ready."""
         node_id = peer.node_id or ""
-        reason = str(h.get("reason") or "worker died")
-        if not h.get("requested"):  # not one we asked the agent to kill
+        reason = h.reason or "worker died"
+        if not h.requested:  # not one we asked the agent to kill
             self._trouble.died(node_id, reason)
             node = self.state.nodes.get(node_id)
             msg = self._trouble.warning(node_id, node.name if node is not None else node_id)
@@ -343,9 +354,9 @@ class HeadService:
                         await self._send(
                             p.ident, {"k": Kind.WARNING, "msg": msg, "code": "workers_dying"}
                         )
-        if h.get("never_ready"):
+        if h.never_ready:
             await self._run(self.state.worker_start_failed(node_id))
-        await self._run(self.state.worker_died(h["worker_id"], reason))
+        await self._run(self.state.worker_died(h.worker_id, reason))
 
     async def _actor_infeasible(self, aid: str, missing: dict[str, float]) -> None:
         """Tell an actor's subscribers that no node could ever place it (it keeps waiting)."""
@@ -366,12 +377,9 @@ class HeadService:
             )
 
     async def _actor_init(self, a: ActorInfo, w: WorkerInfo, gpus: list[int]) -> None:
-        assert self._transport is not None
         sock = self._worker_socks.get(w.worker_id)
         if sock is None:
-            sock = self._transport.client(zmq.DEALER, w.address)
-            self._worker_socks[w.worker_id] = sock
-            self._tasks.append(asyncio.create_task(self._read_worker(sock, a.aid)))
+            sock = await self._connect_worker(w, a.aid)
         header = {
             "k": Kind.ACTOR_INIT,
             "aid": a.aid,
@@ -381,33 +389,39 @@ class HeadService:
             "assigned": a.shape,
             **a.spec,
         }
-        await sock.send_multipart(encode(header, a.payload))
+        await sock.send(encode(header, a.payload))
 
-    async def _read_worker(self, sock: Any, aid: str) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            try:
-                h, payload = receive(frames)
-            except ProtocolError as exc:
-                _malformed(f"from actor {aid}'s worker: {exc}")
-                continue
-            kind = h["k"]
-            try:
-                if kind == Kind.ACTOR_READY:
-                    await self._run(self.actors.on_ready(aid))
-                elif kind == Kind.ACTOR_FAILED:
-                    await self._run(self.actors.on_failed(aid, payload))
-                elif kind == Kind.ACTOR_EXIT:
-                    await self._run(self.actors.exited(aid))
-            except Exception:  # a bug: keep watching this actor
-                log.exception("error handling %s from actor %s", kind, aid)
+    async def _connect_worker(self, w: WorkerInfo, aid: str) -> Channel:
+        """Connect to the worker hosting actor ``aid``: its notices come back on it."""
+        assert self._net is not None
+        sock = self._worker_socks[w.worker_id] = await self._net.connect(w.address)
+        watch = Dispatcher[str](
+            {
+                m.ActorReady: self._on_actor_ready,
+                m.ActorFailed: self._on_actor_failed,
+                m.ActorExit: self._on_actor_exit,
+            },
+            what=f"from actor {aid}'s worker",
+            logger=log,
+        )  # no answers: a worker waits for none of these; a bug keeps watching this actor
+        self._tasks.append(asyncio.create_task(follow(sock, watch, aid)))
+        return sock
+
+    async def _on_actor_ready(self, aid: str, msg: m.ActorReady, payload: list[Any]) -> None:
+        await self._run(self.actors.on_ready(aid))
+
+    async def _on_actor_failed(self, aid: str, msg: m.ActorFailed, payload: list[Any]) -> None:
+        await self._run(self.actors.on_failed(aid, payload))
+
+    async def _on_actor_exit(self, aid: str, msg: m.ActorExit, payload: list[Any]) -> None:
+        await self._run(self.actors.exited(aid))
 
     def _drop_worker_sock(self, aid: str) -> None:
         a = self.actors.actors.get(aid)
         if a is not None and a.worker_id is not None:
             sock = self._worker_socks.pop(a.worker_id, None)
             if sock is not None:
-                sock.close(linger=0)
+                sock.close()
 
     async def _publish(self, a: ActorInfo) -> None:
         h: dict[str, Any] = {
@@ -445,116 +459,122 @@ class HeadService:
         }
 
     # ------------------------------------------------------------------------------ handlers
-    async def _handle(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
-        kind = h["k"]
+    async def _handle(self, ident: bytes, msg: m.Message, payload: list[Any]) -> None:
+        """Dispatch one received message: handshakes first, then a handler per message type."""
         peer = self.peers.get(ident)
         if peer is not None:
             peer.last_seen = time.monotonic()
-        if kind == Kind.HELLO:
-            await self._hello(ident, h)
+        if type(msg) is m.Hello:
+            await self._hello(ident, msg)
             return
-        if kind == Kind.REGISTER_NODE:
-            await self._register(ident, h)
+        if type(msg) is m.RegisterNode:
+            await self._register(ident, msg)
             return
-        if peer is None and kind in (Kind.ACTOR_READY, Kind.ACTOR_FAILED, Kind.ACTOR_EXIT):
-            return  # pragma: no cover - these arrive on worker connections
         if peer is None:
-            await self._send(ident, {"k": Kind.ERROR, "msg": "say hello first", "code": "nohello"})
+            if type(msg) not in (m.ActorReady, m.ActorFailed, m.ActorExit):  # worker notices
+                nohello = {"k": Kind.ERROR, "msg": "say hello first", "code": "nohello"}
+                await self._send(ident, nohello)
             return
-        st = self.state
-        if kind in (Kind.LEASE_REQUEST, Kind.ACTOR_CREATE) and self.recovery.defer(
-            (ident, h, payload)
+        if type(msg) in (m.LeaseRequest, m.ActorCreate) and self.recovery.defer(
+            (ident, msg, payload)
         ):
             return  # until the old leases are claimed back, no idle-looking worker is handed out
-        if kind == Kind.PING:
-            if peer.node_id is not None and "store" in h:
-                node = self.state.nodes.get(peer.node_id)
-                if node is not None:
-                    node.info["object_store"] = h["store"]
-                if h.get("metrics"):
-                    self.observe.on_metrics(peer.node_id, h["metrics"])
-            await self._send(ident, {"k": Kind.PONG})
-        elif kind == Kind.TASK_EVENTS:
-            self.observe.on_task_events(ident, peer.job_id or "", list(h.get("events") or ()))
-        elif kind == Kind.LEASE_REQUEST:
-            assert peer.job_id is not None
-            await self._run(
-                st.request_lease(
-                    ident,
-                    peer.job_id,
-                    h["rid"],
-                    h["shape"],
-                    h.get("name", ""),
-                    strategy=h.get("strategy"),
-                    locality=h.get("locality"),
-                )
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            log.warning("unexpected message kind %r from %s", msg.__struct_config__.tag, peer.role)
+            return
+        await handler(peer, msg, payload)
+
+    async def _on_ping(self, peer: Peer, msg: m.Ping, payload: list[Any]) -> None:
+        if peer.node_id is not None and msg.store is not None:
+            node = self.state.nodes.get(peer.node_id)
+            if node is not None:
+                node.info["object_store"] = msg.store
+            if msg.metrics:
+                self.observe.on_metrics(peer.node_id, msg.metrics)
+        await self._send(peer.ident, {"k": Kind.PONG})
+
+    async def _on_task_events(self, peer: Peer, msg: m.TaskEvents, payload: list[Any]) -> None:
+        self.observe.on_task_events(peer.ident, peer.job_id or "", msg.events)
+
+    async def _on_lease_request(self, peer: Peer, msg: m.LeaseRequest, payload: list[Any]) -> None:
+        assert peer.job_id is not None
+        strategy = msgspec.to_builtins(msg.strategy) if msg.strategy is not None else None
+        await self._run(
+            self.state.request_lease(
+                peer.ident,
+                peer.job_id,
+                msg.rid,
+                msg.shape,
+                msg.name,
+                strategy=strategy,
+                locality=msg.locality,
             )
-        elif kind == Kind.LEASE_RETURN:
-            await self._run(st.return_lease(ident, h["lease_id"]))
-        elif kind == Kind.LEASE_CANCEL:
-            await self._run(st.cancel_request(ident, h["rid"]))
-        elif kind in (Kind.WORKER_BLOCKED, Kind.WORKER_UNBLOCKED):
-            await self._run(st.worker_blocked(h["worker_id"], kind == Kind.WORKER_BLOCKED))
-        elif kind == Kind.QUERY:
-            await self._send(
-                ident, {"k": Kind.QUERY_REPLY, "rid": h["rid"], "result": self._query(h)}
+        )
+
+    async def _on_lease_return(self, peer: Peer, msg: m.LeaseReturn, payload: list[Any]) -> None:
+        await self._run(self.state.return_lease(peer.ident, msg.lease_id))
+
+    async def _on_lease_cancel(self, peer: Peer, msg: m.LeaseCancel, payload: list[Any]) -> None:
+        await self._run(self.state.cancel_request(peer.ident, msg.rid))
+
+    async def _on_blocked(
+        self, peer: Peer, msg: m.WorkerBlocked | m.WorkerUnblocked, payload: list[Any]
+    ) -> None:
+        await self._run(self.state.worker_blocked(msg.worker_id, type(msg) is m.WorkerBlocked))
+
+    async def _on_query(self, peer: Peer, msg: m.Query, payload: list[Any]) -> None:
+        reply = {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": self._query(msg)}
+        await self._send(peer.ident, reply)
+
+    async def _on_worker_ready(self, peer: Peer, msg: m.WorkerReady, payload: list[Any]) -> None:
+        assert peer.node_id is not None
+        await self._run(
+            self.state.worker_ready(
+                peer.node_id, msg.worker_id, msg.addr, msg.control_addr, msg.pid
             )
-        elif kind == Kind.WORKER_READY:
-            assert peer.node_id is not None
-            await self._run(
-                st.worker_ready(
-                    peer.node_id, h["worker_id"], h["addr"], h["control_addr"], h["pid"]
-                )
-            )
-        elif kind == Kind.WORKER_DIED:
-            await self._worker_died(peer, h)
-        elif kind == Kind.ACTOR_CREATE:
-            assert peer.job_id is not None
-            reply, ins = self.actors.create(ident, peer.job_id, h, [bytes(f) for f in payload])
-            if "error" in reply:
-                await self._send(
-                    ident,
-                    {"k": Kind.ERROR, "rid": h["rid"], "msg": reply["error"], "code": "actor"},
-                )
-            else:
-                await self._send(ident, {"k": Kind.ACTOR_CREATED, "rid": h["rid"], **reply})
-            await self._run(ins)
-            if "aid" in reply and reply["aid"] in self.actors.actors:
-                self.observe.actor_changed(self.actors.actors[reply["aid"]])
-            if reply.get("existing"):
-                found = self.actors.actors[reply["aid"]]
-                found.subscribers.add(ident)
-                await self._publish_to(found, ident)
-        elif kind == Kind.ACTOR_RESOLVE:
-            a = self.actors.actors.get(h["aid"])
-            if a is None:
-                await self._send(
-                    ident,
-                    {
-                        "k": Kind.ACTOR_STATE,
-                        "aid": h["aid"],
-                        "state": DEAD,
-                        "reason": "no such actor (it never existed here, or the head restarted)",
-                    },
-                )
-            else:
-                a.subscribers.add(ident)
-                await self._publish_to(a, ident)
-        elif kind == Kind.ACTOR_KILL:
-            await self._run(
-                self.actors.kill(
-                    h["aid"], bool(h.get("no_restart", True)), "killed by nbcluster.kill()"
-                )
-            )
-        elif kind == Kind.ACTOR_RELEASE:
-            await self._run(self.actors.release(h["aid"]))
-        elif kind == Kind.GOODBYE:
-            await self._peer_gone(peer, DRAIN_REASON if h.get("drain") else "")
-        elif kind == Kind.SHUTDOWN_CLUSTER:
-            log.info("shutdown requested by pid %s", peer.pid)
-            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
+        )
+
+    async def _on_actor_create(self, peer: Peer, msg: m.ActorCreate, payload: list[Any]) -> None:
+        assert peer.job_id is not None
+        ident = peer.ident
+        spec = msgspec.to_builtins(msg)  # the directory keeps it as the snapshot saves it
+        reply, ins = self.actors.create(ident, peer.job_id, spec, [bytes(f) for f in payload])
+        if "error" in reply:
+            error = {"k": Kind.ERROR, "rid": msg.rid, "msg": reply["error"], "code": "actor"}
+            await self._send(ident, error)
         else:
-            log.warning("unexpected message kind %r from %s", kind, peer.role)
+            await self._send(ident, {"k": Kind.ACTOR_CREATED, "rid": msg.rid, **reply})
+        await self._run(ins)
+        if "aid" in reply and reply["aid"] in self.actors.actors:
+            self.observe.actor_changed(self.actors.actors[reply["aid"]])
+        if reply.get("existing"):
+            found = self.actors.actors[reply["aid"]]
+            found.subscribers.add(ident)
+            await self._publish_to(found, ident)
+
+    async def _on_actor_resolve(self, peer: Peer, msg: m.ActorResolve, payload: list[Any]) -> None:
+        a = self.actors.actors.get(msg.aid)
+        if a is None:
+            why = "no such actor (it never existed here, or the head restarted)"
+            dead = {"k": Kind.ACTOR_STATE, "aid": msg.aid, "state": DEAD, "reason": why}
+            await self._send(peer.ident, dead)
+        else:
+            a.subscribers.add(peer.ident)
+            await self._publish_to(a, peer.ident)
+
+    async def _on_actor_kill(self, peer: Peer, msg: m.ActorKill, payload: list[Any]) -> None:
+        await self._run(self.actors.kill(msg.aid, msg.no_restart, "killed by nbcluster.kill()"))
+
+    async def _on_actor_release(self, peer: Peer, msg: m.ActorRelease, payload: list[Any]) -> None:
+        await self._run(self.actors.release(msg.aid))
+
+    async def _on_goodbye(self, peer: Peer, msg: m.Goodbye, payload: list[Any]) -> None:
+        await self._peer_gone(peer, DRAIN_REASON if msg.drain else "")
+
+    async def _on_shutdown(self, peer: Peer, msg: m.ShutdownCluster, payload: list[Any]) -> None:
+        log.info("shutdown requested by pid %s", peer.pid)
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
 
     async def _publish_to(self, a: ActorInfo, ident: bytes) -> None:
         subs = a.subscribers
@@ -564,40 +584,37 @@ class HeadService:
         finally:
             a.subscribers = subs
 
-    async def _version_ok(self, ident: bytes, h: dict[str, Any]) -> bool:
+    async def _version_ok(self, ident: bytes, v: int) -> bool:
         """Check the protocol version of a HELLO or REGISTER; answer an ERROR if it differs."""
-        if h.get("v") == PROTOCOL_VERSION:
+        if v == PROTOCOL_VERSION:
             return True
         msg = (
-            f"protocol version {h.get('v')} is not supported by this head (it speaks version "
+            f"protocol version {v} is not supported by this head (it speaks version "
             f"{PROTOCOL_VERSION}); install the same nbcluster version everywhere"
         )
         await self._send(ident, {"k": Kind.ERROR, "code": "version", "msg": msg})
         return False
 
-    async def _hello(self, ident: bytes, h: dict[str, Any]) -> None:
-        if not await self._version_ok(ident, h):
+    async def _hello(self, ident: bytes, h: m.Hello) -> None:
+        if not await self._version_ok(ident, h.v):
             return
-        role = str(h.get("role", "driver"))
-        job_id = h.get("job_id")
-        owns = bool(h.get("owns_job"))  # a driver saying hello again after a head restart
+        role = h.role
+        job_id = h.job_id
+        owns = h.owns_job  # a driver saying hello again after a head restart
         if not job_id:
             job_id = f"{self.head_id[:4]}{next(self._jobs):04x}"
             owns = True
-        peer = Peer(ident, role, int(h.get("pid", 0)), job_id, owns, h.get("worker_id"))
+        peer = Peer(ident, role, h.pid, job_id, owns, h.worker_id)
         peer.last_seen = time.monotonic()
         if role == "driver":
-            peer.proc = local_process(peer.pid, h.get("started"))
+            peer.proc = local_process(peer.pid, h.started)
         self.peers[ident] = peer
         self._dirty |= owns  # the snapshot lists jobs, not task-level clients
-        if h.get("rejoin"):  # after a head restart: take back what it holds
+        if h.rejoin:  # after a head restart: take back what it holds
+            leases = msgspec.to_builtins(h.leases)
             await self._run(
                 self.recovery.client_rejoined(
-                    ident,
-                    peer.job_id,
-                    peer.owns_job,
-                    list(h.get("leases") or ()),
-                    list(h.get("actors") or ()),
+                    ident, peer.job_id, peer.owns_job, leases, list(h.actors)
                 )
             )
         if owns:
@@ -607,16 +624,16 @@ class HeadService:
             {"k": Kind.WELCOME, "job_id": job_id, "head_pid": os.getpid(), "head_id": self.head_id},
         )
 
-    async def _register(self, ident: bytes, h: dict[str, Any]) -> None:
-        if not await self._version_ok(ident, h):
+    async def _register(self, ident: bytes, h: m.RegisterNode) -> None:
+        if not await self._version_ok(ident, h.v):
             return
-        old_id = str(h.get("node_id") or "")
+        old_id = h.node_id or ""
         known = self.state.nodes.get(old_id)
         if old_id and known is not None and known.alive:
             # The same agent again (it lost a reply): it keeps its identity.
             self.peers.pop(known.client, None)
             known.client = ident
-            peer = Peer(ident, "agent", int(h.get("pid", 0)), node_id=old_id)
+            peer = Peer(ident, "agent", h.pid, node_id=old_id)
             peer.last_seen = time.monotonic()
             self.peers[ident] = peer
             await self._send(
@@ -628,17 +645,17 @@ class HeadService:
         adopt = bool(old_id) and known is None and old_id not in self._dead_nodes
         node_id, ins = self.state.add_node(
             ident,
-            h["name"],
-            h["address"],
-            h["resources"],
-            list(h.get("gpu_ids", [])),
-            pid=int(h.get("pid", 0)),
-            prestart=0 if adopt else int(h.get("prestart", 0)),
-            info=h.get("info") or {},
+            h.name,
+            h.address,
+            h.resources,
+            list(h.gpu_ids),
+            pid=h.pid,
+            prestart=0 if adopt else h.prestart,
+            info=h.info,
             node_id=old_id if adopt else None,
         )
-        self.state.nodes[node_id].prestart = int(h.get("prestart", 0))
-        peer = Peer(ident, "agent", int(h.get("pid", 0)), node_id=node_id)
+        self.state.nodes[node_id].prestart = h.prestart
+        peer = Peer(ident, "agent", h.pid, node_id=node_id)
         peer.last_seen = time.monotonic()
         self.peers[ident] = peer
         self._dirty = True
@@ -652,7 +669,7 @@ class HeadService:
             },
         )
         if adopt:  # it outlived the old head: take over its workers and the actors in them
-            ins += self.recovery.node_rejoined(node_id, list(h.get("workers") or ()))
+            ins += self.recovery.node_rejoined(node_id, msgspec.to_builtins(h.workers))
         await self._run(ins)
         self.observe.node_changed(node_id)
 
@@ -704,11 +721,8 @@ class HeadService:
 
     async def _attach_actor(self, a: ActorInfo, w: WorkerInfo) -> None:
         """Reconnect to an actor's worker after a restart, so that its notices reach us."""
-        assert self._transport is not None
-        sock = self._transport.client(zmq.DEALER, w.address)
-        self._worker_socks[w.worker_id] = sock
-        self._tasks.append(asyncio.create_task(self._read_worker(sock, a.aid)))
-        await sock.send_multipart(encode({"k": Kind.ACTOR_ATTACH, "aid": a.aid}))
+        sock = await self._connect_worker(w, a.aid)
+        await sock.send(encode({"k": Kind.ACTOR_ATTACH, "aid": a.aid}))
 
     async def _persist_loop(self) -> None:
         while True:
@@ -745,14 +759,14 @@ class HeadService:
         await self._run(self.actors.kill(aid, True, "killed from the Jupyter panel"))
         return True
 
-    def _query(self, h: dict[str, Any]) -> Any:
-        what = h.get("what")
+    def _query(self, h: m.Query) -> Any:
+        what = h.what
         if what == "nodes":
             return self.state.node_views()
         if what == "actors":
             return self.actors.views()
         if what == "actor":
-            a = self.actors.lookup(str(h.get("name")), str(h.get("ns") or ""))
+            a = self.actors.lookup(str(h.name), h.ns or "")
             if a is None:
                 return None
             return {
@@ -770,5 +784,5 @@ class HeadService:
         if what == "actor_views":
             return self.observe.actor_views()
         if what == "metrics":
-            return self.observe.history(str(h.get("node_id")))
+            return self.observe.history(str(h.node_id))
         return None

@@ -35,6 +35,8 @@ def type_name(tp: Any) -> str:
                 name += f"≥{meta.ge}"
         return name
     if origin in (typing.Union, types.UnionType):
+        if set(typing.get_args(tp)) == {int, float}:
+            return "float"  # any number (an int decodes as itself, not converted)
         return " \\| ".join(type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"[{type_name(typing.get_args(tp)[0])}]"

@@ -21,8 +21,9 @@ from nbcluster.protocol.messages import Kind
 
 #: A non-negative integer (sizes, counts).
 Count = Annotated[int, msgspec.Meta(ge=0)]
-#: A resource shape: resource name -> amount (the head checks the amounts themselves).
-Shape = dict[str, float]
+#: A resource shape: resource name -> amount (the head checks the amounts themselves). Not
+#: ``float``: an int amount stays an int, as the sender wrote it.
+Shape = dict[str, int | float]
 
 
 class Message(msgspec.Struct, tag_field="k", omit_defaults=True, kw_only=True):
