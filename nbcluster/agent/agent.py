@@ -14,32 +14,24 @@ import sys
 import time
 from typing import Any
 
-import zmq
-
 from nbcluster.agent.resources import detect_gpus, node_resources
 from nbcluster.exceptions import NbclusterError, ProtocolError
 from nbcluster.metrics import MetricsThread
-from nbcluster.protocol.codec import encode
+from nbcluster.protocol import schema as m
+from nbcluster.protocol.codec import Header, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, REJOIN_AGAIN_S, Kind
 from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
-from nbcluster.protocol.validation import (
-    INTERNAL,
-    RateLimitedLog,
-    error_reply,
-    expects_reply,
-    receive,
-    should_answer,
-)
+from nbcluster.protocol.validation import receive_message
 from nbcluster.store import orphans
 from nbcluster.store.manager import StoreManager, cleanup_store, default_capacity
 from nbcluster.store.segment import SHM_DIR
 from nbcluster.store.service import StoreService
 from nbcluster.store.transfer import ObjectPuller
 from nbcluster.transport import Transport
+from nbcluster.transport.channel import Channel, Listener, Network, ZmqNetwork
+from nbcluster.transport.serve import Dispatcher, follow, serve
 
 log = logging.getLogger(__name__)
-_malformed_store = RateLimitedLog(log, "dropping a malformed store request")
-_malformed_head = RateLimitedLog(log, "dropping a malformed message from the head")
 
 WORKER_START_TIMEOUT_S = 60.0
 
@@ -55,6 +47,10 @@ class NodeAgent:
         The cluster secret.
     token_file
         Where workers read the secret from (passed by path, never by value, when given).
+    network
+        The transport (default: ZeroMQ with CURVE keys derived from ``token``). On a
+        :class:`~nbcluster.transport.channel.MemoryNetwork` the node cannot pull objects from
+        other nodes.
     """
 
     def __init__(
@@ -74,8 +70,10 @@ class NodeAgent:
         object_store_memory: int | None = None,
         spill_dir: str | None = None,
         spill_limit: int | None = None,
+        network: Network | None = None,
     ) -> None:
         self.head_address = head_address
+        self._net = network
         self._token = token
         self._token_file = token_file
         self.name = name or socket.gethostname()
@@ -95,11 +93,23 @@ class NodeAgent:
             disk_limit_bytes=spill_limit,
         )
         self._store_service = StoreService(self.store)  # its puller needs the transport
-        self._store_sock: Any = None
+        self._store_sock: Listener | None = None
         self.store_address = ""
         self.node_id = ""
-        self._transport: Transport | None = None
-        self._sock: Any = None
+        self._sock: Channel | None = None
+        self._from_head = Dispatcher[None](
+            {
+                m.StartWorker: self._on_start_worker,
+                m.KillWorker: self._on_kill_worker,
+                m.JobEnded: self._on_job_ended,
+                m.StopNode: self._on_stop,
+                m.Pong: self._on_pong,
+                m.NodeRegistered: self._registered_again,
+                m.Error: self._on_error,
+            },
+            what="from the head",
+            logger=log,
+        )  # no answers: an ERROR to the head could only start a ping-pong of errors
         self._procs: dict[str, asyncio.subprocess.Process] = {}
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -115,19 +125,20 @@ class NodeAgent:
 
     async def start(self) -> None:
         """Connect and register with the head (raises on a wrong secret or version)."""
-        self._transport = Transport(derive_keys(self._token))
-        self._store_sock, self.store_address = self._transport.server(
-            zmq.ROUTER, f"tcp://{self.bind_host}:0"
-        )
-        self._store_service.puller = ObjectPuller(self._transport, self.store)
-        self._sock = await self._transport.connect_verified(
-            zmq.DEALER, f"tcp://{self.head_address}", timeout=30.0
-        )
+        if self._net is None:
+            self._net = ZmqNetwork(Transport(derive_keys(self._token)))
+        self._store_sock = self._net.listen(f"tcp://{self.bind_host}:0")
+        self.store_address = self._store_sock.endpoint
+        if isinstance(self._net, ZmqNetwork):  # pulls open sockets of their own
+            self._store_service.puller = ObjectPuller(self._net.transport, self.store)
+        self._sock = await self._net.connect(f"tcp://{self.head_address}", verify_timeout=30.0)
         await self._send(self._register_msg())
-        header, _ = receive(await asyncio.wait_for(self._sock.recv_multipart(), 30.0))
-        if header["k"] == Kind.ERROR:
-            raise ProtocolError(header.get("msg", "the head refused this node"))
-        self.node_id = header["node_id"]
+        reply, _ = receive_message(await asyncio.wait_for(self._sock.recv(), 30.0))
+        if isinstance(reply, m.Error):
+            raise ProtocolError(reply.msg or "the head refused this node")
+        if not isinstance(reply, m.NodeRegistered):
+            raise ProtocolError(f"the head answered {reply.__struct_config__.tag} to REGISTER")
+        self.node_id = reply.node_id
         self._spawn(self._serve(), "agent-serve")
         self._metrics.start()
         self._spawn(self._heartbeat(), "agent-heartbeat")
@@ -173,18 +184,18 @@ class NodeAgent:
         log.warning("the head does not know this node any more: registering again")
         await self._send(self._register_msg())
 
-    async def _registered_again(self, h: dict[str, Any]) -> None:
+    async def _registered_again(self, _: None, h: m.NodeRegistered, payload: list[Any]) -> None:
         self._rejoining = False
-        if h.get("fresh"):
+        if h.fresh:
             # We were declared dead meanwhile: what ran here was retried elsewhere. Start over.
-            log.warning("rejoined as a new incarnation %s (was %s)", h["node_id"], self.node_id)
+            log.warning("rejoined as a new incarnation %s (was %s)", h.node_id, self.node_id)
             for wid in list(self._procs):
                 self._kill(wid)
             self._workers.clear()
             self._store_service.drop_all()
         else:
-            log.info("re-registered %s with the restarted head", h["node_id"])
-        self.node_id = h["node_id"]
+            log.info("re-registered %s with the restarted head", h.node_id)
+        self.node_id = h.node_id
 
     async def drain(self) -> None:
         """Leave the cluster on purpose: the head reschedules what ran here right away."""
@@ -209,9 +220,9 @@ class NodeAgent:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    async def _send(self, header: dict[str, Any]) -> None:
+    async def _send(self, header: Header) -> None:
         if self._sock is not None:
-            await self._sock.send_multipart(encode(header))
+            await self._sock.send(encode(header))
 
     async def _heartbeat(self) -> None:
         while True:
@@ -223,68 +234,55 @@ class NodeAgent:
             await self._send(ping)
 
     async def _serve_store(self) -> None:
+        """Serve the store's requests; those that copy files run concurrently (the manager
+        serializes its books)."""
         sock = self._store_sock
+        assert sock is not None
 
         def send(frames: list[Any]) -> None:
-            fut = sock.send_multipart(frames)
-            if fut.done() and fut.exception() is not None:
-                log.debug("store reply failed: %s", fut.exception())
+            sock.send_nowait(frames[0], frames[1:])
 
-        while True:
-            frames = await sock.recv_multipart()
-            try:
-                h, _ = receive(frames[1:])
-            except ProtocolError as exc:
-                _malformed_store(exc)
-                if should_answer(exc):
-                    send([frames[0], *encode(error_reply(exc))])
-                continue
-            # Requests that copy files run concurrently; the manager serializes its books.
-            self._spawn(self._store_request(send, frames[0], h), "agent-store-request")
+        async def request(ident: bytes, msg: m.Message, payload: list[Any]) -> None:
+            await self._store_service.handle(send, ident, msg)
 
-    async def _store_request(self, send: Any, ident: bytes, h: dict[str, Any]) -> None:
-        try:
-            await self._store_service.handle(send, ident, h)
-        except Exception as exc:  # a bug: answer it; the store serves on
-            log.exception("store request %s failed", h["k"])
-            if expects_reply(h):
-                send([ident, *encode(error_reply(exc, INTERNAL, h.get("rid")))])
+        def answer(ident: bytes, header: Header) -> None:
+            sock.send_nowait(ident, encode(header))
+
+        store = Dispatcher[bytes](
+            request,
+            what="to the store",
+            logger=log,
+            answer=answer,
+            spawn=lambda coro: self._spawn(coro, "agent-store-request"),
+        )
+        await serve(sock, store)
 
     async def _serve(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                h, _ = receive(frames)
-            except ProtocolError as exc:
-                _malformed_head(exc)
-                continue
-            try:
-                await self._on_head(h)
-            except Exception:  # a bug: keep serving the head
-                log.exception("error handling %s from the head", h["k"])
+        assert self._sock is not None
+        await follow(self._sock, self._from_head, None)
 
-    async def _on_head(self, h: dict[str, Any]) -> None:
-        kind = h["k"]
-        if kind == Kind.START_WORKER:
-            self._spawn(self._start_worker(), "agent-start-worker")
-        elif kind == Kind.KILL_WORKER:
-            self._kill(h["worker_id"])
-        elif kind == Kind.JOB_ENDED:
-            n = self._store_service.job_ended(h["job_id"])
-            log.info("job %s ended: freed %d objects", h["job_id"], n)
-        elif kind == Kind.STOP_NODE:
-            log.info("stop requested by the head")
-            self.stopped.set()
-        elif kind in (Kind.PONG,):
-            pass
-        elif kind == Kind.NODE_REGISTERED:
-            await self._registered_again(h)
-        elif kind == Kind.ERROR and h.get("code") == "nohello":
+    async def _on_start_worker(self, _: None, msg: m.StartWorker, payload: list[Any]) -> None:
+        self._spawn(self._start_worker(), "agent-start-worker")
+
+    async def _on_kill_worker(self, _: None, msg: m.KillWorker, payload: list[Any]) -> None:
+        self._kill(msg.worker_id)
+
+    async def _on_job_ended(self, _: None, msg: m.JobEnded, payload: list[Any]) -> None:
+        n = self._store_service.job_ended(msg.job_id)
+        log.info("job %s ended: freed %d objects", msg.job_id, n)
+
+    async def _on_stop(self, _: None, msg: m.StopNode, payload: list[Any]) -> None:
+        log.info("stop requested by the head")
+        self.stopped.set()
+
+    async def _on_pong(self, _: None, msg: m.Pong, payload: list[Any]) -> None:
+        pass
+
+    async def _on_error(self, _: None, msg: m.Error, payload: list[Any]) -> None:
+        if msg.code == "nohello":
             await self._rejoin()
-        elif kind == Kind.ERROR:
-            log.error("head says: %s", h.get("msg"))
         else:
-            log.warning("unexpected message %r", kind)
+            log.error("head says: %s", msg.msg)
 
     async def _start_worker(self) -> None:
         worker_id = f"{self.node_id}-w{next(self._ids)}"
@@ -420,17 +418,17 @@ class NodeAgent:
             with contextlib.suppress(BaseException):
                 await t
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close()
             self._sock = None
         if self._store_service.puller is not None:
             self._store_service.puller.close()
         if self._store_sock is not None:
-            self._store_sock.close(linger=0)
+            self._store_sock.close()
             self._store_sock = None
         # No segment or spilled file outlives the node.
         self.store.cleanup()
-        if self._transport is not None:
-            self._transport.close()
+        if self._net is not None:
+            self._net.close()
 
 
 def _sweep_dead_stores() -> None:

@@ -14,6 +14,19 @@ import zmq
 from nbcluster.exceptions import ObjectLostError
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
+from nbcluster.protocol.schema import (
+    Message,
+    StoreCredit,
+    StoreFree,
+    StoreLocate,
+    StorePin,
+    StorePull,
+    StoreRead,
+    StoreReserve,
+    StoreSeal,
+    StoreStats,
+    StoreUnpin,
+)
 from nbcluster.store.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
@@ -51,60 +64,60 @@ class StoreService:
         self.streams_served = 0  # objects sent to other nodes (one per pull, however many readers)
         self.bytes_out = 0
 
-    async def handle(
-        self, send: Callable[[list[Any]], None], ident: bytes, h: dict[str, Any]
-    ) -> None:
+    async def handle(self, send: Callable[[list[Any]], None], ident: bytes, h: Message) -> None:
         """Answer one request (``send`` queues the reply frames on the agent's socket)."""
-        kind = h["k"]
         loop = asyncio.get_running_loop()
         m = self.manager
-        if kind == Kind.STORE_CREDIT:
-            stream = self._streams.get((ident, h.get("rid")))
-            if stream is not None:
-                stream.grant(int(h.get("n", 0)))
-            return
-        if kind == Kind.STORE_UNPIN:
-            m.unpin(h["oid"])
-            return
-        if kind == Kind.STORE_PIN:
-            with contextlib.suppress(ObjectStoreError):  # freed meanwhile: nothing to pin
-                m.pin(h["oid"])
-            return
-        if kind == Kind.STORE_FREE:
-            for oid in h["oids"]:
-                self._jobs.pop(oid, None)
-            # Off the loop: freeing pages must not hold up the next put.
-            await loop.run_in_executor(None, lambda: [m.free(oid) for oid in h["oids"]])
-            return
-        reply: dict[str, Any] = {"k": Kind.STORE_REPLY, "rid": h.get("rid"), "ok": True}
-        payload: list[Any] = []
-        try:
-            if kind == Kind.STORE_RESERVE:
-                reply["path"] = await loop.run_in_executor(None, m.reserve, h["oid"], h["size"])
-                if h.get("job"):
-                    self._jobs[h["oid"]] = h["job"]
-                if h.get("w"):
-                    self._writing.setdefault(h["w"], set()).add(h["oid"])
-            elif kind == Kind.STORE_SEAL:
-                m.seal(h["oid"])
-                if h.get("w"):
-                    self._writing.get(h["w"], set()).discard(h["oid"])
-            elif kind == Kind.STORE_LOCATE:
-                reply["path"] = await loop.run_in_executor(None, lambda: m.locate(h["oid"], True))
-            elif kind == Kind.STORE_PULL:
-                if self.puller is None:
-                    raise ObjectStoreError("this node cannot fetch objects from other nodes")
-                await self.puller.pull(h["oid"], h["from"])
-                if h.get("job"):  # the copy goes with its job, like the original
-                    self._jobs.setdefault(h["oid"], h["job"])
-                reply["path"] = await loop.run_in_executor(None, lambda: m.locate(h["oid"], True))
-            elif kind == Kind.STORE_READ:
+        match h:
+            case StoreCredit(rid=rid, n=n):
+                stream = self._streams.get((ident, rid))
+                if stream is not None:
+                    stream.grant(n)
+                return
+            case StoreUnpin(oid=oid):
+                m.unpin(oid)
+                return
+            case StorePin(oid=oid):
+                with contextlib.suppress(ObjectStoreError):  # freed meanwhile: nothing to pin
+                    m.pin(oid)
+                return
+            case StoreFree(oids=oids):
+                for oid in oids:
+                    self._jobs.pop(oid, None)
+                # Off the loop: freeing pages must not hold up the next put.
+                await loop.run_in_executor(None, lambda: [m.free(oid) for oid in oids])
+                return
+            case StoreRead():
                 await self._stream(send, ident, h)
                 return
-            elif kind == Kind.STORE_STATS:
-                reply["stats"] = self.stats()
-            else:
-                reply.update(ok=False, err="unknown", msg=f"unknown store request {kind!r}")
+        kind = h.__struct_config__.tag
+        reply: dict[str, Any] = {"k": Kind.STORE_REPLY, "rid": getattr(h, "rid", None), "ok": True}
+        payload: list[Any] = []
+        try:
+            match h:
+                case StoreReserve(oid=oid, size=size, job=job, w=w):
+                    reply["path"] = await loop.run_in_executor(None, m.reserve, oid, size)
+                    if job:
+                        self._jobs[oid] = job
+                    if w:
+                        self._writing.setdefault(w, set()).add(oid)
+                case StoreSeal(oid=oid, w=w):
+                    m.seal(oid)
+                    if w:
+                        self._writing.get(w, set()).discard(oid)
+                case StoreLocate(oid=oid):
+                    reply["path"] = await loop.run_in_executor(None, lambda: m.locate(oid, True))
+                case StorePull(oid=oid, from_=holder, job=job):
+                    if self.puller is None:
+                        raise ObjectStoreError("this node cannot fetch objects from other nodes")
+                    await self.puller.pull(oid, holder)
+                    if job:  # the copy goes with its job, like the original
+                        self._jobs.setdefault(oid, job)
+                    reply["path"] = await loop.run_in_executor(None, lambda: m.locate(oid, True))
+                case StoreStats():
+                    reply["stats"] = self.stats()
+                case _:
+                    reply.update(ok=False, err="unknown", msg=f"unknown store request {kind!r}")
         except ObjectStoreFullError as exc:
             reply.update(
                 ok=False,
@@ -133,9 +146,7 @@ class StoreService:
         """Free every object (this node rejoined as a new incarnation: owners rebuilt them)."""
         return sum(self.job_ended(job) for job in set(self._jobs.values()))
 
-    async def _stream(
-        self, send: Callable[[list[Any]], None], ident: bytes, h: dict[str, Any]
-    ) -> None:
+    async def _stream(self, send: Callable[[list[Any]], None], ident: bytes, h: StoreRead) -> None:
         """Send a segment to another node's puller in chunks, ``window`` ahead of its credits.
 
         Chunks are views of this node's mapping of the file (zero-copy up to the socket). The
@@ -143,9 +154,9 @@ class StoreService:
         for :data:`STALL_TIMEOUT_S` is given up on.
         """
         loop = asyncio.get_running_loop()
-        m, oid, rid = self.manager, h["oid"], h.get("rid")
-        chunk = min(max(int(h.get("chunk", MAX_CHUNK)), MIN_CHUNK), MAX_CHUNK)
-        stream = _Stream(min(max(int(h.get("window", 1)), 1), MAX_WINDOW))
+        m, oid, rid = self.manager, h.oid, h.rid
+        chunk = min(max(h.chunk if h.chunk is not None else MAX_CHUNK, MIN_CHUNK), MAX_CHUNK)
+        stream = _Stream(min(max(h.window, 1), MAX_WINDOW))
         key = (ident, rid)
         try:
             path = await loop.run_in_executor(None, lambda: m.locate(oid, True))

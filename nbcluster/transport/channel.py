@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -22,6 +23,8 @@ import zmq
 
 from nbcluster.exceptions import ConnectionFailedError
 from nbcluster.transport.sockets import Transport
+
+log = logging.getLogger(__name__)
 
 
 class PeerUnreachable(ConnectionError):
@@ -58,6 +61,11 @@ class Listener(Protocol):
         PeerUnreachable
             If no peer of that identity is connected.
         """
+        ...
+
+    def send_nowait(self, peer: bytes, frames: Sequence[Any]) -> None:
+        """Queue one message for ``peer`` without waiting; one that cannot be sent (the peer
+        left) is logged and dropped."""
         ...
 
     async def recv(self) -> tuple[bytes, list[Any]]:
@@ -115,6 +123,11 @@ class ZmqListener:
             await self.sock.send_multipart([peer, *frames])
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is not connected
             raise PeerUnreachable(str(exc)) from None
+
+    def send_nowait(self, peer: bytes, frames: Sequence[Any]) -> None:
+        fut = self.sock.send_multipart([peer, *frames])
+        if fut.done() and fut.exception() is not None:
+            log.debug("send to %r failed: %s", peer, fut.exception())
 
     async def recv(self) -> tuple[bytes, list[Any]]:
         frames = await self.sock.recv_multipart()
@@ -185,6 +198,13 @@ class MemoryListener:
         ch = self.peers.get(peer)
         if ch is None or ch.closed:
             raise PeerUnreachable(f"no peer {peer!r}")
+        ch.inbox.put_nowait([bytes(f) for f in frames])
+
+    def send_nowait(self, peer: bytes, frames: Sequence[Any]) -> None:
+        ch = self.peers.get(peer)
+        if ch is None or ch.closed:
+            log.debug("send to %r failed: not connected", peer)
+            return
         ch.inbox.put_nowait([bytes(f) for f in frames])
 
     async def recv(self) -> tuple[bytes, list[Any]]:

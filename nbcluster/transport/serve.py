@@ -20,7 +20,7 @@ of handlers, one per message type, and hands it the frames it receives (:func:`s
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Generic, NoReturn, TypeVar
 
 from nbcluster.exceptions import ProtocolError
@@ -67,6 +67,9 @@ class Dispatcher(Generic[P]):
         it was answered (or handled) and the default answer is not sent.
     on_error
         The same for a handler that raised (after it was logged).
+    spawn
+        Where given, handlers run concurrently: each handler's coroutine is handed to
+        ``spawn`` (e.g. a task of its own) instead of being awaited, the policy included.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Dispatcher(Generic[P]):
         default: Handler[P] | None = None,
         on_malformed: Callable[[P, ProtocolError], bool] | None = None,
         on_error: Callable[[P, Message, Exception], bool] | None = None,
+        spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None,
     ) -> None:
         if callable(handlers):
             self.table: dict[type[Message], Handler[P]] = {}
@@ -89,6 +93,7 @@ class Dispatcher(Generic[P]):
         self.answer = answer
         self.on_malformed = on_malformed
         self.on_error = on_error
+        self.spawn = spawn
         self.what = what
         self.logger = logger
         self.malformed_log = RateLimitedLog(logger, f"dropping a malformed message {what}")
@@ -126,13 +131,27 @@ class Dispatcher(Generic[P]):
             if fn is None:
                 self._unexpected(msg)
                 return
-            try:
+            if self.spawn is not None:
+                self.spawn(self._run(fn, peer, msg, payload))
+                return
+            try:  # (not through _run: one coroutine less per message on the hot path)
                 pending = fn(peer, msg, payload)
                 if pending is not None:
                     await pending
                 return
             except Exception as exc:  # a bug: answer it, and keep serving everyone else
                 reply = self._failed(peer, msg, exc)
+        await self._send(peer, reply)
+
+    async def _run(self, fn: Handler[P], peer: P, msg: Message, payload: list[Any]) -> None:
+        try:
+            pending = fn(peer, msg, payload)
+            if pending is not None:
+                await pending
+        except Exception as exc:  # a bug: answer it, and keep serving everyone else
+            await self._send(peer, self._failed(peer, msg, exc))
+
+    async def _send(self, peer: P, reply: Header | None) -> None:
         if reply is not None and self.answer is not None:
             sent = self.answer(peer, reply)
             if sent is not None:

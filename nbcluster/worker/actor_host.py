@@ -14,6 +14,7 @@ from nbcluster.cells import EXEC_METHOD, run_cell
 from nbcluster.context import ActorExit
 from nbcluster.exceptions import ActorDiedError
 from nbcluster.protocol.messages import Kind
+from nbcluster.protocol.schema import ActorCall, ActorInit
 from nbcluster.serialization import loads, restore_filenames
 
 if TYPE_CHECKING:
@@ -61,29 +62,21 @@ class ActorHost:
 
     @classmethod
     def create(
-        cls, worker: Worker, head: bytes, h: dict[str, Any], payload: list[Any]
+        cls, worker: Worker, head: bytes, h: ActorInit, payload: list[Any]
     ) -> ActorHost | None:
         """Instantiate the actor; tells the head whether ``__init__`` succeeded."""
-        worker.bind(h.get("job_id"), h.get("sys_path", []))
-        worker.set_gpus(h.get("gpus"))
-        aid = h["aid"]
-        host = cls(
-            worker,
-            aid,
-            h.get("cls_name", "Actor"),
-            head,
-            int(h.get("max_concurrency") or 1),
-            bool(h.get("is_async")),
-        )
+        worker.bind(h.job_id, h.sys_path)
+        worker.set_gpus(h.gpus)
+        aid = h.aid
+        host = cls(worker, aid, h.cls_name, head, h.max_concurrency or 1, h.is_async)
         worker.actor = host
-        host.assigned = dict(h.get("assigned") or {})
-        if h.get("gpus"):
-            host.assigned["GPU_IDS"] = list(h["gpus"])
-        init_h = {**h, "tid": f"{aid}.init", "name": host.cls_name}
+        host.assigned = dict(h.assigned)
+        if h.gpus:
+            host.assigned["GPU_IDS"] = list(h.gpus)
         try:
             klass, filename = loads([payload[0]])
             restore_filenames(klass, filename)
-            args, kwargs = worker.load_args(init_h, payload[1:])
+            args, kwargs = worker.load_args(h, payload[1:])
         except Exception as exc:
             worker.send(
                 head,
@@ -92,7 +85,7 @@ class ActorHost:
             )
             worker.actor = None
             return None
-        target, *tokens = worker.begin(head, init_h)
+        target, *tokens = worker.begin(head, f"{aid}.init", host.cls_name, h.assigned)
         worker.stdout.default = worker.stderr.default = target
         try:
             host.instance = klass(*args, **kwargs)
@@ -130,8 +123,8 @@ class ActorHost:
         threading.Thread(target=run, name=f"{self.cls_name}-loop", daemon=True).start()
         ready.wait()
 
-    def _method(self, h: dict[str, Any]) -> Any:
-        name = h["method"]
+    def _method(self, h: ActorCall) -> Any:
+        name = h.method
         if name == EXEC_METHOD:  # ``%%on ACTOR``: run a notebook cell with the instance as self
             return functools.partial(run_cell, bound_self=self.instance)
         if name.startswith("__") and name != "__call__":
@@ -139,32 +132,30 @@ class ActorHost:
         return getattr(self.instance, name)
 
     # ------------------------------------------------------------------------ calls
-    def call_inline(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
+    def call_inline(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         """Run a call on the main thread (sequential actors)."""
         if self.refuse(ident, h):
             return
         try:
             method = self._method(h)
         except Exception as exc:
-            self.worker.send_error(
-                ident, h["tid"], self.worker.task_error(h["name"], exc, 0), "exc"
-            )
+            self.worker.send_error(ident, h.tid, self.worker.task_error(h.name, exc, 0), "exc")
             return
         self.worker.invoke(ident, h, payload, method)
 
-    def submit(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
+    def submit(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         """Start a call on the pool or the event loop (concurrent actors)."""
         if self._loop is not None:
             asyncio.run_coroutine_threadsafe(self._call_async(ident, h, payload), self._loop)
         elif self._pool is not None:
             self._pool.submit(self._call_threaded, ident, h, payload)
 
-    def _call_threaded(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
+    def _call_threaded(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         call = self._prepare(ident, h, payload)
         if call is None:
             return
         w = self.worker
-        target, *tokens = w.begin(ident, h)
+        target, *tokens = w.begin(ident, h.tid, h.name)
         result: Any = None
         error: BaseException | None = None
         try:
@@ -174,14 +165,14 @@ class ActorHost:
         w.end(target, (tokens[0], tokens[1]))
         self._send_outcome(ident, h, call, result, error)
 
-    async def _call_async(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
+    async def _call_async(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         assert self._sem is not None
         async with self._sem:
             call = self._prepare(ident, h, payload)
             if call is None:
                 return
             w = self.worker
-            target, *tokens = w.begin(ident, h)
+            target, *tokens = w.begin(ident, h.tid, h.name)
             result: Any = None
             error: BaseException | None = None
             try:
@@ -193,7 +184,7 @@ class ActorHost:
             w.end(target, (tokens[0], tokens[1]))
             self._send_outcome(ident, h, call, result, error)
 
-    def _prepare(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> _Call | None:
+    def _prepare(self, ident: bytes, h: ActorCall, payload: list[Any]) -> _Call | None:
         """The bound method and arguments of a call, or ``None`` after reporting why not."""
         if self.refuse(ident, h):
             return None
@@ -202,20 +193,18 @@ class ActorHost:
             method = self._method(h)
             args, kwargs = self.worker.load_args(h, payload, loaded)
         except Exception as exc:
-            self.worker.send_error(
-                ident, h["tid"], self.worker.task_error(h["name"], exc, 0), "exc"
-            )
+            self.worker.send_error(ident, h.tid, self.worker.task_error(h.name, exc, 0), "exc")
             return None
         return _Call(method, args, kwargs, loaded)
 
     def _send_outcome(
-        self, ident: bytes, h: dict[str, Any], call: _Call, result: Any, exc: BaseException | None
+        self, ident: bytes, h: ActorCall, call: _Call, result: Any, exc: BaseException | None
     ) -> None:
         """Send a concurrent call's result or error; ``exit_actor()`` ends the actor after it."""
         w = self.worker
         call.args, call.kwargs = (), {}  # before asking which argument refs are still alive
         kept = w.kept(call.loaded)
-        tid, name, nret = h["tid"], h.get("name", self.cls_name), h.get("nret", 1)
+        tid, name, nret = h.tid, h.name, h.nret
         if isinstance(exc, ActorExit):
             w.send_error(ident, tid, self.exit_error(), "exc", kept)  # as in Ray: see main.py
             self.exit()
@@ -233,11 +222,11 @@ class ActorHost:
         self.exited = True
         self.worker.send(self.head, {"k": Kind.ACTOR_EXIT, "aid": self.aid})
 
-    def refuse(self, ident: bytes, h: dict[str, Any]) -> bool:
+    def refuse(self, ident: bytes, h: ActorCall) -> bool:
         """Answer a call that arrived after ``exit_actor()``; returns whether it did."""
         if not self.exited:
             return False
-        self.worker.send_error(ident, h["tid"], self.exit_error(), "exc")
+        self.worker.send_error(ident, h.tid, self.exit_error(), "exc")
         return True
 
     def exit_error(self) -> ActorDiedError:

@@ -24,22 +24,16 @@ import zmq
 from nbcluster import context
 from nbcluster.client import current
 from nbcluster.exceptions import ObjectLostError, ProtocolError, TaskCancelledError, TaskError
-from nbcluster.protocol.codec import encode
+from nbcluster.protocol import schema as m
+from nbcluster.protocol.codec import Header, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.security import derive_keys, token_from_environment
-from nbcluster.protocol.validation import (
-    INTERNAL,
-    MalformedMessage,
-    RateLimitedLog,
-    error_reply,
-    expects_reply,
-    receive,
-    should_answer,
-)
+from nbcluster.protocol.validation import INTERNAL, MalformedMessage, error_reply
 from nbcluster.refs import loaded_refs, serialized_refs
 from nbcluster.serialization import dumps, loads, loads_args, restore_filenames
 from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
+from nbcluster.transport.serve import Dispatcher
 from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
 
 if TYPE_CHECKING:
@@ -47,9 +41,11 @@ if TYPE_CHECKING:
 
 # To the worker's own stderr (the agent's log), never to a driver's task output.
 log = logging.getLogger(__name__)
-_malformed = RateLimitedLog(log, "dropping a malformed message")
 
-Message = tuple[bytes, dict[str, Any], list[Any]]
+#: A call waiting for the main thread: (its sender, the message, its payload frames).
+Queued = tuple[bytes, m.Task | m.ActorInit | m.ActorCall, list[Any]]
+#: A call: a task or an actor method.
+Call = m.Task | m.ActorCall
 
 
 class Worker:
@@ -63,13 +59,13 @@ class Worker:
         self.ctrl = ctrl
         self.ident = ident
         self.functions: dict[str, Any] = {}
-        self.queue: deque[Message] = deque()
+        self.queue: deque[Queued] = deque()
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._running: str | None = None  # id of the task the main thread runs now
         self._cancel_requested: str | None = None
         self._main = threading.main_thread()
-        self._outbox: deque[tuple[bytes, dict[str, Any], list[Any]]] = deque()
+        self._outbox: deque[tuple[bytes, Header, list[Any]]] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -89,9 +85,24 @@ class Worker:
             if store_addr
             else None
         )
+        self.dispatcher = Dispatcher[bytes](
+            {
+                m.Task: self._enqueue,
+                m.ActorInit: self._enqueue,
+                m.ActorCall: self._on_actor_call,
+                m.ActorAttach: self._on_attach,
+                m.Bind: self._on_bind,
+                m.Cancel: self._on_cancel,
+            },
+            what="from a driver",
+            logger=log,
+            answer=self.send,
+            on_malformed=self._refuse_call,
+            on_error=self._call_failed,
+        )
 
     # ----------------------------------------------------------------------------- sending
-    def send(self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None) -> None:
+    def send(self, ident: bytes, header: Header, payload: list[Any] | None = None) -> None:
         """Send a message; from threads other than the main one it is queued for the main thread."""
         if threading.current_thread() is self._main:
             self._send(ident, header, payload or [])
@@ -100,7 +111,7 @@ class Worker:
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"\0")
 
-    def _send(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
+    def _send(self, ident: bytes, header: Header, payload: list[Any]) -> None:
         try:
             self.sock.send_multipart([ident, *encode(header, payload)], copy=False)
         except zmq.ZMQError:
@@ -140,70 +151,61 @@ class Worker:
                     poller.poll()
                 self._flush_outbox()
                 while self.sock.poll(0):
-                    self._receive(self.sock.recv_multipart(copy=False))
+                    frames = self.sock.recv_multipart(copy=False)
+                    self.dispatcher.dispatch_sync(frames[0].bytes, frames[1:])
                 if self.queue:
-                    message = self.queue.popleft()
+                    ident, msg, payload = self.queue.popleft()
                     try:
-                        self._run_message(*message)
+                        self._run_message(ident, msg, payload)
                     except Exception as exc:  # a bug: answer it and serve on
-                        self._failed(message[0], message[1], exc)
+                        log.error("error handling %s", msg.__struct_config__.tag, exc_info=exc)
+                        if not self._call_failed(ident, msg, exc) and msg.expects_reply:
+                            self.send(ident, error_reply(exc, INTERNAL))
                     self._flush_outbox()
             except KeyboardInterrupt:
                 continue  # a cancellation that arrived just after its task finished
 
-    def _receive(self, frames: list[Any]) -> None:
-        ident = frames[0].bytes
-        try:
-            h, payload = receive(frames[1:])
-        except ProtocolError as exc:
-            self._refuse(ident, exc)
-            return
-        try:
-            self._dispatch(ident, h, payload)
-        except Exception as exc:  # a bug: answer it and serve on
-            self._failed(ident, h, exc)
-
-    def _refuse(self, ident: bytes, exc: ProtocolError) -> None:
-        """Answer a malformed message when its sender waits (a call: with its result)."""
-        _malformed(exc)
+    def _refuse_call(self, ident: bytes, exc: ProtocolError) -> bool:
+        """Answer a malformed call with its result, which is what its sender waits for."""
         if isinstance(exc, MalformedMessage) and exc.kind in (Kind.TASK, Kind.ACTOR_CALL):
             tid = exc.header.get("tid")
             if isinstance(tid, str):  # not ``exc`` itself: it holds the malformed header
                 self.send_error(ident, tid, ProtocolError(str(exc)), "exc")
-                return
-        if should_answer(exc):
-            self.send(ident, error_reply(exc))
+                return True
+        return False  # the dispatcher's ERROR answer, when its sender waits for one
 
-    def _failed(self, ident: bytes, h: dict[str, Any], exc: Exception) -> None:
-        log.error("error handling %s", h["k"], exc_info=exc)
-        if h["k"] in (Kind.TASK, Kind.ACTOR_CALL):
-            self.send_error(ident, h["tid"], self.task_error(h.get("name", "task"), exc, 0), "exc")
-        elif expects_reply(h):
-            self.send(ident, error_reply(exc, INTERNAL, h.get("rid")))
+    def _call_failed(self, ident: bytes, msg: m.Message, exc: Exception) -> bool:
+        """A call whose handling failed (a bug) fails with the error as its result."""
+        if isinstance(msg, m.Task | m.ActorCall):
+            self.send_error(ident, msg.tid, self.task_error(msg.name, exc, 0), "exc")
+            return True
+        return False
 
-    def _dispatch(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
-        kind = h["k"]
-        if kind in (Kind.TASK, Kind.ACTOR_INIT):
-            self.queue.append((ident, h, payload))
-        elif kind == Kind.ACTOR_CALL:
-            if self.actor is not None and self.actor.concurrent:
-                self.actor.submit(ident, h, payload)
-            else:
-                self.queue.append((ident, h, payload))
-        elif kind == Kind.ACTOR_ATTACH:
-            # A restarted head took over this actor: its notices (exit_actor) go there now.
-            if self.actor is not None and self.actor.aid == h.get("aid"):
-                self.actor.head = ident
-        elif kind == Kind.BIND:
-            self.bind(h.get("job_id"), h.get("sys_path", []))
-            if h.get("namespace") and not self.ident.namespace:
-                self.ident.namespace = h["namespace"]
-        elif kind == Kind.CANCEL:
-            for i, (qident, qh, _) in enumerate(self.queue):
-                if qh.get("tid") == h["tid"]:
-                    del self.queue[i]
-                    self.send_error(qident, qh["tid"], TaskCancelledError(qh["tid"]), "cancelled")
-                    break
+    def _enqueue(self, ident: bytes, msg: m.Task | m.ActorInit, payload: list[Any]) -> None:
+        self.queue.append((ident, msg, payload))
+
+    def _on_actor_call(self, ident: bytes, msg: m.ActorCall, payload: list[Any]) -> None:
+        if self.actor is not None and self.actor.concurrent:
+            self.actor.submit(ident, msg, payload)
+        else:
+            self.queue.append((ident, msg, payload))
+
+    def _on_attach(self, ident: bytes, msg: m.ActorAttach, payload: list[Any]) -> None:
+        # A restarted head took over this actor: its notices (exit_actor) go there now.
+        if self.actor is not None and self.actor.aid == msg.aid:
+            self.actor.head = ident
+
+    def _on_bind(self, ident: bytes, msg: m.Bind, payload: list[Any]) -> None:
+        self.bind(msg.job_id, msg.sys_path)
+        if msg.namespace and not self.ident.namespace:
+            self.ident.namespace = msg.namespace
+
+    def _on_cancel(self, ident: bytes, msg: m.Cancel, payload: list[Any]) -> None:
+        for i, (qident, queued, _) in enumerate(self.queue):
+            if isinstance(queued, m.Task | m.ActorCall) and queued.tid == msg.tid:
+                del self.queue[i]
+                self.send_error(qident, msg.tid, TaskCancelledError(msg.tid), "cancelled")
+                break
 
     def bind(self, job_id: str | None, sys_path: list[str]) -> None:
         """Serve this job (for the rest of our life) with its module search path."""
@@ -213,28 +215,29 @@ class Worker:
             if p not in sys.path:
                 sys.path.append(p)
 
-    def _run_message(self, ident: bytes, h: dict[str, Any], payload: list[Any]) -> None:
-        kind = h["k"]
-        if kind == Kind.TASK:
-            self.set_gpus(h.get("gpus"))
-            try:
-                fn, pos = self._function(h, payload)
-            except Exception as exc:
-                self.send_error(
-                    ident, h["tid"], self.task_error(h.get("name", "task"), exc, 0), "exc"
-                )
-                return
-            self.invoke(ident, h, payload[pos:], fn)
-        elif kind == Kind.ACTOR_INIT:
-            from nbcluster.worker.actor_host import ActorHost
+    def _run_message(
+        self, ident: bytes, h: m.Task | m.ActorInit | m.ActorCall, payload: list[Any]
+    ) -> None:
+        match h:
+            case m.Task():
+                self.set_gpus(h.gpus)
+                try:
+                    fn, pos = self._function(h, payload)
+                except Exception as exc:
+                    self.send_error(ident, h.tid, self.task_error(h.name, exc, 0), "exc")
+                    return
+                self.invoke(ident, h, payload[pos:], fn)
+            case m.ActorInit():
+                from nbcluster.worker.actor_host import ActorHost
 
-            self.actor = ActorHost.create(self, ident, h, payload)
-        elif kind == Kind.ACTOR_CALL and self.actor is not None:
-            self.actor.call_inline(ident, h, payload)
+                self.actor = ActorHost.create(self, ident, h, payload)
+            case m.ActorCall():
+                if self.actor is not None:
+                    self.actor.call_inline(ident, h, payload)
 
-    def _function(self, h: dict[str, Any], payload: list[Any]) -> tuple[Any, int]:
-        fid = h["fn"]
-        if h.get("fnb"):
+    def _function(self, h: m.Task, payload: list[Any]) -> tuple[Any, int]:
+        fid = h.fn
+        if h.fnb:
             if fid not in self.functions:
                 fn, filename = loads([payload[0]])
                 self.functions[fid] = restore_filenames(fn, filename)
@@ -251,17 +254,17 @@ class Worker:
 
     # ----------------------------------------------------------------------------- calls
     def load_args(
-        self, h: dict[str, Any], payload: list[Any], loaded: list[str] | None = None
+        self, h: Call | m.ActorInit, payload: list[Any], loaded: list[str] | None = None
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Arguments of a call: ``nargs`` frames of pickled args, then each dependency's frames.
 
         The ids of refs found inside them are added to ``loaded`` (see :meth:`kept`).
         """
-        nargs = h["nargs"]
+        nargs = h.nargs
         pos = nargs
         dep_values = []
         with loaded_refs() as oids:
-            for i, count in enumerate(h.get("deps", [])):
+            for i, count in enumerate(h.deps):
                 try:
                     dep_values.append(loads(payload[pos : pos + count], self.store))
                 except ObjectLostError as exc:
@@ -289,17 +292,17 @@ class Worker:
                 alive.append(oid)
         return alive
 
-    def begin(self, ident: bytes, h: dict[str, Any]) -> tuple[OutputTarget, Any, Any]:
+    def begin(
+        self, ident: bytes, tid: str, name: str, assigned: dict[str, Any] | None = None
+    ) -> tuple[OutputTarget, Any, Any]:
         """Enter a call's context: runtime context and output capture (undo with :meth:`end`)."""
-        tid: str = h["tid"]
-        name: str = h.get("name", "task")
         ctx = context.TaskContext(
             task_id=tid,
             job_id=self.ident.job_id or "",
             name=name,
             node_id=self.ident.node_id,
             worker_id=self.ident.worker_id,
-            assigned=h.get("assigned") or (self.actor.assigned if self.actor is not None else {}),
+            assigned=assigned or (self.actor.assigned if self.actor is not None else {}),
             actor_id=self.actor.aid if self.actor is not None else None,
         )
         target = OutputTarget(ident, tid, name)
@@ -311,12 +314,9 @@ class Worker:
         self.stdout.drain(target)
         self.stderr.drain(target)
 
-    def invoke(
-        self, ident: bytes, h: dict[str, Any], payload: list[Any], fn: Callable[..., Any]
-    ) -> None:
+    def invoke(self, ident: bytes, h: Call, payload: list[Any], fn: Callable[..., Any]) -> None:
         """Run one call on the main thread and send its result (cancellable via SIGINT)."""
-        tid: str = h["tid"]
-        name: str = h.get("name", "task")
+        tid, name = h.tid, h.name
         loaded: list[str] = []
         try:
             args, kwargs = self.load_args(h, payload, loaded)
@@ -327,7 +327,8 @@ class Worker:
             extra = {"lost": [lost]} if isinstance(lost, int) else None
             self.send_error(ident, tid, self.task_error(name, exc, skip=0), "exc", extra=extra)
             return
-        target, *tokens = self.begin(ident, h)
+        assigned = h.assigned if isinstance(h, m.Task) else None
+        target, *tokens = self.begin(ident, tid, name, assigned)
         self.stdout.default = self.stderr.default = target
         with self._lock:
             self._running = tid
@@ -367,7 +368,7 @@ class Worker:
             assert error is not None
             self.send_error(ident, tid, self.task_error(name, error, skip=1), "exc", kept)
         else:
-            self.send_result(ident, tid, name, h.get("nret", 1), result, kept)
+            self.send_result(ident, tid, name, h.nret, result, kept)
         if exiting and self.actor is not None:
             self.actor.exit()
         if self.store is not None:
@@ -478,17 +479,17 @@ class Worker:
     # ----------------------------------------------------------------------------- control
     def _control_loop(self) -> None:
         agent_pid = int(os.environ.get("NBCLUSTER_AGENT_PID", "0"))
+        # No answers (nobody waits on this socket); a bug: this thread must live on (cancels,
+        # the agent watch).
+        control = Dispatcher[bytes](
+            {m.Cancel: lambda _, msg, __: self._cancel_running(msg.tid, msg.force)},
+            what="on the control socket",
+            logger=log,
+        )
         while True:
             if self.ctrl.poll(500):
                 frames = self.ctrl.recv_multipart()
-                try:
-                    h, _ = receive(frames[1:])
-                    if h["k"] == Kind.CANCEL:
-                        self._cancel_running(h["tid"], bool(h.get("force")))
-                except ProtocolError as exc:
-                    _malformed(exc)
-                except Exception:  # a bug: this thread must live on (cancels, agent watch)
-                    log.exception("error handling a control message")
+                control.dispatch_sync(frames[0], frames[1:])
             if agent_pid and os.getppid() != agent_pid:
                 os._exit(0)  # our agent is gone: nobody will ever use us again
 
