@@ -29,7 +29,7 @@ from nbcluster.store.service import StoreService
 from nbcluster.store.transfer import ObjectPuller
 from nbcluster.transport import Transport
 from nbcluster.transport.channel import Channel, Listener, Network, ZmqNetwork
-from nbcluster.transport.serve import Dispatcher, follow, serve
+from nbcluster.transport.serve import Dispatcher, answer_on, follow, serve
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class NodeAgent:
     ) -> None:
         self.head_address = head_address
         self._net = network
+        self._own_net = network is None  # a network handed in is closed by its owner
         self._token = token
         self._token_file = token_file
         self.name = name or socket.gethostname()
@@ -245,14 +246,11 @@ class NodeAgent:
         async def request(ident: bytes, msg: m.Message, payload: list[Any]) -> None:
             await self._store_service.handle(send, ident, msg)
 
-        def answer(ident: bytes, header: Header) -> None:
-            sock.send_nowait(ident, encode(header))
-
         store = Dispatcher[bytes](
             request,
             what="to the store",
             logger=log,
-            answer=answer,
+            answer=answer_on(sock),
             spawn=lambda coro: self._spawn(coro, "agent-store-request"),
         )
         await serve(sock, store)
@@ -427,7 +425,7 @@ class NodeAgent:
             self._store_sock = None
         # No segment or spilled file outlives the node.
         self.store.cleanup()
-        if self._net is not None:
+        if self._net is not None and self._own_net:
             self._net.close()
 
 

@@ -78,7 +78,8 @@ class HeadService:
         (``None``: not restartable).
     network
         The transport (default: ZeroMQ with CURVE keys derived from ``token``; a
-        :class:`~nbcluster.transport.channel.MemoryNetwork` runs the head in one process).
+        :class:`~nbcluster.transport.channel.MemoryNetwork` runs the head in one process). The
+        head closes only a network it made itself.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class HeadService:
     ) -> None:
         self._token = token
         self._net = network
+        self._own_net = network is None  # a network handed in is closed by its owner
         self.host = host
         self.port = port
         self.state_file = state_file
@@ -197,7 +199,7 @@ class HeadService:
         if self._sock is not None:
             self._sock.close()
         self._sock = None
-        if self._net is not None:
+        if self._net is not None and self._own_net:
             self._net.close()
         self._stopped.set()
 

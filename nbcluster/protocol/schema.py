@@ -7,8 +7,9 @@ Fields a schema does not declare are ignored (no handler reads them). :func:`val
 payload frames against :meth:`Message.frames`; ``python -m nbcluster.protocol.doc`` writes the
 field tables of ``docs/protocol.md`` from these classes, so the two cannot drift apart.
 
-Receive loops still read the header as a dict; a later change can hand handlers these typed
-messages instead.
+The head, the agent and the worker decode received headers straight into these classes
+(:func:`~nbcluster.protocol.validation.receive_message`) and dispatch on their type
+(:class:`~nbcluster.transport.serve.Dispatcher`).
 """
 
 from __future__ import annotations

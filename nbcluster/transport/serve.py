@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Generic, NoReturn, TypeVar
 
 from nbcluster.exceptions import ProtocolError
-from nbcluster.protocol.codec import Header
+from nbcluster.protocol.codec import Header, encode
 from nbcluster.protocol.schema import Message
 from nbcluster.protocol.validation import (
     INTERNAL,
@@ -175,6 +175,16 @@ class Dispatcher(Generic[P]):
                 reply = self._failed(peer, msg, exc)
         if reply is not None and self.answer is not None:
             self.answer(peer, reply)
+
+
+def answer_on(listener: Listener) -> Answer[bytes]:
+    """An ``answer`` for a :class:`Dispatcher` serving ``listener``: the header goes back to the
+    peer that sent the message (dropped if that peer left meanwhile)."""
+
+    def answer(peer: bytes, header: Header) -> None:
+        listener.send_nowait(peer, encode(header))
+
+    return answer
 
 
 async def serve(listener: Listener, dispatcher: Dispatcher[bytes]) -> NoReturn:
