@@ -205,7 +205,7 @@ class HeadService:
 
     # ------------------------------------------------------------------------------ I/O
     async def _send(
-        self, ident: bytes, header: dict[str, Any], payload: list[Any] | None = None
+        self, ident: bytes, header: dict[str, Any] | m.Message, payload: list[Any] | None = None
     ) -> None:
         if self._sock is None:
             return
@@ -444,21 +444,20 @@ class HeadService:
             if sub in self.peers:
                 await self._send(sub, h, payload)
 
-    def _grant_msg(self, rid: int, lease: Lease, w: WorkerInfo) -> dict[str, Any]:
+    def _grant_msg(self, rid: int, lease: Lease, w: WorkerInfo) -> m.LeaseGranted:
         node = self.state.nodes[lease.node_id]
-        return {
-            "k": Kind.LEASE_GRANTED,
-            "rid": rid,
-            "lease_id": lease.lease_id,
-            "worker_id": w.worker_id,
-            "worker_addr": w.address,
-            "control_addr": w.control_address,
-            "pid": w.pid,
-            "node_id": lease.node_id,
-            "node_name": node.name,
-            "gpus": sorted(lease.gpus),
-            "shape": lease.shape,
-        }
+        return m.LeaseGranted(
+            rid=rid,
+            lease_id=lease.lease_id,
+            worker_id=w.worker_id,
+            worker_addr=w.address,
+            control_addr=w.control_address,
+            pid=w.pid,
+            node_id=lease.node_id,
+            node_name=node.name,
+            gpus=sorted(lease.gpus),
+            shape=lease.shape,
+        )
 
     # ------------------------------------------------------------------------------ handlers
     async def _handle(self, ident: bytes, msg: m.Message, payload: list[Any]) -> None:

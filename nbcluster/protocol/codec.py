@@ -1,4 +1,9 @@
-"""Framing: a msgpack header frame followed by raw payload frames."""
+"""Framing: a msgpack header frame followed by raw payload frames.
+
+A header is built as a dict or as its kind's typed message (a ``msgspec.Struct`` of
+:mod:`nbcluster.protocol.schema`, encoded faster; its fields at their defaults are left out,
+which receivers read as those defaults).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgpack
+import msgspec
 
 from nbcluster.exceptions import ProtocolError
 
@@ -13,10 +19,13 @@ Frame = bytes | memoryview | bytearray
 Header = dict[str, Any]
 
 _packer = msgpack.Packer(use_bin_type=True)
+_encoder = msgspec.msgpack.Encoder()
 
 
-def encode(header: Header, payload: Sequence[Any] = ()) -> list[Any]:
+def encode(header: Header | msgspec.Struct, payload: Sequence[Any] = ()) -> list[Any]:
     """Return the frames of one message: the packed header, then the payload frames."""
+    if isinstance(header, msgspec.Struct):
+        return [_encoder.encode(header), *payload]
     return [_packer.pack(header), *payload]
 
 

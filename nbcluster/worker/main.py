@@ -65,7 +65,7 @@ class Worker:
         self._running: str | None = None  # id of the task the main thread runs now
         self._cancel_requested: str | None = None
         self._main = threading.main_thread()
-        self._outbox: deque[tuple[bytes, Header, list[Any]]] = deque()
+        self._outbox: deque[tuple[bytes, Header | m.Message, list[Any]]] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -102,7 +102,9 @@ class Worker:
         )
 
     # ----------------------------------------------------------------------------- sending
-    def send(self, ident: bytes, header: Header, payload: list[Any] | None = None) -> None:
+    def send(
+        self, ident: bytes, header: Header | m.Message, payload: list[Any] | None = None
+    ) -> None:
         """Send a message; from threads other than the main one it is queued for the main thread."""
         if threading.current_thread() is self._main:
             self._send(ident, header, payload or [])
@@ -111,7 +113,7 @@ class Worker:
             with contextlib.suppress(BlockingIOError):
                 os.write(self._wake_w, b"\0")
 
-    def _send(self, ident: bytes, header: Header, payload: list[Any]) -> None:
+    def _send(self, ident: bytes, header: Header | m.Message, payload: list[Any]) -> None:
         try:
             self.sock.send_multipart([ident, *encode(header, payload)], copy=False)
         except zmq.ZMQError:
@@ -125,17 +127,8 @@ class Worker:
             self._send(*self._outbox.popleft())
 
     def _emit(self, target: OutputTarget, stream: str, lines: list[str]) -> None:
-        self.send(
-            target.ident,
-            {
-                "k": Kind.LOG,
-                "tid": target.tid,
-                "stream": stream,
-                "lines": lines,
-                "name": target.name,
-                "pid": self.pid,
-            },
-        )
+        msg = m.Log(tid=target.tid, stream=stream, lines=lines, name=target.name, pid=self.pid)
+        self.send(target.ident, msg)
 
     # ----------------------------------------------------------------------------- main loop
     def run(self) -> None:
@@ -324,8 +317,8 @@ class Worker:
             # An argument lost with its node: the caller (its owner) may rebuild it and send the
             # task again, so it learns which one.
             lost = getattr(exc, "dep_index", None)
-            extra = {"lost": [lost]} if isinstance(lost, int) else None
-            self.send_error(ident, tid, self.task_error(name, exc, skip=0), "exc", extra=extra)
+            err = self.task_error(name, exc, skip=0)
+            self.send_error(ident, tid, err, "exc", lost=[lost] if isinstance(lost, int) else [])
             return
         assigned = h.assigned if isinstance(h, m.Task) else None
         target, *tokens = self.begin(ident, tid, name, assigned)
@@ -395,16 +388,13 @@ class Worker:
         for ref in returned:  # refs we own inside the result: kept until our job ends
             ref._client.mark_escaped(ref.hex())
         frames = [f for p in parts for f in p]
-        header: dict[str, Any] = {
-            "k": Kind.RESULT,
-            "tid": tid,
-            "ok": True,
-            "n": [len(p) for p in parts],
-        }
-        if kept:
-            header["kept"] = kept
-        if returned:
-            header["returned"] = [[r.hex(), r.owner_address] for r in returned]
+        header = m.Result(
+            tid=tid,
+            ok=True,
+            n=[len(p) for p in parts],
+            kept=kept,
+            returned=[[r.hex(), r.owner_address] for r in returned],
+        )
         self.send(ident, header, frames)
 
     def _serialize_returns(self, tid: str, name: str, nret: int, result: Any) -> list[list[Any]]:
@@ -461,19 +451,14 @@ class Worker:
         err: BaseException,
         kind: str,
         kept: list[str] | None = None,
-        extra: dict[str, Any] | None = None,
+        lost: list[int] | None = None,
     ) -> None:
+        """Fail call ``tid`` with ``err`` (``kind``: ``RESULT.err``; ``lost``: the indexes of
+        arguments lost with their node)."""
         frames = self.error_frames(err)
-        header: dict[str, Any] = {
-            "k": Kind.RESULT,
-            "tid": tid,
-            "ok": False,
-            "err": kind,
-            "n": [len(frames)],
-            **(extra or {}),
-        }
-        if kept:
-            header["kept"] = kept
+        header = m.Result(
+            tid=tid, ok=False, err=kind, n=[len(frames)], kept=kept or [], lost=lost or []
+        )
         self.send(ident, header, frames)
 
     # ----------------------------------------------------------------------------- control
