@@ -172,7 +172,7 @@ def test_a_failing_handler_is_answered_internal_and_the_loop_serves_on(
 
     with caplog.at_level(logging.WARNING):
         run(scenario())
-    assert "unexpected pong message in the test" in caplog.text
+    assert "ignoring a message of an unexpected kind in the test: pong" in caplog.text
 
 
 def test_a_real_agent_registers_reports_and_stops_in_memory(tmp_path: Any) -> None:

@@ -107,7 +107,9 @@ class HeadService:
         self.peers: dict[bytes, Peer] = {}
         self._jobs = itertools.count(1)
         self._sock: Listener | None = None
-        self._dispatch = Dispatcher[bytes](self._handle, what="", logger=log, answer=self._send)
+        self._dispatch = Dispatcher[bytes](
+            self._handle, what="to the head", logger=log, answer=self._send
+        )
         self._handlers: dict[type[m.Message], PeerHandler] = {
             m.Ping: self._on_ping,
             m.LeaseRequest: self._on_lease_request,

@@ -14,7 +14,8 @@ of handlers, one per message type, and hands it the frames it receives (:func:`s
   answers a malformed ``TASK`` with a failed ``RESULT``, which is what its sender waits for);
 - a handler that raises is a bug: it is logged with its traceback, and when the sender waits for
   an answer it gets ``ERROR {code: "internal"}`` naming the request's ``rid``; the loop serves on;
-- a message of a type the table has no handler for goes to ``default``, or is logged and dropped.
+- a message of a type the table has no handler for goes to ``default``, or is logged
+  (rate-limited) and dropped.
 """
 
 from __future__ import annotations
@@ -97,10 +98,13 @@ class Dispatcher(Generic[P]):
         self.what = what
         self.logger = logger
         self.malformed_log = RateLimitedLog(logger, f"dropping a malformed message {what}")
+        self.unexpected_log = RateLimitedLog(
+            logger, f"ignoring a message of an unexpected kind {what}"
+        )
 
     def _refuse(self, peer: P, exc: ProtocolError) -> Header | None:
         """Log a malformed message; the answer it gets (``None``: none)."""
-        self.malformed_log(exc)
+        self.malformed_log(f"from {peer!r}: {exc}" if isinstance(peer, bytes) else exc)
         if self.on_malformed is not None and self.on_malformed(peer, exc):
             return None
         if self.answer is not None and should_answer(exc):
@@ -118,7 +122,7 @@ class Dispatcher(Generic[P]):
         return None
 
     def _unexpected(self, msg: Message) -> None:
-        self.logger.warning("unexpected %s message %s", msg.__struct_config__.tag, self.what)
+        self.unexpected_log(msg.__struct_config__.tag)
 
     async def dispatch(self, peer: P, frames: Sequence[Any]) -> None:
         """Decode ``frames`` from ``peer`` and run their handler (asyncio loops)."""
