@@ -202,6 +202,16 @@ def test_a_real_agent_registers_reports_and_stops_in_memory(tmp_path: Any) -> No
                 await asyncio.sleep(0.1)
             assert node.info["object_store"]["capacity"] == 16 << 20
 
+            # Its store answers requests, and malformed ones with an ERROR naming the request.
+            store = await net.connect(agent.store_address)
+            await send(store, {"k": Kind.STORE_RESERVE, "rid": 3, "oid": "o1"})  # no size
+            err = await recv(store)
+            assert isinstance(err, m.Error) and (err.code, err.rid) == ("protocol", 3), err
+            await send(store, {"k": Kind.STORE_STATS, "rid": 4})
+            stats = await recv(store)
+            assert isinstance(stats, m.StoreReply) and stats.ok and stats.rid == 4, stats
+            assert stats.stats is not None and stats.stats["capacity"] == 16 << 20
+
             # Garbage from the head is dropped; the agent serves on and obeys STOP_NODE.
             head_side = net.listeners[f"tcp://{head.address}"]
             await head_side.send(node.client, [b"\xc1"])
