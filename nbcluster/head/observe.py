@@ -8,6 +8,7 @@ its change events (:attr:`Observer.subscribers`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any
 from nbcluster.head.actors import ActorDirectory, ActorInfo
 from nbcluster.head.model import NodeInfo
 from nbcluster.head.state import ClusterState
-from nbcluster.protocol.schema import Hello
+from nbcluster.protocol.schema import Hello, Query
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,35 @@ class Observer:
         if node_id not in self.state.nodes:
             return None
         return list(self.metrics.get(node_id, ()))
+
+    def query(self, q: Query) -> Any:
+        """The answer to a client's ``QUERY`` (``None`` for what is unknown)."""
+        what = q.what
+        if what == "nodes":
+            return self.state.node_views()
+        if what == "actors":
+            return self.actors.views()
+        if what == "actor":
+            a = self.actors.lookup(str(q.name), q.ns or "")
+            if a is None:
+                return None
+            return {
+                **a.view(),
+                "methods": a.methods,
+                "max_task_retries": a.max_task_retries,
+                "is_async": bool(a.spec.get("is_async")),
+            }
+        if what == "head":
+            return {"address": self.address, "pid": os.getpid(), "started_at": self.started_at}
+        if what == "cluster":  # the Jupyter panel's views (docs/jupyter-api.md), for widgets too
+            return self.cluster()
+        if what == "tasks":
+            return self.task_views()
+        if what == "actor_views":
+            return self.actor_views()
+        if what == "metrics":
+            return self.history(str(q.node_id))
+        return None
 
     def find_task(self, task_id: str) -> TaskView | None:
         return self.tasks.get(task_id)

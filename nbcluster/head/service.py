@@ -527,7 +527,7 @@ class HeadService:
         await self._run(self.state.worker_blocked(msg.worker_id, type(msg) is m.WorkerBlocked))
 
     async def _on_query(self, peer: Peer, msg: m.Query, payload: list[Any]) -> None:
-        reply = {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": self._query(msg)}
+        reply = {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": self.observe.query(msg)}
         await self._send(peer.ident, reply)
 
     async def _on_worker_ready(self, peer: Peer, msg: m.WorkerReady, payload: list[Any]) -> None:
@@ -761,31 +761,3 @@ class HeadService:
             return False
         await self._run(self.actors.kill(aid, True, "killed from the Jupyter panel"))
         return True
-
-    def _query(self, h: m.Query) -> Any:
-        what = h.what
-        if what == "nodes":
-            return self.state.node_views()
-        if what == "actors":
-            return self.actors.views()
-        if what == "actor":
-            a = self.actors.lookup(str(h.name), h.ns or "")
-            if a is None:
-                return None
-            return {
-                **a.view(),
-                "methods": a.methods,
-                "max_task_retries": a.max_task_retries,
-                "is_async": bool(a.spec.get("is_async")),
-            }
-        if what == "head":
-            return {"address": self.address, "pid": os.getpid(), "started_at": self.started_at}
-        if what == "cluster":  # the Jupyter panel's views (docs/jupyter-api.md), for widgets too
-            return self.observe.cluster()
-        if what == "tasks":
-            return self.observe.task_views()
-        if what == "actor_views":
-            return self.observe.actor_views()
-        if what == "metrics":
-            return self.observe.history(str(h.node_id))
-        return None
