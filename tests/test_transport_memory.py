@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 
 from nbcluster.agent.agent import NodeAgent
+from nbcluster.exceptions import ProtocolError
 from nbcluster.head.service import HeadService
 from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import Header, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
-from nbcluster.protocol.validation import receive_message
+from nbcluster.protocol.validation import MalformedMessage, receive_message
 from nbcluster.transport.channel import Channel, MemoryNetwork
-from nbcluster.transport.serve import Dispatcher, answer_on, serve
+from nbcluster.transport.serve import Dispatcher, answer_on, follow, serve
 
 TOKEN = "memory-transport-test-token"
 WAIT_S = 10.0
@@ -221,5 +222,42 @@ def test_a_real_agent_registers_reports_and_stops_in_memory(tmp_path: Any) -> No
         finally:
             await head.stop(stop_nodes=False)
             await agent.close()
+
+    run(scenario())
+
+
+def test_a_connection_s_dispatcher_with_sync_handlers_and_a_malformed_hook() -> None:
+    """How a client reads the head: sync handlers, no answers, a malformed reply with a ``rid``
+    handed to a hook (which fails the request waiting for it)."""
+
+    async def scenario() -> None:
+        net = MemoryNetwork()
+        listener = net.listen("tcp://127.0.0.1:0")
+        ch = await net.connect(listener.endpoint)
+        got: list[str] = []
+        failed: list[int | None] = []
+        done = asyncio.Event()
+
+        def on_pong(peer: str, msg: m.Pong, payload: list[Any]) -> None:
+            got.append(peer)
+            done.set()
+
+        def on_malformed(peer: str, exc: ProtocolError) -> bool:
+            failed.append(exc.rid if isinstance(exc, MalformedMessage) else None)
+            return True
+
+        d = Dispatcher[str]({m.Pong: on_pong}, what="from the head", on_malformed=on_malformed)
+        reader = asyncio.create_task(follow(ch, d, "head"))
+        try:
+            peer = next(iter(listener.peers))
+            await listener.send(peer, encode({"k": Kind.QUERY_REPLY, "rid": 5}))  # no result
+            await listener.send(peer, encode({"k": Kind.PONG}))
+            await asyncio.wait_for(done.wait(), WAIT_S)
+            assert failed == [5] and got == ["head"]
+            assert listener.inbox.empty()  # nothing was answered
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
     run(scenario())
