@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -32,6 +33,7 @@ from nbcluster.views import (
     TotalsView,
     schema,
 )
+from nbcluster.views import __main__ as views_main
 from nbcluster.views.__main__ import main
 from nbcluster.views.typescript import TS_FILE, render, ts_name
 from tests.conftest import wait_until
@@ -51,6 +53,20 @@ def test_typescript_is_up_to_date() -> None:
         check=True,
     )
     assert out.stdout == text
+
+
+def test_a_stale_typescript_file_is_reported_and_rewritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stale = tmp_path / "views.gen.ts"
+    stale.write_text(
+        render().replace("export interface INode {", "export interface INode {\n  x: 1;")
+    )
+    monkeypatch.setattr(views_main, "TS_FILE", stale)
+    assert views_main.main(["--check"]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert views_main.main([]) == 0 and stale.read_text() == render()
+    assert views_main.main(["--check"]) == 0
 
 
 def test_every_view_reaches_the_typescript() -> None:
