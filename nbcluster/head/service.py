@@ -621,7 +621,9 @@ class HeadService:
                 )
             )
         if owns:
-            self.observe.job_started(job_id, h)  # kernel_id / notebook: the panel's "owner"
+            # kernel_id / notebook: the panel's "owner"
+            owner = {"kernel_id": h.kernel_id, "notebook": h.notebook, "pid": h.pid}
+            self.observe.job_started(job_id, owner)
         await self._send(
             ident,
             {"k": Kind.WELCOME, "job_id": job_id, "head_pid": os.getpid(), "head_id": self.head_id},
