@@ -55,6 +55,7 @@ class WorkerInfo:
     control_address: str
     pid: int
     job_id: str | None = None  # a worker serves one job for its whole life
+    env: str = ""  # ... and one runtime_env (its key; "" = none), set with the job
     lease_id: str | None = None  # set exactly while LEASED
     state: WorkerState = WorkerState.IDLE
     blocked: bool = False
@@ -116,6 +117,7 @@ class LeaseRequest:
     units: dict[str, int] = field(default_factory=dict)
     strategy: dict[str, Any] | None = None  # nbcluster.scheduling wire form; None = DEFAULT
     locality: dict[str, int] = field(default_factory=dict)  # store id -> bytes of arguments
+    env: str = ""  # the runtime_env key: only a fresh worker or one of this env will do
     infeasible_reported: bool = False
     # The node a worker is being started on for it: tried first in later passes, so that a
     # waiting request does not hop between equally good nodes (and SPREAD counts it there).

@@ -488,6 +488,7 @@ class HeadService:
                     h.get("name", ""),
                     strategy=h.get("strategy"),
                     locality=h.get("locality"),
+                    env=h.get("env") or "",
                 )
             )
         elif kind == Kind.LEASE_RETURN:

@@ -215,11 +215,13 @@ class ClusterState:
         name: str,
         strategy: dict[str, Any] | None = None,
         locality: dict[str, int] | None = None,
+        env: str = "",
     ) -> list[Instruction]:
         """Queue a lease request and try to place it.
 
         ``strategy`` is a scheduling strategy in its wire form (:mod:`nbcluster.scheduling`),
-        ``locality`` the bytes of the task's stored arguments per node store. A request that
+        ``locality`` the bytes of the task's stored arguments per node store, ``env`` the key of
+        the task's runtime_env (a worker runs one environment for life). A request that
         can never be placed (a malformed shape or strategy) is answered :class:`Unschedulable`.
         """
         error = _check_request(shape, strategy)
@@ -234,6 +236,7 @@ class ClusterState:
             units=units_of(shape),
             strategy=strategy,
             locality=_clean_locality(locality),
+            env=env if isinstance(env, str) else "",
         )
         self.pending.append(req)
         return self.schedule()
@@ -359,7 +362,9 @@ class ClusterState:
             return None
         return {g: UNIT for g in whole[: need // UNIT]}
 
-    def _idle_worker(self, node: NodeInfo, job_id: str, gpus: dict[int, int]) -> WorkerInfo | None:
+    def _idle_worker(
+        self, node: NodeInfo, job_id: str, gpus: dict[int, int], env: str = ""
+    ) -> WorkerInfo | None:
         want = tuple(sorted(gpus))
         best: WorkerInfo | None = None
         best_rank = 99
@@ -367,6 +372,8 @@ class ClusterState:
         for w in node.workers.values():
             if w.state is not idle or w.job_id not in (None, job_id):
                 continue
+            if w.job_id is not None and w.env != env:
+                continue  # it runs another runtime_env (its sys.path, cwd, variables)
             if want and w.gpus is not None and w.gpus != want:
                 continue  # pinned to other GPUs
             # Prefer this job's workers, then ones already pinned to these GPUs.
@@ -401,7 +408,7 @@ class ClusterState:
                     continue
                 feasible_now = True
                 plan.placed[node.node_id] = plan.placed.get(node.node_id, 0) + 1
-                w = self._idle_worker(node, req.job_id, gpus)
+                w = self._idle_worker(node, req.job_id, gpus, req.env)
                 if w is None:
                     want_start[node.node_id] = want_start.get(node.node_id, 0) + 1
                     plan.reserve(node.node_id, req.units, gpus)
@@ -459,11 +466,12 @@ class ClusterState:
         # Prefer nodes with an idle worker of this job, then the least loaded.
         idle = WorkerState.IDLE  # locals, and a loop rather than any(): this is the hot path
         job_id = req.job_id
+        env = req.env
 
         def key(n: NodeInfo) -> tuple[int, float]:
             busy = 1
             for w in n.workers.values():
-                if w.state is idle and (w.job_id is None or w.job_id == job_id):
+                if w.state is idle and (w.job_id is None or (w.job_id == job_id and w.env == env)):
                     busy = 0
                     break
             cpu_total = n.total_u.get("CPU", 0) or 1
@@ -506,6 +514,8 @@ class ClusterState:
             node.avail_u[k] = node.avail_u.get(k, 0) - v
         for g, u in gpus.items():
             node.gpu_free_u[g] -= u
+        if w.job_id is None:
+            w.env = req.env
         w.job_id = req.job_id
         w.lease_id = lease_id
         w.state = WorkerState.LEASED

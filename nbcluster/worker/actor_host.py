@@ -81,6 +81,7 @@ class ActorHost:
             host.assigned["GPU_IDS"] = list(h["gpus"])
         init_h = {**h, "tid": f"{aid}.init", "name": host.cls_name}
         try:
+            worker.enter_env(h.get("renv"))
             klass, filename = loads([payload[0]])
             restore_filenames(klass, filename)
             args, kwargs = worker.load_args(init_h, payload[1:])

@@ -218,6 +218,7 @@ class Worker:
         if kind == Kind.TASK:
             self.set_gpus(h.get("gpus"))
             try:
+                self.enter_env(h.get("renv"))  # before the function: it may import from it
                 fn, pos = self._function(h, payload)
             except Exception as exc:
                 self.send_error(
@@ -231,6 +232,13 @@ class Worker:
             self.actor = ActorHost.create(self, ident, h, payload)
         elif kind == Kind.ACTOR_CALL and self.actor is not None:
             self.actor.call_inline(ident, h, payload)
+
+    def enter_env(self, renv: dict[str, Any] | None) -> None:
+        """Enter a task's runtime_env (packages fetched and unpacked on first use)."""
+        if renv:
+            from nbcluster.runtime_env import node  # only workers of such tasks need it
+
+            node.apply(renv)
 
     def _function(self, h: dict[str, Any], payload: list[Any]) -> tuple[Any, int]:
         fid = h["fn"]
