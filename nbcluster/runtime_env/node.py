@@ -31,7 +31,18 @@ from nbcluster._private_fs import open_private_dir, user_dir
 from nbcluster.runtime_env.packaging import unpack
 from nbcluster.runtime_env.spec import RuntimeEnvError
 
-log = logging.getLogger("nbcluster.worker.main")  # the worker's log handler (its agent's log)
+log = logging.getLogger(__name__)
+
+
+def _log_to_worker_stderr() -> None:
+    """Unpacks are reported at INFO on the process's real stderr (a worker's: its agent's log)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.__stderr__)
+        handler.setFormatter(logging.Formatter("nbcluster worker %(process)d: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
 
 #: Seconds a worker waits for a package to arrive from its owner.
 FETCH_TIMEOUT_S = 300.0
@@ -63,6 +74,7 @@ def ensure_package(pkg: dict[str, Any]) -> str:
     dest = os.path.join(root, digest)
     if os.path.isdir(dest) and not os.path.islink(dest):
         return dest
+    _log_to_worker_stderr()
     data = _fetch(pkg)
     tmp = tempfile.mkdtemp(prefix=f".{digest}-", dir=root)
     try:

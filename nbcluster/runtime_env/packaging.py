@@ -60,7 +60,7 @@ def _files(root: str, top: str, excludes: tuple[str, ...]) -> Iterator[tuple[str
     Symbolic links to files are packed as the files they point to; linked directories are not
     followed (they may loop, or lead anywhere).
     """
-    spec = pathspec.PathSpec.from_lines("gitwildmatch", [*_ALWAYS_EXCLUDED, *excludes])
+    spec = pathspec.GitIgnoreSpec.from_lines([*_ALWAYS_EXCLUDED, *excludes])
     if os.path.isfile(root):
         name = os.path.basename(root)
         if not spec.match_file(name):
