@@ -42,7 +42,7 @@ class WorkerState(enum.Enum):
     IDLE = "idle"  # in its node's pool: leased to its job next (to any job while it has none)
     LEASED = "leased"  # holds a lease (an actor's worker holds its actor's lease)
     ADOPTED = "adopted"  # outlived the old head: only its holder's claim may lease it
-    RETIRED = "retired"  # hosted an actor that is gone: never leased again (it is killed)
+    RETIRED = "retired"  # its actor is gone, or it idled in an unwanted runtime_env: killed
 
 
 @dataclass

@@ -395,6 +395,7 @@ class ClusterState:
         still: deque[LeaseRequest] = deque()
         plan = _Pass()
         want_start: dict[str, int] = {}
+        want_envs: dict[str, set[tuple[str, str]]] = {}  # node id -> (job, env) waiting there
         for req in self.pending:
             nodes, error = self._candidates(req, plan)
             if error is not None:
@@ -411,6 +412,7 @@ class ClusterState:
                 w = self._idle_worker(node, req.job_id, gpus, req.env)
                 if w is None:
                     want_start[node.node_id] = want_start.get(node.node_id, 0) + 1
+                    want_envs.setdefault(node.node_id, set()).add((req.job_id, req.env))
                     plan.reserve(node.node_id, req.units, gpus)
                     req.waiting_on = node.node_id
                     break
@@ -432,6 +434,33 @@ class ClusterState:
             for _ in range(max(0, extra)):
                 node.starting += 1
                 out.append(StartWorker(node_id))
+            if extra > 0:
+                out += self._retire_other_envs(node, want_envs.get(node_id, set()))
+        return out
+
+    def _retire_other_envs(self, node: NodeInfo, wanted: set[tuple[str, str]]) -> list[Instruction]:
+        """Stop idle workers a job bound to another runtime_env, beyond the node's CPU count.
+
+        A job waiting for a worker of one environment while its idle workers serve others
+        (code edited and shipped again, ...) would otherwise gather a process per environment
+        it ever used; as Ray stops idle workers above its soft limit, the oldest go first.
+        """
+        limit = max(node.total_u.get("CPU", 0) // UNIT, node.prestart, 1)
+        excess = len(node.workers) + node.starting - limit
+        jobs = {job for job, _ in wanted}
+        out: list[Instruction] = []
+        for w in list(node.workers.values()):
+            if excess <= 0:
+                break
+            if (
+                w.state is WorkerState.IDLE
+                and w.job_id in jobs
+                and w.actor_id is None
+                and (w.job_id, w.env) not in wanted
+            ):
+                w.state = WorkerState.RETIRED  # never leased again; gone when the agent says so
+                out.append(KillWorker(node.node_id, w.worker_id))
+                excess -= 1
         return out
 
     def _candidates(self, req: LeaseRequest, plan: _Pass) -> tuple[list[NodeInfo], str | None]:
@@ -559,8 +588,12 @@ class ClusterState:
         worker_id: str,
         shape: dict[str, float],
         gpus: dict[int, float],
+        env: str = "",
     ) -> bool:
-        """Re-create a lease its holder still uses after a head restart; ``False`` if it can't."""
+        """Re-create a lease its holder still uses after a head restart; ``False`` if it can't.
+
+        ``env`` is the runtime_env key the worker was leased for (it serves that one only).
+        """
         w = self.workers.get(worker_id)
         claimable = (WorkerState.IDLE, WorkerState.ADOPTED)
         if w is None or w.state not in claimable or lease_id in self.leases:
@@ -571,6 +604,8 @@ class ClusterState:
             node.avail_u[k] = node.avail_u.get(k, 0) - v
         for g, u in lease.gpu_units.items():
             node.gpu_free_u[g] = node.gpu_free_u.get(g, UNIT) - u
+        if w.job_id is None:
+            w.env = env
         w.job_id = job_id
         w.lease_id = lease_id
         w.state = WorkerState.LEASED

@@ -92,6 +92,7 @@ class HeldLease(msgspec.Struct):
     worker_id: str
     shape: Shape
     gpus: list[int] = []
+    env: str = ""  # the runtime_env key its worker serves
 
 
 class RunningWorker(msgspec.Struct):

@@ -77,6 +77,7 @@ class Worker:
         self.stderr = LineForwarder("stderr", sys.stderr, self._emit)
         self._orig_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.actor: Any = None  # ActorHost once this worker hosts an actor
+        self._env_key: str | None = None  # the runtime_env this worker entered, if any
         store_addr = os.environ.get("NBCLUSTER_STORE")
         self.store = (
             StoreClient(
@@ -234,11 +235,20 @@ class Worker:
             self.actor.call_inline(ident, h, payload)
 
     def enter_env(self, renv: dict[str, Any] | None) -> None:
-        """Enter a task's runtime_env (packages fetched and unpacked on first use)."""
+        """Enter a task's runtime_env (packages fetched and unpacked on first use).
+
+        A worker serves one environment for life; a task without one must not run in a worker
+        that entered one (its variables and modules would leak into it).
+        """
         if renv:
             from nbcluster.runtime_env import node  # only workers of such tasks need it
 
             node.apply(renv)
+            self._env_key = renv.get("key")
+        elif self._env_key is not None:
+            raise RuntimeError(
+                f"this worker runs runtime_env {self._env_key}: it cannot run a task without one"
+            )
 
     def _function(self, h: dict[str, Any], payload: list[Any]) -> tuple[Any, int]:
         fid = h["fn"]
