@@ -381,3 +381,18 @@ def test_workers_of_old_environments_do_not_pile_up(renv_cluster: dict[str, Any]
     # Idle workers of environments nobody waits for are stopped beyond the node's 2 CPUs
     # (plus the fresh workers kept ready for the next job).
     wait_until(lambda: workers() <= 5, timeout=30)
+
+
+def test_a_folder_removed_after_first_use_is_a_clear_error(
+    renv_cluster: dict[str, Any], code_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upload, "RECHECK_S", 0.0)
+    bound = import_and_describe.options(runtime_env={"working_dir": str(code_dir)})
+    assert nb.get(bound.remote(MOD), timeout=60)["value"] == "v1"
+    import shutil
+
+    shutil.rmtree(code_dir)
+    with pytest.raises(RuntimeEnvError, match="does not exist"):
+        bound.remote(MOD)
+    with pytest.raises(RuntimeEnvError, match="is not a directory"):
+        import_and_describe.options(runtime_env={"working_dir": str(code_dir)})

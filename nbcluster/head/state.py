@@ -446,7 +446,9 @@ class ClusterState:
         it ever used; as Ray stops idle workers above its soft limit, the oldest go first.
         """
         limit = max(node.total_u.get("CPU", 0) // UNIT, node.prestart, 1)
-        excess = len(node.workers) + node.starting - limit
+        retired = WorkerState.RETIRED  # already on their way out: not counted
+        excess = sum(1 for w in node.workers.values() if w.state is not retired)
+        excess += node.starting - limit
         jobs = {job for job, _ in wanted}
         out: list[Instruction] = []
         for w in list(node.workers.values()):

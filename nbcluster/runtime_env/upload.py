@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 import weakref
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbcluster.runtime_env import node
 from nbcluster.runtime_env.packaging import fingerprint, max_package_bytes, pack
-from nbcluster.runtime_env.spec import RuntimeEnvSpec, parse
+from nbcluster.runtime_env.spec import RuntimeEnvError, RuntimeEnvSpec, parse
 
 if TYPE_CHECKING:
     from nbcluster.client.core import CoreClient
@@ -148,6 +149,9 @@ def _resolve(client: CoreClient, envs: _ClientEnvs, spec: RuntimeEnvSpec) -> dic
     if known is not None and now - known.checked < RECHECK_S:
         return known.partial
     dirs = ([spec.working_dir] if spec.working_dir else []) + list(spec.py_modules)
+    for d in dirs:
+        if not os.path.exists(d):
+            raise RuntimeEnvError(f"runtime_env: {d} does not exist (any more)")
     prints = tuple(fingerprint(d, spec.excludes) for d in dirs)
     if known is not None and known.prints == prints:
         known.checked = now
