@@ -183,7 +183,12 @@ def _upload(
     known = envs.uploads.get(package.hash)
     if known is not None:
         return known[1]
-    ref = client.put(package.data)
+    try:
+        ref = client.put(package.data)
+    except Exception as exc:  # e.g. no store here and the zip is over the message limit
+        raise RuntimeEnvError(
+            f"runtime_env: could not upload {path} ({len(package.data)} bytes zipped): {exc}"
+        ) from exc
     client.mark_escaped(ref.hex())  # workers fetch it by id: kept until the job ends
     wire = {
         "hash": package.hash,
