@@ -396,3 +396,21 @@ def test_a_folder_removed_after_first_use_is_a_clear_error(
         bound.remote(MOD)
     with pytest.raises(RuntimeEnvError, match="is not a directory"):
         import_and_describe.options(runtime_env={"working_dir": str(code_dir)})
+
+
+def test_magic_options_become_a_runtime_env() -> None:
+    from nbcluster.magics import _parse_runtime_env_options
+
+    words = ["--working-dir", ".", "--env", "A=1=2", "--exclude=*.csv", "--py-module", "lib"]
+    assert _parse_runtime_env_options(words) == {
+        "working_dir": ".",
+        "env_vars": {"A": "1=2"},
+        "excludes": ["*.csv"],
+        "py_modules": ["lib"],
+    }
+    with pytest.raises(ValueError, match="unknown option '--pip'"):
+        _parse_runtime_env_options(["--pip", "numpy"])
+    with pytest.raises(ValueError, match="--env expects NAME=VALUE"):
+        _parse_runtime_env_options(["--env", "A"])
+    with pytest.raises(ValueError, match="--working-dir needs a value"):
+        _parse_runtime_env_options(["--working-dir"])

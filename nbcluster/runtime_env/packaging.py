@@ -1,9 +1,10 @@
 """Packing a directory (or one ``.py`` file) into a content-hashed zip, and unpacking it safely.
 
-The hash is taken over the files' relative paths and contents (not their times), so the same
-code packed twice, on any machine, has the same hash: that is what the cluster keys its uploads
-and the nodes' caches by. ``excludes`` are gitignore-style patterns relative to the packed
-directory, as in Ray; ``__pycache__`` folders and ``.pyc`` files are always left out.
+The hash is taken over the files' relative paths, contents and executable bit (not their
+times), so the same code packed twice, on any machine, has the same hash: that is what the
+cluster keys its uploads and the nodes' caches by. ``excludes`` are gitignore-style patterns
+relative to the packed directory, as in Ray; ``__pycache__`` folders and ``.pyc`` files are
+always left out.
 Unpacking refuses what a crafted zip could use to write outside its folder: absolute paths,
 ``..``, and symbolic links.
 """
@@ -134,18 +135,19 @@ def pack(root: str, excludes: tuple[str, ...], *, keep_name: bool, limit: int) -
         for name, path in files:
             with open(path, "rb") as fh:
                 data = fh.read()
-            _hash_entry(digest, name, data)
+            mode = 0o700 if os.stat(path).st_mode & stat.S_IXUSR else 0o600
+            _hash_entry(digest, name, data, mode)
             info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
-            mode = 0o700 if os.stat(path).st_mode & stat.S_IXUSR else 0o600
             info.external_attr = (stat.S_IFREG | mode) << 16
             zf.writestr(info, data)
     return Package(digest.hexdigest()[:32], buf.getvalue(), total, len(files))
 
 
-def _hash_entry(digest: Any, name: str, data: bytes) -> None:
+def _hash_entry(digest: Any, name: str, data: bytes, mode: int) -> None:
     raw = name.encode()
-    digest.update(len(raw).to_bytes(4, "big") + raw + len(data).to_bytes(8, "big"))
+    executable = b"x" if mode & stat.S_IXUSR else b"-"  # the one mode bit a package keeps
+    digest.update(len(raw).to_bytes(4, "big") + raw + executable + len(data).to_bytes(8, "big"))
     digest.update(data)
 
 
@@ -189,10 +191,10 @@ def unpack(data: bytes, dest: str, expected_hash: str) -> int:
             if mode and not stat.S_ISREG(mode):
                 raise RuntimeEnvError(f"refusing to unpack {name!r}: not a regular file")
             content = zf.read(info)
-            _hash_entry(digest, name, content)
+            perm = 0o700 if mode & stat.S_IXUSR else 0o600
+            _hash_entry(digest, name, content, perm)
             path = os.path.join(dest, name)
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            perm = 0o700 if mode & stat.S_IXUSR else 0o600
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, perm)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(content)
