@@ -12,6 +12,8 @@ from nbcluster import context
 from nbcluster.client import current
 from nbcluster.exceptions import SerializationError
 from nbcluster.options import check_gpus
+from nbcluster.runtime_env.spec import parse as parse_runtime_env
+from nbcluster.runtime_env.upload import wire_env
 from nbcluster.scheduling import strategy_spec
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -69,8 +71,9 @@ def _check_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
     mc = opts.get("max_concurrency")
     if mc is not None and (not isinstance(mc, int) or mc < 1):
         raise ValueError(f"max_concurrency must be a positive integer, got {mc!r}")
-    if opts.get("runtime_env"):
-        raise ValueError("runtime_env is not supported by nbcluster")
+    if "runtime_env" in opts:
+        # Validated once here (RuntimeEnvError names a bad key); packed when the actor is made.
+        opts["runtime_env"] = parse_runtime_env(opts["runtime_env"])
     if opts.get("num_gpus") is not None:
         check_gpus(opts["num_gpus"])
     strategy_spec(opts.get("scheduling_strategy"))  # raises on anything unsupported
@@ -168,6 +171,9 @@ class ActorClass:
             "sys_path": _sys_path(),
             "strategy": strategy_spec(opts.get("scheduling_strategy")),
         }
+        renv = wire_env(client, opts.get("runtime_env"))
+        if renv is not None:
+            spec["renv"] = renv  # the head asks for a worker of this environment
         if spec["detached"] and not name:
             raise ValueError("a detached actor must have a name (options(name=...))")
         reply = client.create_actor(self._name, self._pickled(), args, kwargs, spec)

@@ -23,6 +23,8 @@ from nbcluster.exceptions import ConfigurationError
 from nbcluster.kernel import attach_kernel
 from nbcluster.protocol.security import read_token_file, token_from_environment
 from nbcluster.refs import ObjectRef
+from nbcluster.runtime_env.spec import parse as parse_runtime_env
+from nbcluster.runtime_env.upload import set_job_env
 
 ADDRESS_ENV = "NBCLUSTER_ADDRESS"
 
@@ -95,6 +97,10 @@ def init(
     namespace
         Where this job's named actors live (``get_actor`` looks there by default). Without it,
         each job has a namespace of its own.
+    runtime_env
+        Ray's ``runtime_env`` for every task and actor of this job (``working_dir``,
+        ``py_modules``, ``excludes``, ``env_vars``; see ``docs/user-guide.md``). Its directories
+        are packed and uploaded now; a task's or actor's own ``runtime_env`` is merged over it.
 
     Returns
     -------
@@ -111,77 +117,113 @@ def init(
     }
     if unknown:
         raise TypeError(f"init() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    runtime_env = parse_runtime_env(ray_compat.get("runtime_env"))  # bad keys fail before a start
     with _init_lock:
-        session = current.session()
-        if session is not None and session.info is not None:
-            info = session.info
-            wanted = (address or "").removeprefix("nbcluster://").removeprefix("tcp://")
-            if wanted and wanted != "auto" and wanted != info.address:
-                raise RuntimeError(
-                    f"already connected to {info.address}; call nbcluster.shutdown() before "
-                    f"connecting to {wanted}"
-                )
-            return info
-        if context.in_worker():
+        existing = current.session()
+        connected = existing is not None and existing.info is not None
+        info = _init(
+            address,
+            num_cpus,
+            num_gpus,
+            resources,
+            token_file,
+            log_to_driver,
+            namespace,
+            object_store_memory,
+            object_spill_limit,
+        )
+        if runtime_env is not None:
             client = current.require()
-            info = ClusterInfo(client.head_address, client.job_id, client.node_id, False)
-            session = current.session()
-            if session is not None:
-                session.info = info
-            return info
-        address = address or os.environ.get(ADDRESS_ENV) or None
-        if address in ("auto",):
-            address = os.environ.get(ADDRESS_ENV)
-            if not address:
-                raise ConfigurationError("address='auto' needs $NBCLUSTER_ADDRESS")
-        if address:
-            address = address.removeprefix("nbcluster://").removeprefix("tcp://")
-            token = (
-                read_token_file(Path(token_file).expanduser())
-                if token_file
-                else token_from_environment()
-            )
-            if not token:
-                raise ConfigurationError(
-                    f"connecting to {address} needs the cluster secret: pass token_file= or set "
-                    "NBCLUSTER_TOKEN_FILE"
-                )
-            client = CoreClient(address, token, log_to_driver=log_to_driver, namespace=namespace)
-            client.connect()
-            node = _local_node(client)
-            client.node_id = str(node.get("node_id", ""))
-            if node.get("store_address"):
-                client.attach_store(node["store_address"], node["store_id"])
-            info = ClusterInfo(address, client.job_id, client.node_id, False)
-            current.set_session(current.Session(client, info))
-        else:
-            cluster = LocalCluster(
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-                resources=resources,
-                object_store_memory=object_store_memory,
-                object_spill_limit=object_spill_limit,
-            )
-            cluster.start()
             try:
-                client = CoreClient(
-                    cluster.address,
-                    cluster.token,
-                    node_id=cluster.node_id,
-                    log_to_driver=log_to_driver,
-                    namespace=namespace,
-                )
-                client.connect()
-                client.attach_store(cluster.store_address, cluster.store_id)
+                set_job_env(client, runtime_env)  # packed and uploaded now, as in Ray
             except BaseException:
-                cluster.stop()
+                if not connected:  # this call connected: leave nothing behind
+                    shutdown()
                 raise
-            info = ClusterInfo(
-                cluster.address, client.job_id, cluster.node_id, True, str(cluster.session_dir)
-            )
-            current.set_session(current.Session(client, info, local=cluster))
-        attach_kernel(client)  # in a notebook: remote prints go under the submitting cell
         return info
+
+
+def _init(
+    address: str | None,
+    num_cpus: float | None,
+    num_gpus: float | None,
+    resources: dict[str, float] | None,
+    token_file: str | os.PathLike[str] | None,
+    log_to_driver: bool,
+    namespace: str | None,
+    object_store_memory: int | None,
+    object_spill_limit: int | None,
+) -> ClusterInfo:
+    session = current.session()
+    if session is not None and session.info is not None:
+        info = session.info
+        wanted = (address or "").removeprefix("nbcluster://").removeprefix("tcp://")
+        if wanted and wanted != "auto" and wanted != info.address:
+            raise RuntimeError(
+                f"already connected to {info.address}; call nbcluster.shutdown() before "
+                f"connecting to {wanted}"
+            )
+        return info
+    if context.in_worker():
+        client = current.require()
+        info = ClusterInfo(client.head_address, client.job_id, client.node_id, False)
+        session = current.session()
+        if session is not None:
+            session.info = info
+        return info
+    address = address or os.environ.get(ADDRESS_ENV) or None
+    if address in ("auto",):
+        address = os.environ.get(ADDRESS_ENV)
+        if not address:
+            raise ConfigurationError("address='auto' needs $NBCLUSTER_ADDRESS")
+    if address:
+        address = address.removeprefix("nbcluster://").removeprefix("tcp://")
+        token = (
+            read_token_file(Path(token_file).expanduser())
+            if token_file
+            else token_from_environment()
+        )
+        if not token:
+            raise ConfigurationError(
+                f"connecting to {address} needs the cluster secret: pass token_file= or set "
+                "NBCLUSTER_TOKEN_FILE"
+            )
+        client = CoreClient(address, token, log_to_driver=log_to_driver, namespace=namespace)
+        client.connect()
+        node = _local_node(client)
+        client.node_id = str(node.get("node_id", ""))
+        if node.get("store_address"):
+            client.attach_store(node["store_address"], node["store_id"])
+        info = ClusterInfo(address, client.job_id, client.node_id, False)
+        current.set_session(current.Session(client, info))
+    else:
+        cluster = LocalCluster(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            resources=resources,
+            object_store_memory=object_store_memory,
+            object_spill_limit=object_spill_limit,
+        )
+        cluster.start()
+        try:
+            client = CoreClient(
+                cluster.address,
+                cluster.token,
+                node_id=cluster.node_id,
+                log_to_driver=log_to_driver,
+                namespace=namespace,
+            )
+            client.connect()
+            client.attach_store(cluster.store_address, cluster.store_id)
+        except BaseException:
+            cluster.stop()
+            raise
+        info = ClusterInfo(
+            cluster.address, client.job_id, cluster.node_id, True, str(cluster.session_dir)
+        )
+        current.set_session(current.Session(client, info, local=cluster))
+    attach_kernel(client)  # in a notebook: remote prints go under the submitting cell
+    return info
 
 
 def _local_node(client: CoreClient) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from nbcluster.client import current
 from nbcluster.client.core import CoreClient
 from nbcluster.kernel import attach_kernel
 from nbcluster.remote import remote
+from nbcluster.runtime_env.upload import job_env, set_job_env, upload_stats
 from nbcluster.status import cluster_nodes, nodes_text, table
 
 # Names IPython keeps in the user namespace that a cell never means to send.
@@ -33,6 +34,10 @@ HELP = """\
 %nbcluster tasks      tasks this kernel submitted that are not finished
 %nbcluster actors     actors of the cluster
 %nbcluster shutdown   disconnect (and stop a local cluster this kernel started)
+%nbcluster runtime_env [--working-dir DIR] [--py-module PATH]... [--exclude PATTERN]...
+                       [--env NAME=VALUE]... | --clear
+    The runtime_env of this kernel's tasks and actors (`--working-dir .`: the notebook's folder,
+    so modules beside the notebook import on every node). No option: show it.
 
 %%remote [--num-cpus N] [--num-gpus N] [--resources JSON]
     Run the cell as a task. It reads the notebook names it uses; the names it binds come back
@@ -153,6 +158,8 @@ def _magics_class() -> type:
                     for n in nodes()
                 ]
                 print(table(rows, ["node_id", "name", "address", "state"]))
+            elif cmd == "runtime_env":
+                _runtime_env_magic(shlex.split(line)[1:])
             elif cmd == "tasks":
                 rows = _tasks_snapshot(current.require())
                 print(table(rows, ["task", "name", "state", "where"]) if rows else "no tasks")
@@ -233,6 +240,52 @@ def _parse_remote_options(line: str) -> dict[str, Any]:
                 raise ValueError(f"%%remote: {key} expects a number, got {value!r}") from None
         i += 1
     return options
+
+
+def _parse_runtime_env_options(words: list[str]) -> dict[str, Any]:
+    """``%nbcluster runtime_env``'s options as a ``runtime_env`` dict."""
+    env: dict[str, Any] = {}
+    lists = {"--py-module": "py_modules", "--exclude": "excludes"}
+    i = 0
+    while i < len(words):
+        key, eq, value = words[i].partition("=")
+        if key not in ("--working-dir", "--env", *lists):
+            raise ValueError(f"%nbcluster runtime_env: unknown option {words[i]!r}")
+        if not eq:
+            if i + 1 >= len(words):
+                raise ValueError(f"%nbcluster runtime_env: {key} needs a value")
+            i += 1
+            value = words[i]
+        if key == "--working-dir":
+            env["working_dir"] = value
+        elif key == "--env":
+            name, sep, val = value.partition("=")
+            if not sep or not name:
+                raise ValueError(f"%nbcluster runtime_env: --env expects NAME=VALUE, got {value!r}")
+            env.setdefault("env_vars", {})[name] = val
+        else:
+            env.setdefault(lists[key], []).append(value)
+        i += 1
+    return env
+
+
+def _runtime_env_magic(words: list[str]) -> None:
+    client = current.require()
+    if words == ["--clear"]:
+        set_job_env(client, None)
+        print("nbcluster: no runtime_env for this kernel's tasks and actors")
+        return
+    if words:
+        set_job_env(client, _parse_runtime_env_options(words))  # packed and uploaded now
+    spec = job_env(client)
+    if spec is None:
+        print("nbcluster: no runtime_env (set one: %nbcluster runtime_env --working-dir .)")
+        return
+    stats = upload_stats(client)
+    print(
+        f"nbcluster: runtime_env {spec.as_dict()} "
+        f"({stats['uploads']} package(s), {stats['bytes']} bytes uploaded by this kernel)"
+    )
 
 
 def _resolve_actor(what: str, user_ns: dict[str, Any]) -> ActorHandle:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from nbcluster.runtime_env.spec import RuntimeEnvSpec, parse
 from nbcluster.scheduling import StrategySpec, strategy_spec
 
 _EPS = 1e-9
@@ -36,7 +37,8 @@ class TaskOptions:
     ``max_retries`` (3, for worker crashes), ``retry_exceptions`` (``False``, ``True`` or a list of
     exception types), ``num_returns`` (1), a display ``name`` and a ``scheduling_strategy``
     (``"DEFAULT"``, ``"SPREAD"`` or a
-    :class:`~nbcluster.scheduling.NodeAffinitySchedulingStrategy`).
+    :class:`~nbcluster.scheduling.NodeAffinitySchedulingStrategy`) and a validated
+    ``runtime_env`` (merged over the job's when the task is submitted).
     """
 
     num_cpus: float = 1.0
@@ -48,6 +50,7 @@ class TaskOptions:
     num_returns: int = 1
     name: str | None = None
     scheduling_strategy: Any = None
+    runtime_env: RuntimeEnvSpec | None = None
 
     def replace(self, **kwargs: Any) -> TaskOptions:
         """Return a copy with ``kwargs`` applied (validated as in :func:`make_task_options`)."""
@@ -106,8 +109,7 @@ def make_task_options(base: TaskOptions | None = None, **kwargs: Any) -> TaskOpt
     changes: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key == "runtime_env":
-            if value:
-                raise ValueError("runtime_env is not supported by nbcluster")
+            changes[key] = parse(value)  # raises RuntimeEnvError (a ValueError), naming the key
             continue
         if value is None and key in ("num_cpus", "num_gpus", "memory", "resources"):
             continue

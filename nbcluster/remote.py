@@ -14,6 +14,7 @@ from nbcluster.client import current
 from nbcluster.exceptions import SerializationError
 from nbcluster.options import TASK_OPTION_NAMES, TaskOptions, make_task_options
 from nbcluster.refs import ObjectRef
+from nbcluster.runtime_env.upload import wire_env
 
 
 class RemoteFunction:
@@ -70,6 +71,7 @@ class RemoteFunction:
             opts.max_retries,
             opts.retry_exceptions,
             strategy=opts.strategy(),
+            runtime_env=wire_env(client, opts.runtime_env),
         )
         if opts.num_returns == 1:
             return refs[0]

@@ -589,3 +589,27 @@ def test_random_actors_and_adopted_workers_keep_invariants() -> None:
                 assert w.state in (WorkerState.LEASED, WorkerState.RETIRED), w
     states = {w.state for w in st.workers.values()}
     assert WorkerState.LEASED in states and WorkerState.IDLE in states
+
+
+def test_runtime_envs_do_not_share_workers_and_old_ones_make_room() -> None:
+    st = ClusterState()
+    n = _node(st, cpus=1)
+    _ready(st, n, "w1")
+    (g,) = grants(st.request_lease(A, "j1", 1, {"CPU": 1}, "f", env="envA"))
+    assert st.workers["w1"].env == "envA"
+    st.return_lease(A, g.lease.lease_id)
+    # Same job, no environment: the envA worker is idle but will not do; a new one starts,
+    # and the idle envA worker (beyond the node's 1 CPU) is stopped.
+    ins = st.request_lease(A, "j1", 2, {"CPU": 1}, "f")
+    assert kinds(ins) == [StartWorker, KillWorker]
+    assert not grants(ins)
+    (g2,) = grants(_ready(st, n, "w2"))
+    assert g2.lease.worker_id == "w2" and st.workers["w2"].env == ""
+    st.validate_state()
+    # A head restart's claim keeps the worker's environment.
+    st2 = ClusterState()
+    n2 = _node(st2, cpus=1)
+    st2.adopt_worker(n2, "w9", "tcp://w9", "tcp://w9c", 1)
+    assert st2.claim_lease(A, "j1", "lease-x", "w9", {"CPU": 1}, {}, env="envB")
+    assert st2.workers["w9"].env == "envB"
+    st2.validate_state()

@@ -441,6 +441,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                     "worker_id": ls.worker_id,
                     "shape": ls.shape,  # not shape_key: that also names strategy and store
                     "gpus": ls.gpus,
+                    "env": dict(kv for kv in ls.shape_key if len(kv) == 2).get("@env", ""),
                 }
                 for ls in self._leases.values()
             ],

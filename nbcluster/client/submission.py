@@ -112,11 +112,14 @@ class TaskSubmission:
         max_retries: int,
         retry_exceptions: bool | tuple[type[BaseException], ...],
         strategy: dict[str, Any] | None = None,
+        runtime_env: dict[str, Any] | None = None,
     ) -> list[ObjectRef]:
         """Queue a task; returns one ref per return value.
 
         ``strategy`` is a scheduling strategy in wire form (:func:`nbcluster.scheduling.
-        strategy_spec`); tasks of one shape and strategy share leases.
+        strategy_spec`); tasks of one shape and strategy share leases. ``runtime_env`` is the
+        environment in wire form (:mod:`nbcluster.runtime_env.upload`): its tasks get workers of
+        their own.
         """
         rec, refs = self._new_record(name, args, kwargs, num_returns)
         check_frame_sizes([fn_blob], f"function {name} (pickled)")
@@ -125,6 +128,9 @@ class TaskSubmission:
         if strategy is not None:
             rec.strategy = strategy
             rec.shape_key += (("@strategy", strategy_key(strategy)),)
+        if runtime_env is not None:
+            rec.renv = runtime_env
+            rec.shape_key += (("@env", runtime_env["key"]),)
         rec.max_retries, rec.retry_exceptions = max_retries, retry_exceptions
         self._post("submit", rec)
         return refs if num_returns != 0 else []
@@ -290,7 +296,7 @@ class TaskSubmission:
                 rec.shape_key += (("@store", best),)
         sc = self._classes.get(rec.shape_key)
         if sc is None:
-            sc = SchedClass(rec.shape, rec.shape_key, rec.strategy, locality)
+            sc = SchedClass(rec.shape, rec.shape_key, rec.strategy, locality, renv=rec.renv)
             self._classes[rec.shape_key] = sc
         sc.queue.append(rec)
         self._pump(sc)
@@ -317,6 +323,8 @@ class TaskSubmission:
                 req["strategy"] = sc.strategy
             if sc.locality:
                 req["locality"] = sc.locality
+            if sc.renv is not None:
+                req["env"] = sc.renv["key"]  # workers of another environment will not do
             send_nowait(self._head, encode(req))
         if not sc.queue and sc.requests:
             for rid in sc.requests:
@@ -356,6 +364,8 @@ class TaskSubmission:
         if lease.gpus:
             assigned["GPU_IDS"] = lease.gpus  # type: ignore[assignment]
         header["assigned"] = assigned
+        if rec.renv is not None:
+            header["renv"] = rec.renv
         send_nowait(conn.sock, encode(header, payload))
 
     def _on_grant(self, h: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ class TaskRecord:
     actor_id: str | None = None  # set for actor method calls
     method: str = ""
     strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
+    renv: dict[str, Any] | None = None  # runtime_env (wire form); None = none
     tag: Any = None  # where its output goes (the notebook cell that submitted it), if known
 
 
@@ -66,6 +67,7 @@ class SchedClass:
     key: tuple[Any, ...] = ()
     strategy: dict[str, Any] | None = None  # sent with its lease requests
     locality: dict[str, int] = field(default_factory=dict)  # store id -> bytes of arguments
+    renv: dict[str, Any] | None = None  # runtime_env (wire form): its key goes with the requests
     queue: deque[TaskRecord] = field(default_factory=deque)
     leases: list[Lease] = field(default_factory=list)
     requests: set[int] = field(default_factory=set)  # outstanding lease request ids

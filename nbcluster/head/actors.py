@@ -104,7 +104,7 @@ class ActorDirectory:
             methods=dict(h.get("methods") or {}),
             spec={
                 k: h[k]
-                for k in ("nargs", "deps", "max_concurrency", "is_async", "sys_path")
+                for k in ("nargs", "deps", "max_concurrency", "is_async", "sys_path", "renv")
                 if k in h
             },
             payload=list(payload),
@@ -132,8 +132,15 @@ class ActorDirectory:
 
     def _place(self, a: ActorInfo) -> list[Instruction]:
         a.rid = next(self._rids)
+        renv = a.spec.get("renv")
         return self.cluster.request_lease(
-            ActorRequester(a.aid), a.job_id, a.rid, a.place_shape, a.cls_name, strategy=a.strategy
+            ActorRequester(a.aid),
+            a.job_id,
+            a.rid,
+            a.place_shape,
+            a.cls_name,
+            strategy=a.strategy,
+            env=renv.get("key", "") if isinstance(renv, dict) else "",
         )
 
     def on_grant(self, aid: str, lease: Lease, worker: WorkerInfo) -> list[Instruction]:

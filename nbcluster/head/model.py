@@ -42,7 +42,7 @@ class WorkerState(enum.Enum):
     IDLE = "idle"  # in its node's pool: leased to its job next (to any job while it has none)
     LEASED = "leased"  # holds a lease (an actor's worker holds its actor's lease)
     ADOPTED = "adopted"  # outlived the old head: only its holder's claim may lease it
-    RETIRED = "retired"  # hosted an actor that is gone: never leased again (it is killed)
+    RETIRED = "retired"  # its actor is gone, or it idled in an unwanted runtime_env: killed
 
 
 @dataclass
@@ -55,6 +55,7 @@ class WorkerInfo:
     control_address: str
     pid: int
     job_id: str | None = None  # a worker serves one job for its whole life
+    env: str = ""  # ... and one runtime_env (its key; "" = none), set with the job
     lease_id: str | None = None  # set exactly while LEASED
     state: WorkerState = WorkerState.IDLE
     blocked: bool = False
@@ -116,6 +117,7 @@ class LeaseRequest:
     units: dict[str, int] = field(default_factory=dict)
     strategy: dict[str, Any] | None = None  # nbcluster.scheduling wire form; None = DEFAULT
     locality: dict[str, int] = field(default_factory=dict)  # store id -> bytes of arguments
+    env: str = ""  # the runtime_env key: only a fresh worker or one of this env will do
     infeasible_reported: bool = False
     # The node a worker is being started on for it: tried first in later passes, so that a
     # waiting request does not hop between equally good nodes (and SPREAD counts it there).

@@ -59,6 +59,7 @@ class LeaseClaim:
     worker_id: str
     shape: dict[str, float]
     gpus: list[int]
+    env: str = ""  # the runtime_env key of its worker
 
 
 @dataclass
@@ -187,6 +188,7 @@ class Recovery:
                 ls["worker_id"],
                 {k: float(v) for k, v in dict(ls["shape"]).items()},
                 list(ls.get("gpus") or ()),
+                str(ls.get("env") or ""),
             )
             held = self.state.leases.get(claim.lease_id)
             if held is not None and (held.worker_id, held.job_id) == (
@@ -252,4 +254,6 @@ class Recovery:
 
     def _claim(self, c: LeaseClaim) -> bool:
         gpus = gpu_shares(c.gpus, c.shape)
-        return self.state.claim_lease(c.client, c.job_id, c.lease_id, c.worker_id, c.shape, gpus)
+        return self.state.claim_lease(
+            c.client, c.job_id, c.lease_id, c.worker_id, c.shape, gpus, env=c.env
+        )

@@ -512,6 +512,7 @@ class HeadService:
                 msg.name,
                 strategy=strategy,
                 locality=msg.locality,
+                env=msg.env,
             )
         )
 

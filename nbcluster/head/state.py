@@ -215,11 +215,13 @@ class ClusterState:
         name: str,
         strategy: dict[str, Any] | None = None,
         locality: dict[str, int] | None = None,
+        env: str = "",
     ) -> list[Instruction]:
         """Queue a lease request and try to place it.
 
         ``strategy`` is a scheduling strategy in its wire form (:mod:`nbcluster.scheduling`),
-        ``locality`` the bytes of the task's stored arguments per node store. A request that
+        ``locality`` the bytes of the task's stored arguments per node store, ``env`` the key of
+        the task's runtime_env (a worker runs one environment for life). A request that
         can never be placed (a malformed shape or strategy) is answered :class:`Unschedulable`.
         """
         error = _check_request(shape, strategy)
@@ -234,6 +236,7 @@ class ClusterState:
             units=units_of(shape),
             strategy=strategy,
             locality=_clean_locality(locality),
+            env=env if isinstance(env, str) else "",
         )
         self.pending.append(req)
         return self.schedule()
@@ -359,7 +362,9 @@ class ClusterState:
             return None
         return {g: UNIT for g in whole[: need // UNIT]}
 
-    def _idle_worker(self, node: NodeInfo, job_id: str, gpus: dict[int, int]) -> WorkerInfo | None:
+    def _idle_worker(
+        self, node: NodeInfo, job_id: str, gpus: dict[int, int], env: str = ""
+    ) -> WorkerInfo | None:
         want = tuple(sorted(gpus))
         best: WorkerInfo | None = None
         best_rank = 99
@@ -367,6 +372,8 @@ class ClusterState:
         for w in node.workers.values():
             if w.state is not idle or w.job_id not in (None, job_id):
                 continue
+            if w.job_id is not None and w.env != env:
+                continue  # it runs another runtime_env (its sys.path, cwd, variables)
             if want and w.gpus is not None and w.gpus != want:
                 continue  # pinned to other GPUs
             # Prefer this job's workers, then ones already pinned to these GPUs.
@@ -388,6 +395,7 @@ class ClusterState:
         still: deque[LeaseRequest] = deque()
         plan = _Pass()
         want_start: dict[str, int] = {}
+        want_envs: dict[str, set[tuple[str, str]]] = {}  # node id -> (job, env) waiting there
         for req in self.pending:
             nodes, error = self._candidates(req, plan)
             if error is not None:
@@ -401,9 +409,10 @@ class ClusterState:
                     continue
                 feasible_now = True
                 plan.placed[node.node_id] = plan.placed.get(node.node_id, 0) + 1
-                w = self._idle_worker(node, req.job_id, gpus)
+                w = self._idle_worker(node, req.job_id, gpus, req.env)
                 if w is None:
                     want_start[node.node_id] = want_start.get(node.node_id, 0) + 1
+                    want_envs.setdefault(node.node_id, set()).add((req.job_id, req.env))
                     plan.reserve(node.node_id, req.units, gpus)
                     req.waiting_on = node.node_id
                     break
@@ -425,6 +434,35 @@ class ClusterState:
             for _ in range(max(0, extra)):
                 node.starting += 1
                 out.append(StartWorker(node_id))
+            if extra > 0:
+                out += self._retire_other_envs(node, want_envs.get(node_id, set()))
+        return out
+
+    def _retire_other_envs(self, node: NodeInfo, wanted: set[tuple[str, str]]) -> list[Instruction]:
+        """Stop idle workers a job bound to another runtime_env, beyond the node's CPU count.
+
+        A job waiting for a worker of one environment while its idle workers serve others
+        (code edited and shipped again, ...) would otherwise gather a process per environment
+        it ever used; as Ray stops idle workers above its soft limit, the oldest go first.
+        """
+        limit = max(node.total_u.get("CPU", 0) // UNIT, node.prestart, 1)
+        retired = WorkerState.RETIRED  # already on their way out: not counted
+        excess = sum(1 for w in node.workers.values() if w.state is not retired)
+        excess += node.starting - limit
+        jobs = {job for job, _ in wanted}
+        out: list[Instruction] = []
+        for w in list(node.workers.values()):
+            if excess <= 0:
+                break
+            if (
+                w.state is WorkerState.IDLE
+                and w.job_id in jobs
+                and w.actor_id is None
+                and (w.job_id, w.env) not in wanted
+            ):
+                w.state = WorkerState.RETIRED  # never leased again; gone when the agent says so
+                out.append(KillWorker(node.node_id, w.worker_id))
+                excess -= 1
         return out
 
     def _candidates(self, req: LeaseRequest, plan: _Pass) -> tuple[list[NodeInfo], str | None]:
@@ -459,11 +497,12 @@ class ClusterState:
         # Prefer nodes with an idle worker of this job, then the least loaded.
         idle = WorkerState.IDLE  # locals, and a loop rather than any(): this is the hot path
         job_id = req.job_id
+        env = req.env
 
         def key(n: NodeInfo) -> tuple[int, float]:
             busy = 1
             for w in n.workers.values():
-                if w.state is idle and (w.job_id is None or w.job_id == job_id):
+                if w.state is idle and (w.job_id is None or (w.job_id == job_id and w.env == env)):
                     busy = 0
                     break
             cpu_total = n.total_u.get("CPU", 0) or 1
@@ -506,6 +545,8 @@ class ClusterState:
             node.avail_u[k] = node.avail_u.get(k, 0) - v
         for g, u in gpus.items():
             node.gpu_free_u[g] -= u
+        if w.job_id is None:
+            w.env = req.env
         w.job_id = req.job_id
         w.lease_id = lease_id
         w.state = WorkerState.LEASED
@@ -549,8 +590,12 @@ class ClusterState:
         worker_id: str,
         shape: dict[str, float],
         gpus: dict[int, float],
+        env: str = "",
     ) -> bool:
-        """Re-create a lease its holder still uses after a head restart; ``False`` if it can't."""
+        """Re-create a lease its holder still uses after a head restart; ``False`` if it can't.
+
+        ``env`` is the runtime_env key the worker was leased for (it serves that one only).
+        """
         w = self.workers.get(worker_id)
         claimable = (WorkerState.IDLE, WorkerState.ADOPTED)
         if w is None or w.state not in claimable or lease_id in self.leases:
@@ -561,6 +606,8 @@ class ClusterState:
             node.avail_u[k] = node.avail_u.get(k, 0) - v
         for g, u in lease.gpu_units.items():
             node.gpu_free_u[g] = node.gpu_free_u.get(g, UNIT) - u
+        if w.job_id is None:
+            w.env = env
         w.job_id = job_id
         w.lease_id = lease_id
         w.state = WorkerState.LEASED

@@ -67,6 +67,26 @@ class NodeStrategy(msgspec.Struct, tag_field="t", tag="node"):
 Strategy = SpreadStrategy | NodeStrategy
 
 
+# --- runtime_env (the wire form of nbcluster.runtime_env.upload) ----------------------------
+class EnvPackage(msgspec.Struct):
+    """A packed directory: its content hash and the object (id, owner) holding its zip."""
+
+    hash: str
+    oid: str
+    owner: str
+    size: Count = 0
+
+
+class RuntimeEnv(msgspec.Struct):
+    """``renv``: ``key`` (a hash of the rest), ``wd`` (working_dir), ``mods`` (py_modules),
+    ``vars`` (env_vars)."""
+
+    key: str
+    wd: EnvPackage | None = None
+    mods: list[EnvPackage] = []
+    vars: dict[str, str] = {}
+
+
 class HeldLease(msgspec.Struct):
     """A lease a rejoining client still holds (in ``HELLO.leases``)."""
 
@@ -74,6 +94,7 @@ class HeldLease(msgspec.Struct):
     worker_id: str
     shape: Shape
     gpus: list[int] = []
+    env: str = ""  # the runtime_env key its worker serves
 
 
 class RunningWorker(msgspec.Struct):
@@ -148,6 +169,7 @@ class LeaseRequest(Message, tag=Kind.LEASE_REQUEST.value):
     name: str = ""
     strategy: Strategy | None = None
     locality: dict[str, int] | None = None
+    env: str = ""  # runtime_env key: a worker serves one environment
 
 
 class LeaseGranted(Message, tag=Kind.LEASE_GRANTED.value):
@@ -319,6 +341,7 @@ class Task(Message, tag=Kind.TASK.value):
     deps: list[Count] = []
     gpus: list[int] | None = None
     assigned: dict[str, Any] | None = None
+    renv: RuntimeEnv | None = None
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1 if self.fnb else 0)
@@ -380,6 +403,7 @@ class ActorCreate(Message, tag=Kind.ACTOR_CREATE.value):
     sys_path: list[str] = []
     strategy: Strategy | None = None
     deps: list[Count] = []
+    renv: RuntimeEnv | None = None
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1)
@@ -440,6 +464,7 @@ class ActorInit(Message, tag=Kind.ACTOR_INIT.value):
     max_concurrency: int = 1
     is_async: bool = False
     sys_path: list[str] = []
+    renv: RuntimeEnv | None = None
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1)

@@ -74,6 +74,7 @@ class ActorHost:
         if h.gpus:
             host.assigned["GPU_IDS"] = list(h.gpus)
         try:
+            worker.enter_env(h.renv)
             klass, filename = loads([payload[0]])
             restore_filenames(klass, filename)
             args, kwargs = worker.load_args(h, payload[1:])

@@ -73,6 +73,7 @@ class Worker:
         self.stderr = LineForwarder("stderr", sys.stderr, self._emit)
         self._orig_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.actor: Any = None  # ActorHost once this worker hosts an actor
+        self._env_key: str | None = None  # the runtime_env this worker entered, if any
         store_addr = os.environ.get("NBCLUSTER_STORE")
         self.store = (
             StoreClient(
@@ -215,6 +216,7 @@ class Worker:
             case m.Task():
                 self.set_gpus(h.gpus)
                 try:
+                    self.enter_env(h.renv)  # before the function: it may import from it
                     fn, pos = self._function(h, payload)
                 except Exception as exc:
                     self.send_error(ident, h.tid, self.task_error(h.name, exc, 0), "exc")
@@ -227,6 +229,24 @@ class Worker:
             case m.ActorCall():
                 if self.actor is not None:
                     self.actor.call_inline(ident, h, payload)
+
+    def enter_env(self, renv: m.RuntimeEnv | None) -> None:
+        """Enter a task's runtime_env (packages fetched and unpacked on first use).
+
+        A worker serves one environment for life; a task without one must not run in a worker
+        that entered one (its variables and modules would leak into it).
+        """
+        if renv is not None:
+            import msgspec
+
+            from nbcluster.runtime_env import node  # only workers of such tasks need it
+
+            node.apply(msgspec.to_builtins(renv))
+            self._env_key = renv.key
+        elif self._env_key is not None:
+            raise RuntimeError(
+                f"this worker runs runtime_env {self._env_key}: it cannot run a task without one"
+            )
 
     def _function(self, h: m.Task, payload: list[Any]) -> tuple[Any, int]:
         fid = h.fn
