@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from nbcluster._proc import setup_logging, watch_parent
@@ -22,6 +24,12 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Join this host to an nbcluster head.")
     p.add_argument("--address", required=True, help="HOST:PORT of the head")
     p.add_argument("--token-file", help="file holding the cluster secret (mode 0600)")
+    p.add_argument(
+        "--token-stdin",
+        action="store_true",
+        help="read the cluster secret as the first line of stdin, and drain and exit when stdin "
+        "closes (how a pool starts agents over SSH: the session's end ends the agent)",
+    )
     p.add_argument("--num-cpus", type=float)
     p.add_argument("--num-gpus", type=float)
     p.add_argument("--resources", type=json.loads, help="JSON, e.g. '{\"TPU\": 4}'")
@@ -42,15 +50,19 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
 
 async def run_agent(args: argparse.Namespace) -> int:
     try:  # a missing or unsafe token file: said in one line
-        token = (
-            read_token_file(Path(args.token_file)) if args.token_file else token_from_environment()
-        )
+        if args.token_stdin:
+            token = _read_stdin_line().strip() or None
+        elif args.token_file:
+            token = read_token_file(Path(args.token_file))
+        else:
+            token = token_from_environment()
     except NbclusterError as exc:
         print(f"nbcluster-worker: {exc}", file=sys.stderr)
         return 2
     if not token:
         print(
-            f"{sys.argv[0]}: no cluster secret: pass --token-file or set NBCLUSTER_TOKEN_FILE",
+            f"{sys.argv[0]}: no cluster secret: pass --token-file (or --token-stdin and the "
+            "secret on stdin) or set NBCLUSTER_TOKEN_FILE",
             file=sys.stderr,
         )
         return 2
@@ -84,13 +96,16 @@ async def run_agent(args: argparse.Namespace) -> int:
     watcher = None
     if args.parent_pid:
         watcher = asyncio.create_task(watch_parent(args.parent_pid, agent.stopped))
+    if args.token_stdin:
+        _watch_stdin_eof(loop, signalled)
     sig_t = asyncio.create_task(signalled.wait())
     stop_t = asyncio.create_task(agent.stopped.wait())
     await asyncio.wait([sig_t, stop_t], return_when=asyncio.FIRST_COMPLETED)
     for t in (sig_t, stop_t):
         t.cancel()
     if signalled.is_set():
-        # Ctrl-C / SIGTERM: tell the head first, so that it reschedules our tasks and actors now.
+        # Ctrl-C / SIGTERM / stdin closed: tell the head first, so that it reschedules our
+        # tasks and actors now.
         await agent.drain()
     await agent.close()
     if watcher is not None:
@@ -98,6 +113,30 @@ async def run_agent(args: argparse.Namespace) -> int:
         with contextlib.suppress(BaseException):
             await watcher
     return 0
+
+
+def _read_stdin_line(limit: int = 4096) -> str:
+    """The first line of stdin, read unbuffered: what follows is watched for its end."""
+    data = b""
+    while len(data) < limit:
+        byte = os.read(sys.stdin.fileno(), 1)
+        if not byte or byte == b"\n":
+            break
+        data += byte
+    return data.decode(errors="replace")
+
+
+def _watch_stdin_eof(loop: asyncio.AbstractEventLoop, closed: asyncio.Event) -> None:
+    """Set ``closed`` when stdin reaches its end (the SSH session that started us ended)."""
+
+    def watch() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while os.read(sys.stdin.fileno(), 65536):
+                pass
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: we are done anyway
+            loop.call_soon_threadsafe(closed.set)
+
+    threading.Thread(target=watch, name="nbcluster-stdin", daemon=True).start()
 
 
 def _make_agent(args: argparse.Namespace, token: str) -> NodeAgent:
