@@ -8,12 +8,13 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 
 from nbcluster._proc import setup_logging, watch_parent
-from nbcluster.agent.agent import NodeAgent
+from nbcluster.agent.agent import HEAD_TIMEOUT_S, NodeAgent
 from nbcluster.agent.resources import node_resources
 from nbcluster.exceptions import NbclusterError
 from nbcluster.launch import AGENT_READY
@@ -34,7 +35,11 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float)
     p.add_argument("--resources", type=json.loads, help="JSON, e.g. '{\"TPU\": 4}'")
     p.add_argument("--node-name")
-    p.add_argument("--bind-host", default="127.0.0.1", help="address workers listen on")
+    p.add_argument(
+        "--bind-host",
+        default="127.0.0.1",
+        help="address workers listen on; 'auto': this host's address on the route to the head",
+    )
     p.add_argument("--prestart", type=int, help="workers to start before any task arrives")
     p.add_argument("--object-store-memory", type=int, help="bytes of shared memory for objects")
     p.add_argument(
@@ -43,6 +48,25 @@ def build_parser(prog: str = "nbcluster-worker") -> argparse.ArgumentParser:
         "$TMPDIR/nbcluster-UID/spill-STORE_ID)",
     )
     p.add_argument("--spill-limit", type=int, help="most bytes to spill (default: free space)")
+    p.add_argument(
+        "--head-timeout",
+        type=float,
+        default=HEAD_TIMEOUT_S,
+        help="exit when the head has been unreachable this many seconds (default "
+        f"{HEAD_TIMEOUT_S:g}; 0: never), which ends a batch job running this agent",
+    )
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label reported with this node (nodes() shows them; pools find their jobs by it)",
+    )
+    p.add_argument(
+        "--exit-with-job",
+        metavar="JOB_ID",
+        help="drain and exit when this job of the cluster ends (the driver that owns a pool)",
+    )
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--cwd", help=argparse.SUPPRESS)
     return p
@@ -68,6 +92,9 @@ async def run_agent(args: argparse.Namespace) -> int:
         return 2
     try:  # bad amounts are a usage error, said in one line
         node_resources(args.num_cpus, args.num_gpus, args.resources, [])
+        args.labels = parse_labels(args.label)
+        if args.bind_host == "auto":
+            args.bind_host = route_address(args.address)
     except ValueError as exc:
         print(f"nbcluster-worker: {exc}", file=sys.stderr)
         return 2
@@ -108,11 +135,40 @@ async def run_agent(args: argparse.Namespace) -> int:
         # tasks and actors now.
         await agent.drain()
     await agent.close()
+    if agent.exit_reason:
+        print(f"nbcluster-worker: {agent.exit_reason}", file=sys.stderr)
     if watcher is not None:
         watcher.cancel()
         with contextlib.suppress(BaseException):
             await watcher
-    return 0
+    return agent.exit_code
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """``["k=v", ...]`` as a dict (a ``ValueError`` naming a malformed one)."""
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--label takes KEY=VALUE, got {item!r}")
+        labels[key.strip()] = value
+    return labels
+
+
+def route_address(head: str) -> str:
+    """This host's address on the route to ``head`` (``HOST:PORT``): what others reach us on."""
+    host = head.rsplit(":", 1)[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ValueError(f"cannot resolve the head's host {host!r}: {exc}") from exc
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(addr)  # UDP: no packet is sent, the kernel only picks the route
+        except OSError as exc:
+            raise ValueError(f"no route to the head's host {host!r}: {exc}") from exc
+        return str(s.getsockname()[0])
 
 
 def _read_stdin_line(limit: int = 4096) -> str:
@@ -154,6 +210,9 @@ def _make_agent(args: argparse.Namespace, token: str) -> NodeAgent:
         object_store_memory=args.object_store_memory,
         spill_dir=args.spill_dir,
         spill_limit=args.spill_limit,
+        head_timeout=args.head_timeout,
+        labels=args.labels,
+        exit_with_job=args.exit_with_job,
     )
 
 

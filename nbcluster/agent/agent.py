@@ -42,6 +42,10 @@ _malformed_store = RateLimitedLog(log, "dropping a malformed store request")
 _malformed_head = RateLimitedLog(log, "dropping a malformed message from the head")
 
 WORKER_START_TIMEOUT_S = 60.0
+#: Default seconds without a word from the head after which an agent gives up and exits.
+HEAD_TIMEOUT_S = 120.0
+#: Exit status of an agent that gave up on its head, or whose owning job ended.
+EXIT_HEAD_LOST = 3
 
 
 class NodeAgent:
@@ -55,6 +59,13 @@ class NodeAgent:
         The cluster secret.
     token_file
         Where workers read the secret from (passed by path, never by value, when given).
+    head_timeout
+        Exit (:attr:`stopped` set, :attr:`exit_code` 3) when nothing came from the head for this
+        many seconds (``0``: never): a batch job whose head is gone ends instead of idling.
+    labels
+        Reported in the node's info (``nodes()`` shows them); pools find their jobs by them.
+    exit_with_job
+        Drain and exit when the head says this job ended (the driver that owns a pool left).
     """
 
     def __init__(
@@ -74,8 +85,17 @@ class NodeAgent:
         object_store_memory: int | None = None,
         spill_dir: str | None = None,
         spill_limit: int | None = None,
+        head_timeout: float = HEAD_TIMEOUT_S,
+        labels: dict[str, str] | None = None,
+        exit_with_job: str | None = None,
     ) -> None:
         self.head_address = head_address
+        self.head_timeout = head_timeout
+        self.labels = dict(labels or {})
+        self.exit_with_job = exit_with_job
+        self.exit_code = 0
+        self.exit_reason = ""
+        self._last_heard = time.monotonic()
         self._token = token
         self._token_file = token_file
         self.name = name or socket.gethostname()
@@ -153,6 +173,7 @@ class NodeAgent:
                 "store_address": self.store_address,
                 "store_id": self.store_id,
                 "object_store": self.store.stats(),
+                "labels": self.labels,
             },
         }
         if self.node_id:
@@ -194,6 +215,13 @@ class NodeAgent:
                 await asyncio.wait_for(self._send({"k": Kind.GOODBYE, "drain": True}), 2.0)
                 await asyncio.sleep(0.05)  # let the frame leave before the workers die
 
+    def _give_up(self, reason: str) -> None:
+        """Stop this agent for good (the caller's ``stopped`` wait ends, then ``close()``)."""
+        log.error("%s", reason)
+        self.exit_reason = reason
+        self.exit_code = EXIT_HEAD_LOST
+        self.stopped.set()
+
     async def wait_prestarted(self, timeout: float) -> bool:
         """Wait until the first ``prestart`` workers are up (so the first task need not wait)."""
         if self.prestart <= 0:
@@ -217,6 +245,13 @@ class NodeAgent:
         while True:
             await asyncio.sleep(1.0)
             # The heartbeat carries the store's usage: nodes() reports it.
+            silent = time.monotonic() - self._last_heard
+            if self.head_timeout > 0 and silent > self.head_timeout:
+                self._give_up(
+                    f"no word from the head at {self.head_address} for {silent:.0f} s "
+                    f"(--head-timeout {self.head_timeout:g}): exiting"
+                )
+                return
             ping: dict[str, Any] = {"k": Kind.PING, "store": self.store.stats()}
             if self._metrics.latest is not None:
                 ping["metrics"] = self._metrics.latest
@@ -253,6 +288,7 @@ class NodeAgent:
     async def _serve(self) -> None:
         while True:
             frames = await self._sock.recv_multipart()
+            self._last_heard = time.monotonic()  # any frame: the head is there
             try:
                 h, _ = receive(frames)
             except ProtocolError as exc:
@@ -272,6 +308,9 @@ class NodeAgent:
         elif kind == Kind.JOB_ENDED:
             n = self._store_service.job_ended(h["job_id"])
             log.info("job %s ended: freed %d objects", h["job_id"], n)
+            if self.exit_with_job and h["job_id"] == self.exit_with_job:
+                await self.drain()
+                self._give_up(f"job {h['job_id']}, which owns this node, ended: exiting")
         elif kind == Kind.STOP_NODE:
             log.info("stop requested by the head")
             self.stopped.set()

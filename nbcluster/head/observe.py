@@ -77,6 +77,7 @@ class Observer:
     tasks: dict[str, TaskView] = field(default_factory=dict)
     ended: deque[TaskView] = field(default_factory=lambda: deque(maxlen=ENDED_TASKS))
     jobs: dict[str, JobOwner] = field(default_factory=dict)
+    idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
 
     # --------------------------------------------------------------------------- events in
     def job_started(self, job_id: str, h: dict[str, Any]) -> None:
@@ -96,7 +97,35 @@ class Observer:
         for t in [t for t in self.tasks.values() if t.job_id == job_id]:
             self._end(t, CANCELLED, now)
 
+    def track_idle(self, now: float | None = None) -> dict[str, float]:
+        """Seconds each alive node has had nothing running (no task, no actor).
+
+        Called on every agent ping and by :meth:`demand`, so the figures are at most about a
+        second late.
+        """
+        now = time.monotonic() if now is None else now
+        out: dict[str, float] = {}
+        for node_id in self.state.nodes:
+            idle = self._mark_idle(node_id, now)
+            if idle is not None:
+                out[node_id] = idle
+        for gone in set(self.idle_since) - set(self.state.nodes):
+            del self.idle_since[gone]
+        return out
+
+    def _mark_idle(self, node_id: str, now: float) -> float | None:
+        n = self.state.nodes.get(node_id)
+        if n is None or not n.alive or self.state.node_busy(node_id):
+            self.idle_since.pop(node_id, None)
+            return None
+        return round(now - self.idle_since.setdefault(node_id, now), 3)
+
+    def demand(self) -> dict[str, Any]:
+        """The ``demand`` query: unmet requests by shape, and each idle node's idle seconds."""
+        return {"pending": self.state.demand(), "idle": self.track_idle()}
+
     def on_metrics(self, node_id: str, m: dict[str, Any]) -> None:
+        self._mark_idle(node_id, time.monotonic())  # a node's idle clock, about every second
         hist = self.metrics.get(node_id)
         if hist is None:
             hist = self.metrics[node_id] = deque(maxlen=METRICS_HISTORY)

@@ -771,4 +771,6 @@ class HeadService:
             return self.observe.actor_views()
         if what == "metrics":
             return self.observe.history(str(h.get("node_id")))
+        if what == "demand":  # what pools grow from (nbcluster.deploy)
+            return self.observe.demand()
         return None

@@ -1,0 +1,25 @@
+"""Growing a cluster on the engines users already have: Slurm, SSH hosts, Kubernetes.
+
+Every pool is a :class:`~nbcluster.deploy.pool.Pool`: ``scale(n)``, ``adapt(minimum, maximum,
+idle_timeout)``, ``status()``, ``close()``, usable as a context manager.
+"""
+
+from nbcluster.deploy.pool import (
+    BackendStatus,
+    ClientLink,
+    HeadLink,
+    JobState,
+    Pool,
+    PoolError,
+    PoolJob,
+)
+
+__all__ = [
+    "BackendStatus",
+    "ClientLink",
+    "HeadLink",
+    "JobState",
+    "Pool",
+    "PoolError",
+    "PoolJob",
+]
