@@ -44,11 +44,9 @@ def quantity(value: float | int | str, what: str) -> str:
     if isinstance(value, bool):
         raise ValueError(f"{what}: expected a number or a quantity like '32Gi', got {value!r}")
     text = f"{value:g}" if isinstance(value, int | float) else str(value).strip()
-    if text.endswith("iB"):
-        text = text[:-1]
-    elif len(text) > 2 and text[-1] == "B" and text[-2] in "kMGTPE":
-        text = text[:-1]
-    if not _QUANTITY.match(text) or float(re.sub(r"[^0-9.].*$", "", text) or 0) < 0:
+    if re.fullmatch(r".*[0-9](k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)B", text):
+        text = text[:-1]  # 32GB -> 32G, 32GiB -> 32Gi
+    if not _QUANTITY.match(text):
         raise ValueError(
             f"{what}: {value!r} is not a Kubernetes quantity (e.g. 4, '500m', '32Gi', '64G')"
         )

@@ -20,9 +20,10 @@ session with a one-line reason naming the host.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
+import itertools
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -31,10 +32,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from nbcluster._version import __version__
-from nbcluster.exceptions import ConfigurationError
+from nbcluster.deploy.pool import BackendStatus, JobState, Pool, PoolError
+from nbcluster.deploy.util import is_loopback
 from nbcluster.launch import AGENT_READY
 
 #: The first word of a line the remote probe prints (on stderr) when it refuses to start.
@@ -42,8 +44,6 @@ PROBE_ERROR = "NBCLUSTER_SSH_ERROR"
 
 #: ``ssh``'s exit status for its own errors (connection, authentication, host key).
 SSH_FAILED = 255
-
-_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
 @dataclass(frozen=True)
@@ -143,38 +143,6 @@ def remote_command(script: str) -> str:
     """The command string given to ``ssh``: ``script`` run by ``/bin/sh`` whatever the login
     shell is (the remote user's shell receives this one line)."""
     return f"exec /bin/sh -c {shlex.quote(script)}"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address, no port) means this machine only."""
-    host = host.strip("[]")
-    if host.lower() in _LOCAL_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_head_reachable(head_address: str, hosts: Sequence[str]) -> None:
-    """Refuse a loopback head when the hosts are other machines: their agents could not reach it.
-
-    Raises
-    ------
-    ConfigurationError
-        Naming the head's address, the hosts, and the settings that fix it.
-    """
-    head_host = head_address.rpartition(":")[0]
-    remote = [h for h in hosts if not is_loopback(h.rpartition("@")[2])]
-    if is_loopback(head_host) and remote:
-        raise ConfigurationError(
-            f"the nbcluster head listens on {head_address} (loopback), which "
-            f"{', '.join(remote)} cannot reach: start the head on an address those hosts can "
-            "reach (`nbcluster head --host ADDR`, or `c.NbclusterApp.ip = 'ADDR'` for the "
-            "JupyterLab server's head) and connect with nbcluster.init(address='ADDR:PORT'); "
-            "set NBCLUSTER_BIND_HOST=ADDR in this process too, so that the hosts can fetch "
-            "objects it owns"
-        )
 
 
 @dataclass
@@ -317,3 +285,192 @@ class SSHAgent:
             self._reader.join(2.0)
         if self._log_file is not None:
             self._log_file.close()
+
+
+class SSHCluster(Pool):
+    """Node agents on SSH hosts: one per host, each in its own ``ssh`` session.
+
+    Parameters
+    ----------
+    hosts
+        The hosts as ``ssh`` names them: aliases of your ssh config, ``user@name``, addresses.
+        One agent per host: :meth:`scale` takes the first free ones, in this order.
+    python
+        The Python on the hosts that has nbcluster (the same version as here) installed,
+        e.g. ``"/opt/venv/bin/python"`` (default ``python3`` on the remote ``PATH``).
+    ssh_config, identity_file, ssh_options, connect_timeout
+        What is passed to ``ssh``: ``-F``, ``-i``, more arguments (``["-J", "bastion"]``),
+        ``ConnectTimeout``. By default your own ``~/.ssh/config``, agent and known_hosts apply.
+    setup
+        Shell lines run on the host before the agent (``["module load cuda",
+        "export PYTHONPATH=/srv/code"]``); their stdin is ``/dev/null``.
+    num_cpus, num_gpus, resources
+        What each host offers (default: what its agent detects).
+    bind_host
+        Address the host's workers and object store listen on (default ``"auto"``: the
+        host's address on its route to the head).
+    stop_timeout
+        Seconds a stopped host may take to drain before its session is cut.
+    **options
+        Those of :class:`~nbcluster.deploy.pool.Pool` (``name``, ``lifetime``,
+        ``head_timeout``, ``workdir`` for the sessions' logs, ...).
+
+    Notes
+    -----
+    The agent lives as long as its SSH session: scaling down or closing the pool closes the
+    session's stdin (the agent drains: its tasks move, then it exits); this process exiting or
+    being killed, or the connection dropping, does the same. It also exits when the head has
+    been unreachable for ``head_timeout`` and, unless ``lifetime="detached"``, when the driver
+    that owns the pool is gone.
+    """
+
+    kind = "ssh"
+
+    def __init__(
+        self,
+        hosts: Sequence[str],
+        *,
+        python: str = "python3",
+        ssh_config: str | os.PathLike[str] | None = None,
+        identity_file: str | os.PathLike[str] | None = None,
+        ssh_options: Sequence[str] = (),
+        connect_timeout: float = 15.0,
+        setup: Sequence[str] = (),
+        num_cpus: float | None = None,
+        num_gpus: float | None = None,
+        resources: Mapping[str, float] | None = None,
+        bind_host: str = "auto",
+        stop_timeout: float = 30.0,
+        **options: Any,
+    ) -> None:
+        if isinstance(hosts, str):
+            hosts = [hosts]
+        names = [str(h).strip() for h in hosts]
+        if not names or any(
+            not h or h.startswith("-") or any(c.isspace() for c in h) for h in names
+        ):
+            raise ValueError(f"hosts must be a non-empty list of ssh host names, got {hosts!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a host is listed twice (one agent per host): {names}")
+        super().__init__(python=python, **options)
+        self.hosts = names
+        self.ssh = SSHOptions(
+            config=ssh_config,
+            identity_file=identity_file,
+            options=tuple(str(o) for o in ssh_options),
+            connect_timeout=connect_timeout,
+        )
+        self.setup = [str(line) for line in setup]
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.resources = dict(resources or {})
+        self.bind_host = bind_host
+        self.stop_timeout = float(stop_timeout)
+        self._sessions: dict[str, SSHAgent] = {}
+        self._serial = itertools.count()
+
+    # ------------------------------------------------------------------ Pool backend
+    def _free_hosts(self) -> list[str]:
+        with self._lock:
+            busy = {s.host for s in self._sessions.values() if s.returncode is None}
+        return [h for h in self.hosts if h not in busy]
+
+    def _agent_args(self, job: str) -> list[str]:
+        """The agent's flags (after ``-m nbcluster.agent``), with the secret on stdin."""
+        argv = self.agent_command(
+            job,
+            token_file="-",
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            resources=self.resources or None,
+        )
+        argv = argv[argv.index("nbcluster.agent") + 1 :]
+        i = argv.index("--token-file")
+        del argv[i : i + 2]  # the remote command adds --token-stdin
+        if self.bind_host != "auto":
+            argv[argv.index("--bind-host") + 1] = self.bind_host
+        return argv
+
+    def _submit(self, count: int) -> list[str]:
+        free = self._free_hosts()
+        if count > len(free):
+            raise PoolError(
+                f"{self.name}: {count} more host(s) wanted, but only {len(free)} of its "
+                f"{len(self.hosts)} hosts are free (one agent per host): {', '.join(free) or '-'}"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.workdir, 0o700)  # the logs may say more than others should read
+        ids = []
+        for host in free[:count]:
+            job = f"{host}#{next(self._serial)}"
+            script = remote_script(self.python, self._agent_args(job), self.setup)
+            session = SSHAgent(
+                host,
+                self.ssh.argv(host, remote_command(script)),
+                self.secret(),
+                self.workdir / (re.sub(r"[^A-Za-z0-9@._-]", "_", job) + ".log"),
+            )
+            with self._lock:
+                self._sessions[job] = session
+            session.start()
+            ids.append(job)
+        return ids
+
+    def _poll(self, job_ids: Sequence[str]) -> dict[str, BackendStatus]:
+        out = {}
+        for job in job_ids:
+            session = self._sessions.get(job)
+            if session is None:
+                continue
+            if session.returncode is None:
+                out[job] = BackendStatus(JobState.RUNNING, host=session.host)
+            else:
+                why = session.failure()
+                out[job] = BackendStatus(
+                    JobState.GONE,
+                    why or f"session ended (code {session.returncode})",
+                    host=session.host,
+                    failed=why is not None,
+                )
+        return out
+
+    def _cancel(self, job_ids: Sequence[str]) -> None:
+        # Closing stdin is the agent's SIGTERM (it drains); waiting for that happens off this
+        # thread, so that scaling down many hosts takes one drain, not one per host.
+        for job in job_ids:
+            session = self._sessions.get(job)
+            if session is not None:
+                threading.Thread(
+                    target=session.stop,
+                    args=(self.stop_timeout,),
+                    name=f"nbcluster-ssh-stop-{session.host}",
+                    daemon=True,
+                ).start()
+
+    def _log_tail(self, job_id: str) -> str:
+        session = self._sessions.get(job_id)
+        return "\n".join(session.log_tail(20)) if session is not None else ""
+
+    def _leaves_this_host(self) -> bool:
+        return not all(is_loopback(h.rpartition("@")[2] + ":22") for h in self.hosts)
+
+    def _describe(self) -> str:
+        return f"{len(self.hosts)} SSH host(s), {self.python}"
+
+    def node_resources(self) -> dict[str, float]:
+        """What one host offers: the declared amounts, else what a joined host registered."""
+        offer: dict[str, float] = dict(self.resources)
+        if self.num_cpus is not None:
+            offer["CPU"] = float(self.num_cpus)
+        if self.num_gpus is not None:
+            offer["GPU"] = float(self.num_gpus)
+        if "CPU" in offer:
+            return offer
+        joined = {j.node_id for j in self.status() if j.node_id}
+        for n in self._query("nodes") or []:
+            if n.get("node_id") in joined:
+                return {
+                    **{k: float(v) for k, v in (n.get("resources_total") or {}).items()},
+                    **offer,
+                }
+        return offer
