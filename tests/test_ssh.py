@@ -24,6 +24,9 @@ from tests.conftest import wait_until
 from tests.multinode import Procs
 from tests.sshhosts import SSHHosts, namespaces_unavailable, ssh_hosts, sshd_unavailable
 
+# The first test may install openssh-server with apt (fresh CI machine): more than the default.
+pytestmark = pytest.mark.timeout(400)
+
 #: The tree under test, for the hosts' Python (the namespaces share this filesystem).
 TREE = str(Path(nb.__file__).resolve().parent.parent)
 

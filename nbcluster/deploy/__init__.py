@@ -4,6 +4,7 @@ Every pool is a :class:`~nbcluster.deploy.pool.Pool`: ``scale(n)``, ``adapt(mini
 idle_timeout)``, ``status()``, ``close()``, usable as a context manager.
 """
 
+from nbcluster.deploy.kubernetes import KubernetesCluster
 from nbcluster.deploy.pool import (
     BackendStatus,
     ClientLink,
@@ -13,13 +14,16 @@ from nbcluster.deploy.pool import (
     PoolError,
     PoolJob,
 )
+from nbcluster.deploy.ssh import SSHCluster
 
 __all__ = [
     "BackendStatus",
     "ClientLink",
     "HeadLink",
     "JobState",
+    "KubernetesCluster",
     "Pool",
     "PoolError",
     "PoolJob",
+    "SSHCluster",
 ]

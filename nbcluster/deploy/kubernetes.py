@@ -19,6 +19,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nbcluster.deploy.pool import BackendStatus, JobState, Pool, PoolError
+
 #: Labels every object of a pool carries.
 NAME_LABEL = "app.kubernetes.io/name"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -269,3 +271,266 @@ def head_manifests(
         },
     }
     return [deployment, service]
+
+
+#: Container waiting reasons that will not fix themselves: the pod is reported failed.
+_STUCK = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
+)
+
+
+def pod_status(pod: Mapping[str, Any]) -> BackendStatus:
+    """What a pod's ``status`` says, as a pool job's state and reason.
+
+    ``Pending`` (unscheduled: the scheduler's message; pulling: the waiting reason) is pending,
+    ``Running`` running, ``Succeeded``/``Failed`` gone (with the container's exit reason). An
+    image that cannot be pulled counts as failed: waiting longer does not help.
+    """
+    status = pod.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    host = str((pod.get("spec") or {}).get("nodeName") or "")
+    containers = status.get("containerStatuses") or []
+    state = (containers[0].get("state") or {}) if containers else {}
+    if phase in ("Succeeded", "Failed"):
+        term = state.get("terminated") or {}
+        why = ", ".join(
+            str(x)
+            for x in (
+                term.get("reason"),
+                f"exit code {term['exitCode']}" if "exitCode" in term else None,
+                term.get("message") or status.get("message"),
+            )
+            if x
+        )
+        return BackendStatus(JobState.GONE, why or phase, host=host, failed=phase == "Failed")
+    if phase == "Running":
+        return BackendStatus(JobState.RUNNING, host=host)
+    waiting = state.get("waiting") or {}
+    if waiting.get("reason") in _STUCK:
+        why = f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+        return BackendStatus(JobState.GONE, why, host=host, failed=True)
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            why = f"{cond.get('reason', 'Unschedulable')}: {cond.get('message', '')}"
+            return BackendStatus(JobState.PENDING, why.rstrip(": "), host=host)
+    return BackendStatus(JobState.PENDING, str(waiting.get("reason") or phase), host=host)
+
+
+class KubernetesCluster(Pool):
+    """Node agents as Kubernetes pods, one pod per job, through the ``kr8s`` client.
+
+    Parameters
+    ----------
+    image
+        A container image with nbcluster (the same version as here) installed.
+    namespace
+        Where the pods and the Secret go.
+    cpus, memory, gpus
+        What each pod asks for: CPU and memory requests and limits (``memory="32Gi"``; also
+        ``"32GB"``), ``gpus`` whole GPUs as the ``nvidia.com/gpu`` limit. The agent offers the
+        same amounts to the cluster.
+    python
+        The Python in the image (default ``python3``).
+    env, node_selector, tolerations, service_account, image_pull_policy
+        Passed into each pod's spec.
+    kubeconfig, context
+        Which cluster (default: ``$KUBECONFIG`` / ``~/.kube/config`` and its current context,
+        or the service account when running in a pod).
+    **options
+        Those of :class:`~nbcluster.deploy.pool.Pool` (``name``, ``lifetime``,
+        ``head_timeout``, ...).
+
+    Notes
+    -----
+    Not tested against a real Kubernetes cluster: the manifests are validated offline against
+    the Kubernetes schemas (see docs/scaling-out.md).
+    """
+
+    kind = "kubernetes"
+
+    def __init__(
+        self,
+        image: str,
+        *,
+        namespace: str = "default",
+        cpus: float | None = None,
+        memory: str | None = None,
+        gpus: int = 0,
+        python: str = "python3",
+        env: Mapping[str, str] | None = None,
+        node_selector: Mapping[str, str] | None = None,
+        tolerations: Sequence[Mapping[str, Any]] = (),
+        service_account: str | None = None,
+        image_pull_policy: str | None = None,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        **options: Any,
+    ) -> None:
+        if not image or not isinstance(image, str):
+            raise ValueError(f"image must name a container image, got {image!r}")
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+            raise ValueError(f"gpus must be a whole number >= 0 (nvidia.com/gpu), got {gpus!r}")
+        if cpus is not None:
+            quantity(cpus, "cpus")
+        if memory is not None:
+            quantity(memory, "memory")
+        dns_name(namespace, "namespace")
+        super().__init__(python=python, **options)
+        self.image = image
+        self.namespace = namespace
+        self.cpus = cpus
+        self.memory = memory
+        self.gpus = gpus
+        self.env = dict(env or {})
+        self.node_selector = dict(node_selector or {})
+        self.tolerations = [dict(t) for t in tolerations]
+        self.service_account = service_account
+        self.image_pull_policy = image_pull_policy
+        self.kubeconfig = kubeconfig
+        self.context = context
+        self.secret_name = f"{self.pool_id}-token"
+        self._next = 0  # the next pod's number
+        self._api_obj: Any = None
+        self._secret_made = False
+
+    # ------------------------------------------------------------------ manifests
+    def pod_manifest(self, name: str) -> dict[str, Any]:
+        """The pod of job ``name``."""
+        command = self.agent_command(
+            name,
+            token_file=TOKEN_PATH,
+            num_cpus=self.cpus,
+            num_gpus=self.gpus,
+        )
+        return worker_pod_manifest(
+            name,
+            namespace=self.namespace,
+            image=self.image,
+            command=command,
+            secret_name=self.secret_name,
+            labels=pool_labels(self.pool_id, "worker"),
+            cpus=self.cpus,
+            memory=self.memory,
+            gpus=self.gpus,
+            env=self.env,
+            node_selector=self.node_selector,
+            tolerations=self.tolerations,
+            service_account=self.service_account,
+            image_pull_policy=self.image_pull_policy,
+        )
+
+    def secret_manifest(self, reveal: bool = False) -> dict[str, Any]:
+        """The Secret with the cluster secret (shown as a placeholder unless ``reveal``)."""
+        token = self.secret() if reveal else "<the cluster secret>"
+        return secret_manifest(
+            self.secret_name,
+            token,
+            namespace=self.namespace,
+            labels=pool_labels(self.pool_id, "secret"),
+        )
+
+    def manifests(self, count: int = 1) -> list[dict[str, Any]]:
+        """What :meth:`scale` to ``count`` would apply: the Secret (its value hidden) and
+        ``count`` pods (named as the next jobs would be)."""
+        names = [f"{self.pool_id}-{self._next + i}" for i in range(count)]
+        return [self.secret_manifest(), *(self.pod_manifest(n) for n in names)]
+
+    # ------------------------------------------------------------------ Pool backend
+    def _api(self) -> Any:
+        if self._api_obj is None:
+            try:
+                import kr8s
+            except ImportError:
+                raise PoolError(
+                    "KubernetesCluster needs the kr8s client: pip install 'nbcluster[kubernetes]'"
+                ) from None
+            try:
+                self._api_obj = kr8s.api(
+                    kubeconfig=self.kubeconfig, context=self.context, namespace=self.namespace
+                )
+            except Exception as exc:
+                raise PoolError(f"{self.name}: cannot reach a Kubernetes cluster: {exc}") from exc
+        return self._api_obj
+
+    def _submit(self, count: int) -> list[str]:
+        from kr8s.objects import Pod, Secret
+
+        api = self._api()
+        try:
+            if not self._secret_made:
+                Secret(self.secret_manifest(reveal=True), api=api).create()
+                self._secret_made = True
+            names = []
+            for _ in range(count):
+                name = f"{self.pool_id}-{self._next}"
+                self._next += 1
+                Pod(self.pod_manifest(name), api=api).create()
+                names.append(name)
+        except Exception as exc:
+            raise PoolError(f"{self.name}: Kubernetes refused the pod or Secret: {exc}") from exc
+        return names
+
+    def _poll(self, job_ids: Sequence[str]) -> dict[str, BackendStatus]:
+        pods = self._api().get(
+            "pods",
+            namespace=self.namespace,
+            label_selector={POOL_LABEL_K8S: self.pool_id},
+        )
+        wanted = set(job_ids)
+        out = {}
+        for pod in pods:
+            raw = pod.raw
+            name = raw["metadata"]["name"]
+            if name in wanted:
+                out[name] = pod_status(raw)
+        return out
+
+    def _cancel(self, job_ids: Sequence[str]) -> None:
+        from kr8s.objects import Pod
+
+        api = self._api()
+        for name in job_ids:
+            try:
+                # SIGTERM (the agent drains), SIGKILL after the grace period.
+                Pod.get(name, namespace=self.namespace, api=api).delete(grace_period=GRACE_PERIOD_S)
+            except Exception as exc:  # already gone: nothing to end
+                if "not found" not in str(exc).lower():
+                    raise
+
+    def _log_tail(self, job_id: str) -> str:
+        from kr8s.objects import Pod
+
+        pod = Pod.get(job_id, namespace=self.namespace, api=self._api())
+        return "\n".join(pod.logs(tail_lines=20))
+
+    def _describe(self) -> str:
+        what = [f"image {self.image}"]
+        if self.cpus is not None:
+            what.append(f"{self.cpus:g} CPU")
+        if self.memory is not None:
+            what.append(str(self.memory))
+        if self.gpus:
+            what.append(f"{self.gpus} GPU")
+        return ", ".join(what)
+
+    def node_resources(self) -> dict[str, float]:
+        """What one pod offers (its CPU and GPU requests)."""
+        offer = {"GPU": float(self.gpus)} if self.gpus else {}
+        if self.cpus is not None:
+            offer["CPU"] = float(self.cpus)
+        return offer
+
+    def close(self, wait: bool = True, timeout: float = 60.0) -> None:
+        """End every pod (drained first), then delete the Secret; idempotent."""
+        super().close(wait=wait, timeout=timeout)
+        if self._secret_made:
+            from kr8s.objects import Secret
+
+            try:
+                Secret.get(self.secret_name, namespace=self.namespace, api=self._api()).delete()
+                self._secret_made = False
+            except Exception as exc:
+                if "not found" not in str(exc).lower():
+                    raise PoolError(
+                        f"{self.name}: could not delete Secret {self.secret_name}: {exc}"
+                    ) from exc
