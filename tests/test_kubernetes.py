@@ -151,7 +151,7 @@ def test_bad_input_is_refused_with_the_reason(driver: None) -> None:
     with pytest.raises(ValueError, match="memory: '32 gigs' is not a Kubernetes quantity"):
         KubernetesCluster("img", memory="32 gigs")
     with pytest.raises(ValueError, match="gpus must be a whole number"):
-        KubernetesCluster("img", gpus=1.5)  # type: ignore[arg-type]
+        KubernetesCluster("img", gpus=1.5)  # type: ignore[arg-type]  # the wrong type on purpose
     with pytest.raises(ValueError, match="namespace 'My_NS' is not a valid Kubernetes name"):
         KubernetesCluster("img", namespace="My_NS")
     # The local head listens on loopback: pods could never reach it.

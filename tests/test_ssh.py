@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ import nbcluster as nb
 from nbcluster.client import current
 from nbcluster.deploy import JobState, PoolError
 from nbcluster.deploy.ssh import SSHCluster
+from nbcluster.exceptions import ConfigurationError
 from nbcluster.scheduling import NodeAffinitySchedulingStrategy
 from tests.conftest import wait_until
 from tests.multinode import Procs
@@ -59,8 +61,8 @@ def head(hosts: SSHHosts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
             wait_until(lambda h=h: not hosts.session_pids(h), timeout=15)
 
 
-def make_pool(hosts: SSHHosts, tmp_path: Path, names: list[str], **kw: object) -> SSHCluster:
-    options: dict[str, object] = {
+def make_pool(hosts: SSHHosts, tmp_path: Path, names: list[str], **kw: Any) -> SSHCluster:
+    options: dict[str, Any] = {
         "python": sys.executable,
         "ssh_config": hosts.config,
         "setup": [f"export PYTHONPATH={TREE}"],
@@ -69,7 +71,7 @@ def make_pool(hosts: SSHHosts, tmp_path: Path, names: list[str], **kw: object) -
         "poll_interval": 0.2,
     }
     options.update(kw)
-    return SSHCluster(names, **options)  # type: ignore[arg-type]
+    return SSHCluster(names, **options)
 
 
 @nb.remote
@@ -198,3 +200,25 @@ def test_agent_ends_with_its_ssh_session(hosts: SSHHosts, head: Procs, tmp_path:
         wait_until(lambda: gone(pool, job.job_id), timeout=15)
     finally:
         pool.close(timeout=30)
+
+
+def test_a_loopback_head_is_refused_for_other_hosts_and_bad_hosts_lists(
+    tmp_path: Path,
+) -> None:
+    nb.shutdown()
+    nb.init(num_cpus=1)  # a local cluster: its head listens on 127.0.0.1
+    try:
+        pool = SSHCluster(["gpu1"], workdir=tmp_path / "pool")
+        with pytest.raises(ConfigurationError, match=r"127\.0\.0\.1.*loopback.*NbclusterApp\.ip"):
+            pool.scale(1)
+        assert pool.status() == []  # nothing was started
+        pool.close()
+        # Hosts that are this machine may use a loopback head.
+        local = SSHCluster(["localhost", "me@127.0.0.1"], workdir=tmp_path / "pool2")
+        assert not local._leaves_this_host()
+        local.close()
+        for bad in ([], ["gpu1", "gpu1"], ["-oProxyCommand=x"], ["two words"]):
+            with pytest.raises(ValueError):
+                SSHCluster(bad)
+    finally:
+        nb.shutdown()
