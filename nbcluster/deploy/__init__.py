@@ -13,6 +13,7 @@ from nbcluster.deploy.pool import (
     PoolError,
     PoolJob,
 )
+from nbcluster.deploy.slurm import SlurmCluster
 
 __all__ = [
     "BackendStatus",
@@ -22,4 +23,5 @@ __all__ = [
     "Pool",
     "PoolError",
     "PoolJob",
+    "SlurmCluster",
 ]
