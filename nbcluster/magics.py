@@ -20,6 +20,7 @@ from nbcluster.api import actors, get, init, is_initialized, nodes, shutdown
 from nbcluster.cells import EXEC_METHOD, ModuleByName, run_cell, sendable
 from nbcluster.client import current
 from nbcluster.client.core import CoreClient
+from nbcluster.deploy.registry import Pools, option_parser, parse_words, split_line
 from nbcluster.kernel import attach_kernel
 from nbcluster.remote import remote
 from nbcluster.status import cluster_nodes, other_resources, table, used
@@ -33,6 +34,12 @@ HELP = """\
 %nbcluster tasks      tasks this kernel submitted that are not finished
 %nbcluster actors     actors of the cluster
 %nbcluster shutdown   disconnect (and stop a local cluster this kernel started)
+
+%nbcluster scale KIND N [--cpus N --gpus N --memory 32GB --partition P --walltime 2:00:00 ...]
+    Have N nodes of a pool (KIND: slurm, ssh, kubernetes) join this cluster; 0 ends them.
+%nbcluster adapt KIND [--min N] [--max N] [--idle-timeout 5min] [pool options]
+    Grow the pool for tasks waiting for resources, release nodes idle that long.
+%nbcluster pools      the pools this kernel made, with their jobs
 
 %%remote [--num-cpus N] [--num-gpus N] [--resources JSON]
     Run the cell as a task. It reads the notebook names it uses; the names it binds come back
@@ -172,6 +179,10 @@ def _magics_class() -> type:
     class NbclusterMagics(Magics):
         """``%nbcluster``, ``%%remote`` and ``%%on``."""
 
+        def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+            super().__init__(shell, **kwargs)
+            self._pools = Pools()  # the pools this kernel made (their jobs end with it)
+
         def _user_ns(self) -> dict[str, Any]:
             assert self.shell is not None
             ns: dict[str, Any] = self.shell.user_ns
@@ -189,6 +200,9 @@ def _magics_class() -> type:
                 print("nbcluster: disconnected")
                 return
             _connect()
+            if cmd in ("scale", "adapt", "pools"):
+                print(pool_command(self._pools, line))
+                return
             if cmd == "status":
                 print(status_text())
             elif cmd == "nodes":
@@ -277,6 +291,38 @@ def _parse_remote_options(line: str) -> dict[str, Any]:
                 raise ValueError(f"%%remote: {key} expects a number, got {value!r}") from None
         i += 1
     return options
+
+
+def pool_command(pools: Pools, line: str) -> str:
+    """``%nbcluster scale|adapt|pools ...``: act on ``pools``; returns what to print.
+
+    Raises
+    ------
+    ValueError
+        A malformed line (the message says what is wrong).
+    """
+    words = split_line(line)
+    cmd, args = words[0], words[1:]
+    if cmd == "pools":
+        return pools.summary()
+    parser = option_parser(f"%nbcluster {cmd}")
+    parser.add_argument("kind")
+    if cmd == "scale":
+        parser.add_argument("n", type=int)
+    else:
+        parser.add_argument("--min", type=int, default=0)
+        parser.add_argument("--max", type=int, default=8)
+        parser.add_argument("--idle-timeout", default="5min")
+    ns, options = parse_words(args, parser)
+    if cmd == "scale":
+        if ns.n < 0:
+            raise ValueError("%nbcluster scale: the number of nodes must be >= 0")
+        pool = pools.scale(ns.kind, ns.n, options)
+        if ns.n == 0:
+            return f"{pool.name}: closed (its jobs end)"
+        return f"{pool.name}: scaling to {ns.n} node(s)\n{pool.summary()}"
+    pool = pools.adapt(ns.kind, ns.min, ns.max, ns.idle_timeout, options)
+    return f"{pool.name}: adaptive, {ns.min}..{ns.max} node(s), idle timeout {ns.idle_timeout}"
 
 
 def _resolve_actor(what: str, user_ns: dict[str, Any]) -> ActorHandle:

@@ -14,6 +14,7 @@ from nbcluster.deploy.pool import (
     PoolError,
     PoolJob,
 )
+from nbcluster.deploy.slurm import SlurmCluster
 from nbcluster.deploy.ssh import SSHCluster
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "PoolError",
     "PoolJob",
     "SSHCluster",
+    "SlurmCluster",
 ]

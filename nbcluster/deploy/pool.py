@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nbcluster.deploy.util import LOOPBACK_HINT, is_loopback, nodes_needed, parse_duration
-from nbcluster.exceptions import ConfigurationError, NbclusterError
+from nbcluster.exceptions import ConfigurationError, ConnectionFailedError, NbclusterError
 from nbcluster.protocol.security import write_token_file
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,8 @@ class ClientLink:
         return str(self._client.job_id) or None
 
     def query(self, what: str) -> Any:
+        if self._client.closed.is_set():  # shut down: no head to ask
+            raise ConnectionFailedError("this process disconnected from the cluster")
         return self._client.query(what)
 
 

@@ -1,0 +1,190 @@
+"""``SlurmCluster`` against a real, local Slurm (``tests/slurm_local.py``: munged, slurmctld and
+slurmd started by the test session; skipped with the reason where that cannot be done)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+import nbcluster as nb
+from nbcluster.deploy import JobState, PoolError, SlurmCluster
+from tests.conftest import wait_until
+from tests.slurm_local import LocalSlurm
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def driver(local_slurm: LocalSlurm) -> Iterator[nb.ClusterInfo]:
+    """This process as a driver of a local cluster with one 1-CPU node (the pools add more)."""
+    nb.shutdown()
+    info = nb.init(num_cpus=1)
+    yield info
+    nb.shutdown()
+
+
+def _pool(tmp_path: Path, **kw: object) -> SlurmCluster:
+    kw.setdefault("head_timeout", 10)
+    return SlurmCluster(poll_interval=0.3, workdir=tmp_path / "pool", **kw)  # type: ignore[arg-type]
+
+
+@nb.remote
+def where() -> tuple[str, str]:
+    return os.environ.get("SLURM_JOB_ID", ""), nb.get_runtime_context().get_node_id()
+
+
+def test_scale_up_run_tasks_scale_down_close(
+    driver: nb.ClusterInfo, local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    pool = _pool(tmp_path)
+    script = pool.job_script()
+    assert "#SBATCH --cpus-per-task=1" in script and "exec " in script
+    pool.scale(2)
+    joined = pool.wait_for_nodes(2, timeout=60)
+    ids = {j.job_id for j in joined}
+    assert ids <= set(local_slurm.jobs())
+    by_node = {j.node_id: j.job_id for j in joined}
+    # Tasks on each node report the Slurm job they run in.
+    refs = [
+        where.options(
+            scheduling_strategy=nb.NodeAffinitySchedulingStrategy(node, soft=False)
+        ).remote()
+        for node in by_node
+    ]
+    for job_id, node_id in nb.get(refs, timeout=60):
+        assert by_node[node_id] == job_id
+    # The secret is in no script, argument or environment of the jobs.
+    secret = pool.secret()
+    assert secret not in script
+    assert secret not in (tmp_path / "pool" / "job.sh").read_text()
+    agents = [
+        p
+        for p in psutil.process_iter(["cmdline", "environ"])
+        if "nbcluster.agent" in " ".join(p.info["cmdline"] or [])
+        and pool.pool_id in " ".join(p.info["cmdline"] or [])
+    ]
+    assert len(agents) == 2
+    for p in agents:
+        assert secret not in " ".join(p.info["cmdline"])
+        assert secret not in "".join(f"{k}={v}" for k, v in (p.info["environ"] or {}).items())
+    assert (tmp_path / "pool" / "token").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "pool").stat().st_mode & 0o777 == 0o700
+    ps = subprocess.run(["ps", "axww", "-o", "args"], capture_output=True, text=True).stdout
+    assert secret not in ps
+    # Scale down: one job leaves squeue, its node leaves the cluster.
+    pool.scale(1)
+    wait_until(lambda: len(set(local_slurm.jobs()) & ids) == 1, timeout=30)
+    gone = [j for j in pool.refresh() if j.state == JobState.GONE]
+    assert len(gone) == 1 and gone[0].reason == "scaled down"
+    wait_until(
+        lambda: not any(n["alive"] for n in nb.nodes() if n["node_id"] == gone[0].node_id), 30
+    )
+    assert "running" in repr(pool) and gone[0].job_id in pool._repr_html_()
+    pool.close()
+    assert not set(local_slurm.jobs()) & ids
+    assert all(j.state == JobState.GONE for j in pool.status())
+
+
+def test_bad_partition_is_a_clear_error(driver: nb.ClusterInfo, tmp_path: Path) -> None:
+    pool = _pool(tmp_path, partition="no-such-partition")
+    with pytest.raises(PoolError) as e:
+        pool.scale(1)
+    msg = str(e.value)
+    assert "no-such-partition" in msg.lower() or "invalid partition" in msg.lower(), msg
+    assert pool.job_name in msg and "sbatch refused job 1 of 1" in msg
+    pool.close()
+
+
+def test_adapt_grows_from_zero_for_pending_work_and_shrinks_when_idle(
+    driver: nb.ClusterInfo, local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    pool = _pool(tmp_path, cpus=2)
+    pool.adapt(minimum=0, maximum=2, idle_timeout=2)
+    assert pool.status() == []  # no demand, no jobs
+
+    @nb.remote(num_cpus=2)  # more than the driver's node has: only a pool node fits it
+    def big() -> str:
+        return os.environ.get("SLURM_JOB_ID", "")
+
+    job = nb.get(big.remote(), timeout=90)
+    assert job in {j.job_id for j in pool.status()}
+    assert len(pool.status()) == 1  # one job for one task: no resubmitting while it waited
+    wait_until(lambda: pool.status()[0].state == JobState.GONE, timeout=40, interval=0.3)
+    assert pool.status()[0].reason.startswith("idle for")
+    wait_until(lambda: job not in local_slurm.jobs(), timeout=30)
+    pool.close()
+
+
+def test_walltime_end_drains_the_node_and_loses_no_task(
+    driver: nb.ClusterInfo, local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    # 1 minute of walltime, the drain signal 50 s before its end: soon after the job starts.
+    pool = _pool(tmp_path, walltime="1:00", signal_grace=50)
+    assert "#SBATCH --signal=B:TERM@50" in pool.job_script()
+    pool.scale(1)
+    (job,) = pool.wait_for_nodes(1, timeout=60)
+
+    @nb.remote(max_retries=0)
+    def long_on_slurm() -> str:
+        import time
+
+        if os.environ.get("SLURM_JOB_ID"):
+            time.sleep(300)  # ended by the drain: the task runs again on another node
+        return nb.get_runtime_context().get_node_id()
+
+    ref = long_on_slurm.options(
+        scheduling_strategy=nb.NodeAffinitySchedulingStrategy(job.node_id, soft=True)
+    ).remote()
+    # Drained without counting a retry (max_retries=0): it finished on the driver's node.
+    assert nb.get(ref, timeout=150) == driver.node_id
+    wait_until(lambda: pool.refresh()[0].state == JobState.GONE, timeout=30)
+    log = (tmp_path / "pool" / f"slurm-{job.job_id}.out").read_text()
+    assert job.job_id not in local_slurm.jobs() or "COMPLETING" in log
+    pool.close()
+
+
+def test_killing_the_driver_ends_its_jobs_within_the_head_timeout(
+    local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        import nbcluster as nb
+        from nbcluster.deploy import SlurmCluster
+        nb.init(num_cpus=1)
+        pool = SlurmCluster(head_timeout=4, poll_interval=0.3, workdir={str(tmp_path / "p")!r})
+        pool.scale(1)
+        (job,) = pool.wait_for_nodes(1, timeout=60)
+        print(job.job_id, flush=True)
+        time.sleep(600)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        job_id = proc.stdout.readline().strip()
+        assert job_id in local_slurm.jobs()
+        # The driver and the local head it started, at once: no JOB_ENDED reaches the agent,
+        # which must notice on its own that its head is gone.
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.kill()
+        proc.wait(10)
+        t0 = time.monotonic()
+        wait_until(lambda: job_id not in local_slurm.jobs(), timeout=30, interval=0.2)
+        assert time.monotonic() - t0 < 4 + 10 + 5  # timeout + squeue's MinJobAge + slack
+        log = (tmp_path / "p" / f"slurm-{job_id}.out").read_text()
+        assert "no word from the head" in log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
