@@ -27,6 +27,7 @@ from nbcluster.deploy.kubernetes import (
     worker_deployment_manifest,
 )
 from nbcluster.deploy.pool import JobState
+from nbcluster.deploy.registry import Pools, option_parser, parse_words
 from nbcluster.exceptions import ConfigurationError
 
 kv = pytest.importorskip("kubernetes_validate")
@@ -239,3 +240,24 @@ def test_pod_status_as_job_state(
 ) -> None:
     got = pod_status({"spec": {"nodeName": "gpu-7"}, "status": status})
     assert (got.state, got.reason, got.failed, got.host) == (state, reason, failed, "gpu-7")
+
+
+def test_the_magics_options_make_a_kubernetes_pool(driver: None) -> None:
+    """``%nbcluster scale kubernetes N --image IMG --gpus 1 ...`` builds this pool."""
+    _, opts = parse_words(
+        ["--image", "img:1", "--namespace", "ml", "--cpus", "4", "--gpus", "1", "--memory", "8Gi"],
+        option_parser("%nbcluster scale"),
+    )
+    pools = Pools()
+    pool = pools.get("kubernetes", opts)
+    try:
+        assert isinstance(pool, KubernetesCluster)
+        _, pod = pool.manifests(1)
+        validate(pod)
+        assert pod["spec"]["containers"][0]["resources"]["limits"] == {
+            "cpu": "4",
+            "memory": "8Gi",
+            "nvidia.com/gpu": 1,
+        }
+    finally:
+        pools.close_all()

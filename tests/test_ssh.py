@@ -19,6 +19,7 @@ import pytest
 import nbcluster as nb
 from nbcluster.client import current
 from nbcluster.deploy import JobState, PoolError
+from nbcluster.deploy.registry import Pools
 from nbcluster.deploy.ssh import SSHCluster
 from nbcluster.exceptions import ConfigurationError
 from nbcluster.scheduling import NodeAffinitySchedulingStrategy
@@ -66,7 +67,7 @@ def make_pool(hosts: SSHHosts, tmp_path: Path, names: list[str], **kw: Any) -> S
         "python": sys.executable,
         "ssh_config": hosts.config,
         "setup": [f"export PYTHONPATH={TREE}"],
-        "num_cpus": 1,
+        "cpus": 1,
         "workdir": tmp_path / "pool",
         "poll_interval": 0.2,
     }
@@ -222,3 +223,27 @@ def test_a_loopback_head_is_refused_for_other_hosts_and_bad_hosts_lists(
                 SSHCluster(bad)
     finally:
         nb.shutdown()
+
+
+def test_a_pool_from_the_servers_settings(hosts: SSHHosts, head: Procs, tmp_path: Path) -> None:
+    """``c.NbclusterApp.pools = [{"kind": "ssh", ...}]`` and ``%nbcluster scale ssh 0``."""
+    pools = Pools()
+    pool = pools.from_config(
+        {
+            "kind": "ssh",
+            "name": "boxes",
+            "hosts": ["h2"],
+            "python": sys.executable,
+            "ssh_config": str(hosts.config),
+            "setup": [f"export PYTHONPATH={TREE}"],
+            "cpus": 1,
+            "workdir": str(tmp_path / "pool"),
+            "scale": 1,
+        }
+    )
+    assert isinstance(pool, SSHCluster) and pools.find("boxes") is pool
+    (job,) = pool.wait_for_nodes(1, timeout=60)
+    assert job.host == "h2" and "boxes (ssh): 1 running" in pools.summary()
+    pools.scale("ssh", 0, {"name": "boxes"})
+    assert pools.find("boxes") is None
+    wait_until(lambda: not hosts.session_pids("h2"), timeout=30)

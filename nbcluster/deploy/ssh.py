@@ -304,8 +304,9 @@ class SSHCluster(Pool):
     setup
         Shell lines run on the host before the agent (``["module load cuda",
         "export PYTHONPATH=/srv/code"]``); their stdin is ``/dev/null``.
-    num_cpus, num_gpus, resources
-        What each host offers (default: what its agent detects).
+    cpus, gpus, resources
+        What each host offers to the cluster (default: what its agent detects: the host's
+        CPUs, its NVIDIA GPUs).
     bind_host
         Address the host's workers and object store listen on (default ``"auto"``: the
         host's address on its route to the head).
@@ -336,8 +337,8 @@ class SSHCluster(Pool):
         ssh_options: Sequence[str] = (),
         connect_timeout: float = 15.0,
         setup: Sequence[str] = (),
-        num_cpus: float | None = None,
-        num_gpus: float | None = None,
+        cpus: float | None = None,
+        gpus: float | None = None,
         resources: Mapping[str, float] | None = None,
         bind_host: str = "auto",
         stop_timeout: float = 30.0,
@@ -361,8 +362,8 @@ class SSHCluster(Pool):
             connect_timeout=connect_timeout,
         )
         self.setup = [str(line) for line in setup]
-        self.num_cpus = num_cpus
-        self.num_gpus = num_gpus
+        self.cpus = cpus
+        self.gpus = gpus
         self.resources = dict(resources or {})
         self.bind_host = bind_host
         self.stop_timeout = float(stop_timeout)
@@ -380,8 +381,8 @@ class SSHCluster(Pool):
         argv = self.agent_command(
             job,
             token_file="-",
-            num_cpus=self.num_cpus,
-            num_gpus=self.num_gpus,
+            num_cpus=self.cpus,
+            num_gpus=self.gpus,
             resources=self.resources or None,
         )
         argv = argv[argv.index("nbcluster.agent") + 1 :]
@@ -460,10 +461,10 @@ class SSHCluster(Pool):
     def node_resources(self) -> dict[str, float]:
         """What one host offers: the declared amounts, else what a joined host registered."""
         offer: dict[str, float] = dict(self.resources)
-        if self.num_cpus is not None:
-            offer["CPU"] = float(self.num_cpus)
-        if self.num_gpus is not None:
-            offer["GPU"] = float(self.num_gpus)
+        if self.cpus is not None:
+            offer["CPU"] = float(self.cpus)
+        if self.gpus is not None:
+            offer["GPU"] = float(self.gpus)
         if "CPU" in offer:
             return offer
         joined = {j.node_id for j in self.status() if j.node_id}
