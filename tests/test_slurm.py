@@ -188,3 +188,54 @@ def test_killing_the_driver_ends_its_jobs_within_the_head_timeout(
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_server_pools_rest_and_kernel_magics(local_slurm: LocalSlurm, tmp_path: Path) -> None:
+    """``c.NbclusterApp.pools``, the ``pools`` REST routes, and ``%nbcluster scale|pools`` in a
+    kernel of that server, whose job ends when the kernel does."""
+    from tests.jupyter_helpers import start_jupyter_server
+
+    srv = start_jupyter_server(
+        tmp_path / "srv",
+        nbcluster={
+            "num_cpus": 1,
+            "num_gpus": 0,
+            "pools": [{"kind": "slurm", "name": "cpu", "cpus": 1, "scale": 1}],
+        },
+        env={"NBCLUSTER_HOME": str(tmp_path / "home")},
+    )
+    try:
+
+        def jobs(state: str) -> list[dict[str, object]]:
+            (pool,) = srv.get("nbcluster/api/pools")["pools"]
+            return [j for j in pool["jobs"] if j["state"] == state]
+
+        wait_until(lambda: len(jobs("running")) == 1, timeout=60, interval=0.3)
+        assert srv.post("nbcluster/api/pools/cpu/scale", {"n": 2})["ok"]
+        wait_until(lambda: len(jobs("running")) == 2, timeout=60, interval=0.3)
+        status, body = srv.request("POST", "nbcluster/api/pools/cpu/scale", {"n": -1})
+        assert status == 400 and "n must be" in body["error"]
+        status, body = srv.request("POST", "nbcluster/api/pools/nope/scale", {"n": 1})
+        assert status == 404
+
+        k = srv.start_kernel("pools.ipynb")
+        r = k.execute("%load_ext nbcluster\n%nbcluster scale slurm 1 --cpus 1", timeout=60)
+        r.raise_for_error()
+        assert "slurm: scaling to 1 node(s)" in r.stdout
+        r = k.execute(
+            "pools = get_ipython().find_magic('nbcluster').__self__._pools\n"
+            "pools.find('slurm').wait_for_nodes(1, timeout=60)\n"
+            "%nbcluster pools",
+            timeout=90,
+        ).raise_for_error()
+        assert "slurm (slurm): 1 running" in r.stdout, r.stdout
+        kernel_job = r.stdout.split("\n")[1].split()[0]
+        assert kernel_job in local_slurm.jobs()
+        k.shutdown()  # its job ends with it (the head tells the agent its owner's job ended)
+        wait_until(lambda: kernel_job not in local_slurm.jobs(), timeout=30, interval=0.3)
+
+        assert srv.post("nbcluster/api/pools/cpu/scale", {"n": 0})["ok"]
+        wait_until(lambda: not local_slurm.jobs(), timeout=30, interval=0.3)
+    finally:
+        srv.stop()
+    assert not local_slurm.jobs()
