@@ -247,3 +247,52 @@ def test_a_pool_from_the_servers_settings(hosts: SSHHosts, head: Procs, tmp_path
     pools.scale("ssh", 0, {"name": "boxes"})
     assert pools.find("boxes") is None
     wait_until(lambda: not hosts.session_pids("h2"), timeout=30)
+
+
+def test_adapt_grows_on_a_pending_task_and_releases_idle_hosts(
+    hosts: SSHHosts, head: Procs, tmp_path: Path
+) -> None:
+    pool = make_pool(hosts, tmp_path, ["h1", "h2"])
+    try:
+        pool.adapt(minimum=0, maximum=2, idle_timeout=2)
+        assert pool.status() == []  # no demand, no hosts
+        # The head has no node at all: the task waits, and the pool grows for it.
+        node, inode, _ = nb.get(where.remote(), timeout=90)
+        # The pool learns the job's node from the head on its next look.
+        (job,) = wait_until(lambda: [j for j in pool.refresh() if j.node_id == node], timeout=15)
+        assert inode == netns_inode(hosts, job.host)
+        assert len([j for j in pool.status() if j.state != JobState.GONE]) == 1
+        # Idle for 2 s: drained and released.
+        wait_until(lambda: gone(pool, job.job_id), timeout=30)
+        assert pool.status()[0].reason == "idle for 2 s"
+        wait_until(lambda: not hosts.session_pids(job.host), timeout=15)
+    finally:
+        pool.close(timeout=30)
+
+
+def test_an_agent_cut_off_from_its_head_exits_after_head_timeout(
+    hosts: SSHHosts, head: Procs, tmp_path: Path
+) -> None:
+    pool = make_pool(hosts, tmp_path, ["h1"], head_timeout=3)
+    try:
+        (job,) = pool.scale(1)
+        pool.wait_for_nodes(1, timeout=60)
+
+        def agent_running() -> bool:
+            return any(
+                "nbcluster.agent" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+                for pid in hosts.session_pids("h1")
+                if Path(f"/proc/{pid}/cmdline").exists()
+            )
+
+        assert agent_running()
+        hosts.net.cut("h1")
+        try:
+            wait_until(lambda: not agent_running(), timeout=20)  # 3 s without its head
+        finally:
+            hosts.net.heal("h1")
+        wait_until(lambda: gone(pool, job.job_id), timeout=60)
+        (ended,) = pool.status()
+        assert "no word from the head" in ended.reason, ended.reason
+    finally:
+        pool.close(timeout=30)

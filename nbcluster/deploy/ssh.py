@@ -254,7 +254,11 @@ class SSHAgent:
         for line in reversed(tail):
             if line.startswith(PROBE_ERROR):
                 return f"host {self.host}: {line[len(PROBE_ERROR) :].strip()}"
-        last = next((ln.strip() for ln in reversed(tail) if ln.strip()), "")
+        # stdout (the ready line) and stderr reach the log by two paths, so their order may
+        # differ from the host's: the agent's own last word ("nbcluster-worker: why") first.
+        said = [ln.strip() for ln in tail if ln.strip() and not ln.startswith(AGENT_READY)]
+        last = next((ln for ln in reversed(said) if ln.startswith("nbcluster-worker:")), "")
+        last = last or (said[-1] if said else "")
         if rc == SSH_FAILED:
             return f"host {self.host}: ssh could not start the session: {last or 'no output'}"
         if self.node_id:
