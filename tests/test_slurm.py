@@ -239,3 +239,49 @@ def test_server_pools_rest_and_kernel_magics(local_slurm: LocalSlurm, tmp_path: 
     finally:
         srv.stop()
     assert not local_slurm.jobs()
+
+
+def test_nbcluster_up_detached_jobs_end_when_their_head_is_gone(
+    local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    from tests.jupyter_helpers import free_port
+
+    port = free_port()
+    env = {**os.environ, "NBCLUSTER_HOME": str(tmp_path / "home")}
+    env.pop("NBCLUSTER_ADDRESS", None)
+    token = tmp_path / "token"
+    head = subprocess.Popen(
+        [sys.executable, "-m", "nbcluster", "head", "--port", str(port), "--token-file", str(token)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert head.stdout is not None
+        assert "head starting" in head.stdout.readline() + head.stdout.readline()
+        args = ["--address", f"127.0.0.1:{port}", "--token-file", str(token)]
+        r = subprocess.run(
+            [sys.executable, "-m", "nbcluster", "up", "slurm", "--nodes", "1", "--cpus", "1"]
+            + ["--head-timeout", "3", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        job_id = r.stdout.splitlines()[-1].split()[0]
+        assert "running" in r.stdout and job_id in local_slurm.jobs()  # detached: still there
+        bad = subprocess.run(
+            [sys.executable, "-m", "nbcluster", "up", "nope", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 1 and "unknown pool kind 'nope'" in bad.stderr
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(30)
+    # The head stopped its nodes, or the agent gave up on it: the job ends either way.
+    wait_until(lambda: job_id not in local_slurm.jobs(), timeout=30, interval=0.3)
