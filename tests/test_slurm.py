@@ -246,13 +246,13 @@ def test_nbcluster_up_detached_jobs_end_when_their_head_is_gone(
 ) -> None:
     from tests.jupyter_helpers import free_port
 
-    UP_OPTS = ["--cpus", "1", "--head-timeout", "3"]
+    up_opts = ["--cpus", "1", "--head-timeout", "3"]
     port = free_port()
     env = {**os.environ, "NBCLUSTER_HOME": str(tmp_path / "home")}
     env.pop("NBCLUSTER_ADDRESS", None)
     token = tmp_path / "token"
     head = subprocess.Popen(
-        [sys.executable, "-m", "nbcluster", "head", "--port", str(port), "--token-file", f"{token}"],
+        [sys.executable, "-m", "nbcluster", "head", f"--port={port}", f"--token-file={token}"],
         env=env,
         stdout=subprocess.PIPE,
         text=True,
@@ -263,7 +263,7 @@ def test_nbcluster_up_detached_jobs_end_when_their_head_is_gone(
         assert "head starting" in head.stdout.readline() + head.stdout.readline()
         args = ["--address", f"127.0.0.1:{port}", "--token-file", str(token)]
         r = subprocess.run(
-            [sys.executable, "-m", "nbcluster", "up", "slurm", "--nodes", "1", *UP_OPTS, *args],
+            [sys.executable, "-m", "nbcluster", "up", "slurm", "--nodes", "1", *up_opts, *args],
             env=env,
             capture_output=True,
             text=True,
