@@ -285,3 +285,51 @@ def test_nbcluster_up_detached_jobs_end_when_their_head_is_gone(
         head.wait(30)
     # The head stopped its nodes, or the agent gave up on it: the job ends either way.
     wait_until(lambda: job_id not in local_slurm.jobs(), timeout=30, interval=0.3)
+
+
+def test_each_job_offers_only_the_gpus_slurm_gave_it(
+    driver: nb.ClusterInfo,
+    local_slurm: LocalSlurm,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbcluster.testing import fake_nvml
+
+    # The jobs inherit this environment (sbatch's default): NVML shows both of the node's GPUs.
+    gpus = [{"name": f"GPU{i}", "memory_total": 1000} for i in range(2)]
+    for k, v in fake_nvml.environment(gpus, tmp_path / "gpus.json").items():
+        monkeypatch.setenv(k, v)
+    pool = _pool(tmp_path, gpus=1)
+    assert "#SBATCH --gres=gpu:1" in pool.job_script()
+    pool.scale(2)
+    joined = pool.wait_for_nodes(2, timeout=60)
+
+    @nb.remote(num_gpus=1)
+    def gpu_task() -> tuple[str, list[int], str]:
+        return os.environ["SLURM_JOB_GPUS"], nb.get_gpu_ids(), os.environ["CUDA_VISIBLE_DEVICES"]
+
+    seen = set()
+    for j in joined:
+        assert j.node_id is not None
+        node = next(n for n in nb.nodes() if n["node_id"] == j.node_id)
+        assert node["resources_total"]["GPU"] == 1
+        strategy = nb.NodeAffinitySchedulingStrategy(j.node_id, soft=False)
+        ref = gpu_task.options(scheduling_strategy=strategy).remote()
+        given, ids, visible = nb.get(ref, timeout=60)
+        assert ids == [int(given)] and visible == given  # the job's own GPU, nothing else
+        assert [g["index"] for g in node["gpus"]] == [int(given)]
+        seen.add(given)
+    assert seen == {"0", "1"}
+    pool.close()
+
+
+def test_a_loopback_head_refuses_jobs_on_other_machines(
+    driver: nb.ClusterInfo, local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    pool = _pool(tmp_path, partition="remote")  # its one node is another machine
+    with pytest.raises(nb.exceptions.ConfigurationError) as e:
+        pool.scale(1)
+    for fix in ("c.NbclusterApp.ip", "nbcluster head --host", "127.0.0.1"):
+        assert fix in str(e.value)
+    assert pool.status() == [] and not local_slurm.jobs()
+    pool.close()

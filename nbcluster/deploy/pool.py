@@ -758,6 +758,9 @@ def _closer(ref: weakref.ref[Pool]) -> Any:
     def close() -> None:
         pool = ref()
         if pool is not None:
-            pool.close(wait=False)
+            try:
+                pool.close(wait=False)
+            except Exception as exc:  # at exit: say it, the interpreter ends anyway
+                log.error("%s: %s", pool.name, exc)
 
     return close
