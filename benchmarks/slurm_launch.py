@@ -111,13 +111,18 @@ RAY_SCRIPT = """#!/bin/bash
 #SBATCH --mem-per-cpu=1G
 #SBATCH --output={out}
 set -x
-head_ip=127.0.0.1
 port={port}
-export RAY_ADDRESS=$head_ip:$port
-srun --nodes=1 --ntasks=1 --exact {ray} start --head --node-ip-address=$head_ip --port=$port \\
-    --num-cpus=1 --include-dashboard=false --block &
-until {ray} status --address=$RAY_ADDRESS >/dev/null 2>&1; do sleep 0.2; done   # recipe: sleep 10
-srun --nodes=1 --ntasks=1 --exact {ray} start --address=$RAY_ADDRESS --num-cpus=1 --block &
+# Ray >= 2.5x authenticates with a token: like nbcluster's secret, made once per user.
+export RAY_AUTH_MODE=token
+[ -s ~/.ray/auth_token ] || {ray} get-auth-token --generate >/dev/null
+srun --nodes=1 --ntasks=1 --exact {ray} start --head --port=$port \\
+    --num-cpus=1 --include-dashboard=false --disable-usage-stats --block &
+# The recipe sleeps 10 s here; we wait for the head instead (ray picks its own IP).
+until grep -qs ":$port" /tmp/ray/ray_current_cluster; do sleep 0.1; done
+export RAY_ADDRESS=$(cat /tmp/ray/ray_current_cluster)
+until {ray} status --address=$RAY_ADDRESS >/dev/null 2>&1; do sleep 0.2; done
+srun --nodes=1 --ntasks=1 --exact {ray} start --address=$RAY_ADDRESS --num-cpus=1 \\
+    --disable-usage-stats --block &
 {python} -u {driver}
 {ray} stop --force >/dev/null 2>&1
 """
@@ -131,8 +136,13 @@ def _free_port() -> int:
 
 def _run_script(python: str, code: str, workdir: Path, timeout: float) -> dict[str, float]:
     src = f"WORKDIR = {str(workdir)!r}\n" + textwrap.dedent(code)
+    # This checkout's nbcluster, in the driver and (sbatch exports the environment) the jobs.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     r = subprocess.run(
-        [python, "-c", src], capture_output=True, text=True, timeout=timeout, cwd=workdir
+        [python, "-c", src], capture_output=True, text=True, timeout=timeout, cwd=workdir, env=env
     )
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -165,7 +175,7 @@ def bench_ray(python: str, workdir: Path, timeout: float) -> dict[str, float]:
                 if line.startswith("RESULT "):
                     return dict(json.loads(line[len("RESULT ") :]))
             time.sleep(0.2)
-        raise RuntimeError(f"no result in {timeout:.0f} s:\n{text[-3000:]}")
+        raise RuntimeError(f"no result in {timeout:.0f} s:\n{text[:3000]}\n...\n{text[-1500:]}")
     finally:
         subprocess.run(["scancel", job], capture_output=True)
 
@@ -212,7 +222,7 @@ def main() -> int:
                 else:
                     results[system] = f"unknown system {system!r}"
             except Exception as exc:
-                results[system] = f"failed: {str(exc)[-1500:]}"
+                results[system] = f"failed: {str(exc)[:4000]}"
             _wait_queue_empty()
     finally:
         slurm.stop()
