@@ -234,8 +234,12 @@ def test_server_pools_rest_and_kernel_magics(local_slurm: LocalSlurm, tmp_path: 
         k.shutdown()  # its job ends with it (the head tells the agent its owner's job ended)
         wait_until(lambda: kernel_job not in local_slurm.jobs(), timeout=30, interval=0.3)
 
-        assert srv.post("nbcluster/api/pools/cpu/scale", {"n": 0})["ok"]
+        # Adaptive with nothing to do: both idle nodes are released, down to the minimum.
+        body = {"minimum": 0, "maximum": 2, "idle_timeout": 1}
+        assert srv.post("nbcluster/api/pools/cpu/adapt", body)["pool"]["adaptive"]
         wait_until(lambda: not local_slurm.jobs(), timeout=30, interval=0.3)
+        assert not jobs("running")
+        assert srv.post("nbcluster/api/pools/cpu/scale", {"n": 0})["ok"]
     finally:
         srv.stop()
     assert not local_slurm.jobs()
