@@ -65,17 +65,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         or os.environ.get(TOKEN_FILE_ENV)
         or (str(DEFAULT_TOKEN_FILE) if DEFAULT_TOKEN_FILE.exists() else None)
     )
-    from nbcluster.client import current
-    from nbcluster.status import status_report
+    from nbcluster.status import actor_views, cluster_view, status_report, task_views
 
     try:
         nb.init(address=address, token_file=token_file, log_to_driver=False)
-        client = current.require()
-        print(
-            status_report(
-                client.query("cluster"), client.query("tasks"), client.query("actor_views")
-            )
-        )
+        print(status_report(cluster_view(), task_views(), actor_views()))
     except nb.exceptions.NbclusterError as exc:
         print(f"nbcluster status: {exc}", file=sys.stderr)
         return 1

@@ -1,71 +1,28 @@
 /**
- * The data of the panel's "Pools" section (`GET nbcluster/api/pools`): types
- * and pure functions, kept apart from the DOM so they test in plain Node.
+ * The data of the panel's "Pools" section (`GET nbcluster/api/pools`, typed by
+ * the generated views): pure functions, apart from the DOM so they test in
+ * plain Node.
  */
 
-/** One job of a pool. */
-export interface IPoolJob {
-  job_id: string;
-  state: string; // pending | running | draining | gone
-  node_id: string | null;
-  host: string;
-  reason: string;
-  log_tail: string;
-}
+import { IPool, IPoolJob, IPoolsBody } from './views.gen';
 
-/** One pool as the REST route describes it. */
-export interface IPool {
-  name: string;
-  kind: string;
-  describe: string;
-  adaptive: { minimum: number; maximum: number; idle: number } | null;
-  counts: Record<string, number>;
-  jobs: IPoolJob[];
-}
-
-function str(v: unknown): string {
-  return typeof v === 'string' ? v : '';
-}
+export type { IPool, IPoolJob };
 
 /** The pools of a `GET nbcluster/api/pools` body; anything malformed is left out. */
 export function parsePools(body: unknown): IPool[] {
-  const raw = (body as { pools?: unknown } | null)?.pools;
-  if (!Array.isArray(raw)) {
+  const pools = (body as Partial<IPoolsBody> | null)?.pools;
+  if (!Array.isArray(pools)) {
     return [];
   }
-  const pools: IPool[] = [];
-  for (const p of raw) {
-    if (typeof p !== 'object' || p === null || typeof (p as IPool).name !== 'string') {
-      continue;
-    }
-    const q = p as Record<string, unknown>;
-    const jobs = Array.isArray(q.jobs) ? q.jobs : [];
-    const a = q.adaptive as IPool['adaptive'];
-    pools.push({
-      name: str(q.name),
-      kind: str(q.kind),
-      describe: str(q.describe),
-      adaptive: a && typeof a.maximum === 'number' ? a : null,
-      counts: (typeof q.counts === 'object' && q.counts !== null ? q.counts : {}) as Record<
-        string,
-        number
-      >,
-      jobs: jobs
-        .filter(j => typeof j === 'object' && j !== null)
-        .map(j => {
-          const r = j as Record<string, unknown>;
-          return {
-            job_id: str(r.job_id),
-            state: str(r.state),
-            node_id: typeof r.node_id === 'string' ? r.node_id : null,
-            host: str(r.host),
-            reason: str(r.reason),
-            log_tail: str(r.log_tail)
-          };
-        })
-    });
-  }
-  return pools;
+  return pools.filter(
+    p =>
+      typeof p === 'object' &&
+      p !== null &&
+      typeof p.name === 'string' &&
+      Array.isArray(p.jobs) &&
+      typeof p.counts === 'object' &&
+      p.counts !== null
+  );
 }
 
 /** "2 running, 1 pending (adaptive 0..16)". */
@@ -80,7 +37,7 @@ export function poolSummary(pool: IPool): string {
   return text;
 }
 
-/** The jobs worth a row: all but those gone on purpose long ago (failed ones stay). */
+/** The jobs worth a row: all but those stopped on purpose (failed ones keep their log). */
 export function visibleJobs(pool: IPool): IPoolJob[] {
   return pool.jobs.filter(j => j.state !== 'gone' || j.log_tail !== '');
 }
