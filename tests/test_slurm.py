@@ -337,3 +337,18 @@ def test_a_loopback_head_refuses_jobs_on_other_machines(
         assert fix in str(e.value)
     assert pool.status() == [] and not local_slurm.jobs()
     pool.close()
+
+
+def test_a_job_that_fails_says_why_with_its_log(
+    driver: nb.ClusterInfo, local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    pool = _pool(tmp_path, python="/no/such/python")
+    (job,) = pool.scale(1)
+    with pytest.raises(PoolError) as e:
+        pool.wait_for_nodes(1, timeout=60)
+    msg = str(e.value)
+    assert job.job_id in msg and "failed" in msg and "/no/such/python" in msg, msg
+    (gone,) = pool.status()
+    assert gone.state == JobState.GONE and "No such file" in gone.log_tail
+    assert "/no/such/python" in pool._repr_html_()
+    pool.close()
