@@ -103,7 +103,7 @@ class LocalSlurm:
         mem_mb = int(psutil.virtual_memory().total // 2**20)
         self.conf.write_text(
             f"""ClusterName=nbtest
-SlurmctldHost={self.host}
+SlurmctldHost={self.host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -137,7 +137,7 @@ DefMemPerCPU=256
 MinJobAge=2
 OverTimeLimit=0
 GresTypes=gpu
-NodeName={self.host} CPUs={NODE_CPUS} RealMemory={mem_mb} Gres=gpu:{NODE_GPUS} State=UNKNOWN
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={mem_mb} Gres=gpu:{NODE_GPUS} State=UNKNOWN
 NodeName={REMOTE_NODE} NodeAddr=192.0.2.1 CPUs=1 RealMemory=100 State=DOWN
 PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 PartitionName=remote Nodes={REMOTE_NODE} MaxTime=INFINITE State=UP
