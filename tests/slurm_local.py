@@ -101,6 +101,7 @@ class LocalSlurm:
         )
         self._wait(lambda: sock.exists(), 10.0, "munged did not create its socket")
         mem_mb = int(psutil.virtual_memory().total // 2**20)
+        gres = f"Gres=gpu:{NODE_GPUS}"
         self.conf.write_text(
             f"""ClusterName=nbtest
 SlurmctldHost={self.host}(127.0.0.1)
@@ -137,7 +138,7 @@ DefMemPerCPU=256
 MinJobAge=2
 OverTimeLimit=0
 GresTypes=gpu
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={mem_mb} Gres=gpu:{NODE_GPUS} State=UNKNOWN
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={mem_mb} {gres} State=UNKNOWN
 NodeName={REMOTE_NODE} NodeAddr=192.0.2.1 CPUs=1 RealMemory=100 State=DOWN
 PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 PartitionName=remote Nodes={REMOTE_NODE} MaxTime=INFINITE State=UP
