@@ -296,7 +296,7 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     client = current.require()
     ns = namespace if namespace is not None else (client.namespace or f"job-{client.job_id}")
     info = client.query_args("actor", name=name, ns=ns)
-    if info is None or info.get("state") == "DEAD":
+    if info is None or info.get("state") == "dead":  # an ActorView's state
         raise ValueError(f"no actor named {name!r} in namespace {ns!r}")
     return ActorHandle(info["actor_id"], info["class_name"], dict(info["methods"]), client)
 

@@ -340,7 +340,11 @@ def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> No
 
 
 def nodes() -> list[dict[str, Any]]:
-    """Every node of the cluster (Ray's keys ``NodeID``, ``Alive``, ``Resources`` included)."""
+    """Every node of the cluster (Ray's keys ``NodeID``, ``Alive``, ``Resources`` included).
+
+    Each is a :class:`nbcluster.views.NodeView` as a dict (the Jupyter panel's node), plus the
+    keys Ray's ``ray.nodes()`` has.
+    """
     result = []
     for n in _client().query("nodes"):
         n = dict(n)
@@ -422,8 +426,12 @@ def get_runtime_context() -> RuntimeContext:
 
 
 def actors() -> list[dict[str, Any]]:
-    """Every actor the head knows: id, class, name, state, node, resources, owning job."""
-    return list(_client().query("actors"))
+    """Every actor the head knows: id, class, name, state, node, resources, owning job.
+
+    Each is a :class:`nbcluster.views.ActorView` as a dict, its ``state`` in upper case as Ray
+    writes it (``PENDING``, ``ALIVE``, ``RESTARTING``, ``DEAD``).
+    """
+    return [{**a, "state": str(a["state"]).upper()} for a in _client().query("actors")]
 
 
 def get_gpu_ids() -> list[int]:

@@ -23,7 +23,7 @@ from nbcluster.client.core import CoreClient
 from nbcluster.deploy.registry import Pools, option_parser, parse_words, split_line
 from nbcluster.kernel import attach_kernel
 from nbcluster.remote import remote
-from nbcluster.status import cluster_nodes, other_resources, table, used
+from nbcluster.status import cluster_nodes, nodes_text, table
 
 # Names IPython keeps in the user namespace that a cell never means to send.
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
@@ -111,50 +111,6 @@ def _connect() -> None:
         attach_kernel(client)
 
 
-def _gib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.1f}G"
-
-
-def status_text() -> str:
-    """The ``%nbcluster status`` table: one row per node, then one per GPU with metrics."""
-    rows = []
-    gpu_rows = []
-    for n in cluster_nodes():
-        m = n.get("metrics") or {}
-        mem = (
-            f"{_gib(m.get('memory_used'))}/{_gib(m.get('memory_total'))}"
-            if m.get("memory_total")
-            else "-"
-        )
-        cpu = m.get("cpu_percent")
-        rows.append(
-            [
-                n.get("name", ""),
-                "alive" if n.get("alive") else "dead",
-                used(n, "CPU"),
-                "-" if cpu is None else f"{cpu:.0f}%",
-                used(n, "GPU"),
-                mem,
-                other_resources(n),
-            ]
-        )
-        for g in m.get("gpus") or []:
-            util = g.get("utilization")
-            gpu_rows.append(
-                [
-                    n.get("name", ""),
-                    str(g.get("index", "")),
-                    str(g.get("name", "")),
-                    "-" if util is None else f"{util:.0f}%",
-                    f"{_gib(g.get('memory_used'))}/{_gib(g.get('memory_total'))}",
-                ]
-            )
-    text = table(rows, ["node", "state", "CPU used", "CPU %", "GPU used", "memory", "resources"])
-    if gpu_rows:
-        text += "\n\n" + table(gpu_rows, ["node", "GPU", "name", "util", "memory"])
-    return text
-
-
 def _tasks_snapshot(client: CoreClient) -> list[list[str]]:
     async def snap() -> list[list[str]]:  # on the I/O thread, which owns the task records
         rows = []
@@ -204,7 +160,7 @@ def _magics_class() -> type:
                 print(pool_command(self._pools, line))
                 return
             if cmd == "status":
-                print(status_text())
+                print(nodes_text(cluster_nodes()))
             elif cmd == "nodes":
                 rows = [
                     [n["node_id"], n["name"], n["address"], "alive" if n["alive"] else "dead"]

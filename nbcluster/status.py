@@ -1,24 +1,58 @@
-"""Plain-text views of a running cluster: what ``nbcluster status`` prints."""
+"""The cluster's views as a driver gets them, and their plain-text tables.
+
+The head answers ``query("cluster" | "tasks" | "actors")`` with the views of
+:mod:`nbcluster.views` (the same as the Jupyter REST API); :func:`cluster_view` and friends decode
+them back into those classes. ``nbcluster status`` prints :func:`status_report`,
+``%nbcluster status`` prints :func:`nodes_text`, the dashboard widget draws the same views.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from nbcluster.client import current
+from nbcluster.exceptions import ProtocolError
+from nbcluster.views import (
+    ACTIVE_TASK_STATES,
+    ActorView,
+    ClusterView,
+    NodeView,
+    OwnerView,
+    TaskView,
+)
+
+_T = TypeVar("_T")
 
 
-def cluster_nodes() -> list[dict[str, Any]]:
-    """Every node with its latest ``metrics`` and counts of running tasks and actors.
+def _ask(what: str, tp: type[_T]) -> _T:
+    data = current.require().query(what)
+    try:
+        return msgspec.convert(data, tp)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"the head's {what!r} view is malformed: {exc}") from None
 
-    The head's panel view (the same data as ``GET /nbcluster/api/cluster``); from a head without
-    it, the plain node list (no metrics: the views show n/a).
-    """
-    client = current.require()
-    data = client.query("cluster")
-    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
-        return list(data["nodes"])
-    return [dict(n) for n in client.query("nodes")]
+
+def cluster_view() -> ClusterView:
+    """The head, every node with its latest metrics and work, and the totals."""
+    return _ask("cluster", ClusterView)
+
+
+def cluster_nodes() -> list[NodeView]:
+    """Every node (dead ones too) with its latest ``metrics`` and its running tasks and actors."""
+    return cluster_view().nodes
+
+
+def task_views() -> list[TaskView]:
+    """Active tasks, then the recently ended ones."""
+    return _ask("tasks", list[TaskView])
+
+
+def actor_views() -> list[ActorView]:
+    """Every actor the head knows, dead ones too."""
+    return _ask("actors", list[ActorView])
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -32,92 +66,125 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-_BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")
+#: Resources every node has, shown in columns of their own (or not at all).
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
-def used(node: dict[str, Any], key: str) -> str:
-    """``used/total`` of one resource of a node view, ``-`` when it has none."""
-    total = float(node.get("resources_total", {}).get(key, 0.0))
+def used(node: NodeView, key: str) -> str:
+    """``used/total`` of one resource of a node, ``-`` when it has none."""
+    total = node.resources_total.get(key, 0.0)
     if not total:
         return "-"
-    free = float(node.get("resources_available", {}).get(key, 0.0))
-    return f"{total - free:g}/{total:g}"
+    return f"{total - node.resources_available.get(key, 0.0):g}/{total:g}"
 
 
-def other_resources(node: dict[str, Any]) -> str:
-    """A node view's custom resources as ``name used/total`` (``-`` when it has none)."""
-    names = sorted(k for k in node.get("resources_total", {}) if k not in _BUILTIN)
+def other_resources(node: NodeView) -> str:
+    """A node's custom resources as ``name used/total`` (``-`` when it has none)."""
+    names = sorted(k for k in node.resources_total if k not in BUILTIN_RESOURCES)
     return ", ".join(f"{k} {used(node, k)}" for k in names) or "-"
 
 
-def _owner(o: dict[str, Any] | None) -> str:
-    o = o or {}
-    return str(o.get("notebook") or o.get("kernel_id") or o.get("job_id") or "-")
+def gib(n: float | None, unit: str = "G") -> str:
+    """Bytes as GiB with one decimal (``-`` for unknown)."""
+    return "-" if n is None else f"{n / 2**30:.1f}{unit}"
 
 
-def _short(node_id: object, names: dict[str, str]) -> str:
-    return names.get(str(node_id), str(node_id or "-"))
+def owner_label(o: OwnerView) -> str:
+    """A job as people know it: its notebook, else its kernel, else its id."""
+    return o.notebook or o.kernel_id or o.job_id or "-"
 
 
-def status_report(
-    cluster: dict[str, Any], tasks: list[dict[str, Any]], actors: list[dict[str, Any]]
-) -> str:
-    """Nodes with their resources, then running/queued tasks and live actors."""
-    nodes = cluster.get("nodes", [])
-    names = {str(n["node_id"]): str(n.get("name") or n["node_id"]) for n in nodes}
-    node_rows = []
+def nodes_text(nodes: list[NodeView]) -> str:
+    """The ``%nbcluster status`` table: one row per node, then one per GPU with metrics."""
+    rows: list[list[Any]] = []
+    gpu_rows: list[list[Any]] = []
     for n in nodes:
-        node_rows.append(
+        m = n.metrics
+        rows.append(
             [
-                n.get("name", ""),
-                n["node_id"],
-                n.get("address", ""),
-                n.get("state") or ("alive" if n.get("alive") else "dead"),
+                n.name,
+                n.state,
                 used(n, "CPU"),
+                "-" if m is None else f"{m.cpu_percent:.0f}%",
                 used(n, "GPU"),
+                "-" if m is None else f"{gib(m.memory_used)}/{gib(m.memory_total)}",
                 other_resources(n),
-                n.get("tasks_running", "-"),
-                n.get("actors", "-"),
             ]
         )
+        for g in m.gpus if m is not None else []:
+            gpu_rows.append(
+                [
+                    n.name,
+                    g.index,
+                    g.name,
+                    f"{g.utilization:.0f}%",
+                    f"{gib(g.memory_used)}/{gib(g.memory_total)}",
+                ]
+            )
+    text = table(rows, ["node", "state", "CPU used", "CPU %", "GPU used", "memory", "resources"])
+    if gpu_rows:
+        text += "\n\n" + table(gpu_rows, ["node", "GPU", "name", "util", "memory"])
+    return text
+
+
+def status_report(cluster: ClusterView, tasks: list[TaskView], actors: list[ActorView]) -> str:
+    """Nodes with their resources, then running/queued tasks and live actors."""
+    names = {n.node_id: n.name or n.node_id for n in cluster.nodes}
+
+    def node_name(node_id: str | None) -> str:
+        return names.get(node_id, node_id) if node_id else "-"
+
+    node_rows = [
+        [
+            n.name,
+            n.node_id,
+            n.address,
+            n.state,
+            used(n, "CPU"),
+            used(n, "GPU"),
+            other_resources(n),
+            n.tasks_running,
+            n.actors,
+        ]
+        for n in cluster.nodes
+    ]
     out = [
-        f"head {cluster.get('head', {}).get('address', '?')}: {len(nodes)} node(s)",
+        f"head {cluster.head.address or '?'}: {len(cluster.nodes)} node(s)",
         table(
             node_rows,
             ["NODE", "ID", "ADDRESS", "STATE", "CPU", "GPU", "OTHER", "TASKS", "ACTORS"],
         ),
     ]
-    active = [t for t in tasks if t.get("state") in ("running", "queued", "infeasible")]
+    active = [t for t in tasks if t.state in ACTIVE_TASK_STATES]
     out.append(f"\n{len(active)} task(s) running or waiting")
     if active:
         out.append(
             table(
                 [
                     [
-                        t.get("name", ""),
-                        t.get("state", "")
-                        + (f" (needs {t['missing']})" if t.get("missing") else ""),
-                        _short(t.get("node_id"), names),
-                        _owner(t.get("owner")),
+                        t.name,
+                        t.state + (f" (needs {t.missing})" if t.missing else ""),
+                        node_name(t.node_id),
+                        owner_label(t.owner),
                     ]
                     for t in active
                 ],
                 ["TASK", "STATE", "NODE", "OWNER"],
             )
         )
-    live = [a for a in actors if str(a.get("state", "")).lower() != "dead"]
+    live = [a for a in actors if a.state != "dead"]
     out.append(f"\n{len(live)} actor(s)")
     if live:
         out.append(
             table(
                 [
                     [
-                        a.get("class_name", ""),
-                        a.get("name") or "-",
-                        str(a.get("state", "")).lower(),
-                        _short(a.get("node_id"), names),
-                        a.get("pid") or "-",
-                        _owner(a.get("owner")),
+                        a.class_name,
+                        a.name or "-",
+                        a.state,
+                        node_name(a.node_id),
+                        a.pid or "-",
+                        owner_label(a.owner),
                     ]
                     for a in live
                 ],

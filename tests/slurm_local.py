@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -27,6 +28,10 @@ PACKAGES = ("slurm-wlm", "munge")
 #: CPUs the node declares: more than the CI machine's 2, so that a few 1-CPU jobs run at once
 #: (slurmd takes the configured figures with ``SlurmdParameters=config_overrides``).
 NODE_CPUS = 8
+#: GPUs the node declares (device files of its own: see ``start``).
+NODE_GPUS = 2
+#: A node of the ``remote`` partition that never comes up: jobs there would run elsewhere.
+REMOTE_NODE = "nbtest-remote"
 
 
 def why_unavailable() -> str | None:
@@ -96,9 +101,10 @@ class LocalSlurm:
         )
         self._wait(lambda: sock.exists(), 10.0, "munged did not create its socket")
         mem_mb = int(psutil.virtual_memory().total // 2**20)
+        gres = f"Gres=gpu:{NODE_GPUS}"
         self.conf.write_text(
             f"""ClusterName=nbtest
-SlurmctldHost={self.host}
+SlurmctldHost={self.host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -131,9 +137,21 @@ KillWait=5
 DefMemPerCPU=256
 MinJobAge=2
 OverTimeLimit=0
-NodeName={self.host} CPUs={NODE_CPUS} RealMemory={mem_mb} State=UNKNOWN
-PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+GresTypes=gpu
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} RealMemory={mem_mb} {gres} State=UNKNOWN
+NodeName={REMOTE_NODE} NodeAddr=192.0.2.1 CPUs=1 RealMemory=100 State=DOWN
+PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+PartitionName=remote Nodes={REMOTE_NODE} MaxTime=INFINITE State=UP
 """
+        )
+        # Stand-in GPU device files: Slurm hands them out and sets CUDA_VISIBLE_DEVICES and
+        # SLURM_JOB_GPUS (no cgroup constrains devices here); the fake NVML shows the GPUs.
+        (d / "dev").mkdir()
+        for i in range(NODE_GPUS):  # character devices, as Slurm insists: /dev/null's, /dev/zero's
+            dev = os.makedev(1, (3, 5, 7, 8)[i])
+            os.mknod(d / "dev" / f"nvidia{i}", stat.S_IFCHR | 0o600, dev)
+        (self.dir / "gres.conf").write_text(
+            f"NodeName={self.host} Name=gpu File={d / 'dev'}/nvidia[0-{NODE_GPUS - 1}]\n"
         )
         os.environ["SLURM_CONF"] = str(self.conf)
         env = {**os.environ}
@@ -157,7 +175,10 @@ PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def _idle(self) -> bool:
         r = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=10
+            ["sinfo", "-h", "-N", "-n", self.host, "-o", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return r.returncode == 0 and r.stdout.strip() in ("idle", "idle*") and "*" not in r.stdout
 

@@ -16,6 +16,7 @@ from nbcluster.head.actors import ActorDirectory
 from nbcluster.head.observe import ENDED_TASKS, METRICS_HISTORY, Observer
 from nbcluster.head.state import ClusterState
 from nbcluster.metrics import GpuSampler, HostSampler, MetricsSampler, MetricsThread
+from nbcluster.views import ChangeEvent, TaskEvent
 from tests.conftest import wait_until
 
 FAKE = "nbcluster.testing.fake_nvml"
@@ -92,14 +93,19 @@ def test_observer_keeps_ten_minutes_and_recent_tasks() -> None:
     st = ClusterState()
     obs = Observer(st, ActorDirectory(st))
     nid, _ = st.add_node(b"a", "n", "127.0.0.1", {"CPU": 2}, [])
+
+    def sample(t: float) -> dict[str, Any]:
+        return {"time": t, "cpu_percent": 1.0, "memory_used": 1, "memory_total": 2}
+
     for i in range(METRICS_HISTORY + 50):
-        obs.on_metrics(nid, {"time": float(i), "cpu_percent": 1.0})
-    obs.on_metrics(nid, {"time": float(METRICS_HISTORY + 49), "cpu_percent": 1.0})  # repeat
+        obs.on_metrics(nid, sample(float(i)))
+    obs.on_metrics(nid, sample(float(METRICS_HISTORY + 49)))  # repeat
+    obs.on_metrics(nid, {"time": "soon", "cpu_percent": 1.0})  # malformed: dropped
     hist = obs.history(nid)
     assert hist is not None and len(hist) == METRICS_HISTORY
-    assert hist[0]["time"] == 50.0 and hist[-1]["time"] == METRICS_HISTORY + 49
+    assert hist[0].time == 50.0 and hist[-1].time == METRICS_HISTORY + 49
     assert obs.history("node-nope") is None
-    events: list[dict[str, Any]] = []
+    events: list[ChangeEvent] = []
     obs.subscribers.append(events.append)
     batch: list[Any] = []
     for i in range(ENDED_TASKS + 10):
@@ -111,18 +117,19 @@ def test_observer_keeps_ten_minutes_and_recent_tasks() -> None:
     batch += [("s", "big", 1.0, "g", {"GPU": 1.0}), ("s", "run", 1.0, "h", {"CPU": 1.0})]
     batch += [("r", "run", 2.0, nid), ("x", "nope", 1.0), ("bogus",)]
     obs.on_task_events(b"c", "job1", batch)
-    views = {t["task_id"]: t for t in obs.task_views()}
+    views = {t.task_id: t for t in obs.task_views()}
     assert len(views) == ENDED_TASKS + 2
-    assert views["big"]["state"] == "infeasible" and views["big"]["missing"] == "GPU"
-    assert views["run"]["state"] == "running" and views["run"]["node_id"] == nid
-    assert views[f"t{ENDED_TASKS + 9}"]["state"] == "finished"
+    assert views["big"].state == "infeasible" and views["big"].missing == "GPU"
+    assert views["run"].state == "running" and views["run"].node_id == nid
+    assert views[f"t{ENDED_TASKS + 9}"].state == "finished"
     assert "t0" not in views  # only the last ENDED_TASKS ended ones are kept
-    assert obs.node_view(st.nodes[nid])["tasks_running"] == 1
+    assert obs.node_view(st.nodes[nid]).tasks_running == 1
+    assert [n.tasks_running for n in obs.node_views()] == [1]
     # One change event per task in the batch (its last state), not one per event.
-    assert len([e for e in events if e["type"] == "task"]) == ENDED_TASKS + 12
+    assert len([e for e in events if isinstance(e, TaskEvent)]) == ENDED_TASKS + 12
     obs.job_gone("job1")
-    views = {t["task_id"]: t for t in obs.task_views()}
-    assert views["run"]["state"] == "cancelled" and views["big"]["state"] == "cancelled"
+    views = {t.task_id: t for t in obs.task_views()}
+    assert views["run"].state == "cancelled" and views["big"].state == "cancelled"
 
 
 def test_agent_pushes_metrics_to_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

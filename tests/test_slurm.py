@@ -234,8 +234,121 @@ def test_server_pools_rest_and_kernel_magics(local_slurm: LocalSlurm, tmp_path: 
         k.shutdown()  # its job ends with it (the head tells the agent its owner's job ended)
         wait_until(lambda: kernel_job not in local_slurm.jobs(), timeout=30, interval=0.3)
 
-        assert srv.post("nbcluster/api/pools/cpu/scale", {"n": 0})["ok"]
+        # Adaptive with nothing to do: both idle nodes are released, down to the minimum.
+        body = {"minimum": 0, "maximum": 2, "idle_timeout": 1}
+        assert srv.post("nbcluster/api/pools/cpu/adapt", body)["pool"]["adaptive"]
         wait_until(lambda: not local_slurm.jobs(), timeout=30, interval=0.3)
+        assert not jobs("running")
+        assert srv.post("nbcluster/api/pools/cpu/scale", {"n": 0})["ok"]
     finally:
         srv.stop()
     assert not local_slurm.jobs()
+
+
+def test_nbcluster_up_detached_jobs_end_when_their_head_is_gone(
+    local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    from tests.jupyter_helpers import free_port
+
+    up_opts = ["--cpus", "1", "--head-timeout", "3"]
+    port = free_port()
+    env = {**os.environ, "NBCLUSTER_HOME": str(tmp_path / "home")}
+    env.pop("NBCLUSTER_ADDRESS", None)
+    token = tmp_path / "token"
+    head = subprocess.Popen(
+        [sys.executable, "-m", "nbcluster", "head", f"--port={port}", f"--token-file={token}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert head.stdout is not None
+        assert "head starting" in head.stdout.readline() + head.stdout.readline()
+        args = ["--address", f"127.0.0.1:{port}", "--token-file", str(token)]
+        r = subprocess.run(
+            [sys.executable, "-m", "nbcluster", "up", "slurm", "--nodes", "1", *up_opts, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        job_id = r.stdout.splitlines()[-1].split()[0]
+        assert "running" in r.stdout and job_id in local_slurm.jobs()  # detached: still there
+        bad = subprocess.run(
+            [sys.executable, "-m", "nbcluster", "up", "nope", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bad.returncode == 1 and "unknown pool kind 'nope'" in bad.stderr
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(30)
+    # The head stopped its nodes, or the agent gave up on it: the job ends either way.
+    wait_until(lambda: job_id not in local_slurm.jobs(), timeout=30, interval=0.3)
+
+
+def test_each_job_offers_only_the_gpus_slurm_gave_it(
+    driver: nb.ClusterInfo,
+    local_slurm: LocalSlurm,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbcluster.testing import fake_nvml
+
+    # The jobs inherit this environment (sbatch's default): NVML shows both of the node's GPUs.
+    gpus = [{"name": f"GPU{i}", "memory_total": 1000} for i in range(2)]
+    for k, v in fake_nvml.environment(gpus, tmp_path / "gpus.json").items():
+        monkeypatch.setenv(k, v)
+    pool = _pool(tmp_path, gpus=1)
+    assert "#SBATCH --gres=gpu:1" in pool.job_script()
+    pool.scale(2)
+    joined = pool.wait_for_nodes(2, timeout=60)
+
+    @nb.remote(num_gpus=1)
+    def gpu_task() -> tuple[str, list[int], str]:
+        return os.environ["SLURM_JOB_GPUS"], nb.get_gpu_ids(), os.environ["CUDA_VISIBLE_DEVICES"]
+
+    seen = set()
+    for j in joined:
+        assert j.node_id is not None
+        node = next(n for n in nb.nodes() if n["node_id"] == j.node_id)
+        assert node["resources_total"]["GPU"] == 1
+        strategy = nb.NodeAffinitySchedulingStrategy(j.node_id, soft=False)
+        ref = gpu_task.options(scheduling_strategy=strategy).remote()
+        given, ids, visible = nb.get(ref, timeout=60)
+        assert ids == [int(given)] and visible == given  # the job's own GPU, nothing else
+        assert [g["index"] for g in node["gpus"]] == [int(given)]
+        seen.add(given)
+    assert seen == {"0", "1"}
+    pool.close()
+
+
+def test_a_loopback_head_refuses_jobs_on_other_machines(
+    driver: nb.ClusterInfo, local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    pool = _pool(tmp_path, partition="remote")  # its one node is another machine
+    with pytest.raises(nb.exceptions.ConfigurationError) as e:
+        pool.scale(1)
+    for fix in ("c.NbclusterApp.ip", "nbcluster head --host", "127.0.0.1"):
+        assert fix in str(e.value)
+    assert pool.status() == [] and not local_slurm.jobs()
+    pool.close()
+
+
+def test_a_job_that_fails_says_why_with_its_log(
+    driver: nb.ClusterInfo, local_slurm: LocalSlurm, tmp_path: Path
+) -> None:
+    pool = _pool(tmp_path, python="/no/such/python")
+    (job,) = pool.scale(1)
+    with pytest.raises(PoolError) as e:
+        pool.wait_for_nodes(1, timeout=60)
+    msg = str(e.value)
+    assert job.job_id in msg and "failed" in msg and "/no/such/python" in msg, msg
+    (gone,) = pool.status()
+    assert gone.state == JobState.GONE and "No such file" in gone.log_tail
+    assert "/no/such/python" in pool._repr_html_()
+    pool.close()

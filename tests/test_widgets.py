@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 import nbcluster as nb
 from nbcluster.testing import fake_nvml
+from nbcluster.views import GpuMetricsView, MetricsView
 from tests.conftest import wait_until
 from tests.jupyter_helpers import JupyterServer, start_jupyter_server
 
@@ -121,7 +123,7 @@ def test_progress_text_fallback_outside_a_notebook(
 
 
 def test_dashboard_outside_a_kernel_and_without_metrics(cluster: nb.ClusterInfo) -> None:
-    from nbcluster.widgets.cluster_view import GpuView, NodeView, _NodeRow, snapshot
+    from nbcluster.widgets.cluster_view import _NodeRow, resources, snapshot
 
     @nb.remote(num_gpus=1)
     class Held:
@@ -130,9 +132,10 @@ def test_dashboard_outside_a_kernel_and_without_metrics(cluster: nb.ClusterInfo)
 
     h = Held.remote()
     nb.get(h.ping.remote())
-    views = snapshot()
-    assert len(views) == 1 and views[0].alive
-    assert views[0].resources["GPU"] == (1.0, 2.0) and views[0].actors == 1
+    snap = snapshot()
+    (node,) = snap.nodes
+    assert node.alive and node.actors == 1 and snap.actors_on(node.node_id) == ["Held"]
+    assert resources(node)["GPU"] == (1.0, 2.0)
     d = nb.dashboard(interval=0.1)
     try:
         wait_until(lambda: d.updates >= 3, timeout=10)
@@ -143,13 +146,22 @@ def test_dashboard_outside_a_kernel_and_without_metrics(cluster: nb.ClusterInfo)
     nb.kill(h)
     # A node without metrics shows n/a; one with GPUs gets a utilisation and a memory bar each.
     row = _NodeRow()
-    bare = NodeView("n1", "bare", True, None, None, None, [], {"CPU": (1.0, 4.0)}, 1, 0)
-    row.update(bare)
+    bare = msgspec.structs.replace(node, metrics=None)
+    row.update(bare, [])
     assert row.cpu.text.value == "n/a" and len(row.bars.children) == 2
-    gpus = [GpuView(i, "G", 50.0 + i, 1.0 * 2**30, 4.0 * 2**30) for i in range(2)]
-    row.update(NodeView("n1", "bare", True, 12.0, 2**30, 2**31, gpus, {}, 0, 0))
+    gpus = [
+        GpuMetricsView(
+            index=i, name="G", utilization=50.0 + i, memory_used=2**30, memory_total=4 * 2**30
+        )
+        for i in range(2)
+    ]
+    metrics = MetricsView(
+        time=1.0, cpu_percent=12.0, memory_used=2**30, memory_total=2**31, gpus=gpus
+    )
+    row.update(msgspec.structs.replace(node, metrics=metrics), ["a", "+3 more"])
     assert len(row.bars.children) == 6 and row.gpus[1][0].bar.value == 51.0
     assert row.mem.bar.value == 50.0 and row.gpus[0][1].text.value == "1.0 GiB/4.0 GiB"
+    assert "+3 more" in row.info.value
 
 
 def test_widget_modules_stay_out_of_plain_imports(tmp_path: Path) -> None:

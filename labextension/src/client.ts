@@ -12,13 +12,13 @@ import { ISignal, Signal } from '@lumino/signaling';
 import {
   applyMessages,
   IClusterState,
-  IMetrics,
   initialState,
   mergeHistory,
   ServerMessage,
   setConnection
 } from './model';
 import { EventStream, ISocketLike } from './stream';
+import type { IErrorBody, IHistoriesBody } from './views.gen';
 
 const API = 'nbcluster/api';
 
@@ -98,7 +98,8 @@ export class ClusterClient {
     if (!response.ok) {
       let message = `${response.status} ${response.statusText}`;
       try {
-        const body = (await response.json()) as { error?: string; message?: string };
+        // IErrorBody from our handlers; jupyter-server's own errors carry `message`.
+        const body = (await response.json()) as Partial<IErrorBody> & { message?: string };
         message = body.error ?? body.message ?? message;
       } catch {
         // not JSON: keep the status line
@@ -114,7 +115,7 @@ export class ClusterClient {
       if (!response.ok) {
         return;
       }
-      const body = (await response.json()) as { nodes?: Record<string, IMetrics[]> };
+      const body = (await response.json()) as Partial<IHistoriesBody>;
       if (body && typeof body.nodes === 'object' && body.nodes !== null) {
         this._update(mergeHistory(this._state, body.nodes));
       }

@@ -1,132 +1,41 @@
 /**
- * Pure state of the cluster panel: the wire types of the server extension's
- * REST/websocket contract (docs/jupyter-api.md) and a reducer that folds
- * websocket messages into one immutable state. No DOM, no JupyterLab imports,
+ * Pure state of the cluster panel: a reducer that folds the server extension's
+ * websocket messages (docs/jupyter-api.md; their types are generated into
+ * views.gen.ts) into one immutable state. No DOM, no JupyterLab imports,
  * so that it is unit-tested under plain Node.
  */
 
-/** Resource name -> amount (CPU, GPU, memory in bytes, custom resources). */
-export type Resources = Record<string, number>;
+import type {
+  IActor,
+  IHead,
+  IMetrics,
+  INode,
+  ITask,
+  ITotals,
+  ServerMessage,
+  TaskState
+} from './views.gen';
 
-export interface IGpuMetrics {
-  index: number;
-  name: string;
-  utilization: number;
-  memory_used: number;
-  memory_total: number;
-}
-
-export interface IMetrics {
-  time: number;
-  cpu_percent: number;
-  memory_used: number;
-  memory_total: number;
-  gpus: IGpuMetrics[];
-}
-
-export interface IObjectStore {
-  capacity: number;
-  used: number;
-  spilled: number;
-  objects: number;
-}
-
-export type NodeState = 'alive' | 'draining' | 'dead';
-
-export interface INode {
-  node_id: string;
-  name: string;
-  address: string;
-  alive: boolean;
-  state: NodeState;
-  resources_total: Resources;
-  resources_available: Resources;
-  metrics: IMetrics | null;
-  object_store: IObjectStore | null;
-  tasks_running: number;
-  actors: number;
-}
-
-export interface ITotals {
-  nodes: number;
-  CPU: number;
-  CPU_used: number;
-  GPU: number;
-  GPU_used: number;
-}
-
-export interface IHead {
-  address: string;
-  started_at: number;
-  version: string;
-}
-
-export interface IOwner {
-  job_id: string;
-  kernel_id: string | null;
-  notebook: string | null;
-}
-
-export type TaskState =
-  | 'queued'
-  | 'running'
-  | 'infeasible'
-  | 'finished'
-  | 'failed'
-  | 'cancelled';
-
-export interface ITask {
-  task_id: string;
-  name: string;
-  state: TaskState;
-  node_id: string | null;
-  resources: Resources;
-  missing: string | null;
-  owner: IOwner;
-  submitted_at: number;
-  started_at: number | null;
-  ended_at: number | null;
-}
-
-export type ActorState = 'pending' | 'alive' | 'restarting' | 'dead';
-
-export interface IActor {
-  actor_id: string;
-  class_name: string;
-  name: string | null;
-  namespace: string;
-  state: ActorState;
-  node_id: string | null;
-  pid: number | null;
-  resources: Resources;
-  detached: boolean;
-  owner: IOwner;
-}
-
-export interface IClusterBody {
-  head: IHead | null;
-  nodes: INode[];
-  totals: ITotals;
-}
-
-/** The partial node record carried by the once-a-second metrics message. */
-export interface INodeUpdate {
-  node_id: string;
-  alive?: boolean;
-  state?: NodeState;
-  metrics?: IMetrics | null;
-  resources_available?: Resources;
-  object_store?: IObjectStore | null;
-  tasks_running?: number;
-  actors?: number;
-}
-
-export type ServerMessage =
-  | { type: 'snapshot'; cluster: IClusterBody; tasks: ITask[]; actors: IActor[] }
-  | { type: 'metrics'; time: number; nodes: INodeUpdate[]; totals: ITotals }
-  | { type: 'node'; node: INode }
-  | { type: 'task'; task: ITask }
-  | { type: 'actor'; actor: IActor };
+// The wire types are generated from the Python view schema (nbcluster/views/schema.py).
+export type {
+  ActorState,
+  IActor,
+  ICluster,
+  IGpuInfo,
+  IGpuMetrics,
+  IHead,
+  IMetrics,
+  INode,
+  INodeUpdate,
+  IObjectStore,
+  IOwner,
+  ITask,
+  ITotals,
+  NodeState,
+  Resources,
+  ServerMessage,
+  TaskState
+} from './views.gen';
 
 export type ConnectionStatus = 'connecting' | 'connected' | 'disconnected';
 
@@ -242,6 +151,31 @@ function normaliseNode(node: INode): INode {
   };
 }
 
+/** A node known only from a metrics update (its `node` message is yet to come). */
+export function unknownNode(nodeId: string): INode {
+  return {
+    node_id: nodeId,
+    name: nodeId,
+    address: '',
+    alive: true,
+    state: 'alive',
+    pid: 0,
+    resources_total: {},
+    resources_available: {},
+    gpus: [],
+    gpus_free: {},
+    workers: 0,
+    leases: 0,
+    store_address: '',
+    store_id: '',
+    object_store: null,
+    metrics: null,
+    tasks_running: 0,
+    actors: 0,
+    labels: {}
+  };
+}
+
 /** Keep every active task and only the newest `ENDED_KEPT` ended ones. */
 export function pruneTasks(tasks: Record<string, ITask>): Record<string, ITask> {
   const ended = Object.values(tasks).filter(t => !ACTIVE_TASK_STATES.has(t.state));
@@ -341,19 +275,7 @@ export function applyMessage(state: IClusterState, msg: ServerMessage): ICluster
       const history = { ...state.history };
       const order = state.nodeOrder.slice();
       for (const update of msg.nodes) {
-        const current: INode = nodes[update.node_id] ?? {
-          node_id: update.node_id,
-          name: update.node_id,
-          address: '',
-          alive: true,
-          state: 'alive',
-          resources_total: {},
-          resources_available: {},
-          metrics: null,
-          object_store: null,
-          tasks_running: 0,
-          actors: 0
-        };
+        const current: INode = nodes[update.node_id] ?? unknownNode(update.node_id);
         if (!(update.node_id in state.nodes)) {
           order.push(update.node_id);
         }

@@ -4,7 +4,7 @@ import {
   ENDED_KEPT,
   HISTORY_LENGTH,
   IActor,
-  IClusterBody,
+  ICluster,
   IMetrics,
   INode,
   ITask,
@@ -36,10 +36,26 @@ function node(id: string, extra: Partial<INode> = {}): INode {
     address: '127.0.0.1',
     alive: true,
     state: 'alive',
+    pid: 7,
     resources_total: { CPU: 4, GPU: 1 },
     resources_available: { CPU: 3, GPU: 1 },
+    gpus: [{ index: 0, name: 'H100', memory_total: 2 }],
+    gpus_free: { '0': 1 },
+    workers: 1,
+    leases: 1,
+    store_address: 'tcp://127.0.0.1:7712',
+    store_id: 's1',
     metrics: metrics(100),
-    object_store: { capacity: 100, used: 0, spilled: 0, objects: 0 },
+    object_store: {
+      capacity: 100,
+      used: 0,
+      spilled: 0,
+      objects: 0,
+      streams_served: 0,
+      bytes_out: 0,
+      pulls: 0,
+      bytes_in: 0
+    },
     tasks_running: 1,
     actors: 0,
     ...extra
@@ -69,15 +85,19 @@ function actor(id: string, state: IActor['state']): IActor {
     name: null,
     namespace: 'default',
     state,
+    job_id: 'j1',
     node_id: 'n1',
     pid: 42,
     resources: { CPU: 0 },
     detached: false,
+    restarts: 0,
+    death_reason: null,
+    created_at: 1,
     owner: { job_id: 'j1', kernel_id: null, notebook: null }
   };
 }
 
-function cluster(nodes: INode[]): IClusterBody {
+function cluster(nodes: INode[]): ICluster {
   return {
     head: { address: '127.0.0.1:7711', started_at: 0, version: '0.1' },
     nodes,

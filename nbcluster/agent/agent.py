@@ -44,8 +44,8 @@ _malformed_head = RateLimitedLog(log, "dropping a malformed message from the hea
 WORKER_START_TIMEOUT_S = 60.0
 #: Default seconds without a word from the head after which an agent gives up and exits.
 HEAD_TIMEOUT_S = 120.0
-#: Exit status of an agent that gave up on its head, or whose owning job ended.
-EXIT_HEAD_LOST = 3
+#: Exit status of an agent that gave up on its head, or left because its owning job ended.
+EXIT_GAVE_UP = 3
 
 
 class NodeAgent:
@@ -219,7 +219,7 @@ class NodeAgent:
         """Stop this agent for good (the caller's ``stopped`` wait ends, then ``close()``)."""
         log.error("%s", reason)
         self.exit_reason = reason
-        self.exit_code = EXIT_HEAD_LOST
+        self.exit_code = EXIT_GAVE_UP
         self.stopped.set()
 
     async def wait_prestarted(self, timeout: float) -> bool:

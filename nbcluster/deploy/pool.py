@@ -249,6 +249,7 @@ class Pool:
         self._jobs: dict[str, PoolJob] = {}
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
+        self._tick_lock = threading.Lock()  # the monitor and waiting callers take turns
         self._adaptive: dict[str, Any] | None = None
         self._closed = False
         self._stop = threading.Event()
@@ -431,28 +432,25 @@ class Pool:
         """
         deadline = time.monotonic() + timeout
         self._ensure_monitor()
-        with self._changed:
-            while True:
-                running = [j for j in self._jobs.values() if j.state == JobState.RUNNING]
-                if len(running) >= n:
-                    return [replace(j) for j in running]
-                live = [
-                    j
-                    for j in self._jobs.values()
-                    if j.state in (JobState.PENDING, JobState.RUNNING)
-                ]
-                if len(live) < n:
-                    raise PoolError(
-                        f"{self.name}: {n} node(s) wanted, {len(live)} job(s) live:\n"
-                        + self.summary()
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PoolError(
-                        f"{self.name}: {n} node(s) not joined after {timeout:.0f} s:\n"
-                        + self.summary()
-                    )
-                self._changed.wait(min(left, self.poll_interval))
+        while True:
+            with self._lock:
+                jobs = list(self._jobs.values())
+            running = [j for j in jobs if j.state == JobState.RUNNING]
+            if len(running) >= n:
+                return [replace(j) for j in running]
+            live = [j for j in jobs if j.state in (JobState.PENDING, JobState.RUNNING)]
+            if len(live) < n:
+                raise PoolError(
+                    f"{self.name}: {n} node(s) wanted, {len(live)} job(s) live:\n" + self.summary()
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PoolError(
+                    f"{self.name}: {n} node(s) not joined after {timeout:.0f} s:\n" + self.summary()
+                )
+            self._tick()  # ask the head often while waiting: a join is seen within ~0.2 s
+            with self._changed:
+                self._changed.wait(min(left, self.poll_interval, 0.2))
 
     def close(self, wait: bool = True, timeout: float = 60.0) -> None:
         """End every job (drained first) and stop watching; idempotent.
@@ -650,7 +648,11 @@ class Pool:
                 log.exception("%s: watching the jobs failed", self.name)
 
     def _tick(self, force: bool = False) -> None:
-        """One look at the engine and the head; then one adaptive step."""
+        """One look at the engine and the head; then one adaptive step (one at a time)."""
+        with self._tick_lock:
+            self._tick_once(force)
+
+    def _tick_once(self, force: bool) -> None:
         with self._lock:
             if self._closed and not force:
                 return
@@ -758,6 +760,9 @@ def _closer(ref: weakref.ref[Pool]) -> Any:
     def close() -> None:
         pool = ref()
         if pool is not None:
-            pool.close(wait=False)
+            try:
+                pool.close(wait=False)
+            except Exception as exc:  # at exit: say it, the interpreter ends anyway
+                log.error("%s: %s", pool.name, exc)
 
     return close

@@ -74,7 +74,11 @@ def parse_words(
     """
     try:
         ns, rest = parser.parse_known_args(list(words))
-    except (argparse.ArgumentError, SystemExit) as exc:
+    except SystemExit as exc:
+        if not exc.code:
+            raise  # --help
+        raise ValueError(f"{parser.prog}: bad arguments (see its --help)") from None
+    except argparse.ArgumentError as exc:
         raise ValueError(f"{parser.prog}: {exc}") from None
     if rest:
         raise ValueError(f"{parser.prog}: unknown option(s) {' '.join(rest)}")

@@ -291,13 +291,16 @@ class SlurmCluster(Pool):
         return "\n".join(text.splitlines()[-20:])
 
     def _leaves_this_host(self) -> bool:
-        """Whether the partition has nodes other than this host (``sinfo``)."""
-        args = ["-h", "-N", "-o", "%N"]
-        if self.partition:
-            args += ["-p", self.partition]
+        """Whether the partition (default: the default one) has nodes other than this host."""
         try:
-            names = set(self._run("sinfo", args).split())
+            out = self._run("sinfo", ["-h", "-N", "-o", f"%N{_SEP}%P"])
         except PoolError:
-            return False  # e.g. no such partition: sbatch's own error says it better
+            return False  # sbatch's own error will say it better
+        names = set()
+        for line in out.splitlines():
+            node, _, part = line.strip().partition(_SEP)
+            default = part.endswith("*")
+            if (part.rstrip("*") == self.partition) if self.partition else default:
+                names.add(node)
         here = {socket.gethostname(), socket.gethostname().split(".")[0], "localhost"}
         return bool(names) and not names <= here  # none listed: sbatch will say why

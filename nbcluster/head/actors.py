@@ -59,24 +59,6 @@ class ActorInfo:
     created_at: float = field(default_factory=time.time)
     strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
 
-    def view(self) -> dict[str, Any]:
-        """Public description (what ``nodes``-style introspection and the panel show)."""
-        return {
-            "actor_id": self.aid,
-            "class_name": self.cls_name,
-            "name": self.name,
-            "namespace": self.namespace,
-            "state": self.state,
-            "job_id": self.job_id,
-            "node_id": self.node_id,
-            "pid": self.pid,
-            "resources": dict(self.shape),
-            "restarts": self.restarts,
-            "detached": self.detached,
-            "death_reason": self.death_reason,
-            "created_at": self.created_at,
-        }
-
 
 class ActorDirectory:
     """All actors of the cluster, keyed by id, with the named ones indexed by (namespace, name)."""
@@ -261,6 +243,3 @@ class ActorDirectory:
     def lookup(self, name: str, namespace: str) -> ActorInfo | None:
         aid = self.names.get((namespace, name))
         return self.actors.get(aid) if aid is not None else None
-
-    def views(self) -> list[dict[str, Any]]:
-        return [a.view() for a in self.actors.values()]

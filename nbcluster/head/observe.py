@@ -1,8 +1,10 @@
 """What the head shows the outside world: node metrics history, a task table, change events.
 
 Pure bookkeeping, no sockets: :class:`HeadService` feeds it (agents' metrics, drivers' task
-events, actor and node changes) and the Jupyter extension reads views from it and subscribes to
-its change events (:attr:`Observer.subscribers`).
+events, actor and node changes). It is the one place where the views of
+:mod:`nbcluster.views` are built from the head's state: the Jupyter extension reads them from it
+and subscribes to its change events (:attr:`Observer.subscribers`), and the head answers
+drivers' ``query`` with them.
 """
 
 from __future__ import annotations
@@ -14,9 +16,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from nbcluster.head.actors import ActorDirectory, ActorInfo
 from nbcluster.head.model import NodeInfo
 from nbcluster.head.state import ClusterState
+from nbcluster.protocol.messages import ALIVE, DEAD, PENDING, RESTARTING
+from nbcluster.views import (
+    ActorEvent,
+    ActorState,
+    ActorView,
+    ChangeEvent,
+    ClusterView,
+    GpuInfoView,
+    HeadView,
+    MetricsEvent,
+    MetricsView,
+    NodeEvent,
+    NodeState,
+    NodeUpdateView,
+    NodeView,
+    ObjectStoreView,
+    OwnerView,
+    TaskEvent,
+    TaskState,
+    TaskView,
+    TotalsView,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +51,27 @@ METRICS_HISTORY = 600
 #: Ended tasks kept for the panel.
 ENDED_TASKS = 200
 
-QUEUED, RUNNING, INFEASIBLE = "queued", "running", "infeasible"
-FINISHED, FAILED, CANCELLED = "finished", "failed", "cancelled"
-_ENDED = {"f": FINISHED, "x": FAILED, "c": CANCELLED}
+QUEUED: TaskState = "queued"
+RUNNING: TaskState = "running"
+INFEASIBLE: TaskState = "infeasible"
+FINISHED: TaskState = "finished"
+FAILED: TaskState = "failed"
+CANCELLED: TaskState = "cancelled"
+_ENDED: dict[str, TaskState] = {"f": FINISHED, "x": FAILED, "c": CANCELLED}
+_ACTOR_STATES: dict[str, ActorState] = {
+    PENDING: "pending",
+    ALIVE: "alive",
+    RESTARTING: "restarting",
+    DEAD: "dead",
+}
 
-#: A change event: ``{"type": "node" | "task" | "actor", ...}``; see docs/jupyter-api.md.
-Subscriber = Callable[[dict[str, Any]], None]
+#: Receives every change (see docs/jupyter-api.md).
+Subscriber = Callable[[ChangeEvent], None]
 
 
 @dataclass
-class TaskView:
-    """One task as the panel sees it."""
+class TaskRecord:
+    """One task, as the drivers' task events told it (:meth:`Observer.task_view` shows it)."""
 
     task_id: str
     name: str
@@ -43,7 +79,7 @@ class TaskView:
     client: bytes  # the submitting connection, which can cancel it
     resources: dict[str, float]
     submitted_at: float
-    state: str = QUEUED
+    state: TaskState = QUEUED
     node_id: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
@@ -58,13 +94,10 @@ class JobOwner:
     notebook: str | None = None
     pid: int = 0
 
-    def view(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "kernel_id": self.kernel_id, "notebook": self.notebook}
-
 
 @dataclass
 class Observer:
-    """Views of the cluster for the Jupyter panel and the REST API."""
+    """Views of the cluster for the Jupyter panel, the REST API and drivers' queries."""
 
     state: ClusterState
     actors: ActorDirectory
@@ -73,9 +106,9 @@ class Observer:
     version: str = ""
     notebook_root: str = ""  # notebooks are shown relative to it (the Jupyter root dir)
     subscribers: list[Subscriber] = field(default_factory=list)
-    metrics: dict[str, deque[dict[str, Any]]] = field(default_factory=dict)
-    tasks: dict[str, TaskView] = field(default_factory=dict)
-    ended: deque[TaskView] = field(default_factory=lambda: deque(maxlen=ENDED_TASKS))
+    metrics: dict[str, deque[MetricsView]] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    ended: deque[TaskRecord] = field(default_factory=lambda: deque(maxlen=ENDED_TASKS))
     jobs: dict[str, JobOwner] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
 
@@ -124,61 +157,68 @@ class Observer:
         """The ``demand`` query: unmet requests by shape, and each idle node's idle seconds."""
         return {"pending": self.state.demand(), "idle": self.track_idle()}
 
-    def on_metrics(self, node_id: str, m: dict[str, Any]) -> None:
+    def on_metrics(self, node_id: str, m: Any) -> None:
+        """A node's agent sent a sample (a malformed one is logged and dropped)."""
         self._mark_idle(node_id, time.monotonic())  # a node's idle clock, about every second
+        try:
+            sample = msgspec.convert(m, MetricsView)
+        except msgspec.ValidationError as exc:
+            log.warning("node %s sent malformed metrics: %s", node_id, exc)
+            return
         hist = self.metrics.get(node_id)
         if hist is None:
             hist = self.metrics[node_id] = deque(maxlen=METRICS_HISTORY)
-        elif hist[-1].get("time") == m.get("time"):
+        elif hist[-1].time == sample.time:
             return  # the same sample again: pings and samples are not in lockstep
-        hist.append(m)
+        hist.append(sample)
 
     def on_task_events(self, client: bytes, job_id: str, events: list[Any]) -> None:
         """A batch from a driver (see :mod:`nbcluster.client.events` for the codes)."""
-        changed: dict[str, TaskView] = {}
+        changed: dict[str, TaskRecord] = {}
         for ev in events:
             try:
                 code, tid, t = ev[0], str(ev[1]), float(ev[2])
                 if code == "s":
-                    view = TaskView(tid, str(ev[3]), job_id, client, dict(ev[4]), t)
-                    self.tasks[tid] = view
-                    changed[tid] = view
+                    rec = TaskRecord(tid, str(ev[3]), job_id, client, dict(ev[4]), t)
+                    self.tasks[tid] = rec
+                    changed[tid] = rec
                     continue
-                view_or_none = self.tasks.get(tid)
-                if view_or_none is None:
+                rec_or_none = self.tasks.get(tid)
+                if rec_or_none is None:
                     continue
-                view = view_or_none
+                rec = rec_or_none
                 if code == "r":
-                    view.state, view.node_id, view.started_at = RUNNING, ev[3] or None, t
+                    rec.state, rec.node_id, rec.started_at = RUNNING, ev[3] or None, t
                 elif code == "q":  # retried, or its worker died before it ran
-                    view.state, view.node_id, view.started_at = QUEUED, None, None
+                    rec.state, rec.node_id, rec.started_at = QUEUED, None, None
                 elif code in _ENDED:
-                    self._end(view, _ENDED[code], t, notify=False)
+                    self._end(rec, _ENDED[code], t, notify=False)
                 else:
                     continue
-                changed[tid] = view
+                changed[tid] = rec
             except (IndexError, TypeError, ValueError):
                 log.warning("malformed task event %r", ev)
         if self.subscribers:  # views cost something: build them only for a listener
-            for view in changed.values():
-                self.emit({"type": "task", "task": self.task_view(view)})
+            for rec in changed.values():
+                self.emit(TaskEvent(task=self.task_view(rec)))
 
-    def _end(self, view: TaskView, state: str, t: float, notify: bool = True) -> None:
-        view.state, view.ended_at = state, t
-        self.tasks.pop(view.task_id, None)
-        self.ended.append(view)
+    def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
+        rec.state, rec.ended_at = state, t
+        self.tasks.pop(rec.task_id, None)
+        self.ended.append(rec)
         if notify and self.subscribers:
-            self.emit({"type": "task", "task": self.task_view(view)})
+            self.emit(TaskEvent(task=self.task_view(rec)))
 
     def node_changed(self, node_id: str) -> None:
         node = self.state.nodes.get(node_id)
-        if node is not None:
-            self.emit({"type": "node", "node": self.node_view(node)})
+        if node is not None and self.subscribers:
+            self.emit(NodeEvent(node=self.node_view(node)))
 
     def actor_changed(self, a: ActorInfo) -> None:
-        self.emit({"type": "actor", "actor": self.actor_view(a)})
+        if self.subscribers:
+            self.emit(ActorEvent(actor=self.actor_view(a)))
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: ChangeEvent) -> None:
         for sub in list(self.subscribers):
             try:
                 sub(event)
@@ -186,115 +226,160 @@ class Observer:
                 log.exception("subscriber failed")
 
     # --------------------------------------------------------------------------- views
-    def owner(self, job_id: str) -> dict[str, Any]:
+    def owner(self, job_id: str) -> OwnerView:
+        """The job ``job_id`` (its notebook relative to :attr:`notebook_root`)."""
         o = self.jobs.get(job_id)
-        view = o.view() if o is not None else JobOwner(job_id).view()
-        root = self.notebook_root.rstrip("/") + "/"
-        nb = view["notebook"]
+        if o is None:
+            return OwnerView(job_id=job_id, kernel_id=None, notebook=None)
+        nb, root = o.notebook, self.notebook_root.rstrip("/") + "/"
         if nb and root != "/" and nb.startswith(root):
-            view["notebook"] = nb[len(root) :]
-        return view
+            nb = nb[len(root) :]
+        return OwnerView(job_id=job_id, kernel_id=o.kernel_id, notebook=nb)
 
-    def task_view(self, t: TaskView) -> dict[str, Any]:
-        state, missing = t.state, None
+    def task_view(self, t: TaskRecord) -> TaskView:
+        state: TaskState = t.state
+        missing = None
         if state == QUEUED:
             lack = self.state.missing_resources(t.resources)
             if lack:
                 state, missing = INFEASIBLE, ", ".join(sorted(lack))
-        return {
-            "task_id": t.task_id,
-            "name": t.name,
-            "state": state,
-            "node_id": t.node_id,
-            "resources": dict(t.resources),
-            "missing": missing,
-            "owner": self.owner(t.job_id),
-            "submitted_at": t.submitted_at,
-            "started_at": t.started_at,
-            "ended_at": t.ended_at,
-        }
+        return TaskView(
+            task_id=t.task_id,
+            name=t.name,
+            state=state,
+            node_id=t.node_id,
+            resources=dict(t.resources),
+            missing=missing,
+            owner=self.owner(t.job_id),
+            submitted_at=t.submitted_at,
+            started_at=t.started_at,
+            ended_at=t.ended_at,
+        )
 
-    def task_views(self) -> list[dict[str, Any]]:
+    def task_views(self) -> list[TaskView]:
         """Queued, running and infeasible tasks, then the last ended ones (oldest first)."""
         return [self.task_view(t) for t in (*self.tasks.values(), *self.ended)]
 
-    def actor_view(self, a: ActorInfo) -> dict[str, Any]:
-        return {
-            "actor_id": a.aid,
-            "class_name": a.cls_name,
-            "name": a.name,
-            "namespace": a.namespace,
-            "state": a.state.lower(),
-            "node_id": a.node_id,
-            "pid": a.pid or None,
-            "resources": dict(a.shape),
-            "detached": a.detached,
-            "restarts": a.restarts,
-            "death_reason": a.death_reason or None,
-            "owner": self.owner(a.job_id),
-        }
+    def actor_view(self, a: ActorInfo) -> ActorView:
+        return ActorView(
+            actor_id=a.aid,
+            class_name=a.cls_name,
+            name=a.name,
+            namespace=a.namespace,
+            state=_ACTOR_STATES[a.state],
+            job_id=a.job_id,
+            node_id=a.node_id,
+            pid=a.pid or None,
+            resources=dict(a.shape),
+            detached=a.detached,
+            restarts=a.restarts,
+            death_reason=a.death_reason or None,
+            created_at=a.created_at,
+            owner=self.owner(a.job_id),
+        )
 
-    def actor_views(self) -> list[dict[str, Any]]:
+    def actor_views(self) -> list[ActorView]:
         return [self.actor_view(a) for a in self.actors.actors.values()]
 
-    def node_view(self, n: NodeInfo) -> dict[str, Any]:
-        hist = self.metrics.get(n.node_id)
+    def node_views(self) -> list[NodeView]:
+        """Every node, dead ones included, in the order they joined."""
+        running: dict[str, int] = {}
+        for t in self.tasks.values():
+            if t.state == RUNNING and t.node_id is not None:
+                running[t.node_id] = running.get(t.node_id, 0) + 1
+        actors: dict[str, int] = {}
+        for a in self.actors.actors.values():
+            if a.state == ALIVE and a.node_id is not None:
+                actors[a.node_id] = actors.get(a.node_id, 0) + 1
+        return [
+            self._node_view(n, running.get(n.node_id, 0), actors.get(n.node_id, 0))
+            for n in self.state.nodes.values()
+        ]
+
+    def node_view(self, n: NodeInfo) -> NodeView:
+        """One node (counting its tasks and actors: use :meth:`node_views` for all of them)."""
         running = sum(
             1 for t in self.tasks.values() if t.state == RUNNING and t.node_id == n.node_id
         )
         actors = sum(
-            1 for a in self.actors.actors.values() if a.node_id == n.node_id and a.state == "ALIVE"
+            1 for a in self.actors.actors.values() if a.node_id == n.node_id and a.state == ALIVE
         )
-        return {
-            "node_id": n.node_id,
-            "name": n.name,
-            "address": n.address,
-            "alive": n.alive,
-            "state": str(n.info.get("state") or ("alive" if n.alive else "dead")),
-            "resources_total": dict(n.total),
-            "resources_available": {k: max(0.0, round(v, 6)) for k, v in n.available.items()},
-            "metrics": hist[-1] if hist else None,
-            "object_store": n.info.get("object_store"),
-            "tasks_running": running,
-            "actors": actors,
-        }
+        return self._node_view(n, running, actors)
 
-    def totals(self) -> dict[str, Any]:
+    def _node_view(self, n: NodeInfo, running: int, actors: int) -> NodeView:
+        hist = self.metrics.get(n.node_id)
+        state: NodeState = "alive" if n.alive else "dead"
+        if n.alive and n.info.get("state") == "draining":
+            state = "draining"
+        return NodeView(
+            node_id=n.node_id,
+            name=n.name,
+            address=n.address,
+            alive=n.alive,
+            state=state,
+            pid=n.pid,
+            resources_total=n.total,
+            resources_available={k: max(0.0, round(v, 6)) for k, v in n.available.items()},
+            gpus=self._agent_info(n, "gpus", list[GpuInfoView], []),
+            gpus_free={str(g): f for g, f in sorted(n.gpus.items())},
+            workers=len(n.workers),
+            leases=sum(1 for w in n.workers.values() if w.lease_id is not None),
+            store_address=str(n.info.get("store_address") or ""),
+            store_id=n.store_id,
+            object_store=self._agent_info(n, "object_store", ObjectStoreView | None, None),
+            metrics=hist[-1] if hist else None,
+            tasks_running=running,
+            actors=actors,
+            labels=self._agent_info(n, "labels", dict[str, str], {}),
+        )
+
+    def _agent_info(self, n: NodeInfo, key: str, tp: Any, default: Any) -> Any:
+        """``n.info[key]`` (what the agent reported) as ``tp``; ``default`` if malformed."""
+        value = n.info.get(key)
+        if value is None:
+            return default
+        try:
+            return msgspec.convert(value, tp)
+        except msgspec.ValidationError as exc:
+            log.warning("node %s reported a malformed %s: %s", n.node_id, key, exc)
+            n.info.pop(key, None)  # warned once; the next report may be right
+            return default
+
+    def totals(self) -> TotalsView:
         alive = [n for n in self.state.nodes.values() if n.alive]
-        out: dict[str, Any] = {"nodes": len(alive)}
+        used: dict[str, tuple[float, float]] = {}
         for key in ("CPU", "GPU"):
             total = sum(n.total.get(key, 0.0) for n in alive)
             free = sum(max(0.0, n.available.get(key, 0.0)) for n in alive)
-            out[key] = total
-            out[f"{key}_used"] = round(total - free, 6)
-        return out
+            used[key] = (total, round(total - free, 6))
+        return TotalsView(
+            nodes=len(alive),
+            cpu=used["CPU"][0],
+            cpu_used=used["CPU"][1],
+            gpu=used["GPU"][0],
+            gpu_used=used["GPU"][1],
+        )
 
-    def cluster(self) -> dict[str, Any]:
+    def head_view(self) -> HeadView:
+        return HeadView(address=self.address, started_at=self.started_at, version=self.version)
+
+    def cluster(self) -> ClusterView:
         """The body of ``GET /nbcluster/api/cluster``."""
-        return {
-            "head": {
-                "address": self.address,
-                "started_at": self.started_at,
-                "version": self.version,
-            },
-            "nodes": [self.node_view(n) for n in self.state.nodes.values()],
-            "totals": self.totals(),
-        }
+        return ClusterView(head=self.head_view(), nodes=self.node_views(), totals=self.totals())
 
-    def metrics_message(self) -> dict[str, Any]:
+    def metrics_message(self) -> MetricsEvent:
         """The websocket's once-a-second ``metrics`` message."""
-        keep = ("node_id", "alive", "state", "metrics", "resources_available", "object_store")
-        nodes = []
-        for n in self.state.nodes.values():
-            v = self.node_view(n)
-            nodes.append({k: v[k] for k in (*keep, "tasks_running", "actors")})
-        return {"type": "metrics", "time": time.time(), "nodes": nodes, "totals": self.totals()}
+        return MetricsEvent(
+            time=time.time(),
+            nodes=[NodeUpdateView.of(n) for n in self.node_views()],
+            totals=self.totals(),
+        )
 
-    def history(self, node_id: str) -> list[dict[str, Any]] | None:
+    def history(self, node_id: str) -> list[MetricsView] | None:
         """Metrics of one node, oldest first; ``None`` for an unknown node."""
         if node_id not in self.state.nodes:
             return None
         return list(self.metrics.get(node_id, ()))
 
-    def find_task(self, task_id: str) -> TaskView | None:
+    def find_task(self, task_id: str) -> TaskRecord | None:
         return self.tasks.get(task_id)

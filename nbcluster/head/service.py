@@ -11,6 +11,7 @@ import secrets
 import time
 from typing import Any, assert_never
 
+import msgspec
 import zmq
 
 from nbcluster._version import __version__
@@ -746,31 +747,32 @@ class HeadService:
         return True
 
     def _query(self, h: dict[str, Any]) -> Any:
+        """A driver's question: the views of :mod:`nbcluster.views` (docs/jupyter-api.md), in
+        their wire form (msgspec builtins)."""
         what = h.get("what")
+        obs = self.observe
         if what == "nodes":
-            return self.state.node_views()
-        if what == "actors":
-            return self.actors.views()
+            return msgspec.to_builtins(obs.node_views())
+        if what in ("actors", "actor_views"):  # "actor_views": its old name
+            return msgspec.to_builtins(obs.actor_views())
         if what == "actor":
             a = self.actors.lookup(str(h.get("name")), str(h.get("ns") or ""))
             if a is None:
                 return None
             return {
-                **a.view(),
+                **msgspec.to_builtins(obs.actor_view(a)),
                 "methods": a.methods,
                 "max_task_retries": a.max_task_retries,
                 "is_async": bool(a.spec.get("is_async")),
             }
         if what == "head":
             return {"address": self.address, "pid": os.getpid(), "started_at": self.started_at}
-        if what == "cluster":  # the Jupyter panel's views (docs/jupyter-api.md), for widgets too
-            return self.observe.cluster()
+        if what == "cluster":  # the Jupyter panel's views, for widgets and `nbcluster status` too
+            return msgspec.to_builtins(obs.cluster())
         if what == "tasks":
-            return self.observe.task_views()
-        if what == "actor_views":
-            return self.observe.actor_views()
+            return msgspec.to_builtins(obs.task_views())
         if what == "metrics":
-            return self.observe.history(str(h.get("node_id")))
+            return msgspec.to_builtins(obs.history(str(h.get("node_id"))))
         if what == "demand":  # what pools grow from (nbcluster.deploy)
-            return self.observe.demand()
+            return obs.demand()
         return None

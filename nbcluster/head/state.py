@@ -609,27 +609,7 @@ class ClusterState:
             w.lease_id is not None or w.state == WorkerState.ADOPTED for w in node.workers.values()
         )
 
-    def node_views(self) -> list[dict[str, Any]]:
-        """Public description of every node (what ``nodes()`` returns)."""
-        views = []
-        for n in self.nodes.values():
-            views.append(
-                {
-                    "node_id": n.node_id,
-                    "name": n.name,
-                    "address": n.address,
-                    "alive": n.alive,
-                    "pid": n.pid,
-                    "resources_total": n.total,
-                    "resources_available": {k: max(0.0, v) for k, v in n.available.items()},
-                    "gpus_free": {str(g): f for g, f in sorted(n.gpus.items())},
-                    "workers": len(n.workers),
-                    "leases": sum(1 for w in n.workers.values() if w.lease_id is not None),
-                    **n.info,
-                }
-            )
-        return views
-
+    # ------------------------------------------------------------------------------ checks
     def validate_state(self) -> None:
         """Check invariants; raises ``AssertionError`` describing the first violation."""
         for lease in self.leases.values():

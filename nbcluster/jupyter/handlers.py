@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import msgspec
 from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
@@ -24,6 +25,22 @@ from tornado.ioloop import PeriodicCallback
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from nbcluster.exceptions import NbclusterError
+from nbcluster.views import (
+    ActorsBody,
+    ChangeEvent,
+    ErrorBody,
+    HistoriesBody,
+    NodeHistoryBody,
+    OkBody,
+    PoolActionBody,
+    PoolsBody,
+    PoolView,
+    ServerMessage,
+    SnapshotEvent,
+    TaskEvent,
+    TasksBody,
+    View,
+)
 
 if TYPE_CHECKING:
     from nbcluster.head.observe import Observer
@@ -64,9 +81,11 @@ class _HeadMixin:
 
 
 class _Api(_HeadMixin, ExtensionHandlerMixin, APIHandler):
-    def write_json(self, body: Any, status: int = 200) -> None:
+    def write_json(self, body: View, status: int = 200) -> None:
+        """Send a view of :mod:`nbcluster.views` as the JSON body."""
         self.set_status(status)
-        self.finish(json.dumps(body))
+        self.set_header("Content-Type", "application/json")
+        self.finish(msgspec.json.encode(body))
 
 
 class ClusterHandler(_Api):
@@ -87,14 +106,14 @@ class MetricsHandler(_Api):
         obs = self.observer
         node_id = self.get_query_argument("node_id", None)
         if node_id is None:
-            nodes = {nid: obs.history(nid) for nid in obs.state.nodes}
-            self.write_json({"nodes": nodes})
+            nodes = {nid: obs.history(nid) or [] for nid in obs.state.nodes}
+            self.write_json(HistoriesBody(nodes=nodes))
             return
         history = obs.history(node_id)
         if history is None:
-            self.write_json({"error": f"no node {node_id!r} in this cluster"}, 404)
+            self.write_json(ErrorBody(error=f"no node {node_id!r} in this cluster"), 404)
             return
-        self.write_json({"node_id": node_id, "history": history})
+        self.write_json(NodeHistoryBody(node_id=node_id, history=history))
 
 
 class TasksHandler(_Api):
@@ -103,7 +122,7 @@ class TasksHandler(_Api):
     @web.authenticated
     @_authorized(READ)
     def get(self) -> None:
-        self.write_json({"tasks": self.observer.task_views()})
+        self.write_json(TasksBody(tasks=self.observer.task_views()))
 
 
 class ActorsHandler(_Api):
@@ -112,7 +131,7 @@ class ActorsHandler(_Api):
     @web.authenticated
     @_authorized(READ)
     def get(self) -> None:
-        self.write_json({"actors": self.observer.actor_views()})
+        self.write_json(ActorsBody(actors=self.observer.actor_views()))
 
 
 class CancelTaskHandler(_Api):
@@ -123,9 +142,9 @@ class CancelTaskHandler(_Api):
     async def post(self, task_id: str) -> None:
         force = self.get_query_argument("force", "false").lower() in ("1", "true", "yes")
         if await self.nbcluster_head.cancel_task(task_id, force):
-            self.write_json({"ok": True})
+            self.write_json(OkBody())
         else:
-            self.write_json({"error": f"no queued or running task {task_id!r}"}, 404)
+            self.write_json(ErrorBody(error=f"no queued or running task {task_id!r}"), 404)
 
 
 class KillActorHandler(_Api):
@@ -135,9 +154,9 @@ class KillActorHandler(_Api):
     @_authorized(EXECUTE)
     async def post(self, actor_id: str) -> None:
         if await self.nbcluster_head.kill_actor(actor_id):
-            self.write_json({"ok": True})
+            self.write_json(OkBody())
         else:
-            self.write_json({"error": f"no live actor {actor_id!r}"}, 404)
+            self.write_json(ErrorBody(error=f"no live actor {actor_id!r}"), 404)
 
 
 class PoolsHandler(_Api):
@@ -151,7 +170,7 @@ class PoolsHandler(_Api):
         app: NbclusterApp | None = self.settings.get("nbcluster")
         registry = app.pool_registry if app is not None else None
         pools = registry.as_list() if registry is not None else []
-        self.write_json({"pools": pools, "kinds": list(KINDS)})
+        self.write_json(msgspec.convert({"pools": pools, "kinds": list(KINDS)}, PoolsBody))
 
 
 class _PoolAction(_Api):
@@ -162,20 +181,21 @@ class _PoolAction(_Api):
     async def post(self, name: str) -> None:
         import asyncio
 
-        action = self.action
         app: NbclusterApp | None = self.settings.get("nbcluster")
         registry = app.pool_registry if app is not None else None
         if registry is None:
             raise web.HTTPError(503, "the nbcluster head is not running")
         try:
             body = json.loads(self.request.body or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
             pool = registry.find(name)
             if pool is None and not body.get("kind"):
-                self.write_json({"error": f"no pool {name!r} (a new one needs a kind)"}, 404)
+                self.write_json(ErrorBody(error=f"no pool {name!r} (a new one needs a kind)"), 404)
                 return
             kind = pool.kind if pool is not None else str(body.get("kind") or "")
             options = {**(body.get("options") or {}), "name": name}
-            if action == "scale":
+            if self.action == "scale":
                 n = body.get("n")
                 if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                     raise ValueError(f"n must be a whole number >= 0, got {n!r}")
@@ -190,10 +210,11 @@ class _PoolAction(_Api):
                     options,
                 )
         except (ValueError, TypeError, NbclusterError) as exc:
-            self.write_json({"error": str(exc)}, 400)
+            self.write_json(ErrorBody(error=str(exc)), 400)
             return
         found = registry.find(name)
-        self.write_json({"ok": True, "pool": found.as_dict() if found is not None else None})
+        view = msgspec.convert(found.as_dict(), PoolView) if found is not None else None
+        self.write_json(PoolActionBody(pool=view))
 
 
 class PoolScaleHandler(_PoolAction):
@@ -216,7 +237,7 @@ class EventsHandler(
 
     _periodic: PeriodicCallback | None = None
     _observer: Observer | None = None
-    _tasks: dict[str, dict[str, Any]] | None = None  # task changes held until the next tick
+    _tasks: dict[str, TaskEvent] | None = None  # task changes held until the next tick
 
     @ws_authenticated
     @_authorized(READ)  # before the upgrade: a refused client gets 403, not a stream
@@ -230,23 +251,18 @@ class EventsHandler(
         super().open(*args, **kwargs)
         obs = self._observer = self.observer
         self._send(
-            {
-                "type": "snapshot",
-                "cluster": obs.cluster(),
-                "tasks": obs.task_views(),
-                "actors": obs.actor_views(),
-            }
+            SnapshotEvent(cluster=obs.cluster(), tasks=obs.task_views(), actors=obs.actor_views())
         )
         self._tasks = {}
         obs.subscribers.append(self._on_change)
         self._periodic = PeriodicCallback(self._tick, METRICS_PERIOD_MS)
         self._periodic.start()
 
-    def _on_change(self, msg: dict[str, Any]) -> None:
+    def _on_change(self, msg: ChangeEvent) -> None:
         # Thousands of tasks may change state every second: send each task once per tick, in
         # its latest state, rather than every step it took.
-        if msg["type"] == "task" and self._tasks is not None:
-            self._tasks[msg["task"]["task_id"]] = msg
+        if isinstance(msg, TaskEvent) and self._tasks is not None:
+            self._tasks[msg.task.task_id] = msg
         else:
             self._send(msg)
 
@@ -258,9 +274,10 @@ class EventsHandler(
         if self._observer is not None:
             self._send(self._observer.metrics_message())
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: ServerMessage) -> None:
         try:
-            self.write_message(json.dumps(msg))
+            # A text frame (JSON is UTF-8): write_message sends bytes as text unless binary=True.
+            self.write_message(msgspec.json.encode(msg))
         except WebSocketClosedError:
             self._unsubscribe()
 

@@ -6,12 +6,12 @@ import contextlib
 import html
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import ipywidgets as w
 
 from nbcluster.client import current
-from nbcluster.status import cluster_nodes
+from nbcluster.status import actor_views, cluster_nodes, gib
+from nbcluster.views import NodeView
 
 #: Dashboards that keep updating at once; making another freezes the oldest (a re-run cell's
 #: old output is never closed by the frontend, so its thread would otherwise run forever).
@@ -23,92 +23,36 @@ SKIP_RESOURCES = ("memory", "object_store_memory")
 
 
 @dataclass
-class GpuView:
-    """One GPU of a node, from the node agent's metrics."""
+class Snapshot:
+    """What the dashboard shows: every node, and the names of the alive actors on each."""
 
-    index: int
-    name: str
-    utilization: float | None
-    memory_used: float | None
-    memory_total: float | None
+    nodes: list[NodeView]
+    actor_names: dict[str, list[str]] = field(default_factory=dict)
 
-
-@dataclass
-class NodeView:
-    """What a dashboard row shows for one node (metrics are ``None`` when not reported)."""
-
-    node_id: str
-    name: str
-    alive: bool
-    cpu_percent: float | None
-    memory_used: float | None
-    memory_total: float | None
-    gpus: list[GpuView]
-    resources: dict[str, tuple[float, float]]  # name -> (used, total)
-    tasks: int
-    actors: int
-    actor_names: list[str] = field(default_factory=list)
-
-    def short_actor_names(self) -> list[str]:
-        names = self.actor_names[:5]
-        more = len(self.actor_names) - len(names)
-        return names + ([f"+{more} more"] if more else [])
+    def actors_on(self, node_id: str) -> list[str]:
+        """Up to five actor names of a node, and how many more there are."""
+        names = self.actor_names.get(node_id, [])
+        more = len(names) - 5
+        return names[:5] + ([f"+{more} more"] if more > 0 else [])
 
 
-def snapshot() -> list[NodeView]:
-    """The cluster as the dashboard shows it (see :func:`nbcluster.status.cluster_nodes`)."""
-    actors_by_node: dict[str, list[str]] = {}
-    for a in current.require().query("actors"):
-        if a.get("state") == "ALIVE" and a.get("node_id"):
-            label = a.get("name") or a.get("class_name") or "actor"
-            actors_by_node.setdefault(str(a["node_id"]), []).append(str(label))
-    views = []
-    for n in cluster_nodes():
-        m = n.get("metrics") or {}
-        total = n.get("resources_total") or {}
-        free = n.get("resources_available") or {}
-        resources = {
-            k: (max(0.0, v - free.get(k, 0.0)), v)
-            for k, v in sorted(total.items())
-            if k not in SKIP_RESOURCES
-        }
-        gpus = [
-            GpuView(
-                int(g.get("index", i)),
-                str(g.get("name", "")),
-                _num(g.get("utilization")),
-                _num(g.get("memory_used")),
-                _num(g.get("memory_total")),
-            )
-            for i, g in enumerate(m.get("gpus") or [])
-        ]
-        actors = actors_by_node.get(str(n["node_id"]), [])
-        # "tasks_running" comes from the head's task table; "leases" (busy workers) otherwise.
-        tasks = n.get("tasks_running", n.get("leases", 0))
-        views.append(
-            NodeView(
-                node_id=str(n["node_id"]),
-                name=str(n.get("name", "")),
-                alive=bool(n.get("alive")),
-                cpu_percent=_num(m.get("cpu_percent")),
-                memory_used=_num(m.get("memory_used")),
-                memory_total=_num(m.get("memory_total")),
-                gpus=gpus,
-                resources=resources,
-                tasks=max(0, int(tasks or 0)),
-                actors=len(actors),
-                actor_names=actors,
-            )
-        )
-    return views
+def snapshot() -> Snapshot:
+    """The cluster as the dashboard shows it (the views of :mod:`nbcluster.status`)."""
+    actor_names: dict[str, list[str]] = {}
+    for a in actor_views():
+        if a.state == "alive" and a.node_id:
+            actor_names.setdefault(a.node_id, []).append(a.name or a.class_name or "actor")
+    return Snapshot(cluster_nodes(), actor_names)
 
 
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) else None
-
-
-def _gib(n: float | None) -> str:
-    return "?" if n is None else f"{n / 2**30:.1f} GiB"
+def resources(node: NodeView) -> dict[str, tuple[float, float]]:
+    """A node's resources as ``name -> (used, total)``, memory ones left out (they have bars)."""
+    free = node.resources_available
+    return {
+        k: (max(0.0, v - free.get(k, 0.0)), v)
+        for k, v in sorted(node.resources_total.items())
+        if k not in SKIP_RESOURCES
+    }
 
 
 def _pct(used: float | None, total: float | None) -> float | None:
@@ -117,24 +61,25 @@ def _pct(used: float | None, total: float | None) -> float | None:
     return 100.0 * used / total
 
 
-def resources_text(view: NodeView) -> str:
-    return " · ".join(f"{k} {u:g}/{t:g}" for k, (u, t) in view.resources.items())
+def resources_text(node: NodeView) -> str:
+    return " · ".join(f"{k} {u:g}/{t:g}" for k, (u, t) in resources(node).items())
 
 
-def snapshot_text(views: list[NodeView]) -> str:
+def snapshot_text(snap: Snapshot) -> str:
     """The dashboard as plain text (its repr outside a notebook)."""
     lines = []
-    for v in views:
-        cpu = "?" if v.cpu_percent is None else f"{v.cpu_percent:.0f}%"
-        mem = f"{_gib(v.memory_used)}/{_gib(v.memory_total)}"
+    for n in snap.nodes:
+        m = n.metrics
+        cpu = "?" if m is None else f"{m.cpu_percent:.0f}%"
+        mem = "?" if m is None else f"{gib(m.memory_used, ' GiB')}/{gib(m.memory_total, ' GiB')}"
         lines.append(
-            f"{v.name} ({'alive' if v.alive else 'dead'}): CPU {cpu}, memory {mem}, "
-            f"{resources_text(v)}, {v.tasks} tasks, {v.actors} actors"
+            f"{n.name} ({n.state}): CPU {cpu}, memory {mem}, "
+            f"{resources_text(n)}, {n.tasks_running} tasks, {n.actors} actors"
         )
-        for g in v.gpus:
-            util = "?" if g.utilization is None else f"{g.utilization:.0f}%"
+        for g in m.gpus if m is not None else []:
             lines.append(
-                f"  GPU {g.index} {g.name}: {util}, {_gib(g.memory_used)}/{_gib(g.memory_total)}"
+                f"  GPU {g.index} {g.name}: {g.utilization:.0f}%, "
+                f"{gib(g.memory_used, ' GiB')}/{gib(g.memory_total, ' GiB')}"
             )
     return "\n".join(lines)
 
@@ -166,27 +111,34 @@ class _NodeRow:
         self.info = w.HTML(layout=w.Layout(width="300px"))
         self.box = w.HBox([self.title, self.bars, self.info])
 
-    def update(self, v: NodeView) -> None:
-        state = "" if v.alive else ' <span style="color:#c00">(dead)</span>'
-        self.title.value = f"<b>{html.escape(v.name)}</b>{state}<br><small>{v.node_id}</small>"
-        cpu = v.cpu_percent
-        self.cpu.set(cpu, "" if cpu is None else f"{cpu:.0f}%")
-        mem = _pct(v.memory_used, v.memory_total)
-        self.mem.set(mem, "" if mem is None else f"{_gib(v.memory_used)}/{_gib(v.memory_total)}")
-        if len(self.gpus) != len(v.gpus):
-            self.gpus = [(_Bar(f"GPU{g.index}"), _Bar(f"GPU{g.index} mem")) for g in v.gpus]
+    def update(self, n: NodeView, actor_names: list[str]) -> None:
+        state = "" if n.alive else ' <span style="color:#c00">(dead)</span>'
+        self.title.value = f"<b>{html.escape(n.name)}</b>{state}<br><small>{n.node_id}</small>"
+        m = n.metrics
+        if m is None:
+            self.cpu.set(None, "")
+            self.mem.set(None, "")
+        else:
+            self.cpu.set(m.cpu_percent, f"{m.cpu_percent:.0f}%")
+            mem = _pct(m.memory_used, m.memory_total)
+            text = f"{gib(m.memory_used, ' GiB')}/{gib(m.memory_total, ' GiB')}"
+            self.mem.set(mem, "" if mem is None else text)
+        gpus = m.gpus if m is not None else []
+        if len(self.gpus) != len(gpus):
+            self.gpus = [(_Bar(f"GPU{g.index}"), _Bar(f"GPU{g.index} mem")) for g in gpus]
             children = [self.cpu.box, self.mem.box]
             for util, gmem in self.gpus:
                 children += [util.box, gmem.box]
             self.bars.children = children
-        for (util, gmem), g in zip(self.gpus, v.gpus, strict=True):
-            util.set(g.utilization, "" if g.utilization is None else f"{g.utilization:.0f}%")
+        for (util, gmem), g in zip(self.gpus, gpus, strict=True):
+            util.set(g.utilization, f"{g.utilization:.0f}%")
             pct = _pct(g.memory_used, g.memory_total)
-            gmem.set(pct, "" if pct is None else f"{_gib(g.memory_used)}/{_gib(g.memory_total)}")
-        actors = ", ".join(html.escape(a) for a in v.short_actor_names())
+            text = f"{gib(g.memory_used, ' GiB')}/{gib(g.memory_total, ' GiB')}"
+            gmem.set(pct, "" if pct is None else text)
+        actors = ", ".join(html.escape(a) for a in actor_names)
         self.info.value = (
-            f"{html.escape(resources_text(v))}<br>"
-            f"<b>{v.tasks}</b> running tasks · <b>{v.actors}</b> actors"
+            f"{html.escape(resources_text(n))}<br>"
+            f"<b>{n.tasks_running}</b> running tasks · <b>{n.actors}</b> actors"
             + (f"<br><small>{actors}</small>" if actors else "")
         )
 
@@ -216,24 +168,24 @@ class Dashboard(w.VBox):  # type: ignore[misc]
 
     def refresh(self) -> None:
         """Fetch the cluster's state once and update the view."""
-        views = snapshot()
+        snap = snapshot()
         with self._lock:
-            for v in views:
-                row = self._rows.get(v.node_id)
+            for n in snap.nodes:
+                row = self._rows.get(n.node_id)
                 if row is None:
-                    row = self._rows[v.node_id] = _NodeRow()
-                row.update(v)
-            alive = sum(v.alive for v in views)
+                    row = self._rows[n.node_id] = _NodeRow()
+                row.update(n, snap.actors_on(n.node_id))
+            alive = sum(n.alive for n in snap.nodes)
             self._header.value = (
                 f"<b>nbcluster</b> · {alive} node{'s' if alive != 1 else ''} alive · "
-                f"{sum(v.tasks for v in views)} running tasks · "
-                f"{sum(v.actors for v in views)} actors"
+                f"{sum(n.tasks_running for n in snap.nodes)} running tasks · "
+                f"{sum(n.actors for n in snap.nodes)} actors"
             )
-            children = [self._header, *(self._rows[v.node_id].box for v in views)]
+            children = [self._header, *(self._rows[n.node_id].box for n in snap.nodes)]
             if list(self.children) != children:  # type: ignore[has-type]
                 self.children = children
             self.updates += 1
-            self.summary_text = snapshot_text(views)
+            self.summary_text = snapshot_text(snap)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
