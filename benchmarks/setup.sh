@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the benchmark virtualenv (.venv-bench at the repo root) with Ray,
-# psutil and numpy, plus an editable install of nbcluster when available.
+# psutil, numpy and dask-jobqueue, plus an editable install of nbcluster when available.
 # Ray lives only in this venv; it is never a dependency of nbcluster.
 # Idempotent: re-running skips steps that are already done.
 # Usage: bash benchmarks/setup.sh [--force]   (--force re-runs pip install -e .)
@@ -44,6 +44,14 @@ if [[ -f "${REPO_ROOT}/pyproject.toml" ]]; then
     fi
 else
     echo "[setup] no pyproject.toml yet: skipping nbcluster install (re-run later)"
+fi
+
+# dask-jobqueue: the baseline of benchmarks/slurm_launch.py (its SLURMCluster).
+if "${PY}" -c "import dask_jobqueue" 2>/dev/null; then
+    echo "[setup] dask-jobqueue already installed"
+else
+    echo "[setup] installing dask-jobqueue"
+    "${PY}" -m pip install --quiet dask-jobqueue
 fi
 
 echo "[setup] done. Run: ${PY} benchmarks/run.py"

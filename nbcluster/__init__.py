@@ -3,9 +3,10 @@
 ``import nbcluster as ray`` runs Ray Core code: ``init``, ``remote``, ``get``, ``put``, ``wait``,
 ``cancel``, ``nodes``, ``cluster_resources``, ``available_resources``, ``get_runtime_context``.
 In Jupyter, ``%load_ext nbcluster`` adds magics; ``dashboard()`` and ``progress()`` are widgets.
+``nbcluster.deploy`` grows a cluster with jobs of Slurm (``SlurmCluster``), SSH hosts, Kubernetes.
 """
 
-from nbcluster import exceptions, util
+from nbcluster import deploy, exceptions, util
 from nbcluster._version import __version__
 from nbcluster.actor import ActorClass, ActorHandle, exit_actor, get_actor, kill, method
 from nbcluster.api import (
@@ -60,6 +61,7 @@ __all__ = [
     "cancel",
     "cluster_resources",
     "dashboard",
+    "deploy",
     "exceptions",
     "exit_actor",
     "get",

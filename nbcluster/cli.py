@@ -1,4 +1,4 @@
-"""Command-line entry points: ``nbcluster`` (head, status, demo, lab) and ``nbcluster-worker``."""
+"""Command-line entry points: ``nbcluster`` (head, status, up, demo, lab), ``nbcluster-worker``."""
 
 from __future__ import annotations
 
@@ -78,6 +78,78 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(argv: list[str]) -> int:
+    """``nbcluster up KIND --nodes N [pool options]``: grow a running head's cluster."""
+    import signal
+    import threading
+
+    import nbcluster as nb
+    from nbcluster.deploy.registry import option_parser, parse_words, pool_class
+
+    p = option_parser("nbcluster up")
+    p.description = "Add nodes to a running head's cluster as jobs of Slurm, SSH hosts, ..."
+    p.add_argument("-h", "--help", action="help")
+    p.add_argument("kind", help="slurm, ssh or kubernetes")
+    p.add_argument("--nodes", type=int, default=1, help="jobs to start (default 1)")
+    p.add_argument("--address", help="HOST:PORT of the head (default $NBCLUSTER_ADDRESS)")
+    p.add_argument("--token-file", help=f"cluster secret (default {DEFAULT_TOKEN_FILE})")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the nodes")
+    p.add_argument(
+        "--adapt",
+        action="store_true",
+        help="grow and shrink with demand (between --min and --nodes) until Ctrl-C",
+    )
+    p.add_argument("--min", type=int, default=0)
+    p.add_argument("--idle-timeout", default="5min")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="stay in the foreground; Ctrl-C ends the jobs (default: leave them running: they "
+        "end with scancel/close, or when the head has been gone for their head timeout)",
+    )
+    try:
+        ns, options = parse_words(argv, p)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    address = ns.address or os.environ.get(nb.api.ADDRESS_ENV) or "127.0.0.1:7711"
+    token_file = ns.token_file or os.environ.get(TOKEN_FILE_ENV) or str(DEFAULT_TOKEN_FILE)
+    foreground = ns.wait or ns.adapt
+    options.pop("name", None)
+    options.setdefault("lifetime", "owned" if foreground else "detached")
+    try:
+        nb.init(address=address, token_file=token_file, log_to_driver=False)
+        pool = pool_class(ns.kind)(name=ns.kind, **options)
+        if ns.adapt:
+            pool.adapt(minimum=ns.min, maximum=ns.nodes, idle_timeout=ns.idle_timeout)
+            print(f"{pool.name}: adaptive, {ns.min}..{ns.nodes} node(s); Ctrl-C ends the jobs")
+        else:
+            pool.scale(ns.nodes)
+            print(f"{pool.name}: submitted {ns.nodes} job(s); waiting for them to join")
+            pool.wait_for_nodes(ns.nodes, timeout=ns.timeout)
+        print(pool.summary(), flush=True)
+    except (nb.exceptions.NbclusterError, ValueError, TypeError) as exc:
+        print(f"nbcluster up: {exc}", file=sys.stderr)
+        nb.shutdown()
+        return 1
+    if not foreground:
+        nb.shutdown()
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    last = ""
+    while not stop.wait(2.0):
+        now = pool.summary()
+        if now != last:
+            print(now, flush=True)
+            last = now
+    print(f"{pool.name}: ending its jobs", flush=True)
+    pool.close()
+    nb.shutdown()
+    return 0
+
+
 def _cmd_lab(argv: list[str]) -> int:
     """``jupyter lab`` with the nbcluster server extension on (even if not enabled globally).
 
@@ -110,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
         return worker_main(argv[1:])
+    if argv[:1] == ["up"]:
+        return _cmd_up(argv[1:])
     if argv[:1] == ["lab"] and not {"-h", "--help"} & set(argv):
         return _cmd_lab(argv[1:])
     p = argparse.ArgumentParser(prog="nbcluster", description=__doc__)
@@ -141,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     lab.add_argument("jupyterlab_options", nargs="*", help="passed on to JupyterLab")
     sub.add_parser("worker", help="same as nbcluster-worker")
+    sub.add_parser(
+        "up", help="add nodes to a running head as jobs of Slurm/SSH/Kubernetes (up KIND -h)"
+    )
     args = p.parse_args(argv)
     if args.cmd == "head":
         return _cmd_head(args)

@@ -20,6 +20,7 @@ from nbcluster.api import actors, get, init, is_initialized, nodes, shutdown
 from nbcluster.cells import EXEC_METHOD, ModuleByName, run_cell, sendable
 from nbcluster.client import current
 from nbcluster.client.core import CoreClient
+from nbcluster.deploy.registry import Pools, option_parser, parse_words, split_line
 from nbcluster.kernel import attach_kernel
 from nbcluster.remote import remote
 from nbcluster.runtime_env.upload import job_env, set_job_env, upload_stats
@@ -38,6 +39,12 @@ HELP = """\
                        [--env NAME=VALUE]... | --clear
     The runtime_env of this kernel's tasks and actors (`--working-dir .`: the notebook's folder,
     so modules beside the notebook import on every node). No option: show it.
+
+%nbcluster scale KIND N [--cpus N --gpus N --memory 32GB --partition P --walltime 2:00:00 ...]
+    Have N nodes of a pool (KIND: slurm, ssh, kubernetes) join this cluster; 0 ends them.
+%nbcluster adapt KIND [--min N] [--max N] [--idle-timeout 5min] [pool options]
+    Grow the pool for tasks waiting for resources, release nodes idle that long.
+%nbcluster pools      the pools this kernel made, with their jobs
 
 %%remote [--num-cpus N] [--num-gpus N] [--resources JSON]
     Run the cell as a task. It reads the notebook names it uses; the names it binds come back
@@ -133,6 +140,10 @@ def _magics_class() -> type:
     class NbclusterMagics(Magics):
         """``%nbcluster``, ``%%remote`` and ``%%on``."""
 
+        def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+            super().__init__(shell, **kwargs)
+            self._pools = Pools()  # the pools this kernel made (their jobs end with it)
+
         def _user_ns(self) -> dict[str, Any]:
             assert self.shell is not None
             ns: dict[str, Any] = self.shell.user_ns
@@ -150,6 +161,9 @@ def _magics_class() -> type:
                 print("nbcluster: disconnected")
                 return
             _connect()
+            if cmd in ("scale", "adapt", "pools"):
+                print(pool_command(self._pools, line))
+                return
             if cmd == "status":
                 print(nodes_text(cluster_nodes()))
             elif cmd == "nodes":
@@ -286,6 +300,38 @@ def _runtime_env_magic(words: list[str]) -> None:
         f"nbcluster: runtime_env {spec.as_dict()} "
         f"({stats['uploads']} package(s), {stats['bytes']} bytes uploaded by this kernel)"
     )
+
+
+def pool_command(pools: Pools, line: str) -> str:
+    """``%nbcluster scale|adapt|pools ...``: act on ``pools``; returns what to print.
+
+    Raises
+    ------
+    ValueError
+        A malformed line (the message says what is wrong).
+    """
+    words = split_line(line)
+    cmd, args = words[0], words[1:]
+    if cmd == "pools":
+        return pools.summary()
+    parser = option_parser(f"%nbcluster {cmd}")
+    parser.add_argument("kind")
+    if cmd == "scale":
+        parser.add_argument("n", type=int)
+    else:
+        parser.add_argument("--min", type=int, default=0)
+        parser.add_argument("--max", type=int, default=8)
+        parser.add_argument("--idle-timeout", default="5min")
+    ns, options = parse_words(args, parser)
+    if cmd == "scale":
+        if ns.n < 0:
+            raise ValueError("%nbcluster scale: the number of nodes must be >= 0")
+        pool = pools.scale(ns.kind, ns.n, options)
+        if ns.n == 0:
+            return f"{pool.name}: closed (its jobs end)"
+        return f"{pool.name}: scaling to {ns.n} node(s)\n{pool.summary()}"
+    pool = pools.adapt(ns.kind, ns.min, ns.max, ns.idle_timeout, options)
+    return f"{pool.name}: adaptive, {ns.min}..{ns.max} node(s), idle timeout {ns.idle_timeout}"
 
 
 def _resolve_actor(what: str, user_ns: dict[str, Any]) -> ActorHandle:

@@ -47,6 +47,25 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         p.close()
 
 
+@pytest.fixture(scope="session")
+def local_slurm() -> Iterator[Any]:
+    """A single-node Slurm of this test session (``tests/slurm_local.py``), installed with apt
+    and started on first use; skipped with the reason where it cannot run (not root)."""
+    from tests.slurm_local import LocalSlurm, why_unavailable
+
+    why = why_unavailable()
+    if why is not None:
+        pytest.skip(f"no local Slurm: {why}")
+    slurm = LocalSlurm()
+    try:
+        slurm.start()
+    except BaseException:
+        slurm.stop()
+        raise
+    yield slurm
+    slurm.stop()
+
+
 def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:
     """Poll ``cond`` until it is truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

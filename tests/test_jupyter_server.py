@@ -23,11 +23,18 @@ import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from nbcluster.jupyter.handlers import ROUTES, CancelTaskHandler, KillActorHandler
+from nbcluster.jupyter.handlers import (
+    ROUTES,
+    CancelTaskHandler,
+    KillActorHandler,
+    PoolAdaptHandler,
+    PoolScaleHandler,
+)
 from nbcluster.testing import fake_nvml
 from tests.conftest import ROOT, wait_until
 from tests.jupyter_helpers import JupyterServer, Kernel, free_port, start_jupyter_server
 
+WRITES = (CancelTaskHandler, KillActorHandler, PoolScaleHandler, PoolAdaptHandler)
 FAKE_GPUS = [{"name": "NVIDIA H100", "utilization": 37, "memory_used": 1000, "memory_total": 80000}]
 
 
@@ -360,7 +367,7 @@ def test_every_route_requires_auth_and_stop_leaves_nothing(tmp_path: Path) -> No
     )
     stopped = False
     try:
-        assert len(ROUTES) == 7
+        assert len(ROUTES) == 10
         for pattern, _handler in ROUTES:
             path = _concrete(pattern)
             for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"):
@@ -449,9 +456,9 @@ def test_every_route_asks_the_authorizer(tmp_path: Path) -> None:
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         },
     )
-    reads = [_concrete(p) for p, h in ROUTES if h not in (CancelTaskHandler, KillActorHandler)]
+    reads = [_concrete(p) for p, h in ROUTES if h not in WRITES]
     reads.remove("nbcluster/api/events")
-    writes = [_concrete(p) for p, h in ROUTES if h in (CancelTaskHandler, KillActorHandler)]
+    writes = [_concrete(p) for p, h in ROUTES if h in WRITES]
     try:
         policy.write_text("deny")
         for path in reads:

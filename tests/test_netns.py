@@ -1,22 +1,19 @@
 """Hosts with their own network addresses: node agents in network namespaces made by the test.
 
-Layout (all created and removed here, as root): a bridge in the root namespace holds the head and
-the driver (10.N.0.1); hosts ``h1`` and ``h2`` are namespaces joined to the bridge by veth pairs
-(10.N.0.2, 10.N.0.3). Cutting a host's veth simulates a network partition. Nothing leaves the
-machine. Skipped with a reason where namespaces cannot be made (not root, no ``ip``).
+Layout (``tests/nethosts.py``, all created and removed here, as root): a bridge in the root
+namespace holds the head and the driver (SUBNET.1); hosts ``h1`` and ``h2`` are namespaces
+joined to the bridge by veth pairs (SUBNET.2, SUBNET.3). Cutting a host's veth simulates a
+network partition. Nothing leaves the machine. Skipped with a reason where namespaces cannot be
+made (not root, no ``ip``).
 """
 
 from __future__ import annotations
 
 import os
-import random
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,81 +21,18 @@ import pytest
 import nbcluster as nb
 from tests.conftest import wait_until
 from tests.multinode import Procs, node_alive
+from tests.nethosts import Net, namespace_net, namespaces_unavailable
 
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=10)
-
-
-def _can_make_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "iproute2 (ip) is not installed"
-    name = f"nbcprobe{os.getpid()}"
-    if _ip("netns", "add", name, check=False).returncode != 0:
-        return "cannot create network namespaces here"
-    _ip("netns", "del", name, check=False)
-    return None
-
-
-@dataclass
-class Net:
-    bridge: str
-    subnet: str  # "10.N.0"
-    hosts: dict[str, str]  # name -> address
-    veths: dict[str, str]  # name -> root-side veth
-
-    @property
-    def head_ip(self) -> str:
-        return f"{self.subnet}.1"
-
-    def netns(self, host: str) -> list[str]:
-        return ["ip", "netns", "exec", f"{self.bridge}-{host}"]
-
-    def cut(self, host: str) -> None:
-        _ip("link", "set", self.veths[host], "down")
-
-    def heal(self, host: str) -> None:
-        _ip("link", "set", self.veths[host], "up")
+__all__ = ["Net", "net"]  # the fixture is reused by test_chaos.py (and h-renv's tests)
 
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[Net]:
-    why = _can_make_namespaces()
+    why = namespaces_unavailable()
     if why:
         pytest.skip(why)
-    tag = f"{os.getpid() % 10000}{random.randint(0, 99)}"
-    bridge = f"nbcbr{tag}"
-    subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 250)}"
-    made_ns: list[str] = []
-    veths: dict[str, str] = {}
-    try:
-        _ip("link", "add", "name", bridge, "type", "bridge")
-        _ip("addr", "add", f"{subnet}.1/24", "dev", bridge)
-        _ip("link", "set", bridge, "up")
-        hosts = {}
-        for i, host in enumerate(("h1", "h2"), start=2):
-            ns = f"{bridge}-{host}"
-            _ip("netns", "add", ns)
-            made_ns.append(ns)
-            outer, inner = f"nbv{tag}{host}", f"nbi{tag}{host}"
-            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-            veths[host] = outer
-            _ip("link", "set", inner, "netns", ns)
-            _ip("link", "set", outer, "master", bridge)
-            _ip("link", "set", outer, "up")
-            _ip("-n", ns, "addr", "add", f"{subnet}.{i}/24", "dev", inner)
-            _ip("-n", ns, "link", "set", inner, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            hosts[host] = f"{subnet}.{i}"
-        yield Net(bridge, subnet, hosts, veths)
-    finally:
-        for outer in veths.values():
-            _ip("link", "del", outer, check=False)
-        for ns in made_ns:
-            _ip("netns", "del", ns, check=False)
-        _ip("link", "del", bridge, check=False)
+    with namespace_net(("h1", "h2")) as made:
+        yield made
 
 
 @pytest.fixture

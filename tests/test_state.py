@@ -488,6 +488,51 @@ def test_random_scheduling_keeps_invariants() -> None:
         elif op < 0.96:
             st.remove_node(rng.choice(nodes), "died")
         st.validate_state()
+        check_demand(st)
+
+
+def check_demand(st: ClusterState) -> None:
+    """``demand()`` and ``node_busy()`` agree with the state they describe."""
+    demand = st.demand()
+    assert sum(d["count"] for d in demand) <= len(st.pending)
+    pending_shapes = [{k: float(v) for k, v in r.shape.items() if v} for r in st.pending]
+    for d in demand:
+        assert d["count"] >= 1 and d["shape"] in pending_shapes, d
+        assert d["infeasible"] == (st.missing_resources(d["shape"]) is not None), d
+        if d["infeasible"]:  # nothing alive could ever hold it: every such request counts
+            assert d["count"] == pending_shapes.count(d["shape"])
+    leased = {lease.node_id for lease in st.leases.values()}
+    for node_id, node in st.nodes.items():
+        if node.alive and node_id in leased:
+            assert st.node_busy(node_id), node_id
+        if not node.alive:
+            assert not st.node_busy(node_id)
+    if not st.pending:
+        assert demand == []
+
+
+def test_demand_counts_what_no_node_has_room_for_by_shape() -> None:
+    st = ClusterState()
+    n = _node(st, cpus=2)
+    assert st.demand() == [] and not st.node_busy(n)
+    _ready(st, n, "w1")
+    _ready(st, n, "w2")
+    for rid in (1, 2):
+        st.request_lease(A, "j", rid, {"CPU": 1}, "f")
+    assert st.node_busy(n)
+    assert st.demand() == []  # both placed
+    st.request_lease(A, "j", 3, {"CPU": 1}, "f")
+    st.request_lease(A, "j", 4, {"CPU": 1}, "f")
+    st.request_lease(A, "j", 5, {"CPU": 1, "GPU": 1}, "f")
+    assert st.demand() == [
+        {"shape": {"CPU": 1.0}, "count": 2, "infeasible": False},
+        {"shape": {"CPU": 1.0, "GPU": 1.0}, "count": 1, "infeasible": True},
+    ]
+    for lease_id in list(st.leases):
+        st.return_lease(A, lease_id)
+    # The two CPU requests got the returned workers: only the GPU one is left wanting.
+    assert [d["shape"] for d in st.demand()] == [{"CPU": 1.0, "GPU": 1.0}]
+    st.validate_state()
 
 
 def test_blocked_worker_dying_does_not_free_its_cpu_twice() -> None:
@@ -579,6 +624,7 @@ def test_random_actors_and_adopted_workers_keep_invariants() -> None:
         else:
             run(d.job_gone("j2") + st.client_gone(B, "j2", True))
         st.validate_state()
+        check_demand(st)
         never_granted = {
             w.worker_id
             for w in st.workers.values()

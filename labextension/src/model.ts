@@ -171,7 +171,8 @@ export function unknownNode(nodeId: string): INode {
     object_store: null,
     metrics: null,
     tasks_running: 0,
-    actors: 0
+    actors: 0,
+    labels: {}
   };
 }
 

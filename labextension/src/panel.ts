@@ -8,6 +8,7 @@ import { Dialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
 import { ClusterClient } from './client';
+import { PoolsSection } from './pools';
 import {
   formatBytes,
   formatBytesPair,
@@ -223,7 +224,8 @@ export class ClusterPanel extends Widget {
       h('h3', {}, 'Nodes'),
       this._nodes,
       this._tasks,
-      this._actors
+      this._actors,
+      this._pools.node
     );
     client.changed.connect(this._schedule, this);
     this._render(client.state);
@@ -234,6 +236,7 @@ export class ClusterPanel extends Widget {
       return;
     }
     this._client.changed.disconnect(this._schedule, this);
+    this._pools.dispose();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
     }
@@ -242,6 +245,11 @@ export class ClusterPanel extends Widget {
 
   protected onAfterShow(): void {
     this._render(this._client.state);
+    this._pools.start();
+  }
+
+  protected onAfterHide(): void {
+    this._pools.stop();
   }
 
   /** Coalesce bursts of messages into one redraw per frame; none while hidden. */
@@ -479,4 +487,5 @@ export class ClusterPanel extends Widget {
   private _actors: HTMLElement;
   private _frame: number | null = null;
   private _tablesKey = '';
+  private _pools = new PoolsSection();
 }

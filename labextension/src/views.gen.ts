@@ -63,6 +63,8 @@ export interface IMetrics {
  * Dead nodes stay listed. `resources_available` is never negative; `gpus_free` is the
  * free fraction of each GPU by id; `workers` counts its worker processes and `leases` the
  * busy ones; `tasks_running` comes from the task table and `actors` counts alive actors.
+ * `labels` are the agent's `--label KEY=VALUE` (a pool's job is `nbcluster.pool` and
+ * `nbcluster.job`).
  */
 export interface INode {
   node_id: string;
@@ -83,6 +85,7 @@ export interface INode {
   metrics: IMetrics | null;
   tasks_running: number;
   actors: number;
+  labels: Record<string, string>;
 }
 
 /** Sums over the alive nodes; `*_used` is total minus available. */
@@ -184,6 +187,56 @@ export interface IErrorBody {
 
 /** What a successful action (cancel, kill) gets. */
 export interface IOkBody {
+  ok: boolean;
+}
+
+export type PoolJobState = 'pending' | 'running' | 'draining' | 'gone';
+
+/** The bounds of an adaptive pool (`idle`: seconds before an idle node is released). */
+export interface IPoolAdaptive {
+  minimum: number;
+  maximum: number;
+  idle: number;
+}
+
+/**
+ * One job of a pool: the scheduler's id, its state, its node once joined; for one that
+ * failed, the scheduler's reason and the last lines of its output.
+ */
+export interface IPoolJob {
+  job_id: string;
+  state: PoolJobState;
+  node_id: string | null;
+  host: string;
+  reason: string;
+  log_tail: string;
+  submitted_at: number;
+  joined_at: number | null;
+  ended_at: number | null;
+}
+
+/** A pool of the server (`c.NbclusterApp.pools`): what each job asks for, its jobs. */
+export interface IPool {
+  name: string;
+  pool_id: string;
+  kind: string;
+  describe: string;
+  lifetime: string;
+  adaptive: IPoolAdaptive | null;
+  closed: boolean;
+  counts: Record<string, number>;
+  jobs: IPoolJob[];
+}
+
+/** `GET nbcluster/api/pools`: the server's pools, and the pool kinds it knows. */
+export interface IPoolsBody {
+  pools: IPool[];
+  kinds: string[];
+}
+
+/** What a successful scale or adapt gets: the pool as it is now (`None`: ended). */
+export interface IPoolActionBody {
+  pool: IPool | null;
   ok: boolean;
 }
 

@@ -29,11 +29,15 @@ from nbcluster.store.service import StoreService
 from nbcluster.store.transfer import ObjectPuller
 from nbcluster.transport import Transport
 from nbcluster.transport.channel import Channel, Listener, Network, ZmqNetwork
-from nbcluster.transport.serve import Dispatcher, answer_on, follow, serve
+from nbcluster.transport.serve import Dispatcher, answer_on, serve
 
 log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 60.0
+#: Default seconds without a word from the head after which an agent gives up and exits.
+HEAD_TIMEOUT_S = 120.0
+#: Exit status of an agent that gave up on its head, or left because its owning job ended.
+EXIT_GAVE_UP = 3
 
 
 class NodeAgent:
@@ -51,6 +55,13 @@ class NodeAgent:
         The transport (default: ZeroMQ with CURVE keys derived from ``token``). On a
         :class:`~nbcluster.transport.channel.MemoryNetwork` the node cannot pull objects from
         other nodes.
+    head_timeout
+        Exit (:attr:`stopped` set, :attr:`exit_code` 3) when nothing came from the head for this
+        many seconds (``0``: never): a batch job whose head is gone ends instead of idling.
+    labels
+        Reported in the node's info (``nodes()`` shows them); pools find their jobs by them.
+    exit_with_job
+        Drain and exit when the head says this job ended (the driver that owns a pool left).
     """
 
     def __init__(
@@ -71,10 +82,19 @@ class NodeAgent:
         spill_dir: str | None = None,
         spill_limit: int | None = None,
         network: Network | None = None,
+        head_timeout: float = HEAD_TIMEOUT_S,
+        labels: dict[str, str] | None = None,
+        exit_with_job: str | None = None,
     ) -> None:
         self.head_address = head_address
         self._net = network
         self._own_net = network is None  # a network handed in is closed by its owner
+        self.head_timeout = head_timeout
+        self.labels = dict(labels or {})
+        self.exit_with_job = exit_with_job
+        self.exit_code = 0
+        self.exit_reason = ""
+        self._last_heard = time.monotonic()
         self._token = token
         self._token_file = token_file
         self.name = name or socket.gethostname()
@@ -165,6 +185,7 @@ class NodeAgent:
                 "store_address": self.store_address,
                 "store_id": self.store_id,
                 "object_store": self.store.stats(),
+                "labels": self.labels,
             },
         }
         if self.node_id:
@@ -206,6 +227,13 @@ class NodeAgent:
                 await asyncio.wait_for(self._send({"k": Kind.GOODBYE, "drain": True}), 2.0)
                 await asyncio.sleep(0.05)  # let the frame leave before the workers die
 
+    def _give_up(self, reason: str) -> None:
+        """Stop this agent for good (the caller's ``stopped`` wait ends, then ``close()``)."""
+        log.error("%s", reason)
+        self.exit_reason = reason
+        self.exit_code = EXIT_GAVE_UP
+        self.stopped.set()
+
     async def wait_prestarted(self, timeout: float) -> bool:
         """Wait until the first ``prestart`` workers are up (so the first task need not wait)."""
         if self.prestart <= 0:
@@ -229,6 +257,13 @@ class NodeAgent:
         while True:
             await asyncio.sleep(1.0)
             # The heartbeat carries the store's usage: nodes() reports it.
+            silent = time.monotonic() - self._last_heard
+            if self.head_timeout > 0 and silent > self.head_timeout:
+                self._give_up(
+                    f"no word from the head at {self.head_address} for {silent:.0f} s "
+                    f"(--head-timeout {self.head_timeout:g}): exiting"
+                )
+                return
             ping: dict[str, Any] = {"k": Kind.PING, "store": self.store.stats()}
             if self._metrics.latest is not None:
                 ping["metrics"] = self._metrics.latest
@@ -257,7 +292,10 @@ class NodeAgent:
 
     async def _serve(self) -> None:
         assert self._sock is not None
-        await follow(self._sock, self._from_head, None)
+        while True:  # follow(), noting that the head is there
+            frames = await self._sock.recv()
+            self._last_heard = time.monotonic()
+            await self._from_head.dispatch(None, frames)
 
     async def _on_start_worker(self, _: None, msg: m.StartWorker, payload: list[Any]) -> None:
         self._spawn(self._start_worker(), "agent-start-worker")
@@ -268,6 +306,9 @@ class NodeAgent:
     async def _on_job_ended(self, _: None, msg: m.JobEnded, payload: list[Any]) -> None:
         n = self._store_service.job_ended(msg.job_id)
         log.info("job %s ended: freed %d objects", msg.job_id, n)
+        if self.exit_with_job and msg.job_id == self.exit_with_job:
+            await self.drain()
+            self._give_up(f"job {msg.job_id}, which owns this node, ended: exiting")
 
     async def _on_stop(self, _: None, msg: m.StopNode, payload: list[Any]) -> None:
         log.info("stop requested by the head")

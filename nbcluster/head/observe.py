@@ -112,6 +112,7 @@ class Observer:
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
     ended: deque[TaskRecord] = field(default_factory=lambda: deque(maxlen=ENDED_TASKS))
     jobs: dict[str, JobOwner] = field(default_factory=dict)
+    idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
 
     # --------------------------------------------------------------------------- events in
     def job_started(self, job_id: str, h: dict[str, Any]) -> None:
@@ -131,8 +132,36 @@ class Observer:
         for t in [t for t in self.tasks.values() if t.job_id == job_id]:
             self._end(t, CANCELLED, now)
 
+    def track_idle(self, now: float | None = None) -> dict[str, float]:
+        """Seconds each alive node has had nothing running (no task, no actor).
+
+        Called on every agent ping and by :meth:`demand`, so the figures are at most about a
+        second late.
+        """
+        now = time.monotonic() if now is None else now
+        out: dict[str, float] = {}
+        for node_id in self.state.nodes:
+            idle = self._mark_idle(node_id, now)
+            if idle is not None:
+                out[node_id] = idle
+        for gone in set(self.idle_since) - set(self.state.nodes):
+            del self.idle_since[gone]
+        return out
+
+    def _mark_idle(self, node_id: str, now: float) -> float | None:
+        n = self.state.nodes.get(node_id)
+        if n is None or not n.alive or self.state.node_busy(node_id):
+            self.idle_since.pop(node_id, None)
+            return None
+        return round(now - self.idle_since.setdefault(node_id, now), 3)
+
+    def demand(self) -> dict[str, Any]:
+        """The ``demand`` query: unmet requests by shape, and each idle node's idle seconds."""
+        return {"pending": self.state.demand(), "idle": self.track_idle()}
+
     def on_metrics(self, node_id: str, m: Any) -> None:
         """A node's agent sent a sample (a malformed one is logged and dropped)."""
+        self._mark_idle(node_id, time.monotonic())  # a node's idle clock, about every second
         try:
             sample = msgspec.convert(m, MetricsView)
         except msgspec.ValidationError as exc:
@@ -303,6 +332,7 @@ class Observer:
             metrics=hist[-1] if hist else None,
             tasks_running=running,
             actors=actors,
+            labels=self._agent_info(n, "labels", dict[str, str], {}),
         )
 
     def _agent_info(self, n: NodeInfo, key: str, tp: Any, default: Any) -> Any:
@@ -380,6 +410,8 @@ class Observer:
             return msgspec.to_builtins(self.task_views())
         if what == "metrics":
             return msgspec.to_builtins(self.history(str(q.node_id)))
+        if what == "demand":  # what pools grow from (nbcluster.deploy)
+            return self.demand()
         return None
 
     def find_task(self, task_id: str) -> TaskRecord | None:

@@ -616,6 +616,46 @@ class ClusterState:
         self.leases[lease_id] = lease
         return True
 
+    # ----------------------------------------------------------------------------- views
+    def demand(self) -> list[dict[str, Any]]:
+        """Pending requests that no alive node has room for now, grouped by resource shape.
+
+        Each entry is ``{"shape": {...}, "count": n, "infeasible": bool}`` (``infeasible``: no
+        alive node has that much in total). Requests that fit somewhere (waiting for a worker
+        to start, or for the next pass) are not counted. Pools grow from this
+        (:meth:`nbcluster.deploy.pool.Pool.adapt`).
+        """
+        plan = _Pass()
+        alive = [n for n in self.nodes.values() if n.alive]
+        groups: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
+        for req in self.pending:
+            fitted = False
+            for node in alive:
+                gpus = self._fits(node, req.units, plan)
+                if gpus is not None:
+                    plan.reserve(node.node_id, req.units, gpus)
+                    fitted = True
+                    break
+            if fitted:
+                continue
+            key = tuple(sorted((k, float(v)) for k, v in req.shape.items() if v))
+            g = groups.get(key)
+            if g is None:
+                infeasible = self.missing_resources(req.shape) is not None
+                g = groups[key] = {"shape": dict(key), "count": 0, "infeasible": infeasible}
+            g["count"] += 1
+        return list(groups.values())
+
+    def node_busy(self, node_id: str) -> bool:
+        """Whether the node runs anything: a lease (a task or an actor's worker), or a worker
+        kept from before a head restart and not claimed yet. Unknown or dead nodes are not."""
+        node = self.nodes.get(node_id)
+        if node is None or not node.alive:
+            return False
+        return any(
+            w.lease_id is not None or w.state == WorkerState.ADOPTED for w in node.workers.values()
+        )
+
     # ------------------------------------------------------------------------------ checks
     def validate_state(self) -> None:
         """Check invariants; raises ``AssertionError`` describing the first violation."""

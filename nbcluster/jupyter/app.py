@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Dict, Float, Int, Unicode
+from traitlets import Bool, Dict, Float, Int, List, Unicode
 
 from nbcluster.api import ADDRESS_ENV
+from nbcluster.deploy.registry import Pools
 from nbcluster.exceptions import NbclusterError
 from nbcluster.head.service import HeadService
 from nbcluster.launch import START_TIMEOUT_S, AgentOptions, AgentProcess, start_agent
+from nbcluster.protocol import schema as m
 from nbcluster.protocol.security import (
     TOKEN_FILE_ENV,
     new_token,
@@ -109,7 +111,18 @@ class NbclusterApp(ExtensionApp):
         "nbcluster-token in the Jupyter runtime directory.",
     )
 
+    pools = List(
+        Dict(),
+        config=True,
+        help="Pools that grow this cluster, made when the server starts, e.g. "
+        '[{"kind": "slurm", "name": "gpu", "gpus": 1, "partition": "gpu", "walltime": '
+        '"2:00:00", "adapt": {"minimum": 0, "maximum": 16, "idle_timeout": "5min"}}] '
+        '(or "scale": N for a fixed size). Their jobs end when the server stops. With jobs on '
+        "other machines, set ip to an address they can reach.",
+    )
+
     head: HeadService | None = None
+    pool_registry: Pools | None = None
     address = ""  # what kernels and local agents connect to
     _agent: AgentProcess | None = None
     _agent_ready: asyncio.Event | None = None
@@ -183,6 +196,14 @@ class NbclusterApp(ExtensionApp):
         self.log.info("nbcluster: head listening on %s", self.head.address)
         if self.local_node:
             await self._start_agent()
+        self.pool_registry = Pools(ServerHeadLink(self, asyncio.get_running_loop()))
+        for spec in self.pools:
+            try:
+                pool = await asyncio.to_thread(self.pool_registry.from_config, spec)
+            except Exception as exc:  # the server runs on; the panel shows no such pool
+                self.log.error("nbcluster: pool %s could not start: %s", spec, exc)
+            else:
+                self.log.info("nbcluster: pool %s (%s) started", pool.name, pool.kind)
 
     async def _start_agent(self) -> None:
         options = AgentOptions(
@@ -231,6 +252,8 @@ class NbclusterApp(ExtensionApp):
         does not wait for it). Other agents stay up to rejoin the next head (``keep_nodes``).
         """
         self._stopping = True
+        if self.pool_registry is not None:  # while the head is up: their nodes drain
+            await asyncio.to_thread(self.pool_registry.close_all, True)
         if self._agent is not None:
             await asyncio.to_thread(self._agent.stop, AGENT_STOP_TIMEOUT_S)
         if self.head is not None:
@@ -248,3 +271,35 @@ class NbclusterApp(ExtensionApp):
         for key, value in ((ADDRESS_ENV, self.address), (TOKEN_FILE_ENV, self.token_file)):
             if os.environ.get(key) == value:
                 del os.environ[key]
+
+
+class ServerHeadLink:
+    """The :class:`~nbcluster.deploy.pool.HeadLink` of the head this server hosts.
+
+    Pools call it from their own threads: queries run on the server's loop, which owns the
+    head's state.
+    """
+
+    def __init__(self, app: NbclusterApp, loop: asyncio.AbstractEventLoop) -> None:
+        self._app = app
+        self._loop = loop
+
+    @property
+    def address(self) -> str:
+        return self._app.address
+
+    def secret(self) -> str:
+        return self._app._token
+
+    def owner_job(self) -> str | None:
+        return None  # the server owns its pools: they end with it (close, or head timeout)
+
+    def query(self, what: str) -> Any:
+        head = self._app.head
+        if head is None:
+            raise NbclusterError("the head is not running")
+
+        async def ask() -> Any:
+            return head.observe.query(m.Query(rid=0, what=what))
+
+        return asyncio.run_coroutine_threadsafe(ask(), self._loop).result(10.0)

@@ -11,6 +11,7 @@ a task or killing an actor needs ``"execute"``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -23,6 +24,7 @@ from tornado import web
 from tornado.ioloop import PeriodicCallback
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
+from nbcluster.exceptions import NbclusterError
 from nbcluster.views import (
     ActorsBody,
     ChangeEvent,
@@ -30,6 +32,9 @@ from nbcluster.views import (
     HistoriesBody,
     NodeHistoryBody,
     OkBody,
+    PoolActionBody,
+    PoolsBody,
+    PoolView,
     ServerMessage,
     SnapshotEvent,
     TaskEvent,
@@ -154,6 +159,77 @@ class KillActorHandler(_Api):
             self.write_json(ErrorBody(error=f"no live actor {actor_id!r}"), 404)
 
 
+class PoolsHandler(_Api):
+    """``GET nbcluster/api/pools``: the server's pools (``c.NbclusterApp.pools``) and jobs."""
+
+    @web.authenticated
+    @_authorized(READ)
+    def get(self) -> None:
+        from nbcluster.deploy.registry import KINDS
+
+        app: NbclusterApp | None = self.settings.get("nbcluster")
+        registry = app.pool_registry if app is not None else None
+        pools = registry.as_list() if registry is not None else []
+        self.write_json(msgspec.convert({"pools": pools, "kinds": list(KINDS)}, PoolsBody))
+
+
+class _PoolAction(_Api):
+    action = ""
+
+    @web.authenticated
+    @_authorized(EXECUTE)
+    async def post(self, name: str) -> None:
+        import asyncio
+
+        app: NbclusterApp | None = self.settings.get("nbcluster")
+        registry = app.pool_registry if app is not None else None
+        if registry is None:
+            raise web.HTTPError(503, "the nbcluster head is not running")
+        try:
+            body = json.loads(self.request.body or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            pool = registry.find(name)
+            if pool is None and not body.get("kind"):
+                self.write_json(ErrorBody(error=f"no pool {name!r} (a new one needs a kind)"), 404)
+                return
+            kind = pool.kind if pool is not None else str(body.get("kind") or "")
+            options = {**(body.get("options") or {}), "name": name}
+            if self.action == "scale":
+                n = body.get("n")
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise ValueError(f"n must be a whole number >= 0, got {n!r}")
+                await asyncio.to_thread(registry.scale, kind, n, options)
+            else:
+                await asyncio.to_thread(
+                    registry.adapt,
+                    kind,
+                    int(body.get("minimum", 0)),
+                    int(body.get("maximum", 8)),
+                    body.get("idle_timeout", "5min"),
+                    options,
+                )
+        except (ValueError, TypeError, NbclusterError) as exc:
+            self.write_json(ErrorBody(error=str(exc)), 400)
+            return
+        found = registry.find(name)
+        view = msgspec.convert(found.as_dict(), PoolView) if found is not None else None
+        self.write_json(PoolActionBody(pool=view))
+
+
+class PoolScaleHandler(_PoolAction):
+    """``POST nbcluster/api/pools/{name}/scale`` ``{"n": 4}``: that many jobs (``0`` ends the
+    pool); a pool not made yet also needs ``"kind"`` and its ``"options"``."""
+
+    action = "scale"
+
+
+class PoolAdaptHandler(_PoolAction):
+    """``POST nbcluster/api/pools/{name}/adapt`` ``{"minimum", "maximum", "idle_timeout"}``."""
+
+    action = "adapt"
+
+
 class EventsHandler(
     _HeadMixin, ExtensionHandlerMixin, WebSocketMixin, WebSocketHandler, JupyterHandler
 ):
@@ -231,5 +307,8 @@ ROUTES: list[tuple[str, type[Any]]] = [
     (r"/nbcluster/api/actors", ActorsHandler),
     (rf"/nbcluster/api/tasks/{_ID}/cancel", CancelTaskHandler),
     (rf"/nbcluster/api/actors/{_ID}/kill", KillActorHandler),
+    (r"/nbcluster/api/pools", PoolsHandler),
+    (rf"/nbcluster/api/pools/{_ID}/scale", PoolScaleHandler),
+    (rf"/nbcluster/api/pools/{_ID}/adapt", PoolAdaptHandler),
     (r"/nbcluster/api/events", EventsHandler),
 ]

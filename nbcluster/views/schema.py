@@ -85,6 +85,8 @@ class NodeView(View):
     Dead nodes stay listed. ``resources_available`` is never negative; ``gpus_free`` is the
     free fraction of each GPU by id; ``workers`` counts its worker processes and ``leases`` the
     busy ones; ``tasks_running`` comes from the task table and ``actors`` counts alive actors.
+    ``labels`` are the agent's ``--label KEY=VALUE`` (a pool's job is ``nbcluster.pool`` and
+    ``nbcluster.job``).
     """
 
     node_id: str
@@ -105,6 +107,7 @@ class NodeView(View):
     metrics: MetricsView | None
     tasks_running: int
     actors: int
+    labels: dict[str, str] = {}
 
 
 class NodeUpdateView(View):
@@ -245,6 +248,62 @@ class OkBody(View):
     ok: bool = True
 
 
+# --- pools (nbcluster.deploy) -------------------------------------------------------------------
+#: Where a pool's job stands (:class:`nbcluster.deploy.pool.JobState`).
+PoolJobState = Literal["pending", "running", "draining", "gone"]
+
+
+class PoolJobView(View):
+    """One job of a pool: the scheduler's id, its state, its node once joined; for one that
+    failed, the scheduler's reason and the last lines of its output."""
+
+    job_id: str
+    state: PoolJobState
+    node_id: str | None
+    host: str
+    reason: str
+    log_tail: str
+    submitted_at: float
+    joined_at: float | None
+    ended_at: float | None
+
+
+class PoolAdaptiveView(View):
+    """The bounds of an adaptive pool (``idle``: seconds before an idle node is released)."""
+
+    minimum: int
+    maximum: int
+    idle: float
+
+
+class PoolView(View):
+    """A pool of the server (``c.NbclusterApp.pools``): what each job asks for, its jobs."""
+
+    name: str
+    pool_id: str
+    kind: str
+    describe: str
+    lifetime: str
+    adaptive: PoolAdaptiveView | None
+    closed: bool
+    counts: dict[str, int]
+    jobs: list[PoolJobView]
+
+
+class PoolsBody(View):
+    """``GET nbcluster/api/pools``: the server's pools, and the pool kinds it knows."""
+
+    pools: list[PoolView]
+    kinds: list[str]
+
+
+class PoolActionBody(View):
+    """What a successful scale or adapt gets: the pool as it is now (``None``: ended)."""
+
+    pool: PoolView | None
+    ok: bool = True
+
+
 # --- the events websocket ----------------------------------------------------------------------
 class Event(View, tag_field="type"):
     """Base of the websocket's messages, tagged by ``type``."""
@@ -305,6 +364,9 @@ TS_EXPORTS: tuple[tuple[str, object], ...] = (
     ("HistoriesBody", HistoriesBody),
     ("ErrorBody", ErrorBody),
     ("OkBody", OkBody),
+    ("PoolJobState", PoolJobState),
+    ("PoolsBody", PoolsBody),
+    ("PoolActionBody", PoolActionBody),
     ("SnapshotEvent", SnapshotEvent),
     ("MetricsEvent", MetricsEvent),
     ("NodeEvent", NodeEvent),
