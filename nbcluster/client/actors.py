@@ -14,6 +14,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nbcluster.client.commands import (
+    ActorEscaped,
+    CallActor,
+    Command,
+    CountActorHandle,
+    CreateActor,
+    KillActor,
+)
 from nbcluster.client.objects import FAILED, READY, Entry, ObjectTable
 from nbcluster.client.tasks import TaskRecord
 from nbcluster.client.wire import WorkerConn, is_ref, send_nowait, split_parts
@@ -71,7 +79,7 @@ class ActorCalls:
 
     if TYPE_CHECKING:  # implemented by CoreClient / TaskSubmission
 
-        def _post(self, *item: Any) -> None: ...
+        def _post(self, command: Command) -> None: ...
         def new_id(self) -> str: ...
         def _do_submit(self, rec: TaskRecord) -> None: ...
         def _new_record(
@@ -108,7 +116,7 @@ class ActorCalls:
             "nargs": len(frames),
         }
         fut: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-        self._post("acreate", header, [cls_blob, *frames], deps, fut)
+        self._post(CreateActor(header, [cls_blob, *frames], deps, fut))
         if spec.get("name"):
             return fut.result(60)
         return {
@@ -130,20 +138,20 @@ class ActorCalls:
     ) -> list[ObjectRef]:
         rec, refs = self._new_record(f"{cls_name}.{method}", args, kwargs, num_returns)
         rec.name, rec.actor_id, rec.method = cls_name, aid, method
-        self._post("acall", rec, cls_name)
+        self._post(CallActor(rec, cls_name))
         return refs if num_returns != 0 else []
 
     def actor_handle_added(self, aid: str, cls_name: str, owned: bool) -> None:
-        self._post("ahandle", aid, cls_name, owned, 1)
+        self._post(CountActorHandle(aid, cls_name, owned, 1))
 
     def actor_handle_removed(self, aid: str) -> None:
         try:
-            self._post("ahandle", aid, "", False, -1)
+            self._post(CountActorHandle(aid, "", False, -1))
         except Exception:  # the client is closed
             pass
 
     def actor_escaped(self, aid: str) -> None:
-        self._post("aescaped", aid)
+        self._post(ActorEscaped(aid))
 
     def kill_actor(self, aid: str, no_restart: bool) -> None:
         """Ask the head to kill ``aid``; with ``no_restart`` it is dead here when this returns.
@@ -153,7 +161,7 @@ class ActorCalls:
         still in flight) can be answered with a result.
         """
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._post("akill", aid, no_restart, done)
+        self._post(KillActor(aid, no_restart, done))
         if threading.current_thread() is not self._thread:
             done.result(30)
 

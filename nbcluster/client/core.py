@@ -25,12 +25,26 @@ import psutil
 import zmq
 
 from nbcluster.client.actors import ActorCalls, ActorRecord
+from nbcluster.client.commands import (
+    ActorEscaped,
+    CallActor,
+    CancelTask,
+    Command,
+    CountActorHandle,
+    CreateActor,
+    FetchObject,
+    KillActor,
+    Rebuild,
+    SetBlocked,
+    SubmitTask,
+    TellOwner,
+)
 from nbcluster.client.events import owner_identity
 from nbcluster.client.lineage import MAX_RECONSTRUCTIONS, Lineage
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.submission import TaskSubmission
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
-from nbcluster.client.wire import WorkerConn, send_nowait
+from nbcluster.client.wire import WorkerConn, probe_listening, send_nowait
 from nbcluster.exceptions import (
     ConnectionFailedError,
     GetTimeoutError,
@@ -100,7 +114,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         self.owner_address = ""
         self._prefix = os.urandom(5).hex()
         self._ids = itertools.count(1)
-        self._inbox: deque[tuple[Any, ...]] = deque()
+        self._inbox: deque[Command] = deque()
         self._released: deque[str] = deque()  # ObjectRefs gone, not yet counted
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -297,19 +311,17 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
             # We told callers we kept it: now tell its owner we let go.
             try:
                 self._post(
-                    "to_owner",
-                    entry.owner,
-                    {"k": Kind.BORROW_DEL, "oid": entry.oid, "n": entry.reported},
+                    TellOwner(
+                        entry.owner, {"k": Kind.BORROW_DEL, "oid": entry.oid, "n": entry.reported}
+                    )
                 )
             except NbclusterError:
                 pass  # closed: the owner frees everything when our job ends
 
-    def _do_to_owner(self, owner: str, header: dict[str, Any]) -> None:
-        self._spawn(self._send_to_owner(owner, header))
-
     # ================================================================== cross-thread plumbing
-    def _post(self, *item: Any) -> None:
-        self._inbox.append(item)
+    def _post(self, command: Command) -> None:
+        """Hand ``command`` to the I/O thread (any thread)."""
+        self._inbox.append(command)
         if not self._wake_pending:
             self._wake_pending = True
             loop = self._loop
@@ -323,11 +335,37 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
             self._do_release()
         inbox = self._inbox
         while inbox:
-            item = inbox.popleft()
+            command = inbox.popleft()
             try:
-                getattr(self, "_do_" + item[0])(*item[1:])
+                self._run_command(command)
             except Exception:
-                log.exception("nbcluster internal error handling %s", item[0])
+                log.exception("nbcluster internal error handling %s", type(command).__name__)
+
+    def _run_command(self, command: Command) -> None:
+        """Carry out a user thread's command (I/O thread)."""
+        match command:
+            case SubmitTask(rec):
+                self._do_submit(rec)
+            case CallActor(rec, cls_name):
+                self._do_acall(rec, cls_name)
+            case CancelTask(oid, force):
+                self._do_cancel(oid, force)
+            case FetchObject(oid, owner):
+                self._do_fetch(oid, owner)
+            case TellOwner(owner, header):
+                self._spawn(self._send_to_owner(owner, header))
+            case SetBlocked(blocked):
+                self._do_blocked(blocked)
+            case Rebuild(oid, done):
+                self._do_reconstruct_then(oid, done)
+            case CreateActor(header, payload, deps, reply):
+                self._do_acreate(header, payload, deps, reply)
+            case CountActorHandle(aid, cls_name, owned, delta):
+                self._do_ahandle(aid, cls_name, owned, delta)
+            case ActorEscaped(aid):
+                self._do_aescaped(aid)
+            case KillActor(aid, no_restart, done):
+                self._do_akill(aid, no_restart, done)
 
     def _call(self, coro: Any, timeout: float = 30.0) -> Any:
         assert self._loop is not None
@@ -622,7 +660,7 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         for ref in refs:
             e = self.objects.get(ref.hex())
             if e is not None and e.state == PENDING and not e.owned and not e.fetching:
-                self._post("fetch", ref.hex(), ref.owner_address)
+                self._post(FetchObject(ref.hex(), ref.owner_address))
 
     def get(self, refs: Sequence[ObjectRef], timeout: float | None) -> list[Any]:
         """Values of ``refs`` (errors re-raised), waiting at most ``timeout`` seconds in all."""
@@ -636,12 +674,12 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                     continue
                 if not blocked and self.worker_id and not ev.is_set():
                     blocked = True
-                    self._post("blocked", True)
+                    self._post(SetBlocked(True))
                 if not _wait_event(ev, deadline):
                     raise GetTimeoutError(f"get() timed out after {timeout} s waiting for {ref!r}")
         finally:
             if blocked:
-                self._post("blocked", False)
+                self._post(SetBlocked(False))
         out = []
         for ref in refs:
             for _ in range(MAX_RECONSTRUCTIONS + 1):
@@ -699,12 +737,12 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
                     one_done(None)  # type: ignore[arg-type]
             blocked = bool(self.worker_id)
             if blocked:
-                self._post("blocked", True)
+                self._post(SetBlocked(True))
             try:
                 _wait_event(ev, None if timeout is None else time.monotonic() + timeout)
             finally:
                 if blocked:
-                    self._post("blocked", False)
+                    self._post(SetBlocked(False))
         ready: list[ObjectRef] = []
         not_ready: list[ObjectRef] = []
         for r in refs:
@@ -739,37 +777,6 @@ class CoreClient(TaskSubmission, ActorCalls, Lineage):
         if not self.objects.on_ready(ref.hex(), resolve):
             settle()
         return fut
-
-
-async def probe_listening(address: str, timeout: float = 5.0) -> None:
-    """Fail at once when nothing listens at ``address`` (``host:port``).
-
-    The ZeroMQ handshake retries a refused connection silently until its timeout; a plain TCP
-    connect tells a refused (or unresolvable, unreachable) address right away. A probe that
-    only times out proves nothing (a slow network): the handshake then has its own timeout.
-    """
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
-    except TimeoutError:
-        return
-    except ValueError:
-        raise ConnectionFailedError(
-            f"{address!r} is not a valid head address (expected HOST:PORT)"
-        ) from None
-    except ConnectionRefusedError:
-        raise ConnectionFailedError(
-            f"nothing is listening at {address} (connection refused): is the nbcluster head "
-            "running there, on that port? (start one with `nbcluster head`)"
-        ) from None
-    except OSError as exc:
-        raise ConnectionFailedError(
-            f"cannot reach the nbcluster head at {address}: {exc}"
-        ) from None
-    writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
 
 
 def _wait_event(ev: threading.Event, deadline: float | None) -> bool:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from nbcluster.client.commands import Command, Rebuild
 from nbcluster.client.objects import FAILED, READY, Entry, ObjectTable
 from nbcluster.client.tasks import SchedClass, TaskRecord
 from nbcluster.exceptions import ObjectLostError
@@ -82,7 +83,7 @@ class Lineage:
         _classes: dict[tuple[tuple[str, float], ...], SchedClass]
         _loop: asyncio.AbstractEventLoop | None
 
-        def _post(self, *item: Any) -> None: ...
+        def _post(self, command: Command) -> None: ...
         def _do_submit(self, rec: TaskRecord) -> None: ...
         def _dep_callback(self, rec: TaskRecord, i: int) -> Callable[[Entry], None]: ...
         def _do_fetch(self, oid: str, owner: str) -> None: ...
@@ -301,7 +302,7 @@ class Lineage:
         if not self._can_rebuild(oid):
             raise self._lost_error(ref, why)
         ev = threading.Event()
-        self._post("reconstruct_then", oid, ev)
+        self._post(Rebuild(oid, ev))
         if not ev.wait(timeout if timeout is not None else 3600.0):
             raise self._lost_error(ref, f"{why}; rebuilding it did not finish in time")
 

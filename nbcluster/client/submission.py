@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from nbcluster.client.commands import CancelTask, Command, SubmitTask, TellOwner
 from nbcluster.client.events import TaskEvents
 from nbcluster.client.lineage import LOST, USE, WAIT
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
@@ -87,7 +88,7 @@ class TaskSubmission:
         ) -> None: ...
         def _cancel_actor_call(self, rec: TaskRecord, force: bool, err: list[Any]) -> None: ...
 
-        def _post(self, *item: Any) -> None: ...
+        def _post(self, command: Command) -> None: ...
         def _spawn(self, coro: Any) -> asyncio.Task[Any]: ...
         def new_id(self) -> str: ...
         async def _fetch(self, oid: str, owner: str) -> None: ...
@@ -126,7 +127,7 @@ class TaskSubmission:
             rec.strategy = strategy
             rec.shape_key += (("@strategy", strategy_key(strategy)),)
         rec.max_retries, rec.retry_exceptions = max_retries, retry_exceptions
-        self._post("submit", rec)
+        self._post(SubmitTask(rec))
         return refs if num_returns != 0 else []
 
     def _new_record(
@@ -189,7 +190,7 @@ class TaskSubmission:
             self.objects.set_contained(oid, inner)
             for r in inner:
                 if r.owner_address != self.owner_address:
-                    self._post("to_owner", r.owner_address, {"k": Kind.ESCAPE, "oid": r.hex()})
+                    self._post(TellOwner(r.owner_address, {"k": Kind.ESCAPE, "oid": r.hex()}))
         self.objects.complete(oid, READY, frames)
         return ref
 
@@ -202,7 +203,7 @@ class TaskSubmission:
         return frames
 
     def cancel(self, ref: ObjectRef, force: bool) -> None:
-        self._post("cancel", ref.hex(), force)
+        self._post(CancelTask(ref.hex(), force))
 
     # ================================================================== loop: submission
     def _events(self) -> TaskEvents:
