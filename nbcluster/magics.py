@@ -117,19 +117,7 @@ def _connect() -> None:
 
 
 def _tasks_snapshot(client: CoreClient) -> list[list[str]]:
-    async def snap() -> list[list[str]]:  # on the I/O thread, which owns the task records
-        rows = []
-        for rec in list(client._by_tid.values()):
-            if rec.actor_id is not None:
-                state, where = "actor call", rec.actor_id
-            elif rec.lease is not None:
-                state, where = "running", rec.lease.node_name or rec.lease.node_id
-            else:
-                state, where = "waiting", "-"
-            rows.append([rec.tid, rec.name, state, where])
-        return rows
-
-    return list(client._call(snap(), 10.0))
+    return client.task_rows(10.0)
 
 
 def _magics_class() -> type:

@@ -39,7 +39,7 @@ class Progress:
         self._shown_text = False
         self._displayed = False
         client = current.require()
-        client._prepare(refs)  # start fetches of borrowed refs, as get() does
+        client.prefetch(refs)  # start fetches of borrowed refs, as get() does
         for ref in refs:
             if not client.objects.on_ready(ref.hex(), self._one_done):
                 self._one_done(client.objects.get(ref.hex()))

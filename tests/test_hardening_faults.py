@@ -336,19 +336,21 @@ def test_a_worker_at_a_reused_address_gets_a_fresh_connection(two_cpus: nb.Clust
 
     assert nb.get(square.remote(3), timeout=30) == 9
     client = current.get()
-    assert client is not None and client._loop is not None
-    old = next(iter(client._conns.values()))
+    io = client.io
+    assert io.loop is not None and io.state is not None
+    conns = io.state.conns
+    old = next(iter(conns.by_addr.values()))
     assert old.worker_id and old.fns_sent  # the function was sent on it
 
     def conn_for(worker_id: str) -> Any:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def make() -> None:
-            fut.set_result(client._conn(old.addr, old.control_addr, worker_id))
+            fut.set_result(conns.conn(old.addr, old.control_addr, worker_id))
 
-        client._loop.call_soon_threadsafe(make)  # connections are the I/O thread's
+        io.loop.call_soon_threadsafe(make)  # connections are the I/O thread's
         return fut.result(10)
 
     assert conn_for(old.worker_id) is old  # the same process: kept
     new = conn_for("another-process")
-    assert new is not old and new.fns_sent == set() and client._conns[old.addr] is new
+    assert new is not old and new.fns_sent == set() and conns.by_addr[old.addr] is new

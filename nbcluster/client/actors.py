@@ -1,31 +1,34 @@
 """Actor calls from a client: creation, ordered method calls, restarts and death.
 
-A mixin of :class:`nbcluster.client.core.CoreClient`. Calls to one actor go, in submission order,
-straight to the worker hosting it; the head only tells us where the actor lives (and when that
-changes), through ``ACTOR_STATE`` messages we subscribe to.
+Part of :class:`~nbcluster.client.state.ClientState` (pure: it only returns instructions).
+Calls to one actor go, in submission order, straight to the worker hosting it; the head only
+tells us where the actor lives (and when that changes), through ``ACTOR_STATE`` messages we
+subscribe to.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nbcluster.client.inputs import ActorStateChanged
+from nbcluster.client.inputs import TaskResult as TaskResultEvent
+from nbcluster.client.instructions import AwaitReply, CancelOnWorker, Instruction, ToHead, ToWorker
 from nbcluster.client.objects import FAILED, READY, Entry, ObjectTable
 from nbcluster.client.tasks import TaskRecord
-from nbcluster.client.wire import WorkerConn, is_ref, send_nowait, split_parts
-from nbcluster.exceptions import ActorDiedError, NbclusterError, TaskCancelledError
-from nbcluster.protocol.codec import encode
+from nbcluster.client.wire import split_parts
+from nbcluster.client.workers import WorkerConn, WorkerConns
+from nbcluster.exceptions import ActorDiedError, NbclusterError
 from nbcluster.protocol.messages import ALIVE, DEAD, RESTARTING, Kind
-from nbcluster.refs import ObjectRef
-from nbcluster.serialization import dumps, dumps_args
-from nbcluster.transport.sockets import check_frame_sizes
+from nbcluster.serialization import dumps
 
 if TYPE_CHECKING:
-    import asyncio
+    from nbcluster.client.submission import Tasks
+    from nbcluster.refs import ObjectRef
 
 log = logging.getLogger("nbcluster")
 
@@ -54,125 +57,53 @@ class ActorRecord:
 
 
 class ActorCalls:
-    """Client-side actor machinery (mixed into ``CoreClient``)."""
+    """The actors this client knows, and the calls it sends them.
 
-    objects: ObjectTable
-    owner_address: str
-    job_id: str
-    namespace: str
-    _head: Any
-    _by_tid: dict[str, TaskRecord]
-    _producer: dict[str, TaskRecord]
-    _actors: dict[str, ActorRecord]
-    _loop: asyncio.AbstractEventLoop | None
-    _thread: threading.Thread | None
-    _replies: dict[int, asyncio.Future[Any]]
-    _rid: Any
+    Parameters
+    ----------
+    objects
+        The object table.
+    conns
+        Our connections to workers (an actor's worker is one).
+    next_rid
+        Gives request ids (``ACTOR_CREATE`` is answered by id).
+    emit
+        Where instructions go.
+    """
 
-    if TYPE_CHECKING:  # implemented by CoreClient / TaskSubmission
+    # Collaborator, set once by ClientState.
+    tasks: Tasks
 
-        def _post(self, *item: Any) -> None: ...
-        def new_id(self) -> str: ...
-        def _do_submit(self, rec: TaskRecord) -> None: ...
-        def _new_record(
-            self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], num_returns: int
-        ) -> tuple[TaskRecord, list[ObjectRef]]: ...
-        def _finish(self, rec: TaskRecord, state: int, parts: Any) -> None: ...
-        def _conn(self, addr: str, control_addr: str, worker_id: str = "") -> WorkerConn: ...
-        def _call(self, coro: Any, timeout: float = 30.0) -> Any: ...
-        def _resolve(self, ref: ObjectRef) -> Entry | None: ...
-
-    # ================================================================== user thread
-    def create_actor(
+    def __init__(
         self,
-        cls_name: str,
-        cls_blob: bytes,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        spec: dict[str, Any],
-    ) -> dict[str, Any]:
-        """Create an actor; returns the head's answer (``aid``, ``methods``, ``existing``...).
+        objects: ObjectTable,
+        conns: WorkerConns,
+        next_rid: Callable[[], int],
+        emit: Callable[[Instruction], None],
+    ) -> None:
+        self.objects = objects
+        self.conns = conns
+        self._next_rid = next_rid
+        self._emit = emit
+        self.actors: dict[str, ActorRecord] = {}
 
-        Named actors wait for the head's answer (a taken name is an error, or with
-        ``get_if_exists`` the existing actor is returned); anonymous ones return at once.
-        """
-        frames, deps = dumps_args(f"{cls_name}.__init__", args, kwargs, is_ref)
-        # Constructor arguments travel inline, through the head.
-        check_frame_sizes([cls_blob, *frames], f"the class or an argument of {cls_name}")
-        aid = self.new_id()
-        header = {
-            "k": Kind.ACTOR_CREATE,
-            "aid": aid,
-            "cls_name": cls_name,
-            **spec,
-            "nargs": len(frames),
-        }
-        fut: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-        self._post("acreate", header, [cls_blob, *frames], deps, fut)
-        if spec.get("name"):
-            return fut.result(60)
-        return {
-            "aid": aid,
-            "existing": False,
-            "methods": spec.get("methods", {}),
-            "cls_name": cls_name,
-            "max_task_retries": spec.get("max_task_retries", 0),
-        }
-
-    def submit_actor_call(
-        self,
-        aid: str,
-        cls_name: str,
-        method: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        num_returns: int,
-    ) -> list[ObjectRef]:
-        rec, refs = self._new_record(f"{cls_name}.{method}", args, kwargs, num_returns)
-        rec.name, rec.actor_id, rec.method = cls_name, aid, method
-        self._post("acall", rec, cls_name)
-        return refs if num_returns != 0 else []
-
-    def actor_handle_added(self, aid: str, cls_name: str, owned: bool) -> None:
-        self._post("ahandle", aid, cls_name, owned, 1)
-
-    def actor_handle_removed(self, aid: str) -> None:
-        try:
-            self._post("ahandle", aid, "", False, -1)
-        except Exception:  # the client is closed
-            pass
-
-    def actor_escaped(self, aid: str) -> None:
-        self._post("aescaped", aid)
-
-    def kill_actor(self, aid: str, no_restart: bool) -> None:
-        """Ask the head to kill ``aid``; with ``no_restart`` it is dead here when this returns.
-
-        The worker hosting the actor may run a while before the head's kill reaches it: the
-        actor is marked dead on this side first, so that no call made after ``kill()`` (nor one
-        still in flight) can be answered with a result.
-        """
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._post("akill", aid, no_restart, done)
-        if threading.current_thread() is not self._thread:
-            done.result(30)
-
-    # ================================================================== loop
     def _record(self, aid: str, cls_name: str = "") -> ActorRecord:
-        ar = self._actors.get(aid)
+        ar = self.actors.get(aid)
         if ar is None:
-            ar = self._actors[aid] = ActorRecord(aid, cls_name)
+            ar = self.actors[aid] = ActorRecord(aid, cls_name)
         elif cls_name and not ar.cls_name:
             ar.cls_name = cls_name
         return ar
 
-    def _do_acreate(
+    def create(
         self,
         header: dict[str, Any],
         payload: list[Any],
         deps: list[ObjectRef],
         fut: concurrent.futures.Future[dict[str, Any]],
     ) -> None:
+        """Send an ``ACTOR_CREATE`` once its argument refs are ready (constructor errors and
+        the head's answer go to ``fut``)."""
         ar = self._record(header["aid"], header["cls_name"])
         ar.owned = True
         ar.announced = False
@@ -181,14 +112,13 @@ class ActorCalls:
         # The actor reads its constructor's arguments again on every restart: keep them.
         for d in deps:
             self.objects.mark_escaped(d.hex())
-        entries = [self._resolve(d) for d in deps]
-        waiting = [e for e in entries if e is not None and e.state not in (READY, FAILED)]
+        entries = [self.tasks.resolve(d) for d in deps]
+        waiting = [e for e in entries if e.state not in (READY, FAILED)]
 
         def send() -> None:
             dep_frames: list[Any] = []
             counts = []
             for e in entries:
-                assert e is not None
                 if e.state == FAILED:
                     fut.set_exception(
                         NbclusterError(
@@ -200,15 +130,10 @@ class ActorCalls:
                     return
                 dep_frames.extend(e.frames)
                 counts.append(len(e.frames))
-            rid = next(self._rid)
+            rid = self._next_rid()
             ar.announced = True
-            assert self._loop is not None
-            reply = self._loop.create_future()
-            self._replies[rid] = reply
-            reply.add_done_callback(lambda f: _settle(fut, f))
-            send_nowait(
-                self._head, encode({**header, "rid": rid, "deps": counts}, [*payload, *dep_frames])
-            )
+            self._emit(AwaitReply(rid, fut))
+            self._emit(ToHead({**header, "rid": rid, "deps": counts}, [*payload, *dep_frames]))
 
         if not waiting:
             send()
@@ -224,7 +149,8 @@ class ActorCalls:
             if not self.objects.on_ready(e.oid, one):
                 one(e)
 
-    def _do_ahandle(self, aid: str, cls_name: str, owned: bool, delta: int) -> None:
+    def count_handle(self, aid: str, cls_name: str, owned: bool, delta: int) -> None:
+        """A handle appeared or went away; the last one of an actor we own releases it."""
         ar = self._record(aid, cls_name)
         if owned:
             ar.owned = True
@@ -233,17 +159,16 @@ class ActorCalls:
             ar.release_when_idle = True
             self._maybe_release(ar)
 
-    def _do_aescaped(self, aid: str) -> None:
+    def escaped(self, aid: str) -> None:
+        """A handle went to another process: the actor is not ours to release any more."""
         self._record(aid).escaped = True
 
-    def _do_akill(
+    def kill(
         self, aid: str, no_restart: bool, done: concurrent.futures.Future[None] | None = None
     ) -> None:
+        """Ask the head to kill ``aid``; with ``no_restart`` it is dead here at once."""
         try:
-            send_nowait(
-                self._head,
-                encode({"k": Kind.ACTOR_KILL, "aid": aid, "no_restart": bool(no_restart)}),
-            )
+            self._emit(ToHead({"k": Kind.ACTOR_KILL, "aid": aid, "no_restart": bool(no_restart)}))
             if no_restart:
                 ar = self._record(aid)
                 ar.killed = True
@@ -255,35 +180,52 @@ class ActorCalls:
             if done is not None and not done.done():
                 done.set_result(None)
 
+    def claims(self) -> list[str]:
+        """The actors a rejoining ``HELLO`` names (not the ones whose creation was not sent
+        yet: the head would call them unknown)."""
+        return [aid for aid, ar in self.actors.items() if ar.announced]
+
     def _maybe_release(self, ar: ActorRecord) -> None:
         if ar.release_when_idle and not ar.pending and not ar.inflight:
             ar.release_when_idle = False
-            send_nowait(self._head, encode({"k": Kind.ACTOR_RELEASE, "aid": ar.aid}))
+            self._emit(ToHead({"k": Kind.ACTOR_RELEASE, "aid": ar.aid}))
 
-    def _do_acall(self, rec: TaskRecord, cls_name: str) -> None:
+    def call(self, rec: TaskRecord, cls_name: str) -> None:
+        """Queue a method call: it is sent once its arguments are ready and the actor alive."""
         assert rec.actor_id is not None
         ar = self._record(rec.actor_id, cls_name)
         if not ar.subscribed:
             ar.subscribed = True
-            send_nowait(self._head, encode({"k": Kind.ACTOR_RESOLVE, "aid": ar.aid}))
+            self._emit(ToHead({"k": Kind.ACTOR_RESOLVE, "aid": ar.aid}))
         ar.pending.append(rec)
-        self._do_submit(rec)  # resolves dependencies, then _actor_call_ready
+        self.tasks.submit(rec)  # resolves dependencies, then call_ready
 
-    def _actor_call_ready(self, rec: TaskRecord) -> None:
+    def call_ready(self, rec: TaskRecord) -> None:
+        """A call's arguments are here: send what can leave, in order."""
         assert rec.actor_id is not None
-        self._pump_actor(self._actors[rec.actor_id])
+        self._pump_actor(self.actors[rec.actor_id])
+
+    def finished(self, rec: TaskRecord) -> None:
+        """A call finished: if it was first in line (failed before it was sent: cancelled, or
+        an argument failed), the calls behind it may leave now."""
+        assert rec.actor_id is not None
+        ar = self.actors.get(rec.actor_id)
+        if ar is not None and ar.state == ALIVE and ar.pending and ar.pending[0] is rec:
+            self._pump_actor(ar)
 
     def _pump_actor(self, ar: ActorRecord) -> None:
         if ar.state == DEAD:
             self._fail_calls(ar, list(ar.pending))
             ar.pending.clear()
             return
-        if ar.state != ALIVE or ar.conn is None:
+        if ar.state != ALIVE or ar.conn is None or ar.conn.closed:
             return
         # Calls leave in submission order: a call waiting for its arguments holds up later ones.
         while ar.pending:
             rec = ar.pending[0]
-            if rec.cancelled or rec.tid not in self._by_tid:  # cancelled, or an argument failed
+            if (
+                rec.cancelled or rec.tid not in self.tasks.by_tid
+            ):  # cancelled, or an argument failed
                 ar.pending.popleft()
                 continue
             if rec.waiting_deps > 0:
@@ -308,49 +250,52 @@ class ActorCalls:
             header["deps"] = [len(f) for f in rec.dep_frames]
             for f in rec.dep_frames:
                 payload.extend(f)
-        send_nowait(ar.conn.sock, encode(header, payload))
+        self._emit(ToWorker(ar.conn, header, payload))
 
-    def _on_actor_result(self, rec: TaskRecord, h: dict[str, Any], payload: list[Any]) -> None:
+    def on_result(self, rec: TaskRecord, ev: TaskResultEvent) -> None:
+        """The result of a method call."""
         assert rec.actor_id is not None
-        ar = self._actors.get(rec.actor_id)
+        ar = self.actors.get(rec.actor_id)
         if ar is not None:
             ar.inflight.pop(rec.tid, None)
-        if h.get("ok"):
-            self._finish(rec, READY, split_parts(h.get("n", []), payload))
+        if ev.ok:
+            self.tasks.finish(rec, READY, split_parts(ev.counts, ev.payload))
         else:
-            self._finish(rec, FAILED, [payload] * len(rec.return_ids))
+            self.tasks.fail(rec, ev.payload)
         if ar is not None:
             self._maybe_release(ar)
 
-    def _cancel_actor_call(self, rec: TaskRecord, force: bool, err: list[Any]) -> None:
+    def cancel(self, rec: TaskRecord, err: list[Any]) -> None:
+        """Cancel a call: one not sent yet fails at once; a running one is asked to stop."""
         assert rec.actor_id is not None
-        ar = self._actors.get(rec.actor_id)
+        ar = self.actors.get(rec.actor_id)
         if ar is None:
             return
         if rec.tid in ar.inflight:
-            if ar.conn is not None:
-                msg = encode({"k": Kind.CANCEL, "tid": rec.tid, "force": False})
-                send_nowait(ar.conn.sock, list(msg))
-                send_nowait(ar.conn.ctrl, list(msg))
+            if ar.conn is not None and not ar.conn.closed:
+                self._emit(
+                    CancelOnWorker(ar.conn, {"k": Kind.CANCEL, "tid": rec.tid, "force": False})
+                )
             return
-        self._finish(rec, FAILED, err)  # not sent yet: _pump_actor skips it
+        self.tasks.fail(rec, err)  # not sent yet: _pump_actor skips it
 
-    # ================================================================== state from the head
-    def _on_actor_state(self, h: dict[str, Any], payload: list[Any]) -> None:
-        ar = self._record(h["aid"], h.get("cls_name", ""))
-        if "infeasible" in h:
+    # ------------------------------------------------------------------ state from the head
+    def on_state(self, ev: ActorStateChanged) -> None:
+        """``ACTOR_STATE``: follow the actor to its (new) worker, or fail its calls."""
+        ar = self._record(ev.aid, ev.cls_name)
+        if ev.infeasible is not None:
             log.warning(
                 "actor %s needs resources no node has in total (missing %s); it stays pending "
                 "until a node that can host it joins",
                 ar.cls_name,
-                h["infeasible"],
+                ev.infeasible,
             )
             return
-        state = h["state"]
+        state = ev.state
         if ar.killed and state != DEAD:
             return  # news sent before the head heard of our kill()
         if state == ALIVE:
-            addr, worker_id = h.get("addr"), h.get("worker_id") or ""
+            addr, worker_id = ev.addr, ev.worker_id
             moved = ar.conn is not None and (
                 ar.conn.addr != addr or (worker_id and ar.conn.worker_id != worker_id)
             )
@@ -359,22 +304,21 @@ class ActorCalls:
                     # A new instance elsewhere (we missed the restart, e.g. across a head
                     # restart): what the old worker had will never be answered.
                     self._retry_or_fail_inflight(ar, "it was restarted in another worker")
-                ctrl = str(h.get("control_addr") or addr)
-                ar.conn = self._conn(addr, ctrl, worker_id) if addr else None
+                ctrl = ev.control_addr or addr
+                ar.conn = self.conns.conn(addr, ctrl, worker_id) if addr else None
             ar.state = ALIVE
             self._pump_actor(ar)
         elif state == RESTARTING:
             ar.state = RESTARTING
             ar.conn = None
-            self._retry_or_fail_inflight(ar, h.get("reason", "its worker died"))
+            self._retry_or_fail_inflight(ar, ev.reason or "its worker died")
         elif state == DEAD:
-            if h.get("init_error"):
-                death = payload
+            if ev.init_error:
+                death = ev.payload
             else:
                 death = dumps(
                     ActorDiedError(
-                        f"the actor {ar.cls_name} ({ar.aid}) is dead: "
-                        f"{h.get('reason') or 'unknown'}"
+                        f"the actor {ar.cls_name} ({ar.aid}) is dead: {ev.reason or 'unknown'}"
                     )
                 )
             self._actor_dead(ar, death)
@@ -396,7 +340,7 @@ class ActorCalls:
                     f"({reason}); it is restarting, but the call is not retried "
                     f"(max_task_retries={ar.max_task_retries})"
                 )
-                self._finish(rec, FAILED, [dumps(err)] * len(rec.return_ids))
+                self.tasks.fail(rec, dumps(err))
         ar.inflight.clear()
         ar.pending.extendleft(reversed(retry))
 
@@ -412,16 +356,5 @@ class ActorCalls:
     def _fail_calls(self, ar: ActorRecord, calls: list[TaskRecord]) -> None:
         death = ar.death or dumps(ActorDiedError(f"the actor {ar.cls_name} is dead"))
         for rec in calls:
-            if rec.tid in self._by_tid:
-                self._finish(rec, FAILED, [death] * len(rec.return_ids))
-
-
-def _settle(fut: concurrent.futures.Future[dict[str, Any]], reply: Any) -> None:
-    if fut.done():
-        return
-    if reply.cancelled():
-        fut.set_exception(TaskCancelledError(None, "actor creation was cancelled"))
-    elif reply.exception() is not None:
-        fut.set_exception(reply.exception())
-    else:
-        fut.set_result(reply.result())
+            if rec.tid in self.tasks.by_tid:
+                self.tasks.fail(rec, death)

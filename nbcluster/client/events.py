@@ -14,16 +14,14 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from nbcluster.client.wire import send_nowait
-from nbcluster.protocol.codec import encode
+from nbcluster.client.inputs import FlushTaskEvents
+from nbcluster.client.instructions import Instruction, StartTimer, ToHead
 from nbcluster.protocol.messages import Kind
 
 if TYPE_CHECKING:
-    import asyncio
-
     from nbcluster.client.tasks import TaskRecord
 
 FLUSH_S = 0.5
@@ -32,52 +30,48 @@ SESSION_NAME_ENV = "JPY_SESSION_NAME"
 
 
 class TaskEvents:
-    """Buffers task events on the client's I/O thread and flushes them to the head.
+    """Buffers task events (part of the client's pure state) and flushes them to the head.
 
     Parameters
     ----------
-    loop
-        The client's I/O loop (every method runs on it).
-    head
-        The client's socket to the head.
+    emit
+        Where its instructions go: a flush timer when the buffer starts filling, and the
+        ``TASK_EVENTS`` message when it fires.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, head: Any) -> None:
-        self._loop = loop
-        self._head = head
+    def __init__(self, emit: Callable[[Instruction], None]) -> None:
+        self._emit = emit
         self._buf: list[tuple[Any, ...]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = False
+        #: The time of the event being handled (set by the state for each one).
+        self.now = 0.0
 
     def _add(self, ev: tuple[Any, ...]) -> None:
-        if self._timer is None:
-            if self._loop.is_closed():  # failing what was pending after the client closed
-                return
-            self._timer = self._loop.call_later(FLUSH_S, self.flush)
+        if not self._timer:
+            self._timer = True
+            self._emit(StartTimer(FLUSH_S, FlushTaskEvents()))
         self._buf.append(ev)
 
     def submitted(self, rec: TaskRecord) -> None:
-        self._add(("s", rec.tid, time.time(), rec.name, rec.shape))
+        self._add(("s", rec.tid, self.now, rec.name, rec.shape))
 
     def started(self, rec: TaskRecord, node_id: str) -> None:
-        self._add(("r", rec.tid, time.time(), node_id))
+        self._add(("r", rec.tid, self.now, node_id))
 
     def requeued(self, rec: TaskRecord) -> None:
-        self._add(("q", rec.tid, time.time()))
+        self._add(("q", rec.tid, self.now))
 
     def ended(self, rec: TaskRecord, ok: bool) -> None:
         code = "f" if ok else "c" if rec.cancelled else "x"
-        self._add((code, rec.tid, time.time()))
+        self._add((code, rec.tid, self.now))
 
     def flush(self) -> None:
-        """Send what is buffered (also called when the client closes)."""
-        self._timer = None
+        """Send what is buffered (when the flush timer fires)."""
+        self._timer = False
         if not self._buf:
             return
         buf, self._buf = self._buf, []
-        try:
-            send_nowait(self._head, encode({"k": Kind.TASK_EVENTS, "events": buf}))
-        except Exception:  # closing: the head ends this job's tasks when we leave
-            pass
+        self._emit(ToHead({"k": Kind.TASK_EVENTS, "events": buf}))
 
 
 def owner_identity() -> dict[str, str]:

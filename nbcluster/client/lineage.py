@@ -29,23 +29,29 @@ Borrowed arguments are fetched again from their owner, which rebuilds them (once
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from nbcluster.client.objects import FAILED, READY, Entry, ObjectTable
-from nbcluster.client.tasks import SchedClass, TaskRecord
+from nbcluster.client.inputs import ParkExpired
+from nbcluster.client.instructions import Instruction, StartTimer
+from nbcluster.client.objects import READY, Entry, ObjectTable
+from nbcluster.client.tasks import TaskRecord
 from nbcluster.exceptions import ObjectLostError
-from nbcluster.refs import ObjectRef
 from nbcluster.serialization import dumps
 from nbcluster.store.client import MARKER, is_stored
 
+if TYPE_CHECKING:
+    from nbcluster.client.events import TaskEvents
+    from nbcluster.client.leasing import Leasing
+    from nbcluster.client.ownership import Ownership
+    from nbcluster.client.submission import Tasks
+    from nbcluster.refs import ObjectRef
+
 MAX_RECONSTRUCTIONS = 3
-#: What :meth:`Lineage._dep_status` says of a ready argument.
+#: What :meth:`Lineage.dep_status` says of a ready argument.
 USE, WAIT, LOST = 0, 1, 2
 #: How long a task whose argument could not be read waits for the head to declare the argument's
 #: node dead (it does within 5 s for a node agent that stops answering) before it is sent again.
@@ -53,14 +59,14 @@ PARK_S = 15.0
 
 
 @dataclass
-class _Parked:
+class Parked:
     """A task whose argument could not be read from a node not (yet) known dead."""
 
     rec: TaskRecord
     indexes: list[int]
     store: str
     error: list[Any]  # the worker's error frames, if it comes to failing
-    timer: asyncio.TimerHandle | None = None
+    token: int = 0  # which park timer counts
 
 
 def stored_in(frames: list[Any]) -> str:
@@ -73,57 +79,76 @@ def stored_in(frames: list[Any]) -> str:
     return str(meta.get("store", ""))
 
 
+def lost_error(ref: ObjectRef, why: str) -> ObjectLostError:
+    """The error ``get`` raises for a value that was lost and cannot be (or was not) rebuilt."""
+    return ObjectLostError(
+        f"{ref!r} was lost: {why}. Results of tasks are rebuilt by running the task again; "
+        "values made by put() (and results of tasks whose large arguments were already "
+        "freed) cannot be"
+    )
+
+
 class Lineage:
-    """Mixin of :class:`~nbcluster.client.core.CoreClient`: keeps and replays task lineage."""
+    """Keeps the tasks that made stored results, and replays them when a node dies.
 
-    if TYPE_CHECKING:
-        objects: ObjectTable
-        _by_tid: dict[str, TaskRecord]
-        _classes: dict[tuple[tuple[str, float], ...], SchedClass]
-        _loop: asyncio.AbstractEventLoop | None
+    Parameters
+    ----------
+    objects
+        The object table.
+    events
+        Task events for the dashboards (a task waiting again counts as requeued).
+    emit
+        Where instructions go (park timers).
+    """
 
-        def _post(self, *item: Any) -> None: ...
-        def _do_submit(self, rec: TaskRecord) -> None: ...
-        def _dep_callback(self, rec: TaskRecord, i: int) -> Callable[[Entry], None]: ...
-        def _do_fetch(self, oid: str, owner: str) -> None: ...
-        def _pump(self, sc: SchedClass) -> None: ...
-        def _finish(self, rec: TaskRecord, state: int, parts: Any) -> None: ...
-        def _events(self) -> Any: ...
+    # Collaborators, set once by ClientState.
+    tasks: Tasks
+    leasing: Leasing
+    ownership: Ownership
 
-    def _init_lineage(self) -> None:
-        self._lineage: dict[str, TaskRecord] = {}  # stored result id -> the task that made it
-        self._dead_nodes: set[str] = set()  # node incarnations the head said died
-        self._parked: dict[str, _Parked] = {}  # task id -> waiting for its argument's node's fate
-        self._refetched: set[str] = set()  # borrowed values fetched again after their node died
+    def __init__(
+        self, objects: ObjectTable, events: TaskEvents, emit: Callable[[Instruction], None]
+    ) -> None:
+        self.objects = objects
+        self.events = events
+        self._emit = emit
+        self.records: dict[str, TaskRecord] = {}  # stored result id -> the task that made it
+        self.dead_nodes: set[str] = set()  # node incarnations the head said died
+        self.parked: dict[str, Parked] = {}  # task id -> waiting for its argument's node's fate
+        self.refetched: set[str] = set()  # borrowed values fetched again after their node died
+        self._tokens = 0
 
-    def _keep_lineage(self, rec: TaskRecord, parts: Any) -> bool:
+    def keep(self, rec: TaskRecord, parts: Any) -> bool:
         """Remember ``rec`` for its stored results; ``True`` if it was kept (keep its deps)."""
         if rec.actor_id is not None or rec.args_oid is not None:
             return False
         kept = False
         for oid, frames in zip(rec.return_ids, parts, strict=False):
             if is_stored(frames):
-                self._lineage[oid] = rec
+                self.records[oid] = rec
                 kept = True
         return kept
 
-    def _forget_lineage(self, oid: str) -> None:
-        # Any thread (called when an entry is dropped): a plain dict pop, no lock.
-        self._lineage.pop(oid, None)
-        self._refetched.discard(oid)
+    def forget(self, oid: str) -> None:
+        """The object is gone from this process: its lineage is no longer needed."""
+        self.records.pop(oid, None)
+        self.refetched.discard(oid)
 
-    def _is_lost(self, entry: Entry) -> bool:
+    @staticmethod
+    def is_lost(entry: Entry) -> bool:
         """Whether a ready value was stored on a node incarnation known to be dead."""
         return entry.state == READY and entry.lost
 
-    def _can_rebuild(self, oid: str) -> bool:
-        rec = self._lineage.get(oid)
+    def can_rebuild(self, oid: str) -> bool:
+        """Whether the task that made ``oid`` is known and may run again."""
+        rec = self.records.get(oid)
         return rec is not None and rec.rebuilds < MAX_RECONSTRUCTIONS
 
-    def _do_node_died(self, node_id: str, store_id: str) -> None:
-        if not store_id or node_id in self._dead_nodes:
+    def node_died(self, node_id: str, store_id: str) -> None:
+        """``NODE_DIED``: what its store holds is lost; tasks needing it wait for it again."""
+        if not store_id or node_id in self.dead_nodes:
             return
-        self._dead_nodes.add(node_id)
+        self.dead_nodes.add(node_id)
         # What that store holds now is lost. Not the store id itself: the node may come back as
         # a new incarnation with the same store, and what is stored there then is alive (a
         # dead store id made every later value there "lost", rebuilt until it failed for good).
@@ -131,16 +156,16 @@ class Lineage:
             if stored_in(entry.frames) == store_id:
                 entry.lost = True
         # Tasks queued with an argument in that store: get it back before sending them.
-        for sc in list(self._classes.values()):
+        for sc in list(self.leasing.classes.values()):
             waiting = [rec for rec in sc.queue if self._lost_args(rec)]
             for rec in waiting:
                 sc.queue.remove(rec)
                 self._rewait(rec, self._lost_args(rec), [])
             if waiting:
-                self._pump(sc)  # withdraws lease requests it no longer needs
+                self.leasing.pump(sc)  # withdraws lease requests it no longer needs
         # Tasks whose worker could not read an argument from there: now we know why.
-        for p in [p for p in self._parked.values() if p.store == store_id]:
-            self._unpark(p)
+        for p in [p for p in self.parked.values() if p.store == store_id]:
+            self.parked.pop(p.rec.tid, None)
             self._rewait(p.rec, p.indexes, p.error)
 
     # ------------------------------------------------------------------ lost arguments
@@ -156,7 +181,7 @@ class Lineage:
                 lost.append(i)
         return lost
 
-    def _held_back(self, rec: TaskRecord) -> bool:
+    def held_back(self, rec: TaskRecord) -> bool:
         """About to send ``rec``: if an argument of it was lost meanwhile (its node died while
         the task was queued, or its worker was lost), make it wait for that argument instead."""
         lost = self._lost_args(rec)
@@ -164,8 +189,8 @@ class Lineage:
             self._rewait(rec, lost, [])
         return bool(lost)
 
-    def _arg_lost(self, rec: TaskRecord, indexes: Any, error: list[Any]) -> bool:
-        """A worker could not read arguments ``indexes`` of ``rec`` (I/O thread).
+    def arg_lost(self, rec: TaskRecord, indexes: Any, error: list[Any]) -> bool:
+        """A worker could not read arguments ``indexes`` of ``rec``.
 
         Returns ``False`` when that cannot be helped (the task then fails with ``error``).
         """
@@ -173,7 +198,7 @@ class Lineage:
             return False
         if not all(isinstance(i, int) and 0 <= i < len(rec.deps) for i in indexes):
             return False
-        self._events().requeued(rec)
+        self.events.requeued(rec)
         for i in indexes:
             entry = self.objects.get(rec.deps[i].hex())
             if entry is None:
@@ -182,34 +207,31 @@ class Lineage:
             store = stored_in(entry.frames) if unchanged else ""
             if unchanged and store and not entry.lost:
                 # Unreadable, but its node is not known dead (yet): wait for the head's word.
-                p = self._parked[rec.tid] = _Parked(rec, list(indexes), store, error)
-                if self._loop is not None:
-                    p.timer = self._loop.call_later(PARK_S, self._park_expired, rec.tid)
+                self._tokens += 1
+                self.parked[rec.tid] = Parked(rec, list(indexes), store, error, self._tokens)
+                self._emit(StartTimer(PARK_S, ParkExpired(rec.tid, self._tokens)))
                 return True
         self._rewait(rec, list(indexes), error)
         return True
 
-    def _unpark(self, p: _Parked) -> None:
-        self._parked.pop(p.rec.tid, None)
-        if p.timer is not None:
-            p.timer.cancel()
-            p.timer = None
-
-    def _park_expired(self, tid: str) -> None:
+    def park_expired(self, ev: ParkExpired) -> None:
         """The argument's node was not declared dead: it lives, so send the task again."""
-        p = self._parked.pop(tid, None)
-        if p is None or p.rec.cancelled or tid not in self._by_tid:
+        p = self.parked.get(ev.tid)
+        if p is None or p.token != ev.token:
             return
+        del self.parked[ev.tid]
         rec = p.rec
+        if rec.cancelled or ev.tid not in self.tasks.by_tid:
+            return
         if rec.max_retries != -1 and rec.attempts >= rec.max_retries:
-            self._finish(rec, FAILED, [p.error] * len(rec.return_ids))
+            self.tasks.fail(rec, p.error)
             return
         rec.attempts += 1
         self._rewait(rec, p.indexes, p.error)  # takes the arguments as they are now
 
     def _rewait(self, rec: TaskRecord, indexes: list[int], error: list[Any]) -> None:
         """Make ``rec`` wait again for its arguments ``indexes``, rebuilding the lost ones."""
-        if rec.cancelled or rec.tid not in self._by_tid:
+        if rec.cancelled or rec.tid not in self.tasks.by_tid:
             return
         rec.lease = None
         waits: list[tuple[int, Entry]] = []
@@ -222,49 +244,49 @@ class Lineage:
             waits.append((i, entry))
         rec.waiting_deps = len(waits)
         for i, entry in waits:
-            if rec.tid not in self._by_tid:
+            if rec.tid not in self.tasks.by_tid:
                 return  # failed meanwhile
-            if entry.state == READY and entry.frames is rec.dep_frames[i] and self._is_lost(entry):
+            if entry.state == READY and entry.frames is rec.dep_frames[i] and self.is_lost(entry):
                 if entry.owned:
-                    if not self._can_rebuild(entry.oid):
+                    if not self.can_rebuild(entry.oid):
                         self._fail_lost(rec, error, f"argument {i} was lost with its node")
                         return
-                    self._do_reconstruct(entry.oid)
+                    self.reconstruct(entry.oid)
                 elif not self._refetch(entry):
                     self._fail_lost(rec, error, f"argument {i} was lost with its node")
                     return
-            done = self._dep_callback(rec, i)
+            done = self.tasks.dep_callback(rec, i)
             if not self.objects.on_ready(entry.oid, done):
                 done(entry)
 
     def _refetch(self, entry: Entry) -> bool:
         """Fetch a borrowed value again from its owner (which rebuilds it); once per value."""
-        if entry.oid in self._refetched or not entry.owner:
+        if entry.oid in self.refetched or not entry.owner:
             return False
-        self._refetched.add(entry.oid)
+        self.refetched.add(entry.oid)
         self.objects.reset(entry.oid)
         entry.fetching = False
-        self._do_fetch(entry.oid, entry.owner)
+        self.ownership.fetch(entry, entry.owner)
         return True
 
     def _fail_lost(self, rec: TaskRecord, error: list[Any], why: str) -> None:
         if not error:
             error = dumps(ObjectLostError(f"task {rec.name}: {why}; it cannot be rebuilt"))
-        self._finish(rec, FAILED, [error] * len(rec.return_ids))
+        self.tasks.fail(rec, error)
 
-    def _dep_status(self, entry: Entry) -> int:
+    def dep_status(self, entry: Entry) -> int:
         """Whether a ready argument can be sent as it is (:data:`USE`), is being rebuilt or
         fetched again (:data:`WAIT`), or was lost with its node for good (:data:`LOST`)."""
-        if not self._is_lost(entry):
+        if not self.is_lost(entry):
             return USE
         if entry.owned:
-            if self._can_rebuild(entry.oid):
-                self._do_reconstruct(entry.oid)
+            if self.can_rebuild(entry.oid):
+                self.reconstruct(entry.oid)
                 return WAIT
             return LOST
         return WAIT if self._refetch(entry) else LOST
 
-    def _lost_dep_error(self, rec: TaskRecord, entry: Entry) -> list[Any]:
+    def lost_dep_error(self, rec: TaskRecord, entry: Entry) -> list[Any]:
         """Error frames for ``rec``, whose argument ``entry`` was lost for good."""
         return dumps(
             ObjectLostError(
@@ -274,38 +296,17 @@ class Lineage:
             )
         )
 
-    def _do_reconstruct(self, oid: str) -> None:
-        """Re-run the task that made ``oid`` (I/O thread); idempotent while it runs."""
-        rec = self._lineage.get(oid)
+    def reconstruct(self, oid: str) -> None:
+        """Re-run the task that made ``oid``; idempotent while it runs."""
+        rec = self.records.get(oid)
         if rec is None:
             return
-        if rec.tid in self._by_tid:
+        if rec.tid in self.tasks.by_tid:
             return  # already being rebuilt
         rec.rebuilds += 1
         for rid in rec.return_ids:
             self.objects.reset(rid)
         rec.lease = None
         rec.attempts = 0
-        self._do_submit(rec)
-
-    def _lost_error(self, ref: ObjectRef, why: str) -> ObjectLostError:
-        return ObjectLostError(
-            f"{ref!r} was lost: {why}. Results of tasks are rebuilt by running the task again; "
-            "values made by put() (and results of tasks whose large arguments were already "
-            "freed) cannot be"
-        )
-
-    def _recover(self, ref: ObjectRef, why: str, timeout: float | None) -> None:
-        """Rebuild ``ref`` and wait for it (user thread); raises when it cannot be rebuilt."""
-        oid = ref.hex()
-        if not self._can_rebuild(oid):
-            raise self._lost_error(ref, why)
-        ev = threading.Event()
-        self._post("reconstruct_then", oid, ev)
-        if not ev.wait(timeout if timeout is not None else 3600.0):
-            raise self._lost_error(ref, f"{why}; rebuilding it did not finish in time")
-
-    def _do_reconstruct_then(self, oid: str, ev: threading.Event) -> None:
-        self._do_reconstruct(oid)
-        if not self.objects.on_ready(oid, lambda _e: ev.set()):
-            ev.set()
+        rec.cancelled = rec.force_cancel = False  # (a run cancelled too late to stop it)
+        self.tasks.submit(rec)

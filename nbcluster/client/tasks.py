@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nbcluster.client.workers import WorkerConn
 
 
 @dataclass
@@ -25,7 +28,7 @@ class TaskRecord:
     nret: int = 1
     dep_frames: list[list[Any]] = field(default_factory=list)
     waiting_deps: int = 0
-    lease: Any = None
+    lease: Lease | None = None  # the lease it was last sent on, while it runs
     cancelled: bool = False
     force_cancel: bool = False
     attempts: int = 0
@@ -54,9 +57,9 @@ class Lease:
     gpus: list[int]
     shape: dict[str, float]  # the resources it holds (told to a restarted head)
     shape_key: tuple[Any, ...]  # its scheduling class: also strategy and preferred store
-    conn: Any  # WorkerConn
+    conn: WorkerConn
     inflight: deque[TaskRecord] = field(default_factory=deque)
-    linger: Any = None  # asyncio.TimerHandle returning the lease when idle
+    linger_token: int = 0  # bumped when busy or dropped: an older linger timer is void
 
 
 @dataclass

@@ -1,0 +1,369 @@
+"""Worker leases: queues per scheduling class, lease requests, dispatch, retries.
+
+Part of :class:`~nbcluster.client.state.ClientState` (pure: it only returns instructions).
+Ready tasks wait in a queue per scheduling class (:class:`~nbcluster.client.tasks.SchedClass`);
+for each queued task the head is asked for a lease (at most :data:`MAX_LEASE_REQUESTS` per
+class), and each leased worker runs one task at a time. An idle lease is kept
+:data:`LEASE_LINGER_S` for the next task of its class, then returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from nbcluster.client.inputs import LeaseGranted, LeaseInfeasible, LeaseLost, LingerExpired
+from nbcluster.client.inputs import TaskResult as TaskResultEvent
+from nbcluster.client.instructions import Instruction, StartTimer, ToHead, ToWorker
+from nbcluster.client.objects import READY
+from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
+from nbcluster.client.wire import split_parts
+from nbcluster.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
+from nbcluster.protocol.messages import Kind
+from nbcluster.scheduling import preferred_store, stored_bytes
+from nbcluster.serialization import dumps, loads
+
+if TYPE_CHECKING:
+    from nbcluster.client.events import TaskEvents
+    from nbcluster.client.lineage import Lineage
+    from nbcluster.client.submission import Tasks
+    from nbcluster.client.workers import WorkerConns
+
+log = logging.getLogger("nbcluster")
+
+MAX_LEASE_REQUESTS = 16  # outstanding lease requests per resource shape
+LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
+
+
+class Leasing:
+    """Scheduling classes, the leases we hold and the lease requests we wait on.
+
+    Parameters
+    ----------
+    events
+        Task events for the dashboards.
+    conns
+        Our connections to workers.
+    next_rid
+        Gives request ids (shared with the shell's queries: one id space per client).
+    emit
+        Where instructions go.
+    """
+
+    # Collaborators, set once by ClientState.
+    tasks: Tasks
+    lineage: Lineage
+
+    def __init__(
+        self,
+        events: TaskEvents,
+        conns: WorkerConns,
+        next_rid: Callable[[], int],
+        emit: Callable[[Instruction], None],
+    ) -> None:
+        self.events = events
+        self.conns = conns
+        self._next_rid = next_rid
+        self._emit = emit
+        self.classes: dict[tuple[Any, ...], SchedClass] = {}
+        self.rid_class: dict[int, SchedClass] = {}  # outstanding request id -> its class
+        self.leases: dict[str, Lease] = {}
+        self.seen_nodes: set[str] = set()  # nodes we were leased workers on
+        self.closing = False  # leases granted from now on go back at once
+
+    # ------------------------------------------------------------------ queues
+    def enqueue(self, rec: TaskRecord) -> None:
+        """Queue a ready task in its scheduling class and ask for leases as needed."""
+        locality: dict[str, int] = {}
+        # Sent again (a retry, a rebuild, an argument got back): its preferred store may differ.
+        rec.shape_key = tuple(kv for kv in rec.shape_key if kv[0] != "@store")
+        if rec.strategy is None:
+            # Locality: prefer the node whose store holds most bytes of the arguments; tasks
+            # preferring different nodes need leases on different nodes.
+            locality = stored_bytes([rec.args, *rec.dep_frames])
+            best = preferred_store(locality)
+            if best is not None:
+                rec.shape_key += (("@store", best),)
+        sc = self.classes.get(rec.shape_key)
+        if sc is None:
+            sc = SchedClass(rec.shape, rec.shape_key, rec.strategy, locality, renv=rec.renv)
+            self.classes[rec.shape_key] = sc
+        sc.queue.append(rec)
+        self.pump(sc)
+
+    def unqueue(self, rec: TaskRecord) -> None:
+        """Take a task that was not sent yet out of its queue (cancelled)."""
+        sc = self.classes.get(rec.shape_key)
+        if sc is not None and rec in sc.queue:
+            sc.queue.remove(rec)
+            self.pump(sc)  # withdraws a lease request no longer needed
+
+    def pump(self, sc: SchedClass) -> None:
+        """Send queued tasks to idle leases; ask for (or withdraw) lease requests to match."""
+        # One task at a time per leased worker. (Queueing several on one worker doubles the
+        # throughput of tiny tasks, but a long task would then hold up the ones queued behind
+        # it while other workers idle; that needs work stealing first.)
+        # (A lease whose connection was replaced, a new worker at its address, is waiting for
+        # its LEASE_LOST: nothing more goes to it.)
+        idle = [lease for lease in sc.leases if not lease.inflight and not lease.conn.closed]
+        while sc.queue and idle:
+            rec = sc.queue.popleft()
+            if self.lineage.held_back(rec):
+                idle = [lease for lease in idle if not lease.inflight]  # it may have re-pumped
+                continue
+            self._dispatch(rec, idle.pop())
+        want = min(len(sc.queue), MAX_LEASE_REQUESTS) - len(sc.requests)
+        for _ in range(want):
+            rid = self._next_rid()
+            sc.requests.add(rid)
+            self.rid_class[rid] = sc
+            name = sc.queue[0].name if sc.queue else ""
+            req = {"k": Kind.LEASE_REQUEST, "rid": rid, "shape": sc.shape, "name": name}
+            if sc.strategy is not None:
+                req["strategy"] = sc.strategy
+            if sc.locality:
+                req["locality"] = sc.locality
+            if sc.renv is not None:
+                req["env"] = sc.renv["key"]  # workers of another environment will not do
+            self._emit(ToHead(req))
+        if not sc.queue and sc.requests:
+            for rid in sc.requests:
+                self.rid_class.pop(rid, None)
+                self._emit(ToHead({"k": Kind.LEASE_CANCEL, "rid": rid}))
+            sc.requests.clear()
+
+    def _dispatch(self, rec: TaskRecord, lease: Lease) -> None:
+        lease.linger_token += 1  # busy again: a pending linger timer no longer counts
+        conn = lease.conn
+        rec.lease = lease
+        lease.inflight.append(rec)
+        self.events.started(rec, lease.node_id)
+        header: dict[str, Any] = {
+            "k": Kind.TASK,
+            "tid": rec.tid,
+            "fn": rec.fn_id,
+            "name": rec.name,
+            "nargs": len(rec.args),
+            "nret": rec.nret,
+        }
+        payload: list[Any] = []
+        if rec.fn_id not in conn.fns_sent:
+            header["fnb"] = 1
+            payload.append(rec.fn_blob)
+            conn.fns_sent.add(rec.fn_id)
+        payload.extend(rec.args)
+        if rec.dep_frames:
+            header["deps"] = [len(f) for f in rec.dep_frames]
+            for f in rec.dep_frames:
+                payload.extend(f)
+        if lease.gpus:
+            header["gpus"] = lease.gpus
+        assigned: dict[str, Any] = dict(rec.shape)
+        if lease.gpus:
+            assigned["GPU_IDS"] = lease.gpus
+        header["assigned"] = assigned
+        if rec.renv is not None:
+            header["renv"] = rec.renv
+        self._emit(ToWorker(conn, header, payload))
+
+    # ------------------------------------------------------------------ leases
+    def on_grant(self, ev: LeaseGranted) -> None:
+        """``LEASE_GRANTED``: use the worker for the class that asked (or give it back)."""
+        sc = self.rid_class.pop(ev.rid, None)
+        if sc is not None:
+            sc.requests.discard(ev.rid)
+        if sc is None or self.closing:
+            sc = self.classes.get(tuple(sorted(ev.shape.items())))
+            if sc is None or not sc.queue:
+                self._emit(ToHead({"k": Kind.LEASE_RETURN, "lease_id": ev.lease_id}))
+                return
+        conn = self.conns.conn(ev.worker_addr, ev.control_addr, ev.worker_id)
+        lease = Lease(
+            lease_id=ev.lease_id,
+            worker_id=ev.worker_id,
+            worker_addr=ev.worker_addr,
+            control_addr=ev.control_addr,
+            pid=ev.pid,
+            node_id=ev.node_id,
+            node_name=ev.node_name,
+            gpus=list(ev.gpus),
+            shape=dict(sc.shape),
+            shape_key=sc.key or tuple(sorted(ev.shape.items())),
+            conn=conn,
+        )
+        conn.lease = lease
+        conn.node_id, conn.node_name = lease.node_id, lease.node_name
+        self.seen_nodes.add(lease.node_id)
+        self.leases[lease.lease_id] = lease
+        sc.leases.append(lease)
+        self.pump(sc)
+        if not lease.inflight:
+            self._linger(lease)
+
+    def on_lease_failed(self, rid: int, msg: str) -> None:
+        """The head can never place this request (e.g. hard affinity to a dead node): every
+        task waiting in its class fails with ``TaskUnschedulableError``."""
+        sc = self.rid_class.pop(rid, None)
+        if sc is None:
+            return
+        sc.requests.discard(rid)
+        while sc.queue:
+            rec = sc.queue.popleft()
+            err = TaskUnschedulableError(f"{rec.name} cannot be scheduled: {msg}")
+            self.tasks.fail(rec, dumps(err))
+        self.pump(sc)  # withdraws the class's other requests
+
+    def on_infeasible(self, ev: LeaseInfeasible) -> None:
+        """No node has the resources in total: say so once per class."""
+        sc = self.rid_class.get(ev.rid)
+        if sc is None or sc.infeasible_warned:
+            return
+        sc.infeasible_warned = True
+        missing = ", ".join(f"{k}: {v:g}" for k, v in ev.missing.items())
+        name = sc.queue[0].name if sc.queue else "a task"
+        log.warning(
+            "%s needs {%s} but no node in the cluster has that much in total (missing "
+            "%s); it stays pending until a node that can run it joins",
+            name,
+            ", ".join(f"{k}: {v:g}" for k, v in ev.shape.items()),
+            missing,
+        )
+
+    def _linger(self, lease: Lease) -> None:
+        lease.linger_token += 1
+        self._emit(StartTimer(LEASE_LINGER_S, LingerExpired(lease, lease.linger_token)))
+
+    def on_linger_expired(self, ev: LingerExpired) -> None:
+        """Return the lease if it stayed idle since the timer started."""
+        lease = ev.lease
+        if ev.token != lease.linger_token or lease.inflight or lease.lease_id not in self.leases:
+            return
+        self._drop_lease(lease)
+        self._emit(ToHead({"k": Kind.LEASE_RETURN, "lease_id": lease.lease_id}))
+
+    def _drop_lease(self, lease: Lease) -> None:
+        self.leases.pop(lease.lease_id, None)
+        sc = self.classes.get(lease.shape_key)
+        if sc is not None and lease in sc.leases:
+            sc.leases.remove(lease)
+        if lease.conn.lease is lease:
+            lease.conn.lease = None
+        lease.linger_token += 1
+
+    def on_lease_lost(self, ev: LeaseLost) -> None:
+        """The worker died or its node went away: retry (or fail) the task it was running."""
+        lease = self.leases.get(ev.lease_id)
+        if lease is None:
+            return
+        reason, free_retry = ev.reason, ev.drain
+        self._drop_lease(lease)
+        conn = self.conns.by_addr.get(lease.worker_addr)
+        if conn is not None and conn is lease.conn:  # not a later worker's
+            self.conns.close(conn)
+        inflight = list(lease.inflight)
+        lease.inflight.clear()
+        sc = self.classes.get(lease.shape_key)
+        requeue: list[TaskRecord] = []
+        for i, rec in enumerate(inflight):
+            rec.lease = None
+            if i > 0:  # never started: the worker runs its tasks in order
+                requeue.append(rec)
+                continue
+            if rec.force_cancel or rec.cancelled:
+                self.tasks.fail(rec, dumps(TaskCancelledError(rec.tid)))
+            elif free_retry:
+                log.info("%s: %s; running it elsewhere", rec.name, reason)
+                requeue.append(rec)
+            elif rec.max_retries == -1 or rec.attempts < rec.max_retries:
+                rec.attempts += 1
+                log.warning(
+                    "%s: %s while running %s; retrying (%d/%s)",
+                    rec.name,
+                    reason,
+                    rec.tid,
+                    rec.attempts,
+                    "inf" if rec.max_retries == -1 else rec.max_retries,
+                )
+                requeue.append(rec)
+            else:
+                err = WorkerCrashedError(
+                    f"the worker running {rec.name} died: {reason} "
+                    f"(node {lease.node_name or lease.node_id}); "
+                    f"{rec.attempts} retr{'y' if rec.attempts == 1 else 'ies'} used of "
+                    f"max_retries={rec.max_retries}"
+                )
+                self.tasks.fail(rec, dumps(err))
+        if sc is not None:
+            for rec in requeue:
+                self.events.requeued(rec)
+            sc.queue.extendleft(reversed(requeue))
+            self.pump(sc)
+
+    # ------------------------------------------------------------------ results
+    def on_result(self, rec: TaskRecord, ev: TaskResultEvent) -> None:
+        """The result of a plain task: complete, retry, or make it wait for a lost argument."""
+        lease = ev.conn.lease
+        if lease is not None:
+            with contextlib.suppress(ValueError):
+                lease.inflight.remove(rec)
+        rec.lease = None
+        if ev.ok:
+            self.tasks.finish(rec, READY, split_parts(ev.counts, ev.payload))
+        elif ev.err == "cancelled":
+            self.tasks.fail(rec, ev.payload)
+        elif ev.lost and not rec.cancelled and self.lineage.arg_lost(rec, ev.lost, ev.payload):
+            pass  # an argument was lost with its node: the task waits for it again
+        elif self._should_retry_exception(rec, ev.payload):
+            rec.attempts += 1
+            self.classes[rec.shape_key].queue.appendleft(rec)
+            self.events.requeued(rec)
+        else:
+            self.tasks.fail(rec, ev.payload)
+        if lease is not None:
+            lease_class = self.classes.get(lease.shape_key)
+            if lease_class is not None:
+                self.pump(lease_class)
+            if not lease.inflight and lease.lease_id in self.leases:
+                self._linger(lease)
+
+    def _should_retry_exception(self, rec: TaskRecord, payload: list[Any]) -> bool:
+        if not rec.retry_exceptions or rec.cancelled:
+            return False
+        if rec.max_retries != -1 and rec.attempts >= rec.max_retries:
+            return False
+        if rec.retry_exceptions is True:
+            return True
+        try:
+            err = loads(payload)
+        except Exception:
+            return False
+        cause = getattr(err, "cause", None)
+        return isinstance(cause, rec.retry_exceptions)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ head restarts
+    def claims(self) -> list[dict[str, Any]]:
+        """The leases we hold, as a rejoining ``HELLO`` names them."""
+        return [
+            {
+                "lease_id": ls.lease_id,
+                "worker_id": ls.worker_id,
+                "shape": ls.shape,  # not shape_key: that also names strategy and store
+                "gpus": ls.gpus,
+                "env": dict(kv for kv in ls.shape_key if len(kv) == 2).get("@env", ""),
+            }
+            for ls in self.leases.values()
+        ]
+
+    def rejoined(self) -> None:
+        """A restarted head took us back: ask again for the leases we wait for."""
+        for sc in self.classes.values():
+            for rid in sc.requests:
+                self.rid_class.pop(rid, None)
+            sc.requests.clear()
+            self.pump(sc)
+
+    def multi_node(self, node_id: str, own_node: str) -> bool:
+        """Whether naming the node in output helps (one machine, one node: it is noise)."""
+        return len(self.seen_nodes) > 1 or node_id != own_node
