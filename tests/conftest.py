@@ -51,7 +51,7 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 def local_slurm() -> Iterator[Any]:
     """A single-node Slurm of this test session (``tests/slurm_local.py``), installed with apt
     and started on first use; skipped with the reason where it cannot run (not root)."""
-    from tests.slurm_local import LocalSlurm, why_unavailable
+    from tests.slurm_local import INFRASTRUCTURE_PIDS, LocalSlurm, why_unavailable
 
     why = why_unavailable()
     if why is not None:
@@ -62,8 +62,13 @@ def local_slurm() -> Iterator[Any]:
     except BaseException:
         slurm.stop()
         raise
-    yield slurm
-    slurm.stop()
+    daemons = {p.pid for p in slurm.procs}
+    INFRASTRUCTURE_PIDS.update(daemons)
+    try:
+        yield slurm
+    finally:
+        slurm.stop()
+        INFRASTRUCTURE_PIDS.difference_update(daemons)
 
 
 def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> object:
@@ -79,7 +84,19 @@ def wait_until(cond: Callable[[], object], timeout: float = 10.0, interval: floa
 
 
 def descendants() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
+    """This process's descendants, without long-lived test infrastructure and its children."""
+    from tests.slurm_local import INFRASTRUCTURE_PIDS  # one registry, however conftest is loaded
+
+    procs = psutil.Process().children(recursive=True)
+    if not INFRASTRUCTURE_PIDS:
+        return procs
+    skip = set(INFRASTRUCTURE_PIDS)
+    for pid in INFRASTRUCTURE_PIDS:
+        try:
+            skip.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            continue
+    return [p for p in procs if p.pid not in skip]
 
 
 def all_gone(pids: list[int]) -> bool:

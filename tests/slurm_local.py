@@ -65,6 +65,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Processes of test infrastructure that outlive single tests (the session's Slurm daemons):
+#: they and their children are not processes a test started (``conftest.descendants``).
+INFRASTRUCTURE_PIDS: set[int] = set()
+
+
 class LocalSlurm:
     """One single-node Slurm cluster (see the module docstring)."""
 
