@@ -104,6 +104,16 @@ def test_bad_partition_is_a_clear_error(driver: nb.ClusterInfo, tmp_path: Path) 
     pool.close()
 
 
+def test_a_missing_sbatch_is_a_clear_error(driver: nb.ClusterInfo, tmp_path: Path) -> None:
+    pool = _pool(tmp_path, sbatch=str(tmp_path / "no-such-sbatch"))
+    with pytest.raises(PoolError) as e:
+        pool.scale(1)
+    msg = str(e.value)
+    assert "no-such-sbatch" in msg and "not found" in msg and "sbatch=" in msg, msg
+    assert all(j.state == JobState.GONE for j in pool.status()), pool.status()  # none left waiting
+    pool.close()
+
+
 def test_adapt_grows_from_zero_for_pending_work_and_shrinks_when_idle(
     driver: nb.ClusterInfo, local_slurm: LocalSlurm, tmp_path: Path
 ) -> None:
