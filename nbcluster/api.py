@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import socket
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from nbcluster.runtime_env.spec import parse as parse_runtime_env
 from nbcluster.runtime_env.upload import set_job_env
 
 ADDRESS_ENV = "NBCLUSTER_ADDRESS"
+
+log = logging.getLogger(__name__)
 
 # Serialises init() and shutdown(); what they set up is the one session (client.current).
 _init_lock = threading.Lock()
@@ -268,6 +273,42 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def _auto_init() -> CoreClient:
+    """Ray's automatic start: the first use of the API without ``init()`` calls ``init()``.
+
+    It joins ``$NBCLUSTER_ADDRESS`` when set (a kernel of a Jupyter server that hosts a head),
+    else starts a local cluster, and says which in one line. Threads racing here get one cluster:
+    the check and the start run under ``init()``'s lock.
+    """
+    if context.in_worker():  # a worker's tasks connect through the worker's own connector
+        raise RuntimeError("nbcluster is not initialized: call nbcluster.init() first")
+    with _init_lock:  # check and start as one step: one cluster, one line
+        session = current.session()
+        if session is None:
+            info = _init(None, None, None, None, None, True, None, None, None)
+            if info.local:
+                _announce(f"Started a local nbcluster instance at {info.address}.")
+            else:
+                _announce(f"Connected to nbcluster cluster at {info.address}.")
+            session = current.session()
+            if session is None:  # _init() sets it or raises
+                raise RuntimeError("nbcluster: the automatic start left no session")
+    return session.client
+
+
+def _announce(message: str) -> None:
+    """Log ``message`` at INFO; where logging would not show it, write it to stderr as Ray does
+    (in a notebook that is the cell's output)."""
+    if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+        log.info(message)
+        return
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"{stamp} INFO nbcluster -- {message}", file=sys.stderr, flush=True)
+
+
+current.set_driver_connector(_auto_init)
+
+
 def _client() -> CoreClient:
     return current.require()
 
@@ -463,7 +504,9 @@ class RuntimeContext:
 
 
 def get_runtime_context() -> RuntimeContext:
-    """Information about the calling driver or task."""
+    """Information about the calling driver or task (in a driver: starts a cluster if needed)."""
+    if not context.in_worker():
+        _client()  # Ray's automatic start
     return RuntimeContext()
 
 

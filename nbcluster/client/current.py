@@ -2,7 +2,8 @@
 
 This module sits below the client (``refs`` and ``remote`` find the client here), so it cannot
 import the client to connect a worker's tasks on first use: the worker process registers how
-(:func:`set_worker_connector`).
+(:func:`set_worker_connector`). A driver that uses the API before ``init()`` starts or joins a
+cluster as Ray does: the API layer registers how (:func:`set_driver_connector`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Session:
 _session: Session | None = None
 _lock = threading.RLock()
 _worker_connector: Callable[[], CoreClient] | None = None
+_driver_connector: Callable[[], CoreClient] | None = None
 
 
 def session() -> Session | None:
@@ -57,13 +59,19 @@ def set_worker_connector(connect: Callable[[], CoreClient]) -> None:
     _worker_connector = connect
 
 
+def set_driver_connector(connect: Callable[[], CoreClient]) -> None:
+    """In a driver: how to start or join a cluster when the API is used before ``init()``."""
+    global _driver_connector
+    _driver_connector = connect
+
+
 def require() -> CoreClient:
-    """The connected client; inside a worker, connect on first use.
+    """The connected client; connect on first use (a worker's tasks, or a driver without init).
 
     Raises
     ------
     RuntimeError
-        In a driver that has not called ``nbcluster.init()``.
+        In a driver that has not called ``nbcluster.init()``, when no automatic start is set up.
     """
     s = _session
     if s is not None:
@@ -75,4 +83,9 @@ def require() -> CoreClient:
             client = _worker_connector()
             set_session(Session(client))
             return client
+        driver = _driver_connector
+    if driver is not None:
+        # Outside our lock: the connector serialises with init()/shutdown() on its own lock, which
+        # init() holds while it calls require() (one lock order, no deadlock).
+        return driver()
     raise RuntimeError("nbcluster is not initialized: call nbcluster.init() first")
