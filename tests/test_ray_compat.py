@@ -4,8 +4,15 @@
 from __future__ import annotations
 
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+import nbcluster as nb
+from nbcluster.util import ActorPool
 from tests.conftest import ROOT, run_script
 from tests.multinode import Procs
 
@@ -146,3 +153,112 @@ def test_without_a_session_the_old_error_remains_for_code_that_is_not_a_driver()
     )
     assert "ERROR nbcluster is not initialized: call nbcluster.init() first" in out
     assert "INIT False" in out
+
+
+# --- util.ActorPool ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_cluster() -> Iterator[nb.ClusterInfo]:
+    nb.shutdown()
+    info = nb.init(num_cpus=2)
+    yield info
+    nb.shutdown()
+
+
+@nb.remote
+class Sleeper:
+    def work(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    def double(self, x: int) -> int:
+        if x < 0:
+            raise ValueError(f"negative {x}")
+        return 2 * x
+
+
+def _work(actor: Any, seconds: float) -> Any:
+    return actor.work.remote(seconds)
+
+
+@pytest.fixture(scope="module")
+def sleepers(small_cluster: nb.ClusterInfo) -> list[Any]:
+    actors = [Sleeper.remote() for _ in range(2)]
+    assert nb.get([a.double.remote(1) for a in actors], timeout=60) == [2, 2]
+    return actors
+
+
+def test_actor_pool_map_keeps_order_map_unordered_does_not(sleepers: list[Any]) -> None:
+    pool = ActorPool(sleepers)
+    durations = [1.0, 0.1, 0.1]
+    assert list(pool.map(_work, durations)) == durations
+    assert list(pool.map(lambda a, v: a.double.remote(v), range(5))) == [0, 2, 4, 6, 8]
+    # One actor sleeps 1 s while the other runs both short calls: they come out first.
+    assert list(pool.map_unordered(_work, durations)) == [0.1, 0.1, 1.0]
+    assert not pool.has_next()
+
+
+def test_actor_pool_submit_get_next_and_its_errors(sleepers: list[Any]) -> None:
+    pool = ActorPool(sleepers)
+    with pytest.raises(StopIteration, match="No more results to get"):
+        pool.get_next()
+    for v in (3, -1, 4):
+        pool.submit(lambda a, v: a.double.remote(v), v)
+    assert not pool.has_free()  # two busy, one waiting for an actor
+    assert pool.get_next(timeout=60) == 6
+    with pytest.raises(ValueError, match="negative -1"):
+        pool.get_next(timeout=60)
+    assert pool.get_next(timeout=60) == 8
+    assert not pool.has_next()
+    assert pool.has_free()
+
+
+def test_actor_pool_get_next_timeout_raises_and_can_ignore(sleepers: list[Any]) -> None:
+    pool = ActorPool(sleepers)
+    pool.submit(_work, 1.5)
+    pool.submit(_work, 0.0)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"^Timed out waiting for result$"):
+        pool.get_next(timeout=0.2)
+    assert time.monotonic() - start < 1.2
+    assert pool.has_next()  # not ignored: still the next result
+    with pytest.raises(TimeoutError, match="has been ignored"):
+        pool.get_next(timeout=0.1, ignore_if_timedout=True)
+    assert pool.get_next(timeout=60) == 0.0  # moved on past the ignored one
+    assert not pool.has_next()
+    pool.submit(_work, 1.5)
+    with pytest.raises(TimeoutError, match=r"^Timed out waiting for result$"):
+        pool.get_next_unordered(timeout=0.1)
+    assert pool.get_next_unordered(timeout=60) == 1.5
+
+
+def test_actor_pool_get_next_after_unordered_is_refused(sleepers: list[Any]) -> None:
+    pool = ActorPool(sleepers)
+    pool.submit(_work, 0.5)
+    pool.submit(_work, 0.0)
+    assert pool.get_next_unordered(timeout=60) == 0.0
+    with pytest.raises(ValueError, match=r"not allowed to call get_next\(\) after"):
+        pool.get_next()
+    assert pool.get_next_unordered(timeout=60) == 0.5
+    with pytest.raises(StopIteration):
+        pool.get_next_unordered()
+
+
+def test_actor_pool_pop_idle_and_push(sleepers: list[Any]) -> None:
+    a, b = sleepers
+    pool = ActorPool([a])
+    with pytest.raises(ValueError, match="Actor already belongs to current ActorPool"):
+        pool.push(a)
+    pool.submit(_work, 0.3)
+    pool.submit(_work, 0.0)  # waits: the only actor is busy
+    assert not pool.has_free() and pool.pop_idle() is None
+    with pytest.raises(ValueError, match="already belongs"):
+        pool.push(a)  # busy counts too
+    pool.push(b)  # takes the waiting value at once
+    assert pool.get_next_unordered(timeout=60) == 0.0
+    assert pool.get_next_unordered(timeout=60) == 0.3
+    assert pool.has_free()
+    taken = {id(pool.pop_idle()), id(pool.pop_idle())}
+    assert taken == {id(a), id(b)}
+    assert pool.pop_idle() is None and not pool.has_free()

@@ -1,5 +1,6 @@
-"""Ray-compatible module paths (``ray.util.scheduling_strategies``)."""
+"""Ray-compatible ``ray.util``: ``ActorPool``, ``queue`` and ``scheduling_strategies``."""
 
 from nbcluster.util import scheduling_strategies
+from nbcluster.util.actor_pool import ActorPool
 
-__all__ = ["scheduling_strategies"]
+__all__ = ["ActorPool", "scheduling_strategies"]
