@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import queue
 import textwrap
 import time
 from collections.abc import Iterator
@@ -12,7 +14,9 @@ from typing import Any
 import pytest
 
 import nbcluster as nb
+from nbcluster.exceptions import ActorDiedError
 from nbcluster.util import ActorPool
+from nbcluster.util.queue import Empty, Full, Queue
 from tests.conftest import ROOT, run_script
 from tests.multinode import Procs
 
@@ -262,3 +266,133 @@ def test_actor_pool_pop_idle_and_push(sleepers: list[Any]) -> None:
     taken = {id(pool.pop_idle()), id(pool.pop_idle())}
     assert taken == {id(a), id(b)}
     assert pool.pop_idle() is None and not pool.has_free()
+
+
+# --- util.queue.Queue --------------------------------------------------------------------------
+
+
+def test_queue_fifo_sizes_and_nonblocking_errors(small_cluster: nb.ClusterInfo) -> None:
+    q = Queue(maxsize=3)
+    try:
+        assert issubclass(Empty, queue.Empty) and issubclass(Full, queue.Full)
+        assert q.empty() and not q.full() and q.qsize() == 0
+        with pytest.raises(Empty):
+            q.get_nowait()
+        with pytest.raises(Empty):
+            q.get(block=False)
+        q.put("a")
+        q.put_nowait("b")
+        q.put("c", block=False)
+        assert q.full() and q.size() == 3 and len(q) == 3
+        with pytest.raises(Full):
+            q.put_nowait("d")
+        assert [q.get(), q.get_nowait(), q.get(timeout=5)] == ["a", "b", "c"]
+        # Batches are all or nothing.
+        q.put_nowait_batch([1, 2])
+        with pytest.raises(Full, match="Cannot add 2 items to queue of size 2 and maxsize 3"):
+            q.put_nowait_batch([3, 4])
+        assert q.qsize() == 2
+        with pytest.raises(Empty, match="Cannot get 3 items from queue of size 2"):
+            q.get_nowait_batch(3)
+        assert q.get_nowait_batch(2) == [1, 2]
+        assert q.get_nowait_batch(0) == []
+        with pytest.raises(TypeError, match="'items' must be an Iterable"):
+            q.put_nowait_batch(5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="'num_items' must be an int"):
+            q.get_nowait_batch("2")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="'num_items' must be nonnegative"):
+            q.get_nowait_batch(-1)
+        with pytest.raises(ValueError, match="'timeout' must be a non-negative number"):
+            q.get(timeout=-1)
+        with pytest.raises(ValueError, match="'timeout' must be a non-negative number"):
+            q.put(1, timeout=-1)
+    finally:
+        q.shutdown(force=True)
+
+
+def test_queue_blocking_timeouts_raise_full_and_empty(small_cluster: nb.ClusterInfo) -> None:
+    q = Queue(maxsize=1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(Empty):
+            q.get(timeout=0.3)
+        assert 0.3 <= time.monotonic() - start < 5
+        q.put(1)
+        start = time.monotonic()
+        with pytest.raises(Full):
+            q.put(2, timeout=0.3)
+        assert 0.3 <= time.monotonic() - start < 5
+        assert q.get_nowait() == 1 and q.empty()  # the timed-out put left nothing behind
+    finally:
+        q.shutdown(force=True)
+
+
+@nb.remote
+def _put_later(q: Queue, item: Any, delay: float) -> None:
+    time.sleep(delay)
+    q.put(item, timeout=30)
+
+
+@nb.remote
+class Consumer:
+    async def take(self, q: Queue, n: int) -> list[Any]:
+        return [await q.get_async(timeout=30) for _ in range(n)]
+
+
+def test_queue_blocking_get_is_woken_by_a_put_from_a_task(small_cluster: nb.ClusterInfo) -> None:
+    q = Queue()
+    try:
+        start = time.monotonic()
+        done = _put_later.remote(q, "hello", 0.5)  # the task gets the same queue
+        assert q.get(timeout=30) == "hello"
+        assert time.monotonic() - start >= 0.5
+        nb.get(done, timeout=30)
+    finally:
+        q.shutdown(force=True)
+
+
+def test_queue_shared_with_an_actor_and_async_api(small_cluster: nb.ClusterInfo) -> None:
+    q = Queue(maxsize=2)
+    consumer = Consumer.remote()
+    try:
+        taken = consumer.take.remote(q, 3)  # waits in the actor for items put below
+
+        async def produce() -> None:
+            for i in range(3):
+                await q.put_async(i, timeout=30)  # the third waits for room
+
+        asyncio.run(asyncio.wait_for(produce(), 60))
+        assert nb.get(taken, timeout=60) == [0, 1, 2]
+
+        async def nonblocking() -> None:
+            with pytest.raises(Empty):
+                await q.get_async(block=False)
+            with pytest.raises(Empty):
+                await q.get_async(timeout=0.2)
+            await q.put_async("x", block=False)
+            assert await q.get_async() == "x"
+
+        asyncio.run(asyncio.wait_for(nonblocking(), 60))
+    finally:
+        nb.kill(consumer)
+        q.shutdown(force=True)
+
+
+def test_queue_shutdown_ends_its_actor(small_cluster: nb.ClusterInfo) -> None:
+    q = Queue()
+    q.put(1)
+    actor = q.actor
+    assert actor is not None
+    q.shutdown(grace_period_s=10)
+    assert q.actor is None
+    with pytest.raises(RuntimeError, match="the queue was shut down"):
+        q.put(2)
+    q.shutdown()  # twice is fine
+    with pytest.raises(ActorDiedError):
+        nb.get(actor.qsize.remote(), timeout=30)
+    forced = Queue()
+    handle = forced.actor
+    assert handle is not None
+    forced.shutdown(force=True)
+    with pytest.raises(ActorDiedError):
+        nb.get(handle.qsize.remote(), timeout=30)
