@@ -270,7 +270,16 @@ def shutdown() -> None:
             local.stop()
 
 
-atexit.register(shutdown)
+_exiting = False
+
+
+def _shutdown_at_exit() -> None:
+    global _exiting
+    _exiting = True  # what runs later in the exit (other handlers, finalizers) starts nothing
+    shutdown()
+
+
+atexit.register(_shutdown_at_exit)
 
 
 def _auto_init() -> CoreClient:
@@ -282,6 +291,8 @@ def _auto_init() -> CoreClient:
     """
     if context.in_worker():  # a worker's tasks connect through the worker's own connector
         raise RuntimeError("nbcluster is not initialized: call nbcluster.init() first")
+    if _exiting or sys.is_finalizing():
+        raise RuntimeError("nbcluster is shut down: the interpreter is exiting")
     with _init_lock:  # check and start as one step: one cluster, one line
         session = current.session()
         if session is None:

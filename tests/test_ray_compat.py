@@ -77,6 +77,29 @@ def test_put_first_then_shutdown_and_use_again_starts_again() -> None:
     assert " INFO nbcluster -- " not in err
 
 
+def test_no_automatic_start_after_the_exit_shutdown() -> None:
+    out, err = _run(
+        """
+        import atexit
+
+        def late():  # registered first: runs after nbcluster's own exit handler
+            try:
+                ray.put(1)
+                print("LATE started")
+            except RuntimeError as exc:
+                print("LATE", exc)
+
+        atexit.register(late)
+        import nbcluster as ray
+
+        print("GOT", ray.get(ray.put(1)))
+        """
+    )
+    assert "GOT 1" in out
+    assert "LATE nbcluster is shut down: the interpreter is exiting" in out
+    assert err.count(STARTED) == 1, err
+
+
 def test_threads_racing_to_start_get_one_cluster() -> None:
     out, err = _run(
         """
