@@ -226,6 +226,14 @@ def test_actor_pool_map_keeps_order_map_unordered_does_not(sleepers: list[Any]) 
     assert not pool.has_next()
 
 
+def test_actor_pool_map_drops_results_not_taken_before(sleepers: list[Any]) -> None:
+    pool = ActorPool(sleepers)
+    for v in (0.2, 0.2, 0.2):  # two run, one waits for an actor: none is taken
+        pool.submit(_work, v)
+    assert list(nb.util.ActorPool.map(pool, lambda a, v: a.double.remote(v), [5, 6])) == [10, 12]
+    assert not pool.has_next() and pool.has_free()
+
+
 def test_actor_pool_submit_get_next_and_its_errors(sleepers: list[Any]) -> None:
     pool = ActorPool(sleepers)
     with pytest.raises(StopIteration, match="No more results to get"):
