@@ -1,4 +1,5 @@
-"""One frozen record of the options a task (or, later, an actor) is submitted with."""
+"""One frozen record of the options a task is submitted with, and the resource checks actor
+options share (an actor's options stay a checked dict: ``nbcluster/actor.py``)."""
 
 from __future__ import annotations
 
