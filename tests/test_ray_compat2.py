@@ -1,0 +1,149 @@
+"""More of Ray Core through ``import nbcluster as ray``: ``util.multiprocessing.Pool``, the joblib
+backend, refs, options and the runtime context, ``util.state``; each against a real cluster."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import nbcluster as nb
+from nbcluster.util.multiprocessing import Pool, TimeoutError
+
+T = 60  # seconds: the bound of every wait here
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[nb.ClusterInfo]:
+    nb.shutdown()
+    info = nb.init(num_cpus=2)
+    yield info
+    nb.shutdown()
+
+
+# --- util.multiprocessing.Pool -----------------------------------------------------------------
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _pid(_: object = None) -> int:
+    return os.getpid()
+
+
+def _inverse(x: int) -> float:
+    return 1 / x
+
+
+_SEEN: list[str] = []
+
+
+def _remember(tag: str) -> None:
+    _SEEN.append(tag)
+
+
+def _seen(_: object) -> list[str]:
+    return list(_SEEN)
+
+
+def test_pool_map_starmap_imap_apply(cluster: nb.ClusterInfo) -> None:
+    with Pool(processes=2) as pool:
+        assert pool.map(_square, range(10)) == [x * x for x in range(10)]
+        assert pool.map(_square, range(7), chunksize=3) == [x * x for x in range(7)]
+        assert pool.starmap(pow, [(2, 3), (3, 2), (5, 0)]) == [8, 9, 1]
+        assert list(pool.imap(_square, range(6))) == [0, 1, 4, 9, 16, 25]
+        assert sorted(pool.imap_unordered(_square, range(6), chunksize=2)) == [0, 1, 4, 9, 16, 25]
+        assert pool.apply(divmod, (7, 2)) == (3, 1)
+        assert pool.apply(sorted, ([3, 1, 2],), {"reverse": True}) == [3, 2, 1]
+        assert pool.map(lambda s: s.upper(), ["a", "b"]) == ["A", "B"]  # lambdas pickle
+        assert pool.map(_square, []) == []
+        # Work runs in two other processes, not in the driver.
+        pids = set(pool.map(_pid, range(8), chunksize=1))
+        assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_pool_default_processes_is_the_cluster_cpu_count(cluster: nb.ClusterInfo) -> None:
+    pool = Pool()
+    try:
+        assert len(set(pool.map(_pid, range(8), chunksize=1))) == 2
+    finally:
+        pool.terminate()
+
+
+def test_pool_async_results_callbacks_and_timeouts(cluster: nb.ClusterInfo) -> None:
+    got: list[Any] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+    with Pool(processes=2) as pool:
+        slow = pool.apply_async(time.sleep, (1.5,))
+        with pytest.raises(TimeoutError):
+            slow.get(timeout=0.1)
+        assert not slow.ready()
+        with pytest.raises(ValueError, match="not ready"):
+            slow.successful()
+        assert slow.get(timeout=T) is None and slow.successful()
+        res = pool.map_async(_square, range(4), callback=lambda v: (got.append(v), done.set()))
+        assert res.get(timeout=T) == [0, 1, 4, 9]
+        assert done.wait(T) and got == [[0, 1, 4, 9]]
+        done.clear()
+        bad = pool.starmap_async(
+            divmod, [(1, 1), (1, 0)], error_callback=lambda e: (errors.append(e), done.set())
+        )
+        bad.wait(timeout=T)
+        assert bad.ready() and not bad.successful()
+        with pytest.raises(ZeroDivisionError):
+            bad.get(timeout=T)
+        assert done.wait(T) and isinstance(errors[0], ZeroDivisionError)
+
+
+def test_pool_errors_are_the_functions_own(cluster: nb.ClusterInfo) -> None:
+    with Pool(processes=2) as pool:
+        with pytest.raises(ZeroDivisionError):
+            pool.map(_inverse, [1, 2, 0, 4])
+        it = pool.imap(_inverse, [1, 0])
+        assert next(it) == 1.0
+        with pytest.raises(ZeroDivisionError):
+            next(it)
+        slow = pool.imap(time.sleep, [2])
+        with pytest.raises(TimeoutError):
+            slow.next(timeout=0.1)
+        assert slow.next(timeout=T) is None
+        with pytest.raises(StopIteration):
+            slow.next(timeout=T)
+        with pytest.raises(ValueError, match="Chunksize"):
+            pool.map(_square, [1], chunksize=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        Pool(processes=0)
+
+
+def test_pool_initializer_runs_in_every_process(cluster: nb.ClusterInfo) -> None:
+    with Pool(processes=2, initializer=_remember, initargs=("init",)) as pool:
+        seen = pool.map(_seen, range(6), chunksize=1)
+    assert all(s == ["init"] for s in seen)
+
+
+def test_pool_maxtasksperchild_replaces_processes(cluster: nb.ClusterInfo) -> None:
+    with Pool(processes=1, maxtasksperchild=2) as pool:
+        pids = pool.map(_pid, range(6), chunksize=1)
+    # Two chunks per process, then a fresh one: three processes in turn.
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5]
+
+
+def test_pool_close_join_terminate(cluster: nb.ClusterInfo) -> None:
+    pool = Pool(processes=2)
+    res = pool.map_async(time.sleep, [0.5, 0.5])
+    with pytest.raises(ValueError, match="still running"):
+        pool.join()
+    pool.close()
+    with pytest.raises(ValueError, match="Pool not running"):
+        pool.map(_square, [1])
+    pool.join()  # waits for the work first
+    assert res.ready() and res.get(timeout=0) == [None, None]
+    pool.terminate()  # twice is fine
+    with pytest.raises(ValueError, match="Pool not running"):
+        pool.apply_async(_square, (1,))
