@@ -147,3 +147,59 @@ def test_pool_close_join_terminate(cluster: nb.ClusterInfo) -> None:
     pool.terminate()  # twice is fine
     with pytest.raises(ValueError, match="Pool not running"):
         pool.apply_async(_square, (1,))
+
+
+# --- joblib backend ----------------------------------------------------------------------------
+
+
+def _square_and_pid(i: int) -> tuple[int, int]:
+    return i * i, os.getpid()
+
+
+def test_joblib_backend_runs_batches_on_the_cluster(cluster: nb.ClusterInfo) -> None:
+    joblib = pytest.importorskip("joblib")
+    from nbcluster.util.joblib import register_nbcluster, register_ray
+
+    register_ray()
+    with joblib.parallel_backend("ray"):
+        out = joblib.Parallel(n_jobs=-1)(joblib.delayed(_square_and_pid)(i) for i in range(40))
+    assert [v for v, _ in out] == [i * i for i in range(40)]
+    pids = {p for _, p in out}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # n_jobs=-1: the cluster's 2 CPUs
+    register_nbcluster()
+    with joblib.parallel_backend("nbcluster", n_jobs=2), pytest.raises(ZeroDivisionError):
+        joblib.Parallel()(joblib.delayed(_inverse)(i) for i in [1, 0, 2])
+
+
+def test_joblib_backend_serves_scikit_learn(cluster: nb.ClusterInfo) -> None:
+    joblib = pytest.importorskip("joblib")
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import make_classification
+    from sklearn.model_selection import cross_val_score
+    from sklearn.tree import DecisionTreeClassifier
+
+    from nbcluster.util.joblib import register_ray
+
+    register_ray()
+    x, y = make_classification(n_samples=200, random_state=0)
+    with joblib.parallel_backend("ray"):
+        scores = cross_val_score(DecisionTreeClassifier(random_state=0), x, y, cv=4, n_jobs=-1)
+    assert len(scores) == 4 and all(0.5 < s <= 1.0 for s in scores)
+
+
+def test_joblib_missing_is_a_clear_error() -> None:
+    from tests.conftest import ROOT, run_script
+
+    proc = run_script(
+        "import sys\n"
+        "sys.modules['joblib'] = None\n"
+        "sys.modules['joblib._parallel_backends'] = None\n"
+        "from nbcluster.util.joblib import register_ray\n"
+        "try:\n"
+        "    register_ray()\n"
+        "except ImportError as e:\n"
+        "    print('ERR', e)\n",
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert "ERR the joblib backend of nbcluster needs joblib" in proc.stdout, proc.stderr
