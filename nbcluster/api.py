@@ -331,6 +331,13 @@ def put(value: Any) -> ObjectRef:
     return _client().put(value)
 
 
+class InvalidRefsError(ValueError, TypeError):
+    """``get()`` of something that is neither an ``ObjectRef`` nor a list of them.
+
+    A ``ValueError``, as Ray raises; also a ``TypeError``, as nbcluster raised before.
+    """
+
+
 def get(
     refs: ObjectRef | Sequence[ObjectRef],
     *,
@@ -347,6 +354,10 @@ def get(
     ------
     GetTimeoutError
         If the values are not ready within ``timeout`` seconds.
+    ValueError
+        If ``refs`` is neither a ref nor a list of refs (Ray's error; also a ``TypeError``).
+    TypeError
+        If the list holds something that is not a ref (Ray's error and words).
     TaskError
         (also an instance of the original exception type) if the task raised.
     """
@@ -355,16 +366,18 @@ def get(
     if single:
         refs = [refs]  # type: ignore[list-item]
     if not isinstance(refs, list | tuple):
-        raise TypeError(
-            f"get() expected an ObjectRef or a list of ObjectRefs, got {type(refs).__name__}"
+        raise InvalidRefsError(
+            f"Invalid type of object refs, {type(refs)}, is given. 'object_refs' must either be "
+            f"an ObjectRef or a list of ObjectRefs. (get() got {type(refs).__name__})"
         )
     for r in refs:
         if not isinstance(r, ObjectRef):
+            # Ray's type and words, so code that matches on them keeps working.
             raise TypeError(
-                f"Attempting to call get() on the value {r!r:.80}, which is not an ObjectRef "
-                f"(get() expected a list of ObjectRefs, got a list containing "
-                f"{type(r).__name__})"
+                f"Attempting to call `get` on the value {r!s:.200}, which is not an ray.ObjectRef."
             )
+        if r.is_nil():
+            raise ValueError("get() of a nil ObjectRef (ObjectRef.nil() refers to no object)")
     bar = None
     if progress:
         from nbcluster.progress import progress as show_progress
@@ -410,6 +423,8 @@ def wait(
             raise TypeError(
                 f"wait() expected a list of ObjectRefs, got a list containing {type(r).__name__}"
             )
+        if r.is_nil():
+            raise ValueError("wait() of a nil ObjectRef (ObjectRef.nil() refers to no object)")
     if len(set(refs)) != len(refs):
         raise ValueError("wait() expects a list of unique ObjectRefs")
     if num_returns < 0 or num_returns > len(refs):

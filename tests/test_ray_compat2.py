@@ -203,3 +203,76 @@ def test_joblib_missing_is_a_clear_error() -> None:
         cwd=ROOT,
     )
     assert "ERR the joblib backend of nbcluster needs joblib" in proc.stdout, proc.stderr
+
+
+# --- refs --------------------------------------------------------------------------------------
+
+
+@nb.remote
+def _echo(x: Any) -> Any:
+    return x
+
+
+@nb.remote
+def _kinds(top: Any, nested: list[Any], keyed: dict[str, Any]) -> tuple[str, str, str, Any]:
+    inner = nested[0]
+    return (
+        type(top).__name__,
+        type(inner).__name__,
+        type(keyed["r"]).__name__,
+        nb.get(inner, timeout=T),
+    )
+
+
+def test_ref_ids_round_trip(cluster: nb.ClusterInfo) -> None:
+    ref = nb.put({"a": 1})
+    assert len(ref.binary()) == 28  # Ray's object id size
+    again = nb.ObjectRef(ref.binary())
+    assert again == ref and hash(again) == hash(ref) and again is not ref
+    assert nb.get(again, timeout=T) == {"a": 1}
+    assert nb.ObjectRef(ref.hex()) == ref
+    task_ref = _echo.remote(7)
+    assert nb.get(nb.ObjectRef(task_ref.binary()), timeout=T) == 7
+    # A ref remade from bytes keeps the object alive like any other ref.
+    del ref
+    assert nb.get(again, timeout=T) == {"a": 1}
+    with pytest.raises(ValueError, match="no object with this id is known here"):
+        nb.ObjectRef(b"ffffffffff99.p")
+    with pytest.raises(TypeError, match="bytes of an object id"):
+        nb.ObjectRef(5)  # type: ignore[arg-type]
+
+
+def test_nil_ref(cluster: nb.ClusterInfo) -> None:
+    nil = nb.ObjectRef.nil()
+    assert nil.is_nil() and not nb.put(1).is_nil()
+    assert nil.binary() == b"\0" * 28
+    assert nil == nb.ObjectRef.nil() and nil != nb.put(1)
+    with pytest.raises(ValueError, match="nil ObjectRef"):
+        nb.get(nil)
+    with pytest.raises(ValueError, match="nil ObjectRef"):
+        nb.wait([nil], timeout=1)
+    with pytest.raises(ValueError, match=r"ObjectRef\.nil"):
+        nb.ObjectRef(b"\0" * 28)
+
+
+def test_get_of_non_refs_raises_rays_errors(cluster: nb.ClusterInfo) -> None:
+    ref = nb.put(1)
+    with pytest.raises(TypeError) as info:
+        nb.get([ref, 5])  # type: ignore[list-item]
+    assert (
+        str(info.value) == "Attempting to call `get` on the value 5, which is not an ray.ObjectRef."
+    )
+    with pytest.raises(ValueError, match="'object_refs' must either be an ObjectRef or a list"):
+        nb.get(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Invalid type of object refs, <class 'dict'>"):
+        nb.get({"a": ref})  # type: ignore[arg-type]
+    assert nb.get(ref, timeout=T) == 1  # nothing lost
+
+
+def test_refs_nested_in_arguments_stay_refs(cluster: nb.ClusterInfo) -> None:
+    ref = nb.put(41)
+    top, nested, keyed, value = nb.get(_kinds.remote(ref, [ref], {"r": ref}), timeout=T)
+    assert (top, nested, keyed, value) == ("int", "ObjectRef", "ObjectRef", 41)
+    # A returned container of refs comes back as refs, not values.
+    out = nb.get(_echo.remote([ref]), timeout=T)
+    assert isinstance(out[0], nb.ObjectRef) and nb.get(out[0], timeout=T) == 41
