@@ -486,7 +486,11 @@ def available_resources() -> dict[str, float]:
 
 
 class RuntimeContext:
-    """Where the calling code runs: job, task, node, assigned resources."""
+    """Where the calling code runs: job, task, node, actor, namespace, assigned resources.
+
+    Ray's methods (``get_job_id()``...) and properties (``job_id``, ``node_id``, ``task_id``,
+    ``actor_id``, ``namespace``, ``current_actor``...) give ids as strings.
+    """
 
     def get_job_id(self) -> str:
         task = context.current_task.get()
@@ -527,6 +531,99 @@ class RuntimeContext:
         task = context.current_task.get()
         ids = task.assigned.get("GPU_IDS", []) if task is not None else []
         return {"GPU": [str(i) for i in ids]} if isinstance(ids, list) else {"GPU": []}
+
+    @property
+    def node_id(self) -> str:
+        """The node this code runs on (Ray's deprecated property; ``get_node_id()``)."""
+        return self.get_node_id()
+
+    @property
+    def task_id(self) -> str | None:
+        """The running task's id (``None`` in a driver)."""
+        return self.get_task_id()
+
+    @property
+    def actor_id(self) -> str | None:
+        """The current actor's id (``None`` outside actors)."""
+        return self.get_actor_id()
+
+    @property
+    def namespace(self) -> str:
+        """The namespace named actors are created and looked up in by default."""
+        ident = context.worker_identity
+        if ident is not None:
+            return ident.namespace or f"job-{self.get_job_id()}"
+        client = _client()
+        return client.namespace or f"job-{client.job_id}"
+
+    @property
+    def gcs_address(self) -> str:
+        """The head's address (Ray's GCS address)."""
+        return str(_client().head_address)
+
+    def _actor_view(self) -> dict[str, Any] | None:
+        aid = self.get_actor_id()
+        if aid is None:
+            return None
+        for a in _client().query("actors"):
+            if a["actor_id"] == aid:
+                return dict(a)
+        return None
+
+    def get_actor_name(self) -> str | None:
+        """The current actor's name (``None`` if unnamed or outside actors)."""
+        view = self._actor_view()
+        return view.get("name") if view is not None else None
+
+    @property
+    def was_current_actor_reconstructed(self) -> bool:
+        """Whether the current actor was restarted (after a crash) at least once."""
+        view = self._actor_view()
+        return bool(view is not None and view.get("restarts"))
+
+    def get_placement_group_id(self) -> str | None:
+        """The placement group this code runs in: always ``None`` (no placement groups yet)."""
+        return None
+
+    @property
+    def current_placement_group_id(self) -> str | None:
+        return self.get_placement_group_id()
+
+    @property
+    def should_capture_child_tasks_in_placement_group(self) -> bool:
+        return False
+
+    @property
+    def current_actor(self) -> Any:
+        """A handle to the current actor (from its methods or ``__init__``).
+
+        Raises
+        ------
+        RuntimeError
+            Outside an actor.
+        """
+        from nbcluster.actor import ActorHandle, method_table
+
+        aid = self.get_actor_id()
+        cls = context.actor_class
+        if aid is None or cls is None:
+            raise RuntimeError("current_actor is only available inside an actor")
+        methods, _ = method_table(cls)
+        return ActorHandle(aid, cls.__name__, methods, _client())
+
+    def get(self) -> dict[str, Any]:
+        """The context as a dict: ``job_id``, ``node_id``, ``namespace``, and ``task_id`` in a
+        task, ``actor_id`` in an actor (Ray's keys)."""
+        out: dict[str, Any] = {
+            "job_id": self.get_job_id(),
+            "node_id": self.get_node_id(),
+            "namespace": self.namespace,
+        }
+        if (tid := self.get_task_id()) is not None:
+            out["task_id"] = tid
+        if (aid := self.get_actor_id()) is not None:
+            out["actor_id"] = aid
+        return out
 
 
 def get_runtime_context() -> RuntimeContext:

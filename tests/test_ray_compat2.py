@@ -276,3 +276,150 @@ def test_refs_nested_in_arguments_stay_refs(cluster: nb.ClusterInfo) -> None:
     # A returned container of refs comes back as refs, not values.
     out = nb.get(_echo.remote([ref]), timeout=T)
     assert isinstance(out[0], nb.ObjectRef) and nb.get(out[0], timeout=T) == 41
+
+
+# --- options and the runtime context -----------------------------------------------------------
+
+# Every option Ray documents for remote functions, with a value Ray accepts.
+RAY_TASK_OPTIONS: dict[str, Any] = {
+    "num_cpus": 1,
+    "num_gpus": 0,
+    "resources": {},
+    "memory": 0,
+    "accelerator_type": None,
+    "object_store_memory": None,
+    "max_calls": 0,
+    "max_retries": 1,
+    "retry_exceptions": False,
+    "num_returns": 1,
+    "name": "renamed",
+    "runtime_env": None,
+    "scheduling_strategy": "DEFAULT",
+    "_metadata": {"k": "v"},
+    "enable_task_events": False,
+    "label_selector": {},
+    "_labels": {},
+    "placement_group": "default",
+    "placement_group_bundle_index": -1,
+    "placement_group_capture_child_tasks": None,
+    "_generator_backpressure_num_objects": -1,
+}
+
+RAY_ACTOR_OPTIONS: dict[str, Any] = {
+    "num_cpus": 0,
+    "num_gpus": 0,
+    "resources": {},
+    "memory": 0,
+    "accelerator_type": None,
+    "object_store_memory": None,
+    "name": None,
+    "namespace": None,
+    "lifetime": None,
+    "get_if_exists": False,
+    "max_restarts": 0,
+    "max_task_retries": 0,
+    "max_pending_calls": -1,
+    "max_concurrency": 1,
+    "concurrency_groups": {"io": 2},
+    "runtime_env": None,
+    "scheduling_strategy": "DEFAULT",
+    "_metadata": {},
+    "enable_task_events": True,
+    "label_selector": {},
+    "placement_group": None,
+    "placement_group_bundle_index": -1,
+    "placement_group_capture_child_tasks": None,
+    "allow_out_of_order_execution": False,
+}
+
+
+@nb.remote
+def _plus_one(x: int) -> int:
+    return x + 1
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    @nb.method(num_returns=1, concurrency_group="io", max_task_retries=0)
+    def add(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+
+def test_every_ray_option_is_accepted(cluster: nb.ClusterInfo) -> None:
+    assert nb.get(_plus_one.options(**RAY_TASK_OPTIONS).remote(1), timeout=T) == 2
+    deco = nb.remote(**{k: v for k, v in RAY_TASK_OPTIONS.items() if k != "name"})
+    assert nb.get(deco(lambda x: x * 3).remote(2), timeout=T) == 6
+    actor = nb.remote(**RAY_ACTOR_OPTIONS)(_Counter).remote()
+    assert nb.get(actor.add.remote(2), timeout=T) == 2
+    call = actor.add.options(num_returns=1, concurrency_group="io", enable_task_events=False)
+    assert nb.get(call.remote(3), timeout=T) == 5
+    nb.kill(actor)
+
+
+def test_misspelled_options_name_the_nearest_valid_one(cluster: nb.ClusterInfo) -> None:
+    with pytest.raises(
+        ValueError, match=r"Invalid option keyword num_cpu .*did you mean 'num_cpus'"
+    ):
+        _plus_one.options(num_cpu=1)
+    with pytest.raises(ValueError, match=r"did you mean 'max_retries'"):
+        nb.remote(max_retry=2)
+    with pytest.raises(ValueError, match=r"for actors \(did you mean 'max_restarts'\?\)"):
+        nb.remote(_Counter).options(max_restart=1)
+    with pytest.raises(ValueError, match=r"for actor methods \(did you mean 'num_returns'"):
+        nb.method(num_return=2)
+    with pytest.raises(ValueError, match=r"Invalid option keyword zzz for remote functions\. "):
+        _plus_one.options(zzz=1)
+    # Accepted-and-ignored options still refuse what would change a result here.
+    with pytest.raises(ValueError, match="placement_group= is not supported yet"):
+        _plus_one.options(placement_group=object())
+    with pytest.raises(ValueError, match="max_calls must be an integer >= 0"):
+        _plus_one.options(max_calls=-1)
+
+
+@nb.remote
+class _Introspect:
+    def __init__(self) -> None:
+        self.me = nb.get_runtime_context().current_actor
+
+    def context(self) -> dict[str, Any]:
+        ctx = nb.get_runtime_context()
+        return {
+            "get": ctx.get(),
+            "actor_id": ctx.actor_id,
+            "name": ctx.get_actor_name(),
+            "reconstructed": ctx.was_current_actor_reconstructed,
+            "pg": ctx.get_placement_group_id(),
+            "namespace": ctx.namespace,
+            "same": ctx.current_actor == self.me,
+        }
+
+
+@nb.remote
+def _task_context() -> dict[str, Any]:
+    ctx = nb.get_runtime_context()
+    return {"get": ctx.get(), "task_id": ctx.task_id, "node_id": ctx.node_id}
+
+
+def test_runtime_context_has_rays_properties(cluster: nb.ClusterInfo) -> None:
+    ctx = nb.get_runtime_context()
+    assert ctx.task_id is None and ctx.actor_id is None
+    assert ctx.node_id == ctx.get_node_id() != ""
+    assert ctx.namespace == f"job-{ctx.get_job_id()}"
+    assert ctx.gcs_address == cluster.address
+    assert ctx.get() == {"job_id": ctx.job_id, "node_id": ctx.node_id, "namespace": ctx.namespace}
+    assert ctx.get_actor_name() is None and not ctx.was_current_actor_reconstructed
+    with pytest.raises(RuntimeError, match="only available inside an actor"):
+        _ = ctx.current_actor
+    task = nb.get(_task_context.remote(), timeout=T)
+    assert task["task_id"] and task["get"]["task_id"] == task["task_id"]
+    assert task["get"]["job_id"] == ctx.job_id and "actor_id" not in task["get"]
+    actor = _Introspect.options(name="introspect").remote()
+    info = nb.get(actor.context.remote(), timeout=T)
+    assert info["actor_id"] == actor.actor_id == info["get"]["actor_id"]
+    assert info["name"] == "introspect" and info["reconstructed"] is False
+    assert info["pg"] is None and info["same"] is True
+    assert info["namespace"] == ctx.namespace
+    nb.kill(actor)
