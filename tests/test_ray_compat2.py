@@ -423,3 +423,93 @@ def test_runtime_context_has_rays_properties(cluster: nb.ClusterInfo) -> None:
     assert info["pg"] is None and info["same"] is True
     assert info["namespace"] == ctx.namespace
     nb.kill(actor)
+
+
+# --- util.state --------------------------------------------------------------------------------
+
+
+@nb.remote
+def _nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@nb.remote
+def _fails() -> None:
+    raise ValueError("on purpose")
+
+
+def _until(check: Any, what: str) -> Any:
+    deadline = time.monotonic() + T
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)  # polling the head's view: there is no event for "the head saw it"
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_state_lists_tasks_with_rays_fields_and_filters(cluster: nb.ClusterInfo) -> None:
+    from nbcluster.util.state import list_tasks, summarize_tasks
+
+    nb.get([_nap.remote(0) for _ in range(3)], timeout=T)
+    with pytest.raises(ValueError):
+        nb.get(_fails.remote(), timeout=T)
+    long = _nap.remote(30)
+    running = _until(
+        lambda: list_tasks(filters=[("state", "=", "RUNNING"), ("name", "=", "_nap")]),
+        "the long task to run",
+    )
+    assert [t.task_id for t in running] == [long.task_id()]
+    t = running[0]
+    assert t["state"] == t.state == "RUNNING" and t.node_id == nb.get_runtime_context().node_id
+    assert t.job_id == nb.get_runtime_context().job_id and t.type == "NORMAL_TASK"
+    assert "required_resources" not in t  # Ray's default columns...
+    assert list_tasks(filters=[("task_id", "=", t.task_id)], detail=True)[0][
+        "required_resources"
+    ] == {"CPU": 1.0}  # ...and every field with detail=True
+    finished = list_tasks(filters=[("name", "=", "_nap"), ("state", "!=", "RUNNING")])
+    assert len(finished) >= 3 and all(x.state == "FINISHED" for x in finished)
+    failed = list_tasks(filters=[("name", "=", "_fails")])
+    assert [x.state for x in failed] == ["FAILED"]
+    assert len(list_tasks(limit=2)) == 2
+    summary = summarize_tasks()["cluster"]
+    counts = summary["summary"]["_nap"]["state_counts"]
+    assert counts["RUNNING"] == 1 and counts["FINISHED"] >= 3
+    assert summary["total_tasks"] >= 5 and summary["summary_by"] == "func_name"
+    with pytest.raises(ValueError, match="filter column bogus is not supported"):
+        list_tasks(filters=[("bogus", "=", 1)])
+    with pytest.raises(ValueError, match="predicate"):
+        list_tasks(filters=[("state", ">", "RUNNING")])
+    nb.cancel(long, force=True)
+
+
+def test_state_lists_actors_nodes_objects_placement_groups(cluster: nb.ClusterInfo) -> None:
+    from nbcluster.util.state import (
+        list_actors,
+        list_nodes,
+        list_objects,
+        list_placement_groups,
+    )
+
+    actor = _Introspect.options(name="listed").remote()
+    nb.get(actor.context.remote(), timeout=T)
+    mine = list_actors(filters=[("name", "=", "listed")])
+    assert len(mine) == 1 and mine[0].actor_id == actor.actor_id
+    assert mine[0].state == "ALIVE" and mine[0].class_name == "_Introspect"
+    assert mine[0].pid and mine[0].ray_namespace == nb.get_runtime_context().namespace
+    nb.kill(actor)
+    _until(
+        lambda: list_actors(filters=[("actor_id", "=", actor.actor_id), ("state", "=", "DEAD")]),
+        "the actor to be listed dead",
+    )
+    nodes = list_nodes()
+    assert [n.node_id for n in nodes] == [nb.get_runtime_context().node_id]
+    assert nodes[0].state == "ALIVE" and nodes[0].resources_total["CPU"] == 2.0
+    assert list_nodes(filters=[("state", "=", "DEAD")]) == []
+    ref = nb.put(b"x" * 1000)
+    objs = list_objects(filters=[("object_id", "=", ref.hex())])
+    assert len(objs) == 1 and objs[0].task_status == "FINISHED"
+    assert objs[0].object_size is not None and objs[0].object_size >= 1000
+    assert objs[0].reference_type == "LOCAL_REFERENCE" and objs[0].owned is True
+    assert list_placement_groups() == []
