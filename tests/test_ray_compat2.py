@@ -513,3 +513,16 @@ def test_state_lists_actors_nodes_objects_placement_groups(cluster: nb.ClusterIn
     assert objs[0].object_size is not None and objs[0].object_size >= 1000
     assert objs[0].reference_type == "LOCAL_REFERENCE" and objs[0].owned is True
     assert list_placement_groups() == []
+
+
+def test_pool_many_async_results_and_join_runs_their_callbacks(cluster: nb.ClusterInfo) -> None:
+    seen: list[int] = []
+    threads_before = threading.active_count()
+    pool = Pool(processes=2)
+    results = [pool.apply_async(_square, (i,), callback=seen.append) for i in range(200)]
+    # Completion needs no thread per pending result.
+    assert threading.active_count() < threads_before + 20
+    pool.close()
+    pool.join()
+    assert sorted(seen) == [i * i for i in range(200)]  # every callback ran before join returned
+    assert [r.get(timeout=0) for r in results] == [i * i for i in range(200)]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from multiprocessing import TimeoutError
 from typing import Any
 
 from nbcluster.actor import kill
-from nbcluster.api import cluster_resources, get, wait
+from nbcluster.api import cluster_resources, get, init, is_initialized, wait
 from nbcluster.refs import ObjectRef
 from nbcluster.remote import remote
 
@@ -54,8 +58,9 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
 class AsyncResult:
     """The result of :meth:`Pool.apply_async` or :meth:`Pool.map_async` (stdlib's interface).
 
-    A thread waits for the chunks, then calls ``callback`` with the value (or ``error_callback``
-    with the exception).
+    Completion comes from the refs' futures (no thread per result); ``callback`` (with the value)
+    or ``error_callback`` (with the exception) runs on the pool's one callback thread, as in the
+    standard library.
     """
 
     def __init__(
@@ -64,40 +69,57 @@ class AsyncResult:
         single: bool,
         callback: Callable[[Any], Any] | None = None,
         error_callback: Callable[[BaseException], Any] | None = None,
+        callbacks: concurrent.futures.Executor | None = None,
     ) -> None:
         self._done = threading.Event()
+        self._lock = threading.Lock()
         self._value: Any = None
         self._error: BaseException | None = None
         self._single = single
-        self._thread = threading.Thread(
-            target=self._collect,
-            args=(refs, callback, error_callback),
-            name="nbcluster-pool-result",
-            daemon=True,
-        )
-        self._thread.start()
+        self._refs = refs  # keeps the chunks' objects alive until they are read
+        self._parts: list[list[Any]] = [[] for _ in refs]
+        self._remaining = len(refs)
+        self._callback = callback
+        self._error_callback = error_callback
+        self._callbacks = callbacks
+        if not refs:
+            self._finish()
+        for i, ref in enumerate(refs):
+            ref.future().add_done_callback(functools.partial(self._one_done, i))
 
-    def _collect(
-        self,
-        refs: list[ObjectRef],
-        callback: Callable[[Any], Any] | None,
-        error_callback: Callable[[BaseException], Any] | None,
-    ) -> None:
+    def _one_done(self, index: int, fut: concurrent.futures.Future[Any]) -> None:
+        # On the client's I/O thread (or a fetch thread): record, never run user code here.
         try:
-            results = [v for chunk in get(refs) for v in _unpack(chunk)]
-            self._value = results[0] if self._single else results
-        except BaseException as exc:
-            self._error = exc
-        finally:
-            self._done.set()
-        try:
-            if self._error is None and callback is not None:
-                callback(self._value)
-            elif self._error is not None and error_callback is not None:
-                error_callback(self._error)
-        except Exception:  # a failing callback must not end the thread silently
-            import logging
+            part, error = _unpack(fut.result()), None
+        except BaseException as exc:  # the function's error, or the task's failure
+            part, error = [], exc
+        with self._lock:
+            if self._done.is_set():
+                return
+            if error is not None:
+                self._error = error
+            else:
+                self._parts[index] = part
+                self._remaining -= 1
+                if self._remaining:
+                    return
+        self._finish()
 
+    def _finish(self) -> None:
+        if self._error is None:
+            results = [v for part in self._parts for v in part]
+            self._value = results[0] if self._single and results else results
+        self._parts = []
+        self._done.set()
+        wanted = self._callback if self._error is None else self._error_callback
+        if wanted is not None and self._callbacks is not None:
+            with contextlib.suppress(RuntimeError):  # the pool was terminated
+                self._callbacks.submit(self._run_callback, wanted)
+
+    def _run_callback(self, fn: Callable[[Any], Any]) -> None:
+        try:
+            fn(self._value if self._error is None else self._error)
+        except Exception:  # a failing callback must not go unseen
             logging.getLogger("nbcluster").exception("pool result callback failed")
 
     def get(self, timeout: float | None = None) -> Any:
@@ -187,7 +209,8 @@ class Pool:
     context
         Accepted for signature compatibility with ``multiprocessing.Pool``; ignored.
     ray_address
-        Accepted for Ray compatibility; the pool uses the current cluster (started if needed).
+        The cluster to join (``init(address=...)``) when none is connected yet; else the current
+        one is used (started if needed).
     ray_remote_args
         Options of the actors (``num_cpus`` 1 by default, ``num_gpus``, ``resources``...).
     """
@@ -210,6 +233,8 @@ class Pool:
             raise ValueError("maxtasksperchild must be a positive integer or None")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        if ray_address is not None and not is_initialized():
+            init(address=ray_address)  # as Ray: join that cluster when none is connected yet
         if processes is None:
             processes = max(1, int(cluster_resources().get("CPU", 1)))
         self._initializer = initializer
@@ -222,6 +247,10 @@ class Pool:
         self._running = True
         self._outstanding: list[ObjectRef] = []
         self._lock = threading.Lock()
+        self._results: list[AsyncResult] = []
+        self._callbacks = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="nbcluster-pool-callbacks"
+        )
 
     def _new_actor(self) -> Any:
         return self._actor_cls.remote(self._initializer, self._initargs)
@@ -248,6 +277,11 @@ class Pool:
                     self._outstanding, num_returns=len(self._outstanding), timeout=0
                 )
             return ref
+
+    def _track(self, result: AsyncResult) -> AsyncResult:
+        with self._lock:  # join() waits for these, callbacks included
+            self._results = [r for r in self._results if not r.ready()] + [result]
+        return result
 
     def _chunksize(self, n: int, chunksize: int | None) -> int:
         if chunksize is not None:
@@ -291,7 +325,7 @@ class Pool:
             raise TypeError(f"{type(func).__name__!r} object is not callable")
         call = _Call(func, dict(kwds or {}))
         ref = self._submit_chunk(call, [tuple(args)], True)
-        return AsyncResult([ref], True, callback, error_callback)
+        return self._track(AsyncResult([ref], True, callback, error_callback, self._callbacks))
 
     def map(
         self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
@@ -310,7 +344,7 @@ class Pool:
     ) -> AsyncResult:
         """Start :meth:`map`; returns an :class:`AsyncResult` of the list."""
         refs = self._map_refs(func, iterable, chunksize, False)
-        return AsyncResult(refs, False, callback, error_callback)
+        return self._track(AsyncResult(refs, False, callback, error_callback, self._callbacks))
 
     def starmap(
         self,
@@ -332,7 +366,7 @@ class Pool:
     ) -> AsyncResult:
         """Start :meth:`starmap`; returns an :class:`AsyncResult` of the list."""
         refs = self._map_refs(func, iterable, chunksize, True)
-        return AsyncResult(refs, False, callback, error_callback)
+        return self._track(AsyncResult(refs, False, callback, error_callback, self._callbacks))
 
     def imap(
         self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1
@@ -353,6 +387,7 @@ class Pool:
     def terminate(self) -> None:
         """Stop now: kill every process (work not finished fails)."""
         self._running = False
+        self._callbacks.shutdown(wait=False)
         with self._lock:
             actors, self._actors = self._actors, []
         for a in actors:
@@ -372,9 +407,12 @@ class Pool:
         if self._running:
             raise ValueError("Pool is still running")
         with self._lock:
-            pending = list(self._outstanding)
+            pending, results = list(self._outstanding), list(self._results)
         if pending:
             wait(pending, num_returns=len(pending))
+        for r in results:
+            r.wait()
+        self._callbacks.shutdown(wait=True)  # the callbacks of that work have run
         self.terminate()
 
     def __enter__(self) -> Pool:
