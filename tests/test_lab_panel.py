@@ -79,7 +79,7 @@ def _skip_reason() -> str | None:
 class Lab:
     """A ``jupyter lab`` subprocess that can be stopped and started again on the same port."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, nbcluster: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.port = free_port()
         self.token = secrets.token_hex(16)
@@ -108,7 +108,7 @@ class Lab:
                 "news_url": None,
                 "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
             },
-            "NbclusterApp": {"port": 0, "num_cpus": 2},
+            "NbclusterApp": {"port": 0, "num_cpus": 2, **(nbcluster or {})},
         }
         (tmp / "config" / "jupyter_server_config.json").write_text(json.dumps(cfg))
         # No "get Jupyter news?" toast over the panel, no update check (no network in CI).
@@ -134,6 +134,8 @@ class Lab:
                 # One fake GPU (no NVIDIA driver here): the panel's GPU gauges get figures.
                 "NBCLUSTER_NVML_MODULE": "nbcluster.testing.fake_nvml",
                 "NBCLUSTER_FAKE_NVML": str(self.gpu_file),
+                # Pools' job folders and secret file: the test's, not the user's home.
+                "NBCLUSTER_HOME": str(tmp / "home"),
             }
         )
         self.log_path = tmp / "lab.log"
@@ -201,6 +203,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 def page(lab: Lab) -> Iterator[Page]:
+    with _browse(lab) as page:
+        yield page
+
+
+@contextlib.contextmanager
+def _browse(lab: Lab) -> Iterator[Page]:
+    """A Chromium page on ``lab``'s JupyterLab, loaded; fails on the panel's page errors."""
     assert sync_playwright is not None
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -537,6 +546,47 @@ def test_reconnects_after_a_server_restart(lab: Lab, page: Page) -> None:
     expect(banner).to_be_hidden(timeout=UI_TIMEOUT_MS)
     expect(page.locator(".nbc-node .nbc-badge").first).to_have_text("alive")
     expect(page.locator(".nbc-status")).to_contain_text("nbcluster: 1 node")
+
+
+def test_pools_section_scales_a_slurm_pool_after_confirmation(
+    local_slurm: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The Pools section of a server with ``c.NbclusterApp.pools``: a job appears with its Slurm
+    id once the scale is confirmed, "Keep" changes nothing, scaling to 0 ends the job."""
+    if (reason := _skip_reason()) is not None:
+        pytest.skip(reason)
+    lab = Lab(
+        tmp_path_factory.mktemp("poolslab"),
+        nbcluster={"num_gpus": 0, "pools": [{"kind": "slurm", "name": "cpu", "cpus": 1}]},
+    )
+    lab.start()
+    try:
+        with _browse(lab) as page:
+            _open_panel(page)
+            section = page.locator("#nbcluster-panel .nbc-pools")
+            expect(section.locator(".nbc-pool-title")).to_contain_text("cpu (slurm)")
+            expect(section.locator(".nbc-empty")).to_have_text("no jobs")
+
+            def scale(n: int, button: str) -> None:
+                section.locator(".nbc-pool-n").fill(str(n))
+                section.locator(".nbc-pool-scale").click()
+                _confirm(page, button)
+
+            scale(1, "Scale")
+            running = section.locator("tr.nbc-job-running")
+            expect(running).to_have_count(1)
+            job_id = running.locator("td").first.inner_text()
+            assert local_slurm.jobs() == [job_id]
+            _screenshot(page, "panel-pools.png")
+            scale(0, "Keep")  # cancelled: the job stays
+            expect(running).to_have_count(1)
+            assert local_slurm.jobs() == [job_id]
+            scale(0, "Scale")
+            wait_until(lambda: not local_slurm.jobs(), timeout=60, interval=0.3)
+            expect(running).to_have_count(0)
+    finally:
+        lab.stop()
+    assert not local_slurm.jobs()
 
 
 def test_no_leftover_processes(lab: Lab) -> None:
