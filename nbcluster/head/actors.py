@@ -225,8 +225,9 @@ class ActorDirectory:
             return []
         return self.kill(aid, True, "all handles to the actor went out of scope")
 
-    def exited(self, aid: str) -> list[Instruction]:
-        return self.kill(aid, True, "the actor called exit_actor()")
+    def exited(self, aid: str, why: str = "") -> list[Instruction]:
+        """The actor ended itself (``why``: "called exit_actor()" or "called sys.exit(...)")."""
+        return self.kill(aid, True, f"the actor {why or 'called exit_actor()'}")
 
     def job_gone(self, job_id: str) -> list[Instruction]:
         """A job's driver left: its non-detached actors die with it."""

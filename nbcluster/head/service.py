@@ -418,7 +418,7 @@ class HeadService:
         await self._run(self.actors.on_failed(aid, payload))
 
     async def _on_actor_exit(self, aid: str, msg: m.ActorExit, payload: list[Any]) -> None:
-        await self._run(self.actors.exited(aid))
+        await self._run(self.actors.exited(aid, msg.why))
 
     def _drop_worker_sock(self, aid: str) -> None:
         a = self.actors.actors.get(aid)

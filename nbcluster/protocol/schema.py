@@ -482,8 +482,9 @@ class ActorFailed(Message, tag=Kind.ACTOR_FAILED.value):
 
 
 class ActorExit(Message, tag=Kind.ACTOR_EXIT.value):
-    summary = "worker -> head: exit_actor() was called"
+    summary = "worker -> head: exit_actor() or sys.exit() was called (``why``: which)"
     aid: str
+    why: str = ""
 
 
 class ActorAttach(Message, tag=Kind.ACTOR_ATTACH.value):

@@ -56,6 +56,7 @@ class ActorHost:
         self.concurrent = is_async or max_concurrency > 1
         self.assigned: dict[str, Any] = {}
         self.exited = False
+        self.exit_why = "called exit_actor()"
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
@@ -91,7 +92,12 @@ class ActorHost:
         try:
             host.instance = klass(*args, **kwargs)
         except BaseException as exc:
-            err = worker.task_error(f"{host.cls_name}.__init__", exc, skip=1)
+            why = exit_reason(exc)
+            err: BaseException
+            if why is not None:  # as in Ray: an intentional exit, callers see the actor died
+                err = ActorDiedError(f"the actor {host.cls_name} exited in __init__ ({why})")
+            else:
+                err = worker.task_error(f"{host.cls_name}.__init__", exc, skip=1)
             worker.send(head, {"k": Kind.ACTOR_FAILED, "aid": aid}, worker.error_frames(err))
             worker.actor = None
             return None
@@ -206,7 +212,9 @@ class ActorHost:
         call.args, call.kwargs = (), {}  # before asking which argument refs are still alive
         kept = w.kept(call.loaded)
         tid, name, nret = h.tid, h.name, h.nret
-        if isinstance(exc, ActorExit):
+        why = exit_reason(exc) if exc is not None else None
+        if why is not None:
+            self.exit_why = why
             w.send_error(ident, tid, self.exit_error(), "exc", kept)  # as in Ray: see main.py
             self.exit()
         elif exc is not None:
@@ -214,14 +222,19 @@ class ActorHost:
         else:
             w.send_result(ident, tid, name, nret, result, kept)
 
+    def note_exit(self, exc: BaseException) -> None:
+        """Remember why the actor is exiting (``exc``: its ``ActorExit`` or ``SystemExit``)."""
+        self.exit_why = exit_reason(exc) or self.exit_why
+
     def exit(self) -> None:
-        """``exit_actor()`` was called: refuse further calls and let the head end us.
+        """``exit_actor()`` or ``sys.exit()`` was called: refuse further calls and let the head
+        end us.
 
         The head kills this worker after recording why, so the actor is never restarted and its
         callers learn that it exited rather than crashed.
         """
         self.exited = True
-        self.worker.send(self.head, {"k": Kind.ACTOR_EXIT, "aid": self.aid})
+        self.worker.send(self.head, {"k": Kind.ACTOR_EXIT, "aid": self.aid, "why": self.exit_why})
 
     def refuse(self, ident: bytes, h: ActorCall) -> bool:
         """Answer a call that arrived after ``exit_actor()``; returns whether it did."""
@@ -231,5 +244,18 @@ class ActorHost:
         return True
 
     def exit_error(self) -> ActorDiedError:
-        """What callers of this actor get once it called ``exit_actor()``."""
-        return ActorDiedError(f"the actor {self.cls_name} called exit_actor()")
+        """What callers of this actor get once it called ``exit_actor()`` or ``sys.exit()``."""
+        return ActorDiedError(f"the actor {self.cls_name} {self.exit_why}")
+
+
+def exit_reason(exc: BaseException) -> str | None:
+    """Why an exception raised by actor code ends the actor (``None``: it does not).
+
+    As in Ray, ``exit_actor()`` and ``sys.exit()`` (``SystemExit``) inside an actor end the
+    actor, never the process that called it.
+    """
+    if isinstance(exc, ActorExit):
+        return "called exit_actor()"
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({'' if exc.code is None else repr(exc.code)})"
+    return None

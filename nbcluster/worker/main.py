@@ -352,8 +352,12 @@ class Worker:
             try:
                 result = fn(*args, **kwargs)
                 ok = True
-            except context.ActorExit:
-                ok = exiting = True
+            except (context.ActorExit, SystemExit) as exc:
+                if self.actor is not None and isinstance(h, m.ActorCall):
+                    ok = exiting = True
+                    self.actor.note_exit(exc)
+                else:  # sys.exit() in a task fails the task; the worker serves on
+                    error = exc
             except KeyboardInterrupt as exc:
                 cancelled = self._cancel_requested == tid
                 error = exc

@@ -1,0 +1,100 @@
+"""Ray's actor semantics on a real local cluster: exits, fate sharing, kill races, cancelling
+running calls, concurrency groups."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import nbcluster as nb
+from nbcluster.exceptions import ActorDiedError
+from tests.conftest import all_gone, wait_until
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[nb.ClusterInfo]:
+    nb.shutdown()
+    info = nb.init(num_cpus=4)
+    yield info
+    nb.shutdown()
+
+
+def _state(aid: str) -> str:
+    return str(next(a for a in nb.actors() if a["actor_id"] == aid)["state"])
+
+
+# ---------------------------------------------------------------------------- exits
+@nb.remote
+class Exiter:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def sys_exit(self, code: int | None = None) -> None:
+        sys.exit(code)
+
+    def exit_actor(self) -> None:
+        nb.exit_actor()
+
+
+@nb.remote
+class AsyncExiter:
+    async def pid(self) -> int:
+        return os.getpid()
+
+    async def sys_exit(self, code: int | None = None) -> None:
+        await asyncio.sleep(0)
+        sys.exit(code)
+
+    async def exit_actor(self) -> None:
+        nb.exit_actor()
+
+
+@pytest.mark.parametrize("kind", ["seq", "thr", "aio"])
+@pytest.mark.parametrize("how", ["sys_exit", "exit_actor"])
+def test_exit_inside_a_method_ends_the_actor(cluster: nb.ClusterInfo, kind: str, how: str) -> None:
+    if kind == "aio":
+        a = AsyncExiter.remote()
+    else:
+        a = Exiter.options(max_concurrency=3 if kind == "thr" else 1).remote()
+    pid = nb.get(a.pid.remote(), timeout=30)
+    t0 = time.monotonic()
+    # As in Ray: the call that exits, and every later one, see the actor's death.
+    pattern = r"sys\.exit\(3\)" if how == "sys_exit" else "exit_actor"
+    call = getattr(a, how)
+    with pytest.raises(ActorDiedError, match=pattern):
+        nb.get(call.remote(3) if how == "sys_exit" else call.remote(), timeout=30)
+    with pytest.raises(ActorDiedError, match=pattern):
+        nb.get(a.pid.remote(), timeout=30)
+    assert time.monotonic() - t0 < 15  # never a hang
+    wait_until(lambda: all_gone([pid]), timeout=15)  # its process is gone
+    assert wait_until(lambda: _state(a.actor_id) == "DEAD", timeout=15)
+    assert os.getpid() != pid  # and the driver is alive to check
+
+
+def test_sys_exit_in_init_kills_the_actor(cluster: nb.ClusterInfo) -> None:
+    @nb.remote
+    class Quits:
+        def __init__(self) -> None:
+            sys.exit(0)
+
+        def ping(self) -> str:
+            return "pong"
+
+    q = Quits.remote()
+    for _ in range(2):
+        with pytest.raises(ActorDiedError, match=r"exited in __init__ \(called sys\.exit\(0\)\)"):
+            nb.get(q.ping.remote(), timeout=30)
+
+
+def test_sys_exit_in_a_task_only_fails_the_task(cluster: nb.ClusterInfo) -> None:
+    @nb.remote
+    def quits() -> None:
+        sys.exit(2)
+
+    with pytest.raises(SystemExit):
+        nb.get(quits.remote(), timeout=30)
