@@ -98,3 +98,51 @@ def test_sys_exit_in_a_task_only_fails_the_task(cluster: nb.ClusterInfo) -> None
 
     with pytest.raises(SystemExit):
         nb.get(quits.remote(), timeout=30)
+
+
+# ---------------------------------------------------------------------------- kill, then call
+@nb.remote
+class Pinger:
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_a_call_right_after_kill_raises_actor_died(cluster: nb.ClusterInfo) -> None:
+    others = [Pinger.remote() for _ in range(4)]  # the report: "when other actors exist"
+    assert nb.get([o.ping.remote() for o in others], timeout=60) == ["pong"] * 4
+    answered = []
+    for i in range(50):
+        victim = Pinger.remote()
+        if i % 2:  # half alive and serving, half still being placed when killed
+            assert nb.get(victim.ping.remote(), timeout=30) == "pong"
+        nb.kill(victim)
+        ref = victim.ping.remote()
+        try:
+            answered.append(nb.get(ref, timeout=30))
+        except ActorDiedError:
+            pass
+        # the others are unaffected
+        assert nb.get(others[i % 4].ping.remote(), timeout=30) == "pong"
+    assert answered == []
+
+
+@nb.remote
+class Caller:
+    def call(self, handle: nb.ActorHandle) -> str:
+        try:
+            return str(nb.get(handle.ping.remote(), timeout=30))
+        except ActorDiedError:
+            return "died"
+
+
+def test_a_call_from_elsewhere_after_kill_raises_actor_died(cluster: nb.ClusterInfo) -> None:
+    # The head buries a killed actor at once: a process that looks it up after the kill reached
+    # the head never reaches the dying worker.
+    callers = [Caller.remote() for _ in range(2)]
+    answers = []
+    for i in range(20):
+        victim = Pinger.remote()
+        assert nb.get(victim.ping.remote(), timeout=30) == "pong"
+        nb.kill(victim)
+        answers.append(nb.get(callers[i % 2].call.remote(victim), timeout=60))
+    assert answers == ["died"] * 20

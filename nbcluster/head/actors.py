@@ -210,13 +210,14 @@ class ActorDirectory:
         if no_restart:
             a.no_restart = True
         a.death_reason = reason
-        if a.worker_id is not None and a.node_id is not None:
-            # The agent reports the exit; on_lost then restarts or buries it.
-            return [KillWorker(a.node_id, a.worker_id)]
-        out = self.cluster.cancel_request(ActorRequester(aid), a.rid)
         if a.no_restart:
-            return out + self._die(a, reason)
-        return out
+            # Dead now, as in Ray: nobody who looks it up from here on reaches its worker, which
+            # may run a little longer while its agent stops it (on_lost then finds it dead).
+            return self.cluster.cancel_request(ActorRequester(aid), a.rid) + self._die(a, reason)
+        if a.worker_id is not None and a.node_id is not None:
+            # The agent reports the exit; on_lost then restarts it.
+            return [KillWorker(a.node_id, a.worker_id)]
+        return self.cluster.cancel_request(ActorRequester(aid), a.rid)
 
     def release(self, aid: str) -> list[Instruction]:
         """The creator dropped its last handle: anonymous, non-detached actors go away."""

@@ -215,6 +215,9 @@ class ActorHost:
         why = exit_reason(exc) if exc is not None else None
         if why is not None:
             self.exit_why = why
+            # Refuse calls first: the caller may send its next call as soon as it has this answer,
+            # and that call reaches the main thread while this thread is still here.
+            self.exited = True
             w.send_error(ident, tid, self.exit_error(), "exc", kept)  # as in Ray: see main.py
             self.exit()
         elif exc is not None:
