@@ -146,3 +146,73 @@ def test_a_call_from_elsewhere_after_kill_raises_actor_died(cluster: nb.ClusterI
         nb.kill(victim)
         answers.append(nb.get(callers[i % 2].call.remote(victim), timeout=60))
     assert answers == ["died"] * 20
+
+
+# ---------------------------------------------------------------------------- fate sharing
+@nb.remote
+class Leaf:
+    def pid(self) -> int:
+        return os.getpid()
+
+    def ping(self) -> str:
+        return "pong"
+
+
+@nb.remote
+class Parent:
+    def __init__(self) -> None:
+        self.kids = [Leaf.remote()]  # made in __init__
+
+    def spawn(self, tag: str) -> dict[str, str]:
+        self.kids.append(Leaf.remote())  # made in a method
+        self.kids.append(Parent.remote())  # a child with a child of its own
+        detached = Leaf.options(name=f"free-{tag}", lifetime="detached").remote()
+        nb.get([k.ping.remote() for k in [*self.kids, detached]], timeout=60)
+        return {
+            "init": self.kids[0].actor_id,
+            "method": self.kids[1].actor_id,
+            "child": self.kids[2].actor_id,
+            "grandchild": nb.get(self.kids[2].first.remote(), timeout=60),
+            "detached": detached.actor_id,
+        }
+
+    def first(self) -> str:
+        assert nb.get(self.kids[0].ping.remote(), timeout=60) == "pong"
+        return str(self.kids[0].actor_id)
+
+    def ping(self) -> str:
+        return "pong"
+
+    def quit(self) -> None:
+        sys.exit(0)
+
+
+def _pid(aid: str) -> int:
+    return int(next(a for a in nb.actors() if a["actor_id"] == aid)["pid"] or 0)
+
+
+@pytest.mark.parametrize("how", ["kill", "sys_exit", "kill_restartable"])
+def test_actors_created_by_an_actor_die_with_it(cluster: nb.ClusterInfo, how: str) -> None:
+    p = Parent.options(max_restarts=1 if how == "kill_restartable" else 0).remote()
+    kids = nb.get(p.spawn.remote(how), timeout=90)
+    assert all(_state(aid) == "ALIVE" for aid in kids.values())
+    pids = [_pid(aid) for name, aid in kids.items() if name != "detached"]
+    assert all(pids)
+    if how == "sys_exit":
+        with pytest.raises(ActorDiedError):
+            nb.get(p.quit.remote(), timeout=30)
+    else:
+        nb.kill(p, no_restart=how != "kill_restartable")
+    doomed = [aid for name, aid in kids.items() if name != "detached"]
+    assert wait_until(lambda: all(_state(aid) == "DEAD" for aid in doomed), timeout=30)
+    assert wait_until(lambda: all_gone(pids), timeout=30)
+    reasons = {str(a["death_reason"]) for a in nb.actors() if a["actor_id"] in doomed}
+    assert all("the actor that created it" in r for r in reasons), reasons
+    # As in Ray, a detached actor outlives its creator.
+    free = nb.get_actor(f"free-{how}")
+    assert nb.get(free.pid.remote(), timeout=30) > 0
+    assert _state(kids["detached"]) == "ALIVE"
+    nb.kill(free)
+    if how == "kill_restartable":  # the parent itself came back, without its old children
+        assert nb.get(p.ping.remote(), timeout=60) == "pong"
+        nb.kill(p)

@@ -58,6 +58,7 @@ class ActorInfo:
     subscribers: set[bytes] = field(default_factory=set)
     created_at: float = field(default_factory=time.time)
     strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
+    parent: str | None = None  # the actor whose methods created this one (fate sharing)
 
 
 class ActorDirectory:
@@ -71,10 +72,17 @@ class ActorDirectory:
 
     # ------------------------------------------------------------------------ creation
     def create(
-        self, owner: bytes, job_id: str, h: dict[str, Any], payload: list[bytes]
+        self,
+        owner: bytes,
+        job_id: str,
+        h: dict[str, Any],
+        payload: list[bytes],
+        creator_worker: str | None = None,
     ) -> tuple[dict[str, Any], list[Instruction]]:
         """Register and place a new actor, or return the existing one of that name.
 
+        ``creator_worker`` is the worker whose code asked (``None``: a driver); when that worker
+        hosts an actor, the new one shares its fate unless detached, as in Ray.
         Returns the reply for the creator and the instructions to carry out.
         """
         name = h.get("name") or None
@@ -110,6 +118,9 @@ class ActorDirectory:
             payload=list(payload),
             strategy=h.get("strategy") or None,
         )
+        creator = self.cluster.workers.get(creator_worker) if creator_worker else None
+        if creator is not None and creator.actor_id is not None and not a.detached:
+            a.parent = creator.actor_id
         a.subscribers.add(owner)
         self.actors[a.aid] = a
         if name is not None:
@@ -192,7 +203,8 @@ class ActorDirectory:
         a.restarts += 1
         a.state = RESTARTING
         a.death_reason = reason
-        return [ActorChanged(a), *self._place(a)]
+        # The instance that made its children is gone: they go too (a restart makes new ones).
+        return [ActorChanged(a), *self._children_die(a), *self._place(a)]
 
     def on_unschedulable(self, aid: str, reason: str) -> list[Instruction]:
         """The actor can never be placed (hard affinity to a dead node): it is dead."""
@@ -246,6 +258,15 @@ class ActorDirectory:
             out.append(KillWorker(a.node_id, a.worker_id))
         if a.name is not None and self.names.get((a.namespace, a.name)) == a.aid:
             del self.names[(a.namespace, a.name)]
+        return out + self._children_die(a)
+
+    def _children_die(self, a: ActorInfo) -> list[Instruction]:
+        """Fate sharing: the (non-detached) actors ``a`` created die with it, and theirs too."""
+        out: list[Instruction] = []
+        why = f"the actor that created it ({a.cls_name} {a.aid}) died"
+        for child in list(self.actors.values()):
+            if child.parent == a.aid and child.state != DEAD:
+                out += self.kill(child.aid, True, why)
         return out
 
     # ------------------------------------------------------------------------ queries

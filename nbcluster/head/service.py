@@ -544,7 +544,8 @@ class HeadService:
         assert peer.job_id is not None
         ident = peer.ident
         spec = msgspec.to_builtins(msg)  # the directory keeps it as the snapshot saves it
-        reply, ins = self.actors.create(ident, peer.job_id, spec, [bytes(f) for f in payload])
+        frames = [bytes(f) for f in payload]
+        reply, ins = self.actors.create(ident, peer.job_id, spec, frames, peer.worker_id)
         if "error" in reply:
             error = {"k": Kind.ERROR, "rid": msg.rid, "msg": reply["error"], "code": "actor"}
             await self._send(ident, error)
