@@ -8,11 +8,12 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import nbcluster as nb
-from nbcluster.exceptions import ActorDiedError
+from nbcluster.exceptions import ActorDiedError, TaskCancelledError
 from tests.conftest import all_gone, wait_until
 
 
@@ -216,3 +217,111 @@ def test_actors_created_by_an_actor_die_with_it(cluster: nb.ClusterInfo, how: st
     if how == "kill_restartable":  # the parent itself came back, without its old children
         assert nb.get(p.ping.remote(), timeout=60) == "pong"
         nb.kill(p)
+
+
+# ---------------------------------------------------------------------------- cancelling
+@nb.remote
+class AsyncSleeper:
+    def __init__(self) -> None:
+        self.cancelled = 0
+        self.started = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> str:
+        self.started.set()
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return "slept"
+
+    async def wait_started(self) -> None:
+        await asyncio.wait_for(self.started.wait(), 30)
+        self.started.clear()
+
+    async def count(self) -> int:
+        return self.cancelled
+
+
+@nb.remote(max_concurrency=2)
+class ThreadedSleeper:
+    def __init__(self) -> None:
+        import threading
+
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.finished = 0
+
+    def block(self) -> str:
+        self.started.set()
+        assert self.release.wait(30)
+        self.finished += 1
+        return "done"
+
+    def wait_started(self) -> bool:
+        ok = self.started.wait(30)
+        self.started.clear()
+        return ok
+
+    def let_go(self) -> None:
+        self.release.set()
+
+    def count(self) -> int:
+        return self.finished
+
+
+def test_cancel_a_running_async_call(cluster: nb.ClusterInfo) -> None:
+    a = AsyncSleeper.remote()
+    for i in range(3):
+        ref = a.sleep.remote(60)
+        nb.get(a.wait_started.remote(), timeout=30)  # it runs now
+        t0 = time.monotonic()
+        nb.cancel(ref)
+        with pytest.raises(TaskCancelledError):
+            nb.get(ref, timeout=30)
+        assert time.monotonic() - t0 < 10
+        # its coroutine was cancelled (CancelledError at its await), and the actor serves on
+        assert nb.get(a.count.remote(), timeout=30) == i + 1
+    assert nb.get(a.sleep.remote(0), timeout=30) == "slept"
+
+
+def test_cancel_a_running_threaded_call(cluster: nb.ClusterInfo) -> None:
+    t = ThreadedSleeper.remote()
+    ref = t.block.remote()
+    assert nb.get(t.wait_started.remote(), timeout=30)
+    nb.cancel(ref)
+    with pytest.raises(TaskCancelledError):
+        nb.get(ref, timeout=30)  # at once, while the thread still runs
+    assert nb.get(t.count.remote(), timeout=30) == 0
+    nb.get(t.let_go.remote(), timeout=30)
+    # as in Ray, a running thread is not interrupted: it finishes, its result is dropped
+    assert wait_until(lambda: nb.get(t.count.remote(), timeout=30) == 1, timeout=30)
+    assert nb.get(t.block.remote(), timeout=30) == "done"  # and the actor serves on
+
+
+def test_cancel_a_running_sequential_call(cluster: nb.ClusterInfo, tmp_path: Path) -> None:
+    @nb.remote
+    class Slow:
+        def __init__(self) -> None:
+            self.interrupted = 0
+
+        def sleep(self, marker: str) -> str:
+            Path(marker).write_text("started")
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:
+                self.interrupted += 1
+                raise
+            return "slept"
+
+        def count(self) -> int:
+            return self.interrupted
+
+    s = Slow.remote()
+    marker = tmp_path / "started"
+    ref = s.sleep.remote(str(marker))
+    assert wait_until(marker.exists, timeout=30)
+    nb.cancel(ref)
+    with pytest.raises(TaskCancelledError):
+        nb.get(ref, timeout=30)
+    assert nb.get(s.count.remote(), timeout=30) == 1

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbcluster.cells import EXEC_METHOD, run_cell
 from nbcluster.context import ActorExit
-from nbcluster.exceptions import ActorDiedError
+from nbcluster.exceptions import ActorDiedError, TaskCancelledError
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.schema import ActorCall, ActorInit
 from nbcluster.serialization import loads, restore_filenames
@@ -60,6 +60,11 @@ class ActorHost:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
+        # Concurrent calls started and not answered yet, by id (what cancel() can stop), and
+        # the ones answered as cancelled whose own outcome must be dropped.
+        self._calls: dict[str, tuple[bytes, concurrent.futures.Future[Any]]] = {}
+        self._cancelled: set[str] = set()
+        self._calls_lock = threading.Lock()
 
     @classmethod
     def create(
@@ -152,10 +157,41 @@ class ActorHost:
 
     def submit(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         """Start a call on the pool or the event loop (concurrent actors)."""
-        if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._call_async(ident, h, payload), self._loop)
-        elif self._pool is not None:
-            self._pool.submit(self._call_threaded, ident, h, payload)
+        fut: concurrent.futures.Future[Any]
+        with self._calls_lock:
+            if self._loop is not None:
+                coro = self._call_async(ident, h, payload)
+                fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            elif self._pool is not None:
+                fut = self._pool.submit(self._call_threaded, ident, h, payload)
+            else:
+                return
+            self._calls[h.tid] = (ident, fut)  # before it can answer: it takes this lock
+
+    def cancel(self, tid: str) -> None:
+        """Cancel a call of a concurrent actor: its caller gets ``TaskCancelledError`` now.
+
+        An async call's asyncio task is cancelled (``CancelledError`` at its next ``await``);
+        a threaded call not started yet never starts, and one already running runs on (threads
+        cannot be interrupted; as in Ray the actor keeps its state) but its outcome is dropped.
+        """
+        with self._calls_lock:
+            found = self._calls.pop(tid, None)
+            if found is None:
+                return  # already answered (or never here)
+            self._cancelled.add(tid)
+        ident, fut = found
+        fut.cancel()
+        self.worker.send_error(ident, tid, TaskCancelledError(tid), "cancelled")
+
+    def _answered(self, tid: str) -> bool:
+        """Claim the right to answer call ``tid``; ``False`` when cancel() answered it."""
+        with self._calls_lock:
+            self._calls.pop(tid, None)
+            if tid in self._cancelled:
+                self._cancelled.discard(tid)
+                return False
+            return True
 
     def _call_threaded(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         call = self._prepare(ident, h, payload)
@@ -193,14 +229,18 @@ class ActorHost:
 
     def _prepare(self, ident: bytes, h: ActorCall, payload: list[Any]) -> _Call | None:
         """The bound method and arguments of a call, or ``None`` after reporting why not."""
-        if self.refuse(ident, h):
+        if self.exited:
+            if self._answered(h.tid):
+                self.worker.send_error(ident, h.tid, self.exit_error(), "exc")
             return None
         loaded: list[str] = []
         try:
             method = self._method(h)
             args, kwargs = self.worker.load_args(h, payload, loaded)
         except Exception as exc:
-            self.worker.send_error(ident, h.tid, self.worker.task_error(h.name, exc, 0), "exc")
+            if self._answered(h.tid):
+                err = self.worker.task_error(h.name, exc, 0)
+                self.worker.send_error(ident, h.tid, err, "exc")
             return None
         return _Call(method, args, kwargs, loaded)
 
@@ -210,6 +250,8 @@ class ActorHost:
         """Send a concurrent call's result or error; ``exit_actor()`` ends the actor after it."""
         w = self.worker
         call.args, call.kwargs = (), {}  # before asking which argument refs are still alive
+        if not self._answered(h.tid):
+            return  # cancelled: its caller already has its TaskCancelledError
         kept = w.kept(call.loaded)
         tid, name, nret = h.tid, h.name, h.nret
         why = exit_reason(exc) if exc is not None else None

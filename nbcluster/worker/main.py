@@ -195,6 +195,9 @@ class Worker:
             self.ident.namespace = msg.namespace
 
     def _on_cancel(self, ident: bytes, msg: m.Cancel, payload: list[Any]) -> None:
+        if self.actor is not None and self.actor.concurrent:
+            self.actor.cancel(msg.tid)  # its calls run on other threads or its event loop
+            return
         for i, (qident, queued, _) in enumerate(self.queue):
             if isinstance(queued, m.Task | m.ActorCall) and queued.tid == msg.tid:
                 del self.queue[i]
