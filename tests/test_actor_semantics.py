@@ -325,3 +325,133 @@ def test_cancel_a_running_sequential_call(cluster: nb.ClusterInfo, tmp_path: Pat
     with pytest.raises(TaskCancelledError):
         nb.get(ref, timeout=30)
     assert nb.get(s.count.remote(), timeout=30) == 1
+
+
+# ---------------------------------------------------------------------------- concurrency groups
+@nb.remote(concurrency_groups={"io": 2, "compute": 4, "admin": 1})
+class AsyncGroups:
+    def __init__(self) -> None:
+        self.running: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.gate = asyncio.Event()
+
+    async def _hold(self, tag: str) -> str:
+        self.running[tag] = self.running.get(tag, 0) + 1
+        self.peak[tag] = max(self.peak.get(tag, 0), self.running[tag])
+        await asyncio.wait_for(self.gate.wait(), 30)
+        self.running[tag] -= 1
+        return tag
+
+    @nb.method(concurrency_group="io")
+    async def io(self) -> str:
+        return await self._hold("io")
+
+    @nb.method(concurrency_group="compute")
+    async def compute(self) -> str:
+        return await self._hold("compute")
+
+    async def default(self) -> str:
+        return await self._hold("default")
+
+    @nb.method(concurrency_group="io")  # called with options(concurrency_group="admin")
+    async def state(self) -> dict[str, int]:
+        return dict(self.running)
+
+    @nb.method(concurrency_group="admin")
+    async def open_gate(self) -> dict[str, int]:
+        self.gate.set()
+        return dict(self.peak)
+
+
+@nb.remote(concurrency_groups={"io": 2, "compute": 3, "admin": 1})
+class ThreadedGroups:
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.running: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.gate = threading.Event()
+
+    def _hold(self, tag: str) -> str:
+        import threading
+
+        with self.lock:
+            self.running[tag] = self.running.get(tag, 0) + 1
+            self.peak[tag] = max(self.peak.get(tag, 0), self.running[tag])
+        assert self.gate.wait(30)
+        with self.lock:
+            self.running[tag] -= 1
+        return threading.current_thread().name
+
+    @nb.method(concurrency_group="io")
+    def io(self) -> str:
+        return self._hold("io")
+
+    @nb.method(concurrency_group="compute")
+    def compute(self) -> str:
+        return self._hold("compute")
+
+    def default(self) -> str:
+        return self._hold("default")
+
+    @nb.method(concurrency_group="io")  # called with options(concurrency_group="admin")
+    def state(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.running)
+
+    @nb.method(concurrency_group="admin")
+    def thread(self) -> str:
+        import threading
+
+        return threading.current_thread().name
+
+    @nb.method(concurrency_group="admin")
+    def open_gate(self) -> dict[str, int]:
+        self.gate.set()
+        return dict(self.peak)
+
+
+def test_concurrency_groups_of_an_async_actor(cluster: nb.ClusterInfo) -> None:
+    a = AsyncGroups.remote()
+    refs = [a.io.remote() for _ in range(5)] + [a.compute.remote() for _ in range(6)]
+    refs += [a.default.remote() for _ in range(3)]  # default group: max_concurrency (1000)
+    want = {"io": 2, "compute": 4, "default": 3}
+    # "state" belongs to "io", which is full: the call's option runs it in "admin" instead.
+    state = a.state.options(concurrency_group="admin")
+    assert wait_until(lambda: nb.get(state.remote(), timeout=30) == want, timeout=30)
+    # every group ran at its own limit at once, and never above it
+    assert nb.get(a.open_gate.remote(), timeout=30) == want
+    assert sorted(nb.get(refs, timeout=30)) == sorted(
+        ["io"] * 5 + ["compute"] * 6 + ["default"] * 3
+    )
+
+
+def test_concurrency_groups_of_a_threaded_actor(cluster: nb.ClusterInfo) -> None:
+    t = ThreadedGroups.remote()  # default group: max_concurrency=1 thread
+    refs = [t.io.remote() for _ in range(4)] + [t.compute.remote() for _ in range(5)]
+    refs += [t.default.remote() for _ in range(2)]
+    want = {"io": 2, "compute": 3, "default": 1}
+    state = t.state.options(concurrency_group="admin")
+    assert wait_until(lambda: nb.get(state.remote(), timeout=30) == want, timeout=30)
+    assert "-admin" in nb.get(t.thread.remote(), timeout=30)  # each group has its own threads
+    assert nb.get(t.open_gate.remote(), timeout=30) == want
+    names = nb.get(refs, timeout=30)
+    assert all("-io" in n for n in names[:4]) and all("-compute" in n for n in names[4:9])
+    assert all("-call" in n for n in names[9:])
+    with pytest.raises(ValueError, match="no concurrency group 'nope'"):
+        nb.get(t.thread.options(concurrency_group="nope").remote(), timeout=30)
+
+
+def test_concurrency_group_misuse_is_reported(cluster: nb.ClusterInfo) -> None:
+    class Bad:
+        @nb.method(concurrency_group="io")
+        def f(self) -> None:
+            pass
+
+    with pytest.raises(ValueError, match="does not declare"):
+        nb.remote(Bad)
+    with pytest.raises(ValueError, match="positive integer"):
+        nb.remote(concurrency_groups={"io": 0})(Bad)
+    with pytest.raises(ValueError, match="non-empty string"):
+        nb.method(concurrency_group="")

@@ -250,6 +250,8 @@ class ActorCalls:
             "nargs": len(rec.args),
             "nret": rec.nret,
         }
+        if rec.group:
+            header["group"] = rec.group
         payload: list[Any] = list(rec.args)
         if rec.dep_frames:
             header["deps"] = [len(f) for f in rec.dep_frames]

@@ -112,7 +112,15 @@ class ActorDirectory:
             methods=dict(h.get("methods") or {}),
             spec={
                 k: h[k]
-                for k in ("nargs", "deps", "max_concurrency", "is_async", "sys_path", "renv")
+                for k in (
+                    "nargs",
+                    "deps",
+                    "max_concurrency",
+                    "is_async",
+                    "sys_path",
+                    "renv",
+                    "concurrency_groups",
+                )
                 if k in h
             },
             payload=list(payload),

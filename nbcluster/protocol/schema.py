@@ -404,6 +404,8 @@ class ActorCreate(Message, tag=Kind.ACTOR_CREATE.value):
     strategy: Strategy | None = None
     deps: list[Count] = []
     renv: RuntimeEnv | None = None
+    #: name -> that group's own concurrency limit (``@remote(concurrency_groups=...)``)
+    concurrency_groups: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1)
@@ -465,6 +467,7 @@ class ActorInit(Message, tag=Kind.ACTOR_INIT.value):
     is_async: bool = False
     sys_path: list[str] = []
     renv: RuntimeEnv | None = None
+    concurrency_groups: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1)
@@ -502,6 +505,7 @@ class ActorCall(Message, tag=Kind.ACTOR_CALL.value):
     nargs: Count
     nret: Count = 1
     deps: list[Count] = []
+    group: str = ""  # .options(concurrency_group=...); "": the method's own group
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps)

@@ -34,7 +34,10 @@ class ActorHost:
 
     Sync actors with ``max_concurrency=1`` run calls on the main thread in arrival order (which is
     each caller's submission order). ``max_concurrency=N`` runs sync methods on N threads; an actor
-    with ``async def`` methods runs them concurrently on one event loop.
+    with ``async def`` methods runs them concurrently on one event loop. Concurrency groups
+    (``@remote(concurrency_groups={"io": 2})``) each have their own limit: their own threads for
+    a sync actor, their own semaphore on the event loop for an async one; the default group
+    ("") has ``max_concurrency``.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class ActorHost:
         head: bytes,
         max_concurrency: int,
         is_async: bool,
+        groups: dict[str, int] | None = None,
     ) -> None:
         self.worker = worker
         self.aid = aid
@@ -53,13 +57,14 @@ class ActorHost:
         self.instance: Any = None
         self.is_async = is_async
         self.max_concurrency = max_concurrency
-        self.concurrent = is_async or max_concurrency > 1
+        self.groups = dict(groups or {})
+        self.concurrent = is_async or max_concurrency > 1 or bool(self.groups)
         self.assigned: dict[str, Any] = {}
         self.exited = False
         self.exit_why = "called exit_actor()"
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}  # by group
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self._sems: dict[str, asyncio.Semaphore] = {}  # by group
         # Concurrent calls started and not answered yet, by id (what cancel() can stop), and
         # the ones answered as cancelled whose own outcome must be dropped.
         self._calls: dict[str, tuple[bytes, concurrent.futures.Future[Any]]] = {}
@@ -74,7 +79,15 @@ class ActorHost:
         worker.bind(h.job_id, h.sys_path)
         worker.set_gpus(h.gpus)
         aid = h.aid
-        host = cls(worker, aid, h.cls_name, head, h.max_concurrency or 1, h.is_async)
+        host = cls(
+            worker,
+            aid,
+            h.cls_name,
+            head,
+            h.max_concurrency or 1,
+            h.is_async,
+            dict(h.concurrency_groups),
+        )
         worker.actor = host
         host.assigned = dict(h.assigned)
         if h.gpus:
@@ -112,10 +125,14 @@ class ActorHost:
             worker.end(target, (tokens[0], tokens[1]))
         if host.is_async:
             host._start_loop()
-        elif host.max_concurrency > 1:
-            host._pool = concurrent.futures.ThreadPoolExecutor(
-                host.max_concurrency, thread_name_prefix=f"{host.cls_name}-call"
-            )
+        elif host.concurrent:
+            limits = {"": host.max_concurrency, **host.groups}
+            host._pools = {
+                g: concurrent.futures.ThreadPoolExecutor(
+                    n, thread_name_prefix=f"{host.cls_name}-{g or 'call'}"
+                )
+                for g, n in limits.items()
+            }
         worker.send(head, {"k": Kind.ACTOR_READY, "aid": aid})
         return host
 
@@ -126,9 +143,9 @@ class ActorHost:
 
         def run() -> None:
             asyncio.set_event_loop(loop)
-            self._sem = asyncio.Semaphore(
-                self.max_concurrency if self.max_concurrency > 1 else 1000
-            )
+            default = self.max_concurrency if self.max_concurrency > 1 else 1000
+            limits = {"": default, **self.groups}
+            self._sems = {g: asyncio.Semaphore(n) for g, n in limits.items()}
             ready.set()
             loop.run_forever()
 
@@ -157,16 +174,34 @@ class ActorHost:
 
     def submit(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         """Start a call on the pool or the event loop (concurrent actors)."""
+        try:
+            group = self._group(h)
+        except ValueError as exc:
+            self.worker.send_error(ident, h.tid, self.worker.task_error(h.name, exc, 0), "exc")
+            return
         fut: concurrent.futures.Future[Any]
         with self._calls_lock:
             if self._loop is not None:
-                coro = self._call_async(ident, h, payload)
+                coro = self._call_async(ident, h, payload, self._sems[group])
                 fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-            elif self._pool is not None:
-                fut = self._pool.submit(self._call_threaded, ident, h, payload)
+            elif self._pools:
+                fut = self._pools[group].submit(self._call_threaded, ident, h, payload)
             else:
                 return
             self._calls[h.tid] = (ident, fut)  # before it can answer: it takes this lock
+
+    def _group(self, h: ActorCall) -> str:
+        """The concurrency group a call runs in: the call's choice, else its method's."""
+        group = h.group
+        if not group:
+            fn = getattr(type(self.instance), h.method, None)
+            group = getattr(fn, "__nbcluster_concurrency_group__", "") if fn is not None else ""
+        if group and group not in self.groups:
+            raise ValueError(
+                f"{self.cls_name} has no concurrency group {group!r} "
+                f"(declared: {sorted(self.groups)})"
+            )
+        return str(group)
 
     def cancel(self, tid: str) -> None:
         """Cancel a call of a concurrent actor: its caller gets ``TaskCancelledError`` now.
@@ -208,9 +243,10 @@ class ActorHost:
         w.end(target, (tokens[0], tokens[1]))
         self._send_outcome(ident, h, call, result, error)
 
-    async def _call_async(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
-        assert self._sem is not None
-        async with self._sem:
+    async def _call_async(
+        self, ident: bytes, h: ActorCall, payload: list[Any], sem: asyncio.Semaphore
+    ) -> None:
+        async with sem:
             call = self._prepare(ident, h, payload)
             if call is None:
                 return
