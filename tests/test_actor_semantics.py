@@ -455,3 +455,30 @@ def test_concurrency_group_misuse_is_reported(cluster: nb.ClusterInfo) -> None:
         nb.remote(concurrency_groups={"io": 0})(Bad)
     with pytest.raises(ValueError, match="non-empty string"):
         nb.method(concurrency_group="")
+
+
+# ---------------------------------------------------------------------------- output
+def test_init_prints_reach_the_creator(
+    cluster: nb.ClusterInfo, capfd: pytest.CaptureFixture[str]
+) -> None:
+    @nb.remote
+    class Loud:
+        def __init__(self) -> None:
+            print("loading the model")
+            print("no newline at the end", end="")
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    capfd.readouterr()
+    loud = Loud.remote()
+    pid = nb.get(loud.pid.remote(), timeout=30)
+    seen = ""
+
+    def printed() -> bool:
+        nonlocal seen
+        seen += capfd.readouterr().out
+        return f"(Loud pid={pid}) no newline at the end" in seen
+
+    assert wait_until(printed, timeout=15), seen
+    assert f"(Loud pid={pid}) loading the model\n" in seen

@@ -372,7 +372,7 @@ class Result(Message, tag=Kind.RESULT.value):
 
 
 class Log(Message, tag=Kind.LOG.value):
-    summary = "worker -> driver: printed lines"
+    summary = "worker -> driver: printed lines (an actor's __init__: via the head to its creator)"
     tid: str | None = None
     stream: str = "stdout"
     lines: list[str] = []

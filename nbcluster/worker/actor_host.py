@@ -121,7 +121,7 @@ class ActorHost:
             return None
         finally:
             worker.stdout.default = worker.stderr.default = None
-            target.partial.clear()  # __init__ output has no driver to go to yet
+            # __init__'s output went to the head, which passes it on to the actor's creator.
             worker.end(target, (tokens[0], tokens[1]))
         if host.is_async:
             host._start_loop()
