@@ -482,3 +482,40 @@ def test_init_prints_reach_the_creator(
 
     assert wait_until(printed, timeout=15), seen
     assert f"(Loud pid={pid}) loading the model\n" in seen
+
+
+def test_cancel_a_threaded_call_waiting_for_a_thread(cluster: nb.ClusterInfo) -> None:
+    @nb.remote(max_concurrency=2, concurrency_groups={"admin": 1})
+    class Busy:
+        def __init__(self) -> None:
+            import threading
+
+            self.lock = threading.Lock()
+            self.started = 0
+            self.release = threading.Event()
+
+        def block(self) -> str:
+            with self.lock:
+                self.started += 1
+            assert self.release.wait(30)
+            return "done"
+
+        @nb.method(concurrency_group="admin")
+        def count(self) -> int:
+            with self.lock:
+                return self.started
+
+        @nb.method(concurrency_group="admin")
+        def let_go(self) -> None:
+            self.release.set()
+
+    b = Busy.remote()
+    running = [b.block.remote(), b.block.remote()]
+    queued = b.block.remote()  # waits for one of the two threads
+    assert wait_until(lambda: nb.get(b.count.remote(), timeout=30) == 2, timeout=30)
+    nb.cancel(queued)
+    with pytest.raises(TaskCancelledError):
+        nb.get(queued, timeout=30)
+    nb.get(b.let_go.remote(), timeout=30)
+    assert nb.get(running, timeout=30) == ["done", "done"]
+    assert nb.get(b.count.remote(), timeout=30) == 2  # the cancelled call never ran

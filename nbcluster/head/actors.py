@@ -237,7 +237,7 @@ class ActorDirectory:
         if a.worker_id is not None and a.node_id is not None:
             # The agent reports the exit; on_lost then restarts it.
             return [KillWorker(a.node_id, a.worker_id)]
-        return self.cluster.cancel_request(ActorRequester(aid), a.rid)
+        return []  # not placed yet: no process to kill, and it may still be placed
 
     def release(self, aid: str) -> list[Instruction]:
         """The creator dropped its last handle: anonymous, non-detached actors go away."""

@@ -65,10 +65,9 @@ class ActorHost:
         self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}  # by group
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sems: dict[str, asyncio.Semaphore] = {}  # by group
-        # Concurrent calls started and not answered yet, by id (what cancel() can stop), and
-        # the ones answered as cancelled whose own outcome must be dropped.
+        # Concurrent calls not answered yet, by id: whoever takes a call out (the call itself
+        # when done, or cancel()) answers it, so each call gets exactly one answer.
         self._calls: dict[str, tuple[bytes, concurrent.futures.Future[Any]]] = {}
-        self._cancelled: set[str] = set()
         self._calls_lock = threading.Lock()
 
     @classmethod
@@ -212,9 +211,8 @@ class ActorHost:
         """
         with self._calls_lock:
             found = self._calls.pop(tid, None)
-            if found is None:
-                return  # already answered (or never here)
-            self._cancelled.add(tid)
+        if found is None:
+            return  # already answered (or never here)
         ident, fut = found
         fut.cancel()
         self.worker.send_error(ident, tid, TaskCancelledError(tid), "cancelled")
@@ -222,11 +220,7 @@ class ActorHost:
     def _answered(self, tid: str) -> bool:
         """Claim the right to answer call ``tid``; ``False`` when cancel() answered it."""
         with self._calls_lock:
-            self._calls.pop(tid, None)
-            if tid in self._cancelled:
-                self._cancelled.discard(tid)
-                return False
-            return True
+            return self._calls.pop(tid, None) is not None
 
     def _call_threaded(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         call = self._prepare(ident, h, payload)
