@@ -38,24 +38,41 @@ ACTOR_OPTION_NAMES = frozenset(
         "max_restarts",
         "max_task_retries",
         "max_concurrency",
+        "concurrency_groups",
         "scheduling_strategy",
         "runtime_env",
     }
 )
 
 
-def method(*, num_returns: int = 1, **options: Any) -> Callable[[F], F]:
+def method(
+    *, num_returns: int = 1, concurrency_group: str | None = None, **options: Any
+) -> Callable[[F], F]:
     """Declare options of an actor method, as Ray's ``@ray.method(num_returns=2)``.
 
-    Ray's other method options (``concurrency_group``, ``max_task_retries``, ...) are accepted
-    and ignored; an unknown one raises ``ValueError`` naming the nearest valid one.
+    Parameters
+    ----------
+    num_returns
+        How many object refs a call returns.
+    concurrency_group
+        The concurrency group (declared in the class's ``@remote(concurrency_groups=...)``)
+        whose limit the method's calls share; ``None``: the default group (``max_concurrency``).
+    **options
+        Ray's other method options (``max_task_retries``, ...): accepted and ignored; an unknown
+        one raises ``ValueError`` naming the nearest valid one.
     """
     check_option_names(options, METHOD_OPTION_NAMES, "actor methods")
     if not isinstance(num_returns, int) or num_returns < 0:
         raise ValueError("num_returns must be a non-negative integer")
+    if concurrency_group is not None and (
+        not isinstance(concurrency_group, str) or not concurrency_group
+    ):
+        raise ValueError(f"concurrency_group must be a non-empty string, got {concurrency_group!r}")
 
     def deco(fn: F) -> F:
         fn.__nbcluster_num_returns__ = num_returns  # type: ignore[attr-defined]
+        if concurrency_group is not None:
+            fn.__nbcluster_concurrency_group__ = concurrency_group  # type: ignore[attr-defined]
         return fn
 
     return deco
@@ -78,6 +95,17 @@ def _check_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
     mc = opts.get("max_concurrency")
     if mc is not None and (not isinstance(mc, int) or mc < 1):
         raise ValueError(f"max_concurrency must be a positive integer, got {mc!r}")
+    groups = opts.get("concurrency_groups")
+    if groups is not None:
+        if not isinstance(groups, dict):
+            raise ValueError("concurrency_groups must be a dict of group name -> limit")
+        for g, limit in groups.items():
+            if not isinstance(g, str) or not g:
+                raise ValueError(f"a concurrency group name must be a non-empty string: {g!r}")
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ValueError(
+                    f"concurrency_groups[{g!r}] must be a positive integer, got {limit!r}"
+                )
     if "runtime_env" in opts:
         # Validated once here (RuntimeEnvError names a bad key); packed when the actor is made.
         opts["runtime_env"] = parse_runtime_env(opts["runtime_env"])
@@ -119,6 +147,23 @@ class ActorClass:
         self._blob: bytes | None = None
         self.__doc__ = cls.__doc__
         self._methods, self._is_async = method_table(cls)
+        self._groups: dict[str, str] = {  # method -> its @method(concurrency_group=...)
+            name: group
+            for name, member in inspect.getmembers(cls, callable)
+            if name in self._methods
+            and (group := getattr(member, "__nbcluster_concurrency_group__", None)) is not None
+        }
+        self._check_groups(self._options)
+
+    def _check_groups(self, opts: dict[str, Any]) -> None:
+        """Every group a method names must be declared, as in Ray."""
+        declared = opts.get("concurrency_groups") or {}
+        for name, group in self._groups.items():
+            if group not in declared:
+                raise ValueError(
+                    f"{self._name}.{name} uses concurrency group {group!r}, which "
+                    f"concurrency_groups does not declare (declared: {sorted(declared)})"
+                )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -141,7 +186,9 @@ class ActorClass:
 
     def options(self, **kwargs: Any) -> _BoundActorClass:
         """Override options for one creation: ``Cls.options(name="x", num_gpus=1).remote()``."""
-        return _BoundActorClass(self, _check_actor_options({**self._options, **kwargs}))
+        opts = _check_actor_options({**self._options, **kwargs})
+        self._check_groups(opts)
+        return _BoundActorClass(self, opts)
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         """Create the actor; returns its handle."""
@@ -179,6 +226,7 @@ class ActorClass:
             "max_restarts": max_restarts,
             "max_task_retries": opts.get("max_task_retries") or 0,
             "max_concurrency": opts.get("max_concurrency") or 1,
+            "concurrency_groups": dict(opts.get("concurrency_groups") or {}),
             "is_async": self._is_async,
             "methods": self._methods,
             "sys_path": _sys_path(),
@@ -211,7 +259,9 @@ class _BoundActorClass:
         return self._cls._create(self._options, args, kwargs)
 
     def options(self, **kwargs: Any) -> _BoundActorClass:
-        return _BoundActorClass(self._cls, _check_actor_options({**self._options, **kwargs}))
+        opts = _check_actor_options({**self._options, **kwargs})
+        self._cls._check_groups(opts)
+        return _BoundActorClass(self._cls, opts)
 
 
 class ActorHandle:
@@ -270,15 +320,24 @@ def _rebuild_handle(aid: str, cls_name: str, methods: dict[str, int]) -> ActorHa
 class ActorMethod:
     """``handle.method``: call ``.remote(...)`` on it."""
 
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int) -> None:
+    def __init__(
+        self, handle: ActorHandle, name: str, num_returns: int, concurrency_group: str = ""
+    ) -> None:
         self._handle = handle
         self._name = name
         self._num_returns = num_returns
+        self._group = concurrency_group
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         h = self._handle
         refs = h._client.submit_actor_call(
-            h._aid, h._cls_name, self._name, args, kwargs, self._num_returns
+            h._aid,
+            h._cls_name,
+            self._name,
+            args,
+            kwargs,
+            self._num_returns,
+            concurrency_group=self._group,
         )
         if self._num_returns == 1:
             return refs[0]
@@ -286,11 +345,25 @@ class ActorMethod:
             return None
         return refs
 
-    def options(self, *, num_returns: int | None = None, **kwargs: Any) -> ActorMethod:
-        """Options of one call: ``num_returns``; Ray's other method options are ignored."""
+    def options(
+        self,
+        *,
+        num_returns: int | None = None,
+        concurrency_group: str | None = None,
+        **kwargs: Any,
+    ) -> ActorMethod:
+        """Options for one call: ``num_returns``, ``concurrency_group`` (run in that group);
+        Ray's other method options are accepted and ignored."""
         check_option_names(kwargs, METHOD_OPTION_NAMES, "actor methods")
+        if concurrency_group is not None and (
+            not isinstance(concurrency_group, str) or not concurrency_group
+        ):
+            raise ValueError(f"concurrency_group must be a non-empty string: {concurrency_group!r}")
         return ActorMethod(
-            self._handle, self._name, self._num_returns if num_returns is None else num_returns
+            self._handle,
+            self._name,
+            self._num_returns if num_returns is None else num_returns,
+            self._group if concurrency_group is None else concurrency_group,
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -53,7 +53,6 @@ TASK_OPTIONS_IGNORED = _COMMON_IGNORED | {"max_calls", "_generator_backpressure_
 
 #: Ray's actor options accepted and ignored.
 ACTOR_OPTIONS_IGNORED = _COMMON_IGNORED | {
-    "concurrency_groups",
     "max_pending_calls",
     "enable_tensor_transport",
     "allow_out_of_order_execution",

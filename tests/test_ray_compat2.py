@@ -367,7 +367,7 @@ def test_misspelled_options_name_the_nearest_valid_one(cluster: nb.ClusterInfo) 
     with pytest.raises(ValueError, match=r"did you mean 'max_retries'"):
         nb.remote(max_retry=2)
     with pytest.raises(ValueError, match=r"for actors \(did you mean 'max_restarts'\?\)"):
-        nb.remote(_Counter).options(max_restart=1)
+        nb.remote(concurrency_groups={"io": 1})(_Counter).options(max_restart=1)
     with pytest.raises(ValueError, match=r"for actor methods \(did you mean 'num_returns'"):
         nb.method(num_return=2)
     with pytest.raises(ValueError, match=r"Invalid option keyword zzz for remote functions\. "):

@@ -116,6 +116,11 @@ class ActorCalls:
         waiting = [e for e in entries if e.state not in (READY, FAILED)]
 
         def send() -> None:
+            if ar.killed:  # kill() came first (its ACTOR_KILL found nothing at the head)
+                ar.announced = True
+                if not fut.done():
+                    fut.set_exception(ActorDiedError(f"the actor {header['cls_name']} was killed"))
+                return
             dep_frames: list[Any] = []
             counts = []
             for e in entries:
@@ -245,6 +250,8 @@ class ActorCalls:
             "nargs": len(rec.args),
             "nret": rec.nret,
         }
+        if rec.group:
+            header["group"] = rec.group
         payload: list[Any] = list(rec.args)
         if rec.dep_frames:
             header["deps"] = [len(f) for f in rec.dep_frames]

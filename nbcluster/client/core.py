@@ -371,9 +371,11 @@ class CoreClient:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         num_returns: int,
+        concurrency_group: str = "",
     ) -> list[ObjectRef]:
         rec, refs = self._new_record(f"{cls_name}.{method}", args, kwargs, num_returns)
         rec.name, rec.actor_id, rec.method = cls_name, aid, method
+        rec.group = concurrency_group
         self._post(CallActor(rec, cls_name))
         return refs if num_returns != 0 else []
 

@@ -107,9 +107,10 @@ class TaskResult:
 
 @dataclass(slots=True)
 class TaskOutput:
-    """``LOG``: output lines of a task."""
+    """``LOG``: output lines of a task (``conn`` ``None``: an actor's ``__init__``, relayed by
+    the head)."""
 
-    conn: WorkerConn
+    conn: WorkerConn | None
     tid: str
     name: str
     pid: Any

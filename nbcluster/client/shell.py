@@ -188,6 +188,7 @@ class IoShell:
                 m.NodeDied: self._on_node_died,
                 m.TaskCancel: self._on_task_cancel,
                 m.Error: self._on_head_error,
+                m.Log: self._on_head_log,
             },
             what="from the head",
             logger=log,
@@ -613,6 +614,11 @@ class IoShell:
     def _on_log(self, conn: WorkerConn, msg: m.Log, payload: list[Any]) -> None:
         if self.log_to_driver:
             self.feed(TaskOutput(conn, msg.tid or "", msg.name, msg.pid, msg.stream, msg.lines))
+
+    def _on_head_log(self, _: None, msg: m.Log, payload: list[Any]) -> None:
+        # What the __init__ of an actor we created printed (its worker has no channel to us yet).
+        if self.log_to_driver:
+            self.feed(TaskOutput(None, msg.tid or "", msg.name, msg.pid, msg.stream, msg.lines))
 
     def _on_worker_error(self, conn: WorkerConn, msg: m.Error, payload: list[Any]) -> None:
         _worker_errors(f"{conn.addr}: {msg.msg}")  # e.g. a message of ours it found malformed

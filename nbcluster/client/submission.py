@@ -191,7 +191,11 @@ class Tasks:
         """A task's output lines: shown with the task's name and process."""
         conn = ev.conn
         node = ""
-        if conn.node_name and self.leasing.multi_node(conn.node_id, self.node_id):
+        if (
+            conn is not None
+            and conn.node_name
+            and self.leasing.multi_node(conn.node_id, self.node_id)
+        ):
             node = f", node={conn.node_name}"
         prefix = f"({ev.name} pid={ev.pid}{node}) "
         text = "".join(f"{prefix}{line}\n" for line in ev.lines)

@@ -38,6 +38,7 @@ class TaskRecord:
     args_oid: str | None = None  # the arguments, when large enough to go into the store
     actor_id: str | None = None  # set for actor method calls
     method: str = ""
+    group: str = ""  # an actor call's concurrency group chosen at the call ("": the method's)
     strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
     renv: dict[str, Any] | None = None  # runtime_env (wire form); None = none
     tag: Any = None  # where its output goes (the notebook cell that submitted it), if known

@@ -58,6 +58,7 @@ class ActorInfo:
     subscribers: set[bytes] = field(default_factory=set)
     created_at: float = field(default_factory=time.time)
     strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
+    parent: str | None = None  # the actor whose methods created this one (fate sharing)
 
 
 class ActorDirectory:
@@ -71,10 +72,17 @@ class ActorDirectory:
 
     # ------------------------------------------------------------------------ creation
     def create(
-        self, owner: bytes, job_id: str, h: dict[str, Any], payload: list[bytes]
+        self,
+        owner: bytes,
+        job_id: str,
+        h: dict[str, Any],
+        payload: list[bytes],
+        creator_worker: str | None = None,
     ) -> tuple[dict[str, Any], list[Instruction]]:
         """Register and place a new actor, or return the existing one of that name.
 
+        ``creator_worker`` is the worker whose code asked (``None``: a driver); when that worker
+        hosts an actor, the new one shares its fate unless detached, as in Ray.
         Returns the reply for the creator and the instructions to carry out.
         """
         name = h.get("name") or None
@@ -104,12 +112,23 @@ class ActorDirectory:
             methods=dict(h.get("methods") or {}),
             spec={
                 k: h[k]
-                for k in ("nargs", "deps", "max_concurrency", "is_async", "sys_path", "renv")
+                for k in (
+                    "nargs",
+                    "deps",
+                    "max_concurrency",
+                    "is_async",
+                    "sys_path",
+                    "renv",
+                    "concurrency_groups",
+                )
                 if k in h
             },
             payload=list(payload),
             strategy=h.get("strategy") or None,
         )
+        creator = self.cluster.workers.get(creator_worker) if creator_worker else None
+        if creator is not None and creator.actor_id is not None and not a.detached:
+            a.parent = creator.actor_id
         a.subscribers.add(owner)
         self.actors[a.aid] = a
         if name is not None:
@@ -192,7 +211,8 @@ class ActorDirectory:
         a.restarts += 1
         a.state = RESTARTING
         a.death_reason = reason
-        return [ActorChanged(a), *self._place(a)]
+        # The instance that made its children is gone: they go too (a restart makes new ones).
+        return [ActorChanged(a), *self._children_die(a), *self._place(a)]
 
     def on_unschedulable(self, aid: str, reason: str) -> list[Instruction]:
         """The actor can never be placed (hard affinity to a dead node): it is dead."""
@@ -210,13 +230,14 @@ class ActorDirectory:
         if no_restart:
             a.no_restart = True
         a.death_reason = reason
-        if a.worker_id is not None and a.node_id is not None:
-            # The agent reports the exit; on_lost then restarts or buries it.
-            return [KillWorker(a.node_id, a.worker_id)]
-        out = self.cluster.cancel_request(ActorRequester(aid), a.rid)
         if a.no_restart:
-            return out + self._die(a, reason)
-        return out
+            # Dead now, as in Ray: nobody who looks it up from here on reaches its worker, which
+            # may run a little longer while its agent stops it (on_lost then finds it dead).
+            return self.cluster.cancel_request(ActorRequester(aid), a.rid) + self._die(a, reason)
+        if a.worker_id is not None and a.node_id is not None:
+            # The agent reports the exit; on_lost then restarts it.
+            return [KillWorker(a.node_id, a.worker_id)]
+        return []  # not placed yet: no process to kill, and it may still be placed
 
     def release(self, aid: str) -> list[Instruction]:
         """The creator dropped its last handle: anonymous, non-detached actors go away."""
@@ -225,8 +246,9 @@ class ActorDirectory:
             return []
         return self.kill(aid, True, "all handles to the actor went out of scope")
 
-    def exited(self, aid: str) -> list[Instruction]:
-        return self.kill(aid, True, "the actor called exit_actor()")
+    def exited(self, aid: str, why: str = "") -> list[Instruction]:
+        """The actor ended itself (``why``: "called exit_actor()" or "called sys.exit(...)")."""
+        return self.kill(aid, True, f"the actor {why or 'called exit_actor()'}")
 
     def job_gone(self, job_id: str) -> list[Instruction]:
         """A job's driver left: its non-detached actors die with it."""
@@ -244,6 +266,15 @@ class ActorDirectory:
             out.append(KillWorker(a.node_id, a.worker_id))
         if a.name is not None and self.names.get((a.namespace, a.name)) == a.aid:
             del self.names[(a.namespace, a.name)]
+        return out + self._children_die(a)
+
+    def _children_die(self, a: ActorInfo) -> list[Instruction]:
+        """Fate sharing: the (non-detached) actors ``a`` created die with it, and theirs too."""
+        out: list[Instruction] = []
+        why = f"the actor that created it ({a.cls_name} {a.aid}) died"
+        for child in list(self.actors.values()):
+            if child.parent == a.aid and child.state != DEAD:
+                out += self.kill(child.aid, True, why)
         return out
 
     # ------------------------------------------------------------------------ queries

@@ -67,6 +67,7 @@ _ACTOR_FIELDS = (
     "death_reason",
     "created_at",
     "strategy",
+    "parent",
 )
 
 

@@ -404,6 +404,7 @@ class HeadService:
                 m.ActorReady: self._on_actor_ready,
                 m.ActorFailed: self._on_actor_failed,
                 m.ActorExit: self._on_actor_exit,
+                m.Log: self._on_actor_log,
             },
             what=f"from actor {aid}'s worker",
             logger=log,
@@ -417,8 +418,14 @@ class HeadService:
     async def _on_actor_failed(self, aid: str, msg: m.ActorFailed, payload: list[Any]) -> None:
         await self._run(self.actors.on_failed(aid, payload))
 
+    async def _on_actor_log(self, aid: str, msg: m.Log, payload: list[Any]) -> None:
+        """What ``__init__`` printed: passed on to the actor's creator (it shows it, as Ray)."""
+        a = self.actors.actors.get(aid)
+        if a is not None and a.owner in self.peers:
+            await self._send(a.owner, msg)
+
     async def _on_actor_exit(self, aid: str, msg: m.ActorExit, payload: list[Any]) -> None:
-        await self._run(self.actors.exited(aid))
+        await self._run(self.actors.exited(aid, msg.why))
 
     def _drop_worker_sock(self, aid: str) -> None:
         a = self.actors.actors.get(aid)
@@ -544,7 +551,8 @@ class HeadService:
         assert peer.job_id is not None
         ident = peer.ident
         spec = msgspec.to_builtins(msg)  # the directory keeps it as the snapshot saves it
-        reply, ins = self.actors.create(ident, peer.job_id, spec, [bytes(f) for f in payload])
+        frames = [bytes(f) for f in payload]
+        reply, ins = self.actors.create(ident, peer.job_id, spec, frames, peer.worker_id)
         if "error" in reply:
             error = {"k": Kind.ERROR, "rid": msg.rid, "msg": reply["error"], "code": "actor"}
             await self._send(ident, error)

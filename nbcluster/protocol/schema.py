@@ -372,7 +372,7 @@ class Result(Message, tag=Kind.RESULT.value):
 
 
 class Log(Message, tag=Kind.LOG.value):
-    summary = "worker -> driver: printed lines"
+    summary = "worker -> driver: printed lines (an actor's __init__: via the head to its creator)"
     tid: str | None = None
     stream: str = "stdout"
     lines: list[str] = []
@@ -404,6 +404,8 @@ class ActorCreate(Message, tag=Kind.ACTOR_CREATE.value):
     strategy: Strategy | None = None
     deps: list[Count] = []
     renv: RuntimeEnv | None = None
+    #: name -> that group's own concurrency limit (``@remote(concurrency_groups=...)``)
+    concurrency_groups: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1)
@@ -465,6 +467,7 @@ class ActorInit(Message, tag=Kind.ACTOR_INIT.value):
     is_async: bool = False
     sys_path: list[str] = []
     renv: RuntimeEnv | None = None
+    concurrency_groups: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1)
@@ -482,8 +485,9 @@ class ActorFailed(Message, tag=Kind.ACTOR_FAILED.value):
 
 
 class ActorExit(Message, tag=Kind.ACTOR_EXIT.value):
-    summary = "worker -> head: exit_actor() was called"
+    summary = "worker -> head: exit_actor() or sys.exit() was called (``why``: which)"
     aid: str
+    why: str = ""
 
 
 class ActorAttach(Message, tag=Kind.ACTOR_ATTACH.value):
@@ -501,6 +505,7 @@ class ActorCall(Message, tag=Kind.ACTOR_CALL.value):
     nargs: Count
     nret: Count = 1
     deps: list[Count] = []
+    group: str = ""  # .options(concurrency_group=...); "": the method's own group
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from nbcluster import context
 from nbcluster.cells import EXEC_METHOD, run_cell
 from nbcluster.context import ActorExit
-from nbcluster.exceptions import ActorDiedError
+from nbcluster.exceptions import ActorDiedError, TaskCancelledError
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.schema import ActorCall, ActorInit
 from nbcluster.serialization import loads, restore_filenames
@@ -35,7 +35,10 @@ class ActorHost:
 
     Sync actors with ``max_concurrency=1`` run calls on the main thread in arrival order (which is
     each caller's submission order). ``max_concurrency=N`` runs sync methods on N threads; an actor
-    with ``async def`` methods runs them concurrently on one event loop.
+    with ``async def`` methods runs them concurrently on one event loop. Concurrency groups
+    (``@remote(concurrency_groups={"io": 2})``) each have their own limit: their own threads for
+    a sync actor, their own semaphore on the event loop for an async one; the default group
+    ("") has ``max_concurrency``.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class ActorHost:
         head: bytes,
         max_concurrency: int,
         is_async: bool,
+        groups: dict[str, int] | None = None,
     ) -> None:
         self.worker = worker
         self.aid = aid
@@ -54,12 +58,18 @@ class ActorHost:
         self.instance: Any = None
         self.is_async = is_async
         self.max_concurrency = max_concurrency
-        self.concurrent = is_async or max_concurrency > 1
+        self.groups = dict(groups or {})
+        self.concurrent = is_async or max_concurrency > 1 or bool(self.groups)
         self.assigned: dict[str, Any] = {}
         self.exited = False
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.exit_why = "called exit_actor()"
+        self._pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}  # by group
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sem: asyncio.Semaphore | None = None
+        self._sems: dict[str, asyncio.Semaphore] = {}  # by group
+        # Concurrent calls not answered yet, by id: whoever takes a call out (the call itself
+        # when done, or cancel()) answers it, so each call gets exactly one answer.
+        self._calls: dict[str, tuple[bytes, concurrent.futures.Future[Any]]] = {}
+        self._calls_lock = threading.Lock()
 
     @classmethod
     def create(
@@ -69,7 +79,15 @@ class ActorHost:
         worker.bind(h.job_id, h.sys_path)
         worker.set_gpus(h.gpus)
         aid = h.aid
-        host = cls(worker, aid, h.cls_name, head, h.max_concurrency or 1, h.is_async)
+        host = cls(
+            worker,
+            aid,
+            h.cls_name,
+            head,
+            h.max_concurrency or 1,
+            h.is_async,
+            dict(h.concurrency_groups),
+        )
         worker.actor = host
         host.assigned = dict(h.assigned)
         if h.gpus:
@@ -93,20 +111,29 @@ class ActorHost:
         try:
             host.instance = klass(*args, **kwargs)
         except BaseException as exc:
-            err = worker.task_error(f"{host.cls_name}.__init__", exc, skip=1)
+            why = exit_reason(exc)
+            err: BaseException
+            if why is not None:  # as in Ray: an intentional exit, callers see the actor died
+                err = ActorDiedError(f"the actor {host.cls_name} exited in __init__ ({why})")
+            else:
+                err = worker.task_error(f"{host.cls_name}.__init__", exc, skip=1)
             worker.send(head, {"k": Kind.ACTOR_FAILED, "aid": aid}, worker.error_frames(err))
             worker.actor = None
             return None
         finally:
             worker.stdout.default = worker.stderr.default = None
-            target.partial.clear()  # __init__ output has no driver to go to yet
+            # __init__'s output went to the head, which passes it on to the actor's creator.
             worker.end(target, (tokens[0], tokens[1]))
         if host.is_async:
             host._start_loop()
-        elif host.max_concurrency > 1:
-            host._pool = concurrent.futures.ThreadPoolExecutor(
-                host.max_concurrency, thread_name_prefix=f"{host.cls_name}-call"
-            )
+        elif host.concurrent:
+            limits = {"": host.max_concurrency, **host.groups}
+            host._pools = {
+                g: concurrent.futures.ThreadPoolExecutor(
+                    n, thread_name_prefix=f"{host.cls_name}-{g or 'call'}"
+                )
+                for g, n in limits.items()
+            }
         worker.send(head, {"k": Kind.ACTOR_READY, "aid": aid})
         return host
 
@@ -117,9 +144,9 @@ class ActorHost:
 
         def run() -> None:
             asyncio.set_event_loop(loop)
-            self._sem = asyncio.Semaphore(
-                self.max_concurrency if self.max_concurrency > 1 else 1000
-            )
+            default = self.max_concurrency if self.max_concurrency > 1 else 1000
+            limits = {"": default, **self.groups}
+            self._sems = {g: asyncio.Semaphore(n) for g, n in limits.items()}
             ready.set()
             loop.run_forever()
 
@@ -148,10 +175,54 @@ class ActorHost:
 
     def submit(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         """Start a call on the pool or the event loop (concurrent actors)."""
-        if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._call_async(ident, h, payload), self._loop)
-        elif self._pool is not None:
-            self._pool.submit(self._call_threaded, ident, h, payload)
+        try:
+            group = self._group(h)
+        except ValueError as exc:
+            self.worker.send_error(ident, h.tid, self.worker.task_error(h.name, exc, 0), "exc")
+            return
+        fut: concurrent.futures.Future[Any]
+        with self._calls_lock:
+            if self._loop is not None:
+                coro = self._call_async(ident, h, payload, self._sems[group])
+                fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            elif self._pools:
+                fut = self._pools[group].submit(self._call_threaded, ident, h, payload)
+            else:
+                return
+            self._calls[h.tid] = (ident, fut)  # before it can answer: it takes this lock
+
+    def _group(self, h: ActorCall) -> str:
+        """The concurrency group a call runs in: the call's choice, else its method's."""
+        group = h.group
+        if not group:
+            fn = getattr(type(self.instance), h.method, None)
+            group = getattr(fn, "__nbcluster_concurrency_group__", "") if fn is not None else ""
+        if group and group not in self.groups:
+            raise ValueError(
+                f"{self.cls_name} has no concurrency group {group!r} "
+                f"(declared: {sorted(self.groups)})"
+            )
+        return str(group)
+
+    def cancel(self, tid: str) -> None:
+        """Cancel a call of a concurrent actor: its caller gets ``TaskCancelledError`` now.
+
+        An async call's asyncio task is cancelled (``CancelledError`` at its next ``await``);
+        a threaded call not started yet never starts, and one already running runs on (threads
+        cannot be interrupted; as in Ray the actor keeps its state) but its outcome is dropped.
+        """
+        with self._calls_lock:
+            found = self._calls.pop(tid, None)
+        if found is None:
+            return  # already answered (or never here)
+        ident, fut = found
+        fut.cancel()
+        self.worker.send_error(ident, tid, TaskCancelledError(tid), "cancelled")
+
+    def _answered(self, tid: str) -> bool:
+        """Claim the right to answer call ``tid``; ``False`` when cancel() answered it."""
+        with self._calls_lock:
+            return self._calls.pop(tid, None) is not None
 
     def _call_threaded(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
         call = self._prepare(ident, h, payload)
@@ -168,9 +239,10 @@ class ActorHost:
         w.end(target, (tokens[0], tokens[1]))
         self._send_outcome(ident, h, call, result, error)
 
-    async def _call_async(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
-        assert self._sem is not None
-        async with self._sem:
+    async def _call_async(
+        self, ident: bytes, h: ActorCall, payload: list[Any], sem: asyncio.Semaphore
+    ) -> None:
+        async with sem:
             call = self._prepare(ident, h, payload)
             if call is None:
                 return
@@ -189,14 +261,18 @@ class ActorHost:
 
     def _prepare(self, ident: bytes, h: ActorCall, payload: list[Any]) -> _Call | None:
         """The bound method and arguments of a call, or ``None`` after reporting why not."""
-        if self.refuse(ident, h):
+        if self.exited:
+            if self._answered(h.tid):
+                self.worker.send_error(ident, h.tid, self.exit_error(), "exc")
             return None
         loaded: list[str] = []
         try:
             method = self._method(h)
             args, kwargs = self.worker.load_args(h, payload, loaded)
         except Exception as exc:
-            self.worker.send_error(ident, h.tid, self.worker.task_error(h.name, exc, 0), "exc")
+            if self._answered(h.tid):
+                err = self.worker.task_error(h.name, exc, 0)
+                self.worker.send_error(ident, h.tid, err, "exc")
             return None
         return _Call(method, args, kwargs, loaded)
 
@@ -206,9 +282,16 @@ class ActorHost:
         """Send a concurrent call's result or error; ``exit_actor()`` ends the actor after it."""
         w = self.worker
         call.args, call.kwargs = (), {}  # before asking which argument refs are still alive
+        if not self._answered(h.tid):
+            return  # cancelled: its caller already has its TaskCancelledError
         kept = w.kept(call.loaded)
         tid, name, nret = h.tid, h.name, h.nret
-        if isinstance(exc, ActorExit):
+        why = exit_reason(exc) if exc is not None else None
+        if why is not None:
+            self.exit_why = why
+            # Refuse calls first: the caller may send its next call as soon as it has this answer,
+            # and that call reaches the main thread while this thread is still here.
+            self.exited = True
             w.send_error(ident, tid, self.exit_error(), "exc", kept)  # as in Ray: see main.py
             self.exit()
         elif exc is not None:
@@ -216,14 +299,19 @@ class ActorHost:
         else:
             w.send_result(ident, tid, name, nret, result, kept)
 
+    def note_exit(self, exc: BaseException) -> None:
+        """Remember why the actor is exiting (``exc``: its ``ActorExit`` or ``SystemExit``)."""
+        self.exit_why = exit_reason(exc) or self.exit_why
+
     def exit(self) -> None:
-        """``exit_actor()`` was called: refuse further calls and let the head end us.
+        """``exit_actor()`` or ``sys.exit()`` was called: refuse further calls and let the head
+        end us.
 
         The head kills this worker after recording why, so the actor is never restarted and its
         callers learn that it exited rather than crashed.
         """
         self.exited = True
-        self.worker.send(self.head, {"k": Kind.ACTOR_EXIT, "aid": self.aid})
+        self.worker.send(self.head, {"k": Kind.ACTOR_EXIT, "aid": self.aid, "why": self.exit_why})
 
     def refuse(self, ident: bytes, h: ActorCall) -> bool:
         """Answer a call that arrived after ``exit_actor()``; returns whether it did."""
@@ -233,5 +321,18 @@ class ActorHost:
         return True
 
     def exit_error(self) -> ActorDiedError:
-        """What callers of this actor get once it called ``exit_actor()``."""
-        return ActorDiedError(f"the actor {self.cls_name} called exit_actor()")
+        """What callers of this actor get once it called ``exit_actor()`` or ``sys.exit()``."""
+        return ActorDiedError(f"the actor {self.cls_name} {self.exit_why}")
+
+
+def exit_reason(exc: BaseException) -> str | None:
+    """Why an exception raised by actor code ends the actor (``None``: it does not).
+
+    As in Ray, ``exit_actor()`` and ``sys.exit()`` (``SystemExit``) inside an actor end the
+    actor, never the process that called it.
+    """
+    if isinstance(exc, ActorExit):
+        return "called exit_actor()"
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({'' if exc.code is None else repr(exc.code)})"
+    return None

@@ -195,6 +195,9 @@ class Worker:
             self.ident.namespace = msg.namespace
 
     def _on_cancel(self, ident: bytes, msg: m.Cancel, payload: list[Any]) -> None:
+        if self.actor is not None and self.actor.concurrent:
+            self.actor.cancel(msg.tid)  # its calls run on other threads or its event loop
+            return
         for i, (qident, queued, _) in enumerate(self.queue):
             if isinstance(queued, m.Task | m.ActorCall) and queued.tid == msg.tid:
                 del self.queue[i]
@@ -352,8 +355,12 @@ class Worker:
             try:
                 result = fn(*args, **kwargs)
                 ok = True
-            except context.ActorExit:
-                ok = exiting = True
+            except (context.ActorExit, SystemExit) as exc:
+                if self.actor is not None and isinstance(h, m.ActorCall):
+                    ok = exiting = True
+                    self.actor.note_exit(exc)
+                else:  # sys.exit() in a task fails the task; the worker serves on
+                    error = exc
             except KeyboardInterrupt as exc:
                 cancelled = self._cancel_requested == tid
                 error = exc
