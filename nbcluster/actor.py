@@ -10,10 +10,12 @@ import cloudpickle
 
 from nbcluster import context
 from nbcluster.client import current
+from nbcluster.client.streams import DYNAMIC, STREAMING
 from nbcluster.exceptions import SerializationError
 from nbcluster.options import (
     ACTOR_OPTIONS_IGNORED,
     METHOD_OPTION_NAMES,
+    check_backpressure,
     check_gpus,
     check_ignored,
     check_option_names,
@@ -44,21 +46,36 @@ ACTOR_OPTION_NAMES = frozenset(
 )
 
 
-def method(*, num_returns: int = 1, **options: Any) -> Callable[[F], F]:
+#: Method-table values of generator methods (a table holds ``num_returns`` >= 0 otherwise).
+_GEN_CODES = {"streaming": -STREAMING, "dynamic": -DYNAMIC}
+
+
+def method(*, num_returns: int | str = 1, **options: Any) -> Callable[[F], F]:
     """Declare options of an actor method, as Ray's ``@ray.method(num_returns=2)``.
 
     Ray's other method options (``concurrency_group``, ``max_task_retries``, ...) are accepted
     and ignored; an unknown one raises ``ValueError`` naming the nearest valid one.
     """
     check_option_names(options, METHOD_OPTION_NAMES, "actor methods")
-    if not isinstance(num_returns, int) or num_returns < 0:
-        raise ValueError("num_returns must be a non-negative integer")
+    code = _returns_code(num_returns)
 
     def deco(fn: F) -> F:
-        fn.__nbcluster_num_returns__ = num_returns  # type: ignore[attr-defined]
+        fn.__nbcluster_num_returns__ = code  # type: ignore[attr-defined]
         return fn
 
     return deco
+
+
+def _returns_code(num_returns: Any) -> int:
+    """A method table's value: ``num_returns``, or a negative code for a generator."""
+    if num_returns in _GEN_CODES:
+        return _GEN_CODES[num_returns]
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
+        raise ValueError(
+            "num_returns must be a non-negative integer, 'streaming' or 'dynamic', "
+            f"got {num_returns!r}"
+        )
+    return num_returns
 
 
 def _check_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +120,10 @@ def method_table(cls: type) -> tuple[dict[str, int], bool]:
     for name, member in inspect.getmembers(cls, callable):
         if name.startswith("__") and name != "__call__":
             continue
-        methods[name] = int(getattr(member, "__nbcluster_num_returns__", 1))
+        default = -STREAMING if inspect.isgeneratorfunction(member) else 1
+        if inspect.isasyncgenfunction(member):
+            default = -STREAMING
+        methods[name] = int(getattr(member, "__nbcluster_num_returns__", default))
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
     return methods, is_async
@@ -270,28 +290,36 @@ def _rebuild_handle(aid: str, cls_name: str, methods: dict[str, int]) -> ActorHa
 class ActorMethod:
     """``handle.method``: call ``.remote(...)`` on it."""
 
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int) -> None:
+    def __init__(
+        self, handle: ActorHandle, name: str, num_returns: int, backpressure: int = 0
+    ) -> None:
         self._handle = handle
         self._name = name
-        self._num_returns = num_returns
+        self._num_returns = num_returns  # < 0: a generator (-STREAMING or -DYNAMIC)
+        self._backpressure = backpressure
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         h = self._handle
+        gen = -self._num_returns if self._num_returns < 0 else 0
+        nret = 1 if gen else self._num_returns
         refs = h._client.submit_actor_call(
-            h._aid, h._cls_name, self._name, args, kwargs, self._num_returns
+            h._aid, h._cls_name, self._name, args, kwargs, nret, gen, self._backpressure
         )
-        if self._num_returns == 1:
+        if nret == 1:
             return refs[0]
-        if self._num_returns == 0:
+        if nret == 0:
             return None
         return refs
 
-    def options(self, *, num_returns: int | None = None, **kwargs: Any) -> ActorMethod:
-        """Options of one call: ``num_returns``; Ray's other method options are ignored."""
+    def options(self, *, num_returns: int | str | None = None, **kwargs: Any) -> ActorMethod:
+        """Options of one call: ``num_returns`` (an int, ``"streaming"`` or ``"dynamic"``) and
+        ``_generator_backpressure_num_objects``; Ray's other method options are ignored."""
         check_option_names(kwargs, METHOD_OPTION_NAMES, "actor methods")
-        return ActorMethod(
-            self._handle, self._name, self._num_returns if num_returns is None else num_returns
-        )
+        bp = self._backpressure
+        if "_generator_backpressure_num_objects" in kwargs:
+            bp = check_backpressure(kwargs["_generator_backpressure_num_objects"])
+        code = self._num_returns if num_returns is None else _returns_code(num_returns)
+        return ActorMethod(self._handle, self._name, code, bp)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(

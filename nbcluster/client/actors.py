@@ -245,6 +245,8 @@ class ActorCalls:
             "nargs": len(rec.args),
             "nret": rec.nret,
         }
+        if rec.gen:
+            header["gen"], header["bp"] = rec.gen, rec.bp
         payload: list[Any] = list(rec.args)
         if rec.dep_frames:
             header["deps"] = [len(f) for f in rec.dep_frames]

@@ -33,6 +33,7 @@ from nbcluster.client.commands import (
     KillActor,
     Rebuild,
     SetBlocked,
+    StreamConsumed,
     SubmitTask,
     TellOwner,
 )
@@ -54,6 +55,7 @@ from nbcluster.client.inputs import (
     ParkExpired,
     Rejoined,
     Released,
+    StreamItemArrived,
     TaskOutput,
     TaskResult,
 )
@@ -136,6 +138,10 @@ class ClientState:
         match event:
             case TaskResult():
                 self.tasks.on_result(event)
+            case StreamItemArrived():
+                self.tasks.on_stream_item(event)
+            case StreamConsumed(tid, consumed):
+                self.tasks.stream_consumed(tid, consumed)
             case SubmitTask(rec):
                 self.tasks.submit(rec)
             case LeaseGranted():
