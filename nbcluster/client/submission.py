@@ -237,7 +237,8 @@ class Tasks:
             self.actors.finished(rec)
         rec.dep_frames = []
         # A stored result may have to be rebuilt if its node dies: keep what the task needs.
-        if not (state == READY and self.lineage.keep(rec, parts)):
+        # (Not a generator task's: its end is a small count, its items are not rebuilt.)
+        if not (state == READY and rec.stream is None and self.lineage.keep(rec, parts)):
             rec.deps = []
             rec.nested = []
         if rec.args_oid is not None:
