@@ -300,3 +300,28 @@ def test_a_generator_cannot_be_passed_to_a_task(cluster: nb.ClusterInfo) -> None
     with pytest.raises(Exception, match="ObjectRefGenerator cannot be passed"):
         nb.get(count_to.remote(gen), timeout=30)
     list(gen)
+
+
+@nb.remote
+class Recorder:
+    def numbers(self, path: str, n: int) -> Iterator[int]:
+        for i in range(n):
+            yield i
+            Path(path).write_text(str(i + 1))
+
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_actor_method_backpressure(cluster: nb.ClusterInfo, tmp_path: Path) -> None:
+    path = tmp_path / "progress"
+    r = Recorder.remote()
+    gen = r.numbers.options(_generator_backpressure_num_objects=1).remote(str(path), 5)
+    ping = r.ping.remote()  # queued behind the paused generator (a sequential actor)
+    gen._next_sync(timeout_s=30)
+    wait_until(lambda: len(gen._buffer.items) == 2, timeout=30)
+    ready, _ = nb.wait([gen.completed()], timeout=0.5)
+    assert ready == [] and len(gen._buffer.items) == 2
+    assert [nb.get(ref, timeout=30) for ref in gen] == [1, 2, 3, 4]
+    assert nb.get(ping, timeout=30) == "pong"
+    nb.kill(r)
