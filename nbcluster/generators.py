@@ -40,7 +40,8 @@ class ObjectRefGenerator:
         self._buffer = buffer
         self._client = client
         self._error_given = False
-        self._progress: Any = None
+        self._progress: Any = None  # the notebook's count (False outside a notebook)
+        self._progress_closed = False
 
     # ------------------------------------------------------------------ sync
     def __iter__(self) -> ObjectRefGenerator:
@@ -120,9 +121,9 @@ class ObjectRefGenerator:
             self._progress.update(b.taken)
 
     def _finish_progress(self) -> None:
-        if self._progress:
+        if self._progress and not self._progress_closed:
+            self._progress_closed = True
             self._progress.close(self._buffer.taken)
-            self._progress = False
 
     def __del__(self) -> None:
         buffer = getattr(self, "_buffer", None)

@@ -325,3 +325,26 @@ def test_actor_method_backpressure(cluster: nb.ClusterInfo, tmp_path: Path) -> N
     assert [nb.get(ref, timeout=30) for ref in gen] == [1, 2, 3, 4]
     assert nb.get(ping, timeout=30) == "pong"
     nb.kill(r)
+
+
+def test_a_notebook_shows_the_count_of_items_taken(tmp_path: Path) -> None:
+    from tests.kernels import kernel
+
+    with kernel({"NBCLUSTER_ADDRESS": "", "NBCLUSTER_TOKEN_FILE": ""}, cwd=tmp_path) as k:
+        out = k.run(
+            "import nbcluster as nb\nnb.init(num_cpus=1)\n"
+            "@nb.remote\ndef f(n):\n    for i in range(n):\n        yield i\n"
+            "gen = f.remote(50)\nprint(sum(nb.get(r) for r in gen))\n"
+            "print(gen._progress._text.value)\nnb.shutdown()",
+            timeout=120,
+        )
+        text = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
+        assert "1225" in text
+        assert "50 items (done)" in text
+        widgets = [
+            m
+            for m in out
+            if m["msg_type"] == "display_data"
+            and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]
+        ]
+        assert widgets, [m["msg_type"] for m in out]
