@@ -444,6 +444,18 @@ def test_dynamic_result_holds_its_items() -> None:
         assert item is not None and item.refs == 1  # the value's refs alone hold it
 
 
+def test_a_stream_ends_when_the_client_closes() -> None:
+    sim = Sim()
+    rec = sim.record([], gen=STREAMING)
+    sim.feed(SubmitTask(rec))
+    buf = rec.stream
+    assert buf is not None and not buf.done
+    sim.state.fail_all("the client closed")
+    assert buf.done and buf.take(0) == (None, True)  # its consumer stops waiting
+    e = sim.client.objects.get(rec.return_ids[0])
+    assert e is not None and e.state == FAILED  # ... and gets the error
+
+
 # ---------------------------------------------------------------------------- random sequences
 @pytest.mark.parametrize("seed", range(12))
 def test_random_event_sequences_keep_invariants(seed: int) -> None:

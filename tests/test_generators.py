@@ -348,3 +348,16 @@ def test_a_notebook_shows_the_count_of_items_taken(tmp_path: Path) -> None:
             and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]
         ]
         assert widgets, [m["msg_type"] for m in out]
+
+
+@nb.remote
+def yields_refs(n: int) -> Iterator[list[Any]]:
+    for i in range(n):
+        yield [nb.put(i * 100)]  # a ref owned by the task's process, inside the value
+
+
+def test_refs_inside_items(cluster: nb.ClusterInfo) -> None:
+    outer = list(yields_refs.remote(3))
+    inner = [nb.get(r, timeout=30)[0] for r in outer]
+    assert all(isinstance(r, nb.ObjectRef) for r in inner)
+    assert nb.get(inner, timeout=30) == [0, 100, 200]

@@ -301,3 +301,5 @@ class Tasks:
                 continue
             for oid in rec.return_ids:
                 self.objects.complete(oid, FAILED, err)
+            if rec.stream is not None:
+                rec.stream.finish()  # its consumer gets the error, then the end
