@@ -8,7 +8,6 @@ value, once the task is done, is a :class:`DynamicObjectRefGenerator` of the ref
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -165,14 +164,6 @@ class DynamicObjectRefGenerator:
 
     def __repr__(self) -> str:
         return f"DynamicObjectRefGenerator({len(self._refs)} refs)"
-
-
-def wait_ready(gens: list[ObjectRefGenerator], deadline: float | None) -> None:
-    """Block until one of ``gens`` is :meth:`~ObjectRefGenerator.next_ready` or ``deadline``."""
-    while not any(g.next_ready() for g in gens):
-        if deadline is not None and time.monotonic() >= deadline:
-            return
-        time.sleep(0.005)  # (polling: readiness of several streams at once; ray.wait is rare)
 
 
 __all__ = ["DynamicObjectRefGenerator", "ObjectRefGenerator"]
