@@ -59,7 +59,16 @@ class ObjectRefGenerator:
         GetTimeoutError
             If none arrived within ``timeout_s``.
         """
-        oid, got = self._buffer.take(timeout_s)
+        buffer, client = self._buffer, self._client
+        # A task waiting for another's values lends its CPUs back meanwhile (as get does).
+        blocked = bool(client.worker_id) and not buffer.ready()
+        if blocked:
+            client.set_blocked(True)
+        try:
+            oid, got = buffer.take(timeout_s)
+        finally:
+            if blocked:
+                client.set_blocked(False)
         if not got:
             raise GetTimeoutError(f"no new item of {self._ref.task_id()} within {timeout_s} s")
         return self._deliver(oid)
@@ -73,7 +82,15 @@ class ObjectRefGenerator:
         return self
 
     async def __anext__(self) -> ObjectRef:
-        oid, _ = await self._buffer.take_async()
+        buffer, client = self._buffer, self._client
+        blocked = bool(client.worker_id) and not buffer.ready()
+        if blocked:
+            client.set_blocked(True)
+        try:
+            oid, _ = await buffer.take_async()
+        finally:
+            if blocked:
+                client.set_blocked(False)
         try:
             return self._deliver(oid)
         except StopIteration:

@@ -361,3 +361,33 @@ def test_refs_inside_items(cluster: nb.ClusterInfo) -> None:
     inner = [nb.get(r, timeout=30)[0] for r in outer]
     assert all(isinstance(r, nb.ObjectRef) for r in inner)
     assert nb.get(inner, timeout=30) == [0, 100, 200]
+
+
+@nb.remote(num_cpus=2)
+def consumes_a_stream(n: int) -> int:
+    # Holds both CPUs: the generator it waits for runs only because it lends them back.
+    return sum(nb.get(ref) for ref in count_to.options(num_cpus=1).remote(n))
+
+
+def test_a_task_consuming_a_stream_lends_its_cpus(cluster: nb.ClusterInfo) -> None:
+    assert nb.get(consumes_a_stream.remote(10), timeout=60) == 45
+
+
+@nb.remote
+class AsyncRecorder:
+    async def numbers(self, path: str, n: int) -> Any:
+        for i in range(n):
+            yield i
+            Path(path).write_text(str(i + 1))
+
+
+def test_async_actor_backpressure(cluster: nb.ClusterInfo, tmp_path: Path) -> None:
+    path = tmp_path / "progress"
+    a = AsyncRecorder.remote()
+    gen = a.numbers.options(_generator_backpressure_num_objects=2).remote(str(path), 6)
+    gen._next_sync(timeout_s=30)
+    wait_until(lambda: len(gen._buffer.items) == 3, timeout=30)
+    ready, _ = nb.wait([gen.completed()], timeout=0.5)
+    assert ready == [] and len(gen._buffer.items) == 3
+    assert [nb.get(ref, timeout=30) for ref in gen] == [1, 2, 3, 4, 5]
+    nb.kill(a)

@@ -263,6 +263,11 @@ class CoreClient:
             return [ObjectRefGenerator(refs[0], rec.stream, self)]
         return refs if num_returns != 0 else []
 
+    def set_blocked(self, blocked: bool) -> None:
+        """In a worker: its task waits (its CPUs are lent back, see ``WORKER_BLOCKED``)."""
+        if self.worker_id:
+            self._post(SetBlocked(blocked))
+
     def stream_consumed(self, tid: str, consumed: int) -> None:
         """The consumer of a streaming generator took ``consumed`` items (any thread)."""
         self._post(StreamConsumed(tid, consumed))
