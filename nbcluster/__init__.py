@@ -26,6 +26,7 @@ from nbcluster.api import (
     shutdown,
     wait,
 )
+from nbcluster.generators import DynamicObjectRefGenerator, ObjectRefGenerator
 from nbcluster.progress import progress
 from nbcluster.refs import ObjectRef
 from nbcluster.remote import RemoteFunction, remote
@@ -51,8 +52,10 @@ __all__ = [
     "ActorClass",
     "ActorHandle",
     "ClusterInfo",
+    "DynamicObjectRefGenerator",
     "NodeAffinitySchedulingStrategy",
     "ObjectRef",
+    "ObjectRefGenerator",
     "RemoteFunction",
     "RuntimeContext",
     "__version__",

@@ -10,10 +10,12 @@ import cloudpickle
 
 from nbcluster import context
 from nbcluster.client import current
+from nbcluster.client.streams import DYNAMIC, STREAMING
 from nbcluster.exceptions import SerializationError
 from nbcluster.options import (
     ACTOR_OPTIONS_IGNORED,
     METHOD_OPTION_NAMES,
+    check_backpressure,
     check_gpus,
     check_ignored,
     check_option_names,
@@ -45,8 +47,12 @@ ACTOR_OPTION_NAMES = frozenset(
 )
 
 
+#: Method-table values of generator methods (a table holds ``num_returns`` >= 0 otherwise).
+_GEN_CODES = {"streaming": -STREAMING, "dynamic": -DYNAMIC}
+
+
 def method(
-    *, num_returns: int = 1, concurrency_group: str | None = None, **options: Any
+    *, num_returns: int | str = 1, concurrency_group: str | None = None, **options: Any
 ) -> Callable[[F], F]:
     """Declare options of an actor method, as Ray's ``@ray.method(num_returns=2)``.
 
@@ -62,20 +68,31 @@ def method(
         one raises ``ValueError`` naming the nearest valid one.
     """
     check_option_names(options, METHOD_OPTION_NAMES, "actor methods")
-    if not isinstance(num_returns, int) or num_returns < 0:
-        raise ValueError("num_returns must be a non-negative integer")
+    code = _returns_code(num_returns)
     if concurrency_group is not None and (
         not isinstance(concurrency_group, str) or not concurrency_group
     ):
         raise ValueError(f"concurrency_group must be a non-empty string, got {concurrency_group!r}")
 
     def deco(fn: F) -> F:
-        fn.__nbcluster_num_returns__ = num_returns  # type: ignore[attr-defined]
+        fn.__nbcluster_num_returns__ = code  # type: ignore[attr-defined]
         if concurrency_group is not None:
             fn.__nbcluster_concurrency_group__ = concurrency_group  # type: ignore[attr-defined]
         return fn
 
     return deco
+
+
+def _returns_code(num_returns: Any) -> int:
+    """A method table's value: ``num_returns``, or a negative code for a generator."""
+    if num_returns in _GEN_CODES:
+        return _GEN_CODES[num_returns]
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or num_returns < 0:
+        raise ValueError(
+            "num_returns must be a non-negative integer, 'streaming' or 'dynamic', "
+            f"got {num_returns!r}"
+        )
+    return num_returns
 
 
 def _check_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +148,10 @@ def method_table(cls: type) -> tuple[dict[str, int], bool]:
     for name, member in inspect.getmembers(cls, callable):
         if name.startswith("__") and name != "__call__":
             continue
-        methods[name] = int(getattr(member, "__nbcluster_num_returns__", 1))
+        default = -STREAMING if inspect.isgeneratorfunction(member) else 1
+        if inspect.isasyncgenfunction(member):
+            default = -STREAMING
+        methods[name] = int(getattr(member, "__nbcluster_num_returns__", default))
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
             is_async = True
     return methods, is_async
@@ -321,50 +341,61 @@ class ActorMethod:
     """``handle.method``: call ``.remote(...)`` on it."""
 
     def __init__(
-        self, handle: ActorHandle, name: str, num_returns: int, concurrency_group: str = ""
+        self,
+        handle: ActorHandle,
+        name: str,
+        num_returns: int,
+        concurrency_group: str = "",
+        backpressure: int = 0,
     ) -> None:
         self._handle = handle
         self._name = name
-        self._num_returns = num_returns
+        self._num_returns = num_returns  # < 0: a generator (-STREAMING or -DYNAMIC)
         self._group = concurrency_group
+        self._backpressure = backpressure
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         h = self._handle
+        gen = -self._num_returns if self._num_returns < 0 else 0
+        nret = 1 if gen else self._num_returns
         refs = h._client.submit_actor_call(
             h._aid,
             h._cls_name,
             self._name,
             args,
             kwargs,
-            self._num_returns,
+            nret,
+            gen,
+            self._backpressure,
             concurrency_group=self._group,
         )
-        if self._num_returns == 1:
+        if nret == 1:
             return refs[0]
-        if self._num_returns == 0:
+        if nret == 0:
             return None
         return refs
 
     def options(
         self,
         *,
-        num_returns: int | None = None,
+        num_returns: int | str | None = None,
         concurrency_group: str | None = None,
         **kwargs: Any,
     ) -> ActorMethod:
-        """Options for one call: ``num_returns``, ``concurrency_group`` (run in that group);
+        """Options of one call: ``num_returns`` (an int, ``"streaming"`` or ``"dynamic"``),
+        ``concurrency_group`` (run in that group) and ``_generator_backpressure_num_objects``;
         Ray's other method options are accepted and ignored."""
         check_option_names(kwargs, METHOD_OPTION_NAMES, "actor methods")
         if concurrency_group is not None and (
             not isinstance(concurrency_group, str) or not concurrency_group
         ):
             raise ValueError(f"concurrency_group must be a non-empty string: {concurrency_group!r}")
-        return ActorMethod(
-            self._handle,
-            self._name,
-            self._num_returns if num_returns is None else num_returns,
-            self._group if concurrency_group is None else concurrency_group,
-        )
+        bp = self._backpressure
+        if "_generator_backpressure_num_objects" in kwargs:
+            bp = check_backpressure(kwargs["_generator_backpressure_num_objects"])
+        code = self._num_returns if num_returns is None else _returns_code(num_returns)
+        group = self._group if concurrency_group is None else concurrency_group
+        return ActorMethod(self._handle, self._name, code, group, bp)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(

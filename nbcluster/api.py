@@ -23,6 +23,7 @@ from nbcluster.client.core import CoreClient
 from nbcluster.client.launcher import LocalCluster
 from nbcluster.client.objects import PENDING
 from nbcluster.exceptions import ConfigurationError
+from nbcluster.generators import ObjectRefGenerator
 from nbcluster.kernel import attach_kernel
 from nbcluster.protocol.security import read_token_file, token_from_environment
 from nbcluster.refs import ObjectRef
@@ -418,6 +419,8 @@ def wait(
         raise TypeError("wait() expected a list of ObjectRefs, got a single ObjectRef")
     if not isinstance(refs, list | tuple):
         raise TypeError(f"wait() expected a list of ObjectRefs, got {type(refs).__name__}")
+    if any(isinstance(r, ObjectRefGenerator) for r in refs):
+        return _wait_generators(list(refs), num_returns, timeout)
     for r in refs:
         if not isinstance(r, ObjectRef):
             raise TypeError(
@@ -437,12 +440,52 @@ def wait(
         raise
 
 
-def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+def _wait_generators(
+    items: list[Any], num_returns: int, timeout: float | None
+) -> tuple[list[Any], list[Any]]:
+    """``wait`` of a list holding ``ObjectRefGenerator``s: one is ready when its next ref is
+    (Ray's rule). Polls every few milliseconds (a generator has no single object to wait on)."""
+    if num_returns < 0 or num_returns > len(items):
+        raise ValueError(f"num_returns must be between 0 and {len(items)}, got {num_returns}")
+    for r in items:
+        if not isinstance(r, ObjectRef | ObjectRefGenerator):
+            raise TypeError(
+                "wait() expected a list of ObjectRefs and ObjectRefGenerators, got a list "
+                f"containing {type(r).__name__}"
+            )
+    client = _client()
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def is_ready(r: Any) -> bool:
+        if isinstance(r, ObjectRefGenerator):
+            return r.next_ready()
+        e = client.objects.get(r.hex())
+        return e is None or e.state != PENDING
+
+    while True:
+        flags = [is_ready(r) for r in items]
+        if sum(flags) >= num_returns or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(0.002)
+    ready: list[Any] = []
+    not_ready: list[Any] = []
+    for r, ok in zip(items, flags, strict=True):
+        (ready if ok and len(ready) < num_returns else not_ready).append(r)
+    return ready, not_ready
+
+
+def cancel(
+    ref: ObjectRef | ObjectRefGenerator, *, force: bool = False, recursive: bool = True
+) -> None:
     """Cancel the task producing ``ref``; ``get`` of it then raises ``TaskCancelledError``.
 
     A queued task is dropped. A running one gets ``KeyboardInterrupt`` (``force=True`` kills its
-    worker instead). Cancelling a finished task does nothing.
+    worker instead). Cancelling a finished task does nothing. ``ref`` may be a streaming
+    generator (``ObjectRefGenerator``): its task stops, and the ref after the last item it
+    yielded raises ``TaskCancelledError``.
     """
+    if isinstance(ref, ObjectRefGenerator):
+        ref = ref.completed()
     if not isinstance(ref, ObjectRef):
         raise TypeError(f"cancel() expected an ObjectRef, got {type(ref).__name__}")
     _client().cancel(ref, force)

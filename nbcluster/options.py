@@ -28,8 +28,12 @@ TASK_OPTION_NAMES = frozenset(
         "name",
         "scheduling_strategy",
         "runtime_env",
+        "_generator_backpressure_num_objects",
     }
 )
+
+#: ``num_returns`` values of generator tasks (Ray's).
+GENERATOR_RETURNS = ("streaming", "dynamic")
 
 # Options Ray documents that mean nothing here (yet): accepted, checked where cheap, then ignored
 # (docs/user-guide.md lists why for each).
@@ -49,7 +53,7 @@ _COMMON_IGNORED = frozenset(
 )
 
 #: Ray's function options accepted and ignored.
-TASK_OPTIONS_IGNORED = _COMMON_IGNORED | {"max_calls", "_generator_backpressure_num_objects"}
+TASK_OPTIONS_IGNORED = _COMMON_IGNORED | {"max_calls"}
 
 #: Ray's actor options accepted and ignored.
 ACTOR_OPTIONS_IGNORED = _COMMON_IGNORED | {
@@ -71,6 +75,17 @@ METHOD_OPTION_NAMES = frozenset(
         "tensor_transport",
     }
 )
+
+
+def check_backpressure(value: Any) -> int:
+    """``_generator_backpressure_num_objects``: ``None``/-1/0 for none, else a positive count."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise ValueError(
+            f"_generator_backpressure_num_objects must be a positive integer, got {value!r}"
+        )
+    return max(value, 0)
 
 
 def check_option_names(given: Iterable[str], valid: Iterable[str], what: str) -> None:
@@ -131,10 +146,12 @@ class TaskOptions:
     memory: float = 0.0
     max_retries: int = 3
     retry_exceptions: bool | tuple[type[BaseException], ...] = False
-    num_returns: int = 1
+    num_returns: int | str = 1
     name: str | None = None
     scheduling_strategy: Any = None
     runtime_env: RuntimeEnvSpec | None = None
+    #: Ray's ``_generator_backpressure_num_objects`` (0: no backpressure).
+    generator_backpressure: int = 0
 
     def replace(self, **kwargs: Any) -> TaskOptions:
         """Return a copy with ``kwargs`` applied (validated as in :func:`make_task_options`)."""
@@ -209,6 +226,10 @@ def make_task_options(base: TaskOptions | None = None, **kwargs: Any) -> TaskOpt
                 if rk in ("CPU", "GPU", "memory"):
                     raise ValueError(f"use num_cpus/num_gpus/memory instead of resources[{rk!r}]")
             changes[key] = {str(k): _check_amount(f"resources[{k!r}]", v) for k, v in value.items()}
+        elif key == "num_returns" and value in GENERATOR_RETURNS:
+            changes[key] = value
+        elif key == "_generator_backpressure_num_objects":
+            changes["generator_backpressure"] = check_backpressure(value)
         elif key in ("max_retries", "num_returns"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{key} must be an integer, got {value!r}")

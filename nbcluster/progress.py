@@ -157,3 +157,46 @@ def progress(refs: Sequence[ObjectRef], *, label: str = "tasks") -> Progress:
         if not isinstance(r, ObjectRef):
             raise TypeError(f"progress() expects ObjectRefs, got {type(r).__name__}")
     return Progress(refs, label).show()
+
+
+class StreamProgress:
+    """Items taken from a streaming generator, shown under the notebook cell that consumes it.
+
+    Made by :func:`stream_progress`; redrawn at most every ``TICK_S`` while items arrive.
+    """
+
+    def __init__(self, label: str, text: Any) -> None:
+        self.label = label
+        self._text = text
+        self._start = time.monotonic()
+        self._drawn = 0.0
+
+    def update(self, count: int) -> None:
+        """``count`` items were taken so far."""
+        now = time.monotonic()
+        if now - self._drawn >= TICK_S:
+            self._drawn = now
+            self._draw(count, "")
+
+    def close(self, count: int) -> None:
+        """The stream ended after ``count`` items."""
+        self._draw(count, " (done)")
+
+    def _draw(self, count: int, suffix: str) -> None:
+        elapsed = time.monotonic() - self._start
+        rate = count / elapsed if elapsed > 0 else 0.0
+        self._text.value = f"{self.label}: {count} items{suffix}, {rate:.1f}/s"
+
+
+def stream_progress(tid: str) -> StreamProgress | None:
+    """A live count of the items of stream ``tid`` in a notebook; ``None`` elsewhere."""
+    if kernel_shell() is None:
+        return None
+    try:
+        import ipywidgets
+        from IPython.display import display
+    except ImportError:
+        return None
+    text = ipywidgets.HTML()
+    display(text)  # type: ignore[no-untyped-call]
+    return StreamProgress(f"stream {tid}", text)

@@ -11,6 +11,7 @@ from typing import Any, overload
 import cloudpickle
 
 from nbcluster.client import current
+from nbcluster.client.streams import DYNAMIC, STREAMING
 from nbcluster.exceptions import SerializationError
 from nbcluster.options import (
     ACTOR_OPTIONS_IGNORED,
@@ -67,6 +68,7 @@ class RemoteFunction:
     def _submit(self, opts: TaskOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         client = current.require()
         fn_id, blob = self._pickled()
+        nret, gen = generator_mode(self._function, opts.num_returns, self._explicit_returns(opts))
         refs = client.submit(
             opts.name or self._name,
             fn_id,
@@ -74,17 +76,22 @@ class RemoteFunction:
             args,
             kwargs,
             opts.shape(),
-            opts.num_returns,
+            nret,
             opts.max_retries,
             opts.retry_exceptions,
             strategy=opts.strategy(),
             runtime_env=wire_env(client, opts.runtime_env),
+            gen=gen,
+            backpressure=opts.generator_backpressure,
         )
-        if opts.num_returns == 1:
+        if nret == 1:
             return refs[0]
-        if opts.num_returns == 0:
+        if nret == 0:
             return None
         return refs
+
+    def _explicit_returns(self, opts: TaskOptions) -> bool:
+        return opts.num_returns != TaskOptions.num_returns
 
     def options(self, **kwargs: Any) -> _BoundOptions:
         """Override options for one submission: ``f.options(num_gpus=1).remote(x)``."""
@@ -107,6 +114,21 @@ class _BoundOptions:
 
     def options(self, **kwargs: Any) -> _BoundOptions:
         return _BoundOptions(self._fn, make_task_options(self._options, **kwargs))
+
+
+def generator_mode(fn: Any, num_returns: int | str, explicit: bool) -> tuple[int, int]:
+    """``(num_returns, gen)`` of a call: a generator function streams unless told otherwise.
+
+    ``gen`` is 0 (a plain task), ``STREAMING`` or ``DYNAMIC`` (:mod:`nbcluster.client.streams`).
+    """
+    if num_returns == "streaming":
+        return 1, STREAMING
+    if num_returns == "dynamic":
+        return 1, DYNAMIC
+    assert isinstance(num_returns, int)
+    if not explicit and (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
+        return 1, STREAMING  # Ray's default for generator functions
+    return num_returns, 0
 
 
 @overload

@@ -22,6 +22,7 @@ from nbcluster.client.commands import (
     CreateActor,
     FetchObject,
     KillActor,
+    StreamConsumed,
     SubmitTask,
 )
 from nbcluster.client.core import CoreClient
@@ -36,6 +37,7 @@ from nbcluster.client.inputs import (
     ObjectRequested,
     Rejoined,
     Released,
+    StreamItemArrived,
     TaskOutput,
     TaskResult,
 )
@@ -55,6 +57,7 @@ from nbcluster.client.instructions import (
 from nbcluster.client.leasing import MAX_LEASE_REQUESTS
 from nbcluster.client.objects import FAILED, PENDING, READY
 from nbcluster.client.state import ClientState
+from nbcluster.client.streams import DYNAMIC, STREAMING, StreamBuffer
 from nbcluster.client.tasks import TaskRecord
 from nbcluster.client.workers import WorkerConn
 from nbcluster.exceptions import TaskCancelledError, WorkerCrashedError
@@ -141,12 +144,16 @@ class Sim:
         self.ids += 1
         return f"t{self.ids}"
 
-    def record(self, deps: list[ObjectRef], nret: int = 1, retries: int = 1) -> TaskRecord:
+    def record(
+        self, deps: list[ObjectRef], nret: int = 1, retries: int = 1, gen: int = 0
+    ) -> TaskRecord:
         tid = self.new_id()
+        if gen:
+            nret = 1
         return_ids = [f"{tid}.{i}" for i in range(max(nret, 1))]
         refs = [ObjectRef(oid, ME, self.client) for oid in return_ids]
         self.held.extend(refs)
-        return TaskRecord(
+        rec = TaskRecord(
             tid=tid,
             name=f"f{tid}",
             fn_id="fn1",
@@ -160,6 +167,29 @@ class Sim:
             retry_exceptions=False,
             nret=nret,
         )
+        if gen:
+            rec.gen, rec.bp = gen, 2 if gen == STREAMING else 0
+            rec.stream = StreamBuffer(tid, gen, rec.bp)
+        return rec
+
+    def item(self, conn: WorkerConn, rec: TaskRecord, index: int | None = None) -> None:
+        """The worker of ``rec`` yields its next value (or item ``index`` again)."""
+        buf = rec.stream
+        assert buf is not None
+        i = len(buf.items) if index is None else index
+        self.feed(StreamItemArrived(conn, rec.tid, i, [], dumps(i)))
+
+    def take(self, rec: TaskRecord) -> None:
+        """The consumer takes the next item, as ``ObjectRefGenerator`` does."""
+        buf = rec.stream
+        assert buf is not None
+        oid, _ = buf.take(0)
+        if oid is None:
+            return
+        self.held.append(ObjectRef(oid, ME, self.client))
+        self.client.remove_local_ref(oid)
+        if buf.backpressure:
+            self.feed(StreamConsumed(rec.tid, buf.taken))
 
     def borrowed(self) -> ObjectRef:
         ref = ObjectRef(f"b{self.new_id()}.0", OTHER, self.client, borrowed=True)
@@ -373,6 +403,59 @@ def test_output_lines_are_shown_with_the_task() -> None:
     assert sim.shown == ["(f pid=42) hello\n"]
 
 
+def test_stream_items_arrive_in_order_and_repeats_are_skipped() -> None:
+    sim = Sim()
+    rec = sim.record([], gen=STREAMING)
+    sim.feed(SubmitTask(rec))
+    sim.grant(next(iter(sim.requests)))
+    ((conn, _),) = sim.running()
+    assert sim.sent[conn][0]["gen"] == STREAMING and sim.sent[conn][0]["bp"] == 2
+    sim.item(conn, rec)
+    sim.item(conn, rec)
+    buf = rec.stream
+    assert buf is not None and buf.items == [f"{rec.tid}.1", f"{rec.tid}.2"]
+    sim.item(conn, rec, index=5)  # out of order: dropped
+    assert len(buf.items) == 2
+    sim.take(rec)
+    assert sim.sent[conn][-1] == {"k": Kind.STREAM_ACK, "tid": rec.tid, "consumed": 1}
+    sim.item(conn, rec, index=0)  # a re-run's repeat: skipped, its worker told to go on
+    assert len(buf.items) == 2 and sim.sent[conn][-1]["consumed"] == 1
+    e = sim.client.objects.get(f"{rec.tid}.2")
+    assert e is not None and e.state == READY and loads(e.frames) == 1
+    assert not buf.done
+    sim.result(conn, rec)
+    assert buf.done and rec.tid not in sim.state.tasks.by_tid
+
+
+def test_dynamic_result_holds_its_items() -> None:
+    sim = Sim()
+    rec = sim.record([], gen=DYNAMIC)
+    sim.feed(SubmitTask(rec))
+    sim.grant(next(iter(sim.requests)))
+    ((conn, _),) = sim.running()
+    sim.item(conn, rec)
+    sim.item(conn, rec)
+    sim.result(conn, rec)
+    e = sim.client.objects.get(rec.return_ids[0])
+    assert e is not None and e.state == READY
+    assert [r.hex() for r in e.contained] == [f"{rec.tid}.1", f"{rec.tid}.2"]
+    for oid in (f"{rec.tid}.1", f"{rec.tid}.2"):
+        item = sim.client.objects.get(oid)
+        assert item is not None and item.refs == 1  # the value's refs alone hold it
+
+
+def test_a_stream_ends_when_the_client_closes() -> None:
+    sim = Sim()
+    rec = sim.record([], gen=STREAMING)
+    sim.feed(SubmitTask(rec))
+    buf = rec.stream
+    assert buf is not None and not buf.done
+    sim.state.fail_all("the client closed")
+    assert buf.done and buf.take(0) == (None, True)  # its consumer stops waiting
+    e = sim.client.objects.get(rec.return_ids[0])
+    assert e is not None and e.state == FAILED  # ... and gets the error
+
+
 # ---------------------------------------------------------------------------- random sequences
 @pytest.mark.parametrize("seed", range(12))
 def test_random_event_sequences_keep_invariants(seed: int) -> None:
@@ -386,7 +469,8 @@ def test_random_event_sequences_keep_invariants(seed: int) -> None:
             deps = rng.sample(sim.held, min(len(sim.held), rng.choice([0, 0, 1, 2])))
             if rng.random() < 0.1:
                 deps.append(sim.borrowed())
-            sim.feed(SubmitTask(sim.record(deps, nret=rng.choice([0, 1, 1, 2]))))
+            gen = rng.choice([0, 0, 0, 0, STREAMING, DYNAMIC])
+            sim.feed(SubmitTask(sim.record(deps, nret=rng.choice([0, 1, 1, 2]), gen=gen)))
         elif op < 0.30 and sim.requests:
             rid = rng.choice(list(sim.requests))
             reuse = sorted(c.addr for c in sim.open) if rng.random() < 0.1 else []
@@ -394,7 +478,11 @@ def test_random_event_sequences_keep_invariants(seed: int) -> None:
         elif op < 0.45 and sim.running():
             conn, rec = rng.choice(sim.running())
             r = rng.random()
-            if r < 0.6:
+            if rec.stream is not None and r < 0.5:
+                sim.item(conn, rec, None if r < 0.4 else rng.randrange(len(rec.stream.items) + 2))
+                if rng.random() < 0.5:
+                    sim.take(rec)
+            elif r < 0.6:
                 sim.result(conn, rec, store=rng.choice(["", *stores]))
             elif r < 0.8:
                 sim.result(conn, rec, ok=False)
@@ -431,7 +519,8 @@ def test_random_event_sequences_keep_invariants(seed: int) -> None:
                 sim.feed(CreateActor(header, [b"cls"], deps, fut))
                 sim.feed(CountActorHandle(aid, "C", True, 1))
             aid = rng.choice(actors)
-            rec = sim.record(rng.sample(sim.held, min(len(sim.held), rng.choice([0, 1]))))
+            gen = rng.choice([0, 0, 0, STREAMING])
+            rec = sim.record(rng.sample(sim.held, min(len(sim.held), rng.choice([0, 1]))), gen=gen)
             rec.actor_id, rec.method = aid, "m"
             sim.feed(CallActor(rec, "C"))
         elif op < 0.92 and actors:
@@ -442,7 +531,11 @@ def test_random_event_sequences_keep_invariants(seed: int) -> None:
         elif op < 0.95 and actors:
             ar = sim.state.actors.actors.get(rng.choice(actors))
             if ar is not None and ar.inflight and ar.conn is not None:
-                sim.result(ar.conn, rng.choice(list(ar.inflight.values())), ok=rng.random() < 0.8)
+                rec = rng.choice(list(ar.inflight.values()))
+                if rec.stream is not None and rng.random() < 0.5:
+                    sim.item(ar.conn, rec)
+                else:
+                    sim.result(ar.conn, rec, ok=rng.random() < 0.8)
         elif op < 0.96 and actors:
             sim.feed(KillActor(rng.choice(actors), rng.random() < 0.5, None))
         elif op < 0.97:

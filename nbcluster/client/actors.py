@@ -252,6 +252,8 @@ class ActorCalls:
         }
         if rec.group:
             header["group"] = rec.group
+        if rec.gen:
+            header["gen"], header["bp"] = rec.gen, rec.bp
         payload: list[Any] = list(rec.args)
         if rec.dep_frames:
             header["deps"] = [len(f) for f in rec.dep_frames]

@@ -107,6 +107,14 @@ class KillActor:
     done: concurrent.futures.Future[None] | None
 
 
+@dataclass(slots=True)
+class StreamConsumed:
+    """The consumer of stream ``tid`` has taken ``consumed`` items (backpressure)."""
+
+    tid: str
+    consumed: int
+
+
 #: Everything a user thread may post.
 Command = (
     SubmitTask
@@ -120,4 +128,5 @@ Command = (
     | CountActorHandle
     | ActorEscaped
     | KillActor
+    | StreamConsumed
 )

@@ -31,12 +31,14 @@ from nbcluster.client.commands import (
     KillActor,
     Rebuild,
     SetBlocked,
+    StreamConsumed,
     SubmitTask,
     TellOwner,
 )
 from nbcluster.client.lineage import MAX_RECONSTRUCTIONS, Lineage, lost_error
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.shell import IoShell
+from nbcluster.client.streams import STREAMING, StreamBuffer
 from nbcluster.client.tasks import TaskRecord
 from nbcluster.client.wire import is_ref
 from nbcluster.exceptions import (
@@ -229,15 +231,18 @@ class CoreClient:
         retry_exceptions: bool | tuple[type[BaseException], ...],
         strategy: dict[str, Any] | None = None,
         runtime_env: dict[str, Any] | None = None,
-    ) -> list[ObjectRef]:
+        gen: int = 0,
+        backpressure: int = 0,
+    ) -> list[Any]:
         """Queue a task; returns one ref per return value.
 
         ``strategy`` is a scheduling strategy in wire form (:func:`nbcluster.scheduling.
         strategy_spec`); tasks of one shape and strategy share leases. ``runtime_env`` is the
         environment in wire form (:mod:`nbcluster.runtime_env.upload`): its tasks get workers of
-        their own.
+        their own. ``gen`` makes it a generator task (:mod:`nbcluster.client.streams`): a
+        streaming one returns ``[ObjectRefGenerator]``.
         """
-        rec, refs = self._new_record(name, args, kwargs, num_returns)
+        rec, refs = self._new_record(name, args, kwargs, num_returns, gen, backpressure)
         check_frame_sizes([fn_blob], f"function {name} (pickled)")
         rec.fn_id, rec.fn_blob = fn_id, fn_blob
         rec.shape, rec.shape_key = shape, tuple(sorted(shape.items()))
@@ -249,10 +254,32 @@ class CoreClient:
             rec.shape_key += (("@env", runtime_env["key"]),)
         rec.max_retries, rec.retry_exceptions = max_retries, retry_exceptions
         self._post(SubmitTask(rec))
+        return self._returned(rec, refs, num_returns)
+
+    def _returned(self, rec: TaskRecord, refs: list[ObjectRef], num_returns: int) -> list[Any]:
+        if rec.gen == STREAMING:
+            from nbcluster.generators import ObjectRefGenerator
+
+            return [ObjectRefGenerator(refs[0], rec.stream, self)]
         return refs if num_returns != 0 else []
 
+    def set_blocked(self, blocked: bool) -> None:
+        """In a worker: its task waits (its CPUs are lent back, see ``WORKER_BLOCKED``)."""
+        if self.worker_id:
+            self._post(SetBlocked(blocked))
+
+    def stream_consumed(self, tid: str, consumed: int) -> None:
+        """The consumer of a streaming generator took ``consumed`` items (any thread)."""
+        self._post(StreamConsumed(tid, consumed))
+
     def _new_record(
-        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], num_returns: int
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        num_returns: int,
+        gen: int = 0,
+        backpressure: int = 0,
     ) -> tuple[TaskRecord, list[ObjectRef]]:
         """Serialize a call's arguments and make the refs of its return values."""
         with serialized_refs() as nested:
@@ -287,6 +314,9 @@ class CoreClient:
             nested=nested,
             args_oid=args_oid,
         )
+        if gen:
+            rec.gen, rec.bp = gen, backpressure if gen == STREAMING else 0
+            rec.stream = StreamBuffer(tid, gen, rec.bp)
         tag = self.output_tag
         if tag is not None:  # e.g. the notebook cell submitting it (see nbcluster.magics)
             rec.tag = tag()
@@ -371,13 +401,17 @@ class CoreClient:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         num_returns: int,
+        gen: int = 0,
+        backpressure: int = 0,
         concurrency_group: str = "",
-    ) -> list[ObjectRef]:
-        rec, refs = self._new_record(f"{cls_name}.{method}", args, kwargs, num_returns)
+    ) -> list[Any]:
+        rec, refs = self._new_record(
+            f"{cls_name}.{method}", args, kwargs, num_returns, gen, backpressure
+        )
         rec.name, rec.actor_id, rec.method = cls_name, aid, method
         rec.group = concurrency_group
         self._post(CallActor(rec, cls_name))
-        return refs if num_returns != 0 else []
+        return self._returned(rec, refs, num_returns)
 
     def actor_handle_added(self, aid: str, cls_name: str, owned: bool) -> None:
         self._post(CountActorHandle(aid, cls_name, owned, 1))

@@ -106,6 +106,17 @@ class TaskResult:
 
 
 @dataclass(slots=True)
+class StreamItemArrived:
+    """``STREAM_ITEM``: item ``index`` of generator task ``tid`` from the worker of ``conn``."""
+
+    conn: WorkerConn
+    tid: str
+    index: int
+    returned: list[Any]  # [oid, owner] of refs inside the value
+    payload: list[Any]
+
+
+@dataclass(slots=True)
 class TaskOutput:
     """``LOG``: output lines of a task (``conn`` ``None``: an actor's ``__init__``, relayed by
     the head)."""
@@ -192,6 +203,7 @@ Event = (
     | NodeDied
     | Rejoined
     | TaskResult
+    | StreamItemArrived
     | TaskOutput
     | ObjectRequested
     | BorrowReleased

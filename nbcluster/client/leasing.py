@@ -148,6 +148,8 @@ class Leasing:
             "nargs": len(rec.args),
             "nret": rec.nret,
         }
+        if rec.gen:
+            header["gen"], header["bp"] = rec.gen, rec.bp
         payload: list[Any] = []
         if rec.fn_id not in conn.fns_sent:
             header["fnb"] = 1

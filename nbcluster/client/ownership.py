@@ -93,13 +93,22 @@ class Ownership:
             elif e.owner:
                 self._emit(ToOwner(e.owner, {"k": Kind.ESCAPE, "oid": oid}))
         if returned:
-            refs = []
-            for oid, owner in returned:
-                mine = owner == self.owner_address
-                refs.append(ObjectRef(oid, owner, self._ref_client, borrowed=not mine))
-                if not mine:
-                    self._emit(ToOwner(owner, {"k": Kind.ESCAPE, "oid": oid}))
-            rec.contained = refs
+            rec.contained = self.result_refs(returned)
+
+    def result_refs(self, returned: list[Any]) -> list[ObjectRef]:
+        """Refs for the ``[oid, owner]`` pairs inside a result (borrowed ones kept by their
+        owners for good)."""
+        refs = []
+        for oid, owner in returned:
+            mine = owner == self.owner_address
+            refs.append(self.make_ref(oid, owner))
+            if not mine:
+                self._emit(ToOwner(owner, {"k": Kind.ESCAPE, "oid": oid}))
+        return refs
+
+    def make_ref(self, oid: str, owner: str) -> ObjectRef:
+        """An ``ObjectRef`` counted in this client (made on the I/O thread)."""
+        return ObjectRef(oid, owner, self._ref_client, borrowed=owner != self.owner_address)
 
     def dropped(self, entry: Entry) -> None:
         """The last local use of an object is gone: free it, or tell its owner we let go."""

@@ -42,6 +42,7 @@ from nbcluster.client.inputs import (
     ObjectRequested,
     Rejoined,
     Released,
+    StreamItemArrived,
     TaskOutput,
     TaskResult,
 )
@@ -195,7 +196,12 @@ class IoShell:
             on_malformed=self._head_malformed,
         )
         self._from_worker = Dispatcher[WorkerConn](
-            {m.Result: self._on_result, m.Log: self._on_log, m.Error: self._on_worker_error},
+            {
+                m.Result: self._on_result,
+                m.StreamItem: self._on_stream_item,
+                m.Log: self._on_log,
+                m.Error: self._on_worker_error,
+            },
             what="from a worker",
             logger=log,
         )
@@ -610,6 +616,9 @@ class IoShell:
                 payload,
             )
         )
+
+    def _on_stream_item(self, conn: WorkerConn, msg: m.StreamItem, payload: list[Any]) -> None:
+        self.feed(StreamItemArrived(conn, msg.tid, msg.i, msg.returned, payload))
 
     def _on_log(self, conn: WorkerConn, msg: m.Log, payload: list[Any]) -> None:
         if self.log_to_driver:

@@ -33,6 +33,7 @@ from nbcluster.client.commands import (
     KillActor,
     Rebuild,
     SetBlocked,
+    StreamConsumed,
     SubmitTask,
     TellOwner,
 )
@@ -54,6 +55,7 @@ from nbcluster.client.inputs import (
     ParkExpired,
     Rejoined,
     Released,
+    StreamItemArrived,
     TaskOutput,
     TaskResult,
 )
@@ -136,6 +138,10 @@ class ClientState:
         match event:
             case TaskResult():
                 self.tasks.on_result(event)
+            case StreamItemArrived():
+                self.tasks.on_stream_item(event)
+            case StreamConsumed(tid, consumed):
+                self.tasks.stream_consumed(tid, consumed)
             case SubmitTask(rec):
                 self.tasks.submit(rec)
             case LeaseGranted():
@@ -222,6 +228,21 @@ class ClientState:
         return rows
 
     # ------------------------------------------------------------------ invariants
+    def _validate_stream(self, rec: Any) -> None:
+        """An unfinished generator task: its items in order, each held until taken."""
+        buf = rec.stream
+        assert buf is not None and buf.mode == rec.gen, f"generator {rec.tid} has no stream"
+        assert not buf.done, f"stream {rec.tid} ended before its task"
+        assert buf.taken <= len(buf.items), f"stream {rec.tid} gave out more than it got"
+        for i, oid in enumerate(buf.items):
+            assert oid == buf.item_id(i), f"item {i} of {rec.tid} is {oid}"
+        if not buf.closed:
+            for oid in buf.items[buf.taken :]:
+                e = self.objects.get(oid)
+                assert e is not None and e.state != PENDING and e.refs > 0, (
+                    f"untaken item {oid} is not held"
+                )
+
     def validate_state(self) -> None:
         """Check the invariants between the parts; raises ``AssertionError`` naming the first
         one broken."""
@@ -230,6 +251,8 @@ class ClientState:
             assert rec.tid == tid, f"task {tid} filed under another id"
             for oid in rec.return_ids:
                 assert tasks.producer.get(oid) is rec, f"{oid} lost its producer {tid}"
+            if rec.gen or rec.stream is not None:
+                self._validate_stream(rec)
         for oid, rec in tasks.producer.items():
             assert rec.tid in tasks.by_tid, f"{oid}'s producer {rec.tid} is finished"
             e = self.objects.get(oid)

@@ -11,13 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from nbcluster.client.inputs import TaskOutput, TaskResult
-from nbcluster.client.instructions import CancelOnWorker, FreeStored, Instruction, ShowOutput
+from nbcluster.client.inputs import StreamItemArrived, TaskOutput, TaskResult
+from nbcluster.client.instructions import (
+    CancelOnWorker,
+    FreeStored,
+    Instruction,
+    ShowOutput,
+    ToWorker,
+)
 from nbcluster.client.lineage import LOST, USE, WAIT
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
+from nbcluster.client.streams import DYNAMIC
 from nbcluster.client.tasks import TaskRecord
 from nbcluster.exceptions import TaskCancelledError
 from nbcluster.protocol.messages import Kind
+from nbcluster.refs import serialized_refs
 from nbcluster.serialization import dumps
 
 if TYPE_CHECKING:
@@ -155,12 +163,73 @@ class Tasks:
         else:
             self.leasing.on_result(rec, ev)
 
+    # ------------------------------------------------------------------ generator tasks
+    def on_stream_item(self, ev: StreamItemArrived) -> None:
+        """A worker's ``STREAM_ITEM``: complete the item's object and hand it to the stream.
+
+        A re-run task (its worker died) yields again from the start: items already here are
+        skipped (as Ray does; the generator must be deterministic for the values to match).
+        """
+        rec = self.by_tid.get(ev.tid)
+        if rec is None or rec.stream is None or self._conn_of(rec) is not ev.conn:
+            return
+        buf = rec.stream
+        if ev.index != len(buf.items):
+            if ev.index < len(buf.items):  # a re-run's repeat: let its worker go on
+                self._ack(rec, buf.taken if buf.mode != DYNAMIC else 2**62)
+            return
+        oid = buf.item_id(ev.index)
+        owner = self.ownership.owner_address
+        self.objects.add_ref(oid, owned=True, owner=owner)  # the buffer's hold
+        if ev.returned:
+            self.objects.set_contained(oid, self.ownership.result_refs(ev.returned))
+        self.objects.complete(oid, READY, ev.payload)
+        if not buf.push(oid):
+            self.objects.remove_ref(oid)  # the consumer is gone
+
+    def stream_consumed(self, tid: str, consumed: int) -> None:
+        """The consumer took ``consumed`` items: tell the worker (it may be paused)."""
+        rec = self.by_tid.get(tid)
+        if rec is not None and rec.stream is not None:
+            self._ack(rec, consumed)
+
+    def _conn_of(self, rec: TaskRecord) -> Any:
+        if rec.actor_id is not None:
+            ar = self.actors.actors.get(rec.actor_id)
+            return ar.conn if ar is not None else None
+        return rec.lease.conn if rec.lease is not None else None
+
+    def _ack(self, rec: TaskRecord, consumed: int) -> None:
+        conn = self._conn_of(rec)
+        if conn is not None and not conn.closed:
+            self._emit(ToWorker(conn, {"k": Kind.STREAM_ACK, "tid": rec.tid, "consumed": consumed}))
+
+    def _end_stream(self, rec: TaskRecord, state: int, parts: Sequence[list[Any]]) -> Any:
+        """A generator task ended: a dynamic one's value becomes its refs' generator."""
+        buf = rec.stream
+        if buf.mode != DYNAMIC:
+            return parts
+        held = buf.close()
+        if state == READY:
+            from nbcluster.generators import DynamicObjectRefGenerator
+
+            owner = self.ownership.owner_address
+            refs = [self.ownership.make_ref(oid, owner) for oid in held]
+            with serialized_refs():  # (not escaped: the value holds them, see contained)
+                parts = [dumps(DynamicObjectRefGenerator(refs))]
+            rec.contained = [*rec.contained, *refs]
+        for oid in held:
+            self.objects.remove_ref(oid)
+        return parts
+
     def fail(self, rec: TaskRecord, frames: list[Any]) -> None:
         """Fail every return value of ``rec`` with the error ``frames``."""
         self.finish(rec, FAILED, [frames] * len(rec.return_ids))
 
     def finish(self, rec: TaskRecord, state: int, parts: Sequence[list[Any]]) -> None:
         """Complete ``rec``'s return values with ``parts`` (values, or the error)."""
+        if rec.stream is not None and rec.tid in self.by_tid:
+            parts = self._end_stream(rec, state, parts)
         self.by_tid.pop(rec.tid, None)
         if rec.actor_id is None:
             self.events.ended(rec, state == READY)
@@ -168,7 +237,8 @@ class Tasks:
             self.actors.finished(rec)
         rec.dep_frames = []
         # A stored result may have to be rebuilt if its node dies: keep what the task needs.
-        if not (state == READY and self.lineage.keep(rec, parts)):
+        # (Not a generator task's: its end is a small count, its items are not rebuilt.)
+        if not (state == READY and rec.stream is None and self.lineage.keep(rec, parts)):
             rec.deps = []
             rec.nested = []
         if rec.args_oid is not None:
@@ -180,6 +250,8 @@ class Tasks:
             if contained:
                 self.objects.set_contained(oid, contained)
             self.objects.complete(oid, state, frames)
+        if rec.stream is not None:
+            rec.stream.finish()
         # A task with num_returns=0 still completes its (hidden) first id.
         for oid in rec.return_ids[len(parts) :]:
             self.producer.pop(oid, None)
@@ -233,3 +305,5 @@ class Tasks:
                 continue
             for oid in rec.return_ids:
                 self.objects.complete(oid, FAILED, err)
+            if rec.stream is not None:
+                rec.stream.finish()  # its consumer gets the error, then the end

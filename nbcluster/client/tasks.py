@@ -42,6 +42,9 @@ class TaskRecord:
     strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
     renv: dict[str, Any] | None = None  # runtime_env (wire form); None = none
     tag: Any = None  # where its output goes (the notebook cell that submitted it), if known
+    gen: int = 0  # a generator task: streams.STREAMING or streams.DYNAMIC
+    bp: int = 0  # streaming: the worker pauses when this many items are unconsumed
+    stream: Any = None  # its StreamBuffer, when a generator task
 
 
 @dataclass

@@ -69,6 +69,8 @@ class Kind(StrEnum):
     CANCEL = "cancel"  # driver -> worker (and its control socket)
     RESULT = "result"  # worker -> driver
     LOG = "log"  # worker -> driver
+    STREAM_ITEM = "sitem"  # worker -> driver: one value a generator task yielded
+    STREAM_ACK = "sack"  # driver -> worker: how many items of a stream were consumed
 
     # --- actors ------------------------------------------------------------------------------
     ACTOR_CREATE = "acreate"  # driver -> head: + class and argument frames

@@ -342,6 +342,8 @@ class Task(Message, tag=Kind.TASK.value):
     gpus: list[int] | None = None
     assigned: dict[str, Any] | None = None
     renv: RuntimeEnv | None = None
+    gen: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0  # 1: streaming generator, 2: dynamic
+    bp: Count = 0  # streaming: pause when this many items are unconsumed (0: never)
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1 if self.fnb else 0)
@@ -378,6 +380,27 @@ class Log(Message, tag=Kind.LOG.value):
     lines: list[str] = []
     name: str = "task"
     pid: int | None = None
+
+
+class StreamItem(Message, tag=Kind.STREAM_ITEM.value):
+    frames_doc = "n"
+    summary = (
+        "worker -> driver: + ``n`` frames: item ``i`` (from 0) a generator task yielded, object "
+        "``{tid}.{i+1}``; ``returned`` as in RESULT"
+    )
+    tid: str
+    i: Count
+    n: Count
+    returned: list[list[str]] = []
+
+    def frames(self) -> int | None:
+        return self.n
+
+
+class StreamAck(Message, tag=Kind.STREAM_ACK.value):
+    summary = "driver -> worker: the first ``consumed`` items of stream ``tid`` were taken"
+    tid: str
+    consumed: Count
 
 
 # --- actors -------------------------------------------------------------------------------------
@@ -506,6 +529,8 @@ class ActorCall(Message, tag=Kind.ACTOR_CALL.value):
     nret: Count = 1
     deps: list[Count] = []
     group: str = ""  # .options(concurrency_group=...); "": the method's own group
+    gen: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0  # as TASK's
+    bp: Count = 0
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps)

@@ -234,6 +234,8 @@ class ActorHost:
         error: BaseException | None = None
         try:
             result = call.method(*call.args, **call.kwargs)
+            if h.gen:
+                result = w.stream(ident, h, result)
         except BaseException as exc:
             error = exc
         w.end(target, (tokens[0], tokens[1]))
@@ -254,6 +256,10 @@ class ActorHost:
                 result = call.method(*call.args, **call.kwargs)
                 if inspect.isawaitable(result):
                     result = await result
+                if h.gen and inspect.isasyncgen(result):
+                    result = await w.stream_async(ident, h, result)
+                elif h.gen:
+                    result = w.stream(ident, h, result)
             except BaseException as exc:
                 error = exc
             w.end(target, (tokens[0], tokens[1]))

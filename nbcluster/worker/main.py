@@ -9,6 +9,7 @@ A control thread handles cancellation of the running task and notices a dead age
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -74,6 +75,8 @@ class Worker:
         self._orig_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.actor: Any = None  # ActorHost once this worker hosts an actor
         self._env_key: str | None = None  # the runtime_env this worker entered, if any
+        self._acked: dict[str, int] = {}  # stream -> items its consumer has taken
+        self._ack_cond = threading.Condition()
         store_addr = os.environ.get("NBCLUSTER_STORE")
         self.store = (
             StoreClient(
@@ -94,6 +97,7 @@ class Worker:
                 m.ActorAttach: self._on_attach,
                 m.Bind: self._on_bind,
                 m.Cancel: self._on_cancel,
+                m.StreamAck: self._on_stream_ack,
             },
             what="from a driver",
             logger=log,
@@ -354,6 +358,8 @@ class Worker:
         try:
             try:
                 result = fn(*args, **kwargs)
+                if h.gen:
+                    result = self.stream(ident, h, result)
                 ok = True
             except (context.ActorExit, SystemExit) as exc:
                 if self.actor is not None and isinstance(h, m.ActorCall):
@@ -395,6 +401,78 @@ class Worker:
             self.store.forget_freed()
             self.store.flush()
 
+    # ----------------------------------------------------------------------------- generators
+    def stream(self, ident: bytes, h: Call, gen: Any) -> int:
+        """Run a generator task's generator: each value goes out as a ``STREAM_ITEM`` as soon as
+        it is yielded; returns how many there were (the task's result)."""
+        if not hasattr(gen, "__iter__") or isinstance(gen, str | bytes):
+            raise TypeError(
+                f"{h.name} was called with num_returns='streaming' or 'dynamic' but returned "
+                f"{type(gen).__name__}, not a generator"
+            )
+        count = 0
+        try:
+            for value in gen:
+                self.send_item(ident, h, count, value)
+                count += 1
+                if h.bp:
+                    self._wait_consumer(h.tid, count, h.bp)
+        finally:
+            with self._ack_cond:
+                self._acked.pop(h.tid, None)
+        return count
+
+    async def stream_async(self, ident: bytes, h: Call, gen: Any) -> int:
+        """:meth:`stream` of an async generator (an async actor's method)."""
+        import asyncio
+
+        count = 0
+        loop = asyncio.get_running_loop()
+        try:
+            async for value in gen:
+                self.send_item(ident, h, count, value)
+                count += 1
+                if h.bp and count - self._acked.get(h.tid, 0) >= h.bp:
+                    await loop.run_in_executor(None, self._wait_consumer, h.tid, count, h.bp)
+        finally:
+            with self._ack_cond:
+                self._acked.pop(h.tid, None)
+        return count
+
+    def send_item(self, ident: bytes, h: Call, i: int, value: Any) -> None:
+        """Send item ``i`` of stream ``h.tid`` (object ``{tid}.{i+1}``: in the store if large)."""
+        with serialized_refs() as returned:
+            frames = self.serialize(f"{h.tid}.{i + 1}", value)
+        for ref in returned:
+            ref._client.mark_escaped(ref.hex())
+        header = m.StreamItem(
+            tid=h.tid, i=i, n=len(frames), returned=[[r.hex(), r.owner_address] for r in returned]
+        )
+        self.send(ident, header, frames)
+
+    def _wait_consumer(self, tid: str, produced: int, limit: int) -> None:
+        """Backpressure: wait while ``limit`` or more of the ``produced`` items are unconsumed.
+
+        On the main thread it serves the task socket meanwhile (the acks arrive there; other
+        calls are queued); elsewhere it waits for the main thread to pass the acks on.
+        """
+        main = threading.current_thread() is self._main
+        while produced - self._acked.get(tid, 0) >= limit:
+            if main:
+                self._flush_outbox()
+                if self.sock.poll(200):
+                    frames = self.sock.recv_multipart(copy=False)
+                    self.dispatcher.dispatch_sync(frames[0].bytes, frames[1:])
+            else:
+                with self._ack_cond:
+                    self._ack_cond.wait(0.5)
+
+    def _on_stream_ack(self, ident: bytes, msg: m.StreamAck, payload: list[Any]) -> None:
+        with self._ack_cond:
+            if msg.consumed > self._acked.get(msg.tid, 0):
+                self._acked[msg.tid] = msg.consumed
+            self._ack_cond.notify_all()
+
     def send_result(
         self,
         ident: bytes,
@@ -429,6 +507,8 @@ class Worker:
             return [self.serialize(f"{tid}.0", result)]
         if nret == 0:
             return []
+        if inspect.isgenerator(result):  # Ray's static generator: one return per value
+            result = tuple(result)
         values = tuple(result) if isinstance(result, list | tuple) else None
         if values is None or len(values) != nret:
             got = f"{len(values)} values" if values is not None else type(result).__name__
@@ -446,6 +526,11 @@ class Worker:
         for _ in range(skip):
             if tb is not None and tb.tb_next is not None:
                 tb = tb.tb_next
+        # A generator task's values are drawn here (stream): the user's frames start after.
+        while (
+            tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__
+        ):
+            tb = tb.tb_next
         frames = [
             (f.filename, f.lineno or 0, f.name, f.line or "") for f in traceback.extract_tb(tb)
         ]
