@@ -197,6 +197,11 @@ class CoreClient:
         """Ask the head a question with arguments (``"actor"``, name=..., ns=...)."""
         return self._ask(self.io.query(what, timeout, **args), what, timeout)
 
+    def request(self, header: dict[str, Any], timeout: float = 10.0) -> Any:
+        """Send the head an idempotent request of another kind than ``QUERY`` (``header``:
+        its ``k`` and fields) and return the ``result`` of its ``QUERY_REPLY``."""
+        return self._ask(self.io.request(header, timeout), str(header.get("k")), timeout)
+
     def _ask(self, coro: Any, what: str, timeout: float) -> Any:
         try:
             return self.io.call(coro, timeout + 5)

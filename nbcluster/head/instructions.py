@@ -83,6 +83,15 @@ class Unschedulable:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Warn:
+    """Tell a client something its user should know (a placement group that cannot fit)."""
+
+    client: bytes
+    msg: str
+    code: str
+
+
 # ------------------------------------------------------------------------------ actors
 @dataclass(frozen=True, slots=True)
 class ActorInit:
@@ -140,6 +149,7 @@ Instruction = (
     | LeaseLost
     | Infeasible
     | Unschedulable
+    | Warn
     | ActorInit
     | ActorChanged
     | AttachActor

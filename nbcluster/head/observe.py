@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from nbcluster.head.actors import ActorDirectory, ActorInfo
-from nbcluster.head.model import NodeInfo
+from nbcluster.head.model import NodeInfo, amounts_of
 from nbcluster.head.state import ClusterState
 from nbcluster.protocol.messages import ALIVE, DEAD, PENDING, RESTARTING
 from nbcluster.protocol.schema import Query
@@ -28,6 +28,7 @@ from nbcluster.views import (
     ActorEvent,
     ActorState,
     ActorView,
+    BundleView,
     ChangeEvent,
     ClusterView,
     GpuInfoView,
@@ -40,6 +41,7 @@ from nbcluster.views import (
     NodeView,
     ObjectStoreView,
     OwnerView,
+    PlacementGroupView,
     TaskEvent,
     TaskState,
     TaskView,
@@ -367,7 +369,37 @@ class Observer:
 
     def cluster(self) -> ClusterView:
         """The body of ``GET /nbcluster/api/cluster``."""
-        return ClusterView(head=self.head_view(), nodes=self.node_views(), totals=self.totals())
+        return ClusterView(
+            head=self.head_view(),
+            nodes=self.node_views(),
+            totals=self.totals(),
+            placement_groups=self.placement_group_views(),
+        )
+
+    def placement_group_views(self) -> list[PlacementGroupView]:
+        """Every placement group the head knows (removed ones included), oldest first."""
+        return [
+            PlacementGroupView(
+                placement_group_id=g.pg_id,
+                name=g.name,
+                namespace=g.namespace,
+                job_id=g.job_id,
+                strategy=g.strategy,  # type: ignore[arg-type]  # checked at creation
+                state=g.state,  # type: ignore[arg-type]  # one of placement's states
+                detached=g.detached,
+                infeasible=g.infeasible_reported,
+                bundles=[
+                    BundleView(
+                        index=b.index,
+                        resources=dict(b.shape),
+                        node_id=b.node_id,
+                        available=amounts_of(b.avail_u),
+                    )
+                    for b in g.bundles
+                ],
+            )
+            for g in self.state.groups.groups.values()
+        ]
 
     def metrics_message(self) -> MetricsEvent:
         """The websocket's once-a-second ``metrics`` message."""
@@ -410,6 +442,8 @@ class Observer:
             return msgspec.to_builtins(self.task_views())
         if what == "metrics":
             return msgspec.to_builtins(self.history(str(q.node_id)))
+        if what == "placement_groups":  # nbcluster.util.placement_group
+            return msgspec.to_builtins(self.placement_group_views())
         if what == "demand":  # what pools grow from (nbcluster.deploy)
             return self.demand()
         return None

@@ -16,6 +16,7 @@ import msgspec
 
 from nbcluster._version import __version__
 from nbcluster.head.actors import ActorDirectory, ActorInfo
+from nbcluster.head.groups import GroupRequests
 from nbcluster.head.instructions import (
     ActorChanged,
     ActorInit,
@@ -31,6 +32,7 @@ from nbcluster.head.instructions import (
     PublishActorTo,
     StartWorker,
     Unschedulable,
+    Warn,
 )
 from nbcluster.head.model import Lease, WorkerInfo
 from nbcluster.head.observe import Observer
@@ -64,7 +66,7 @@ DRAIN_REASON = "its node was drained (nbcluster-worker stopped)"
 AGENT_LIVENESS_TIMEOUT_S = 5.0
 
 
-class HeadService:
+class HeadService(GroupRequests):
     """Control plane of one cluster.
 
     Parameters
@@ -127,6 +129,8 @@ class HeadService:
             m.ActorRelease: self._on_actor_release,
             m.Goodbye: self._on_goodbye,
             m.ShutdownCluster: self._on_shutdown,
+            m.PgCreate: self._on_pg_create,
+            m.PgRemove: self._on_pg_remove,
         }
         self.address = ""
         self.started_at = time.time()
@@ -292,6 +296,8 @@ class HeadService:
                         await self._run(self.actors.on_unschedulable(who.aid, why))
                     else:
                         await self._send(who, {"k": Kind.LEASE_FAILED, "rid": rid, "msg": why})
+                case Warn(client=client, msg=text, code=code):
+                    await self._send(client, {"k": Kind.WARNING, "msg": text, "code": code})
                 case ActorInit(actor=a, worker=w, gpus=gpus):
                     await self._actor_init(a, w, gpus)
                 case ActorChanged(actor=a):
@@ -700,6 +706,7 @@ class HeadService:
         else:
             if peer.owns_job and peer.job_id is not None:
                 await self._run(self.actors.job_gone(peer.job_id))
+                await self.job_groups_gone(peer.job_id)
                 await self._job_ended(peer.job_id)
             for a in self.actors.actors.values():
                 a.subscribers.discard(peer.ident)

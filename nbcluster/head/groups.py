@@ -1,0 +1,79 @@
+"""The head service's placement group requests: create, remove, and removal with a job.
+
+A mixin of :class:`~nbcluster.head.service.HeadService`; the decisions are
+:class:`~nbcluster.head.placement.PlacementGroups`' (through the service's
+:class:`~nbcluster.head.state.ClusterState`), the actors of a removed group are killed by the
+:class:`~nbcluster.head.actors.ActorDirectory`, as Ray kills them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nbcluster.protocol import schema as m
+from nbcluster.protocol.messages import Kind
+
+if TYPE_CHECKING:
+    from nbcluster.head.actors import ActorDirectory
+    from nbcluster.head.instructions import Instruction
+    from nbcluster.head.peers import Peer
+    from nbcluster.head.state import ClusterState
+
+
+class GroupRequests:
+    """Handlers of ``PG_CREATE``/``PG_REMOVE`` (both answered ``QUERY_REPLY``)."""
+
+    state: ClusterState
+    actors: ActorDirectory
+
+    async def _send(self, ident: bytes, header: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def _run(self, instructions: list[Instruction]) -> None:
+        raise NotImplementedError
+
+    async def _on_pg_create(self, peer: Peer, msg: m.PgCreate, payload: list[Any]) -> None:
+        assert peer.job_id is not None
+        error, ins = self.state.create_group(
+            peer.ident,
+            peer.job_id,
+            msg.pg_id,
+            bundles=msgspec_list(msg.bundles),
+            strategy=msg.strategy,
+            name=msg.name,
+            namespace=msg.ns,
+            detached=msg.detached,
+        )
+        reply = {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": {"error": error}}
+        await self._send(peer.ident, reply)
+        await self._run(ins)
+
+    async def _on_pg_remove(self, peer: Peer, msg: m.PgRemove, payload: list[Any]) -> None:
+        found = await self.remove_group(msg.pg_id, "removed by remove_placement_group()")
+        reply = {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": {"removed": found}}
+        await self._send(peer.ident, reply)
+
+    async def remove_group(self, pg_id: str, reason: str) -> bool:
+        """Remove a group: its actors die, its tasks' workers are killed, its bundles freed.
+
+        ``False`` when there is no such group.
+        """
+        if pg_id not in self.state.groups.groups:
+            return False
+        why = f"its placement group {pg_id} was {reason}"
+        ins: list[Instruction] = []
+        for aid in self.state.groups.actors_in(pg_id, list(self.state.pending)):
+            ins += self.actors.kill(aid, True, why)
+        ins += self.state.remove_group(pg_id, reason) or []
+        await self._run(ins)
+        return True
+
+    async def job_groups_gone(self, job_id: str) -> None:
+        """A job's driver left: its groups that are not detached are removed."""
+        for pg_id in self.state.groups.of_job(job_id):
+            await self.remove_group(pg_id, "removed with the job that created it")
+
+
+def msgspec_list(bundles: list[dict[str, int | float]]) -> list[dict[str, float]]:
+    """Bundles as plain dicts of floats (the wire keeps an int amount an int)."""
+    return [{str(k): float(v) for k, v in b.items()} for b in bundles]
