@@ -16,6 +16,7 @@ import pytest
 import nbcluster as nb
 from nbcluster.exceptions import ActorDiedError, NbclusterError, TaskUnschedulableError
 from nbcluster.util import (
+    get_current_placement_group,
     get_placement_group,
     placement_group,
     placement_group_table,
@@ -124,6 +125,30 @@ def test_infeasible_group_is_reported_and_waits(
     # What waited for it fails, naming the removal.
     with pytest.raises(TaskUnschedulableError, match="removed"):
         nb.get(ready, timeout=TIMEOUT)
+
+
+@nb.remote(num_cpus=1)
+def current_group() -> str | None:
+    pg = get_current_placement_group()
+    return pg.id.hex() if pg is not None else None
+
+
+def test_tasks_and_actors_know_their_group(nodes: dict[str, str]) -> None:
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    assert pg.wait(TIMEOUT)
+    assert get_current_placement_group() is None  # the driver
+    assert nb.get(current_group.remote(), timeout=TIMEOUT) is None  # a task outside
+    inside = current_group.options(scheduling_strategy=_in(pg, 1)).remote()
+    assert nb.get(inside, timeout=TIMEOUT) == pg.id.hex()
+
+    @nb.remote(num_cpus=1)
+    class Member:
+        def group(self) -> str | None:
+            found = get_current_placement_group()
+            return found.id.hex() if found is not None else None
+
+    member = Member.options(scheduling_strategy=_in(pg)).remote()  # type: ignore[attr-defined]
+    assert nb.get(member.group.remote(), timeout=TIMEOUT) == pg.id.hex()
 
 
 def test_gang_reservation_never_half_reserves(nodes: dict[str, str]) -> None:

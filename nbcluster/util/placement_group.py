@@ -233,8 +233,11 @@ def placement_group_table(placement_group: PlacementGroup | None = None) -> dict
 def get_current_placement_group() -> PlacementGroup | None:
     """The group the calling task or actor runs in (``None`` in a driver or outside groups)."""
     task = current_task.get()
-    pg_id = getattr(task, "placement_group_id", None) if task is not None else None
-    return PlacementGroup(pg_id) if pg_id else None
+    if task is None or not task.worker_id:
+        return None
+    # The head knows which bundle the lease of this worker was carved from.
+    pg_id = current.require().query_args("placement_group_of", name=task.worker_id)
+    return PlacementGroup(str(pg_id)) if pg_id else None
 
 
 def _rows() -> dict[str, dict[str, Any]]:
