@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,7 @@ from tests.multinode import Procs
 TIMEOUT = 60.0  # seconds: the machine is shared and small
 
 pytestmark = pytest.mark.timeout(300)
+_PROCS: list[Procs] = []  # the module's cluster, for the head restart test
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         nb.init(address=procs.address, token_file=str(procs.token_file))
         os.environ["PG_TEST_ADDRESS"] = procs.address
         os.environ["PG_TEST_TOKEN"] = str(procs.token_file)
+        _PROCS.append(procs)
         yield {"a": a, "b": b}
     except BaseException:
         print(procs.logs())
@@ -248,3 +251,33 @@ def test_bad_arguments_raise_ray_errors(nodes: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="out of range"):
         PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1)
     remove_placement_group(pg)
+
+
+@nb.remote(num_cpus=1)
+def marked(marker: str, hold_s: float) -> str:
+    Path(marker).touch()
+    time.sleep(hold_s)
+    return nb.get_runtime_context().get_node_id()
+
+
+def test_head_restart_forgets_groups_and_keeps_their_work_running(
+    nodes: dict[str, str], tmp_path: Path
+) -> None:
+    """Groups are not in the restart snapshot: the restarted head forgets them, what runs in
+    them keeps running, and new work naming them fails as for an unknown group."""
+    (procs,) = _PROCS
+    pg = placement_group([{"CPU": 1}], name="before")
+    assert pg.wait(TIMEOUT)
+    marker = tmp_path / "started"
+    running = marked.options(scheduling_strategy=_in(pg), max_retries=0).remote(str(marker), 4)
+    wait_until(marker.exists, TIMEOUT)
+    procs.wait_saved(actors=0, jobs=1)
+    procs.kill_head()
+    procs.start_head()
+    assert nb.get(running, timeout=TIMEOUT) in nodes.values()  # kept running
+    assert placement_group_table() == {}
+    with pytest.raises(TaskUnschedulableError, match="does not exist"):
+        nb.get(where.options(scheduling_strategy=_in(pg, 0)).remote(), timeout=TIMEOUT)
+    again = placement_group([{"CPU": 1}], name="before")  # the name is free again
+    assert again.wait(TIMEOUT)
+    assert nb.get(where.options(scheduling_strategy=_in(again)).remote(), timeout=TIMEOUT)

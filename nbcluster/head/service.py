@@ -484,7 +484,7 @@ class HeadService(GroupRequests):
                 nohello = {"k": Kind.ERROR, "msg": "say hello first", "code": "nohello"}
                 await self._send(ident, nohello)
             return
-        if type(msg) in (m.LeaseRequest, m.ActorCreate) and self.recovery.defer(
+        if type(msg) in (m.LeaseRequest, m.ActorCreate, m.PgCreate) and self.recovery.defer(
             (ident, msg, payload)
         ):
             return  # until the old leases are claimed back, no idle-looking worker is handed out
