@@ -101,7 +101,8 @@ function cluster(nodes: INode[]): ICluster {
   return {
     head: { address: '127.0.0.1:7711', started_at: 0, version: '0.1' },
     nodes,
-    totals: totalsFromNodes(nodes)
+    totals: totalsFromNodes(nodes),
+    placement_groups: []
   };
 }
 
