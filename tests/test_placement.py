@@ -246,6 +246,20 @@ def test_node_death_reschedules_its_bundles() -> None:
     st.validate_state()
 
 
+def test_waiting_groups_count_as_demand() -> None:
+    st = ClusterState()
+    _node(st, cpus=2)
+    _create(st, "fits", [{"CPU": 2}], "PACK")
+    assert st.groups.demand() == []  # placed: nothing to grow for
+    _create(st, "packed", [{"CPU": 1}, {"CPU": 1}], "STRICT_PACK")
+    _create(st, "spread", [{"CPU": 4}, {"CPU": 1, "GPU": 1}], "SPREAD")
+    assert st.groups.demand() == [
+        {"shape": {"CPU": 2.0}, "count": 1, "infeasible": False},
+        {"shape": {"CPU": 4.0}, "count": 1, "infeasible": True},
+        {"shape": {"CPU": 1.0, "GPU": 1.0}, "count": 1, "infeasible": True},
+    ]
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_random_sequences_keep_invariants(seed: int) -> None:
     rng = random.Random(seed)

@@ -159,7 +159,8 @@ class Observer:
 
     def demand(self) -> dict[str, Any]:
         """The ``demand`` query: unmet requests by shape, and each idle node's idle seconds."""
-        return {"pending": self.state.demand(), "idle": self.track_idle()}
+        pending = self.state.demand() + self.state.groups.demand()  # groups waiting too
+        return {"pending": pending, "idle": self.track_idle()}
 
     def on_metrics(self, node_id: str, m: Any) -> None:
         """A node's agent sent a sample (a malformed one is logged and dropped)."""

@@ -213,6 +213,25 @@ class PlacementGroups:
                 aids.append(aid)
         return aids
 
+    def demand(self) -> list[dict[str, Any]]:
+        """The unplaced bundles of groups that do not fit now, as entries of
+        :meth:`~nbcluster.head.state.ClusterState.demand` (what pools grow from): a
+        ``STRICT_PACK`` group's bundles as one shape (they need one node), others one by one."""
+        out: list[dict[str, Any]] = []
+        for g in self.groups.values():
+            if g.state not in (PENDING, RESCHEDULING):
+                continue
+            todo = [b.shape for b in g.bundles if b.node_id is None]
+            if g.strategy == "STRICT_PACK":
+                packed: dict[str, float] = {}
+                for shape in todo:
+                    for k, v in shape.items():
+                        packed[k] = packed.get(k, 0.0) + v
+                todo = [packed]
+            for shape in todo:
+                out.append({"shape": dict(shape), "count": 1, "infeasible": g.infeasible_reported})
+        return out
+
     # ------------------------------------------------------------------------------ leases
     def pool_of(self, lease: Lease) -> Bundle | None:
         """The bundle a lease was carved from, while its group lives."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from nbcluster.api import wait
+from nbcluster.api import cancel, wait
 from nbcluster.client import current
 from nbcluster.context import current_task
 from nbcluster.protocol.messages import Kind
@@ -96,7 +96,10 @@ class PlacementGroup:
 
     def wait(self, timeout_seconds: float = 30) -> bool:
         """Wait up to ``timeout_seconds`` for the group to be placed; ``True`` if it is."""
-        done, _ = wait([self.ready()], num_returns=1, timeout=timeout_seconds)
+        ref = self.ready()
+        done, _ = wait([ref], num_returns=1, timeout=timeout_seconds)
+        if not done:
+            cancel(ref)  # no check left waiting in the head per call
         return bool(done)
 
     def _table_row(self) -> dict[str, Any]:
