@@ -16,7 +16,7 @@ from nbcluster.head.instructions import (
     Unschedulable,
     Warn,
 )
-from nbcluster.head.placement import CREATED, PENDING, REMOVED, RESCHEDULING
+from nbcluster.head.placement import CREATED, PENDING, REMOVED, REMOVED_KEPT, RESCHEDULING
 from nbcluster.head.state import ClusterState
 
 A = b"client-a"
@@ -243,6 +243,18 @@ def test_node_death_reschedules_its_bundles() -> None:
     assert _nodes_of(st, "g") == [n2 if where == n1 else n1]
     st.remove_node(_nodes_of(st, "g")[0] or "", "dead")
     assert st.groups.groups["g"].state == RESCHEDULING
+    st.validate_state()
+
+
+def test_removed_groups_are_forgotten_beyond_a_bound() -> None:
+    st = ClusterState()
+    _node(st, cpus=1)
+    for i in range(REMOVED_KEPT + 5):
+        assert _create(st, f"g{i}", [{"CPU": 1}], "PACK") == CREATED
+        st.remove_group(f"g{i}", "removed")
+    assert len(st.groups.groups) == REMOVED_KEPT
+    assert "g0" not in st.groups.groups and f"g{REMOVED_KEPT + 4}" in st.groups.groups
+    assert st.nodes[next(iter(st.nodes))].available["CPU"] == 1
     st.validate_state()
 
 

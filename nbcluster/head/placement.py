@@ -26,6 +26,9 @@ CREATED = "CREATED"  # every bundle reserved
 RESCHEDULING = "RESCHEDULING"  # a node holding some of its bundles died: placing those again
 REMOVED = "REMOVED"
 
+#: Removed groups still listed (``placement_group_table``, views), newest last.
+REMOVED_KEPT = 100
+
 #: Ray's strategies.
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -189,6 +192,9 @@ class PlacementGroups:
             b.avail_u, b.gpu_free_u = {}, {}
         g.state = REMOVED
         g.removal_reason = reason
+        removed = [r.pg_id for r in self.groups.values() if r.state == REMOVED]
+        for old in removed[: max(0, len(removed) - REMOVED_KEPT)]:
+            del self.groups[old]  # the table keeps the newest removed ones, as Ray's does
         return out
 
     def of_job(self, job_id: str) -> list[str]:
