@@ -11,10 +11,12 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import nbcluster as nb
+from nbcluster.client import current
 from nbcluster.exceptions import ActorDiedError, NbclusterError, TaskUnschedulableError
 from nbcluster.util import (
     get_current_placement_group,
@@ -89,6 +91,18 @@ def test_strict_spread_puts_one_bundle_on_each_node(nodes: dict[str, str]) -> No
     assert ran == [row["bundles_to_node_id"][0], row["bundles_to_node_id"][1]]
     # The reserved CPUs are not available to anyone else.
     assert nb.available_resources().get("CPU") == 2.0
+
+    # The head's cluster view (the REST API's and the panel's) lists it with its bundles.
+    def view() -> dict[str, Any]:
+        groups = current.require().query("cluster")["placement_groups"]
+        (found,) = [g for g in groups if g["placement_group_id"] == pg.id]
+        return dict(found)
+
+    assert view()["state"] == "CREATED" and not view()["infeasible"]
+    assert [b["node_id"] for b in view()["bundles"]] == ran
+    # The tasks' leases go back to their bundles once idle.
+    full = [{"CPU": 1.0}, {"CPU": 1.0}]
+    wait_until(lambda: [b["available"] for b in view()["bundles"]] == full, TIMEOUT)
     remove_placement_group(pg)
     assert placement_group_table(pg)["state"] == "REMOVED"
 

@@ -277,12 +277,16 @@ export interface ISnapshotEvent {
   actors: IActor[];
 }
 
-/** Sent every second: what changed of each node, and the totals. */
+/**
+ * Sent every second: what changed of each node, the totals, the placement groups that
+ * are not removed.
+ */
 export interface IMetricsEvent {
   type: 'metrics';
   time: number;
   nodes: INodeUpdate[];
   totals: ITotals;
+  placement_groups: IPlacementGroup[];
 }
 
 /** A node joined or left. */

@@ -408,6 +408,7 @@ class Observer:
             time=time.time(),
             nodes=[NodeUpdateView.of(n) for n in self.node_views()],
             totals=self.totals(),
+            placement_groups=[g for g in self.placement_group_views() if g.state != "REMOVED"],
         )
 
     def history(self, node_id: str) -> list[MetricsView] | None:

@@ -346,11 +346,13 @@ class SnapshotEvent(Event, tag="snapshot"):
 
 
 class MetricsEvent(Event, tag="metrics"):
-    """Sent every second: what changed of each node, and the totals."""
+    """Sent every second: what changed of each node, the totals, the placement groups that
+    are not removed."""
 
     time: float
     nodes: list[NodeUpdateView]
     totals: TotalsView
+    placement_groups: list[PlacementGroupView] = []
 
 
 class NodeEvent(Event, tag="node"):
