@@ -173,11 +173,16 @@ def test_gang_reservation_never_half_reserves(nodes: dict[str, str]) -> None:
     assert first.wait(TIMEOUT)
     # Three 1-CPU bundles need 3 CPUs; 2 are free: nothing is reserved for it meanwhile.
     second = placement_group([{"CPU": 1}] * 3, strategy="PACK")
+    started = time.monotonic()
     assert second.wait(1) is False
+    assert time.monotonic() - started >= 0.9  # it waited out its time
+    ready = second.ready()
+    assert nb.wait([ready], timeout=0.5) == ([], [ready])
     assert nb.available_resources().get("CPU") == 2.0
     # ... so a plain task needing both free CPUs still runs.
     assert nb.get(where.options(num_cpus=2).remote(), timeout=TIMEOUT) in nodes.values()
     remove_placement_group(first)  # now it fits: placed whole
+    assert nb.get(ready, timeout=TIMEOUT) == second
     assert second.wait(TIMEOUT) is True
     assert len(placement_group_table(second)["bundles_to_node_id"]) == 3
 

@@ -92,6 +92,13 @@ class Warn:
     code: str
 
 
+@dataclass(frozen=True, slots=True)
+class GroupPlaced:
+    """A placement group's bundles are all reserved: answer whoever waits for it."""
+
+    pg_id: str
+
+
 # ------------------------------------------------------------------------------ actors
 @dataclass(frozen=True, slots=True)
 class ActorInit:
@@ -150,6 +157,7 @@ Instruction = (
     | Infeasible
     | Unschedulable
     | Warn
+    | GroupPlaced
     | ActorInit
     | ActorChanged
     | AttachActor

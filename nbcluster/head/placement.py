@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbcluster.head.instructions import Instruction, KillWorker, Warn
+from nbcluster.head.instructions import GroupPlaced, Instruction, KillWorker, Warn
 from nbcluster.head.model import UNIT, Lease, LeaseRequest, NodeInfo, to_units, units_of
 
 PENDING = "PENDING"  # not placed (yet): waiting for resources
@@ -137,6 +137,7 @@ class PlacementGroups:
                         self._reserve(b, *plan[b.index])
                 g.state = CREATED
                 g.infeasible_reported = False
+                out.append(GroupPlaced(g.pg_id))
                 continue
             if not g.infeasible_reported and self._plan(g, totals=True, fresh=True) is None:
                 g.infeasible_reported = True

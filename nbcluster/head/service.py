@@ -24,6 +24,7 @@ from nbcluster.head.instructions import (
     ActorUnknown,
     AttachActor,
     Grant,
+    GroupPlaced,
     Infeasible,
     Instruction,
     JobEnded,
@@ -100,6 +101,7 @@ class HeadService(GroupRequests):
         self.port = port
         self.state_file = state_file
         self.head_id = secrets.token_hex(4)
+        GroupRequests.__init__(self)
         self.state = ClusterState(id_prefix=self.head_id[:4] + "-")
         self._dead_nodes: set[str] = set()
         self._dirty = False
@@ -131,6 +133,7 @@ class HeadService(GroupRequests):
             m.ShutdownCluster: self._on_shutdown,
             m.PgCreate: self._on_pg_create,
             m.PgRemove: self._on_pg_remove,
+            m.PgWait: self._on_pg_wait,
         }
         self.address = ""
         self.started_at = time.time()
@@ -296,6 +299,8 @@ class HeadService(GroupRequests):
                         await self._run(self.actors.on_unschedulable(who.aid, why))
                     else:
                         await self._send(who, {"k": Kind.LEASE_FAILED, "rid": rid, "msg": why})
+                case GroupPlaced(pg_id=pg_id):
+                    await self.group_placed(pg_id)
                 case Warn(client=client, msg=text, code=code):
                     await self._send(client, {"k": Kind.WARNING, "msg": text, "code": code})
                 case ActorInit(actor=a, worker=w, gpus=gpus):

@@ -51,6 +51,7 @@ class Kind(StrEnum):
     SHUTDOWN_CLUSTER = "shutdown"  # owner driver -> head: stop head and every agent
     PG_CREATE = "pgcreate"  # client -> head: reserve a placement group -> QUERY_REPLY
     PG_REMOVE = "pgremove"  # client -> head: remove one -> QUERY_REPLY
+    PG_WAIT = "pgwait"  # client -> head: answered (QUERY_REPLY) once the group is placed
 
     # --- observability (driver <-> head) ---------------------------------------------------
     TASK_EVENTS = "tevents"  # driver -> head: task state changes (client/events.py)

@@ -276,6 +276,17 @@ class PgRemove(Message, tag=Kind.PG_REMOVE.value):
     pg_id: str
 
 
+class PgWait(Message, tag=Kind.PG_WAIT.value):
+    expects_reply = True
+    summary = (
+        "client -> head: answered ``QUERY_REPLY {ready}`` once the group is placed (``ready`` "
+        "false after ``timeout`` seconds; none: no limit), ``{error}`` if it is removed or unknown"
+    )
+    rid: int
+    pg_id: str
+    timeout: Annotated[float, msgspec.Meta(ge=0)] | None = None
+
+
 class ShutdownCluster(Message, tag=Kind.SHUTDOWN_CLUSTER.value):
     summary = "owner driver -> head: stop the head and every agent"
 

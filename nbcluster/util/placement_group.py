@@ -16,13 +16,11 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from nbcluster.api import cancel, wait
 from nbcluster.client import current
 from nbcluster.context import current_task
+from nbcluster.exceptions import TaskUnschedulableError
 from nbcluster.protocol.messages import Kind
 from nbcluster.refs import ObjectRef
-from nbcluster.remote import remote
-from nbcluster.scheduling import PlacementGroupSchedulingStrategy
 
 __all__ = [
     "PlacementGroup",
@@ -86,21 +84,31 @@ class PlacementGroup:
     def ready(self) -> ObjectRef:
         """A ref that resolves (to this group) once every bundle is reserved, as in Ray.
 
-        It is a tiny task scheduled in the group, so ``nbcluster.get(pg.ready(), timeout=...)``
-        and ``nbcluster.wait([pg.ready()], timeout=...)`` work; it fails with
-        :class:`~nbcluster.exceptions.TaskUnschedulableError` if the group is removed first.
+        Use it with ``nbcluster.get(pg.ready(), timeout=...)``, ``nbcluster.wait``, ``await``
+        or as a task's argument. Its ``get`` raises
+        :class:`~nbcluster.exceptions.TaskUnschedulableError` if the group is removed first
+        (or the head restarted and forgot it). No worker is involved: the head answers.
         """
-        strategy = PlacementGroupSchedulingStrategy(self)
-        ref: ObjectRef = _reservation_check.options(scheduling_strategy=strategy).remote(self)
-        return ref
+        client = current.require()
+        pg_id = str(self._id)
+
+        async def placed() -> PlacementGroup:
+            reply = await client.io.request({"k": Kind.PG_WAIT, "pg_id": pg_id}, None)
+            if not isinstance(reply, dict) or reply.get("error"):
+                why = reply.get("error") if isinstance(reply, dict) else "no answer"
+                raise TaskUnschedulableError(f"placement group {pg_id} is not ready: {why}")
+            return self
+
+        return client.ref_from(placed())
 
     def wait(self, timeout_seconds: float = 30) -> bool:
-        """Wait up to ``timeout_seconds`` for the group to be placed; ``True`` if it is."""
-        ref = self.ready()
-        done, _ = wait([ref], num_returns=1, timeout=timeout_seconds)
-        if not done:
-            cancel(ref)  # no check left waiting in the head per call
-        return bool(done)
+        """Wait up to ``timeout_seconds`` for the group to be placed; ``True`` if it is,
+        ``False`` when the time is up or the group was removed."""
+        if timeout_seconds < 0:
+            raise ValueError(f"timeout_seconds must be >= 0, got {timeout_seconds!r}")
+        header = {"k": Kind.PG_WAIT, "pg_id": str(self._id), "timeout": float(timeout_seconds)}
+        reply = current.require().request(header, float(timeout_seconds) + 10.0)
+        return isinstance(reply, dict) and reply.get("ready") is True
 
     def _table_row(self) -> dict[str, Any]:
         row = _rows().get(str(self._id))
@@ -116,12 +124,6 @@ class PlacementGroup:
 
     def __repr__(self) -> str:
         return f"PlacementGroup(id={self._id!s}, bundles={self._bundles})"
-
-
-@remote(num_cpus=0, max_retries=0)
-def _reservation_check(pg: PlacementGroup) -> PlacementGroup:
-    """What ``ready()`` runs in the group: it only has to be scheduled there."""
-    return pg
 
 
 def placement_group(
