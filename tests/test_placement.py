@@ -69,6 +69,15 @@ def test_strict_spread_one_bundle_per_node_or_nothing() -> None:
     st.validate_state()
 
 
+def test_strict_spread_matches_bundles_to_nodes_that_fit_them() -> None:
+    st = ClusterState()
+    gpu_node = _node(st, cpus=1, gpus=1)  # listed first: a greedy pass would put bundle 0 here
+    cpu_node = _node(st, cpus=1)
+    assert _create(st, "g", [{"CPU": 1}, {"GPU": 1}], "STRICT_SPREAD") == CREATED
+    assert _nodes_of(st, "g") == [cpu_node, gpu_node]
+    st.validate_state()
+
+
 def test_strict_pack_needs_one_node_and_pack_falls_back_to_several() -> None:
     st = ClusterState()
     n1, n2 = _node(st, cpus=2), _node(st, cpus=2)

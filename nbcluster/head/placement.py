@@ -15,6 +15,7 @@ at once; leases still running in it are killed and count against the node until 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,7 @@ class Group:
     bundles: list[Bundle]
     state: str = PENDING
     infeasible_reported: bool = False
+    feasible: bool = False  # its nodes' totals could hold it (judged again when nodes change)
     removal_reason: str = ""
 
 
@@ -127,10 +129,17 @@ class PlacementGroups:
     def place(self) -> list[Instruction]:
         """Place the waiting groups that fit now, oldest first; report the ones that never can."""
         out: list[Instruction] = []
+        free: dict[str, int] | None = None
         for g in self.groups.values():
             if g.state not in (PENDING, RESCHEDULING):
                 continue
-            plan = self._plan(g, totals=False)
+            if g.infeasible_reported:
+                continue  # until a node joins (node_added): this runs after every release
+            if free is None:
+                free = self._free_total()
+            need = _sum_units(b.units for b in g.bundles if b.node_id is None)
+            fits = all(free.get(k, 0) >= v for k, v in need.items())  # a cheap first test
+            plan = self._plan(g, totals=False) if fits else None
             if plan is not None:
                 for b in g.bundles:
                     if b.node_id is None:
@@ -139,7 +148,9 @@ class PlacementGroups:
                 g.infeasible_reported = False
                 out.append(GroupPlaced(g.pg_id))
                 continue
-            if not g.infeasible_reported and self._plan(g, totals=True, fresh=True) is None:
+            if not g.feasible:
+                g.feasible = self._plan(g, totals=True, fresh=True) is not None
+            if not g.feasible and not g.infeasible_reported:
                 g.infeasible_reported = True
                 shapes = ", ".join(_fmt(b.shape) for b in g.bundles)
                 out.append(
@@ -153,14 +164,18 @@ class PlacementGroups:
                 )
         return out
 
+    def _free_total(self) -> dict[str, int]:
+        return _sum_units(n.avail_u for n in self.nodes.values() if n.alive)
+
     def node_added(self) -> None:
         """A node joined: groups reported infeasible are judged again."""
         for g in self.groups.values():
-            g.infeasible_reported = False
+            g.infeasible_reported = g.feasible = False
 
     def node_removed(self, node_id: str) -> None:
         """A node died: its bundles lost their reservation and are placed again."""
         for g in self.groups.values():
+            g.feasible = False  # fewer nodes: judged again
             if g.state == REMOVED:
                 continue
             for b in g.bundles:
@@ -304,15 +319,15 @@ class PlacementGroups:
         no bundle were placed yet.
         """
         alive = [n for n in self.nodes.values() if n.alive]
-        avail = {n.node_id: dict(n.total_u if totals else n.avail_u) for n in alive}
+        # The nodes' own tables, read only: a node's are copied when a bundle is taken there.
+        avail = {n.node_id: n.total_u if totals else n.avail_u for n in alive}
         gfree = {
-            n.node_id: ({gid: UNIT for gid in n.gpu_free_u} if totals else dict(n.gpu_free_u))
+            n.node_id: {gid: UNIT for gid in n.gpu_free_u} if totals else n.gpu_free_u
             for n in alive
         }
         fixed = {} if fresh else {b.index: b.node_id for b in g.bundles if b.node_id}
         todo = [b for b in g.bundles if b.index not in fixed]
         used = [n for n in fixed.values() if n is not None]
-        plan: dict[int, tuple[str, dict[int, int]]] = {}
         ids = [n.node_id for n in alive]
         if g.strategy == "STRICT_PACK" or (g.strategy == "PACK" and not used):
             # PACK tries one node first, as STRICT_PACK must.
@@ -325,18 +340,26 @@ class PlacementGroups:
             if g.strategy == "STRICT_PACK":
                 return None
         if g.strategy == "STRICT_SPREAD":
-            return _spread_strictly(todo, ids, set(used), avail, gfree)
+            free_ids = [n for n in ids if n not in used]
+            return _spread_strictly(todo, free_ids, avail, gfree)
+        plan: dict[int, tuple[str, dict[int, int]]] = {}
+        copied: set[str] = set()
         for b in todo:
             if g.strategy == "SPREAD":  # nodes holding fewest bundles of this group first
                 order = sorted(ids, key=lambda n: used.count(n))
             else:  # PACK: nodes already holding its bundles first
                 order = sorted(ids, key=lambda n: n not in used)
             for nid in order:
+                if fit_gpus(avail[nid], gfree[nid], b.units) is None:
+                    continue
+                if nid not in copied:
+                    avail[nid], gfree[nid] = dict(avail[nid]), dict(gfree[nid])
+                    copied.add(nid)
                 gpus = _take(avail[nid], gfree[nid], b.units)
-                if gpus is not None:
-                    plan[b.index] = (nid, gpus)
-                    used.append(nid)
-                    break
+                assert gpus is not None
+                plan[b.index] = (nid, gpus)
+                used.append(nid)
+                break
             else:
                 return None
         return plan
@@ -456,27 +479,46 @@ def _one_node(
 def _spread_strictly(
     todo: list[Bundle],
     ids: list[str],
-    used: set[str],
     avail: dict[str, dict[str, int]],
     gfree: dict[str, dict[int, int]],
 ) -> dict[int, tuple[str, dict[int, int]]] | None:
-    """Each bundle on a node of its own (a small backtracking search: groups are small)."""
-    if not todo:
-        return {}
-    if len(todo) > len([n for n in ids if n not in used]):
+    """Each bundle on a node of its own: a matching of bundles to the nodes ``ids`` each fits
+    (one bundle per node, so the bundles never compete for a node's resources)."""
+    if len(todo) > len(ids):
         return None
-    b, rest = todo[0], todo[1:]
-    for nid in ids:
-        if nid in used:
-            continue
-        a, gf = dict(avail[nid]), dict(gfree[nid])
-        gpus = _take(a, gf, b.units)
-        if gpus is None:
-            continue
-        tail = _spread_strictly(rest, ids, used | {nid}, avail, gfree)
-        if tail is not None:
-            return {b.index: (nid, gpus), **tail}
-    return None
+    fits: dict[int, dict[str, dict[int, int]]] = {}  # bundle index -> node -> GPU ids
+    for b in todo:
+        fits[b.index] = {}
+        for nid in ids:
+            gpus = fit_gpus(avail[nid], gfree[nid], b.units)
+            if gpus is not None:
+                fits[b.index][nid] = gpus
+        if not fits[b.index]:
+            return None
+    owner: dict[str, int] = {}  # node -> bundle index matched to it
+
+    def augment(i: int, seen: set[str]) -> bool:  # Kuhn's augmenting paths
+        for nid in fits[i]:
+            if nid in seen:
+                continue
+            seen.add(nid)
+            if nid not in owner or augment(owner[nid], seen):
+                owner[nid] = i
+                return True
+        return False
+
+    for b in todo:
+        if not augment(b.index, set()):
+            return None
+    return {i: (nid, fits[i][nid]) for nid, i in owner.items()}
+
+
+def _sum_units(shapes: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for units in shapes:
+        for k, v in units.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _within(units: dict[str, int], holds: dict[str, int]) -> bool:
