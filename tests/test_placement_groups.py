@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -270,6 +271,26 @@ def test_bad_arguments_raise_ray_errors(nodes: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="out of range"):
         PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1)
     remove_placement_group(pg)
+
+
+def test_bundles_of_a_dead_node_are_placed_again(nodes: dict[str, str]) -> None:
+    (procs,) = _PROCS
+    c = procs.join("c", "--num-cpus", "1")
+    pg = placement_group([{"CPU": 1}] * 3, strategy="STRICT_SPREAD")
+    assert pg.wait(TIMEOUT)
+    assert sorted(placement_group_table(pg)["bundles_to_node_id"].values()) == sorted(
+        [*nodes.values(), c]
+    )
+    procs.kill_agent("c")  # SIGKILL: the head notices its silence
+    wait_until(lambda: placement_group_table(pg)["state"] == "RESCHEDULING", TIMEOUT)
+    assert len(placement_group_table(pg)["bundles_to_node_id"]) == 2  # no third node now
+    d = procs.join("d", "--num-cpus", "1")
+    assert pg.wait(TIMEOUT)
+    row = placement_group_table(pg)
+    assert row["state"] == "CREATED" and d in row["bundles_to_node_id"].values()
+    remove_placement_group(pg)
+    procs.kill_agent("d", signal.SIGTERM)  # drained: the cluster is back to its two nodes
+    assert procs.agents["d"].wait(TIMEOUT) == 0
 
 
 @nb.remote(num_cpus=1)
