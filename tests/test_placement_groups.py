@@ -256,6 +256,22 @@ print("IDS", mine.id.hex(), kept.id.hex())
     remove_placement_group(PlacementGroup(kept))
 
 
+@nb.remote(num_cpus=0)
+class Maker:
+    def make(self) -> str:
+        pg = placement_group([{"CPU": 1}])
+        assert pg.wait(60)
+        return pg.id.hex()
+
+
+def test_groups_die_with_the_actor_that_created_them(nodes: dict[str, str]) -> None:
+    maker = Maker.remote()  # type: ignore[attr-defined]
+    pg_id = nb.get(maker.make.remote(), timeout=TIMEOUT)
+    assert placement_group_table()[pg_id]["state"] == "CREATED"
+    nb.kill(maker)
+    wait_until(lambda: placement_group_table()[pg_id]["state"] == "REMOVED", TIMEOUT)
+
+
 def test_bad_arguments_raise_ray_errors(nodes: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="strategy"):
         placement_group([{"CPU": 1}], strategy="PACKED")

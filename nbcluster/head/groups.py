@@ -120,10 +120,12 @@ class GroupRequests:
         await self.group_placed(pg_id)  # its waiters learn it was removed
         return True
 
-    async def job_groups_gone(self, job_id: str) -> None:
-        """A job's driver left: its groups that are not detached are removed."""
-        for pg_id in self.state.groups.of_job(job_id):
-            await self.remove_group(pg_id, "removed with the job that created it")
+    async def creator_gone(self, client: bytes, job_id: str | None) -> None:
+        """A client left: the groups it created die with it unless detached, as in Ray (a
+        driver's, and with ``job_id`` (a driver's job ended) every group of the job; a worker's:
+        the groups its tasks or actor created)."""
+        for pg_id in self.state.groups.of_creator(client, job_id):
+            await self.remove_group(pg_id, "removed with its creator (driver, task or actor)")
 
 
 def msgspec_list(bundles: list[dict[str, int | float]]) -> list[dict[str, float]]:

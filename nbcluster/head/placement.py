@@ -213,12 +213,15 @@ class PlacementGroups:
             del self.groups[old]  # the table keeps the newest removed ones, as Ray's does
         return out
 
-    def of_job(self, job_id: str) -> list[str]:
-        """The ids of a job's live groups that die with it (not detached)."""
+    def of_creator(self, client: bytes, job_id: str | None = None) -> list[str]:
+        """The ids of the live groups that die with a client that left (not detached): the
+        ones it created, and with ``job_id`` (its job ended) every one of that job."""
         return [
             g.pg_id
             for g in self.groups.values()
-            if g.job_id == job_id and not g.detached and g.state != REMOVED
+            if (g.creator == client or (job_id is not None and g.job_id == job_id))
+            and not g.detached
+            and g.state != REMOVED
         ]
 
     def actors_in(self, pg_id: str, pending: list[LeaseRequest]) -> list[str]:

@@ -711,8 +711,8 @@ class HeadService(GroupRequests):
         else:
             if peer.owns_job and peer.job_id is not None:
                 await self._run(self.actors.job_gone(peer.job_id))
-                await self.job_groups_gone(peer.job_id)
                 await self._job_ended(peer.job_id)
+            await self.creator_gone(peer.ident, peer.job_id if peer.owns_job else None)
             for a in self.actors.actors.values():
                 a.subscribers.discard(peer.ident)
             await self._run(self.state.client_gone(peer.ident, peer.job_id, peer.owns_job))
