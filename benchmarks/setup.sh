@@ -34,6 +34,9 @@ fi
 if [[ -f "${REPO_ROOT}/pyproject.toml" ]]; then
     if [[ "${FORCE}" != 1 ]] && "${PY}" -m pip show --quiet nbcluster >/dev/null 2>&1; then
         echo "[setup] nbcluster already installed (use --force to reinstall)"
+        # Its dependencies may have grown since (an editable install does not follow them).
+        "${PY}" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+            | xargs -d '\n' "${PY}" -m pip install --quiet
     else
         echo "[setup] installing nbcluster (pip install -e .)"
         if ! "${PY}" -m pip install --quiet -e "${REPO_ROOT}"; then

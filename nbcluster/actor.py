@@ -11,7 +11,13 @@ import cloudpickle
 from nbcluster import context
 from nbcluster.client import current
 from nbcluster.exceptions import SerializationError
-from nbcluster.options import check_gpus
+from nbcluster.options import (
+    ACTOR_OPTIONS_IGNORED,
+    METHOD_OPTION_NAMES,
+    check_gpus,
+    check_ignored,
+    check_option_names,
+)
 from nbcluster.runtime_env.spec import parse as parse_runtime_env
 from nbcluster.runtime_env.upload import wire_env
 from nbcluster.scheduling import strategy_spec
@@ -38,8 +44,13 @@ ACTOR_OPTION_NAMES = frozenset(
 )
 
 
-def method(*, num_returns: int = 1) -> Callable[[F], F]:
-    """Declare options of an actor method, as Ray's ``@ray.method(num_returns=2)``."""
+def method(*, num_returns: int = 1, **options: Any) -> Callable[[F], F]:
+    """Declare options of an actor method, as Ray's ``@ray.method(num_returns=2)``.
+
+    Ray's other method options (``concurrency_group``, ``max_task_retries``, ...) are accepted
+    and ignored; an unknown one raises ``ValueError`` naming the nearest valid one.
+    """
+    check_option_names(options, METHOD_OPTION_NAMES, "actor methods")
     if not isinstance(num_returns, int) or num_returns < 0:
         raise ValueError("num_returns must be a non-negative integer")
 
@@ -51,12 +62,8 @@ def method(*, num_returns: int = 1) -> Callable[[F], F]:
 
 
 def _check_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(opts) - ACTOR_OPTION_NAMES
-    if unknown:
-        raise ValueError(
-            f"invalid option(s) for an actor: {', '.join(sorted(unknown))}; valid options are "
-            f"{', '.join(sorted(ACTOR_OPTION_NAMES))}"
-        )
+    check_option_names(opts, ACTOR_OPTION_NAMES | ACTOR_OPTIONS_IGNORED, "actors")
+    check_ignored(opts)
     for key in ("num_cpus", "num_gpus", "memory"):
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
@@ -89,6 +96,19 @@ def _check_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def method_table(cls: type) -> tuple[dict[str, int], bool]:
+    """The callable methods of an actor class with their ``num_returns``; whether any is async."""
+    methods: dict[str, int] = {}
+    is_async = False
+    for name, member in inspect.getmembers(cls, callable):
+        if name.startswith("__") and name != "__call__":
+            continue
+        methods[name] = int(getattr(member, "__nbcluster_num_returns__", 1))
+        if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+            is_async = True
+    return methods, is_async
+
+
 class ActorClass:
     """A class decorated with ``@remote``: ``Cls.remote(...)`` creates an actor."""
 
@@ -98,14 +118,7 @@ class ActorClass:
         self._name = cls.__name__
         self._blob: bytes | None = None
         self.__doc__ = cls.__doc__
-        self._methods: dict[str, int] = {}
-        self._is_async = False
-        for name, member in inspect.getmembers(cls, callable):
-            if name.startswith("__") and name != "__call__":
-                continue
-            self._methods[name] = int(getattr(member, "__nbcluster_num_returns__", 1))
-            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
-                self._is_async = True
+        self._methods, self._is_async = method_table(cls)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -274,8 +287,8 @@ class ActorMethod:
         return refs
 
     def options(self, *, num_returns: int | None = None, **kwargs: Any) -> ActorMethod:
-        if kwargs:
-            raise ValueError(f"invalid option(s) for an actor method: {', '.join(kwargs)}")
+        """Options of one call: ``num_returns``; Ray's other method options are ignored."""
+        check_option_names(kwargs, METHOD_OPTION_NAMES, "actor methods")
         return ActorMethod(
             self._handle, self._name, self._num_returns if num_returns is None else num_returns
         )

@@ -331,6 +331,13 @@ def put(value: Any) -> ObjectRef:
     return _client().put(value)
 
 
+class InvalidRefsError(ValueError, TypeError):
+    """``get()`` of something that is neither an ``ObjectRef`` nor a list of them.
+
+    A ``ValueError``, as Ray raises; also a ``TypeError``, as nbcluster raised before.
+    """
+
+
 def get(
     refs: ObjectRef | Sequence[ObjectRef],
     *,
@@ -347,6 +354,10 @@ def get(
     ------
     GetTimeoutError
         If the values are not ready within ``timeout`` seconds.
+    ValueError
+        If ``refs`` is neither a ref nor a list of refs (Ray's error; also a ``TypeError``).
+    TypeError
+        If the list holds something that is not a ref (Ray's error and words).
     TaskError
         (also an instance of the original exception type) if the task raised.
     """
@@ -355,16 +366,18 @@ def get(
     if single:
         refs = [refs]  # type: ignore[list-item]
     if not isinstance(refs, list | tuple):
-        raise TypeError(
-            f"get() expected an ObjectRef or a list of ObjectRefs, got {type(refs).__name__}"
+        raise InvalidRefsError(
+            f"Invalid type of object refs, {type(refs)}, is given. 'object_refs' must either be "
+            f"an ObjectRef or a list of ObjectRefs. (get() got {type(refs).__name__})"
         )
     for r in refs:
         if not isinstance(r, ObjectRef):
+            # Ray's type and words, so code that matches on them keeps working.
             raise TypeError(
-                f"Attempting to call get() on the value {r!r:.80}, which is not an ObjectRef "
-                f"(get() expected a list of ObjectRefs, got a list containing "
-                f"{type(r).__name__})"
+                f"Attempting to call `get` on the value {r!s:.200}, which is not an ray.ObjectRef."
             )
+        if r.is_nil():
+            raise ValueError("get() of a nil ObjectRef (ObjectRef.nil() refers to no object)")
     bar = None
     if progress:
         from nbcluster.progress import progress as show_progress
@@ -410,6 +423,8 @@ def wait(
             raise TypeError(
                 f"wait() expected a list of ObjectRefs, got a list containing {type(r).__name__}"
             )
+        if r.is_nil():
+            raise ValueError("wait() of a nil ObjectRef (ObjectRef.nil() refers to no object)")
     if len(set(refs)) != len(refs):
         raise ValueError("wait() expects a list of unique ObjectRefs")
     if num_returns < 0 or num_returns > len(refs):
@@ -471,7 +486,11 @@ def available_resources() -> dict[str, float]:
 
 
 class RuntimeContext:
-    """Where the calling code runs: job, task, node, assigned resources."""
+    """Where the calling code runs: job, task, node, actor, namespace, assigned resources.
+
+    Ray's methods (``get_job_id()``...) and properties (``job_id``, ``node_id``, ``task_id``,
+    ``actor_id``, ``namespace``, ``current_actor``...) give ids as strings.
+    """
 
     def get_job_id(self) -> str:
         task = context.current_task.get()
@@ -512,6 +531,99 @@ class RuntimeContext:
         task = context.current_task.get()
         ids = task.assigned.get("GPU_IDS", []) if task is not None else []
         return {"GPU": [str(i) for i in ids]} if isinstance(ids, list) else {"GPU": []}
+
+    @property
+    def node_id(self) -> str:
+        """The node this code runs on (Ray's deprecated property; ``get_node_id()``)."""
+        return self.get_node_id()
+
+    @property
+    def task_id(self) -> str | None:
+        """The running task's id (``None`` in a driver)."""
+        return self.get_task_id()
+
+    @property
+    def actor_id(self) -> str | None:
+        """The current actor's id (``None`` outside actors)."""
+        return self.get_actor_id()
+
+    @property
+    def namespace(self) -> str:
+        """The namespace named actors are created and looked up in by default."""
+        ident = context.worker_identity
+        if ident is not None:
+            return ident.namespace or f"job-{self.get_job_id()}"
+        client = _client()
+        return client.namespace or f"job-{client.job_id}"
+
+    @property
+    def gcs_address(self) -> str:
+        """The head's address (Ray's GCS address)."""
+        return str(_client().head_address)
+
+    def _actor_view(self) -> dict[str, Any] | None:
+        aid = self.get_actor_id()
+        if aid is None:
+            return None
+        for a in _client().query("actors"):
+            if a["actor_id"] == aid:
+                return dict(a)
+        return None
+
+    def get_actor_name(self) -> str | None:
+        """The current actor's name (``None`` if unnamed or outside actors)."""
+        view = self._actor_view()
+        return view.get("name") if view is not None else None
+
+    @property
+    def was_current_actor_reconstructed(self) -> bool:
+        """Whether the current actor was restarted (after a crash) at least once."""
+        view = self._actor_view()
+        return bool(view is not None and view.get("restarts"))
+
+    def get_placement_group_id(self) -> str | None:
+        """The placement group this code runs in: always ``None`` (no placement groups yet)."""
+        return None
+
+    @property
+    def current_placement_group_id(self) -> str | None:
+        return self.get_placement_group_id()
+
+    @property
+    def should_capture_child_tasks_in_placement_group(self) -> bool:
+        return False
+
+    @property
+    def current_actor(self) -> Any:
+        """A handle to the current actor (from its methods or ``__init__``).
+
+        Raises
+        ------
+        RuntimeError
+            Outside an actor.
+        """
+        from nbcluster.actor import ActorHandle, method_table
+
+        aid = self.get_actor_id()
+        cls = context.actor_class
+        if aid is None or cls is None:
+            raise RuntimeError("current_actor is only available inside an actor")
+        methods, _ = method_table(cls)
+        return ActorHandle(aid, cls.__name__, methods, _client())
+
+    def get(self) -> dict[str, Any]:
+        """The context as a dict: ``job_id``, ``node_id``, ``namespace``, and ``task_id`` in a
+        task, ``actor_id`` in an actor (Ray's keys)."""
+        out: dict[str, Any] = {
+            "job_id": self.get_job_id(),
+            "node_id": self.get_node_id(),
+            "namespace": self.namespace,
+        }
+        if (tid := self.get_task_id()) is not None:
+            out["task_id"] = tid
+        if (aid := self.get_actor_id()) is not None:
+            out["actor_id"] = aid
+        return out
 
 
 def get_runtime_context() -> RuntimeContext:

@@ -40,6 +40,9 @@ class WorkerIdentity:
 
 worker_identity: WorkerIdentity | None = None
 
+#: In an actor's worker: the actor's class (its methods make ``current_actor``'s handle).
+actor_class: type | None = None
+
 
 class ActorExit(BaseException):
     """Raised by :func:`nbcluster.exit_actor` to end the actor after the current call."""

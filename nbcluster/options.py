@@ -1,9 +1,12 @@
-"""One frozen record of the options a task (or, later, an actor) is submitted with."""
+"""One frozen record of the options a task is submitted with, and the resource checks actor
+options share (an actor's options stay a checked dict: ``nbcluster/actor.py``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +30,88 @@ TASK_OPTION_NAMES = frozenset(
         "runtime_env",
     }
 )
+
+# Options Ray documents that mean nothing here (yet): accepted, checked where cheap, then ignored
+# (docs/user-guide.md lists why for each).
+_COMMON_IGNORED = frozenset(
+    {
+        "accelerator_type",
+        "object_store_memory",
+        "_metadata",
+        "enable_task_events",
+        "label_selector",
+        "fallback_strategy",
+        "_labels",
+        "placement_group",
+        "placement_group_bundle_index",
+        "placement_group_capture_child_tasks",
+    }
+)
+
+#: Ray's function options accepted and ignored.
+TASK_OPTIONS_IGNORED = _COMMON_IGNORED | {"max_calls", "_generator_backpressure_num_objects"}
+
+#: Ray's actor options accepted and ignored.
+ACTOR_OPTIONS_IGNORED = _COMMON_IGNORED | {
+    "concurrency_groups",
+    "max_pending_calls",
+    "enable_tensor_transport",
+    "allow_out_of_order_execution",
+}
+
+#: Ray's actor method options (``.options()`` and ``@method``); only ``num_returns`` acts.
+METHOD_OPTION_NAMES = frozenset(
+    {
+        "num_returns",
+        "concurrency_group",
+        "max_task_retries",
+        "retry_exceptions",
+        "name",
+        "enable_task_events",
+        "_generator_backpressure_num_objects",
+        "tensor_transport",
+    }
+)
+
+
+def check_option_names(given: Iterable[str], valid: Iterable[str], what: str) -> None:
+    """Raise Ray's ``ValueError`` for an unknown option, naming the nearest valid one.
+
+    Raises
+    ------
+    ValueError
+        ``Invalid option keyword num_cpu for remote functions (did you mean 'num_cpus'?)...``
+    """
+    valid = sorted(valid)
+    for key in sorted(given):
+        if key in valid:
+            continue
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"Invalid option keyword {key} for {what}{hint}. Valid ones are {', '.join(valid)}."
+        )
+
+
+def check_ignored(opts: dict[str, Any]) -> None:
+    """Check the values of accepted-but-ignored options whose misuse would change a result.
+
+    Raises
+    ------
+    ValueError
+        For a placement group given the legacy way (not supported), or a bad ``max_calls`` or
+        ``max_pending_calls``.
+    """
+    pg = opts.get("placement_group", "default")
+    if pg not in (None, "default"):
+        raise ValueError(
+            "placement_group= is not supported yet: nbcluster has no placement groups; "
+            "leave it unset (or 'default')"
+        )
+    for key, low in (("max_calls", 0), ("max_pending_calls", -1)):
+        v = opts.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -94,20 +179,20 @@ def check_gpus(value: float) -> None:
 def make_task_options(base: TaskOptions | None = None, **kwargs: Any) -> TaskOptions:
     """Build validated :class:`TaskOptions` from keyword arguments.
 
+    Ray's options that mean nothing here (``TASK_OPTIONS_IGNORED``) are accepted and dropped.
+
     Raises
     ------
     ValueError
-        For unknown option names or invalid values, naming them.
+        For unknown option names (naming the nearest valid one) or invalid values, naming them.
     """
-    unknown = set(kwargs) - TASK_OPTION_NAMES
-    if unknown:
-        raise ValueError(
-            f"invalid option(s) for a remote function: {', '.join(sorted(unknown))}; "
-            f"valid options are {', '.join(sorted(TASK_OPTION_NAMES))}"
-        )
+    check_option_names(kwargs, TASK_OPTION_NAMES | TASK_OPTIONS_IGNORED, "remote functions")
+    check_ignored(kwargs)
     base = base or TaskOptions()
     changes: dict[str, Any] = {}
     for key, value in kwargs.items():
+        if key in TASK_OPTIONS_IGNORED:
+            continue
         if key == "runtime_env":
             changes[key] = parse(value)  # raises RuntimeEnvError (a ValueError), naming the key
             continue

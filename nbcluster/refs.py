@@ -9,25 +9,70 @@ from typing import Any
 
 from nbcluster.client import current
 
+#: Bytes of :meth:`ObjectRef.binary`, as Ray's object ids (ids are NUL-padded to it).
+ID_SIZE = 28
+
 
 class ObjectRef:
     """A future value owned by the process that created it (a ``put`` or a task submission).
 
-    Pass it to tasks (a top-level argument arrives as its value), ``get`` it, ``wait`` on it. It is
-    hashable and comparable by id. When the last reference to it in the owner's process disappears
-    (and it was never sent to another process), the owner frees the value.
+    Pass it to tasks (a top-level argument arrives as its value; one nested in a list, dict or
+    object stays a ref), ``get`` it, ``wait`` on it. It is hashable and comparable by id. When the
+    last reference to it in the owner's process disappears (and it was never sent to another
+    process), the owner frees the value.
+
+    ``ObjectRef(ref.binary())`` (or ``ObjectRef(ref.hex())``) makes another ref to an object this
+    process already holds a ref to, as in Ray; ``ObjectRef.nil()`` is the empty ref.
     """
 
     __slots__ = ("__weakref__", "_client", "_id", "_owner")
 
-    def __init__(self, oid: str, owner: str, client: Any, *, borrowed: bool = False) -> None:
+    def __init__(
+        self,
+        oid: str | bytes,
+        owner: str | None = None,
+        client: Any = None,
+        *,
+        borrowed: bool = False,
+    ) -> None:
+        if isinstance(oid, bytes | bytearray):
+            oid = bytes(oid).rstrip(b"\0").decode("ascii", "replace")
+        if not isinstance(oid, str):
+            raise TypeError(
+                f"ObjectRef() takes the bytes of an object id, got {type(oid).__name__}"
+            )
+        if not oid:
+            raise ValueError("ObjectRef() of the nil id: use ObjectRef.nil()")
+        if owner is None:
+            client, owner, borrowed = _known(oid)
         self._id = oid
         self._owner = owner
         self._client = client
         client.add_local_ref(oid, owner, borrowed)
 
+    @classmethod
+    def nil(cls) -> ObjectRef:
+        """The nil ref (Ray's ``ObjectRef.nil()``): refers to nothing, ``is_nil()`` is true."""
+        ref = object.__new__(cls)
+        ref._id = ""
+        ref._owner = ""
+        ref._client = None
+        return ref
+
+    def is_nil(self) -> bool:
+        """Whether this is :meth:`nil`."""
+        return not self._id
+
+    def binary(self) -> bytes:
+        """The object id as bytes: ``ID_SIZE`` (28) bytes, as Ray's, for any id that fits."""
+        return self._id.encode("ascii").ljust(ID_SIZE, b"\0")
+
     def hex(self) -> str:
-        """The object id as a string."""
+        """The object id as a string (the key this process knows the object by).
+
+        Unlike Ray's, it is not the hex form of :meth:`binary`; ``ObjectRef(ref.hex())`` and
+        ``ObjectRef(ref.binary())`` both round-trip.
+        """
         return self._id
 
     @property
@@ -39,7 +84,7 @@ class ObjectRef:
         return self._id.rsplit(".", 1)[0]
 
     def __repr__(self) -> str:
-        return f"ObjectRef({self._id})"
+        return f"ObjectRef({self._id or 'nil'})"
 
     def __hash__(self) -> int:
         return hash(self._id)
@@ -48,6 +93,8 @@ class ObjectRef:
         return isinstance(other, ObjectRef) and other._id == self._id
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if not self._id:
+            return (ObjectRef.nil, ())
         collected = getattr(_tracking, "serialized", None)
         if collected is not None:
             # Serialized into a call's arguments: the caller keeps the ref until the call is
@@ -59,6 +106,8 @@ class ObjectRef:
         return (_rebuild_ref, (self._id, self._owner))
 
     def __del__(self) -> None:
+        if getattr(self, "_client", None) is None:  # nil, or __init__ raised
+            return
         try:
             self._client.remove_local_ref(self._id)
         except Exception:  # interpreter shutdown
@@ -70,6 +119,19 @@ class ObjectRef:
     def future(self) -> Any:
         """A ``concurrent.futures.Future`` resolved with the value (or the error)."""
         return self._client.ref_future(self)
+
+
+def _known(oid: str) -> tuple[Any, str, bool]:
+    """The client, owner and borrowed flag of an id this process holds a ref to."""
+    client = current.require()
+    entry = client.objects.get(oid)
+    if entry is None:
+        raise ValueError(
+            f"ObjectRef({oid!r}): no object with this id is known here (a ref can be remade "
+            "from its id only in a process that holds a ref to it)"
+        )
+    owner = client.owner_address if entry.owned else entry.owner
+    return client, owner, not entry.owned
 
 
 def _rebuild_ref(oid: str, owner: str) -> ObjectRef:

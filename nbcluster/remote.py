@@ -12,7 +12,14 @@ import cloudpickle
 
 from nbcluster.client import current
 from nbcluster.exceptions import SerializationError
-from nbcluster.options import TASK_OPTION_NAMES, TaskOptions, make_task_options
+from nbcluster.options import (
+    ACTOR_OPTIONS_IGNORED,
+    TASK_OPTION_NAMES,
+    TASK_OPTIONS_IGNORED,
+    TaskOptions,
+    check_option_names,
+    make_task_options,
+)
 from nbcluster.refs import ObjectRef
 from nbcluster.runtime_env.upload import wire_env
 
@@ -125,9 +132,8 @@ def remote(*args: Any, **kwargs: Any) -> Any:
         raise TypeError("@remote takes keyword options only, e.g. @remote(num_gpus=1)")
     from nbcluster.actor import ACTOR_OPTION_NAMES
 
-    unknown = set(kwargs) - TASK_OPTION_NAMES - ACTOR_OPTION_NAMES
-    if unknown:
-        raise ValueError(f"invalid option(s) for @remote: {', '.join(sorted(unknown))}")
+    valid = TASK_OPTION_NAMES | ACTOR_OPTION_NAMES | TASK_OPTIONS_IGNORED | ACTOR_OPTIONS_IGNORED
+    check_option_names(kwargs, valid, "@remote")
     # The rest is checked against what the decorated object is (function or class).
     return lambda target: _make(target, dict(kwargs))
 

@@ -7,8 +7,9 @@ fails here with the exact import statements that form it, before it shows up as 
 Two graphs are checked. The module-level one (what runs at import time) must have no cycle, or
 some import order fails. The full one also counts imports inside functions: an import moved into
 a function to dodge a cycle still couples the two modules both ways, so it must have no cycle
-either (imports flow protocol/transport <- head/agent/worker/store <- api <-
-jupyter/magics/widgets; a function-level import is fine for laziness, going down that order).
+either. Imports flow down the layers of docs/architecture.md's "Import layering": protocol <-
+transport/store <- head, agent <- client <- worker, widgets <- api <- magics, jupyter <- the
+package's ``__init__``, cli; a function-level import is fine for laziness, going down that order.
 """
 
 from __future__ import annotations
@@ -205,9 +206,10 @@ def cycle_report(edges: list[Edge], package_dir: Path = PACKAGE_DIR) -> str:
 
 
 HOW_TO_BREAK = (
-    "break each by moving what both sides need into a lower module (imports flow "
-    "protocol/transport <- head/agent/worker/store <- api <- jupyter/magics/widgets, see "
-    "docs/architecture.md), not by moving an import into a function"
+    "break each by moving what both sides need into a lower module (imports flow protocol <- "
+    "transport/store <- head, agent <- client <- worker, widgets <- api <- magics, jupyter <- "
+    "the package's __init__, cli: docs/architecture.md's 'Import layering'), not by moving an "
+    "import into a function"
 )
 
 

@@ -184,17 +184,23 @@ def test_cancel_finished_task_is_a_no_op(cluster: nb.ClusterInfo) -> None:
     assert nb.get(ref, timeout=30) == 5
 
 
-def test_gpu_tasks_see_their_gpu(cluster: nb.ClusterInfo) -> None:
+def test_gpu_tasks_see_their_gpu(cluster: nb.ClusterInfo, tmp_path: Path) -> None:
     @nb.remote(num_gpus=1)
-    def visible() -> tuple[str | None, list[int]]:
-        time.sleep(0.5)
+    def visible(me: str) -> tuple[str | None, list[int]]:
+        # Both tasks must hold a GPU at once: each waits here for the other (a fixed sleep let
+        # the first finish before a busy machine started the second's worker, which then
+        # reused the first one's lease and GPU 0).
+        (tmp_path / me).touch()
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
         return os.environ.get("CUDA_VISIBLE_DEVICES"), nb.get_gpu_ids()
 
     @nb.remote
     def cpu_only() -> str | None:
         return os.environ.get("CUDA_VISIBLE_DEVICES")
 
-    a, b = nb.get([visible.remote(), visible.remote()], timeout=30)
+    a, b = nb.get([visible.remote("a"), visible.remote("b")], timeout=60)
     assert {a[0], b[0]} == {"0", "1"}  # two GPUs, one each, at the same time
     assert sorted([a[1][0], b[1][0]]) == [0, 1]
     assert nb.get(cpu_only.remote(), timeout=30) in (None, os.environ.get("CUDA_VISIBLE_DEVICES"))

@@ -163,7 +163,7 @@ def test_get_wait_cancel_reject_what_is_not_a_ref(cluster: nb.ClusterInfo) -> No
         nb.wait({})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="containing list"):
         nb.wait([[ref]])  # type: ignore[list-item]
-    with pytest.raises(TypeError, match="value 5, which is not an ObjectRef"):
+    with pytest.raises(TypeError, match=r"value 5, which is not an ray\.ObjectRef"):
         nb.get([ref, 5])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="got int"):
         nb.get(5)  # type: ignore[arg-type]

@@ -2,10 +2,11 @@
 
 A fuzzer holding the cluster secret connects to every listening socket of a real local cluster
 (the head, the node agent's store socket, a task worker's task and control sockets, an actor's
-worker, the driver's owner socket) and, acting as a head, to a real node agent. It sends
-thousands of hypothesis-generated messages that each fail their kind's schema: a required field
-missing, a field of the wrong type (nested garbage, huge integers, NaN), the wrong number of
-payload frames, an unknown or non-string kind, frame 0 not msgpack or not a map. Afterwards
+worker, the driver's owner socket) and, acting as a head, to a real node agent and (through a
+proxy in front of the real head) to a real driver. It sends thousands of hypothesis-generated
+messages that each fail their kind's schema: a required field missing, a field of the wrong type
+(nested garbage, huge integers, NaN), the wrong number of payload frames, an unknown or
+non-string kind, frame 0 not msgpack or not a map. Afterwards
 every process still serves (a task on the fuzzed worker, a cancel through its control thread, an
 actor call, a task of the driver, store and head requests), and nothing leaked: the same
 processes, no more file descriptors, no new /dev/shm files, resident memory within a bound.
@@ -16,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import typing
@@ -453,6 +456,104 @@ def test_malformed_messages_stop_nothing(fuzzed: Fuzzed) -> None:
     for pid, rss in before.rss.items():
         assert now.rss[pid] - rss < RSS_BOUND, f"process {pid} grew by {now.rss[pid] - rss} bytes"
     assert now.shm <= before.shm, f"new /dev/shm files: {now.shm - before.shm}"
+
+
+# ---------------------------------------------------------------------------- a driver's head side
+class _HeadProxy(threading.Thread):
+    """Stands between one driver and the real head, forwarding both ways, and sends the driver
+    the malformed messages put on ``inject`` as if its head had sent them."""
+
+    def __init__(self, transport: Transport, head: str) -> None:
+        super().__init__(name="fuzz-head-proxy", daemon=True)
+        self.front, self.endpoint = transport.server(zmq.ROUTER, "tcp://127.0.0.1:0", aio=False)
+        self.back = transport.client(zmq.DEALER, head, aio=False)
+        self.inject: queue.Queue[list[bytes]] = queue.Queue()
+        self.injected = 0
+        self.done = threading.Event()
+        self.peer: bytes | None = None
+
+    def run(self) -> None:  # (the sockets are used by this thread only)
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        poller.register(self.back, zmq.POLLIN)
+        try:
+            while not self.done.is_set():
+                for sock, _ in poller.poll(10):
+                    if sock is self.front:
+                        self.peer, *frames = self.front.recv_multipart()
+                        self.back.send_multipart(frames)
+                    elif self.peer is not None:
+                        self.front.send_multipart([self.peer, *self.back.recv_multipart()])
+                while self.peer is not None and not self.inject.empty():
+                    self.front.send_multipart([self.peer, *self.inject.get_nowait()])
+                    self.injected += 1
+        finally:
+            self.front.close(linger=0)
+            self.back.close(linger=0)
+
+
+DRIVER = """
+import sys
+import nbcluster as nb
+nb.init(address=sys.argv[1], token_file=sys.argv[2])
+print("DRIVER_READY", flush=True)
+sys.stdin.readline()  # the fuzzing is over
+
+@nb.remote
+def inc(x):
+    return x + 1
+
+print("DRIVER_RESULT", nb.get(inc.remote(41), timeout=60), flush=True)
+nb.shutdown()
+"""
+
+
+def test_driver_survives_malformed_messages_from_its_head(fuzzed: Fuzzed, tmp_path: Path) -> None:
+    """A driver whose head connection brings malformed messages of every kind drops them (and
+    logs that it did), and still runs a task through that connection afterwards."""
+    f = fuzzed
+    transport = Transport(f.keys)
+    proxy = _HeadProxy(transport, f"tcp://{f.info.address}")
+    proxy.start()
+    token_file = Path(f.info.session_dir or "") / "token"
+    err = tmp_path / "driver.err"
+    cmd = [sys.executable, "-c", DRIVER, proxy.endpoint[len("tcp://") :], str(token_file)]
+    with err.open("w") as stderr:
+        driver = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+    try:
+        assert driver.stdout is not None and driver.stdin is not None
+        ready_line(driver.stdout, "DRIVER_READY")
+        sent = [0]
+
+        @seed(20261130)
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(batch=st.lists(malformed(ALL_KINDS), min_size=1, max_size=8))
+        def run(batch: list[list[bytes]]) -> None:
+            for frames in batch:
+                proxy.inject.put(frames)
+                sent[0] += 1
+
+        run()
+        assert sent[0] >= 300
+        wait_until(lambda: proxy.injected == sent[0], timeout=TIMEOUT)
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        line = ready_line(driver.stdout, "DRIVER_RESULT")
+        assert line.split() == ["DRIVER_RESULT", "42"], err.read_text()[-3000:]
+        assert driver.wait(TIMEOUT) == 0, err.read_text()[-3000:]
+        assert "dropping a malformed message from the head" in err.read_text()
+    finally:
+        stop_processes([driver])
+        proxy.done.set()
+        proxy.join(10)
+        transport.close()
 
 
 # ---------------------------------------------------------------------------- an agent's head side

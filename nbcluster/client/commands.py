@@ -1,9 +1,9 @@
 """Commands user threads post to the client's I/O thread.
 
-User threads never touch the I/O thread's state: they post one of these (``CoreClient._post``)
-and the I/O thread carries it out in order (``CoreClient._run_command``, a ``match`` on the
-type). A command holds only values the posting thread made and will not touch again, or
-thread-safe objects (futures, events) through which the I/O thread answers.
+User threads never touch the I/O thread's state: they post one of these (``CoreClient._post``,
+through ``IoShell.post``) and the I/O thread carries it out in order (``ClientState.handle``, a
+``match`` on the type). A command holds only values the posting thread made and will not touch
+again, or thread-safe objects (futures, events) through which the I/O thread answers.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class ActorStateChanged:
     worker_id: str = ""
     reason: str = ""
     init_error: bool = False
-    infeasible: dict[str, float] | None = None
+    infeasible: str | None = None  # what no node has in total: the actor stays pending
     payload: list[Any] = field(default_factory=list)  # the constructor's error, if init_error
 
 

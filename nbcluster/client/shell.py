@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import psutil
 import zmq
 
@@ -68,25 +69,21 @@ from nbcluster.exceptions import (
     ProtocolError,
     TaskCancelledError,
 )
+from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, REJOIN_AGAIN_S, Kind
 from nbcluster.protocol.security import derive_keys
-from nbcluster.protocol.validation import (
-    MalformedMessage,
-    RateLimitedLog,
-    error_reply,
-    receive,
-    should_answer,
-)
+from nbcluster.protocol.validation import MalformedMessage, RateLimitedLog, receive_message
 from nbcluster.transport import Transport
+from nbcluster.transport.channel import ZmqChannel, ZmqListener
+from nbcluster.transport.serve import Dispatcher, answer_on, follow, serve
 
 if TYPE_CHECKING:
     from nbcluster.store.client import StoreClient
 
 log = logging.getLogger("nbcluster")
-_malformed_head = RateLimitedLog(log, "dropping a malformed message from the head")
-_malformed_peer = RateLimitedLog(log, "dropping a malformed message about an object")
-_malformed_worker = RateLimitedLog(log, "dropping a malformed message from a worker")
+_worker_errors = RateLimitedLog(log, "a worker answered with an error")
+_owner_errors = RateLimitedLog(log, "an object's owner answered with an error")
 
 HEARTBEAT_S = 1.0
 
@@ -173,6 +170,39 @@ class IoShell:
         self.rejoining = False
         self._rejoin_sent = 0.0  # when; a rejoin unanswered for REJOIN_AGAIN_S is sent again
         self.closing = False
+        # The receive loops (transport/serve.py owns what a malformed message gets). Nothing
+        # here is answered but requests for our objects: an ERROR sent to the head, a worker or
+        # an owner could only start a ping-pong of errors.
+        self._from_head = Dispatcher[None](
+            {
+                m.LeaseGranted: self._on_lease_granted,
+                m.ActorState: self._on_actor_state,
+                m.LeaseLost: self._on_lease_lost,
+                m.LeaseFailed: self._on_lease_failed,
+                m.LeaseInfeasible: self._on_lease_infeasible,
+                m.QueryReply: self._on_query_reply,
+                m.ActorCreated: self._on_actor_created,
+                m.Pong: _ignore,
+                m.Warning_: self._on_warning,
+                m.Welcome: self._on_welcome,
+                m.NodeDied: self._on_node_died,
+                m.TaskCancel: self._on_task_cancel,
+                m.Error: self._on_head_error,
+            },
+            what="from the head",
+            logger=log,
+            on_malformed=self._head_malformed,
+        )
+        self._from_worker = Dispatcher[WorkerConn](
+            {m.Result: self._on_result, m.Log: self._on_log, m.Error: self._on_worker_error},
+            what="from a worker",
+            logger=log,
+        )
+        self._from_owner = Dispatcher[str](
+            {m.Object: self._on_object, m.Error: self._on_owner_error},
+            what="from an object's owner",
+            logger=log,
+        )
 
     # ================================================================== lifecycle
     def start(self) -> None:
@@ -248,17 +278,20 @@ class IoShell:
                 hello.update(owner_identity())  # the kernel and notebook, in Jupyter
             self._hello = dict(hello)
             await self._head.send_multipart(encode(hello))
-            h, _ = receive(await asyncio.wait_for(self._head.recv_multipart(), 30.0))
-            if h["k"] == Kind.ERROR:
-                raise ProtocolError(h.get("msg", "the head refused the connection"))
-            self.job_id = h["job_id"]
+            reply, _ = receive_message(await asyncio.wait_for(self._head.recv_multipart(), 30.0))
+            if isinstance(reply, m.Error):
+                raise ProtocolError(reply.msg or "the head refused the connection")
+            if not isinstance(reply, m.Welcome):
+                raise ProtocolError(f"the head answered {reply.__struct_config__.tag} to HELLO")
+            self.job_id = reply.job_id
             self._hello["job_id"] = self.job_id
             if not self.worker_id and "job_id" not in hello:
                 self._hello["owns_job"] = True  # said again if the head restarts
             self._stop = asyncio.Event()
+            owner = ZmqListener(self._owner_sock, self.owner_address)
             for coro in (
-                self._read_head(),
-                self._serve_owner(),
+                follow(ZmqChannel(self._head), self._from_head, None),
+                serve(owner, self._owner_dispatcher(owner)),
                 self._heartbeat(),
                 self._release_loop(),
             ):
@@ -405,84 +438,87 @@ class IoShell:
             out.flush()
 
     # ================================================================== head
-    async def _read_head(self) -> None:
-        while True:
-            frames = await self._head.recv_multipart()
-            try:
-                h, payload = receive(frames)
-                self._on_head(h, payload)
-            except ProtocolError as exc:
-                _malformed_head(exc)
-                rid = exc.rid if isinstance(exc, MalformedMessage) else None
-                fut = self._replies.pop(rid, None) if rid is not None else None
-                if fut is not None and not fut.done():  # its request must not wait forever
-                    fut.set_exception(exc)
-            except Exception:
-                log.exception("nbcluster internal error")
+    def _head_malformed(self, _: None, exc: ProtocolError) -> bool:
+        """A malformed answer to one of our requests fails that request (it must not wait)."""
+        rid = exc.rid if isinstance(exc, MalformedMessage) else None
+        fut = self._replies.pop(rid, None) if rid is not None else None
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+        return True  # (nothing is answered to the head)
 
-    def _on_head(self, h: dict[str, Any], payload: list[Any]) -> None:
-        kind = h["k"]
-        if kind == Kind.LEASE_GRANTED:
-            self.feed(
-                LeaseGranted(
-                    h["rid"],
-                    h["lease_id"],
-                    h["worker_id"],
-                    h["worker_addr"],
-                    h["control_addr"],
-                    h["pid"],
-                    h["node_id"],
-                    h.get("node_name", ""),
-                    list(h.get("gpus") or []),
-                    h["shape"],
-                )
+    def _on_lease_granted(self, _: None, msg: m.LeaseGranted, payload: list[Any]) -> None:
+        self.feed(
+            LeaseGranted(
+                msg.rid,
+                msg.lease_id,
+                msg.worker_id,
+                msg.worker_addr,
+                msg.control_addr,
+                msg.pid,
+                msg.node_id,
+                msg.node_name,
+                msg.gpus,
+                msg.shape,
             )
-        elif kind == Kind.ACTOR_STATE:
-            self.feed(
-                ActorStateChanged(
-                    h["aid"],
-                    h["state"] if "infeasible" not in h else "",
-                    h.get("cls_name", ""),
-                    h.get("addr") or "",
-                    str(h.get("control_addr") or ""),
-                    h.get("worker_id") or "",
-                    str(h.get("reason") or ""),
-                    bool(h.get("init_error")),
-                    h.get("infeasible") if "infeasible" in h else None,
-                    payload,
-                )
+        )
+
+    def _on_actor_state(self, _: None, msg: m.ActorState, payload: list[Any]) -> None:
+        infeasible = msg.infeasible
+        self.feed(
+            ActorStateChanged(
+                msg.aid,
+                msg.state if infeasible is None else "",
+                msg.cls_name or "",
+                msg.addr or "",
+                msg.control_addr or "",
+                msg.worker_id or "",
+                msg.reason or "",
+                msg.init_error,
+                infeasible,
+                payload,
             )
-        elif kind == Kind.LEASE_LOST:
-            reason = h.get("reason", "worker died")
-            self.feed(LeaseLost(h["lease_id"], reason, bool(h.get("drain"))))
-        elif kind == Kind.LEASE_FAILED:
-            self.feed(LeaseFailed(h["rid"], str(h.get("msg") or "no node can run it")))
-        elif kind == Kind.LEASE_INFEASIBLE:
-            self.feed(LeaseInfeasible(h["rid"], h["shape"], h["missing"]))
-        elif kind in (Kind.QUERY_REPLY, Kind.ACTOR_CREATED):
-            fut = self._replies.pop(h["rid"], None)
-            if fut is not None and not fut.done():
-                fut.set_result(h["result"] if kind == Kind.QUERY_REPLY else h)
-        elif kind == Kind.PONG:
-            pass
-        elif kind == Kind.WARNING:  # e.g. workers that keep dying, with the reason
-            log.warning("nbcluster: %s", h.get("msg"))
-        elif kind == Kind.WELCOME:
-            self._rejoined()
-        elif kind == Kind.NODE_DIED:
-            self.feed(NodeDied(str(h["node_id"]), str(h.get("store_id") or "")))
-        elif kind == Kind.ERROR and h.get("code") == "nohello":
+        )
+
+    def _on_lease_lost(self, _: None, msg: m.LeaseLost, payload: list[Any]) -> None:
+        self.feed(LeaseLost(msg.lease_id, msg.reason or "worker died", msg.drain))
+
+    def _on_lease_failed(self, _: None, msg: m.LeaseFailed, payload: list[Any]) -> None:
+        self.feed(LeaseFailed(msg.rid, msg.msg or "no node can run it"))
+
+    def _on_lease_infeasible(self, _: None, msg: m.LeaseInfeasible, payload: list[Any]) -> None:
+        self.feed(LeaseInfeasible(msg.rid, msg.shape, msg.missing))
+
+    def _on_query_reply(self, _: None, msg: m.QueryReply, payload: list[Any]) -> None:
+        fut = self._replies.pop(msg.rid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg.result)
+
+    def _on_actor_created(self, _: None, msg: m.ActorCreated, payload: list[Any]) -> None:
+        fut = self._replies.pop(msg.rid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(msgspec.structs.asdict(msg))  # create_actor's answer: a dict
+
+    def _on_warning(self, _: None, msg: m.Warning_, payload: list[Any]) -> None:
+        log.warning("nbcluster: %s", msg.msg)  # e.g. workers that keep dying, with the reason
+
+    def _on_welcome(self, _: None, msg: m.Welcome, payload: list[Any]) -> None:
+        self._rejoined()
+
+    def _on_node_died(self, _: None, msg: m.NodeDied, payload: list[Any]) -> None:
+        self.feed(NodeDied(msg.node_id, msg.store_id))
+
+    def _on_task_cancel(self, _: None, msg: m.TaskCancel, payload: list[Any]) -> None:
+        self.feed(CancelTask(f"{msg.tid}.0", msg.force))  # from the Jupyter panel
+
+    def _on_head_error(self, _: None, msg: m.Error, payload: list[Any]) -> None:
+        if msg.code == "nohello":
             self._rejoin()
-        elif kind == Kind.TASK_CANCEL:  # from the Jupyter panel, through the head
-            self.feed(CancelTask(f"{h['tid']}.0", bool(h.get("force"))))
-        elif kind == Kind.ERROR:
-            fut = self._replies.pop(h.get("rid", -1), None)
-            if fut is not None and not fut.done():
-                fut.set_exception(ValueError(h.get("msg", "the head refused the request")))
-            else:
-                log.error("the head reports: %s", h.get("msg"))
+            return
+        fut = self._replies.pop(msg.rid, None) if msg.rid is not None else None
+        if fut is not None and not fut.done():
+            fut.set_exception(ValueError(msg.msg or "the head refused the request"))
         else:
-            log.warning("unexpected message %r from the head", kind)
+            log.error("the head reports: %s", msg.msg)
 
     def _rejoin(self) -> None:
         """The head does not know us: it restarted. Say hello again with what we hold."""
@@ -578,67 +614,53 @@ class IoShell:
             "sys_path": [os.path.abspath(p) if p in ("", ".") else p for p in sys.path],
         }
         send_nowait(sock, encode(bind))
-        socks.reader = self._spawn(self._read_worker(conn, sock))
+        reader = ZmqChannel(sock, copy=False)  # (results are not copied)
+        socks.reader = self._spawn(follow(reader, self._from_worker, conn))
 
-    async def _read_worker(self, conn: WorkerConn, sock: Any) -> None:
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            try:
-                h, payload = receive(frames)
-                kind = h["k"]
-                if kind == Kind.RESULT:
-                    self.feed(
-                        TaskResult(
-                            conn,
-                            h["tid"],
-                            bool(h.get("ok")),
-                            h.get("n", []),
-                            h.get("err"),
-                            h.get("lost"),
-                            h.get("kept", ()),
-                            h.get("returned") or [],
-                            payload,
-                        )
-                    )
-                elif kind == Kind.LOG and self.log_to_driver:
-                    self.feed(
-                        TaskOutput(
-                            conn,
-                            h.get("tid", ""),
-                            h.get("name", "task"),
-                            h.get("pid"),
-                            h.get("stream", "stdout"),
-                            h.get("lines", []),
-                        )
-                    )
-            except ProtocolError as exc:
-                _malformed_worker(f"{conn.addr}: {exc}")
-            except Exception:
-                log.exception("nbcluster internal error handling a worker message")
+    def _on_result(self, conn: WorkerConn, msg: m.Result, payload: list[Any]) -> None:
+        self.feed(
+            TaskResult(
+                conn,
+                msg.tid,
+                msg.ok,
+                msg.n,
+                msg.err,
+                msg.lost,
+                msg.kept,
+                msg.returned,
+                payload,
+            )
+        )
+
+    def _on_log(self, conn: WorkerConn, msg: m.Log, payload: list[Any]) -> None:
+        if self.log_to_driver:
+            self.feed(TaskOutput(conn, msg.tid or "", msg.name, msg.pid, msg.stream, msg.lines))
+
+    def _on_worker_error(self, conn: WorkerConn, msg: m.Error, payload: list[Any]) -> None:
+        _worker_errors(f"{conn.addr}: {msg.msg}")  # e.g. a message of ours it found malformed
 
     # ================================================================== objects
-    async def _serve_owner(self) -> None:
-        sock = self._owner_sock
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            ident = frames[0].bytes
-            try:
-                h, _ = receive(frames[1:])
-            except ProtocolError as exc:
-                _malformed_peer(exc)
-                if should_answer(exc):
-                    send_nowait(sock, [ident, *encode(error_reply(exc))])
-                continue
-            try:
-                kind = h["k"]
-                if kind == Kind.GET_OBJECT:
-                    self.feed(ObjectRequested(ident, h["oid"]))
-                elif kind == Kind.BORROW_DEL:
-                    self.feed(BorrowReleased(h["oid"], int(h.get("n", 1))))
-                elif kind == Kind.ESCAPE:
-                    self.feed(ObjectEscaped(h["oid"]))
-            except Exception:  # a bug: keep serving the objects we own
-                log.exception("nbcluster internal error serving %s", h["k"])
+    def _owner_dispatcher(self, owner: ZmqListener) -> Dispatcher[bytes]:
+        """Serves requests for the objects we own (a malformed one is answered an ERROR)."""
+        return Dispatcher[bytes](
+            {
+                m.GetObject: self._on_get_object,
+                m.BorrowDel: self._on_borrow_del,
+                m.Escape: self._on_escape,
+            },
+            what="about an object we own",
+            logger=log,
+            answer=answer_on(owner),
+        )
+
+    def _on_get_object(self, ident: bytes, msg: m.GetObject, payload: list[Any]) -> None:
+        self.feed(ObjectRequested(ident, msg.oid))
+
+    def _on_borrow_del(self, ident: bytes, msg: m.BorrowDel, payload: list[Any]) -> None:
+        self.feed(BorrowReleased(msg.oid, msg.n))
+
+    def _on_escape(self, ident: bytes, msg: m.Escape, payload: list[Any]) -> None:
+        self.feed(ObjectEscaped(msg.oid))
 
     def _send_to_owner(self, owner: str, header: dict[str, Any]) -> None:
         """Send on our (one, ordered) connection to an object's owner."""
@@ -646,25 +668,19 @@ class IoShell:
         if sock is None:
             assert self.transport is not None
             sock = self._owner_conns[owner] = self.transport.client(zmq.DEALER, owner)
-            self._spawn(self._read_owner(sock, owner))
+            reader = ZmqChannel(sock, copy=False)  # (payloads are not copied)
+            self._spawn(follow(reader, self._from_owner, owner))
         send_nowait(sock, encode(header))
 
-    async def _read_owner(self, sock: Any, owner: str) -> None:
-        while True:
-            frames = await sock.recv_multipart(copy=False)
-            try:
-                h, payload = receive(frames)
-            except ProtocolError as exc:
-                _malformed_peer(f"from {owner}: {exc}")
-                continue
-            if h["k"] != Kind.OBJECT:  # e.g. an ERROR answering a request it found malformed
-                _malformed_peer(f"from {owner}: {h['k']}: {h.get('msg')}")
-                continue
-            try:
-                gone = h.get("err") == "lost"
-                self.feed(ObjectArrived(owner, h["oid"], bool(h.get("ok")), gone, payload))
-            except Exception:  # a bug: keep reading this owner's answers
-                log.exception("nbcluster internal error handling an object from %s", owner)
+    def _on_object(self, owner: str, msg: m.Object, payload: list[Any]) -> None:
+        self.feed(ObjectArrived(owner, msg.oid, msg.ok, msg.err == "lost", payload))
+
+    def _on_owner_error(self, owner: str, msg: m.Error, payload: list[Any]) -> None:
+        _owner_errors(f"{owner}: {msg.msg}")  # e.g. a request of ours it found malformed
+
+
+def _ignore(peer: object, msg: m.Message, payload: list[Any]) -> None:
+    """A message that needs nothing done (``PONG``)."""
 
 
 def _settle(fut: concurrent.futures.Future[dict[str, Any]], reply: Any) -> None:

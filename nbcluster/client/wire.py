@@ -1,4 +1,4 @@
-"""Connection helpers shared by the client's submission paths."""
+"""Wire helpers of the client: non-blocking sends, splitting result frames, probing the head."""
 
 from __future__ import annotations
 
@@ -7,36 +7,10 @@ import contextlib
 import logging
 from typing import Any
 
-from nbcluster.client.tasks import Lease
 from nbcluster.exceptions import ConnectionFailedError
 from nbcluster.refs import ObjectRef
 
 log = logging.getLogger("nbcluster")
-
-
-class WorkerConn:
-    """A connection to one worker process (kept across leases of the same worker)."""
-
-    def __init__(
-        self, addr: str, control_addr: str, sock: Any, ctrl: Any, worker_id: str = ""
-    ) -> None:
-        self.addr = addr
-        self.worker_id = worker_id  # the process behind addr: a later one may reuse its port
-        self.control_addr = control_addr
-        self.sock = sock
-        self.ctrl = ctrl
-        self.fns_sent: set[str] = set()
-        self.reader: asyncio.Task[Any] | None = None
-        self.lease: Lease | None = None
-        self.node_id = ""  # where the worker runs (named in its output when that helps)
-        self.node_name = ""
-
-    def close(self) -> None:
-        """Stop reading and close both sockets (I/O thread)."""
-        if self.reader is not None:
-            self.reader.cancel()
-        self.sock.close(linger=0)
-        self.ctrl.close(linger=0)
 
 
 def send_nowait(sock: Any, frames: list[Any]) -> None:

@@ -495,7 +495,8 @@ class HeadService(GroupRequests):
             return  # until the old leases are claimed back, no idle-looking worker is handed out
         handler = self._handlers.get(type(msg))
         if handler is None:
-            log.warning("unexpected message kind %r from %s", msg.__struct_config__.tag, peer.role)
+            # (rate-limited, as the dispatcher's own: a confused peer must not flood the log)
+            self._dispatch.unexpected_log(f"{msg.__struct_config__.tag} from {peer.role}")
             return
         await handler(peer, msg, payload)
 

@@ -96,16 +96,18 @@ class Network(Protocol):
 
 # ------------------------------------------------------------------------------ ZeroMQ
 class ZmqChannel:
-    """A :class:`Channel` over an asyncio ZeroMQ DEALER socket."""
+    """A :class:`Channel` over an asyncio ZeroMQ DEALER socket (``copy=False``: received
+    frames are ``zmq.Frame`` views, for messages whose payloads may be large)."""
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, copy: bool = True) -> None:
         self.sock = sock
+        self.copy = copy
 
     async def send(self, frames: Sequence[Any]) -> None:
         await self.sock.send_multipart(frames)
 
     async def recv(self) -> list[Any]:
-        frames: list[Any] = await self.sock.recv_multipart()
+        frames: list[Any] = await self.sock.recv_multipart(copy=self.copy)
         return frames
 
     def close(self) -> None:

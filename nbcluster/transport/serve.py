@@ -1,8 +1,8 @@
 """The one receive loop: decode each message to its typed message, dispatch it, and own the
 malformed-message policy.
 
-Every peer that serves messages (head, agent, worker) builds a :class:`Dispatcher` with a table
-of handlers, one per message type, and hands it the frames it receives (:func:`serve` and
+Every peer that serves messages (head, agent, worker, client) builds a :class:`Dispatcher` with
+a table of handlers, one per message type, and hands it the frames it receives (:func:`serve` and
 :func:`follow` are the asyncio loops over a :class:`~nbcluster.transport.channel.Listener` or
 :class:`~nbcluster.transport.channel.Channel`; the worker's synchronous loop calls
 :meth:`Dispatcher.dispatch_sync`). The policy, written here once:

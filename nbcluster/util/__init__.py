@@ -1,9 +1,9 @@
-"""Ray-compatible ``ray.util``: ``ActorPool``, ``queue`` and ``scheduling_strategies``."""
+"""Ray-compatible ``ray.util``: ``ActorPool``, ``queue``, ``multiprocessing``, ``joblib``..."""
 
-from nbcluster.util import queue, scheduling_strategies
+from nbcluster.util import joblib, multiprocessing, queue, scheduling_strategies, state
 from nbcluster.util.actor_pool import ActorPool
 
-__all__ = ["ActorPool", "queue", "scheduling_strategies"]
+__all__ = ["ActorPool", "joblib", "multiprocessing", "queue", "scheduling_strategies", "state"]
 
 # Placement groups, as Ray exposes them at ray.util (the functions shadow the submodule's name;
 # ``import nbcluster.util.placement_group`` still gives the module).

@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from nbcluster import context
 from nbcluster.cells import EXEC_METHOD, run_cell
 from nbcluster.context import ActorExit
 from nbcluster.exceptions import ActorDiedError
@@ -77,6 +78,7 @@ class ActorHost:
             worker.enter_env(h.renv)
             klass, filename = loads([payload[0]])
             restore_filenames(klass, filename)
+            context.actor_class = klass  # get_runtime_context().current_actor's methods
             args, kwargs = worker.load_args(h, payload[1:])
         except Exception as exc:
             worker.send(
