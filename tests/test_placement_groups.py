@@ -28,6 +28,7 @@ from nbcluster.util import (
 )
 from nbcluster.util.placement_group import PlacementGroup
 from nbcluster.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from nbcluster.util.state import list_placement_groups
 from tests.conftest import run_script, wait_until
 from tests.multinode import Procs
 
@@ -210,6 +211,9 @@ def test_removal_kills_actors_and_tasks_and_frees_resources(nodes: dict[str, str
     pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="STRICT_PACK", name="doomed")
     assert pg.wait(TIMEOUT)
     assert get_placement_group("doomed") == pg
+    (listed,) = list_placement_groups(filters=[("name", "=", "doomed")], detail=True)
+    assert listed.placement_group_id == pg.id and listed.state == "CREATED"
+    assert [b["bundle_id"] for b in listed.bundles] == [0, 1] and listed.is_detached is False
     node = placement_group_table(pg)["bundles_to_node_id"][0]
     actor = Pinger.options(scheduling_strategy=_in(pg, 0)).remote()  # type: ignore[attr-defined]
     assert nb.get(actor.ping.remote(), timeout=TIMEOUT) == node
