@@ -149,6 +149,7 @@ def test_infeasible_group_is_reported_and_waits(
 @nb.remote(num_cpus=1)
 def current_group() -> str | None:
     pg = get_current_placement_group()
+    assert nb.get_runtime_context().get_placement_group_id() == (pg.id if pg else None)
     return pg.id.hex() if pg is not None else None
 
 
@@ -156,6 +157,7 @@ def test_tasks_and_actors_know_their_group(nodes: dict[str, str]) -> None:
     pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
     assert pg.wait(TIMEOUT)
     assert get_current_placement_group() is None  # the driver
+    assert nb.get_runtime_context().get_placement_group_id() is None
     assert nb.get(current_group.remote(), timeout=TIMEOUT) is None  # a task outside
     inside = current_group.options(scheduling_strategy=_in(pg, 1)).remote()
     assert nb.get(inside, timeout=TIMEOUT) == pg.id.hex()
