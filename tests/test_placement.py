@@ -16,7 +16,14 @@ from nbcluster.head.instructions import (
     Unschedulable,
     Warn,
 )
-from nbcluster.head.placement import CREATED, PENDING, REMOVED, REMOVED_KEPT, RESCHEDULING
+from nbcluster.head.placement import (
+    CREATED,
+    MAX_BUNDLES,
+    PENDING,
+    REMOVED,
+    REMOVED_KEPT,
+    RESCHEDULING,
+)
 from nbcluster.head.state import ClusterState
 
 A = b"client-a"
@@ -164,6 +171,7 @@ def test_bad_groups_are_refused() -> None:
         ([{"CPU": "1"}], "PACK", "must be a number"),
         ([{"GPU": 1.5}], "PACK", "whole number"),
         ([{"CPU": 1}], "PACKED", "invalid placement strategy"),
+        ([{"CPU": 1}] * (MAX_BUNDLES + 1), "PACK", "at most"),
     ]:
         error, ins = st.create_group(A, "j1", "g", bundles=bundles, strategy=strategy)
         assert error is not None and why in error and ins == []

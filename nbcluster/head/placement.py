@@ -30,6 +30,9 @@ REMOVED = "REMOVED"
 #: Removed groups still listed (``placement_group_table``, views), newest last.
 REMOVED_KEPT = 100
 
+#: The most bundles a group may have (each placement pass is linear in them).
+MAX_BUNDLES = 10_000
+
 #: Ray's strategies.
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -538,6 +541,8 @@ def _check_group(bundles: Any, strategy: Any) -> str | None:
         return f"invalid placement strategy {strategy!r}: use one of {', '.join(STRATEGIES)}"
     if not isinstance(bundles, list) or not bundles:
         return "a placement group needs a non-empty list of bundles"
+    if len(bundles) > MAX_BUNDLES:
+        return f"a placement group has at most {MAX_BUNDLES} bundles, got {len(bundles)}"
     for i, b in enumerate(bundles):
         if not isinstance(b, dict) or not b:
             return f"bundle {i} must be a non-empty mapping of resources, got {b!r}"
