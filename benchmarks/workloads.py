@@ -404,6 +404,38 @@ def chain_1k(ray: ModuleType, n: int = 1000) -> Figures:
     return {"total_s": t1 - t0}
 
 
+@workload(
+    "placement_groups_100",
+    "100 placement groups of one {CPU: 0.01} bundle: create them all, get() every ready(), "
+    "then remove them all (after 5 warm-up groups).",
+    [
+        Metric("create_s", "s", "lower", "100 placement_group() calls"),
+        Metric("ready_s", "s", "lower", "get() of the 100 ready() refs"),
+        Metric("remove_s", "s", "lower", "100 remove_placement_group() calls"),
+        Metric("total_s", "s", "lower", "create + ready + remove"),
+    ],
+    tags=("placement_groups",),
+)
+def placement_groups_100(ray: ModuleType, n: int = 100, warmup: int = 5) -> Figures:
+    """Measure placement group creation, readiness and removal."""
+    init_backend(ray)
+    util = ray.util
+    warm = [util.placement_group([{"CPU": 0.01}]) for _ in range(warmup)]
+    ray.get([pg.ready() for pg in warm], timeout=120)
+    for pg in warm:
+        util.remove_placement_group(pg)
+    t0 = time.perf_counter()
+    pgs = [util.placement_group([{"CPU": 0.01}]) for _ in range(n)]
+    t1 = time.perf_counter()
+    ray.get([pg.ready() for pg in pgs], timeout=300)
+    t2 = time.perf_counter()
+    for pg in pgs:
+        util.remove_placement_group(pg)
+    t3 = time.perf_counter()
+    ray.shutdown()
+    return {"create_s": t1 - t0, "ready_s": t2 - t1, "remove_s": t3 - t2, "total_s": t3 - t0}
+
+
 class _Counter:
     """A minimal stateful actor for the actor workloads."""
 

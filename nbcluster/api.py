@@ -625,8 +625,14 @@ class RuntimeContext:
         return bool(view is not None and view.get("restarts"))
 
     def get_placement_group_id(self) -> str | None:
-        """The placement group this code runs in: always ``None`` (no placement groups yet)."""
-        return None
+        """The id of the placement group this task or actor runs in (``None`` in a driver and
+        outside groups)."""
+        task = context.current_task.get()
+        if task is None or not task.worker_id:
+            return None
+        # The head knows the placement group bundle this worker's lease was carved from.
+        pg_id = _client().query_args("placement_group_of", name=task.worker_id)
+        return str(pg_id) if pg_id else None
 
     @property
     def current_placement_group_id(self) -> str | None:

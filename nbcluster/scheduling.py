@@ -7,6 +7,8 @@
 - ``"SPREAD"``: spread over the nodes that can run it, least loaded first.
 - :class:`NodeAffinitySchedulingStrategy`: one given node (``soft=False``: only there, failing
   when it is dead, unknown or too small; ``soft=True``: there if it can, elsewhere otherwise).
+- :class:`PlacementGroupSchedulingStrategy`: in a bundle of a placement group
+  (:mod:`nbcluster.util.placement_group`), out of the resources the bundle reserved.
 
 On the wire a strategy travels as a small dict (:func:`strategy_spec`); the head interprets it in
 :mod:`nbcluster.head.state`.
@@ -18,8 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: Wire form of a strategy: ``{"t": "spread"}`` or ``{"t": "node", "node": id, "soft": bool,
-#: "spill": bool}``; ``None`` stands for DEFAULT.
+#: Wire form of a strategy: ``{"t": "spread"}``, ``{"t": "node", "node": id, "soft": bool,
+#: "spill": bool}`` or ``{"t": "pg", "pg": id, "bundle": index, "capture": bool}``; ``None``
+#: stands for DEFAULT.
 StrategySpec = dict[str, Any]
 
 
@@ -55,6 +58,41 @@ class NodeAffinitySchedulingStrategy:
             raise ValueError(f"soft must be True or False, got {self.soft!r}")
 
 
+@dataclass(frozen=True)
+class PlacementGroupSchedulingStrategy:
+    """Run in a placement group, out of the resources one of its bundles reserved (Ray's).
+
+    Parameters
+    ----------
+    placement_group
+        The :class:`~nbcluster.util.placement_group.PlacementGroup` (``None``: no group, the
+        default strategy).
+    placement_group_bundle_index
+        The bundle to run in; ``-1`` (default): any bundle of the group with room.
+    placement_group_capture_child_tasks
+        Accepted for Ray's code; tasks submitted by the task run with their own strategy.
+    """
+
+    placement_group: Any
+    placement_group_bundle_index: int = -1
+    placement_group_capture_child_tasks: bool | None = None
+
+    def __post_init__(self) -> None:
+        index = self.placement_group_bundle_index
+        if isinstance(index, bool) or not isinstance(index, int) or index < -1:
+            raise ValueError(f"placement_group_bundle_index must be an int >= -1, got {index!r}")
+        pg = self.placement_group
+        if pg is None:
+            return
+        if not hasattr(pg, "id") or not hasattr(pg, "bundle_count"):
+            raise ValueError(f"placement_group must be a PlacementGroup, got {pg!r}")
+        if index >= pg.bundle_count > 0:
+            raise ValueError(
+                f"placement_group_bundle_index {index} is out of range: the placement group has "
+                f"{pg.bundle_count} bundle(s)"
+            )
+
+
 def strategy_spec(strategy: Any) -> StrategySpec | None:
     """Validate ``strategy`` and return its wire form (``None`` for DEFAULT).
 
@@ -81,9 +119,19 @@ def strategy_spec(strategy: Any) -> StrategySpec | None:
             "soft": strategy.soft,
             "spill": bool(strategy._spill_on_unavailable),
         }
+    if isinstance(strategy, PlacementGroupSchedulingStrategy):
+        if strategy.placement_group is None:
+            return None
+        return {
+            "t": "pg",
+            "pg": str(strategy.placement_group.id),
+            "bundle": strategy.placement_group_bundle_index,
+            "capture": bool(strategy.placement_group_capture_child_tasks),
+        }
     raise ValueError(
         f"unsupported scheduling_strategy {type(strategy).__name__}: nbcluster supports "
-        "'DEFAULT', 'SPREAD' and NodeAffinitySchedulingStrategy (no placement groups)"
+        "'DEFAULT', 'SPREAD', NodeAffinitySchedulingStrategy and "
+        "PlacementGroupSchedulingStrategy (placement groups)"
     )
 
 
@@ -136,6 +184,7 @@ def preferred_store(sizes: dict[str, int]) -> str | None:
 
 __all__ = [
     "NodeAffinitySchedulingStrategy",
+    "PlacementGroupSchedulingStrategy",
     "preferred_store",
     "stored_bytes",
     "strategy_key",

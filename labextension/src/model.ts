@@ -10,6 +10,7 @@ import type {
   IHead,
   IMetrics,
   INode,
+  IPlacementGroup,
   ITask,
   ITotals,
   ServerMessage,
@@ -20,6 +21,7 @@ import type {
 export type {
   ActorState,
   IActor,
+  IBundle,
   ICluster,
   IGpuInfo,
   IGpuMetrics,
@@ -29,6 +31,7 @@ export type {
   INodeUpdate,
   IObjectStore,
   IOwner,
+  IPlacementGroup,
   ITask,
   ITotals,
   NodeState,
@@ -52,6 +55,8 @@ export interface IClusterState {
   actors: Record<string, IActor>;
   /** Per node: recent metrics samples, oldest first (for the sparklines). */
   history: Record<string, IMetrics[]>;
+  /** Placement groups not removed, oldest first (from snapshots and metrics messages). */
+  placementGroups: IPlacementGroup[];
   /** Bumped when tasks or actors change, so the view redraws only those tables then. */
   tablesVersion: number;
 }
@@ -82,6 +87,7 @@ export function initialState(): IClusterState {
     tasks: {},
     actors: {},
     history: {},
+    placementGroups: [],
     tablesVersion: 0
   };
 }
@@ -267,6 +273,7 @@ export function applyMessage(state: IClusterState, msg: ServerMessage): ICluster
         tasks: pruneTasks(tasks),
         actors: pruneActors(actors),
         history,
+        placementGroups: (msg.cluster.placement_groups ?? []).filter(g => g.state !== 'REMOVED'),
         tablesVersion: state.tablesVersion + 1
       };
     }
@@ -303,7 +310,8 @@ export function applyMessage(state: IClusterState, msg: ServerMessage): ICluster
         nodes,
         nodeOrder: order,
         history,
-        totals: msg.totals ?? totalsFromNodes(order.map(id => nodes[id]))
+        totals: msg.totals ?? totalsFromNodes(order.map(id => nodes[id])),
+        placementGroups: msg.placement_groups ?? state.placementGroups
       };
     }
     case 'node': {

@@ -27,6 +27,7 @@ import {
   IClusterState,
   IMetrics,
   INode,
+  IPlacementGroup,
   ITask,
   visibleActors,
   visibleTasks
@@ -206,6 +207,39 @@ function clock(t: number | null): string {
   return new Date(t * 1000).toLocaleTimeString();
 }
 
+/** One placement group: name, strategy, each bundle's resources and node; its state. */
+function groupRow(group: IPlacementGroup, state: IClusterState): HTMLElement {
+  const label = group.name || group.placement_group_id.slice(0, 12);
+  const where = group.bundles.map(b => {
+    const node = b.node_id ? state.nodes[b.node_id] : undefined;
+    return `${b.index}: ${formatResources(b.resources)} on ${node?.name ?? b.node_id ?? '—'}`;
+  });
+  const status = group.infeasible ? 'infeasible' : group.state.toLowerCase();
+  return h(
+    'tr',
+    { 'data-placement-group-id': group.placement_group_id, 'data-state': group.state },
+    h(
+      'td',
+      {
+        title:
+          `${group.placement_group_id}\n${group.strategy}` +
+          (group.detached ? '\ndetached' : '') +
+          `\n${where.join('\n')}`
+      },
+      h('div', { class: 'nbc-name' }, label),
+      h(
+        'div',
+        { class: group.infeasible ? 'nbc-sub nbc-infeasible' : 'nbc-sub' },
+        [group.strategy, `${group.bundles.length} bundle(s)`, group.detached ? 'detached' : '']
+          .filter(Boolean)
+          .join(' · ')
+      )
+    ),
+    h('td', {}, h('span', { class: `nbc-badge nbc-group-${status}` }, status)),
+    h('td', { class: 'nbc-action' }, null)
+  );
+}
+
 /** The "Cluster" panel widget. */
 export class ClusterPanel extends Widget {
   constructor(client: ClusterClient) {
@@ -218,6 +252,7 @@ export class ClusterPanel extends Widget {
     this._nodes = h('div', { class: 'nbc-nodes' });
     this._tasks = h('div', { class: 'nbc-tasks' });
     this._actors = h('div', { class: 'nbc-actors' });
+    this._groups = h('div', { class: 'nbc-groups' });
     this.node.append(
       h('div', { class: 'nbc-header' }, h('h2', {}, 'Cluster'), this._summary),
       this._banner,
@@ -225,6 +260,7 @@ export class ClusterPanel extends Widget {
       this._nodes,
       this._tasks,
       this._actors,
+      this._groups,
       this._pools.node
     );
     client.changed.connect(this._schedule, this);
@@ -287,6 +323,24 @@ export class ClusterPanel extends Widget {
       this._renderTasks(state, connected);
       this._renderActors(state, connected);
     }
+    // Groups come with every metrics message: redraw only when they changed.
+    const groupsKey = `${JSON.stringify(state.placementGroups)}:${connected}`;
+    if (groupsKey !== this._groupsKey) {
+      this._groupsKey = groupsKey;
+      this._renderGroups(state);
+    }
+  }
+
+  private _renderGroups(state: IClusterState): void {
+    const groups = state.placementGroups;
+    this._groups.replaceChildren(
+      ...this._table(
+        `Placement groups (${groups.length})`,
+        'Group · bundles',
+        'No placement groups.',
+        groups.map(group => groupRow(group, state))
+      )
+    );
   }
 
   private _renderBanner(state: IClusterState): void {
@@ -486,6 +540,8 @@ export class ClusterPanel extends Widget {
   private _tasks: HTMLElement;
   private _actors: HTMLElement;
   private _frame: number | null = null;
+  private _groups: HTMLElement;
   private _tablesKey = '';
+  private _groupsKey = '';
   private _pools = new PoolsSection();
 }

@@ -13,6 +13,10 @@ export type TaskState = 'queued' | 'running' | 'infeasible' | 'finished' | 'fail
 
 export type ActorState = 'pending' | 'alive' | 'restarting' | 'dead';
 
+export type PlacementStrategy = 'PACK' | 'SPREAD' | 'STRICT_PACK' | 'STRICT_SPREAD';
+
+export type PlacementGroupState = 'PENDING' | 'CREATED' | 'RESCHEDULING' | 'REMOVED';
+
 /** The head: its address (`host:port`), start time and nbcluster version. */
 export interface IHead {
   address: string;
@@ -97,11 +101,36 @@ export interface ITotals {
   GPU_used: number;
 }
 
-/** The cluster: its head, every node, the totals (`GET nbcluster/api/cluster`). */
+/** One bundle of a placement group: what it reserves, where, and what is free in it. */
+export interface IBundle {
+  index: number;
+  resources: Resources;
+  node_id: string | null;
+  available: Resources;
+}
+
+/** A placement group (`nbcluster.util.placement_group`): Ray's states, upper case. */
+export interface IPlacementGroup {
+  placement_group_id: string;
+  name: string;
+  namespace: string;
+  job_id: string;
+  strategy: PlacementStrategy;
+  state: PlacementGroupState;
+  detached: boolean;
+  infeasible: boolean;
+  bundles: IBundle[];
+}
+
+/**
+ * The cluster: its head, every node, the totals, the placement groups (`GET
+ * nbcluster/api/cluster`).
+ */
 export interface ICluster {
   head: IHead;
   nodes: INode[];
   totals: ITotals;
+  placement_groups: IPlacementGroup[];
 }
 
 /** What changes of a node every second (in the websocket's `metrics` message). */
@@ -248,12 +277,16 @@ export interface ISnapshotEvent {
   actors: IActor[];
 }
 
-/** Sent every second: what changed of each node, and the totals. */
+/**
+ * Sent every second: what changed of each node, the totals, the placement groups that
+ * are not removed.
+ */
 export interface IMetricsEvent {
   type: 'metrics';
   time: number;
   nodes: INodeUpdate[];
   totals: ITotals;
+  placement_groups: IPlacementGroup[];
 }
 
 /** A node joined or left. */

@@ -7,6 +7,7 @@ import {
   ICluster,
   IMetrics,
   INode,
+  IPlacementGroup,
   ITask,
   applyMessage,
   applyMessages,
@@ -101,7 +102,8 @@ function cluster(nodes: INode[]): ICluster {
   return {
     head: { address: '127.0.0.1:7711', started_at: 0, version: '0.1' },
     nodes,
-    totals: totalsFromNodes(nodes)
+    totals: totalsFromNodes(nodes),
+    placement_groups: []
   };
 }
 
@@ -167,6 +169,39 @@ describe('applyMessage', () => {
     expect(s.history.n1).toHaveLength(HISTORY_LENGTH);
     expect(s.history.n1[HISTORY_LENGTH - 1].time).toBe(100 + HISTORY_LENGTH + 10);
     expect(s.totals.CPU_used).toBe(4);
+  });
+
+  it('placement groups come with snapshots and metrics, removed ones left out', () => {
+    const group = (id: string, state: IPlacementGroup['state']): IPlacementGroup => ({
+      placement_group_id: id,
+      name: '',
+      namespace: '',
+      job_id: 'j1',
+      strategy: 'PACK',
+      state,
+      detached: false,
+      infeasible: false,
+      bundles: [{ index: 0, resources: { CPU: 1 }, node_id: 'n1', available: { CPU: 1 } }]
+    });
+    let s = applyMessage(initialState(), {
+      type: 'snapshot',
+      cluster: { ...cluster([node('n1')]), placement_groups: [group('a', 'CREATED'), group('b', 'REMOVED')] },
+      tasks: [],
+      actors: []
+    });
+    expect(s.placementGroups.map(g => g.placement_group_id)).toEqual(['a']);
+    const totals = { nodes: 1, CPU: 4, CPU_used: 1, GPU: 0, GPU_used: 0 };
+    s = applyMessage(s, {
+      type: 'metrics',
+      time: 1,
+      nodes: [],
+      totals,
+      placement_groups: [group('a', 'CREATED'), group('c', 'PENDING')]
+    });
+    expect(s.placementGroups.map(g => g.state)).toEqual(['CREATED', 'PENDING']);
+    // An older server's metrics carry none: the groups stay as they were.
+    s = applyMessage(s, { type: 'metrics', time: 2, nodes: [], totals } as never);
+    expect(s.placementGroups).toHaveLength(2);
   });
 
   it('a repeated sample is kept once', () => {

@@ -98,6 +98,7 @@ class CoreClient:
         self._ids = itertools.count(1)
         self._closing = False
         self.closed = threading.Event()
+        self._settling: set[concurrent.futures.Future[None]] = set()  # see ref_from
         # Output routing hooks (set in a notebook kernel by nbcluster.magics): ``output_tag`` is
         # called when a task is submitted, ``on_output(stream, text, tag)`` gets its output lines.
         self.on_output: Callable[[str, str, Any], None] | None = None
@@ -152,6 +153,8 @@ class CoreClient:
             self.closed.wait(10)
             return
         self._closing = True
+        for fut in list(self._settling):  # answers nobody will get now
+            fut.cancel()
         self.io.stop(shutdown_cluster)
         self.closed.set()
 
@@ -198,6 +201,32 @@ class CoreClient:
     def query_args(self, what: str, timeout: float = 10.0, **args: Any) -> Any:
         """Ask the head a question with arguments (``"actor"``, name=..., ns=...)."""
         return self._ask(self.io.query(what, timeout, **args), what, timeout)
+
+    def request(self, header: dict[str, Any], timeout: float = 10.0) -> Any:
+        """Send the head an idempotent request of another kind than ``QUERY`` (``header``:
+        its ``k`` and fields) and return the ``result`` of its ``QUERY_REPLY``."""
+        return self._ask(self.io.request(header, timeout), str(header.get("k")), timeout)
+
+    def ref_from(self, coro: Any) -> ObjectRef:
+        """An object owned by this client whose value is what ``coro`` returns once it is
+        awaited on the I/O thread (what it raises becomes the object's error): a ref to an
+        answer of the head, such as a placement group's ``ready()``. Small values only (kept
+        inline, never in the store)."""
+        oid = f"{self.new_id()}.p"
+        ref = ObjectRef(oid, self.owner_address, self)
+
+        async def settle() -> None:
+            try:
+                frames, state = dumps(await coro), READY
+            except Exception as exc:  # the object's error, raised by get()
+                frames, state = dumps(exc), FAILED
+            self.objects.complete(oid, state, frames)
+
+        assert self.io.loop is not None
+        fut = asyncio.run_coroutine_threadsafe(settle(), self.io.loop)
+        self._settling.add(fut)
+        fut.add_done_callback(self._settling.discard)
+        return ref
 
     def _ask(self, coro: Any, what: str, timeout: float) -> Any:
         try:

@@ -586,6 +586,28 @@ class IoShell:
             self._replies.pop(rid, None)
             self._queries.pop(rid, None)
 
+    async def request(self, header: dict[str, Any], timeout: float | None = 10.0) -> Any:
+        """Send the head a request (``header`` with its kind, without ``rid``) and return the
+        ``result`` of its ``QUERY_REPLY`` (``timeout=None``: however long it takes); as
+        :meth:`query`, resent after a head restart (the requests sent this way are idempotent)."""
+        assert self.loop is not None and self.state is not None
+        rid = self.state.next_rid()
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self._replies[rid] = fut
+        frames = encode({**header, "rid": rid})
+        self._queries[rid] = list(frames)
+        send_nowait(self._head, frames)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ConnectionFailedError(
+                f"the nbcluster head at {self.head_address} did not answer a {header['k']!r} "
+                f"request within {timeout} s"
+            ) from None
+        finally:
+            self._replies.pop(rid, None)
+            self._queries.pop(rid, None)
+
     # ================================================================== workers
     def _open_worker(self, conn: WorkerConn) -> None:
         assert self.transport is not None

@@ -83,6 +83,22 @@ class Unschedulable:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Warn:
+    """Tell a client something its user should know (a placement group that cannot fit)."""
+
+    client: bytes
+    msg: str
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPlaced:
+    """A placement group's bundles are all reserved: answer whoever waits for it."""
+
+    pg_id: str
+
+
 # ------------------------------------------------------------------------------ actors
 @dataclass(frozen=True, slots=True)
 class ActorInit:
@@ -140,6 +156,8 @@ Instruction = (
     | LeaseLost
     | Infeasible
     | Unschedulable
+    | Warn
+    | GroupPlaced
     | ActorInit
     | ActorChanged
     | AttachActor

@@ -101,6 +101,11 @@ class NodeInfo:
         return {g: u / UNIT for g, u in self.gpu_free_u.items()}
 
     @property
+    def key(self) -> str:
+        """Its key in a scheduling pass's reservations (bundles have their own)."""
+        return self.node_id
+
+    @property
     def store_id(self) -> str:
         return str(self.info.get("store_id") or "")
 
@@ -141,6 +146,7 @@ class Lease:
     gpus: dict[int, float]
     units: dict[str, int] = field(default_factory=dict)
     gpu_units: dict[int, int] = field(default_factory=dict)
+    bundle: tuple[str, int] | None = None  # (group id, index) it was carved from
 
     def __post_init__(self) -> None:
         if not self.units:

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from nbcluster.head.actors import ActorDirectory, ActorInfo
-from nbcluster.head.model import NodeInfo
+from nbcluster.head.model import NodeInfo, amounts_of
 from nbcluster.head.state import ClusterState
 from nbcluster.protocol.messages import ALIVE, DEAD, PENDING, RESTARTING
 from nbcluster.protocol.schema import Query
@@ -28,6 +28,7 @@ from nbcluster.views import (
     ActorEvent,
     ActorState,
     ActorView,
+    BundleView,
     ChangeEvent,
     ClusterView,
     GpuInfoView,
@@ -40,6 +41,7 @@ from nbcluster.views import (
     NodeView,
     ObjectStoreView,
     OwnerView,
+    PlacementGroupView,
     TaskEvent,
     TaskState,
     TaskView,
@@ -157,7 +159,8 @@ class Observer:
 
     def demand(self) -> dict[str, Any]:
         """The ``demand`` query: unmet requests by shape, and each idle node's idle seconds."""
-        return {"pending": self.state.demand(), "idle": self.track_idle()}
+        pending = self.state.demand() + self.state.groups.demand()  # groups waiting too
+        return {"pending": pending, "idle": self.track_idle()}
 
     def on_metrics(self, node_id: str, m: Any) -> None:
         """A node's agent sent a sample (a malformed one is logged and dropped)."""
@@ -367,7 +370,37 @@ class Observer:
 
     def cluster(self) -> ClusterView:
         """The body of ``GET /nbcluster/api/cluster``."""
-        return ClusterView(head=self.head_view(), nodes=self.node_views(), totals=self.totals())
+        return ClusterView(
+            head=self.head_view(),
+            nodes=self.node_views(),
+            totals=self.totals(),
+            placement_groups=self.placement_group_views(),
+        )
+
+    def placement_group_views(self) -> list[PlacementGroupView]:
+        """Every placement group the head knows (removed ones included), oldest first."""
+        return [
+            PlacementGroupView(
+                placement_group_id=g.pg_id,
+                name=g.name,
+                namespace=g.namespace,
+                job_id=g.job_id,
+                strategy=g.strategy,  # type: ignore[arg-type]  # checked at creation
+                state=g.state,  # type: ignore[arg-type]  # one of placement's states
+                detached=g.detached,
+                infeasible=g.infeasible_reported,
+                bundles=[
+                    BundleView(
+                        index=b.index,
+                        resources=dict(b.shape),
+                        node_id=b.node_id,
+                        available=amounts_of(b.avail_u),
+                    )
+                    for b in g.bundles
+                ],
+            )
+            for g in self.state.groups.groups.values()
+        ]
 
     def metrics_message(self) -> MetricsEvent:
         """The websocket's once-a-second ``metrics`` message."""
@@ -375,6 +408,7 @@ class Observer:
             time=time.time(),
             nodes=[NodeUpdateView.of(n) for n in self.node_views()],
             totals=self.totals(),
+            placement_groups=[g for g in self.placement_group_views() if g.state != "REMOVED"],
         )
 
     def history(self, node_id: str) -> list[MetricsView] | None:
@@ -410,6 +444,12 @@ class Observer:
             return msgspec.to_builtins(self.task_views())
         if what == "metrics":
             return msgspec.to_builtins(self.history(str(q.node_id)))
+        if what == "placement_groups":  # nbcluster.util.placement_group
+            return msgspec.to_builtins(self.placement_group_views())
+        if what == "placement_group_of":  # the group of the lease worker ``name`` holds
+            w = self.state.workers.get(str(q.name))
+            lease = self.state.leases.get(w.lease_id) if w is not None and w.lease_id else None
+            return lease.bundle[0] if lease is not None and lease.bundle is not None else None
         if what == "demand":  # what pools grow from (nbcluster.deploy)
             return self.demand()
         return None

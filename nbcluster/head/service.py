@@ -16,6 +16,7 @@ import msgspec
 
 from nbcluster._version import __version__
 from nbcluster.head.actors import ActorDirectory, ActorInfo
+from nbcluster.head.groups import GroupRequests
 from nbcluster.head.instructions import (
     ActorChanged,
     ActorInit,
@@ -23,6 +24,7 @@ from nbcluster.head.instructions import (
     ActorUnknown,
     AttachActor,
     Grant,
+    GroupPlaced,
     Infeasible,
     Instruction,
     JobEnded,
@@ -31,6 +33,7 @@ from nbcluster.head.instructions import (
     PublishActorTo,
     StartWorker,
     Unschedulable,
+    Warn,
 )
 from nbcluster.head.model import Lease, WorkerInfo
 from nbcluster.head.observe import Observer
@@ -64,7 +67,7 @@ DRAIN_REASON = "its node was drained (nbcluster-worker stopped)"
 AGENT_LIVENESS_TIMEOUT_S = 5.0
 
 
-class HeadService:
+class HeadService(GroupRequests):
     """Control plane of one cluster.
 
     Parameters
@@ -98,6 +101,7 @@ class HeadService:
         self.port = port
         self.state_file = state_file
         self.head_id = secrets.token_hex(4)
+        GroupRequests.__init__(self)
         self.state = ClusterState(id_prefix=self.head_id[:4] + "-")
         self._dead_nodes: set[str] = set()
         self._dirty = False
@@ -127,6 +131,9 @@ class HeadService:
             m.ActorRelease: self._on_actor_release,
             m.Goodbye: self._on_goodbye,
             m.ShutdownCluster: self._on_shutdown,
+            m.PgCreate: self._on_pg_create,
+            m.PgRemove: self._on_pg_remove,
+            m.PgWait: self._on_pg_wait,
         }
         self.address = ""
         self.started_at = time.time()
@@ -292,6 +299,10 @@ class HeadService:
                         await self._run(self.actors.on_unschedulable(who.aid, why))
                     else:
                         await self._send(who, {"k": Kind.LEASE_FAILED, "rid": rid, "msg": why})
+                case GroupPlaced(pg_id=pg_id):
+                    await self.group_placed(pg_id)
+                case Warn(client=client, msg=text, code=code):
+                    await self._send(client, {"k": Kind.WARNING, "msg": text, "code": code})
                 case ActorInit(actor=a, worker=w, gpus=gpus):
                     await self._actor_init(a, w, gpus)
                 case ActorChanged(actor=a):
@@ -485,7 +496,7 @@ class HeadService:
                 nohello = {"k": Kind.ERROR, "msg": "say hello first", "code": "nohello"}
                 await self._send(ident, nohello)
             return
-        if type(msg) in (m.LeaseRequest, m.ActorCreate) and self.recovery.defer(
+        if type(msg) in (m.LeaseRequest, m.ActorCreate, m.PgCreate) and self.recovery.defer(
             (ident, msg, payload)
         ):
             return  # until the old leases are claimed back, no idle-looking worker is handed out
@@ -710,6 +721,7 @@ class HeadService:
             if peer.owns_job and peer.job_id is not None:
                 await self._run(self.actors.job_gone(peer.job_id))
                 await self._job_ended(peer.job_id)
+            await self.creator_gone(peer.ident, peer.job_id if peer.owns_job else None)
             for a in self.actors.actors.values():
                 a.subscribers.discard(peer.ident)
             await self._run(self.state.client_gone(peer.ident, peer.job_id, peer.owns_job))

@@ -36,6 +36,7 @@ from nbcluster.head.model import (
     to_units,
     units_of,
 )
+from nbcluster.head.placement import Bundle, PlacementGroups, group_of
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ClusterState:
         # Ids of a restarted head must not collide with the ones its peers still hold.
         self._id_prefix = id_prefix
         self._spread_turn = 0  # rotates SPREAD's tie-break among equally loaded nodes
+        self.groups = PlacementGroups(self.nodes, self.leases)  # placement groups' bundles
 
     # ----------------------------------------------------------------------------- nodes
     def add_node(
@@ -112,6 +114,7 @@ class ClusterState:
         # A new node may make waiting requests feasible.
         for req in self.pending:
             req.infeasible_reported = False
+        self.groups.node_added()
         out += self.schedule()
         return node_id, out
 
@@ -125,6 +128,7 @@ class ClusterState:
         for wid in list(node.workers):
             out += self.worker_died(wid, reason)
         node.starting = 0
+        self.groups.node_removed(node_id)
         out += self.schedule()
         return out
 
@@ -198,11 +202,11 @@ class ClusterState:
         if w is None or w.lease_id is None or w.blocked == blocked:
             return []
         lease = self.leases[w.lease_id]
-        node = self.nodes[w.node_id]
+        pool = self._pool(lease)  # a placement group's bundle lends to that bundle
         cpus = lease.units.get("CPU", 0)
         w.blocked = blocked
-        if cpus > 0:
-            node.avail_u["CPU"] = node.avail_u.get("CPU", 0) + (cpus if blocked else -cpus)
+        if cpus > 0 and pool is not None:
+            pool.avail_u["CPU"] = pool.avail_u.get("CPU", 0) + (cpus if blocked else -cpus)
         return self.schedule() if blocked else []
 
     # ----------------------------------------------------------------------------- leases
@@ -274,12 +278,25 @@ class ClusterState:
                 out.append(KillWorker(w.node_id, w.worker_id))
         return out + self.schedule()
 
+    def create_group(
+        self, creator: bytes, job_id: str, pg_id: str, **spec: Any
+    ) -> tuple[str | None, list[Instruction]]:
+        """Create a placement group (:meth:`PlacementGroups.create`: the error, or ``None``)
+        and place it if it fits now."""
+        error = self.groups.create(creator, job_id, pg_id, **spec)
+        return error, ([] if error else self.schedule())
+
+    def remove_group(self, pg_id: str, reason: str) -> list[Instruction] | None:
+        """Remove a placement group (``None``: unknown); requests waiting for it fail."""
+        out = self.groups.remove(pg_id, reason)
+        return None if out is None else out + self.schedule()
+
     def resize_lease(self, lease_id: str, shape: dict[str, float]) -> list[Instruction]:
         """Change what a lease holds (an actor keeps less once placed); frees the difference."""
         lease = self.leases.get(lease_id)
         if lease is None:
             return []
-        node = self.nodes[lease.node_id]
+        node = self._pool(lease)
         w = self.workers.get(lease.worker_id)
         blocked = w.blocked if w is not None else False
         new = units_of(shape)
@@ -289,7 +306,8 @@ class ClusterState:
             if k == "CPU" and blocked:
                 continue
             delta = lease.units.get(k, 0) - new.get(k, 0)
-            node.avail_u[k] = node.avail_u.get(k, 0) + delta
+            if node is not None:
+                node.avail_u[k] = node.avail_u.get(k, 0) + delta
         gpu, gpu_u = lease.shape.get("GPU"), lease.units.get("GPU")
         lease.shape = {k: v for k, v in shape.items() if k != "GPU"}
         lease.units = {k: v for k, v in new.items() if k != "GPU"}
@@ -298,9 +316,13 @@ class ClusterState:
             lease.shape["GPU"] = float(gpu or 0.0)
         return self.schedule()
 
+    def _pool(self, lease: Lease) -> NodeInfo | Bundle | None:
+        """Where a lease's resources go back to: its placement group bundle, else its node."""
+        return self.groups.pool_of(lease) or self.nodes.get(lease.node_id)
+
     def _release(self, lease: Lease) -> None:
+        node = self._pool(lease)
         self.leases.pop(lease.lease_id, None)
-        node = self.nodes.get(lease.node_id)
         w = self.workers.get(lease.worker_id)
         blocked = w.blocked if w is not None else False
         if w is not None:
@@ -338,17 +360,18 @@ class ClusterState:
         return all(node.total_u.get(k, 0) >= v for k, v in units.items())
 
     def _fits(
-        self, node: NodeInfo, units: dict[str, int], plan: _Pass | None = None
+        self, node: NodeInfo | Bundle, units: dict[str, int], plan: _Pass | None = None
     ) -> dict[int, int] | None:
-        """GPU assignment (id -> units) if ``units`` fit the node's free resources now."""
-        held = plan.reserved.get(node.node_id, {}) if plan is not None else {}
+        """GPU assignment (id -> units) if ``units`` fit the free resources of a node (or of a
+        placement group's bundle) now."""
+        held = plan.reserved.get(node.key, {}) if plan is not None else {}
         for k, v in units.items():
             if node.avail_u.get(k, 0) - held.get(k, 0) < v:
                 return None
         need = units.get("GPU", 0)
         if need <= 0:
             return {}
-        held_g = plan.reserved_gpus.get(node.node_id, {}) if plan is not None else {}
+        held_g = plan.reserved_gpus.get(node.key, {}) if plan is not None else {}
         free = {g: u - held_g.get(g, 0) for g, u in node.gpu_free_u.items()}
         if need < UNIT:
             # Fractional: share the fullest GPU that still has room (packs small requests).
@@ -389,22 +412,30 @@ class ClusterState:
         and keeps what it needs reserved for the rest of this pass, so that later requests
         look at other nodes instead of all queueing for the same one.
         """
+        out: list[Instruction] = self.groups.place() if self.groups.waiting() else []
         if not self.pending:
-            return []
-        out: list[Instruction] = []
+            return out
         still: deque[LeaseRequest] = deque()
         plan = _Pass()
         want_start: dict[str, int] = {}
         want_envs: dict[str, set[tuple[str, str]]] = {}  # node id -> (job, env) waiting there
         for req in self.pending:
-            nodes, error = self._candidates(req, plan)
+            in_group = group_of(req.strategy) is not None
+            pairs: list[tuple[NodeInfo, Bundle | None]]
+            if in_group:  # only its group's bundles
+                found, error = self.groups.candidates(req)
+                pairs = list(found)
+            else:
+                nodes, error = self._candidates(req, plan)
+                pairs = [(n, None) for n in nodes]
             if error is not None:
                 out.append(Unschedulable(req.requester, req.rid, error))
                 continue
             placed = False
-            feasible_now = False
-            for node in nodes:
-                gpus = self._fits(node, req.units, plan)
+            feasible_now = in_group  # a group not placed yet is what it waits for
+            for node, bundle in pairs:
+                pool = bundle or node
+                gpus = self._fits(pool, req.units, plan)
                 if gpus is None:
                     continue
                 feasible_now = True
@@ -413,10 +444,10 @@ class ClusterState:
                 if w is None:
                     want_start[node.node_id] = want_start.get(node.node_id, 0) + 1
                     want_envs.setdefault(node.node_id, set()).add((req.job_id, req.env))
-                    plan.reserve(node.node_id, req.units, gpus)
+                    plan.reserve(pool.key, req.units, gpus)
                     req.waiting_on = node.node_id
                     break
-                out.append(self._grant(req, node, w, gpus))
+                out.append(self._grant(req, node, w, gpus, bundle))
                 placed = True
                 break
             if placed:
@@ -538,13 +569,19 @@ class ClusterState:
         return best
 
     def _grant(
-        self, req: LeaseRequest, node: NodeInfo, w: WorkerInfo, gpus: dict[int, int]
+        self,
+        req: LeaseRequest,
+        node: NodeInfo,
+        w: WorkerInfo,
+        gpus: dict[int, int],
+        bundle: Bundle | None = None,
     ) -> Grant:
         lease_id = f"lease-{self._id_prefix}{next(self._ids)}"
+        pool = bundle or node
         for k, v in req.units.items():
-            node.avail_u[k] = node.avail_u.get(k, 0) - v
+            pool.avail_u[k] = pool.avail_u.get(k, 0) - v
         for g, u in gpus.items():
-            node.gpu_free_u[g] -= u
+            pool.gpu_free_u[g] -= u
         if w.job_id is None:
             w.env = req.env
         w.job_id = req.job_id
@@ -562,6 +599,7 @@ class ClusterState:
             {g: u / UNIT for g, u in gpus.items()},
             units=dict(req.units),
             gpu_units=dict(gpus),
+            bundle=(bundle.pg_id, bundle.index) if bundle is not None else None,
         )
         self.leases[lease_id] = lease
         return Grant(req.requester, req.rid, lease, w)
@@ -671,10 +709,9 @@ class ClusterState:
         for node in self.nodes.values():
             if not node.alive:
                 continue
-            held: dict[str, int] = {}
-            gpu_held: dict[int, int] = {}
+            held, gpu_held = self.groups.reserved_on(node.node_id)  # bundles hold apart
             for lease in self.leases.values():
-                if lease.node_id != node.node_id:
+                if lease.node_id != node.node_id or self.groups.pool_of(lease) is not None:
                     continue
                 w = self.workers[lease.worker_id]
                 for k, v in lease.units.items():
@@ -703,6 +740,8 @@ class ClusterState:
                 assert w.job_id is None, f"adopted {w.worker_id} bound to {w.job_id}"
         for req in self.pending:
             assert req.units == units_of(req.shape), f"request {req.rid}: units drifted"
+        blocked = {w.lease_id for w in self.workers.values() if w.blocked and w.lease_id}
+        self.groups.validate(blocked)
 
 
 def _check_request(shape: dict[str, float], strategy: dict[str, Any] | None) -> str | None:
@@ -721,6 +760,8 @@ def _check_request(shape: dict[str, float], strategy: dict[str, Any] | None) -> 
     if kind == "spread":
         return None
     if kind == "node" and isinstance(strategy.get("node"), str) and strategy["node"]:
+        return None
+    if kind == "pg" and group_of(strategy) and isinstance(strategy.get("bundle", -1), int):
         return None
     return f"invalid scheduling strategy {strategy!r}"
 

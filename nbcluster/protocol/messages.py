@@ -49,6 +49,9 @@ class Kind(StrEnum):
     QUERY = "query"  # client -> head
     QUERY_REPLY = "qreply"  # head -> client
     SHUTDOWN_CLUSTER = "shutdown"  # owner driver -> head: stop head and every agent
+    PG_CREATE = "pgcreate"  # client -> head: reserve a placement group -> QUERY_REPLY
+    PG_REMOVE = "pgremove"  # client -> head: remove one -> QUERY_REPLY
+    PG_WAIT = "pgwait"  # client -> head: answered (QUERY_REPLY) once the group is placed
 
     # --- observability (driver <-> head) ---------------------------------------------------
     TASK_EVENTS = "tevents"  # driver -> head: task state changes (client/events.py)

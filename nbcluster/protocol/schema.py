@@ -64,7 +64,15 @@ class NodeStrategy(msgspec.Struct, tag_field="t", tag="node"):
     spill: bool = False
 
 
-Strategy = SpreadStrategy | NodeStrategy
+class PgStrategy(msgspec.Struct, tag_field="t", tag="pg"):
+    """``{"t": "pg", pg, bundle, capture}``: in a placement group's bundle (-1: any)."""
+
+    pg: str
+    bundle: int = -1
+    capture: bool = False
+
+
+Strategy = SpreadStrategy | NodeStrategy | PgStrategy
 
 
 # --- runtime_env (the wire form of nbcluster.runtime_env.upload) ----------------------------
@@ -247,6 +255,36 @@ class QueryReply(Message, tag=Kind.QUERY_REPLY.value):
     summary = "head -> client"
     rid: int
     result: Any
+
+
+class PgCreate(Message, tag=Kind.PG_CREATE.value):
+    expects_reply = True
+    summary = "client -> head: reserve a placement group (answered ``QUERY_REPLY {error}``)"
+    rid: int
+    pg_id: str
+    bundles: list[Shape]
+    strategy: str = "PACK"
+    name: str = ""
+    ns: str = ""
+    detached: bool = False
+
+
+class PgRemove(Message, tag=Kind.PG_REMOVE.value):
+    expects_reply = True
+    summary = "client -> head: remove a placement group (answered ``QUERY_REPLY {removed}``)"
+    rid: int
+    pg_id: str
+
+
+class PgWait(Message, tag=Kind.PG_WAIT.value):
+    expects_reply = True
+    summary = (
+        "client -> head: answered ``QUERY_REPLY {ready}`` once the group is placed (``ready`` "
+        "false after ``timeout`` seconds; none: no limit), ``{error}`` if it is removed or unknown"
+    )
+    rid: int
+    pg_id: str
+    timeout: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
 class ShutdownCluster(Message, tag=Kind.SHUTDOWN_CLUSTER.value):

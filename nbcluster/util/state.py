@@ -113,6 +113,21 @@ def _node(n: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _group(g: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "placement_group_id": g["placement_group_id"],
+        "name": g["name"],
+        "creator_job_id": g["job_id"],
+        "state": g["state"],
+        "is_detached": g["detached"],
+        "bundles": [
+            {"bundle_id": b["index"], "node_id": b["node_id"], "unit_resources": b["resources"]}
+            for b in g["bundles"]
+        ],
+        "stats": {"scheduling_state": "INFEASIBLE" if g["infeasible"] else g["state"]},
+    }
+
+
 def _size(frames: Sequence[Any]) -> int | None:
     total = 0
     for f in frames:
@@ -188,6 +203,7 @@ _BRIEF = {
              "labels"),
     "object": ("object_id", "object_size", "task_status", "reference_type", "owned", "type",
                "ip", "pid", "call_site"),
+    "placement_group": ("placement_group_id", "name", "creator_job_id", "state"),
 }  # fmt: skip
 
 
@@ -223,6 +239,7 @@ _ACTOR_COLUMNS = tuple(_actor({"actor_id": "", "class_name": "", "state": "alive
 _NODE_COLUMNS = tuple(_node({"node_id": "", "address": "", "name": "", "alive": True,
                              "resources_total": {}}))  # fmt: skip
 _OBJECT_COLUMNS = _BRIEF["object"] + ("owner_address",)
+_GROUP_COLUMNS = _BRIEF["placement_group"] + ("is_detached",)
 
 
 def list_tasks(
@@ -331,9 +348,18 @@ def list_placement_groups(
     detail: bool = False,
     raise_on_missing_output: bool = True,
 ) -> list[StateRecord]:
-    """Placement groups: none (nbcluster has no placement groups yet)."""
-    _check_filters(filters, ("placement_group_id", "name", "state", "creator_job_id"))
-    return []
+    """Placement groups (:mod:`nbcluster.util.placement_group`), the newest removed ones
+    included; ``state`` is ``PENDING``, ``CREATED``, ``RESCHEDULING`` or ``REMOVED``. With
+    ``detail``: ``bundles`` (``bundle_id``, ``node_id``, ``unit_resources``), ``is_detached``,
+    ``stats``. Arguments as :func:`list_tasks`."""
+    return _list(
+        "placement_group",
+        lambda: [_group(g) for g in _client().query("placement_groups") or []],
+        _GROUP_COLUMNS,
+        filters,
+        limit,
+        detail,
+    )
 
 
 def summarize_tasks(

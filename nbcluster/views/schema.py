@@ -29,6 +29,9 @@ TaskState = Literal["queued", "running", "infeasible", "finished", "failed", "ca
 #: The protocol's actor states (:mod:`nbcluster.protocol.messages`), lower case.
 ActorState = Literal["pending", "alive", "restarting", "dead"]
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+PlacementGroupState = Literal["PENDING", "CREATED", "RESCHEDULING", "REMOVED"]
+
 #: Task states of work not yet over.
 ACTIVE_TASK_STATES: tuple[TaskState, ...] = ("queued", "running", "infeasible")
 
@@ -156,12 +159,37 @@ class TotalsView(View):
     gpu_used: float = msgspec.field(name="GPU_used")
 
 
+class BundleView(View):
+    """One bundle of a placement group: what it reserves, where, and what is free in it."""
+
+    index: int
+    resources: Resources
+    node_id: str | None  # null while not placed
+    available: Resources
+
+
+class PlacementGroupView(View):
+    """A placement group (``nbcluster.util.placement_group``): Ray's states, upper case."""
+
+    placement_group_id: str
+    name: str
+    namespace: str
+    job_id: str
+    strategy: PlacementStrategy
+    state: PlacementGroupState
+    detached: bool
+    infeasible: bool  # no set of alive nodes could ever hold it (it waits for nodes)
+    bundles: list[BundleView]
+
+
 class ClusterView(View):
-    """The cluster: its head, every node, the totals (``GET nbcluster/api/cluster``)."""
+    """The cluster: its head, every node, the totals, the placement groups (``GET
+    nbcluster/api/cluster``)."""
 
     head: HeadView
     nodes: list[NodeView]
     totals: TotalsView
+    placement_groups: list[PlacementGroupView] = []
 
 
 # --- work --------------------------------------------------------------------------------------
@@ -318,11 +346,13 @@ class SnapshotEvent(Event, tag="snapshot"):
 
 
 class MetricsEvent(Event, tag="metrics"):
-    """Sent every second: what changed of each node, and the totals."""
+    """Sent every second: what changed of each node, the totals, the placement groups that
+    are not removed."""
 
     time: float
     nodes: list[NodeUpdateView]
     totals: TotalsView
+    placement_groups: list[PlacementGroupView] = []
 
 
 class NodeEvent(Event, tag="node"):
@@ -354,6 +384,8 @@ TS_EXPORTS: tuple[tuple[str, object], ...] = (
     ("NodeState", NodeState),
     ("TaskState", TaskState),
     ("ActorState", ActorState),
+    ("PlacementStrategy", PlacementStrategy),
+    ("PlacementGroupState", PlacementGroupState),
     ("ClusterView", ClusterView),
     ("NodeUpdateView", NodeUpdateView),
     ("TaskView", TaskView),
