@@ -59,7 +59,7 @@ T = TypeVar("T")
 pytestmark = pytest.mark.timeout(600)
 
 try:
-    from playwright.sync_api import Page, expect, sync_playwright
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
 
     expect.set_options(timeout=UI_TIMEOUT_MS)  # its default, 5 s, is short for a busy CI box
 except ImportError:  # pragma: no cover - the test extra installs it
@@ -202,33 +202,44 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
 
 @pytest.fixture(scope="module")
-def page(lab: Lab) -> Iterator[Page]:
-    with _browse(lab) as page:
+def browser() -> Iterator[Browser]:
+    """One headless Chromium for the module (Playwright's sync API allows one at a time)."""
+    if (reason := _skip_reason()) is not None:
+        pytest.skip(reason)
+    assert sync_playwright is not None
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(lab: Lab, browser: Browser) -> Iterator[Page]:
+    with _browse(browser, lab) as page:
         yield page
 
 
 @contextlib.contextmanager
-def _browse(lab: Lab) -> Iterator[Page]:
-    """A Chromium page on ``lab``'s JupyterLab, loaded; fails on the panel's page errors."""
-    assert sync_playwright is not None
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(viewport={"width": 1360, "height": 860})
-            page = context.new_page()
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            # "Leave the page?" on reload while a notebook has unsaved output: leave. Playwright
-            # would dismiss it, which cancels the reload.
-            page.on("dialog", lambda d: d.accept())
-            page.goto(f"{lab.url}lab?token={lab.token}", timeout=UI_TIMEOUT_MS * 2)
-            _wait_ready(page)
-            yield page
-            nbc_errors = [e for e in errors if "nbcluster" in e or "nbc-" in e]
-            assert not nbc_errors, nbc_errors
-        finally:
-            browser.close()
+def _browse(browser: Browser, lab: Lab) -> Iterator[Page]:
+    """A page on ``lab``'s JupyterLab, loaded; fails on the panel's page errors."""
+    context = browser.new_context(viewport={"width": 1360, "height": 860})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        # "Leave the page?" on reload while a notebook has unsaved output: leave. Playwright
+        # would dismiss it, which cancels the reload.
+        page.on("dialog", lambda d: d.accept())
+        page.goto(f"{lab.url}lab?token={lab.token}", timeout=UI_TIMEOUT_MS * 2)
+        _wait_ready(page)
+        yield page
+        nbc_errors = [e for e in errors if "nbcluster" in e or "nbc-" in e]
+        assert not nbc_errors, nbc_errors
+    finally:
+        context.close()
 
 
 def _wait_ready(page: Page) -> None:
@@ -549,7 +560,7 @@ def test_reconnects_after_a_server_restart(lab: Lab, page: Page) -> None:
 
 
 def test_pools_section_scales_a_slurm_pool_after_confirmation(
-    local_slurm: Any, tmp_path_factory: pytest.TempPathFactory
+    local_slurm: Any, browser: Browser, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """The Pools section of a server with ``c.NbclusterApp.pools``: a job appears with its Slurm
     id once the scale is confirmed, "Keep" changes nothing, scaling to 0 ends the job."""
@@ -561,7 +572,7 @@ def test_pools_section_scales_a_slurm_pool_after_confirmation(
     )
     lab.start()
     try:
-        with _browse(lab) as page:
+        with _browse(browser, lab) as page:
             _open_panel(page)
             section = page.locator("#nbcluster-panel .nbc-pools")
             expect(section.locator(".nbc-pool-title")).to_contain_text("cpu (slurm)")
