@@ -84,7 +84,7 @@ class Sim:
         self.client = CoreClient("127.0.0.1:1", "token")
         self.state = ClientState(self.client.objects, ME, self.client, node_id="n1")
         self.now = 0.0
-        self.timers: list[Event] = []
+        self.timers: list[tuple[float, Event]] = []  # (due, event)
         self.requests: dict[int, dict[str, Any]] = {}  # outstanding lease requests
         self.open: set[WorkerConn] = set()
         self.sent: dict[WorkerConn, list[dict[str, Any]]] = {}  # tasks on each worker, in order
@@ -127,8 +127,8 @@ class Sim:
                     self.sent[conn].append(header)
                 case CancelOnWorker(conn):
                     assert conn in self.open, "CANCEL sent to a closed worker"
-                case StartTimer(_, event):
-                    self.timers.append(event)
+                case StartTimer(delay, event):
+                    self.timers.append((self.now + delay, event))
                 case ToOwner(owner, header):
                     assert owner != ME, "we never ask ourselves"
                     if header["k"] == Kind.GET_OBJECT:
@@ -231,9 +231,16 @@ class Sim:
         self.feed(TaskResult(conn, rec.tid, ok, counts, None, lost, [], [], payload))
 
     def fire_timers(self) -> None:
-        timers, self.timers = self.timers, []
-        for ev in timers:
+        """Fire timers, each at its time (the clock moves on to it), until none is left (a
+        timer may set another: a lease used since it was armed lingers on)."""
+        for _ in range(100):
+            if not self.timers:
+                return
+            self.timers.sort(key=lambda t: t[0])
+            due, ev = self.timers.pop(0)
+            self.now = max(self.now, due)
             self.feed(ev)
+        raise AssertionError(f"timers keep setting timers: {self.timers}")
 
     def release(self, k: int) -> None:
         for _ in range(min(k, len(self.held))):

@@ -135,7 +135,6 @@ class Leasing:
             sc.requests.clear()
 
     def _dispatch(self, rec: TaskRecord, lease: Lease) -> None:
-        lease.linger_token += 1  # busy again: a pending linger timer no longer counts
         conn = lease.conn
         rec.lease = lease
         lease.inflight.append(rec)
@@ -234,13 +233,29 @@ class Leasing:
         )
 
     def _linger(self, lease: Lease) -> None:
-        lease.linger_token += 1
-        self._emit(StartTimer(LEASE_LINGER_S, LingerExpired(lease, lease.linger_token)))
+        """The lease went idle: return it after :data:`LEASE_LINGER_S` unless used again.
+
+        One timer per lease at a time (not one per task): a busy lease goes idle after every
+        task, and a timer each time filled the loop's timer heap with thousands of stale ones.
+        """
+        lease.idle_since = self.events.now
+        if not lease.linger_armed:
+            lease.linger_armed = True
+            self._emit(StartTimer(LEASE_LINGER_S, LingerExpired(lease, lease.linger_token)))
 
     def on_linger_expired(self, ev: LingerExpired) -> None:
-        """Return the lease if it stayed idle since the timer started."""
+        """Return the lease if it has been idle for :data:`LEASE_LINGER_S`; else look again
+        when that will be so."""
         lease = ev.lease
-        if ev.token != lease.linger_token or lease.inflight or lease.lease_id not in self.leases:
+        if ev.token != lease.linger_token:
+            return  # dropped meanwhile (its own timer, if any, is another)
+        lease.linger_armed = False
+        if lease.inflight or lease.lease_id not in self.leases:
+            return  # busy: it lingers again when it goes idle
+        left = lease.idle_since + LEASE_LINGER_S - self.events.now
+        if left > 0.001:
+            lease.linger_armed = True
+            self._emit(StartTimer(left, LingerExpired(lease, lease.linger_token)))
             return
         self._drop_lease(lease)
         self._emit(ToHead({"k": Kind.LEASE_RETURN, "lease_id": lease.lease_id}))

@@ -63,7 +63,9 @@ class Lease:
     shape_key: tuple[Any, ...]  # its scheduling class: also strategy and preferred store
     conn: WorkerConn
     inflight: deque[TaskRecord] = field(default_factory=deque)
-    linger_token: int = 0  # bumped when busy or dropped: an older linger timer is void
+    linger_token: int = 0  # bumped when dropped: an older linger timer is void
+    idle_since: float = 0.0  # when it last became idle
+    linger_armed: bool = False  # a linger timer is pending (at most one per lease)
 
 
 @dataclass
