@@ -38,6 +38,8 @@ class RemoteFunction:
         self._name: str = options.name or str(getattr(fn, "__name__", "task"))
         self._blob: bytes | None = None
         self._fn_id = ""
+        # Looked up once: inspect's checks cost more than the rest of a submit's bookkeeping.
+        self._is_generator = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -68,7 +70,8 @@ class RemoteFunction:
     def _submit(self, opts: TaskOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         client = current.require()
         fn_id, blob = self._pickled()
-        nret, gen = generator_mode(self._function, opts.num_returns, self._explicit_returns(opts))
+        explicit = self._explicit_returns(opts)
+        nret, gen = generator_mode(self._is_generator, opts.num_returns, explicit)
         refs = client.submit(
             opts.name or self._name,
             fn_id,
@@ -116,7 +119,7 @@ class _BoundOptions:
         return _BoundOptions(self._fn, make_task_options(self._options, **kwargs))
 
 
-def generator_mode(fn: Any, num_returns: int | str, explicit: bool) -> tuple[int, int]:
+def generator_mode(is_generator: bool, num_returns: int | str, explicit: bool) -> tuple[int, int]:
     """``(num_returns, gen)`` of a call: a generator function streams unless told otherwise.
 
     ``gen`` is 0 (a plain task), ``STREAMING`` or ``DYNAMIC`` (:mod:`nbcluster.client.streams`).
@@ -126,7 +129,7 @@ def generator_mode(fn: Any, num_returns: int | str, explicit: bool) -> tuple[int
     if num_returns == "dynamic":
         return 1, DYNAMIC
     assert isinstance(num_returns, int)
-    if not explicit and (inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)):
+    if not explicit and is_generator:
         return 1, STREAMING  # Ray's default for generator functions
     return num_returns, 0
 

@@ -46,14 +46,26 @@ class MessageTooLargeError(NbclusterError, ValueError):
 def max_message_bytes() -> int:
     """The largest frame a listening socket accepts: ``$NBCLUSTER_MAX_MESSAGE_BYTES`` (bytes;
     ``0`` or negative: no limit), else :data:`DEFAULT_MAX_MESSAGE_BYTES`. ``-1`` means none."""
-    raw = os.environ.get(MAX_MESSAGE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_MESSAGE_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{MAX_MESSAGE_ENV}={raw!r} is not a number of bytes") from None
-    return value if value > 0 else -1
+    global _parsed
+    raw = os.environ.get(MAX_MESSAGE_ENV, "")
+    if raw == _parsed[0]:  # checked on every submit: parse only when the setting changed
+        return _parsed[1]
+    text = raw.strip()
+    if not text:
+        value = DEFAULT_MAX_MESSAGE_BYTES
+    else:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigurationError(
+                f"{MAX_MESSAGE_ENV}={raw!r} is not a number of bytes"
+            ) from None
+        value = value if value > 0 else -1
+    _parsed = (raw, value)
+    return value
+
+
+_parsed: tuple[str, int] = ("", DEFAULT_MAX_MESSAGE_BYTES)  # the last setting read, its value
 
 
 def check_frame_sizes(frames: Iterable[Any], what: str) -> None:
