@@ -6,7 +6,9 @@ In Jupyter, ``%load_ext nbcluster`` adds magics; ``dashboard()`` and ``progress(
 ``nbcluster.deploy`` grows a cluster with jobs of Slurm (``SlurmCluster``), SSH hosts, Kubernetes.
 """
 
-from nbcluster import deploy, exceptions, util
+from typing import TYPE_CHECKING, Any
+
+from nbcluster import exceptions
 from nbcluster._version import __version__
 from nbcluster.actor import ActorClass, ActorHandle, exit_actor, get_actor, kill, method
 from nbcluster.api import (
@@ -32,6 +34,21 @@ from nbcluster.refs import ObjectRef
 from nbcluster.remote import RemoteFunction, remote
 from nbcluster.scheduling import NodeAffinitySchedulingStrategy
 from nbcluster.widgets import dashboard
+
+if TYPE_CHECKING:
+    from nbcluster import deploy, util
+
+#: Subpackages imported on first use (``nb.util.ActorPool``, ``nb.deploy.SlurmCluster``): most
+#: programs need neither, and together they took a third of ``import nbcluster``.
+_LAZY = ("deploy", "util")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"nbcluster.{name}")
+    raise AttributeError(f"module 'nbcluster' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython: object) -> None:

@@ -20,8 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pathspec
-
 from nbcluster.runtime_env.spec import RuntimeEnvError
 
 #: Largest package (bytes of its files, before compression) nbcluster ships, as Ray's 500 MiB.
@@ -61,6 +59,8 @@ def _files(root: str, top: str, excludes: tuple[str, ...]) -> Iterator[tuple[str
     Symbolic links to files are packed as the files they point to; linked directories are not
     followed (they may loop, or lead anywhere).
     """
+    import pathspec  # only when packing: it is a tenth of `import nbcluster` otherwise
+
     spec = pathspec.GitIgnoreSpec.from_lines([*_ALWAYS_EXCLUDED, *excludes])
     if os.path.isfile(root):
         name = os.path.basename(root)
