@@ -398,7 +398,7 @@ def get(
 def _cancel_pending(client: CoreClient, refs: Sequence[ObjectRef]) -> None:
     """Cancel the tasks (and actor calls) we own that would produce ``refs`` and are not done."""
     for r in refs:
-        e = client.objects.get(r.hex())
+        e = client.objects.get(r.oid)
         if e is not None and e.owned and e.state == PENDING:
             with contextlib.suppress(Exception):
                 client.cancel(r, False)
@@ -459,7 +459,7 @@ def _wait_generators(
     def is_ready(r: Any) -> bool:
         if isinstance(r, ObjectRefGenerator):
             return r.next_ready()
-        e = client.objects.get(r.hex())
+        e = client.objects.get(r.oid)
         return e is None or e.state != PENDING
 
     while True:

@@ -118,7 +118,7 @@ class ObjectRefGenerator:
             self._consumed()
             return ref
         self._finish_progress()
-        e = client.objects.get(self._ref.hex())
+        e = client.objects.get(self._ref.oid)
         if e is not None and e.state == FAILED and not self._error_given:
             self._error_given = True  # the ref after the last good one raises the error
             return self._ref

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbcluster.runtime_env.spec import RuntimeEnvSpec, parse
-from nbcluster.scheduling import StrategySpec, strategy_spec
+from nbcluster.scheduling import PlacementGroupSchedulingStrategy, StrategySpec, strategy_spec
 
 _EPS = 1e-9
 
@@ -108,19 +108,26 @@ def check_option_names(given: Iterable[str], valid: Iterable[str], what: str) ->
 
 
 def check_ignored(opts: dict[str, Any]) -> None:
-    """Check the values of accepted-but-ignored options whose misuse would change a result.
+    """Check the values of accepted-but-ignored options whose misuse would change a result, and
+    turn Ray's legacy ``placement_group=`` options into a ``scheduling_strategy`` (in place).
 
     Raises
     ------
     ValueError
-        For a placement group given the legacy way (not supported), or a bad ``max_calls`` or
-        ``max_pending_calls``.
+        For a legacy placement group beside a ``scheduling_strategy``, or a bad ``max_calls``
+        or ``max_pending_calls``.
     """
     pg = opts.get("placement_group", "default")
     if pg not in (None, "default"):
-        raise ValueError(
-            "placement_group= is not supported yet: nbcluster has no placement groups; "
-            "leave it unset (or 'default')"
+        if opts.get("scheduling_strategy") not in (None, "DEFAULT"):
+            raise ValueError(
+                "placement_group= and scheduling_strategy= cannot both be given: use "
+                "scheduling_strategy=PlacementGroupSchedulingStrategy(...)"
+            )
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            pg,
+            opts.get("placement_group_bundle_index", -1),
+            opts.get("placement_group_capture_child_tasks"),
         )
     for key, low in (("max_calls", 0), ("max_pending_calls", -1)):
         v = opts.get(key)

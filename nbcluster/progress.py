@@ -41,8 +41,8 @@ class Progress:
         client = current.require()
         client.prefetch(refs)  # start fetches of borrowed refs, as get() does
         for ref in refs:
-            if not client.objects.on_ready(ref.hex(), self._one_done):
-                self._one_done(client.objects.get(ref.hex()))
+            if not client.objects.on_ready(ref.oid, self._one_done):
+                self._one_done(client.objects.get(ref.oid))
         if self.total == 0:
             self._finished.set()
         self._thread = threading.Thread(target=self._run, name="nbcluster-progress", daemon=True)

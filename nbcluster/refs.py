@@ -21,8 +21,9 @@ class ObjectRef:
     last reference to it in the owner's process disappears (and it was never sent to another
     process), the owner frees the value.
 
-    ``ObjectRef(ref.binary())`` (or ``ObjectRef(ref.hex())``) makes another ref to an object this
-    process already holds a ref to, as in Ray; ``ObjectRef.nil()`` is the empty ref.
+    ``ObjectRef(ref.binary())`` (also ``ObjectRef(bytes.fromhex(ref.hex()))``) makes another ref
+    to an object this process already holds a ref to, as in Ray; ``ObjectRef.nil()`` is the empty
+    ref.
     """
 
     __slots__ = ("__weakref__", "_client", "_id", "_owner")
@@ -35,8 +36,10 @@ class ObjectRef:
         *,
         borrowed: bool = False,
     ) -> None:
+        if isinstance(oid, str) and len(oid) == 2 * ID_SIZE and _is_hex(oid):
+            oid = bytes.fromhex(oid)  # ``ref.hex()``
         if isinstance(oid, bytes | bytearray):
-            oid = bytes(oid).rstrip(b"\0").decode("ascii", "replace")
+            oid = id_from_binary(bytes(oid))
         if not isinstance(oid, str):
             raise TypeError(
                 f"ObjectRef() takes the bytes of an object id, got {type(oid).__name__}"
@@ -63,17 +66,28 @@ class ObjectRef:
         """Whether this is :meth:`nil`."""
         return not self._id
 
+    @classmethod
+    def from_binary(cls, binary: bytes) -> ObjectRef:
+        """``ObjectRef(binary)``, by Ray's name."""
+        return cls(binary)
+
+    @classmethod
+    def from_hex(cls, hex_id: str) -> ObjectRef:
+        """The ref whose :meth:`hex` is ``hex_id`` (Ray's ``ObjectRef.from_hex``)."""
+        return cls(bytes.fromhex(hex_id))
+
+    @property
+    def oid(self) -> str:
+        """The object id as this process's tables and the wire protocol know it."""
+        return self._id
+
     def binary(self) -> bytes:
         """The object id as bytes: ``ID_SIZE`` (28) bytes, as Ray's, for any id that fits."""
         return self._id.encode("ascii").ljust(ID_SIZE, b"\0")
 
     def hex(self) -> str:
-        """The object id as a string (the key this process knows the object by).
-
-        Unlike Ray's, it is not the hex form of :meth:`binary`; ``ObjectRef(ref.hex())`` and
-        ``ObjectRef(ref.binary())`` both round-trip.
-        """
-        return self._id
+        """:meth:`binary` in hex, as Ray's: ``ObjectRef(bytes.fromhex(ref.hex()))`` is ``ref``."""
+        return self.binary().hex()
 
     @property
     def owner_address(self) -> str:
@@ -164,3 +178,20 @@ def serialized_refs() -> contextlib.AbstractContextManager[list[ObjectRef]]:
 def loaded_refs() -> contextlib.AbstractContextManager[list[str]]:
     """Collect the ids of the refs unpickled in this thread inside the block."""
     return _collecting("loaded")
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _is_hex(text: str) -> bool:
+    return set(text) <= _HEX
+
+
+def id_from_binary(binary: bytes) -> str:
+    """The object id of :meth:`ObjectRef.binary` (ids are ASCII, padded with zero bytes)."""
+    return binary.rstrip(b"\0").decode("ascii", "replace")
+
+
+def hex_id(oid: str) -> str:
+    """``ObjectRef.hex()`` of the object id ``oid`` (what users and listings show)."""
+    return oid.encode("ascii").ljust(ID_SIZE, b"\0").hex()

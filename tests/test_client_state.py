@@ -445,7 +445,7 @@ def test_dynamic_result_holds_its_items() -> None:
     sim.result(conn, rec)
     e = sim.client.objects.get(rec.return_ids[0])
     assert e is not None and e.state == READY
-    assert [r.hex() for r in e.contained] == [f"{rec.tid}.1", f"{rec.tid}.2"]
+    assert [r.oid for r in e.contained] == [f"{rec.tid}.1", f"{rec.tid}.2"]
     for oid in (f"{rec.tid}.1", f"{rec.tid}.2"):
         item = sim.client.objects.get(oid)
         assert item is not None and item.refs == 1  # the value's refs alone hold it
@@ -515,7 +515,7 @@ def test_random_event_sequences_keep_invariants(seed: int) -> None:
             frames = stored(rng.choice(stores)) if r < 0.3 else dumps(oid)
             sim.feed(ObjectArrived(OTHER, oid, r < 0.9, r > 0.95, frames))
         elif op < 0.83 and sim.held:
-            sim.feed(ObjectRequested(b"peer", rng.choice(sim.held).hex()))
+            sim.feed(ObjectRequested(b"peer", rng.choice(sim.held).oid))
         elif op < 0.86:
             if not actors or rng.random() < 0.3:
                 aid = f"a{len(actors)}"
@@ -551,9 +551,9 @@ def test_random_event_sequences_keep_invariants(seed: int) -> None:
             sim.feed(Rejoined())
         elif sim.held:
             ref = rng.choice(sim.held)
-            sim.feed(FetchObject(ref.hex(), ref.owner_address))
+            sim.feed(FetchObject(ref.oid, ref.owner_address))
     assert len(sim.requests) <= MAX_LEASE_REQUESTS * len(sim.state.leasing.classes)
     sim.settle()
     for ref in sim.held:
-        e = sim.client.objects.get(ref.hex())
+        e = sim.client.objects.get(ref.oid)
         assert e is None or e.state != PENDING or not e.owned, f"{ref} never finished"

@@ -333,7 +333,7 @@ def test_attack_through_a_taken_per_user_folder_fails(shared_tmp: Path) -> None:
         store_id = nb.nodes()[0]["store_id"]
         a = nb.put(np.full(2 * MB, 7, dtype=np.uint8))
         b = nb.put(np.full(2 * MB, 8, dtype=np.uint8))  # spills a
-        name = segment_name(store_id, a.hex())
+        name = segment_name(store_id, a.oid)
         assert (session / "spill" / name).exists()
 
         def attack() -> None:

@@ -80,7 +80,7 @@ def test_task_result_is_stored_once_and_shared(small_store: nb.ClusterInfo) -> N
     ref = produce.remote(5 * MB)  # 40 MB
     assert nb.get(total.remote(ref), timeout=60) == float(np.arange(5 * MB).sum())
     names = [os.path.basename(p) for p in _segments(small_store)]
-    assert names == [f"nbc-{nb.nodes()[0]['store_id']}-{ref.hex()}"]  # written once, by the task
+    assert names == [f"nbc-{nb.nodes()[0]['store_id']}-{ref.oid}"]  # written once, by the task
     assert nb.get(total.remote(ref), timeout=60) > 0
     assert len(_segments(small_store)) == 1  # passing the ref again copies nothing
     got = nb.get(ref, timeout=60)

@@ -91,6 +91,11 @@ def test_strict_spread_puts_one_bundle_on_each_node(nodes: dict[str, str]) -> No
         [where.options(scheduling_strategy=_in(pg, i)).remote() for i in (0, 1)], timeout=TIMEOUT
     )
     assert ran == [row["bundles_to_node_id"][0], row["bundles_to_node_id"][1]]
+    # Ray's legacy options say the same.
+    legacy = where.options(placement_group=pg, placement_group_bundle_index=1).remote()
+    assert nb.get(legacy, timeout=TIMEOUT) == row["bundles_to_node_id"][1]
+    with pytest.raises(ValueError, match="cannot both be given"):
+        where.options(placement_group=pg, scheduling_strategy="SPREAD")
     # The reserved CPUs are not available to anyone else.
     assert nb.available_resources().get("CPU") == 2.0
 

@@ -405,7 +405,7 @@ def test_malformed_messages_stop_nothing(fuzzed: Fuzzed) -> None:
         peers["store"].send({"k": Kind.STORE_STATS, "rid": 7})
         stats, _ = peers["store"].wait_for(lambda h: h.get("rid") == 7)
         assert stats["k"] == Kind.STORE_REPLY and stats["ok"], stats
-        peers["owner"].send({"k": Kind.GET_OBJECT, "oid": f.ref.hex()})
+        peers["owner"].send({"k": Kind.GET_OBJECT, "oid": f.ref.oid})
         obj, frames = peers["owner"].wait_for(lambda h: h["k"] == Kind.OBJECT)
         assert obj["ok"] and loads(frames) == b"kept by its owner"
         for name in ("worker", "actor"):  # a malformed call is answered with its result

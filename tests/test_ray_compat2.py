@@ -231,6 +231,10 @@ def test_ref_ids_round_trip(cluster: nb.ClusterInfo) -> None:
     assert again == ref and hash(again) == hash(ref) and again is not ref
     assert nb.get(again, timeout=T) == {"a": 1}
     assert nb.ObjectRef(ref.hex()) == ref
+    # Ray's round trip through the hex form, and its class methods.
+    assert ref.hex() == ref.binary().hex() and len(ref.hex()) == 56
+    assert nb.ObjectRef(bytes.fromhex(ref.hex())) == ref
+    assert nb.ObjectRef.from_hex(ref.hex()) == ref == nb.ObjectRef.from_binary(ref.binary())
     task_ref = _echo.remote(7)
     assert nb.get(nb.ObjectRef(task_ref.binary()), timeout=T) == 7
     # A ref remade from bytes keeps the object alive like any other ref.
@@ -373,8 +377,8 @@ def test_misspelled_options_name_the_nearest_valid_one(cluster: nb.ClusterInfo) 
     with pytest.raises(ValueError, match=r"Invalid option keyword zzz for remote functions\. "):
         _plus_one.options(zzz=1)
     # Accepted-and-ignored options still refuse what would change a result here.
-    with pytest.raises(ValueError, match="placement_group= is not supported yet"):
-        _plus_one.options(placement_group=object())
+    with pytest.raises(ValueError, match="placement_group must be a PlacementGroup"):
+        _plus_one.options(placement_group=object())  # the legacy way to name a group
     with pytest.raises(ValueError, match="max_calls must be an integer >= 0"):
         _plus_one.options(max_calls=-1)
 

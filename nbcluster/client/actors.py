@@ -111,7 +111,7 @@ class ActorCalls:
         ar.max_task_retries = int(header.get("max_task_retries", 0))
         # The actor reads its constructor's arguments again on every restart: keep them.
         for d in deps:
-            self.objects.mark_escaped(d.hex())
+            self.objects.mark_escaped(d.oid)
         entries = [self.tasks.resolve(d) for d in deps]
         waiting = [e for e in entries if e.state not in (READY, FAILED)]
 

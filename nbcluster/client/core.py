@@ -370,7 +370,7 @@ class CoreClient:
             self.objects.set_contained(oid, inner)
             for r in inner:
                 if r.owner_address != self.owner_address:
-                    self._post(TellOwner(r.owner_address, {"k": Kind.ESCAPE, "oid": r.hex()}))
+                    self._post(TellOwner(r.owner_address, {"k": Kind.ESCAPE, "oid": r.oid}))
         self.objects.complete(oid, READY, frames)
         return ref
 
@@ -383,7 +383,7 @@ class CoreClient:
         return frames
 
     def cancel(self, ref: ObjectRef, force: bool) -> None:
-        self._post(CancelTask(ref.hex(), force))
+        self._post(CancelTask(ref.oid, force))
 
     # ================================================================== user thread
     def create_actor(
@@ -470,9 +470,9 @@ class CoreClient:
     def prefetch(self, refs: Sequence[ObjectRef]) -> None:
         """Start fetching the values of borrowed ``refs`` (``get`` and ``wait`` do first)."""
         for ref in refs:
-            e = self.objects.get(ref.hex())
+            e = self.objects.get(ref.oid)
             if e is not None and e.state == PENDING and not e.owned and not e.fetching:
-                self._post(FetchObject(ref.hex(), ref.owner_address))
+                self._post(FetchObject(ref.oid, ref.owner_address))
 
     def get(self, refs: Sequence[ObjectRef], timeout: float | None) -> list[Any]:
         """Values of ``refs`` (errors re-raised), waiting at most ``timeout`` seconds in all."""
@@ -481,7 +481,7 @@ class CoreClient:
         blocked = False
         try:
             for ref in refs:
-                ev = self.objects.event_for(ref.hex())
+                ev = self.objects.event_for(ref.oid)
                 if ev is None:
                     continue
                 if not blocked and self.worker_id and not ev.is_set():
@@ -499,7 +499,7 @@ class CoreClient:
                     out.append(self._value(ref))
                     break
                 except (ObjectLostError, ObjectStoreError) as exc:
-                    e = self.objects.get(ref.hex())
+                    e = self.objects.get(ref.oid)
                     if e is None or not e.owned or e.state != READY or not is_stored(e.frames):
                         raise
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -509,7 +509,7 @@ class CoreClient:
         return out
 
     def _value(self, ref: ObjectRef) -> Any:
-        e = self.objects.get(ref.hex())
+        e = self.objects.get(ref.oid)
         if e is None:
             raise OwnerDiedError(f"{ref!r} is not known here: its value was freed or lost")
         if e.state == READY:
@@ -531,7 +531,7 @@ class CoreClient:
     ) -> tuple[list[ObjectRef], list[ObjectRef]]:
         """Ray's ``wait``: the first ``num_returns`` ready refs, in the order given."""
         self.prefetch(refs)
-        pending = [r for r in refs if self.objects.event_for(r.hex()) is not None]
+        pending = [r for r in refs if self.objects.event_for(r.oid) is not None]
         need = num_returns - (len(refs) - len(pending))
         if need > 0 and (timeout is None or timeout > 0):
             ev = threading.Event()
@@ -545,7 +545,7 @@ class CoreClient:
                         ev.set()
 
             for r in pending:
-                if not self.objects.on_ready(r.hex(), one_done):
+                if not self.objects.on_ready(r.oid, one_done):
                     one_done(None)  # type: ignore[arg-type]
             blocked = bool(self.worker_id)
             if blocked:
@@ -558,7 +558,7 @@ class CoreClient:
         ready: list[ObjectRef] = []
         not_ready: list[ObjectRef] = []
         for r in refs:
-            e = self.objects.get(r.hex())
+            e = self.objects.get(r.oid)
             done = e is None or e.state != PENDING
             (ready if done and len(ready) < num_returns else not_ready).append(r)
         return ready, not_ready
@@ -586,7 +586,7 @@ class CoreClient:
                 settle()
 
         self.prefetch([ref])
-        if not self.objects.on_ready(ref.hex(), resolve):
+        if not self.objects.on_ready(ref.oid, resolve):
             settle()
         return fut
 
@@ -598,7 +598,7 @@ class CoreClient:
 
     def _recover(self, ref: ObjectRef, why: str, timeout: float | None) -> None:
         """Rebuild ``ref`` and wait for it (user thread); raises when it cannot be rebuilt."""
-        oid = ref.hex()
+        oid = ref.oid
         if not self._can_rebuild(oid):
             raise lost_error(ref, why)
         ev = threading.Event()

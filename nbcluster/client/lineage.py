@@ -176,7 +176,7 @@ class Lineage:
         for i, (dep, frames) in enumerate(zip(rec.deps, rec.dep_frames, strict=False)):
             if not is_stored(frames):
                 continue
-            entry = self.objects.get(dep.hex())
+            entry = self.objects.get(dep.oid)
             if entry is None or entry.frames is not frames or entry.lost:
                 lost.append(i)
         return lost
@@ -200,7 +200,7 @@ class Lineage:
             return False
         self.events.requeued(rec)
         for i in indexes:
-            entry = self.objects.get(rec.deps[i].hex())
+            entry = self.objects.get(rec.deps[i].oid)
             if entry is None:
                 return False
             unchanged = entry.state == READY and entry.frames is rec.dep_frames[i]
@@ -237,7 +237,7 @@ class Lineage:
         waits: list[tuple[int, Entry]] = []
         for i in indexes:
             dep = rec.deps[i]
-            entry = self.objects.get(dep.hex())
+            entry = self.objects.get(dep.oid)
             if entry is None:
                 self._fail_lost(rec, error, f"argument {i} is not known here any more")
                 return

@@ -135,9 +135,9 @@ class Tasks:
 
     def resolve(self, ref: ObjectRef) -> Entry:
         """The local entry of ``ref``, starting a fetch from its owner if we do not own it."""
-        entry = self.objects.get(ref.hex())
+        entry = self.objects.get(ref.oid)
         if entry is None:
-            entry = self.objects.create(ref.hex(), owned=False)
+            entry = self.objects.create(ref.oid, owned=False)
         if entry.state == PENDING and not entry.owned:
             self.ownership.fetch(entry, ref.owner_address)
         return entry

@@ -189,10 +189,10 @@ def _upload(
         raise RuntimeEnvError(
             f"runtime_env: could not upload {path} ({len(package.data)} bytes zipped): {exc}"
         ) from exc
-    client.mark_escaped(ref.hex())  # workers fetch it by id: kept until the job ends
+    client.mark_escaped(ref.oid)  # workers fetch it by id: kept until the job ends
     wire = {
         "hash": package.hash,
-        "oid": ref.hex(),
+        "oid": ref.oid,
         "owner": ref.owner_address,
         "size": len(package.data),
     }

@@ -11,6 +11,7 @@ from typing import Any
 
 from nbcluster.api import _client
 from nbcluster.client.objects import FAILED, PENDING, READY
+from nbcluster.refs import hex_id
 
 __all__ = [
     "StateRecord",
@@ -149,7 +150,7 @@ def _objects() -> list[dict[str, Any]]:
         entries = list(table._entries.values())
     return [
         {
-            "object_id": e.oid,
+            "object_id": hex_id(e.oid),  # as ref.hex()
             "object_size": _size(e.frames) if e.state != PENDING else None,
             "task_status": _OBJECT_STATES.get(e.state, "UNKNOWN"),
             "reference_type": "LOCAL_REFERENCE" if e.refs > 0 else "USED_BY_PENDING_TASK",

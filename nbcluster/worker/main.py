@@ -444,9 +444,9 @@ class Worker:
         with serialized_refs() as returned:
             frames = self.serialize(f"{h.tid}.{i + 1}", value)
         for ref in returned:
-            ref._client.mark_escaped(ref.hex())
+            ref._client.mark_escaped(ref.oid)
         header = m.StreamItem(
-            tid=h.tid, i=i, n=len(frames), returned=[[r.hex(), r.owner_address] for r in returned]
+            tid=h.tid, i=i, n=len(frames), returned=[[r.oid, r.owner_address] for r in returned]
         )
         self.send(ident, header, frames)
 
@@ -491,14 +491,14 @@ class Worker:
             self.send_error(ident, tid, err, "exc", kept)
             return
         for ref in returned:  # refs we own inside the result: kept until our job ends
-            ref._client.mark_escaped(ref.hex())
+            ref._client.mark_escaped(ref.oid)
         frames = [f for p in parts for f in p]
         header = m.Result(
             tid=tid,
             ok=True,
             n=[len(p) for p in parts],
             kept=kept,
-            returned=[[r.hex(), r.owner_address] for r in returned],
+            returned=[[r.oid, r.owner_address] for r in returned],
         )
         self.send(ident, header, frames)
 
