@@ -19,6 +19,7 @@ from nbcluster.options import (
     check_gpus,
     check_ignored,
     check_option_names,
+    legacy_placement,
 )
 from nbcluster.runtime_env.spec import parse as parse_runtime_env
 from nbcluster.runtime_env.upload import wire_env
@@ -69,10 +70,7 @@ def method(
     """
     check_option_names(options, METHOD_OPTION_NAMES, "actor methods")
     code = _returns_code(num_returns)
-    if concurrency_group is not None and (
-        not isinstance(concurrency_group, str) or not concurrency_group
-    ):
-        raise ValueError(f"concurrency_group must be a non-empty string, got {concurrency_group!r}")
+    _check_group_name(concurrency_group)
 
     def deco(fn: F) -> F:
         fn.__nbcluster_num_returns__ = code  # type: ignore[attr-defined]
@@ -81,6 +79,12 @@ def method(
         return fn
 
     return deco
+
+
+def _check_group_name(group: Any) -> None:
+    """A method's or a call's ``concurrency_group``: ``None`` or a non-empty string."""
+    if group is not None and (not isinstance(group, str) or not group):
+        raise ValueError(f"concurrency_group must be a non-empty string, got {group!r}")
 
 
 def _returns_code(num_returns: Any) -> int:
@@ -98,6 +102,7 @@ def _returns_code(num_returns: Any) -> int:
 def _check_actor_options(opts: dict[str, Any]) -> dict[str, Any]:
     check_option_names(opts, ACTOR_OPTION_NAMES | ACTOR_OPTIONS_IGNORED, "actors")
     check_ignored(opts)
+    legacy_placement(opts)
     for key in ("num_cpus", "num_gpus", "memory"):
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
@@ -386,10 +391,7 @@ class ActorMethod:
         ``concurrency_group`` (run in that group) and ``_generator_backpressure_num_objects``;
         Ray's other method options are accepted and ignored."""
         check_option_names(kwargs, METHOD_OPTION_NAMES, "actor methods")
-        if concurrency_group is not None and (
-            not isinstance(concurrency_group, str) or not concurrency_group
-        ):
-            raise ValueError(f"concurrency_group must be a non-empty string: {concurrency_group!r}")
+        _check_group_name(concurrency_group)
         bp = self._backpressure
         if "_generator_backpressure_num_objects" in kwargs:
             bp = check_backpressure(kwargs["_generator_backpressure_num_objects"])

@@ -107,15 +107,14 @@ def check_option_names(given: Iterable[str], valid: Iterable[str], what: str) ->
         )
 
 
-def check_ignored(opts: dict[str, Any]) -> None:
-    """Check the values of accepted-but-ignored options whose misuse would change a result, and
-    turn Ray's legacy ``placement_group=`` options into a ``scheduling_strategy`` (in place).
+def legacy_placement(opts: dict[str, Any]) -> None:
+    """Turn Ray's legacy ``placement_group=``/``placement_group_bundle_index=`` options into a
+    ``scheduling_strategy`` (in place), for tasks and actors alike.
 
     Raises
     ------
     ValueError
-        For a legacy placement group beside a ``scheduling_strategy``, or a bad ``max_calls``
-        or ``max_pending_calls``.
+        For a legacy placement group beside a ``scheduling_strategy``.
     """
     pg = opts.get("placement_group", "default")
     if pg not in (None, "default"):
@@ -129,6 +128,16 @@ def check_ignored(opts: dict[str, Any]) -> None:
             opts.get("placement_group_bundle_index", -1),
             opts.get("placement_group_capture_child_tasks"),
         )
+
+
+def check_ignored(opts: dict[str, Any]) -> None:
+    """Check the values of accepted-but-ignored options whose misuse would change a result.
+
+    Raises
+    ------
+    ValueError
+        For a bad ``max_calls`` or ``max_pending_calls``.
+    """
     for key, low in (("max_calls", 0), ("max_pending_calls", -1)):
         v = opts.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
@@ -211,6 +220,7 @@ def make_task_options(base: TaskOptions | None = None, **kwargs: Any) -> TaskOpt
     """
     check_option_names(kwargs, TASK_OPTION_NAMES | TASK_OPTIONS_IGNORED, "remote functions")
     check_ignored(kwargs)
+    legacy_placement(kwargs)
     base = base or TaskOptions()
     changes: dict[str, Any] = {}
     for key, value in kwargs.items():

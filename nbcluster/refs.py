@@ -83,11 +83,11 @@ class ObjectRef:
 
     def binary(self) -> bytes:
         """The object id as bytes: ``ID_SIZE`` (28) bytes, as Ray's, for any id that fits."""
-        return self._id.encode("ascii").ljust(ID_SIZE, b"\0")
+        return binary_id(self._id)
 
     def hex(self) -> str:
         """:meth:`binary` in hex, as Ray's: ``ObjectRef(bytes.fromhex(ref.hex()))`` is ``ref``."""
-        return self.binary().hex()
+        return binary_id(self._id).hex()
 
     @property
     def owner_address(self) -> str:
@@ -192,6 +192,11 @@ def id_from_binary(binary: bytes) -> str:
     return binary.rstrip(b"\0").decode("ascii", "replace")
 
 
+def binary_id(oid: str) -> bytes:
+    """``ObjectRef.binary()`` of the object id ``oid``: ASCII, padded with zero bytes."""
+    return oid.encode("ascii").ljust(ID_SIZE, b"\0")
+
+
 def hex_id(oid: str) -> str:
     """``ObjectRef.hex()`` of the object id ``oid`` (what users and listings show)."""
-    return oid.encode("ascii").ljust(ID_SIZE, b"\0").hex()
+    return binary_id(oid).hex()

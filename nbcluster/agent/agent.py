@@ -29,7 +29,7 @@ from nbcluster.store.service import StoreService
 from nbcluster.store.transfer import ObjectPuller
 from nbcluster.transport import Transport
 from nbcluster.transport.channel import Channel, Listener, Network, ZmqNetwork
-from nbcluster.transport.serve import Dispatcher, answer_on, serve
+from nbcluster.transport.serve import Dispatcher, answer_on, follow, serve
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +292,10 @@ class NodeAgent:
 
     async def _serve(self) -> None:
         assert self._sock is not None
-        while True:  # follow(), noting that the head is there
-            frames = await self._sock.recv()
-            self._last_heard = time.monotonic()
-            await self._from_head.dispatch(None, frames)
+        await follow(self._sock, self._from_head, None, on_receive=self._heard_from_head)
+
+    def _heard_from_head(self) -> None:
+        self._last_heard = time.monotonic()  # any frame: the head is there
 
     async def _on_start_worker(self, _: None, msg: m.StartWorker, payload: list[Any]) -> None:
         self._spawn(self._start_worker(), "agent-start-worker")

@@ -198,8 +198,19 @@ async def serve(listener: Listener, dispatcher: Dispatcher[bytes]) -> NoReturn:
         await dispatcher.dispatch(peer, frames)
 
 
-async def follow(channel: Channel, dispatcher: Dispatcher[P], peer: P) -> NoReturn:
-    """Handle every message arriving on ``channel`` (whose other end is ``peer``), in order."""
+async def follow(
+    channel: Channel,
+    dispatcher: Dispatcher[P],
+    peer: P,
+    on_receive: Callable[[], None] | None = None,
+) -> NoReturn:
+    """Handle every message arriving on ``channel`` (whose other end is ``peer``), in order.
+
+    ``on_receive`` is called for every frame set, well-formed or not (an agent notes that its
+    head is still there).
+    """
     while True:
         frames = await channel.recv()
+        if on_receive is not None:
+            on_receive()
         await dispatcher.dispatch(peer, frames)
