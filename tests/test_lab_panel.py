@@ -141,13 +141,17 @@ class Lab:
         self.log_path = tmp / "lab.log"
         self.server: JupyterServer | None = None
 
-    def set_gpu(self, utilization: float, memory_used: int) -> None:
-        """What the fake GPU reports from now on (the agent re-reads the file every sample)."""
+    def set_gpu(
+        self, utilization: float, memory_used: int, processes: list[dict[str, Any]] | None = None
+    ) -> None:
+        """What the fake GPU reports from now on (the agent re-reads the file every sample);
+        ``processes``: NVML's compute processes on it (``{pid, memory_used, utilization}``)."""
         gpu = {
             "name": "NVIDIA H100 80GB HBM3",
             "utilization": utilization,
             "memory_used": memory_used,
             "memory_total": 80 * 2**30,
+            "processes": processes or [],
         }
         tmp = self.gpu_file.with_suffix(".tmp")
         tmp.write_text(json.dumps([gpu]))
@@ -422,6 +426,9 @@ def test_actor_from_a_notebook_appears_and_is_killed_from_the_panel(lab: Lab, pa
         "    def incr(self):\n"
         "        self.n += 1\n"
         "        return self.n\n"
+        "    def pid(self):\n"
+        "        import os\n"
+        "        return os.getpid()\n"
         "@nb.remote(num_cpus=1)\n"
         "def train(seconds):\n"
         "    time.sleep(seconds)\n"
@@ -446,7 +453,17 @@ def test_actor_from_a_notebook_appears_and_is_killed_from_the_panel(lab: Lab, pa
     expect(infeasible).to_contain_text("embed")
     expect(infeasible.locator(".nbc-infeasible")).to_contain_text("no node has GPU")
     expect(page.locator(".nbc-status")).to_contain_text("GPUs 1/1")
-    lab.set_gpu(utilization=91, memory_used=61 * 2**30)
+    # The GPU's memory is the actor's: the node's GPU bars say so.
+    r = _off_loop(kernel.execute, "print(nb.get(counter.pid.remote(), timeout=60))")
+    actor_pid = int(r.raise_for_error().stdout.split()[-1])
+    lab.set_gpu(
+        utilization=91,
+        memory_used=61 * 2**30,
+        processes=[{"pid": actor_pid, "memory_used": 61 * 2**30, "utilization": 88}],
+    )
+    expect(page.locator("#nbcluster-panel .nbc-gpu-user")).to_have_text(
+        "actor panel_counter · 61 GiB · 88%"
+    )
     _widen_sidebar(page)
     page.wait_for_timeout(3000)  # let the sparklines and bars move for the picture
     _screenshot(page, "panel.png")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ def test_gpu_sampler_reads_nvml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
             "utilization": 37.0,
             "memory_used": 1000,
             "memory_total": 8000,
+            "processes": [],
         },
         {
             "index": 1,
@@ -73,7 +75,16 @@ def test_gpu_sampler_reads_nvml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
             "utilization": 0.0,
             "memory_used": 0,
             "memory_total": 8000,
+            "processes": [],
         },
+    ]
+    # Per-process figures where NVML has them (utilisation only where it keeps samples).
+    procs = [{"pid": 11, "memory_used": 300, "utilization": 25}, {"pid": 12, "memory_used": 9}]
+    _write_gpus(f, [{"name": "NVIDIA H100", "memory_total": 8000, "processes": procs}])
+    (gpu,) = GpuSampler().sample()
+    assert gpu["processes"] == [
+        {"pid": 11, "memory_used": 300, "utilization": 25.0},
+        {"pid": 12, "memory_used": 9},
     ]
 
 
@@ -174,5 +185,92 @@ def test_agent_pushes_metrics_to_head(tmp_path: Path, monkeypatch: pytest.Monkey
             timeout=20,
         )
         assert time.monotonic() - t0 > 1.0
+    finally:
+        nb.shutdown()
+
+
+@nb.remote(num_gpus=1)
+class GpuHolder:
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@nb.remote(num_gpus=1)
+def hold_gpu(pid_file: str, release_file: str) -> int:
+    Path(pid_file).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not Path(release_file).exists():  # the test's signal to finish (a file: no API here)
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.02)
+    return os.getpid()
+
+
+def test_gpu_memory_is_shown_per_task_and_actor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each GPU's processes are named after the task or actor their worker runs."""
+    f = tmp_path / "gpus.json"
+    gpu = {"name": "Fake H100", "memory_total": 80 << 30}
+    _write_gpus(f, [gpu, gpu])
+    monkeypatch.setenv("NBCLUSTER_NVML_MODULE", FAKE)
+    monkeypatch.setenv("NBCLUSTER_FAKE_NVML", str(f))
+    nb.shutdown()
+    nb.init(num_cpus=2, num_gpus=2)
+    try:
+        client = current.require()
+        holder = GpuHolder.remote()
+        actor_pid = nb.get(holder.pid.remote(), timeout=30)
+        pid_file, release = tmp_path / "pid", tmp_path / "release"
+        ref = hold_gpu.remote(str(pid_file), str(release))
+        task_pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), timeout=30))
+        stranger = os.getpid()  # this test process: on the GPU, but not a worker
+        _write_gpus(
+            f,
+            [
+                {
+                    **gpu,
+                    "processes": [{"pid": actor_pid, "memory_used": 3 << 30, "utilization": 40}],
+                },
+                {
+                    **gpu,
+                    "processes": [
+                        {"pid": task_pid, "memory_used": 1 << 30},
+                        {"pid": stranger, "memory_used": 5 << 20},
+                    ],
+                },
+            ],
+        )
+
+        def users() -> dict[int, dict[str, Any]] | None:
+            m = client.query("cluster")["nodes"][0]["metrics"]
+            gpus = (m or {}).get("gpus") or []
+            out = {p["pid"]: p for g in gpus for p in g["processes"]}
+            return out if len(out) == 3 else None
+
+        found = wait_until(users, timeout=30)
+        assert found is not None
+        a, t, s = found[actor_pid], found[task_pid], found[stranger]
+        assert (a["kind"], a["name"], a["memory_used"], a["utilization"]) == (
+            "actor",
+            "GpuHolder",
+            3 << 30,
+            40.0,
+        )
+        assert a["id"] == holder._aid and a["worker_id"]
+        assert t["kind"] == "task" and t["name"].endswith("hold_gpu") and t["id"] == ref.task_id()
+        assert t["job_id"] == a["job_id"] and t["job_id"]
+        assert (s["kind"], s["worker_id"], s["name"]) == (None, None, None)
+
+        # Once the task ends, its worker (still holding GPU memory here) is an idle worker.
+        release.write_text("")
+        assert nb.get(ref, timeout=30) == task_pid
+
+        def idle() -> bool:
+            found = users()
+            return found is not None and found[task_pid]["kind"] == "worker"
+
+        wait_until(idle, timeout=30)
+        nb.kill(holder)
     finally:
         nb.shutdown()

@@ -3,7 +3,7 @@
  * sparkline geometry and the reconnection backoff. No DOM.
  */
 
-import type { INode, IOwner, ITotals, Resources } from './model';
+import type { IGpuProcess, INode, IOwner, ITotals, Resources } from './model';
 
 const BYTE_UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
 
@@ -230,4 +230,23 @@ export function backoffDelay(
   const spread = base * options.jitter;
   const delay = base - spread + 2 * spread * random();
   return Math.round(Math.min(options.maxMs, Math.max(0, delay)));
+}
+
+/**
+ * Who uses a GPU, largest memory first, as one line each:
+ * `"actor Trainer · 3 GiB · 40%"`, `"task train_step · 1 GiB"`, `"pid 4242 · 512 MiB"`.
+ */
+export function gpuUsers(processes: IGpuProcess[] | null | undefined): string[] {
+  return [...(processes ?? [])]
+    .sort((a, b) => b.memory_used - a.memory_used || a.pid - b.pid)
+    .map(p => {
+      const who =
+        p.kind === 'task' || p.kind === 'actor'
+          ? `${p.kind} ${p.name ?? p.id ?? '?'}`
+          : p.kind === 'worker'
+            ? `idle worker (pid ${p.pid})`
+            : `pid ${p.pid}`;
+      const util = p.utilization === null || p.utilization === undefined ? '' : ` · ${formatPercent(p.utilization)}`;
+      return `${who} · ${formatBytes(p.memory_used)}${util}`;
+    });
 }

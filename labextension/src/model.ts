@@ -25,6 +25,7 @@ export type {
   ICluster,
   IGpuInfo,
   IGpuMetrics,
+  IGpuProcess,
   IHead,
   IMetrics,
   INode,

@@ -14,6 +14,7 @@ import {
   formatBytesPair,
   formatPercent,
   formatResources,
+  gpuUsers,
   nodeLabel,
   ownerLabel,
   ratioPercent,
@@ -158,6 +159,9 @@ function renderNode(node: INode, history: IMetrics[]): HTMLElement {
           ratioPercent(gpu.memory_used, gpu.memory_total),
           formatBytesPair(gpu.memory_used, gpu.memory_total),
           gpuHistory.map(g => (g ? ratioPercent(g.memory_used, g.memory_total) : 0))
+        ),
+        ...gpuUsers(gpu.processes).map((text, i) =>
+          h('div', { class: 'nbc-gpu-user', 'data-gpu-user': `${gpu.index}-${i}`, title: text }, text)
         )
       );
     }

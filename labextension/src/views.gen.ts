@@ -43,13 +43,34 @@ export interface IObjectStore {
   bytes_in: number;
 }
 
-/** One GPU in a metrics sample: utilisation (percent) and memory (bytes). */
+/**
+ * A process using a GPU (NVML's compute processes) and, when it is one of our workers, the
+ * task or actor it ran at that sample.
+ *
+ * `kind` is `"task"`, `"actor"`, `"worker"` (one of ours, idle or between tasks) or
+ * `None` (not a worker of this node: another program). `utilization` is its SM percent
+ * where the driver keeps per-process samples.
+ */
+export interface IGpuProcess {
+  pid: number;
+  memory_used: number;
+  utilization: number | null;
+  worker_id: string | null;
+  kind: 'task' | 'actor' | 'worker' | null;
+  name: string | null;
+  id: string | null;
+  job_id: string | null;
+  notebook: string | null;
+}
+
+/** One GPU in a metrics sample: utilisation (percent), memory (bytes), who uses it. */
 export interface IGpuMetrics {
   index: number;
   name: string;
   utilization: number;
   memory_used: number;
   memory_total: number;
+  processes: IGpuProcess[];
 }
 
 /** One metrics sample of a node (its agent takes one a second). */

@@ -9,6 +9,7 @@ import {
   formatDuration,
   formatPercent,
   formatResources,
+  gpuUsers,
   ownerLabel,
   ratioPercent,
   resourceUsage,
@@ -118,5 +119,41 @@ describe('formatBytesPair', () => {
     expect(formatBytesPair(10, 100)).toBe('10/100 B');
     expect(formatBytesPair(1, 0)).toBe('1 B/0 B');
     expect(formatBytesPair(NaN, 1)).toBe('–/1 B');
+  });
+});
+
+describe('gpuUsers', () => {
+  const proc = (over: object) => ({
+    pid: 1,
+    memory_used: 0,
+    utilization: null,
+    worker_id: null,
+    kind: null,
+    name: null,
+    id: null,
+    job_id: null,
+    notebook: null,
+    ...over
+  });
+
+  it('names tasks and actors, largest memory first', () => {
+    expect(
+      gpuUsers([
+        proc({ pid: 7, memory_used: 1024 ** 3, kind: 'task', name: 'train_step' }),
+        proc({ pid: 8, memory_used: 3 * 1024 ** 3, kind: 'actor', name: 'Trainer', utilization: 40 }),
+        proc({ pid: 9, memory_used: 512 * 1024 ** 2 }),
+        proc({ pid: 10, memory_used: 1024, kind: 'worker' })
+      ])
+    ).toEqual([
+      'actor Trainer · 3.0 GiB · 40%',
+      'task train_step · 1.0 GiB',
+      'pid 9 · 512 MiB',
+      'idle worker (pid 10) · 1.0 KiB'
+    ]);
+  });
+
+  it('is empty without processes', () => {
+    expect(gpuUsers(undefined)).toEqual([]);
+    expect(gpuUsers([])).toEqual([]);
   });
 });

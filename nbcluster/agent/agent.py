@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 from nbcluster.agent.resources import detect_gpus, node_resources
 from nbcluster.exceptions import NbclusterError, ProtocolError
 from nbcluster.metrics import MetricsThread
@@ -266,8 +268,21 @@ class NodeAgent:
                 return
             ping: dict[str, Any] = {"k": Kind.PING, "store": self.store.stats()}
             if self._metrics.latest is not None:
-                ping["metrics"] = self._metrics.latest
+                ping["metrics"] = self._with_worker_ids(self._metrics.latest)
             await self._send(ping)
+
+    def _with_worker_ids(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """``sample`` with each GPU process that is one of our workers (or a child of one:
+        a data loader, a ``multiprocessing`` child) marked with that worker's id."""
+        gpus = sample.get("gpus") or []
+        if not any(g.get("processes") for g in gpus):
+            return sample
+        by_pid = {int(w["pid"]): wid for wid, w in self._workers.items()}
+        marked = []
+        for g in gpus:
+            procs = [{**p, "worker_id": worker_of(int(p["pid"]), by_pid)} for p in g["processes"]]
+            marked.append({**g, "processes": procs})
+        return {**sample, "gpus": marked}
 
     async def _serve_store(self) -> None:
         """Serve the store's requests; those that copy files run concurrently (the manager
@@ -476,6 +491,19 @@ def _sweep_dead_stores() -> None:
         n = cleanup_store(store_id)
         if n:
             log.warning("removed %d file(s) left by the dead object store %s", n, store_id)
+
+
+def worker_of(pid: int, by_pid: dict[int, str]) -> str | None:
+    """The worker ``pid`` is, or descends from; ``None`` for any other process."""
+    if pid in by_pid:
+        return by_pid[pid]
+    try:
+        for parent in psutil.Process(pid).parents():
+            if parent.pid in by_pid:
+                return by_pid[parent.pid]
+    except (psutil.Error, OSError):  # gone, or in another PID namespace
+        return None
+    return None
 
 
 def describe_exit(pid: int | None, rc: int | None) -> str:

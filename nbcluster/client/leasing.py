@@ -138,7 +138,7 @@ class Leasing:
         conn = lease.conn
         rec.lease = lease
         lease.inflight.append(rec)
-        self.events.started(rec, lease.node_id)
+        self.events.started(rec, lease.node_id, lease.worker_id)
         header: dict[str, Any] = {
             "k": Kind.TASK,
             "tid": rec.tid,

@@ -32,6 +32,7 @@ from nbcluster.views import (
     ChangeEvent,
     ClusterView,
     GpuInfoView,
+    GpuProcessView,
     HeadView,
     MetricsEvent,
     MetricsView,
@@ -87,6 +88,7 @@ class TaskRecord:
     node_id: str | None = None
     started_at: float | None = None
     ended_at: float | None = None
+    worker_id: str | None = None
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Observer:
     ended: deque[TaskRecord] = field(default_factory=lambda: deque(maxlen=ENDED_TASKS))
     jobs: dict[str, JobOwner] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
+    on_worker: dict[str, str] = field(default_factory=dict)  # worker id -> its running task
 
     # --------------------------------------------------------------------------- events in
     def job_started(self, job_id: str, h: dict[str, Any]) -> None:
@@ -175,7 +178,26 @@ class Observer:
             hist = self.metrics[node_id] = deque(maxlen=METRICS_HISTORY)
         elif hist[-1].time == sample.time:
             return  # the same sample again: pings and samples are not in lockstep
+        for gpu in sample.gpus:
+            for proc in gpu.processes:
+                self._name_gpu_user(proc)
         hist.append(sample)
+
+    def _name_gpu_user(self, p: GpuProcessView) -> None:
+        """Fill in what a GPU process runs: the actor its worker hosts, else its running task."""
+        if p.worker_id is None:
+            return
+        p.kind = "worker"
+        for a in self.actors.actors.values():
+            if a.worker_id == p.worker_id and a.state != DEAD:
+                p.kind, p.name, p.id, p.job_id = "actor", a.name or a.cls_name, a.aid, a.job_id
+                break
+        else:
+            rec = self.tasks.get(self.on_worker.get(p.worker_id, ""))
+            if rec is not None:
+                p.kind, p.name, p.id, p.job_id = "task", rec.name, rec.task_id, rec.job_id
+        if p.job_id is not None:
+            p.notebook = self.owner(p.job_id).notebook
 
     def on_task_events(self, client: bytes, job_id: str, events: list[Any]) -> None:
         """A batch from a driver (see :mod:`nbcluster.client.events` for the codes)."""
@@ -194,8 +216,12 @@ class Observer:
                 rec = rec_or_none
                 if code == "r":
                     rec.state, rec.node_id, rec.started_at = RUNNING, ev[3] or None, t
+                    if len(ev) > 4 and ev[4]:  # which worker: who uses a GPU (metrics)
+                        rec.worker_id = str(ev[4])
+                        self.on_worker[rec.worker_id] = tid
                 elif code == "q":  # retried, or its worker died before it ran
                     rec.state, rec.node_id, rec.started_at = QUEUED, None, None
+                    self._off_worker(rec)
                 elif code in _ENDED:
                     self._end(rec, _ENDED[code], t, notify=False)
                 else:
@@ -207,8 +233,14 @@ class Observer:
             for rec in changed.values():
                 self.emit(TaskEvent(task=self.task_view(rec)))
 
+    def _off_worker(self, rec: TaskRecord) -> None:
+        if rec.worker_id is not None and self.on_worker.get(rec.worker_id) == rec.task_id:
+            del self.on_worker[rec.worker_id]
+        rec.worker_id = None
+
     def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
         rec.state, rec.ended_at = state, t
+        self._off_worker(rec)
         self.tasks.pop(rec.task_id, None)
         self.ended.append(rec)
         if notify and self.subscribers:

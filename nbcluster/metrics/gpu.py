@@ -39,6 +39,7 @@ class GpuSampler:
     def __init__(self) -> None:
         self._nvml = load_nvml()
         self._handles: list[tuple[int, Any, str]] = []
+        self._last_seen: dict[int, int] = {}  # per handle: the newest process sample's time
         if self._nvml is None:
             return
         try:
@@ -50,7 +51,11 @@ class GpuSampler:
             self._handles = []
 
     def sample(self) -> list[dict[str, Any]]:
-        """``[{index, name, utilization, memory_used, memory_total}]`` (percent, bytes)."""
+        """``[{index, name, utilization, memory_used, memory_total, processes}]`` (percent, bytes).
+
+        ``processes`` lists the compute processes NVML sees on the GPU: ``{pid, memory_used}``
+        and, where the driver keeps per-process samples, ``utilization`` (SM percent).
+        """
         nvml = self._nvml
         if nvml is None:
             return []
@@ -68,8 +73,34 @@ class GpuSampler:
                     "utilization": float(util.gpu),
                     "memory_used": int(mem.used),
                     "memory_total": int(mem.total),
+                    "processes": self._processes(h),
                 }
             )
+        return out
+
+    def _processes(self, h: Any) -> list[dict[str, Any]]:
+        """The GPU's compute processes; empty where the driver does not say (e.g. vGPU)."""
+        nvml = self._nvml
+        assert nvml is not None
+        try:
+            procs = nvml.nvmlDeviceGetComputeRunningProcesses(h)
+        except Exception:  # NVML_ERROR_NOT_SUPPORTED and friends: no per-process figures
+            return []
+        util: dict[int, float] = {}
+        try:
+            # Samples since the previous call (NVML keeps a short ring per process).
+            for s in nvml.nvmlDeviceGetProcessUtilization(h, self._last_seen.get(id(h), 0)):
+                util[int(s.pid)] = float(s.smUtil)
+                self._last_seen[id(h)] = max(self._last_seen.get(id(h), 0), int(s.timeStamp))
+        except Exception:  # not supported, or no sample since the last call
+            pass
+        out = []
+        for p in procs:
+            used = getattr(p, "usedGpuMemory", None)
+            rec: dict[str, Any] = {"pid": int(p.pid), "memory_used": int(used or 0)}
+            if int(p.pid) in util:
+                rec["utilization"] = util[int(p.pid)]
+            out.append(rec)
         return out
 
     def close(self) -> None:

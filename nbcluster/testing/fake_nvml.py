@@ -3,7 +3,10 @@
 Select it with ``NBCLUSTER_NVML_MODULE=nbcluster.testing.fake_nvml``; it reports the GPUs listed
 in the JSON file named by ``NBCLUSTER_FAKE_NVML``::
 
-    [{"name": "NVIDIA H100", "utilization": 37, "memory_used": 1000, "memory_total": 80000}]
+    [{"name": "NVIDIA H100", "utilization": 37, "memory_used": 1000, "memory_total": 80000,
+      "processes": [{"pid": 4242, "memory_used": 700, "utilization": 30}]}]
+
+(``processes``, optional: the compute processes NVML would list on that GPU.)
 
 The file is re-read on every call, so a test can change the figures while an agent runs.
 """
@@ -69,3 +72,21 @@ def nvmlDeviceGetMemoryInfo(h: int) -> Any:
     g = _gpus()[h]
     used, total = int(g.get("memory_used", 0)), int(g.get("memory_total", 0))
     return SimpleNamespace(used=used, total=total, free=total - used)
+
+
+def nvmlDeviceGetComputeRunningProcesses(h: int) -> list[Any]:
+    return [
+        SimpleNamespace(pid=int(p["pid"]), usedGpuMemory=int(p.get("memory_used", 0)))
+        for p in _gpus()[h].get("processes", [])
+    ]
+
+
+def nvmlDeviceGetProcessUtilization(h: int, last_seen: int) -> list[Any]:
+    samples = [
+        SimpleNamespace(pid=int(p["pid"]), smUtil=p["utilization"], memUtil=0, timeStamp=1)
+        for p in _gpus()[h].get("processes", [])
+        if "utilization" in p
+    ]
+    if not samples:
+        raise NVMLError("Not Found")  # what NVML says when no sample is newer than last_seen
+    return samples

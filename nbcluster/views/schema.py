@@ -49,14 +49,35 @@ class GpuInfoView(View):
     memory_total: int
 
 
+class GpuProcessView(View):
+    """A process using a GPU (NVML's compute processes) and, when it is one of our workers, the
+    task or actor it ran at that sample.
+
+    ``kind`` is ``"task"``, ``"actor"``, ``"worker"`` (one of ours, idle or between tasks) or
+    ``None`` (not a worker of this node: another program). ``utilization`` is its SM percent
+    where the driver keeps per-process samples.
+    """
+
+    pid: int
+    memory_used: int
+    utilization: float | None = None
+    worker_id: str | None = None
+    kind: Literal["task", "actor", "worker"] | None = None
+    name: str | None = None
+    id: str | None = None
+    job_id: str | None = None
+    notebook: str | None = None
+
+
 class GpuMetricsView(View):
-    """One GPU in a metrics sample: utilisation (percent) and memory (bytes)."""
+    """One GPU in a metrics sample: utilisation (percent), memory (bytes), who uses it."""
 
     index: int
     name: str
     utilization: float
     memory_used: int
     memory_total: int
+    processes: list[GpuProcessView] = []
 
 
 class MetricsView(View):
