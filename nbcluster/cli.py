@@ -51,28 +51,63 @@ def _cmd_head(args: argparse.Namespace) -> int:
     return asyncio.run(run_head(ns))
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _connect(args: argparse.Namespace, cmd: str) -> bool:
+    """Join the cluster of ``--address``/``$NBCLUSTER_ADDRESS`` (``False``: no address, said)."""
     import nbcluster as nb
 
     address = args.address or os.environ.get(nb.api.ADDRESS_ENV)
     if not address:
         print(
-            "nbcluster status: pass --address HOST:PORT or set NBCLUSTER_ADDRESS", file=sys.stderr
+            f"nbcluster {cmd}: pass --address HOST:PORT or set NBCLUSTER_ADDRESS", file=sys.stderr
         )
-        return 2
+        return False
     token_file = (
         args.token_file
         or os.environ.get(TOKEN_FILE_ENV)
         or (str(DEFAULT_TOKEN_FILE) if DEFAULT_TOKEN_FILE.exists() else None)
     )
+    nb.init(address=address, token_file=token_file, log_to_driver=False)
+    return True
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import nbcluster as nb
     from nbcluster.status import actor_views, cluster_view, status_report, task_views
 
     try:
-        nb.init(address=address, token_file=token_file, log_to_driver=False)
+        if not _connect(args, "status"):
+            return 2
         print(status_report(cluster_view(), task_views(), actor_views()))
     except nb.exceptions.NbclusterError as exc:
         print(f"nbcluster status: {exc}", file=sys.stderr)
         return 1
+    finally:
+        nb.shutdown()
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    import nbcluster as nb
+    from nbcluster.util.logs import get_log
+
+    try:
+        if not _connect(args, "logs"):
+            return 2
+        lines = get_log(
+            args.actor,
+            args.task,
+            worker_id=args.worker,
+            namespace=args.namespace,
+            follow=args.follow,
+            tail=args.tail,
+        )
+        for line in lines:
+            print(line, flush=args.follow)
+    except nb.exceptions.NbclusterError as exc:
+        print(f"nbcluster logs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the end of --follow
+        return 0
     finally:
         nb.shutdown()
     return 0
@@ -204,8 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         "them too)",
     )
     s = sub.add_parser("status", help="nodes and resources of a running cluster")
-    s.add_argument("--address")
-    s.add_argument("--token-file")
+    lg = sub.add_parser("logs", help="a worker's log: of an actor, a task or a worker process")
+    which = lg.add_mutually_exclusive_group(required=True)
+    which.add_argument("--actor", help="an actor's name (or id): its worker's whole log")
+    which.add_argument("--task", help="a task's id: the lines it printed")
+    which.add_argument("--worker", help="a worker's id (dead ones too)")
+    lg.add_argument("--namespace", help="the actor's namespace (default: any, the newest)")
+    lg.add_argument("--follow", "-f", action="store_true", help="print new lines as they come")
+    lg.add_argument("--tail", type=int, default=1000, help="last lines first (-1: all kept)")
+    for cmd in (s, lg):
+        cmd.add_argument("--address", help="the head (default $NBCLUSTER_ADDRESS)")
+        cmd.add_argument("--token-file")
     sub.add_parser("demo", help="run the examples on a local cluster and print their results")
     lab = sub.add_parser(
         "lab", help="open JupyterLab with the cluster running (in its server) and the notebooks"
@@ -223,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_head(args)
     if args.cmd == "status":
         return _cmd_status(args)
+    if args.cmd == "logs":
+        return _cmd_logs(args)
     from nbcluster.demo import run_demo
 
     return run_demo()

@@ -425,6 +425,7 @@ def test_actor_from_a_notebook_appears_and_is_killed_from_the_panel(lab: Lab, pa
         "        self.n = 0\n"
         "    def incr(self):\n"
         "        self.n += 1\n"
+        "        print('incr', self.n)\n"
         "        return self.n\n"
         "    def pid(self):\n"
         "        import os\n"
@@ -488,10 +489,20 @@ def test_actor_from_a_notebook_appears_and_is_killed_from_the_panel(lab: Lab, pa
     ).raise_for_error()
     assert r.stdout.split() == ["TaskCancelledError", "TaskCancelledError"], r.stdout
 
+    # The actor's log, read from its node, in the main area; it follows the worker.
+    actor_row.get_by_role("button", name="Log").click()
+    log = page.locator(".nbc-log")
+    expect(log.locator(".nbc-log-text")).to_contain_text("stdout: incr 1")
+    expect(log.locator(".nbc-log-status")).to_have_attribute("data-state", "alive")
+    _off_loop(kernel.execute, "nb.get(counter.incr.remote(), timeout=60)").raise_for_error()
+    expect(log.locator(".nbc-log-text")).to_contain_text("stdout: incr 2")
+    _screenshot(page, "log.png")
+
     # Kill the actor from the panel.
     actor_row.get_by_role("button", name="Kill").click()
     _confirm(page, "Kill")
     expect(actor_row).to_have_attribute("data-state", "dead")
+    expect(log.locator(".nbc-log-status")).to_have_attribute("data-state", "ended")
     expect(actor_row.get_by_role("button", name="Kill")).to_have_count(0)
     expect(page.locator("#nbcluster-panel .nbc-actors h3")).to_have_text("Actors (0)")
     assert [a["state"] for a in _actors(lab) if a["name"] == "panel_counter"] == ["dead"]

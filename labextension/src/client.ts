@@ -18,7 +18,8 @@ import {
   setConnection
 } from './model';
 import { EventStream, ISocketLike } from './stream';
-import type { IErrorBody, IHistoriesBody } from './views.gen';
+import { ILogTarget, logQuery } from './logsModel';
+import type { IErrorBody, IHistoriesBody, ILogBody } from './views.gen';
 
 const API = 'nbcluster/api';
 
@@ -29,6 +30,16 @@ export function eventsUrl(settings: ServerConnection.ISettings): string {
     url += `?token=${encodeURIComponent(settings.token)}`;
   }
   return url;
+}
+
+/** What a failed request says: our IErrorBody, jupyter-server's `message`, else the status. */
+async function errorText(response: Response): Promise<string> {
+  try {
+    const body = (await response.json()) as Partial<IErrorBody> & { message?: string };
+    return body.error ?? body.message ?? `${response.status} ${response.statusText}`;
+  } catch {
+    return `${response.status} ${response.statusText}`; // not JSON
+  }
 }
 
 /** The live cluster state shared by the side panel and the status bar. */
@@ -92,19 +103,21 @@ export class ClusterClient {
     await this._post(`actors/${encodeURIComponent(actorId)}/kill`);
   }
 
+  /** Part of a worker's log (see logs.ts); rejects with the server's error text. */
+  async readLog(target: ILogTarget, offset: number): Promise<ILogBody> {
+    const url = URLExt.join(this._settings.baseUrl, API, 'logs') + '?' + logQuery(target, offset);
+    const response = await ServerConnection.makeRequest(url, {}, this._settings);
+    if (!response.ok) {
+      throw new Error(await errorText(response));
+    }
+    return (await response.json()) as ILogBody;
+  }
+
   private async _post(path: string): Promise<void> {
     const url = URLExt.join(this._settings.baseUrl, API, path);
     const response = await ServerConnection.makeRequest(url, { method: 'POST' }, this._settings);
     if (!response.ok) {
-      let message = `${response.status} ${response.statusText}`;
-      try {
-        // IErrorBody from our handlers; jupyter-server's own errors carry `message`.
-        const body = (await response.json()) as Partial<IErrorBody> & { message?: string };
-        message = body.error ?? body.message ?? message;
-      } catch {
-        // not JSON: keep the status line
-      }
-      throw new Error(message);
+      throw new Error(await errorText(response));
     }
   }
 

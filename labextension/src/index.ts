@@ -8,6 +8,7 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
+import { MainAreaWidget } from '@jupyterlab/apputils';
 import { ServerConnection } from '@jupyterlab/services';
 import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
@@ -43,7 +44,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
     statusBar: IStatusBar | null
   ) => {
     const client = new ClusterClient(ServerConnection.makeSettings());
-    const panel = new ClusterPanel(client);
+    const panel = new ClusterPanel(client, widget => {
+      const main = new MainAreaWidget({ content: widget });
+      main.id = widget.id;
+      main.title.label = widget.title.label;
+      main.title.closable = true;
+      app.shell.add(main, 'main');
+      app.shell.activateById(main.id);
+    });
     panel.id = PANEL_ID;
     panel.title.icon = clusterIcon;
     panel.title.caption = 'Cluster';

@@ -8,6 +8,8 @@ import { Dialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
 import { ClusterClient } from './client';
+import { LogViewer } from './logs';
+import type { ILogTarget } from './logsModel';
 import { PoolsSection } from './pools';
 import {
   formatBytes,
@@ -245,10 +247,14 @@ function groupRow(group: IPlacementGroup, state: IClusterState): HTMLElement {
 }
 
 /** The "Cluster" panel widget. */
+/** Opens a widget in JupyterLab's main area (the logs). */
+export type OpenWidget = (widget: Widget) => void;
+
 export class ClusterPanel extends Widget {
-  constructor(client: ClusterClient) {
+  constructor(client: ClusterClient, open: OpenWidget | null = null) {
     super();
     this._client = client;
+    this._open = open;
     this.addClass('nbc-panel');
     this.title.caption = 'nbcluster: nodes, tasks and actors';
     this._banner = h('div', { class: 'nbc-banner', role: 'status' });
@@ -430,6 +436,10 @@ export class ClusterPanel extends Widget {
     ) as HTMLButtonElement;
     cancel.disabled = !connected;
     cancel.addEventListener('click', () => void this._confirmCancel(task));
+    const log =
+      task.state === 'running'
+        ? this._logButton({ task: task.task_id }, `${task.name} ${task.task_id}`)
+        : null;
     return h(
       'tr',
       { 'data-task-id': task.task_id, 'data-state': task.state },
@@ -446,7 +456,7 @@ export class ClusterPanel extends Widget {
         sub
       ),
       h('td', {}, h('span', { class: `nbc-badge nbc-task-${task.state}` }, task.state)),
-      h('td', { class: 'nbc-action' }, cancel)
+      h('td', { class: 'nbc-action' }, log, cancel)
     );
   }
 
@@ -499,8 +509,32 @@ export class ClusterPanel extends Widget {
         )
       ),
       h('td', {}, h('span', { class: `nbc-badge nbc-actor-${actor.state}` }, actor.state)),
-      h('td', { class: 'nbc-action' }, action)
+      h(
+        'td',
+        { class: 'nbc-action' },
+        actor.node_id || actor.state === 'dead' ? this._logButton({ actor: actor.actor_id }, label) : null,
+        action
+      )
     );
+  }
+
+  /** A "Log" button opening that log in the main area (none when the panel cannot open one). */
+  private _logButton(target: ILogTarget, label: string): HTMLElement | null {
+    if (!this._open) {
+      return null;
+    }
+    const button = h(
+      'button',
+      { class: 'nbc-button', type: 'button', title: `Open the log of ${label}` },
+      'Log'
+    );
+    button.addEventListener('click', () => {
+      const open = this._open;
+      if (open) {
+        open(new LogViewer(target, label, (t, offset) => this._client.readLog(t, offset)));
+      }
+    });
+    return button;
   }
 
   private async _confirmCancel(task: ITask): Promise<void> {
@@ -538,6 +572,7 @@ export class ClusterPanel extends Widget {
   }
 
   private _client: ClusterClient;
+  private _open: OpenWidget | null;
   private _banner: HTMLElement;
   private _summary: HTMLElement;
   private _nodes: HTMLElement;

@@ -230,6 +230,20 @@ export interface IHistoriesBody {
   nodes: Record<string, IMetrics[]>;
 }
 
+/**
+ * `GET nbcluster/api/logs?actor=ID|task=ID|worker=ID[&offset=N]`: part of a worker's log.
+ *
+ * `offset` is where the next read goes on from (pass it back to follow the log); `alive`
+ * whether the worker still runs.
+ */
+export interface ILogBody {
+  text: string;
+  offset: number;
+  alive: boolean;
+  worker_id: string;
+  node_id: string;
+}
+
 /** What a failed request gets (with a 4xx or 5xx status). */
 export interface IErrorBody {
   error: string;

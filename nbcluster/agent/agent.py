@@ -16,6 +16,8 @@ from typing import Any
 
 import psutil
 
+from nbcluster._private_fs import user_dir
+from nbcluster.agent.logs import TAIL_LINES, NodeLogs, WorkerLog
 from nbcluster.agent.resources import detect_gpus, node_resources
 from nbcluster.exceptions import NbclusterError, ProtocolError
 from nbcluster.metrics import MetricsThread
@@ -116,6 +118,8 @@ class NodeAgent:
             disk_limit_bytes=spill_limit,
         )
         self._store_service = StoreService(self.store)  # its puller needs the transport
+        # Workers' output, kept per worker on this node (nbcluster logs, the panel).
+        self.logs = NodeLogs.create(os.path.join(user_dir(), f"logs-{self.store_id}"))
         self._store_sock: Listener | None = None
         self.store_address = ""
         self.node_id = ""
@@ -126,6 +130,7 @@ class NodeAgent:
                 m.KillWorker: self._on_kill_worker,
                 m.JobEnded: self._on_job_ended,
                 m.StopNode: self._on_stop,
+                m.LogFetch: self._on_log_fetch,
                 m.Pong: self._on_pong,
                 m.NodeRegistered: self._registered_again,
                 m.Error: self._on_error,
@@ -246,10 +251,11 @@ class NodeAgent:
             return False
         return True
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         t = asyncio.create_task(coro, name=name)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     async def _send(self, header: Header) -> None:
         if self._sock is not None:
@@ -368,6 +374,7 @@ class NodeAgent:
                 "nbcluster.worker",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,  # one pipe: the node's log of this worker
                 env=env,
                 cwd=self.worker_cwd,
                 start_new_session=True,
@@ -405,8 +412,18 @@ class NodeAgent:
         }
         self._workers[worker_id] = ready
         await self._send({"k": Kind.WORKER_READY, **ready})
-        self._spawn(self._pump_stdout(worker_id, proc), "agent-pump")
+        wlog = self.logs.open(worker_id)
+        pump = self._spawn(self._pump_stdout(worker_id, proc, wlog), "agent-pump")
         rc = await proc.wait()
+        with contextlib.suppress(Exception):  # its last words: read to the end of the pipe
+            await asyncio.wait_for(asyncio.shield(pump), 2.0)
+        requested = self._was_killed(worker_id)
+        reason = describe_exit(proc.pid, rc)
+        if not requested and rc != 0:
+            tail = self.logs.tail(worker_id)
+            if tail:
+                reason += "; its last output:\n  " + "\n  ".join(tail)
+        self.logs.closed(worker_id)
         self._procs.pop(worker_id, None)
         self._workers.pop(worker_id, None)
         freed = self._store_service.writer_died(worker_id)
@@ -417,8 +434,8 @@ class NodeAgent:
                 {
                     "k": Kind.WORKER_DIED,
                     "worker_id": worker_id,
-                    "requested": self._was_killed(worker_id),
-                    "reason": describe_exit(proc.pid, rc),
+                    "requested": requested,
+                    "reason": reason,
                 }
             )
 
@@ -434,7 +451,13 @@ class NodeAgent:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             return f"{exc} (killed it)"
-        return f"{exc} ({describe_exit(proc.pid, proc.returncode)})"
+        said = b""
+        if proc.stdout is not None:  # e.g. the traceback of an import that failed
+            with contextlib.suppress(Exception):
+                said = await asyncio.wait_for(proc.stdout.read(8192), 1.0)
+        lines = said.decode(errors="replace").strip().splitlines()[-TAIL_LINES:]
+        output = "; its output:\n  " + "\n  ".join(lines) if lines else ""
+        return f"{exc} ({describe_exit(proc.pid, proc.returncode)}){output}"
 
     def _was_killed(self, worker_id: str) -> bool:
         if worker_id in self._killing:
@@ -442,11 +465,22 @@ class NodeAgent:
             return True
         return False
 
-    async def _pump_stdout(self, worker_id: str, proc: asyncio.subprocess.Process) -> None:
-        # Output written to the worker's file descriptors (C extensions, subprocesses) lands here.
+    async def _pump_stdout(
+        self, worker_id: str, proc: asyncio.subprocess.Process, wlog: WorkerLog
+    ) -> None:
+        # Everything the worker writes to its file descriptors: tasks' prints (tagged, also sent
+        # to their drivers), its own log, C extensions, faulthandler. All go to its log file;
+        # untagged lines also to ours, as before the node kept logs.
         assert proc.stdout is not None
         async for line in proc.stdout:
-            sys.stderr.write(f"({worker_id} pid={proc.pid}) {line.decode(errors='replace')}")
+            with contextlib.suppress(OSError):  # a full disk must not stop the pump
+                wlog.write(line, time.time())
+            if not line.startswith(b"\x1e"):
+                sys.stderr.write(f"({worker_id} pid={proc.pid}) {line.decode(errors='replace')}")
+
+    async def _on_log_fetch(self, _: None, msg: m.LogFetch, payload: list[Any]) -> None:
+        result = self.logs.read(msg.worker_id, msg.task, msg.offset, msg.limit)
+        await self._send({"k": Kind.LOG_DATA, "rid": msg.rid, "result": result})
 
     def _kill(self, worker_id: str) -> None:
         proc = self._procs.get(worker_id)
@@ -479,8 +513,9 @@ class NodeAgent:
         if self._store_sock is not None:
             self._store_sock.close()
             self._store_sock = None
-        # No segment or spilled file outlives the node.
+        # No segment or spilled file outlives the node; nor do the workers' logs.
         self.store.cleanup()
+        self.logs.close()
         if self._net is not None and self._own_net:
             self._net.close()
 

@@ -58,6 +58,7 @@ class ActorInfo:
     subscribers: set[bytes] = field(default_factory=set)
     created_at: float = field(default_factory=time.time)
     strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
+    last_worker: tuple[str, str] | None = None  # (node, worker) it last ran on: whose log is its
     parent: str | None = None  # the actor whose methods created this one (fate sharing)
 
 
@@ -171,6 +172,7 @@ class ActorDirectory:
         a.lease_id = lease.lease_id
         a.worker_id = worker.worker_id
         a.node_id = worker.node_id
+        a.last_worker = (worker.node_id, worker.worker_id)
         a.pid = worker.pid
         worker.actor_id = aid
         worker.detached = a.detached

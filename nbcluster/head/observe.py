@@ -233,10 +233,16 @@ class Observer:
             for rec in changed.values():
                 self.emit(TaskEvent(task=self.task_view(rec)))
 
+    def find_task(self, task_id: str) -> TaskRecord | None:
+        """A task of the table: unfinished, or among the last ended ones."""
+        rec = self.tasks.get(task_id)
+        if rec is None:
+            rec = next((t for t in reversed(self.ended) if t.task_id == task_id), None)
+        return rec
+
     def _off_worker(self, rec: TaskRecord) -> None:
         if rec.worker_id is not None and self.on_worker.get(rec.worker_id) == rec.task_id:
             del self.on_worker[rec.worker_id]
-        rec.worker_id = None
 
     def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
         rec.state, rec.ended_at = state, t
@@ -486,5 +492,6 @@ class Observer:
             return self.demand()
         return None
 
-    def find_task(self, task_id: str) -> TaskRecord | None:
+    def running_task(self, task_id: str) -> TaskRecord | None:
+        """An unfinished task (what the panel can cancel)."""
         return self.tasks.get(task_id)

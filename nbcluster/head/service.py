@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, assert_never
 
 import msgspec
@@ -35,6 +35,7 @@ from nbcluster.head.instructions import (
     Unschedulable,
     Warn,
 )
+from nbcluster.head.logs import LogRelay
 from nbcluster.head.model import Lease, WorkerInfo
 from nbcluster.head.observe import Observer
 from nbcluster.head.peers import Peer, local_process, running
@@ -134,6 +135,8 @@ class HeadService(GroupRequests):
             m.PgCreate: self._on_pg_create,
             m.PgRemove: self._on_pg_remove,
             m.PgWait: self._on_pg_wait,
+            m.LogRead: self._on_log_read,
+            m.LogData: self._on_log_data,
         }
         self.address = ""
         self.started_at = time.time()
@@ -141,6 +144,7 @@ class HeadService(GroupRequests):
         self.observe = Observer(
             self.state, self.actors, started_at=self.started_at, version=__version__
         )
+        self.logs = LogRelay(self.state, self.actors, self.observe, self._send)
         self._stopped = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -350,7 +354,11 @@ class HeadService(GroupRequests):
             if node is not None and node.alive:
                 await self._send(node.client, {"k": Kind.START_WORKER})
 
-        t = asyncio.create_task(later(), name="head-start-worker-later")
+        self._later(later(), "head-start-worker-later")
+
+    def _later(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` beside the receive loop (cancelled when the head stops)."""
+        t = asyncio.create_task(coro, name=name)
         self._delayed.add(t)
         t.add_done_callback(self._delayed.discard)
 
@@ -550,13 +558,16 @@ class HeadService(GroupRequests):
         reply = {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": self.observe.query(msg)}
         await self._send(peer.ident, reply)
 
+    async def _on_log_read(self, peer: Peer, msg: m.LogRead, payload: list[Any]) -> None:
+        self._later(self.logs.answer(peer.ident, msg), "head-log-read")  # an agent round trip
+
+    async def _on_log_data(self, peer: Peer, msg: m.LogData, payload: list[Any]) -> None:
+        self.logs.on_data(peer.node_id, msg.rid, msg.result)
+
     async def _on_worker_ready(self, peer: Peer, msg: m.WorkerReady, payload: list[Any]) -> None:
         assert peer.node_id is not None
-        await self._run(
-            self.state.worker_ready(
-                peer.node_id, msg.worker_id, msg.addr, msg.control_addr, msg.pid
-            )
-        )
+        node, w = peer.node_id, msg.worker_id
+        await self._run(self.state.worker_ready(node, w, msg.addr, msg.control_addr, msg.pid))
 
     async def _on_actor_create(self, peer: Peer, msg: m.ActorCreate, payload: list[Any]) -> None:
         assert peer.job_id is not None
@@ -772,7 +783,7 @@ class HeadService(GroupRequests):
     # ------------------------------------------------------------------------------ panel
     async def cancel_task(self, task_id: str, force: bool = False) -> bool:
         """Ask the driver that submitted ``task_id`` to cancel it; ``False`` if not running."""
-        t = self.observe.find_task(task_id)
+        t = self.observe.running_task(task_id)
         if t is None or t.client not in self.peers:
             return False
         await self._send(t.client, {"k": Kind.TASK_CANCEL, "tid": task_id, "force": bool(force)})

@@ -30,6 +30,7 @@ from nbcluster.views import (
     ChangeEvent,
     ErrorBody,
     HistoriesBody,
+    LogBody,
     NodeHistoryBody,
     OkBody,
     PoolActionBody,
@@ -298,6 +299,27 @@ class EventsHandler(
         super().on_close()
 
 
+class LogsHandler(_Api):
+    """``GET nbcluster/api/logs?actor=ID|task=ID|worker=ID[&offset=N]``: a worker's log, from
+    its node (the last MiB on a first read; from ``offset`` on to follow it)."""
+
+    @web.authenticated
+    @_authorized(READ)
+    async def get(self) -> None:
+        arg = self.get_query_argument
+        head = self.nbcluster_head
+        target = head.logs.locate(arg("actor", None), None, arg("task", None), arg("worker", None))
+        try:
+            offset = int(arg("offset", "-1"))
+        except ValueError:
+            raise web.HTTPError(400, "offset must be an integer") from None
+        r = await head.logs.read(target, offset)
+        if "error" in r:
+            self.write_json(ErrorBody(error=str(r["error"])), 404)
+        else:
+            self.write_json(msgspec.convert(r, LogBody))
+
+
 _ID = r"([^/]+)"
 #: Every route of the extension (under the server's base_url); the auth test walks this list.
 ROUTES: list[tuple[str, type[Any]]] = [
@@ -310,5 +332,6 @@ ROUTES: list[tuple[str, type[Any]]] = [
     (r"/nbcluster/api/pools", PoolsHandler),
     (rf"/nbcluster/api/pools/{_ID}/scale", PoolScaleHandler),
     (rf"/nbcluster/api/pools/{_ID}/adapt", PoolAdaptHandler),
+    (r"/nbcluster/api/logs", LogsHandler),
     (r"/nbcluster/api/events", EventsHandler),
 ]

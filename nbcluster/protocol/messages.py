@@ -52,6 +52,7 @@ class Kind(StrEnum):
     PG_CREATE = "pgcreate"  # client -> head: reserve a placement group -> QUERY_REPLY
     PG_REMOVE = "pgremove"  # client -> head: remove one -> QUERY_REPLY
     PG_WAIT = "pgwait"  # client -> head: answered (QUERY_REPLY) once the group is placed
+    LOG_READ = "logread"  # client -> head: part of a worker's log -> QUERY_REPLY
 
     # --- observability (driver <-> head) ---------------------------------------------------
     TASK_EVENTS = "tevents"  # driver -> head: task state changes (client/events.py)
@@ -65,6 +66,8 @@ class Kind(StrEnum):
     WORKER_DIED = "wdied"  # agent -> head
     KILL_WORKER = "wkill"  # head -> agent
     STOP_NODE = "stop"  # head -> agent
+    LOG_FETCH = "logfetch"  # head -> agent: read a worker's log
+    LOG_DATA = "logdata"  # agent -> head: what LOG_FETCH read
 
     # --- driver <-> worker -----------------------------------------------------------------
     BIND = "bind"  # driver -> worker

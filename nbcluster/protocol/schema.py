@@ -287,6 +287,21 @@ class PgWait(Message, tag=Kind.PG_WAIT.value):
     timeout: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
+class LogRead(Message, tag=Kind.LOG_READ.value):
+    expects_reply = True
+    summary = (
+        "client -> head: part of the log of an actor (by name), a task or a worker, answered "
+        "``QUERY_REPLY {text, offset, alive, worker_id, node_id}`` or ``{error}``"
+    )
+    rid: int
+    actor: str | None = None
+    ns: str | None = None
+    task: str | None = None
+    worker: str | None = None
+    offset: int = -1  # -1: the last ``limit`` bytes; else where the previous read ended
+    limit: Annotated[int, msgspec.Meta(gt=0)] = 1 << 20
+
+
 class ShutdownCluster(Message, tag=Kind.SHUTDOWN_CLUSTER.value):
     summary = "owner driver -> head: stop the head and every agent"
 
@@ -344,6 +359,21 @@ class WorkerDied(Message, tag=Kind.WORKER_DIED.value):
     reason: str = "worker died"
     never_ready: bool = False
     requested: bool = False  # the head asked for it: not counted as a worker in trouble
+
+
+class LogFetch(Message, tag=Kind.LOG_FETCH.value):
+    summary = "head -> agent: read a worker's log (``task``: only that task's lines)"
+    rid: int
+    worker_id: str
+    task: str | None = None
+    offset: int = -1
+    limit: Annotated[int, msgspec.Meta(gt=0)] = 1 << 20
+
+
+class LogData(Message, tag=Kind.LOG_DATA.value):
+    summary = "agent -> head: ``result`` is ``{text, offset, alive}`` or ``{error}``"
+    rid: int
+    result: dict[str, Any]
 
 
 class KillWorker(Message, tag=Kind.KILL_WORKER.value):

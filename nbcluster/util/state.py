@@ -12,9 +12,11 @@ from typing import Any
 from nbcluster.api import _client
 from nbcluster.client.objects import FAILED, PENDING, READY
 from nbcluster.refs import hex_id
+from nbcluster.util.logs import get_log
 
 __all__ = [
     "StateRecord",
+    "get_log",
     "list_actors",
     "list_nodes",
     "list_objects",

@@ -285,6 +285,20 @@ class HistoriesBody(View):
     nodes: dict[str, list[MetricsView]]
 
 
+class LogBody(View):
+    """``GET nbcluster/api/logs?actor=ID|task=ID|worker=ID[&offset=N]``: part of a worker's log.
+
+    ``offset`` is where the next read goes on from (pass it back to follow the log); ``alive``
+    whether the worker still runs.
+    """
+
+    text: str
+    offset: int
+    alive: bool
+    worker_id: str
+    node_id: str
+
+
 class ErrorBody(View):
     """What a failed request gets (with a 4xx or 5xx status)."""
 
@@ -415,6 +429,7 @@ TS_EXPORTS: tuple[tuple[str, object], ...] = (
     ("ActorsBody", ActorsBody),
     ("NodeHistoryBody", NodeHistoryBody),
     ("HistoriesBody", HistoriesBody),
+    ("LogBody", LogBody),
     ("ErrorBody", ErrorBody),
     ("OkBody", OkBody),
     ("PoolJobState", PoolJobState),

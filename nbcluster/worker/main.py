@@ -9,6 +9,7 @@ A control thread handles cancellation of the running task and notices a dead age
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import inspect
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from nbcluster import context
+from nbcluster.agent.logs import tag
 from nbcluster.client import current
 from nbcluster.exceptions import ObjectLostError, ProtocolError, TaskCancelledError, TaskError
 from nbcluster.protocol import schema as m
@@ -62,6 +64,8 @@ class Worker:
         self.functions: dict[str, Any] = {}
         self.queue: deque[Queued] = deque()
         self.pid = os.getpid()
+        # Started by an agent: fd 1 is the pipe to it, which keeps this worker's log.
+        self._keep_log = "NBCLUSTER_AGENT_PID" in os.environ
         self._lock = threading.Lock()
         self._running: str | None = None  # id of the task the main thread runs now
         self._cancel_requested: str | None = None
@@ -134,6 +138,9 @@ class Worker:
     def _emit(self, target: OutputTarget, stream: str, lines: list[str]) -> None:
         msg = m.Log(tid=target.tid, stream=stream, lines=lines, name=target.name, pid=self.pid)
         self.send(target.ident, msg)
+        if self._keep_log:  # a copy for the node's log of this worker, tagged with its task
+            with contextlib.suppress(OSError):
+                os.write(1, tag(target.tid, target.name, stream, lines))
 
     # ----------------------------------------------------------------------------- main loop
     def run(self) -> None:
@@ -602,6 +609,9 @@ class Worker:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A crash (segfault in a C extension) dumps the Python stacks to fd 2: the node's log of this
+    # worker, whose last lines the driver's WorkerCrashedError then carries.
+    faulthandler.enable(all_threads=False)  # the crashing thread: short enough to report
     handler = logging.StreamHandler(sys.__stderr__)
     handler.setFormatter(logging.Formatter("nbcluster worker %(process)d: %(message)s"))
     log.addHandler(handler)
