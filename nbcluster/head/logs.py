@@ -21,6 +21,8 @@ from nbcluster.head.state import ClusterState
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.schema import LogRead
 
+#: What a read that names no target (or several) is told.
+NO_TARGET = "name one of an actor, a task or a worker"
 #: How long an agent has to answer a read.
 FETCH_TIMEOUT_S = 10.0
 
@@ -60,7 +62,7 @@ class LogRelay:
     ) -> LogTarget | str:
         """The worker meant, or why there is none (a message for the reader)."""
         if sum(x is not None for x in (actor, task, worker)) != 1:
-            return "name one of an actor, a task or a worker"
+            return NO_TARGET
         if actor is not None:  # a name (in ``ns``, else any namespace, the newest) or an id
             aid = self.actors.names.get((ns, actor)) if ns is not None else None
             a = self.actors.actors.get(aid or actor)

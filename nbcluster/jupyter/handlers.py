@@ -25,6 +25,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from nbcluster.exceptions import NbclusterError
+from nbcluster.head.logs import NO_TARGET
 from nbcluster.views import (
     ActorsBody,
     ChangeEvent,
@@ -309,6 +310,8 @@ class LogsHandler(_Api):
         arg = self.get_query_argument
         head = self.nbcluster_head
         target = head.logs.locate(arg("actor", None), None, arg("task", None), arg("worker", None))
+        if target == NO_TARGET:
+            raise web.HTTPError(400, target)
         try:
             offset = int(arg("offset", "-1"))
         except ValueError:
