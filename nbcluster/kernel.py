@@ -10,13 +10,22 @@ from __future__ import annotations
 import sys
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from nbcluster.client.core import CoreClient
 
 #: Cells whose parent header is kept for late output (the oldest are forgotten first).
 MAX_CELLS = 512
+
+
+class CellTag(NamedTuple):
+    """The cell that submitted a task: its execute request (where output goes), its cell id in
+    the notebook (``metadata.cellId``, sent by JupyterLab and Notebook 7) and its ``In [n]``."""
+
+    msg_id: str
+    cell_id: str | None
+    number: int | None
 
 
 class CellOutput:
@@ -34,8 +43,8 @@ class CellOutput:
         self._headers: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def tag(self) -> str | None:
-        """The id of the cell running now (its request's ``msg_id``)."""
+    def tag(self) -> CellTag | None:
+        """The cell running now."""
         try:
             parent = self.kernel.get_parent("shell")
         except Exception:
@@ -44,17 +53,24 @@ class CellOutput:
         msg_id = header.get("msg_id")
         if not msg_id:
             return None
+        cell_id = ((parent or {}).get("metadata") or {}).get("cellId")
+        count = getattr(getattr(self.kernel, "shell", None), "execution_count", None)
         with self._lock:
             self._headers[msg_id] = header
             self._headers.move_to_end(msg_id)
             while len(self._headers) > MAX_CELLS:
                 self._headers.popitem(last=False)
-        return str(msg_id)
+        return CellTag(
+            str(msg_id),
+            str(cell_id) if cell_id else None,
+            count if isinstance(count, int) else None,
+        )
 
     def write(self, stream: str, text: str, tag: Any) -> None:
         out = self.streams.get(stream) or self.streams["stdout"]
+        msg_id = tag.msg_id if isinstance(tag, CellTag) else tag
         with self._lock:
-            header = self._headers.get(tag) if tag else None
+            header = self._headers.get(msg_id) if msg_id else None
         try:
             if header is not None and hasattr(out, "set_thread_parent"):
                 token = out.set_thread_parent(header)

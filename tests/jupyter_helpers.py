@@ -79,11 +79,12 @@ class Kernel:
         self.session_id = session_id
         self.path = path
 
-    def execute(self, code: str, timeout: float = 90.0) -> ExecResult:
-        """Run ``code`` in the kernel and collect its output until it is idle again."""
-        return asyncio.run(asyncio.wait_for(self._execute(code), timeout))
+    def execute(self, code: str, timeout: float = 90.0, cell_id: str | None = None) -> ExecResult:
+        """Run ``code`` in the kernel and collect its output until it is idle again
+        (``cell_id``: sent as JupyterLab does, in the request's ``metadata.cellId``)."""
+        return asyncio.run(asyncio.wait_for(self._execute(code, cell_id), timeout))
 
-    async def _execute(self, code: str) -> ExecResult:
+    async def _execute(self, code: str, cell_id: str | None = None) -> ExecResult:
         url = self.server.ws_url(f"api/kernels/{self.kernel_id}/channels")
         req = HTTPRequest(url, headers={"Authorization": f"token {self.server.token}"})
         conn = await websocket_connect(req)
@@ -100,7 +101,7 @@ class Kernel:
                     "version": "5.3",
                 },
                 "parent_header": {},
-                "metadata": {},
+                "metadata": {"cellId": cell_id} if cell_id else {},
                 "content": {
                     "code": code,
                     "silent": False,

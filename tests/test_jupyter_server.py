@@ -25,6 +25,7 @@ from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from nbcluster.jupyter.handlers import (
     ROUTES,
+    CancelCellHandler,
     CancelTaskHandler,
     KillActorHandler,
     PoolAdaptHandler,
@@ -34,7 +35,13 @@ from nbcluster.testing import fake_nvml
 from tests.conftest import ROOT, wait_until
 from tests.jupyter_helpers import JupyterServer, Kernel, free_port, start_jupyter_server
 
-WRITES = (CancelTaskHandler, KillActorHandler, PoolScaleHandler, PoolAdaptHandler)
+WRITES = (
+    CancelTaskHandler,
+    CancelCellHandler,
+    KillActorHandler,
+    PoolScaleHandler,
+    PoolAdaptHandler,
+)
 FAKE_GPUS = [{"name": "NVIDIA H100", "utilization": 37, "memory_used": 1000, "memory_total": 80000}]
 
 
@@ -181,6 +188,38 @@ def test_cancel_running_task(server: JupyterServer, kernel: Kernel) -> None:
     wait_until(cancelled, timeout=20)
     status, body = server.request("POST", "nbcluster/api/tasks/no-such-task/cancel")
     assert status == 404 and "no-such-task" in body["error"]
+
+
+def test_a_cells_tasks_are_cancelled_together(server: JupyterServer, kernel: Kernel) -> None:
+    """Tasks carry the notebook cell that submitted them; one request cancels all of them."""
+    kernel.execute(
+        "cell_refs = [slow.remote() for _ in range(2)]", cell_id="cell-7"
+    ).raise_for_error()
+    kernel.execute("other = slow.remote()", cell_id="cell-8").raise_for_error()
+
+    def of_cell(cell: str) -> list[dict[str, Any]]:
+        tasks = server.get("nbcluster/api/tasks")["tasks"]
+        return [t for t in tasks if t["cell_id"] == cell and t["state"] != "cancelled"]
+
+    tasks = wait_until(lambda: len(of_cell("cell-7")) == 2 and of_cell("cell-7"), timeout=30)
+    assert isinstance(tasks, list)
+    counts = {t["cell_count"] for t in tasks}
+    assert len(counts) == 1 and isinstance(counts.pop(), int)  # the cell's In [n]
+    job = tasks[0]["owner"]["job_id"]
+    assert server.post(f"nbcluster/api/jobs/{job}/cells/cell-7/cancel") == {"cancelled": 2}
+    r = kernel.execute(
+        "for ref in cell_refs:\n"
+        "    try:\n"
+        "        nb.get(ref, timeout=60)\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__)\n"
+    ).raise_for_error()
+    assert r.stdout.split() == ["TaskCancelledError", "TaskCancelledError"]
+    assert [t["state"] for t in of_cell("cell-8")] in (["queued"], ["running"])  # untouched
+    assert server.post(f"nbcluster/api/jobs/{job}/cells/cell-8/cancel") == {"cancelled": 1}
+    wait_until(lambda: of_cell("cell-7") == [], timeout=20)  # task events come in batches
+    status, body = server.request("POST", f"nbcluster/api/jobs/{job}/cells/cell-7/cancel")
+    assert status == 404 and "cell-7" in body["error"]
 
 
 def test_actor_owner_and_kill(server: JupyterServer, kernel: Kernel) -> None:
@@ -368,7 +407,7 @@ def test_every_route_requires_auth_and_stop_leaves_nothing(tmp_path: Path) -> No
     )
     stopped = False
     try:
-        assert len(ROUTES) == 11
+        assert len(ROUTES) == 12
         for pattern, _handler in ROUTES:
             path = _concrete(pattern)
             for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"):

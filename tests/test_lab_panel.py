@@ -517,6 +517,58 @@ def test_actor_from_a_notebook_appears_and_is_killed_from_the_panel(lab: Lab, pa
     _off_loop(kernel.shutdown)
 
 
+def test_a_cells_work_is_grouped_shown_and_cancelled_together(lab: Lab, page: Page) -> None:
+    """Tasks are grouped under the notebook cell that submitted them: the panel jumps to the
+    cell and cancels all of its tasks with one confirmed action."""
+    assert lab.server is not None
+    path = "work/cells_demo.ipynb"
+    code = "refs = [sleepy.remote(300) for _ in range(2)]"
+    cells = [
+        {"cell_type": "markdown", "id": "intro", "metadata": {}, "source": "# Cells demo"},
+        {
+            "cell_type": "code",
+            "id": "submit-cell",
+            "metadata": {},
+            "source": code,
+            "outputs": [],
+            "execution_count": None,
+        },
+    ]
+    nbjson = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (lab.root / "work").mkdir(exist_ok=True)
+    (lab.root / path).write_text(json.dumps(nbjson))
+    kernel = _off_loop(lab.server.start_kernel, path)
+    _off_loop(
+        kernel.execute,
+        "import time\nimport nbcluster as nb\nnb.init()\n"
+        "@nb.remote(num_cpus=0.5)\ndef sleepy(s):\n    time.sleep(s)\n",
+    ).raise_for_error()
+    _off_loop(lambda: kernel.execute(code, cell_id="submit-cell")).raise_for_error()
+    _open_panel(page)
+    row = page.locator('#nbcluster-panel tr.nbc-cell-row[data-cell-id="submit-cell"]')
+    expect(row).to_contain_text("cells_demo.ipynb · In [")
+    expect(row.get_by_role("button", name="Cancel cell (2)")).to_be_visible()
+
+    row.get_by_role("button", name="Go to cell").click()
+    active = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell.jp-mod-active")
+    expect(active).to_contain_text("sleepy.remote(300)")
+    _screenshot(page, "cells.png")
+
+    row.get_by_role("button", name="Cancel cell (2)").click()
+    _confirm(page, "Cancel tasks")
+    expect(row).to_have_count(0)
+    r = _off_loop(
+        kernel.execute,
+        "for ref in refs:\n"
+        "    try:\n"
+        "        nb.get(ref, timeout=60)\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__)\n",
+    ).raise_for_error()
+    assert r.stdout.split() == ["TaskCancelledError", "TaskCancelledError"], r.stdout
+    _off_loop(kernel.shutdown)
+
+
 def test_a_flood_of_queued_tasks(lab: Lab, page: Page) -> None:
     """Thousands of queued tasks: the panel keeps up, draws a bounded table and stays usable."""
     assert lab.server is not None

@@ -98,6 +98,13 @@ export class ClusterClient {
     await this._post(`tasks/${encodeURIComponent(taskId)}/cancel`);
   }
 
+  /** Ask the server to cancel every unfinished task a notebook cell submitted. */
+  async cancelCell(jobId: string, cellId: string): Promise<void> {
+    await this._post(
+      `jobs/${encodeURIComponent(jobId)}/cells/${encodeURIComponent(cellId)}/cancel`
+    );
+  }
+
   /** Ask the server to kill an actor; rejects with the server's error text. */
   async killActor(actorId: string): Promise<void> {
     await this._post(`actors/${encodeURIComponent(actorId)}/kill`);

@@ -33,6 +33,35 @@ export const clusterIcon = new LabIcon({
     '<circle cx="6.5" cy="18.5" r="1"/></g></svg>'
 });
 
+/**
+ * Open a notebook (or bring its tab forward) and make the cell with `cellId` its active cell,
+ * scrolled into view. Duck-typed on the notebook widget, so that the extension needs no
+ * dependency on the notebook packages.
+ */
+async function goToCell(app: JupyterFrontEnd, path: string, cellId: string): Promise<void> {
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  const widget: any = await app.commands.execute('docmanager:open', { path });
+  if (!widget) {
+    throw new Error(`cannot open ${path}`);
+  }
+  await widget.context?.ready;
+  await widget.revealed;
+  app.shell.activateById(widget.id);
+  const notebook = widget.content;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  const cells: any[] = notebook?.widgets ?? [];
+  const index = cells.findIndex(cell => cell.model?.id === cellId);
+  if (index < 0) {
+    throw new Error(`${path} has no cell ${cellId} (deleted, or another copy of the notebook)`);
+  }
+  notebook.activeCellIndex = index;
+  if (typeof notebook.scrollToItem === 'function') {
+    await notebook.scrollToItem(index);
+  } else {
+    cells[index].node.scrollIntoView({ block: 'center' });
+  }
+}
+
 const plugin: JupyterFrontEndPlugin<void> = {
   id: PLUGIN_ID,
   description: 'nbcluster: live nodes, GPUs, tasks and actors in a side panel and the status bar.',
@@ -51,7 +80,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       main.title.closable = true;
       app.shell.add(main, 'main');
       app.shell.activateById(main.id);
-    });
+    }, (notebook, cellId) => goToCell(app, notebook, cellId));
     panel.id = PANEL_ID;
     panel.title.icon = clusterIcon;
     panel.title.caption = 'Cluster';

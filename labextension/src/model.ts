@@ -438,3 +438,55 @@ export function visibleActors(state: IClusterState): IActor[] {
   const all = Object.values(state.actors);
   return all.filter(a => a.state !== 'dead').concat(all.filter(a => a.state === 'dead'));
 }
+
+/** The tasks one notebook cell submitted (or, with `cellId` null, tasks of no known cell). */
+export interface ICellGroup {
+  key: string;
+  jobId: string;
+  cellId: string | null;
+  cellCount: number | null;
+  notebook: string | null;
+  tasks: ITask[];
+}
+
+/**
+ * Tasks grouped by the notebook cell that submitted them, groups in the order of their first
+ * task; each task without a cell is a group of its own (shown without a header).
+ */
+export function cellGroups(tasks: ITask[]): ICellGroup[] {
+  const groups: ICellGroup[] = [];
+  const byKey = new Map<string, ICellGroup>();
+  for (const task of tasks) {
+    const jobId = task.owner?.job_id ?? '';
+    if (!task.cell_id) {
+      groups.push({
+        key: `task:${task.task_id}`,
+        jobId,
+        cellId: null,
+        cellCount: null,
+        notebook: task.owner?.notebook ?? null,
+        tasks: [task]
+      });
+      continue;
+    }
+    const key = `${jobId}/${task.cell_id}`;
+    let group = byKey.get(key);
+    if (!group) {
+      group = {
+        key,
+        jobId,
+        cellId: task.cell_id,
+        cellCount: task.cell_count ?? null,
+        notebook: task.owner?.notebook ?? null,
+        tasks: []
+      };
+      byKey.set(key, group);
+      groups.push(group);
+    }
+    group.tasks.push(task);
+    if (task.cell_count !== null && task.cell_count !== undefined) {
+      group.cellCount = Math.max(group.cellCount ?? 0, task.cell_count); // its latest run
+    }
+  }
+  return groups;
+}

@@ -25,8 +25,10 @@ import {
   summaryText
 } from './format';
 import {
+  cellGroups,
   HISTORY_LENGTH,
   IActor,
+  ICellGroup,
   IClusterState,
   IMetrics,
   INode,
@@ -249,12 +251,19 @@ function groupRow(group: IPlacementGroup, state: IClusterState): HTMLElement {
 /** The "Cluster" panel widget. */
 /** Opens a widget in JupyterLab's main area (the logs). */
 export type OpenWidget = (widget: Widget) => void;
+/** Opens a notebook and brings one of its cells into view. */
+export type GoToCell = (notebook: string, cellId: string) => Promise<void>;
 
 export class ClusterPanel extends Widget {
-  constructor(client: ClusterClient, open: OpenWidget | null = null) {
+  constructor(
+    client: ClusterClient,
+    open: OpenWidget | null = null,
+    goToCell: GoToCell | null = null
+  ) {
     super();
     this._client = client;
     this._open = open;
+    this._goToCell = goToCell;
     this.addClass('nbc-panel');
     this.title.caption = 'nbcluster: nodes, tasks and actors';
     this._banner = h('div', { class: 'nbc-banner', role: 'status' });
@@ -412,9 +421,69 @@ export class ClusterPanel extends Widget {
         `Tasks (${tasks.length})`,
         'Task · notebook',
         'No running or queued tasks.',
-        tasks.map(task => this._taskRow(task, state, connected))
+        cellGroups(tasks).flatMap(group => [
+          ...(group.cellId ? [this._cellRow(group, connected)] : []),
+          ...group.tasks.map(task => this._taskRow(task, state, connected))
+        ])
       )
     );
+  }
+
+  /** A cell's header row: which cell, a jump to it, and cancelling all of its tasks. */
+  private _cellRow(group: ICellGroup, connected: boolean): HTMLElement {
+    const where =
+      (group.notebook ? ownerLabel({ job_id: group.jobId, kernel_id: null, notebook: group.notebook }) : 'cell') +
+      (group.cellCount !== null ? ` · In [${group.cellCount}]` : '');
+    const actions: HTMLElement[] = [];
+    const goTo = this._goToCell;
+    if (goTo && group.notebook && group.cellId) {
+      const notebook = group.notebook;
+      const cellId = group.cellId;
+      const jump = h(
+        'button',
+        { class: 'nbc-button', type: 'button', title: `Show the cell in ${notebook}` },
+        'Go to cell'
+      );
+      jump.addEventListener('click', () => {
+        goTo(notebook, cellId).catch(err => showErrorMessage('Cannot show the cell', err as Error));
+      });
+      actions.push(jump);
+    }
+    const cancel = h(
+      'button',
+      {
+        class: 'nbc-button nbc-danger',
+        type: 'button',
+        title: `Cancel the ${group.tasks.length} unfinished task(s) of this cell`
+      },
+      `Cancel cell (${group.tasks.length})`
+    ) as HTMLButtonElement;
+    cancel.disabled = !connected;
+    cancel.addEventListener('click', () => void this._confirmCancelCell(group, where));
+    actions.push(cancel);
+    return h(
+      'tr',
+      { class: 'nbc-cell-row', 'data-cell-id': group.cellId ?? '' },
+      h('td', { colspan: '2' }, h('div', { class: 'nbc-cell-name' }, where)),
+      h('td', { class: 'nbc-action' }, ...actions)
+    );
+  }
+
+  private async _confirmCancelCell(group: ICellGroup, where: string): Promise<void> {
+    const n = group.tasks.length;
+    const result = await showDialog({
+      title: 'Cancel the cell\'s tasks?',
+      body: `Cancel the ${n} unfinished task${n === 1 ? '' : 's'} submitted by ${where}?`,
+      buttons: [Dialog.cancelButton({ label: 'Keep' }), Dialog.warnButton({ label: 'Cancel tasks' })]
+    });
+    if (!result.button.accept || !group.cellId) {
+      return;
+    }
+    try {
+      await this._client.cancelCell(group.jobId, group.cellId);
+    } catch (err) {
+      await showErrorMessage('Cannot cancel the cell\'s tasks', err as Error);
+    }
   }
 
   private _taskRow(task: ITask, state: IClusterState, connected: boolean): HTMLElement {
@@ -573,6 +642,7 @@ export class ClusterPanel extends Widget {
 
   private _client: ClusterClient;
   private _open: OpenWidget | null;
+  private _goToCell: GoToCell | null;
   private _banner: HTMLElement;
   private _summary: HTMLElement;
   private _nodes: HTMLElement;

@@ -177,6 +177,8 @@ export interface IOwner {
  * A task: what it needs, where it runs, whose it is, when it changed.
  *
  * `missing` names the resources no alive node has enough of (`infeasible` tasks only).
+ * `cell_id` and `cell_count` are the notebook cell that submitted it (its
+ * `metadata.cellId` and `In [n]`), when a notebook kernel did.
  */
 export interface ITask {
   task_id: string;
@@ -189,6 +191,8 @@ export interface ITask {
   submitted_at: number;
   started_at: number | null;
   ended_at: number | null;
+  cell_id: string | null;
+  cell_count: number | null;
 }
 
 /** An actor: its class and name, where it lives, its restarts, whose it is. */
@@ -252,6 +256,11 @@ export interface IErrorBody {
 /** What a successful action (cancel, kill) gets. */
 export interface IOkBody {
   ok: boolean;
+}
+
+/** What cancelling a cell's tasks gets: how many tasks were asked to stop. */
+export interface ICancelledBody {
+  cancelled: number;
 }
 
 export type PoolJobState = 'pending' | 'running' | 'draining' | 'gone';

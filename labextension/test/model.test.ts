@@ -11,6 +11,7 @@ import {
   ITask,
   applyMessage,
   applyMessages,
+  cellGroups,
   initialState,
   mergeHistory,
   parseMessage,
@@ -371,5 +372,26 @@ describe('applyMessages', () => {
       { type: 'task', task: task('new', 'queued') }
     ]);
     expect(Object.keys(s.tasks)).toEqual(['new']);
+  });
+});
+
+describe('cellGroups', () => {
+  it('groups tasks by the cell that submitted them, in order of their first task', () => {
+    const groups = cellGroups([
+      task('t1', 'running', { cell_id: 'c1', cell_count: 3 }),
+      task('t2', 'running'),
+      task('t3', 'queued', { cell_id: 'c2', cell_count: 4 }),
+      task('t4', 'queued', { cell_id: 'c1', cell_count: 5 }),
+      task('t5', 'queued', { cell_id: 'c1', owner: { job_id: 'j2', kernel_id: null, notebook: null } })
+    ]);
+    expect(groups.map(g => [g.cellId, g.tasks.map(t => t.task_id)])).toEqual([
+      ['c1', ['t1', 't4']],
+      [null, ['t2']],
+      ['c2', ['t3']],
+      ['c1', ['t5']]
+    ]);
+    expect(groups[0].cellCount).toBe(5); // the cell's latest run
+    expect(groups[0].notebook).toBe('dir/a.ipynb');
+    expect(groups[3].jobId).toBe('j2'); // same cell id, another kernel: another group
   });
 });

@@ -4,7 +4,8 @@ Tasks go from a driver straight to leased workers, so only the driver knows when
 running or done. It appends a small tuple per change (cheap on the submission path) and its I/O
 thread sends them to the head in one message every :data:`FLUSH_S` seconds. Event codes:
 
-``("s", tid, time, name, resources)`` submitted, ``("r", tid, time, node_id, worker_id)``
+``("s", tid, time, name, resources[, cell_id, number])`` submitted (with the notebook cell that
+submitted it, when known), ``("r", tid, time, node_id, worker_id)``
 running,
 ``("q", tid, time)`` queued again (retry), ``("f" | "x" | "c", tid, time)`` finished, failed,
 cancelled.
@@ -54,7 +55,11 @@ class TaskEvents:
         self._buf.append(ev)
 
     def submitted(self, rec: TaskRecord) -> None:
-        self._add(("s", rec.tid, self.now, rec.name, rec.shape))
+        cell_id = getattr(rec.tag, "cell_id", None)  # a kernel.CellTag, in a notebook
+        if cell_id is None:
+            self._add(("s", rec.tid, self.now, rec.name, rec.shape))
+        else:
+            self._add(("s", rec.tid, self.now, rec.name, rec.shape, cell_id, rec.tag.number))
 
     def started(self, rec: TaskRecord, node_id: str, worker_id: str = "") -> None:
         self._add(("r", rec.tid, self.now, node_id, worker_id))

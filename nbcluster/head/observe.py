@@ -89,6 +89,8 @@ class TaskRecord:
     started_at: float | None = None
     ended_at: float | None = None
     worker_id: str | None = None
+    cell_id: str | None = None  # the notebook cell that submitted it (its metadata.cellId)
+    cell_count: int | None = None  # that cell's In [n]
 
 
 @dataclass
@@ -207,6 +209,9 @@ class Observer:
                 code, tid, t = ev[0], str(ev[1]), float(ev[2])
                 if code == "s":
                     rec = TaskRecord(tid, str(ev[3]), job_id, client, dict(ev[4]), t)
+                    if len(ev) > 6 and ev[5]:
+                        rec.cell_id = str(ev[5])
+                        rec.cell_count = int(ev[6]) if ev[6] is not None else None
                     self.tasks[tid] = rec
                     changed[tid] = rec
                     continue
@@ -297,6 +302,8 @@ class Observer:
             submitted_at=t.submitted_at,
             started_at=t.started_at,
             ended_at=t.ended_at,
+            cell_id=t.cell_id,
+            cell_count=t.cell_count,
         )
 
     def task_views(self) -> list[TaskView]:
@@ -491,6 +498,12 @@ class Observer:
         if what == "demand":  # what pools grow from (nbcluster.deploy)
             return self.demand()
         return None
+
+    def cell_tasks(self, job_id: str, cell_id: str) -> list[str]:
+        """The unfinished tasks a notebook cell submitted (what "cancel the cell" cancels)."""
+        return [
+            t.task_id for t in self.tasks.values() if t.job_id == job_id and t.cell_id == cell_id
+        ]
 
     def running_task(self, task_id: str) -> TaskRecord | None:
         """An unfinished task (what the panel can cancel)."""

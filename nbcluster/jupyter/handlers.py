@@ -28,6 +28,7 @@ from nbcluster.exceptions import NbclusterError
 from nbcluster.head.logs import NO_TARGET
 from nbcluster.views import (
     ActorsBody,
+    CancelledBody,
     ChangeEvent,
     ErrorBody,
     HistoriesBody,
@@ -147,6 +148,23 @@ class CancelTaskHandler(_Api):
             self.write_json(OkBody())
         else:
             self.write_json(ErrorBody(error=f"no queued or running task {task_id!r}"), 404)
+
+
+class CancelCellHandler(_Api):
+    """``POST nbcluster/api/jobs/{job_id}/cells/{cell_id}/cancel``: cancel every unfinished task
+    that notebook cell submitted (answers how many were asked to stop)."""
+
+    @web.authenticated
+    @_authorized(EXECUTE)
+    async def post(self, job_id: str, cell_id: str) -> None:
+        force = self.get_query_argument("force", "false").lower() in ("1", "true", "yes")
+        head = self.nbcluster_head
+        tids = head.observe.cell_tasks(job_id, cell_id)
+        if not tids:
+            self.write_json(ErrorBody(error=f"no queued or running task of cell {cell_id}"), 404)
+            return
+        n = sum([await head.cancel_task(tid, force) for tid in tids])
+        self.write_json(CancelledBody(cancelled=n))
 
 
 class KillActorHandler(_Api):
@@ -332,6 +350,7 @@ ROUTES: list[tuple[str, type[Any]]] = [
     (r"/nbcluster/api/actors", ActorsHandler),
     (rf"/nbcluster/api/tasks/{_ID}/cancel", CancelTaskHandler),
     (rf"/nbcluster/api/actors/{_ID}/kill", KillActorHandler),
+    (rf"/nbcluster/api/jobs/{_ID}/cells/{_ID}/cancel", CancelCellHandler),
     (r"/nbcluster/api/pools", PoolsHandler),
     (rf"/nbcluster/api/pools/{_ID}/scale", PoolScaleHandler),
     (rf"/nbcluster/api/pools/{_ID}/adapt", PoolAdaptHandler),

@@ -226,6 +226,8 @@ class TaskView(View):
     """A task: what it needs, where it runs, whose it is, when it changed.
 
     ``missing`` names the resources no alive node has enough of (``infeasible`` tasks only).
+    ``cell_id`` and ``cell_count`` are the notebook cell that submitted it (its
+    ``metadata.cellId`` and ``In [n]``), when a notebook kernel did.
     """
 
     task_id: str
@@ -238,6 +240,8 @@ class TaskView(View):
     submitted_at: float
     started_at: float | None
     ended_at: float | None
+    cell_id: str | None = None
+    cell_count: int | None = None
 
 
 class ActorView(View):
@@ -303,6 +307,12 @@ class ErrorBody(View):
     """What a failed request gets (with a 4xx or 5xx status)."""
 
     error: str
+
+
+class CancelledBody(View):
+    """What cancelling a cell's tasks gets: how many tasks were asked to stop."""
+
+    cancelled: int
 
 
 class OkBody(View):
@@ -432,6 +442,7 @@ TS_EXPORTS: tuple[tuple[str, object], ...] = (
     ("LogBody", LogBody),
     ("ErrorBody", ErrorBody),
     ("OkBody", OkBody),
+    ("CancelledBody", CancelledBody),
     ("PoolJobState", PoolJobState),
     ("PoolsBody", PoolsBody),
     ("PoolActionBody", PoolActionBody),
