@@ -59,6 +59,11 @@ class WorkerCrashedError(NbclusterError):
     """The worker process running the task died (and the task's retries were used up)."""
 
 
+class OutOfMemoryError(WorkerCrashedError):
+    """The node ran low on memory and its memory monitor killed the worker running the task
+    (the message names the task, the node's usage and the worker's memory), as Ray's."""
+
+
 class ObjectLostError(NbclusterError):
     """An object's value is gone and cannot be rebuilt."""
 
@@ -260,6 +265,7 @@ __all__ = [
     "NbclusterError",
     "ObjectFetchTimedOutError",
     "ObjectLostError",
+    "OutOfMemoryError",
     "OwnerDiedError",
     "ProtocolError",
     "RayActorError",

@@ -17,13 +17,14 @@ from typing import Any
 import psutil
 
 from nbcluster._private_fs import user_dir
+from nbcluster.agent import memory
 from nbcluster.agent.logs import TAIL_LINES, NodeLogs, WorkerLog
 from nbcluster.agent.resources import detect_gpus, node_resources
 from nbcluster.exceptions import NbclusterError, ProtocolError
 from nbcluster.metrics import MetricsThread
 from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import Header, encode
-from nbcluster.protocol.messages import PROTOCOL_VERSION, REJOIN_AGAIN_S, Kind
+from nbcluster.protocol.messages import OOM_REASON, PROTOCOL_VERSION, REJOIN_AGAIN_S, Kind
 from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
 from nbcluster.protocol.validation import receive_message
 from nbcluster.store import orphans
@@ -146,6 +147,10 @@ class NodeAgent:
         self._prestarted = asyncio.Event()
         self._workers: dict[str, dict[str, Any]] = {}  # ready workers, reported on rejoin
         self._killing: set[str] = set()  # workers killed on purpose (their death is no trouble)
+        # The memory monitor: which task each worker runs (they say so on their pipe), and
+        # why it killed the workers it killed (their death reports say it).
+        self._running: dict[str, memory.RunningTask] = {}
+        self._oom: dict[str, str] = {}
         self._rejoining = False
         self._rejoin_sent = 0.0
         self._leaving = False
@@ -170,6 +175,9 @@ class NodeAgent:
         self._spawn(self._serve(), "agent-serve")
         self._metrics.start()
         self._spawn(self._heartbeat(), "agent-heartbeat")
+        threshold, interval = memory.settings()
+        if interval > 0:
+            self._spawn(self._watch_memory(threshold, interval), "agent-memory")
         self._spawn(self._serve_store(), "agent-store")
         log.info("registered as %s with %s", self.node_id, self.resources)
 
@@ -418,8 +426,9 @@ class NodeAgent:
         with contextlib.suppress(Exception):  # its last words: read to the end of the pipe
             await asyncio.wait_for(asyncio.shield(pump), 2.0)
         requested = self._was_killed(worker_id)
-        reason = describe_exit(proc.pid, rc)
-        if not requested and rc != 0:
+        self._running.pop(worker_id, None)
+        reason = self._oom.pop(worker_id, "") or describe_exit(proc.pid, rc)
+        if not requested and rc != 0 and not reason.startswith(OOM_REASON):
             tail = self.logs.tail(worker_id)
             if tail:
                 reason += "; its last output:\n  " + "\n  ".join(tail)
@@ -473,10 +482,46 @@ class NodeAgent:
         # untagged lines also to ours, as before the node kept logs.
         assert proc.stdout is not None
         async for line in proc.stdout:
+            if memory.is_control(line):  # which task it runs: for the memory monitor
+                task = memory.parse(line, memory.now())
+                if task is None:
+                    self._running.pop(worker_id, None)
+                else:
+                    self._running[worker_id] = task
+                continue
             with contextlib.suppress(OSError):  # a full disk must not stop the pump
                 wlog.write(line, time.time())
             if not line.startswith(b"\x1e"):
                 sys.stderr.write(f"({worker_id} pid={proc.pid}) {line.decode(errors='replace')}")
+
+    async def _watch_memory(self, threshold: float, interval: float) -> None:
+        """Kill the newest retriable task's worker when the node's memory runs out (see
+        :mod:`nbcluster.agent.memory`); one at a time, each given time to free its memory."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._oom:  # the last one is still dying
+                continue
+            used, total = memory.node_usage()
+            if used <= threshold * total:
+                continue
+            victim = memory.choose(self._running)
+            proc = self._procs.get(victim) if victim is not None else None
+            if victim is None or proc is None or proc.returncode is not None:
+                continue
+            task = self._running[victim]
+            rss = memory.rss_of(proc.pid)
+            self._oom[victim] = (
+                f"{OOM_REASON}: the node's memory was {memory.gib(used)} of {memory.gib(total)} "
+                f"({used / total:.0%}, above the threshold {threshold:.0%}), so the memory "
+                f"monitor killed the worker running task {task.name} ({task.tid}), which used "
+                f"{memory.gib(rss)}; it was the newest "
+                f"{'retriable' if task.retriable else '(none was retriable)'} task on node "
+                f"{self.name}. Give the task more memory= (so fewer run at once), or raise "
+                f"{memory.THRESHOLD_ENV}"
+            )
+            log.warning("%s", self._oom[victim])
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
     async def _on_log_fetch(self, _: None, msg: m.LogFetch, payload: list[Any]) -> None:
         result = self.logs.read(msg.worker_id, msg.task, msg.offset, msg.limit)

@@ -20,8 +20,13 @@ from nbcluster.client.instructions import Instruction, StartTimer, ToHead, ToWor
 from nbcluster.client.objects import READY
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
 from nbcluster.client.wire import split_parts
-from nbcluster.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
-from nbcluster.protocol.messages import Kind
+from nbcluster.exceptions import (
+    OutOfMemoryError,
+    TaskCancelledError,
+    TaskUnschedulableError,
+    WorkerCrashedError,
+)
+from nbcluster.protocol.messages import OOM_REASON, Kind
 from nbcluster.scheduling import preferred_store, stored_bytes
 from nbcluster.serialization import dumps, loads
 
@@ -149,6 +154,8 @@ class Leasing:
         }
         if rec.gen:
             header["gen"], header["bp"] = rec.gen, rec.bp
+        if rec.max_retries == -1 or rec.attempts < rec.max_retries:
+            header["retry"] = True  # the memory monitor kills retriable tasks first
         payload: list[Any] = []
         if rec.fn_id not in conn.fns_sent:
             header["fnb"] = 1
@@ -305,7 +312,8 @@ class Leasing:
                 )
                 requeue.append(rec)
             else:
-                err = WorkerCrashedError(
+                crashed = OutOfMemoryError if reason.startswith(OOM_REASON) else WorkerCrashedError
+                err = crashed(
                     f"the worker running {rec.name} died: {reason} "
                     f"(node {lease.node_name or lease.node_id}); "
                     f"{rec.attempts} retr{'y' if rec.attempts == 1 else 'ies'} used of "

@@ -21,6 +21,11 @@ PROTOCOL_VERSION = 2
 REJOIN_AGAIN_S = 3.0
 
 
+#: How a worker's death report (``WORKER_DIED`` ``reason``, then ``LEASE_LOST``) begins when the
+#: node's memory monitor killed it: drivers raise ``OutOfMemoryError`` for such tasks.
+OOM_REASON = "out of memory"
+
+
 class Kind(StrEnum):
     """Message kinds. Values are short because they travel in every header."""
 

@@ -412,6 +412,7 @@ class Task(Message, tag=Kind.TASK.value):
     renv: RuntimeEnv | None = None
     gen: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0  # 1: streaming generator, 2: dynamic
     bp: Count = 0  # streaming: pause when this many items are unconsumed (0: never)
+    retry: bool = False  # the driver would run it again if its worker died (memory monitor)
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1 if self.fnb else 0)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from nbcluster import context
+from nbcluster.agent import memory
 from nbcluster.agent.logs import tag
 from nbcluster.client import current
 from nbcluster.exceptions import ObjectLostError, ProtocolError, TaskCancelledError, TaskError
@@ -359,6 +360,10 @@ class Worker:
         self.stdout.default = self.stderr.default = target
         with self._lock:
             self._running = tid
+        notice = self._keep_log and isinstance(h, m.Task)  # tell the agent (memory monitor)
+        if isinstance(h, m.Task) and notice:
+            with contextlib.suppress(OSError):
+                os.write(1, memory.task_started(tid, name, h.retry))
         ok = cancelled = exiting = False
         result: Any = None
         error: BaseException | None = None
@@ -388,6 +393,9 @@ class Worker:
             self._cancel_requested = None
             self.stdout.default = self.stderr.default = None
             self.end(target, (tokens[0], tokens[1]))
+            if notice:
+                with contextlib.suppress(OSError):
+                    os.write(1, memory.task_ended())
         del args, kwargs
         kept = self.kept(loaded)
         if cancelled:
