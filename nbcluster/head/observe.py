@@ -9,6 +9,7 @@ drivers' ``query`` with them.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
@@ -69,6 +70,9 @@ _ACTOR_STATES: dict[str, ActorState] = {
     DEAD: "dead",
 }
 
+#: Upper bounds (seconds) of the lease wait histogram's buckets (``nbcluster_lease_wait_seconds``).
+LEASE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)
+
 #: Receives every change (see docs/jupyter-api.md).
 Subscriber = Callable[[ChangeEvent], None]
 
@@ -100,6 +104,21 @@ class JobOwner:
 
 
 @dataclass
+class WaitHistogram:
+    """Lease waits so far: a count per bucket of :data:`LEASE_WAIT_BUCKETS` (not cumulative;
+    the last one is ``+Inf``), their sum and their number."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LEASE_WAIT_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LEASE_WAIT_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.n += 1
+
+
+@dataclass
 class Observer:
     """Views of the cluster for the Jupyter panel, the REST API and drivers' queries."""
 
@@ -115,6 +134,9 @@ class Observer:
     ended: deque[TaskRecord] = field(default_factory=lambda: deque(maxlen=ENDED_TASKS))
     jobs: dict[str, JobOwner] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
+    # Totals since the head started, for the Prometheus export (nbcluster.head.export).
+    ended_counts: dict[tuple[str, TaskState], int] = field(default_factory=dict)
+    lease_waits: WaitHistogram = field(default_factory=WaitHistogram)
 
     # --------------------------------------------------------------------------- events in
     def job_started(self, job_id: str, h: dict[str, Any]) -> None:
@@ -207,7 +229,14 @@ class Observer:
             for rec in changed.values():
                 self.emit(TaskEvent(task=self.task_view(rec)))
 
+    def lease_waited(self, seconds: float | None) -> None:
+        """A lease was granted ``seconds`` after it was asked for (``None``: unknown)."""
+        if seconds is not None:
+            self.lease_waits.add(max(0.0, seconds))
+
     def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
+        key = (rec.name, state)
+        self.ended_counts[key] = self.ended_counts.get(key, 0) + 1
         rec.state, rec.ended_at = state, t
         self.tasks.pop(rec.task_id, None)
         self.ended.append(rec)

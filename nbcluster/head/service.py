@@ -35,6 +35,7 @@ from nbcluster.head.instructions import (
     Unschedulable,
     Warn,
 )
+from nbcluster.head.memory import MemoryQueries
 from nbcluster.head.model import Lease, WorkerInfo
 from nbcluster.head.observe import Observer
 from nbcluster.head.peers import Peer, local_process, running
@@ -106,6 +107,7 @@ class HeadService(GroupRequests):
         self._dead_nodes: set[str] = set()
         self._dirty = False
         self.actors = ActorDirectory(self.state)
+        self.memory = MemoryQueries(self.state, self._send)  # the stores' contents, on demand
         self.recovery = Recovery(self.state, self.actors)  # taking peers back after a restart
         self._worker_socks: dict[str, Channel] = {}  # head -> actor-hosting worker connections
         self.peers: dict[bytes, Peer] = {}
@@ -123,6 +125,7 @@ class HeadService(GroupRequests):
             m.WorkerBlocked: self._on_blocked,
             m.WorkerUnblocked: self._on_blocked,
             m.Query: self._on_query,
+            m.StoreListing: self.memory.on_listing,
             m.WorkerReady: self._on_worker_ready,
             m.WorkerDied: self._worker_died,
             m.ActorCreate: self._on_actor_create,
@@ -263,7 +266,8 @@ class HeadService(GroupRequests):
         """
         for ins in instructions:
             match ins:
-                case Grant(requester=who, rid=rid, lease=lease, worker=w):
+                case Grant(requester=who, rid=rid, lease=lease, worker=w, requested=t0):
+                    self.observe.lease_waited(time.monotonic() - t0 if t0 else None)
                     if isinstance(who, ActorRequester):
                         await self._run(self.actors.on_grant(who.aid, lease, w))
                     else:
@@ -547,6 +551,8 @@ class HeadService(GroupRequests):
         await self._run(self.state.worker_blocked(msg.worker_id, type(msg) is m.WorkerBlocked))
 
     async def _on_query(self, peer: Peer, msg: m.Query, payload: list[Any]) -> None:
+        if msg.what == "memory":  # the agents are asked: answered when they have
+            return self.memory.answer(peer.ident, msg.rid, self.observe, msg.limit)
         reply = {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": self.observe.query(msg)}
         await self._send(peer.ident, reply)
 

@@ -65,6 +65,8 @@ class Kind(StrEnum):
     WORKER_DIED = "wdied"  # agent -> head
     KILL_WORKER = "wkill"  # head -> agent
     STOP_NODE = "stop"  # head -> agent
+    STORE_LIST = "slist"  # head -> agent: the store's largest objects (``nbcluster memory``)
+    STORE_LISTING = "slisting"  # agent -> head: its answer
 
     # --- driver <-> worker -----------------------------------------------------------------
     BIND = "bind"  # driver -> worker
