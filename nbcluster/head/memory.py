@@ -22,7 +22,13 @@ import msgspec
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.schema import StoreListing
 from nbcluster.refs import hex_id
-from nbcluster.views import MemoryBody, MemoryNodeView, MemoryObjectView, ObjectState
+from nbcluster.views import (
+    MEMORY_LIMIT_MAX,
+    MemoryBody,
+    MemoryNodeView,
+    MemoryObjectView,
+    ObjectState,
+)
 
 if TYPE_CHECKING:
     from nbcluster.head.observe import Observer
@@ -34,7 +40,7 @@ log = logging.getLogger(__name__)
 #: Objects listed per node (and in all) when the caller does not say.
 DEFAULT_LIMIT = 100
 #: The most a caller may ask for per node: one answer stays a small message.
-MAX_LIMIT = 10_000
+MAX_LIMIT = MEMORY_LIMIT_MAX
 #: How long the head waits for each agent's answer.
 ANSWER_TIMEOUT_S = 5.0
 _STATES: frozenset[str] = frozenset({"in_memory", "spilled", "writing"})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from nbcluster.views.schema import (
     ACTIVE_TASK_STATES,
+    MEMORY_LIMIT_MAX,
     ActorEvent,
     ActorsBody,
     ActorState,
@@ -55,6 +56,7 @@ from nbcluster.views.schema import (
 
 __all__ = [
     "ACTIVE_TASK_STATES",
+    "MEMORY_LIMIT_MAX",
     "ActorEvent",
     "ActorState",
     "ActorView",

@@ -278,6 +278,8 @@ class OkBody(View):
 
 # --- memory (``nbcluster memory``) -------------------------------------------------------------
 ObjectState = Literal["in_memory", "spilled", "writing"]
+#: The most objects a memory listing may ask for per node (one agent's answer stays small).
+MEMORY_LIMIT_MAX = 10_000
 
 
 class MemoryObjectView(View):
