@@ -8,6 +8,7 @@ import { Dialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
 import { ClusterClient } from './client';
+import { MemorySection } from './memory';
 import { PoolsSection } from './pools';
 import {
   formatBytes,
@@ -261,6 +262,7 @@ export class ClusterPanel extends Widget {
       this._tasks,
       this._actors,
       this._groups,
+      this._memory.node,
       this._pools.node
     );
     client.changed.connect(this._schedule, this);
@@ -273,6 +275,7 @@ export class ClusterPanel extends Widget {
     }
     this._client.changed.disconnect(this._schedule, this);
     this._pools.dispose();
+    this._memory.dispose();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
     }
@@ -282,10 +285,12 @@ export class ClusterPanel extends Widget {
   protected onAfterShow(): void {
     this._render(this._client.state);
     this._pools.start();
+    this._memory.start();
   }
 
   protected onAfterHide(): void {
     this._pools.stop();
+    this._memory.stop();
   }
 
   /** Coalesce bursts of messages into one redraw per frame; none while hidden. */
@@ -544,4 +549,5 @@ export class ClusterPanel extends Widget {
   private _tablesKey = '';
   private _groupsKey = '';
   private _pools = new PoolsSection();
+  private _memory = new MemorySection();
 }
