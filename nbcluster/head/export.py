@@ -184,10 +184,11 @@ class HeadCollector(Collector):
             "Tasks ended since the head started, by final state and function",
             labels=["state", "function"],
         )
-        if not any(s == FINISHED for _, s in obs.ended_counts):
+        if not obs.ended_counts[FINISHED]:
             ended.add_metric([FINISHED, ""], 0)
-        for (name, state), n in sorted(obs.ended_counts.items()):
-            ended.add_metric([state, name], n)
+        for state, by_function in obs.ended_counts.items():
+            for name, n in sorted(by_function.items()):
+                ended.add_metric([state, name], n)
         yield ended
 
     def _actors(self) -> Iterator[Metric]:

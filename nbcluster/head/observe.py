@@ -135,7 +135,10 @@ class Observer:
     jobs: dict[str, JobOwner] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
     # Totals since the head started, for the Prometheus export (nbcluster.head.export).
-    ended_counts: dict[tuple[str, TaskState], int] = field(default_factory=dict)
+    # (final state -> function -> count: no tuple key to build per task)
+    ended_counts: dict[TaskState, dict[str, int]] = field(
+        default_factory=lambda: {FINISHED: {}, FAILED: {}, CANCELLED: {}}
+    )
     lease_waits: WaitHistogram = field(default_factory=WaitHistogram)
 
     # --------------------------------------------------------------------------- events in
@@ -235,8 +238,8 @@ class Observer:
             self.lease_waits.add(max(0.0, seconds))
 
     def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
-        key = (rec.name, state)
-        self.ended_counts[key] = self.ended_counts.get(key, 0) + 1
+        counts = self.ended_counts[state]
+        counts[rec.name] = counts.get(rec.name, 0) + 1
         rec.state, rec.ended_at = state, t
         self.tasks.pop(rec.task_id, None)
         self.ended.append(rec)
