@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -120,13 +122,28 @@ def test_memory_lists_two_drivers_objects_with_spilled_state(procs: Procs) -> No
     wait_until(freed, 20)
 
 
-def test_memory_bad_limit_and_no_address(procs: Procs) -> None:
+def test_memory_bad_limit_no_address_and_a_silent_node(procs: Procs) -> None:
     procs.start_head()
     procs.join("n", "--num-cpus", "1")
+    procs.join("m", "--num-cpus", "1")
     out = run_memory(procs, "--limit", "0")
     assert out.returncode == 1 and "limit must be between 1 and" in out.stderr
     out = run_memory(procs, env={})  # no --address, no NBCLUSTER_ADDRESS
     assert out.returncode == 2 and "NBCLUSTER_ADDRESS" in out.stderr
+
+    # A frozen agent does not answer: it is listed with the reason, the other node answers.
+    procs.kill_agent("m", signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        body = json.loads(memory_cli(procs, "--json"))
+        assert time.monotonic() - t0 < 30
+        errors = {n["name"]: n["error"] for n in body["nodes"]}
+        assert errors == {"n": None, "m": "no answer within 5 s"}
+    finally:
+        procs.kill_agent("m", signal.SIGCONT)
+    # Its late answer is dropped; the next listing has both nodes again.
+    body = json.loads(memory_cli(procs, "--json"))
+    assert {n["name"]: n["error"] for n in body["nodes"]} == {"n": None, "m": None}
 
 
 @pytest.mark.parametrize("limit", [None, 1])
