@@ -1,4 +1,5 @@
-"""Command-line entry points: ``nbcluster`` (head, status, up, demo, lab), ``nbcluster-worker``."""
+"""Command-line entry points: ``nbcluster`` (head, status, memory, up, demo, lab),
+``nbcluster-worker``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,22 @@ from nbcluster.protocol.security import (
 )
 
 DEFAULT_TOKEN_FILE = Path(os.environ.get("NBCLUSTER_HOME", Path.home() / ".nbcluster")) / "token"
+
+
+def add_metrics_options(p: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` and ``--metrics-host`` (the standalone head's Prometheus endpoint)."""
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; default: "
+        "no endpoint). No authentication: see docs/security.md",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the metrics endpoint (default loopback only; 0.0.0.0 exposes the "
+        "metrics, unauthenticated, to everyone who can reach this host)",
+    )
 
 
 def _cmd_head(args: argparse.Namespace) -> int:
@@ -38,6 +55,8 @@ def _cmd_head(args: argparse.Namespace) -> int:
         parent_pid=0,
         state_file=state_file,
         keep_nodes=args.keep_nodes,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     print(
         f"nbcluster head starting on {args.host}:{args.port}\n"
@@ -52,7 +71,9 @@ def _cmd_head(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace, cmd: str) -> bool:
-    """Join the cluster of ``--address``/``$NBCLUSTER_ADDRESS`` (``False``: no address, said)."""
+    """``nb.init`` as a driver of the head at ``--address`` / ``$NBCLUSTER_ADDRESS`` (with
+    ``--token-file``, ``$NBCLUSTER_TOKEN_FILE`` or the default secret); False (and a message)
+    when no address was given."""
     import nbcluster as nb
 
     address = args.address or os.environ.get(nb.api.ADDRESS_ENV)
@@ -108,6 +129,28 @@ def _cmd_logs(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:  # the end of --follow
         return 0
+    finally:
+        nb.shutdown()
+    return 0
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    import msgspec
+
+    import nbcluster as nb
+    from nbcluster.status import memory_text, memory_view
+
+    try:
+        if not _connect(args, "memory"):
+            return 2
+        body = memory_view(args.limit)
+        if args.json:
+            print(msgspec.json.format(msgspec.json.encode(body)).decode())
+        else:
+            print(memory_text(body))
+    except (nb.exceptions.NbclusterError, ValueError) as exc:
+        print(f"nbcluster memory: {exc}", file=sys.stderr)
+        return 1
     finally:
         nb.shutdown()
     return 0
@@ -238,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         help="on Ctrl-C/SIGTERM leave the node agents running for the next head (default: stop "
         "them too)",
     )
+    add_metrics_options(h)
     s = sub.add_parser("status", help="nodes and resources of a running cluster")
     lg = sub.add_parser("logs", help="a worker's log: of an actor, a task or a worker process")
     which = lg.add_mutually_exclusive_group(required=True)
@@ -250,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     for cmd in (s, lg):
         cmd.add_argument("--address", help="the head (default $NBCLUSTER_ADDRESS)")
         cmd.add_argument("--token-file")
+    mem = sub.add_parser(
+        "memory", help="what the nodes' object stores hold, largest first (like ray memory)"
+    )
+    mem.add_argument("--address", help="HOST:PORT of the head (default $NBCLUSTER_ADDRESS)")
+    mem.add_argument("--token-file", help=f"cluster secret (default {DEFAULT_TOKEN_FILE})")
+    mem.add_argument("--limit", type=int, help="objects to list (default 100)")
+    mem.add_argument("--json", action="store_true", help="the MemoryBody view as JSON")
     sub.add_parser("demo", help="run the examples on a local cluster and print their results")
     lab = sub.add_parser(
         "lab", help="open JupyterLab with the cluster running (in its server) and the notebooks"
@@ -269,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_status(args)
     if args.cmd == "logs":
         return _cmd_logs(args)
+    if args.cmd == "memory":
+        return _cmd_memory(args)
     from nbcluster.demo import run_demo
 
     return run_demo()

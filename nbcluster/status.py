@@ -4,6 +4,8 @@ The head answers ``query("cluster" | "tasks" | "actors")`` with the views of
 :mod:`nbcluster.views` (the same as the Jupyter REST API); :func:`cluster_view` and friends decode
 them back into those classes. ``nbcluster status`` prints :func:`status_report`,
 ``%nbcluster status`` prints :func:`nodes_text`, the dashboard widget draws the same views.
+``nbcluster memory`` prints :func:`memory_text` of :func:`memory_view` (the head asks each node's
+agent what its store holds: :mod:`nbcluster.head.memory`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from nbcluster.views import (
     ACTIVE_TASK_STATES,
     ActorView,
     ClusterView,
+    MemoryBody,
     NodeView,
     OwnerView,
     TaskView,
@@ -53,6 +56,60 @@ def task_views() -> list[TaskView]:
 def actor_views() -> list[ActorView]:
     """Every actor the head knows, dead ones too."""
     return _ask("actors", list[ActorView])
+
+
+def memory_view(limit: int | None = None, timeout: float = 15.0) -> MemoryBody:
+    """Every alive node's largest stored objects (at most ``limit``, default 100), largest
+    first, with their owner, node, size and state, and each node's store figures.
+
+    Small values (up to :data:`~nbcluster.store.INLINE_THRESHOLD_BYTES`) travel inside messages
+    and are not in any store: they are not listed.
+    """
+    args = {} if limit is None else {"limit": limit}
+    data = current.require().query_args("memory", timeout, **args)
+    try:
+        return msgspec.convert(data, MemoryBody)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"the head's 'memory' view is malformed: {exc}") from None
+
+
+def size_text(n: int) -> str:
+    """Bytes with a binary unit (``512 B``, ``1.5 MiB``)."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def memory_text(body: MemoryBody) -> str:
+    """The ``nbcluster memory`` report: one line per node's store, then its objects."""
+    nodes = [
+        [
+            n.name,
+            n.node_id,
+            n.objects,
+            size_text(n.used),
+            size_text(n.capacity),
+            size_text(n.spilled),
+            n.error or "",
+        ]
+        for n in body.nodes
+    ]
+    objects = [
+        [o.object_id, size_text(o.size), o.node_name, owner_label(o.owner), o.state, o.pins]
+        for o in body.objects
+    ]
+    shown = f"{len(body.objects)} largest object(s) (--limit {body.limit})"
+    return "\n".join(
+        [
+            table(nodes, ["NODE", "ID", "OBJECTS", "IN MEMORY", "CAPACITY", "SPILLED", "ERROR"]),
+            "",
+            shown,
+            table(objects, ["OBJECT ID", "SIZE", "NODE", "OWNER", "STATE", "PINS"]),
+        ]
+    )
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -34,6 +35,7 @@ from nbcluster.jupyter.handlers import (
 from nbcluster.testing import fake_nvml
 from tests.conftest import ROOT, wait_until
 from tests.jupyter_helpers import JupyterServer, Kernel, free_port, start_jupyter_server
+from tests.test_export import Samples, dashboard_metric_names, value
 
 WRITES = (
     CancelTaskHandler,
@@ -147,6 +149,51 @@ def test_kernel_tasks_show_their_owner(server: JupyterServer, kernel: Kernel) ->
         assert t["owner"]["notebook"] == "work/analysis.ipynb"
         assert t["node_id"] == node_id and t["resources"] == {"CPU": 1.0}
         assert t["submitted_at"] <= t["started_at"] <= t["ended_at"]
+
+
+def test_prometheus_metrics_and_memory(server: JupyterServer, kernel: Kernel) -> None:
+    """``GET nbcluster/metrics`` (Prometheus text, every metric of the Grafana dashboard) and
+    ``GET nbcluster/api/memory`` (the kernel's stored object, owned by its notebook)."""
+    r = kernel.execute(
+        "import numpy as np\n"
+        "print(nb.get([add.remote(i) for i in range(4)]))\n"
+        "held = nb.put(np.ones(2_000_000, dtype=np.uint8))\n"
+        "print(held.hex())"
+    ).raise_for_error()
+    held = r.stdout.split()[-1]
+
+    def scraped() -> Samples | None:
+        status, text = server.request("GET", "nbcluster/metrics")
+        assert status == 200 and isinstance(text, str)
+        s: Samples = {}
+        for family in text_string_to_metric_families(text):
+            for x in family.samples:
+                s[(x.name, frozenset(x.labels.items()))] = x.value
+        done = value(s, "nbcluster_tasks_ended_total", function="add", state="finished")
+        stored = value(s, "nbcluster_object_store_used_bytes") or 0
+        return s if (done or 0) >= 4 and stored >= 2_000_000 else None
+
+    samples = wait_until(scraped, timeout=20)
+    assert isinstance(samples, dict)
+    assert value(samples, "nbcluster_nodes", state="alive") == 1
+    assert value(samples, "nbcluster_resources_total", resource="custom") == 1
+    assert value(samples, "nbcluster_node_gpu_utilization_percent", gpu="0") == 37
+    assert value(samples, "nbcluster_node_gpu_memory_total_bytes", gpu="0") == 80000
+    missing = dashboard_metric_names() - {n for n, _ in samples}
+    assert not missing, f"the Grafana dashboard charts metrics no scrape has: {sorted(missing)}"
+    assert server.request("GET", "nbcluster/metrics", auth=False)[0] in (401, 403)
+
+    body = server.get("nbcluster/api/memory")
+    obj = next(o for o in body["objects"] if o["object_id"] == held)
+    assert obj["size"] >= 2_000_000 and obj["state"] == "in_memory"
+    assert obj["owner"]["notebook"] == "work/analysis.ipynb"
+    assert obj["owner"]["kernel_id"] == kernel.kernel_id
+    assert obj["node_id"] == body["nodes"][0]["node_id"] and body["nodes"][0]["objects"] >= 1
+    assert len(server.get("nbcluster/api/memory?limit=1")["objects"]) == 1
+    for bad in ("0", "x", "10001"):
+        status, err = server.request("GET", f"nbcluster/api/memory?limit={bad}")
+        assert status == 400 and "limit" in err["error"], bad
+    kernel.execute("del held").raise_for_error()
 
 
 def test_infeasible_task_names_the_missing_resource(server: JupyterServer, kernel: Kernel) -> None:
@@ -407,7 +454,7 @@ def test_every_route_requires_auth_and_stop_leaves_nothing(tmp_path: Path) -> No
     )
     stopped = False
     try:
-        assert len(ROUTES) == 12
+        assert len(ROUTES) == 14
         for pattern, _handler in ROUTES:
             path = _concrete(pattern)
             for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"):

@@ -569,6 +569,41 @@ def test_a_cells_work_is_grouped_shown_and_cancelled_together(lab: Lab, page: Pa
     _off_loop(kernel.shutdown)
 
 
+def test_memory_section_lists_a_notebooks_objects(lab: Lab, page: Page) -> None:
+    """The Memory section: a notebook's stored objects, largest first, with size and owner;
+    they leave it when the kernel ends (its job's objects are freed)."""
+    assert lab.server is not None
+    kernel = _off_loop(lab.server.start_kernel, "work/memory_demo.ipynb")
+    r = _off_loop(
+        kernel.execute,
+        "import numpy as np\n"
+        "import nbcluster as nb\n"
+        "nb.init()\n"
+        "weights = nb.put(np.ones(3 * 2**20, dtype=np.uint8))\n"
+        "batch = nb.put(np.ones(2**20, dtype=np.uint8))\n"
+        "print(weights.hex())\n",
+    ).raise_for_error()
+    weights = r.stdout.split()[-1]
+    _open_panel(page)
+    section = page.locator("#nbcluster-panel .nbc-memory")
+    rows = section.locator("tr.nbc-object")
+    expect(rows).to_have_count(2)
+    first = rows.first
+    expect(first.locator(".nbc-object-id")).to_have_attribute("title", weights)
+    expect(first).to_contain_text("3.0 MiB")
+    expect(first).to_contain_text("memory_demo.ipynb")
+    expect(first.locator(".nbc-object-state")).to_have_text("in memory")
+    expect(rows.nth(1)).to_contain_text("1.0 MiB")
+    expect(section.locator(".nbc-memory-summary")).to_contain_text("2 objects")
+    _widen_sidebar(page)
+    section.scroll_into_view_if_needed()
+    IMG.mkdir(parents=True, exist_ok=True)
+    section.screenshot(path=str(IMG / "panel-memory.png"))
+    _off_loop(kernel.shutdown)
+    expect(rows).to_have_count(0)
+    expect(section.locator(".nbc-empty")).to_contain_text("no stored objects")
+
+
 def test_a_flood_of_queued_tasks(lab: Lab, page: Page) -> None:
     """Thousands of queued tasks: the panel keeps up, draws a bounded table and stays usable."""
     assert lab.server is not None

@@ -10,6 +10,7 @@ import { Widget } from '@lumino/widgets';
 import { ClusterClient } from './client';
 import { LogViewer } from './logs';
 import type { ILogTarget } from './logsModel';
+import { MemorySection } from './memory';
 import { PoolsSection } from './pools';
 import {
   formatBytes,
@@ -280,6 +281,7 @@ export class ClusterPanel extends Widget {
       this._tasks,
       this._actors,
       this._groups,
+      this._memory.node,
       this._pools.node
     );
     client.changed.connect(this._schedule, this);
@@ -292,6 +294,7 @@ export class ClusterPanel extends Widget {
     }
     this._client.changed.disconnect(this._schedule, this);
     this._pools.dispose();
+    this._memory.dispose();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
     }
@@ -301,10 +304,12 @@ export class ClusterPanel extends Widget {
   protected onAfterShow(): void {
     this._render(this._client.state);
     this._pools.start();
+    this._memory.start();
   }
 
   protected onAfterHide(): void {
     this._pools.stop();
+    this._memory.stop();
   }
 
   /** Coalesce bursts of messages into one redraw per frame; none while hidden. */
@@ -653,4 +658,5 @@ export class ClusterPanel extends Widget {
   private _tablesKey = '';
   private _groupsKey = '';
   private _pools = new PoolsSection();
+  private _memory = new MemorySection();
 }

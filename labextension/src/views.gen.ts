@@ -263,6 +263,50 @@ export interface ICancelledBody {
   cancelled: number;
 }
 
+export type ObjectState = 'in_memory' | 'spilled' | 'writing';
+
+/**
+ * One node's store in a memory listing: `objects` counts all of them, `listed` those
+ * shown; `error` says why a node did not answer (its objects are then missing).
+ */
+export interface IMemoryNode {
+  node_id: string;
+  name: string;
+  capacity: number;
+  used: number;
+  spilled: number;
+  objects: number;
+  listed: number;
+  error: string | null;
+}
+
+/**
+ * One object in a node's store.
+ *
+ * `object_id` is `ObjectRef.hex()`; `owner` is the job that stored it (its notebook when
+ * a kernel did; `job_id` is `""` for an object without a recorded job); `pins` counts
+ * the processes on that node that have it mapped now (a pinned object is not spilled).
+ */
+export interface IMemoryObject {
+  object_id: string;
+  size: number;
+  node_id: string;
+  node_name: string;
+  state: ObjectState;
+  pins: number;
+  owner: IOwner;
+}
+
+/**
+ * `GET nbcluster/api/memory[?limit=N]`: every alive node's largest objects (at most
+ * `limit` per node), all of them largest first.
+ */
+export interface IMemoryBody {
+  nodes: IMemoryNode[];
+  objects: IMemoryObject[];
+  limit: number;
+}
+
 export type PoolJobState = 'pending' | 'running' | 'draining' | 'gone';
 
 /** The bounds of an adaptive pool (`idle`: seconds before an idle node is released). */

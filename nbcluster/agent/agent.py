@@ -132,6 +132,7 @@ class NodeAgent:
                 m.JobEnded: self._on_job_ended,
                 m.StopNode: self._on_stop,
                 m.LogFetch: self._on_log_fetch,
+                m.StoreList: self._on_store_list,
                 m.Pong: self._on_pong,
                 m.NodeRegistered: self._registered_again,
                 m.Error: self._on_error,
@@ -338,6 +339,11 @@ class NodeAgent:
         if self.exit_with_job and msg.job_id == self.exit_with_job:
             await self.drain()
             self._give_up(f"job {msg.job_id}, which owns this node, ended: exiting")
+
+    async def _on_store_list(self, _: None, msg: m.StoreList, payload: list[Any]) -> None:
+        objects, total = self._store_service.listing(msg.limit)
+        reply = {"k": Kind.STORE_LISTING, "rid": msg.rid, "objects": objects, "total": total}
+        await self._send({**reply, "stats": self._store_service.stats()})
 
     async def _on_stop(self, _: None, msg: m.StopNode, payload: list[Any]) -> None:
         log.info("stop requested by the head")

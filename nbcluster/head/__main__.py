@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 
 from nbcluster._proc import setup_logging, watch_parent
+from nbcluster.head.metrics_http import MetricsServer
 from nbcluster.head.service import HeadService
 from nbcluster.protocol.security import read_token_file, token_from_environment
 
@@ -29,6 +30,16 @@ async def run_head(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gone.set)
     address = await head.start()
+    metrics: MetricsServer | None = None
+    if getattr(args, "metrics_port", None) is not None:
+        metrics = MetricsServer(head.observe, args.metrics_host, args.metrics_port)
+        try:
+            url = await metrics.start()
+        except OSError as exc:
+            print(f"nbcluster head: no metrics endpoint: {exc}", file=sys.stderr)
+            await head.stop()
+            return 2
+        print(f"NBCLUSTER_METRICS_READY {url}", flush=True)
     print(f"NBCLUSTER_HEAD_READY {address}", flush=True)
     watchers = []
     if args.parent_pid:
@@ -36,6 +47,8 @@ async def run_head(args: argparse.Namespace) -> int:
     stopped = asyncio.create_task(head.wait_stopped())
     gone_t = asyncio.create_task(gone.wait())
     await asyncio.wait([stopped, gone_t], return_when=asyncio.FIRST_COMPLETED)
+    if metrics is not None:
+        await metrics.stop()
     parent_died = bool(args.parent_pid) and gone.is_set() and not _alive(args.parent_pid)
     # A signal ends the whole cluster unless asked to keep the nodes for a restarted head.
     await head.stop(stop_nodes=not getattr(args, "keep_nodes", False))
@@ -67,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, default=0)
     p.add_argument("--state-file")
     p.add_argument("--keep-nodes", action="store_true")
+    # The standalone head's Prometheus endpoint (``nbcluster head`` documents them).
+    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--metrics-host", default="127.0.0.1")
     args = p.parse_args(argv)
     setup_logging("head")
     return asyncio.run(run_head(args))

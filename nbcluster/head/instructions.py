@@ -38,6 +38,7 @@ class Grant:
     rid: int
     lease: Lease
     worker: WorkerInfo
+    requested: float = 0.0  # when it was asked for (time.monotonic(); 0: unknown)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from nbcluster.head.actors import ActorDirectory
 from nbcluster.head.observe import Observer
+from nbcluster.head.peers import Peer
 from nbcluster.head.state import ClusterState
 from nbcluster.protocol.messages import Kind
-from nbcluster.protocol.schema import LogRead
+from nbcluster.protocol.schema import LogData, LogRead
 
 #: What a read that names no target (or several) is told.
 NO_TARGET = "name one of an actor, a task or a worker"
@@ -45,11 +46,13 @@ class LogRelay:
         actors: ActorDirectory,
         observe: Observer,
         send: Callable[[bytes, dict[str, Any]], Awaitable[None]],
+        spawn: Callable[[Coroutine[Any, Any, None], str], None],
     ) -> None:
         self.state = state
         self.actors = actors
         self.observe = observe
         self._send = send
+        self._spawn = spawn  # runs a coroutine beside the head's receive loop
         self._rids = itertools.count(1)
         self._pending: dict[int, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
 
@@ -115,14 +118,18 @@ class LogRelay:
             self._pending.pop(rid, None)
         return {**result, "worker_id": target.worker_id, "node_id": target.node_id}
 
+    async def on_read(self, peer: Peer, msg: LogRead, payload: list[Any]) -> None:
+        """A client's ``LOG_READ``: answered once the agent has (not inline)."""
+        self._spawn(self.answer(peer.ident, msg), "head-log-read")
+
     async def answer(self, ident: bytes, msg: LogRead) -> None:
         """Answer a client's ``LOG_READ`` (``QUERY_REPLY``)."""
         target = self.locate(msg.actor, msg.ns, msg.task, msg.worker)
         result = await self.read(target, msg.offset, msg.limit)
         await self._send(ident, {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": result})
 
-    def on_data(self, node_id: str | None, rid: int, result: dict[str, Any]) -> None:
-        """An agent's answer (only the asked node's is taken)."""
-        entry = self._pending.get(rid)
-        if entry is not None and entry[0] == node_id and not entry[1].done():
-            entry[1].set_result(result)
+    async def on_data(self, peer: Peer, msg: LogData, payload: list[Any]) -> None:
+        """An agent's ``LOG_DATA`` (only the asked node's is taken)."""
+        entry = self._pending.get(msg.rid)
+        if entry is not None and entry[0] == peer.node_id and not entry[1].done():
+            entry[1].set_result(msg.result)

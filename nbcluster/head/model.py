@@ -9,6 +9,7 @@ them consistent.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,7 @@ class LeaseRequest:
     # The node a worker is being started on for it: tried first in later passes, so that a
     # waiting request does not hop between equally good nodes (and SPREAD counts it there).
     waiting_on: str | None = None
+    created: float = field(default_factory=time.monotonic)  # for the lease wait metric
 
 
 @dataclass

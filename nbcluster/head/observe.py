@@ -9,6 +9,7 @@ drivers' ``query`` with them.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
@@ -70,6 +71,9 @@ _ACTOR_STATES: dict[str, ActorState] = {
     DEAD: "dead",
 }
 
+#: Upper bounds (seconds) of the lease wait histogram's buckets (``nbcluster_lease_wait_seconds``).
+LEASE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)
+
 #: Receives every change (see docs/jupyter-api.md).
 Subscriber = Callable[[ChangeEvent], None]
 
@@ -104,6 +108,21 @@ class JobOwner:
 
 
 @dataclass
+class WaitHistogram:
+    """Lease waits so far: a count per bucket of :data:`LEASE_WAIT_BUCKETS` (not cumulative;
+    the last one is ``+Inf``), their sum and their number."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LEASE_WAIT_BUCKETS) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LEASE_WAIT_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.n += 1
+
+
+@dataclass
 class Observer:
     """Views of the cluster for the Jupyter panel, the REST API and drivers' queries."""
 
@@ -120,6 +139,12 @@ class Observer:
     jobs: dict[str, JobOwner] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
     on_worker: dict[str, str] = field(default_factory=dict)  # worker id -> its running task
+    # Totals since the head started, for the Prometheus export (nbcluster.head.export).
+    # (final state -> function -> count: no tuple key to build per task)
+    ended_counts: dict[TaskState, dict[str, int]] = field(
+        default_factory=lambda: {FINISHED: {}, FAILED: {}, CANCELLED: {}}
+    )
+    lease_waits: WaitHistogram = field(default_factory=WaitHistogram)
 
     # --------------------------------------------------------------------------- events in
     def job_started(self, job_id: str, h: dict[str, Any]) -> None:
@@ -249,7 +274,14 @@ class Observer:
         if rec.worker_id is not None and self.on_worker.get(rec.worker_id) == rec.task_id:
             del self.on_worker[rec.worker_id]
 
+    def lease_waited(self, seconds: float | None) -> None:
+        """A lease was granted ``seconds`` after it was asked for (``None``: unknown)."""
+        if seconds is not None:
+            self.lease_waits.add(max(0.0, seconds))
+
     def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
+        counts = self.ended_counts[state]
+        counts[rec.name] = counts.get(rec.name, 0) + 1
         rec.state, rec.ended_at = state, t
         self._off_worker(rec)
         self.tasks.pop(rec.task_id, None)

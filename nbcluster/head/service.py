@@ -36,6 +36,7 @@ from nbcluster.head.instructions import (
     Warn,
 )
 from nbcluster.head.logs import LogRelay
+from nbcluster.head.memory import MemoryQueries
 from nbcluster.head.model import Lease, WorkerInfo
 from nbcluster.head.observe import Observer
 from nbcluster.head.peers import Peer, local_process, running
@@ -107,6 +108,7 @@ class HeadService(GroupRequests):
         self._dead_nodes: set[str] = set()
         self._dirty = False
         self.actors = ActorDirectory(self.state)
+        self.memory = MemoryQueries(self.state, self._send)  # the stores' contents, on demand
         self.recovery = Recovery(self.state, self.actors)  # taking peers back after a restart
         self._worker_socks: dict[str, Channel] = {}  # head -> actor-hosting worker connections
         self.peers: dict[bytes, Peer] = {}
@@ -124,6 +126,7 @@ class HeadService(GroupRequests):
             m.WorkerBlocked: self._on_blocked,
             m.WorkerUnblocked: self._on_blocked,
             m.Query: self._on_query,
+            m.StoreListing: self.memory.on_listing,
             m.WorkerReady: self._on_worker_ready,
             m.WorkerDied: self._worker_died,
             m.ActorCreate: self._on_actor_create,
@@ -135,8 +138,6 @@ class HeadService(GroupRequests):
             m.PgCreate: self._on_pg_create,
             m.PgRemove: self._on_pg_remove,
             m.PgWait: self._on_pg_wait,
-            m.LogRead: self._on_log_read,
-            m.LogData: self._on_log_data,
         }
         self.address = ""
         self.started_at = time.time()
@@ -144,7 +145,8 @@ class HeadService(GroupRequests):
         self.observe = Observer(
             self.state, self.actors, started_at=self.started_at, version=__version__
         )
-        self.logs = LogRelay(self.state, self.actors, self.observe, self._send)
+        self.logs = LogRelay(self.state, self.actors, self.observe, self._send, self._later)
+        self._handlers.update({m.LogRead: self.logs.on_read, m.LogData: self.logs.on_data})
         self._stopped = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -267,7 +269,8 @@ class HeadService(GroupRequests):
         """
         for ins in instructions:
             match ins:
-                case Grant(requester=who, rid=rid, lease=lease, worker=w):
+                case Grant(requester=who, rid=rid, lease=lease, worker=w, requested=t0):
+                    self.observe.lease_waited(time.monotonic() - t0 if t0 else None)
                     if isinstance(who, ActorRequester):
                         await self._run(self.actors.on_grant(who.aid, lease, w))
                     else:
@@ -555,14 +558,10 @@ class HeadService(GroupRequests):
         await self._run(self.state.worker_blocked(msg.worker_id, type(msg) is m.WorkerBlocked))
 
     async def _on_query(self, peer: Peer, msg: m.Query, payload: list[Any]) -> None:
+        if msg.what == "memory":  # the agents are asked: answered when they have
+            return self.memory.answer(peer.ident, msg.rid, self.observe, msg.limit)
         reply = {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": self.observe.query(msg)}
         await self._send(peer.ident, reply)
-
-    async def _on_log_read(self, peer: Peer, msg: m.LogRead, payload: list[Any]) -> None:
-        self._later(self.logs.answer(peer.ident, msg), "head-log-read")  # an agent round trip
-
-    async def _on_log_data(self, peer: Peer, msg: m.LogData, payload: list[Any]) -> None:
-        self.logs.on_data(peer.node_id, msg.rid, msg.result)
 
     async def _on_worker_ready(self, peer: Peer, msg: m.WorkerReady, payload: list[Any]) -> None:
         assert peer.node_id is not None

@@ -602,7 +602,7 @@ class ClusterState:
             bundle=(bundle.pg_id, bundle.index) if bundle is not None else None,
         )
         self.leases[lease_id] = lease
-        return Grant(req.requester, req.rid, lease, w)
+        return Grant(req.requester, req.rid, lease, w, req.created)
 
     # ----------------------------------------------------------------------------- recovery
     def adopt_worker(

@@ -1,9 +1,10 @@
 """REST and websocket handlers of the server extension (contract: ``docs/jupyter-api.md``).
 
 Thin: each reads a view from the head's :class:`~nbcluster.head.observe.Observer` (same process,
-same event loop) or asks the head to act. Every handler requires the server's own
-authentication; POSTs made with cookie authentication also need the XSRF token (jupyter-server
-checks it before our code runs). Every handler is also authorized by the server's
+same event loop) or asks the head to act. Every handler (the Prometheus endpoint
+``nbcluster/metrics`` too) requires the server's own authentication; POSTs made with cookie
+authentication also need the XSRF token (jupyter-server checks it before our code runs). Every
+handler is also authorized by the server's
 ``Authorizer`` (JupyterHub roles, read-only collaborators) on the resource ``"nbcluster"``:
 reading views (and the events websocket, before its upgrade) needs action ``"read"``; cancelling
 a task or killing an actor needs ``"execute"``.
@@ -135,6 +136,39 @@ class ActorsHandler(_Api):
     @_authorized(READ)
     def get(self) -> None:
         self.write_json(ActorsBody(actors=self.observer.actor_views()))
+
+
+class MemoryHandler(_Api):
+    """``GET nbcluster/api/memory[?limit=N]``: every alive node's largest stored objects (the
+    head asks the agents: :mod:`nbcluster.head.memory`)."""
+
+    @web.authenticated
+    @_authorized(READ)
+    async def get(self) -> None:
+        head = self.nbcluster_head
+        raw = self.get_query_argument("limit", None)
+        try:
+            limit = None if raw is None else int(raw)
+            body = await head.memory.collect(head.observe, limit)
+        except ValueError as exc:
+            self.write_json(ErrorBody(error=f"bad limit {raw!r}: {exc}"), 400)
+            return
+        self.write_json(body)
+
+
+class PrometheusHandler(_HeadMixin, ExtensionHandlerMixin, APIHandler):
+    """``GET nbcluster/metrics``: the cluster's metrics in the Prometheus text format
+    (:mod:`nbcluster.head.export`); a scraper authenticates as any client of the server
+    (``Authorization: token ...``)."""
+
+    @web.authenticated
+    @_authorized(READ)
+    def get(self) -> None:
+        from nbcluster.head.export import CONTENT_TYPE, exposition
+
+        body = exposition(self.observer)
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(body)
 
 
 class CancelTaskHandler(_Api):
@@ -348,6 +382,8 @@ ROUTES: list[tuple[str, type[Any]]] = [
     (r"/nbcluster/api/metrics", MetricsHandler),
     (r"/nbcluster/api/tasks", TasksHandler),
     (r"/nbcluster/api/actors", ActorsHandler),
+    (r"/nbcluster/api/memory", MemoryHandler),
+    (r"/nbcluster/metrics", PrometheusHandler),
     (rf"/nbcluster/api/tasks/{_ID}/cancel", CancelTaskHandler),
     (rf"/nbcluster/api/actors/{_ID}/kill", KillActorHandler),
     (rf"/nbcluster/api/jobs/{_ID}/cells/{_ID}/cancel", CancelCellHandler),

@@ -73,6 +73,8 @@ class Kind(StrEnum):
     STOP_NODE = "stop"  # head -> agent
     LOG_FETCH = "logfetch"  # head -> agent: read a worker's log
     LOG_DATA = "logdata"  # agent -> head: what LOG_FETCH read
+    STORE_LIST = "slist"  # head -> agent: the store's largest objects (``nbcluster memory``)
+    STORE_LISTING = "slisting"  # agent -> head: its answer
 
     # --- driver <-> worker -----------------------------------------------------------------
     BIND = "bind"  # driver -> worker

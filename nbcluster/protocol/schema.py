@@ -249,6 +249,7 @@ class Query(Message, tag=Kind.QUERY.value):
     name: str | None = None
     ns: str | None = None
     node_id: str | None = None
+    limit: Count | None = None
 
 
 class QueryReply(Message, tag=Kind.QUERY_REPLY.value):
@@ -383,6 +384,23 @@ class KillWorker(Message, tag=Kind.KILL_WORKER.value):
 
 class StopNode(Message, tag=Kind.STOP_NODE.value):
     summary = "head -> agent"
+
+
+class StoreList(Message, tag=Kind.STORE_LIST.value):
+    summary = "head -> agent: the store's ``limit`` largest objects -> STORE_LISTING"
+    rid: int
+    limit: Count
+
+
+class StoreListing(Message, tag=Kind.STORE_LISTING.value):
+    summary = (
+        "agent -> head: ``objects`` (``[oid, size, job, state, pins]`` each, largest first), "
+        "``total`` objects in the store and its ``stats``"
+    )
+    rid: int
+    objects: list[list[Any]]
+    total: Count
+    stats: dict[str, Any] = {}
 
 
 # --- driver <-> worker ----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import heapq
 import os
 import threading
 from collections import OrderedDict
@@ -387,6 +388,24 @@ class StoreManager:
                 "spilled": self._spilled,
                 "objects": len(self._entries),
             }
+
+    def largest(self, limit: int) -> list[tuple[str, int, str, int]]:
+        """The ``limit`` largest objects, largest first: ``(oid, size, state, pins)`` each.
+
+        ``state`` is ``"writing"`` (reserved, not sealed), ``"spilled"`` (on disk) or
+        ``"in_memory"``; ``pins`` counts the readers that have it mapped now.
+        """
+        with self._lock:
+            top = heapq.nlargest(limit, self._entries.items(), key=lambda kv: kv[1].size)
+            return [
+                (
+                    oid,
+                    e.size,
+                    "writing" if not e.sealed else "spilled" if e.on_disk else "in_memory",
+                    e.pins,
+                )
+                for oid, e in top
+            ]
 
     def cleanup(self) -> int:
         """Forget every object and remove every file of this store (see :func:`cleanup_store`).

@@ -206,6 +206,14 @@ class StoreService:
         stats["bytes_in"] = self.puller.bytes_in if self.puller is not None else 0
         return stats
 
+    def listing(self, limit: int) -> tuple[list[list[Any]], int]:
+        """The ``limit`` largest objects as ``[oid, size, job, state, pins]`` (largest first;
+        ``job`` is ``""`` when none was recorded) and how many objects the store holds."""
+        top = self.manager.largest(limit)
+        return [
+            [oid, size, self._jobs.get(oid, ""), state, pins] for oid, size, state, pins in top
+        ], self.manager.stats()["objects"]
+
     def writer_died(self, worker_id: str) -> int:
         """Free what ``worker_id`` reserved and never sealed; returns how many."""
         oids = self._writing.pop(worker_id, set())

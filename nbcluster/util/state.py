@@ -1,7 +1,8 @@
 """``ray.util.state``: list the cluster's tasks, actors, nodes, objects, with Ray's field names.
 
 Tasks, actors and nodes come from the head's views (:mod:`nbcluster.views`, the same the
-JupyterLab panel shows); objects from what this process knows (the head keeps no object table).
+JupyterLab panel shows); objects from what this process knows (small values, pending ones) and
+from what the nodes' stores hold (the head asks the agents: ``nbcluster memory``'s listing).
 """
 
 from __future__ import annotations
@@ -144,7 +145,38 @@ def _size(frames: Sequence[Any]) -> int | None:
     return total
 
 
-def _objects() -> list[dict[str, Any]]:
+def _objects(limit: int) -> list[dict[str, Any]]:
+    """This process's objects, then the other stored objects of the cluster (the ``limit``
+    largest of each node); a stored object also gets its ``node_id`` and ``store_state``."""
+    from nbcluster.status import memory_view
+    from nbcluster.views import MEMORY_LIMIT_MAX
+
+    stored = {o.object_id: o for o in memory_view(max(1, min(limit, MEMORY_LIMIT_MAX))).objects}
+    rows = _own_objects()
+    for row in rows:
+        o = stored.pop(row["object_id"], None)
+        row["node_id"] = o.node_id if o is not None else None
+        row["store_state"] = o.state if o is not None else None
+    return rows + [
+        {
+            "object_id": o.object_id,
+            "object_size": o.size,
+            "task_status": "FINISHED" if o.state != "writing" else "PENDING",
+            "reference_type": "LOCAL_REFERENCE",  # (held by its owner, another process)
+            "owned": False,
+            "owner_address": "",
+            "type": "DRIVER" if o.owner.job_id else "",
+            "ip": "",
+            "pid": None,
+            "call_site": "disabled",
+            "node_id": o.node_id,
+            "store_state": o.state,
+        }
+        for o in stored.values()
+    ]
+
+
+def _own_objects() -> list[dict[str, Any]]:
     client = _client()
     table = client.objects
     # The client's object table has no public snapshot of every entry yet.
@@ -241,7 +273,7 @@ _ACTOR_COLUMNS = tuple(_actor({"actor_id": "", "class_name": "", "state": "alive
                                "death_reason": None}))  # fmt: skip
 _NODE_COLUMNS = tuple(_node({"node_id": "", "address": "", "name": "", "alive": True,
                              "resources_total": {}}))  # fmt: skip
-_OBJECT_COLUMNS = _BRIEF["object"] + ("owner_address",)
+_OBJECT_COLUMNS = _BRIEF["object"] + ("owner_address", "node_id", "store_state")
 _GROUP_COLUMNS = _BRIEF["placement_group"] + ("is_detached",)
 
 
@@ -334,13 +366,17 @@ def list_objects(
     detail: bool = False,
     raise_on_missing_output: bool = True,
 ) -> list[StateRecord]:
-    """The objects this process knows (owned or borrowed), not the whole cluster's.
+    """The objects this process knows (owned or borrowed), then every other object the nodes'
+    stores hold (the ``limit`` largest of each node).
 
-    The head keeps no table of objects: each is known by its owner. ``task_status`` is
+    The head keeps no table of objects: each is known by its owner, and a stored one by its
+    node's store too, whose agent the head asks (as ``nbcluster memory`` does). Small values
+    of other processes (sent inline, never stored) are not listed. ``task_status`` is
     ``PENDING``, ``FINISHED`` or ``FAILED``; ``object_size`` is in bytes (``None`` while
-    pending). Arguments as :func:`list_tasks`.
+    pending); with ``detail``, a stored object has its ``node_id`` and ``store_state``
+    (``in_memory``, ``spilled``, ``writing``). Arguments as :func:`list_tasks`.
     """
-    return _list("object", _objects, _OBJECT_COLUMNS, filters, limit, detail)
+    return _list("object", lambda: _objects(limit), _OBJECT_COLUMNS, filters, limit, detail)
 
 
 def list_placement_groups(

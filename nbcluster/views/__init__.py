@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from nbcluster.views.schema import (
     ACTIVE_TASK_STATES,
+    MEMORY_LIMIT_MAX,
     ActorEvent,
     ActorsBody,
     ActorState,
@@ -23,6 +24,9 @@ from nbcluster.views.schema import (
     HeadView,
     HistoriesBody,
     LogBody,
+    MemoryBody,
+    MemoryNodeView,
+    MemoryObjectView,
     MetricsEvent,
     MetricsView,
     NodeEvent,
@@ -30,6 +34,7 @@ from nbcluster.views.schema import (
     NodeState,
     NodeUpdateView,
     NodeView,
+    ObjectState,
     ObjectStoreView,
     OkBody,
     OwnerView,
@@ -54,6 +59,7 @@ from nbcluster.views.schema import (
 
 __all__ = [
     "ACTIVE_TASK_STATES",
+    "MEMORY_LIMIT_MAX",
     "ActorEvent",
     "ActorState",
     "ActorView",
@@ -70,6 +76,9 @@ __all__ = [
     "HeadView",
     "HistoriesBody",
     "LogBody",
+    "MemoryBody",
+    "MemoryNodeView",
+    "MemoryObjectView",
     "MetricsEvent",
     "MetricsView",
     "NodeEvent",
@@ -77,6 +86,7 @@ __all__ = [
     "NodeState",
     "NodeUpdateView",
     "NodeView",
+    "ObjectState",
     "ObjectStoreView",
     "OkBody",
     "OwnerView",

@@ -321,6 +321,52 @@ class OkBody(View):
     ok: bool = True
 
 
+# --- memory (``nbcluster memory``) -------------------------------------------------------------
+ObjectState = Literal["in_memory", "spilled", "writing"]
+#: The most objects a memory listing may ask for per node (one agent's answer stays small).
+MEMORY_LIMIT_MAX = 10_000
+
+
+class MemoryObjectView(View):
+    """One object in a node's store.
+
+    ``object_id`` is ``ObjectRef.hex()``; ``owner`` is the job that stored it (its notebook when
+    a kernel did; ``job_id`` is ``""`` for an object without a recorded job); ``pins`` counts
+    the processes on that node that have it mapped now (a pinned object is not spilled).
+    """
+
+    object_id: str
+    size: int
+    node_id: str
+    node_name: str
+    state: ObjectState
+    pins: int
+    owner: OwnerView
+
+
+class MemoryNodeView(View):
+    """One node's store in a memory listing: ``objects`` counts all of them, ``listed`` those
+    shown; ``error`` says why a node did not answer (its objects are then missing)."""
+
+    node_id: str
+    name: str
+    capacity: int
+    used: int
+    spilled: int
+    objects: int
+    listed: int
+    error: str | None = None
+
+
+class MemoryBody(View):
+    """``GET nbcluster/api/memory[?limit=N]``: every alive node's largest objects (at most
+    ``limit`` per node), all of them largest first."""
+
+    nodes: list[MemoryNodeView]
+    objects: list[MemoryObjectView]
+    limit: int
+
+
 # --- pools (nbcluster.deploy) -------------------------------------------------------------------
 #: Where a pool's job stands (:class:`nbcluster.deploy.pool.JobState`).
 PoolJobState = Literal["pending", "running", "draining", "gone"]
@@ -443,6 +489,8 @@ TS_EXPORTS: tuple[tuple[str, object], ...] = (
     ("ErrorBody", ErrorBody),
     ("OkBody", OkBody),
     ("CancelledBody", CancelledBody),
+    ("ObjectState", ObjectState),
+    ("MemoryBody", MemoryBody),
     ("PoolJobState", PoolJobState),
     ("PoolsBody", PoolsBody),
     ("PoolActionBody", PoolActionBody),
