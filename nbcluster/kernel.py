@@ -32,6 +32,7 @@ class CellOutput:
         self.kernel = kernel
         self.streams: dict[str, Any] = {"stdout": sys.stdout, "stderr": sys.stderr}  # OutStreams
         self._headers: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._cells: dict[str, str] = {}  # msg_id -> the cell's id, for the timeline
         self._lock = threading.Lock()
 
     def tag(self) -> str | None:
@@ -44,12 +45,21 @@ class CellOutput:
         msg_id = header.get("msg_id")
         if not msg_id:
             return None
+        cell = ((parent or {}).get("metadata") or {}).get("cellId")  # JupyterLab sends it
         with self._lock:
             self._headers[msg_id] = header
             self._headers.move_to_end(msg_id)
+            if cell:
+                self._cells[msg_id] = str(cell)
             while len(self._headers) > MAX_CELLS:
-                self._headers.popitem(last=False)
+                old, _ = self._headers.popitem(last=False)
+                self._cells.pop(old, None)
         return str(msg_id)
+
+    def cell(self, tag: Any) -> str | None:
+        """The notebook cell id (JupyterLab's ``cellId``) of a task's output ``tag``."""
+        with self._lock:
+            return self._cells.get(tag) if tag else None
 
     def write(self, stream: str, text: str, tag: Any) -> None:
         out = self.streams.get(stream) or self.streams["stdout"]
@@ -85,3 +95,4 @@ def attach_kernel(client: CoreClient) -> None:
     router = CellOutput(shell.kernel)
     client.output_tag = router.tag
     client.on_output = router.write
+    client.cell_of = router.cell

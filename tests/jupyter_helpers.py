@@ -79,11 +79,14 @@ class Kernel:
         self.session_id = session_id
         self.path = path
 
-    def execute(self, code: str, timeout: float = 90.0) -> ExecResult:
-        """Run ``code`` in the kernel and collect its output until it is idle again."""
-        return asyncio.run(asyncio.wait_for(self._execute(code), timeout))
+    def execute(
+        self, code: str, timeout: float = 90.0, metadata: dict[str, Any] | None = None
+    ) -> ExecResult:
+        """Run ``code`` in the kernel and collect its output until it is idle again
+        (``metadata``: the request's, as JupyterLab sends ``cellId``)."""
+        return asyncio.run(asyncio.wait_for(self._execute(code, metadata or {}), timeout))
 
-    async def _execute(self, code: str) -> ExecResult:
+    async def _execute(self, code: str, metadata: dict[str, Any]) -> ExecResult:
         url = self.server.ws_url(f"api/kernels/{self.kernel_id}/channels")
         req = HTTPRequest(url, headers={"Authorization": f"token {self.server.token}"})
         conn = await websocket_connect(req)
@@ -100,7 +103,7 @@ class Kernel:
                     "version": "5.3",
                 },
                 "parent_header": {},
-                "metadata": {},
+                "metadata": metadata,
                 "content": {
                     "code": code,
                     "silent": False,

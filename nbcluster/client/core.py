@@ -103,6 +103,7 @@ class CoreClient:
         # called when a task is submitted, ``on_output(stream, text, tag)`` gets its output lines.
         self.on_output: Callable[[str, str, Any], None] | None = None
         self.output_tag: Callable[[], Any] | None = None
+        self.cell_of: Callable[[Any], str | None] | None = None  # a tag's cell (the timeline)
         self.io = IoShell(
             self.objects,
             self,

@@ -138,6 +138,7 @@ class Leasing:
         conn = lease.conn
         rec.lease = lease
         lease.inflight.append(rec)
+        rec.sent_to = conn
         self.events.started(rec, lease.node_id)
         header: dict[str, Any] = {
             "k": Kind.TASK,

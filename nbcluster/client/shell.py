@@ -32,6 +32,7 @@ from nbcluster.client.inputs import (
     ActorStateChanged,
     BorrowReleased,
     Event,
+    FlushTaskEvents,
     LeaseFailed,
     LeaseGranted,
     LeaseInfeasible,
@@ -252,6 +253,10 @@ class IoShell:
             if self.state is not None:
                 self.state.fail_all("the connection to the cluster was closed")
 
+    def _cell_of(self, tag: Any) -> str | None:
+        cell_of = self._client.cell_of  # set in a notebook kernel (nbcluster.kernel)
+        return cell_of(tag) if cell_of is not None else None
+
     async def _main(self) -> None:
         self.transport = Transport(derive_keys(self._token))
         try:
@@ -265,6 +270,7 @@ class IoShell:
                 worker_id=self.worker_id,
                 node_id=self.node_id,
             )
+            self.state.events.cell_of = self._cell_of
             await probe_listening(self.head_address)
             self._head = await self.transport.connect_verified(
                 zmq.DEALER, f"tcp://{self.head_address}", timeout=30.0
@@ -562,6 +568,8 @@ class IoShell:
     async def query(self, what: str, timeout: float = 10.0, **args: Any) -> Any:
         """Ask the head (on the I/O thread); raises ``ConnectionFailedError`` on no answer."""
         assert self.loop is not None and self.state is not None
+        if what == "timeline":  # our buffered task events first: it shows what just ended
+            self.feed(FlushTaskEvents())
         rid = self.state.next_rid()
         fut: asyncio.Future[Any] = self.loop.create_future()
         self._replies[rid] = fut
@@ -636,6 +644,7 @@ class IoShell:
                 msg.kept,
                 msg.returned,
                 payload,
+                msg.ph,
             )
         )
 

@@ -22,6 +22,7 @@ import msgspec
 from nbcluster.head.actors import ActorDirectory, ActorInfo
 from nbcluster.head.model import NodeInfo, amounts_of
 from nbcluster.head.state import ClusterState
+from nbcluster.head.timeline import Timeline
 from nbcluster.protocol.messages import ALIVE, DEAD, PENDING, RESTARTING
 from nbcluster.protocol.schema import Query
 from nbcluster.views import (
@@ -45,6 +46,7 @@ from nbcluster.views import (
     TaskEvent,
     TaskState,
     TaskView,
+    TimelineBody,
     TotalsView,
 )
 
@@ -62,6 +64,8 @@ FINISHED: TaskState = "finished"
 FAILED: TaskState = "failed"
 CANCELLED: TaskState = "cancelled"
 _ENDED: dict[str, TaskState] = {"f": FINISHED, "x": FAILED, "c": CANCELLED}
+_CALL_CODES = frozenset("FXC")  # an actor call ended
+_SPAN_CODES = frozenset("fxc") | _CALL_CODES
 _ACTOR_STATES: dict[str, ActorState] = {
     PENDING: "pending",
     ALIVE: "alive",
@@ -115,6 +119,7 @@ class Observer:
     ended: deque[TaskRecord] = field(default_factory=lambda: deque(maxlen=ENDED_TASKS))
     jobs: dict[str, JobOwner] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
+    timeline: Timeline = field(default_factory=Timeline)
 
     # --------------------------------------------------------------------------- events in
     def job_started(self, job_id: str, h: dict[str, Any]) -> None:
@@ -183,6 +188,10 @@ class Observer:
         for ev in events:
             try:
                 code, tid, t = ev[0], str(ev[1]), float(ev[2])
+                if len(ev) > 3 and code in _SPAN_CODES:  # it ran: its span for the timeline
+                    self.timeline.add(job_id, code, tid, t, ev[3], self._node_of)
+                    if code in _CALL_CODES:
+                        continue  # actor calls are only in the timeline
                 if code == "s":
                     rec = TaskRecord(tid, str(ev[3]), job_id, client, dict(ev[4]), t)
                     self.tasks[tid] = rec
@@ -206,6 +215,10 @@ class Observer:
         if self.subscribers:  # views cost something: build them only for a listener
             for rec in changed.values():
                 self.emit(TaskEvent(task=self.task_view(rec)))
+
+    def _node_of(self, worker_id: str) -> str | None:
+        w = self.state.workers.get(worker_id)
+        return w.node_id if w is not None else None
 
     def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
         rec.state, rec.ended_at = state, t
@@ -452,7 +465,21 @@ class Observer:
             return lease.bundle[0] if lease is not None and lease.bundle is not None else None
         if what == "demand":  # what pools grow from (nbcluster.deploy)
             return self.demand()
+        if what == "timeline":  # nbcluster.timeline(): every span held
+            return msgspec.to_builtins(self.timeline_body(0))
         return None
+
+    def timeline_body(self, since: int, limit: int | None = None) -> TimelineBody:
+        """The spans after ``since`` (the newest ``limit``), for the panel and ``timeline()``."""
+        tl = self.timeline
+        notebooks: dict[str, str | None] = {}
+
+        def notebook_of(job: str) -> str | None:
+            if job not in notebooks:
+                notebooks[job] = self.owner(job).notebook
+            return notebooks[job]
+
+        return tl.body(tl.since(since, limit), notebook_of)
 
     def find_task(self, task_id: str) -> TaskRecord | None:
         return self.tasks.get(task_id)

@@ -293,7 +293,10 @@ class ShutdownCluster(Message, tag=Kind.SHUTDOWN_CLUSTER.value):
 
 # --- observability --------------------------------------------------------------------------------
 class TaskEvents(Message, tag=Kind.TASK_EVENTS.value):
-    summary = "driver -> head: ``[[code, tid, time, ...]]`` (see nbcluster/client/events.py)"
+    summary = (
+        "driver -> head: ``[[code, tid, time, ...]]``, ended tasks' and actor calls' timeline "
+        "spans included (see nbcluster/client/events.py)"
+    )
     events: list[list[Any]]
 
 
@@ -406,6 +409,9 @@ class Result(Message, tag=Kind.RESULT.value):
     kept: list[str] = []
     returned: list[list[str]] = []
     lost: list[Count] = []  # argument indexes lost with their node: the owner may rebuild them
+    # Phase timings for the timeline: [start (wall-clock us), argument fetch, run, result
+    # store (us each), worker pid]; empty when the call never started.
+    ph: list[int] = []
 
     def frames(self) -> int | None:
         return sum(self.n)
