@@ -231,4 +231,5 @@ def test_chrome_trace_of_a_span_without_an_answer() -> None:
     assert top["ts"] == 10_500_000 and top["dur"] == 1_500_000
     assert top["args"]["error"] is True and top["args"]["queued_us"] == 500_000
     assert top["tid"] < 0  # no pid known: a lane of its own
-    assert {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "node host"}} in events
+    name = {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "node host"}}
+    assert name in events
