@@ -9,6 +9,7 @@ import { Widget } from '@lumino/widgets';
 
 import { ClusterClient } from './client';
 import { PoolsSection } from './pools';
+import { TimelineSection } from './timeline';
 import {
   formatBytes,
   formatBytesPair,
@@ -242,9 +243,15 @@ function groupRow(group: IPlacementGroup, state: IClusterState): HTMLElement {
 
 /** The "Cluster" panel widget. */
 export class ClusterPanel extends Widget {
-  constructor(client: ClusterClient) {
+  /** `openTimeline`: opens the timeline in a main-area tab (its section's button). */
+  constructor(client: ClusterClient, openTimeline?: () => void) {
     super();
     this._client = client;
+    this._timeline = new TimelineSection({
+      nodeNames: () => nodeNames(client.state),
+      maxHeight: 240,
+      openTab: openTimeline
+    });
     this.addClass('nbc-panel');
     this.title.caption = 'nbcluster: nodes, tasks and actors';
     this._banner = h('div', { class: 'nbc-banner', role: 'status' });
@@ -259,6 +266,7 @@ export class ClusterPanel extends Widget {
       h('h3', {}, 'Nodes'),
       this._nodes,
       this._tasks,
+      this._timeline.node,
       this._actors,
       this._groups,
       this._pools.node
@@ -273,6 +281,7 @@ export class ClusterPanel extends Widget {
     }
     this._client.changed.disconnect(this._schedule, this);
     this._pools.dispose();
+    this._timeline.dispose();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
     }
@@ -282,10 +291,16 @@ export class ClusterPanel extends Widget {
   protected onAfterShow(): void {
     this._render(this._client.state);
     this._pools.start();
+    this._timeline.start();
   }
 
   protected onAfterHide(): void {
     this._pools.stop();
+    this._timeline.stop();
+  }
+
+  protected onResize(): void {
+    this._timeline.draw();
   }
 
   /** Coalesce bursts of messages into one redraw per frame; none while hidden. */
@@ -544,4 +559,14 @@ export class ClusterPanel extends Widget {
   private _tablesKey = '';
   private _groupsKey = '';
   private _pools = new PoolsSection();
+  private _timeline: TimelineSection;
+}
+
+/** Node names by id, for the timeline's lanes. */
+export function nodeNames(state: IClusterState): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const id of state.nodeOrder) {
+    out[id] = state.nodes[id]?.name ?? id;
+  }
+  return out;
 }
