@@ -535,9 +535,22 @@ def timeline(filename: str | os.PathLike[str] | None = None) -> list[dict[str, A
     from nbcluster.views.trace import chrome_trace
 
     client = _client()
-    body = client.query("timeline", timeout=60.0)
+    spans: list[dict[str, Any]] = []
+    since = 0
+    while True:  # a page at a time: the head answers others in between
+        page = client.query_args("timeline", timeout=60.0, since=since)
+        if not page:
+            break
+        fields, notebooks = page["fields"], page["notebooks"]
+        for row in page["rows"]:
+            s = dict(zip(fields, row, strict=True))
+            s["notebook"] = notebooks.get(s["job_id"])
+            spans.append(s)
+        if not page["more"] or page["last"] <= since:
+            break
+        since = page["last"]
     names = {n["node_id"]: n["name"] for n in client.query("nodes")}
-    events = chrome_trace(body["spans"] if body else [], names)
+    events = chrome_trace(spans, names)
     if filename is None:
         return events
     with open(filename, "w", encoding="utf-8") as f:

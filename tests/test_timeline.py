@@ -233,3 +233,28 @@ def test_chrome_trace_of_a_span_without_an_answer() -> None:
     assert top["tid"] < 0  # no pid known: a lane of its own
     name = {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "node host"}}
     assert name in events
+
+
+def test_query_pages_cover_every_span_once() -> None:
+    tl = Timeline(capacity=50_000)
+    for i in range(45_000):
+        tl.add(f"job{i % 2}", "f", f"t{i:08d}", 2.0, _span(i))
+    seen: list[int] = []
+    since, pages = 0, 0
+    while True:
+        page = tl.page(since, lambda job: "nb.ipynb" if job == "job0" else None)
+        pages += 1
+        fields = page["fields"]
+        seen.extend(dict(zip(fields, row, strict=True))["seq"] for row in page["rows"])
+        assert set(page["notebooks"]) <= {"job0"}
+        if not page["more"]:
+            break
+        since = page["last"]
+    assert pages == 3 and seen == list(range(1, 45_001))
+    assert tl.page(45_000, lambda job: None) == {
+        "fields": fields,
+        "rows": [],
+        "notebooks": {},
+        "last": 45_000,
+        "more": False,
+    }

@@ -465,8 +465,8 @@ class Observer:
             return lease.bundle[0] if lease is not None and lease.bundle is not None else None
         if what == "demand":  # what pools grow from (nbcluster.deploy)
             return self.demand()
-        if what == "timeline":  # nbcluster.timeline(): every span held
-            return msgspec.to_builtins(self.timeline_body(0))
+        if what == "timeline":  # nbcluster.timeline(): the spans after `since`, a page at a time
+            return self.timeline.page(q.since or 0, lambda job: self.owner(job).notebook)
         return None
 
     def timeline_body(self, since: int, limit: int | None = None) -> TimelineBody:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from nbcluster.views import SpanView, TaskState, TimelineBody
 
 log = logging.getLogger(__name__)
 
-#: Spans kept (all jobs together): about 30 MB at most.
+#: Spans kept (all jobs together): about 45 MB at most (measured: ~430 bytes a span).
 CAPACITY = 100_000
 #: Spans one ``GET nbcluster/api/timeline`` answers at most (the newest).
 PAGE = 20_000
@@ -34,6 +35,29 @@ _STATES: dict[str, TaskState] = {
     "X": "failed",
     "C": "cancelled",
 }
+
+
+#: A span's fields in a :meth:`Timeline.page` row (``SpanView``'s, without ``notebook``).
+ROW_FIELDS = (
+    "seq",
+    "task_id",
+    "name",
+    "state",
+    "job_id",
+    "node_id",
+    "worker_id",
+    "pid",
+    "actor_id",
+    "cell",
+    "submitted_at",
+    "sent_at",
+    "started_at",
+    "fetch",
+    "run",
+    "store",
+    "ended_at",
+)
+_row = operator.attrgetter(*ROW_FIELDS)
 
 
 @dataclass(slots=True)
@@ -79,9 +103,10 @@ class Timeline:
         self._strings: dict[str, str] = {}
 
     def _share(self, s: Any) -> str:
-        s = str(s) if s is not None else ""
         shared = self._strings.get(s)
         if shared is None:
+            if not isinstance(s, str):
+                raise TypeError(f"expected a string, got {type(s).__name__}")
             if len(self._strings) > self.capacity:
                 self._strings.clear()
             shared = self._strings[s] = s
@@ -101,36 +126,40 @@ class Timeline:
         ``node_of`` names a worker's node when the driver did not know it (actor calls).
         A malformed span is logged and dropped.
         """
+        share = self._share
         try:
             name, submitted, sent, node_id, worker_id, ph, cell, actor_id = span
             state = _STATES[code]
-            worker = self._share(worker_id)
+            worker = share(worker_id)
             node = node_id or (node_of(worker) if node_of is not None else None) or ""
             started: float | None = None
             fetch = run = store = 0.0
             pid = 0
             if ph:
-                start_us, fetch_us, run_us, store_us, pid = (int(x) for x in ph)
+                start_us, fetch_us, run_us, store_us, pid = ph  # integers (RESULT.ph)
                 started = start_us / 1e6
                 fetch, run, store = fetch_us / 1e6, run_us / 1e6, store_us / 1e6
+                if not isinstance(pid, int):
+                    raise TypeError(f"pid {pid!r} is not an integer")
+            # (positional: the field order of Span)
             rec = Span(
-                seq=0,
-                task_id=str(tid),
-                name=self._share(name),
-                state=state,
-                job_id=self._share(job_id),
-                node_id=self._share(node),
-                worker_id=worker,
-                pid=pid,
-                actor_id=str(actor_id) if actor_id else None,
-                cell=self._share(cell) if cell else None,
-                submitted_at=float(submitted),
-                sent_at=float(sent),
-                started_at=started,
-                fetch=fetch,
-                run=run,
-                store=store,
-                ended_at=float(ended),
+                0,
+                str(tid),
+                share(name),
+                state,
+                share(job_id),
+                share(node),
+                worker,
+                pid,
+                str(actor_id) if actor_id else None,
+                share(cell) if cell else None,
+                float(submitted),
+                float(sent),
+                started,
+                fetch,
+                run,
+                store,
+                float(ended),
             )
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("malformed timeline span %r: %s", span, exc)
@@ -155,6 +184,25 @@ class Timeline:
         if limit is not None and n > limit:
             start = len(spans) - limit
         return list(itertools.islice(spans, start, None))
+
+    def page(self, seq: int, notebook_of: Callable[[str], str | None]) -> dict[str, Any]:
+        """The oldest :data:`PAGE` spans after ``seq`` as compact rows (``QUERY timeline``:
+        cheap to build and send however many there are; the asker pages with ``since=last``).
+
+        ``{"fields": ROW_FIELDS, "rows": [...], "notebooks": {job: path}, "last": seq of the
+        last row (or ``seq``), "more": whether spans follow}``.
+        """
+        spans = self.since(seq)
+        more = len(spans) > PAGE
+        spans = spans[:PAGE]
+        jobs = {s.job_id for s in spans}
+        return {
+            "fields": ROW_FIELDS,
+            "rows": [_row(s) for s in spans],
+            "notebooks": {j: nb for j in jobs if (nb := notebook_of(j))},
+            "last": spans[-1].seq if spans else seq,
+            "more": more,
+        }
 
     def body(self, spans: Iterable[Span], notebook_of: Callable[[str], str | None]) -> TimelineBody:
         """The REST body of ``spans`` (``notebook_of``: a job's notebook)."""

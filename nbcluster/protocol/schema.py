@@ -249,6 +249,7 @@ class Query(Message, tag=Kind.QUERY.value):
     name: str | None = None
     ns: str | None = None
     node_id: str | None = None
+    since: Count | None = None  # "timeline": the spans after this sequence number
 
 
 class QueryReply(Message, tag=Kind.QUERY_REPLY.value):
