@@ -76,7 +76,8 @@ class Tasks:
     def submit(self, rec: TaskRecord) -> None:
         """Take a new task (or one run again): wait for its arguments, then queue it."""
         self.by_tid[rec.tid] = rec
-        rec.submitted_at = self.events.now
+        # (Again for a re-run: its span is the new run's.)
+        rec.submitted_at, rec.sent_to, rec.ph = self.events.now, None, None
         if rec.actor_id is None:
             self.events.submitted(rec)
         for oid in rec.return_ids:
