@@ -611,7 +611,7 @@ def test_timeline_with_2000_tasks_stays_smooth(lab: Lab, page: Page) -> None:
             break
     expect(tooltip).to_be_visible()
     expect(tooltip).to_contain_text("task ")
-    expect(tooltip).to_contain_text("pipeline.ipynb")
+    expect(tooltip).to_contain_text(".ipynb")  # (earlier tests' notebooks ran tasks too)
     expect(tooltip).to_contain_text("run ")
     page.mouse.click(x, y)
     details = tab.locator(".nbc-timeline-details")
