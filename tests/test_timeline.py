@@ -114,6 +114,25 @@ def test_failed_tasks_are_flagged(cluster: nb.ClusterInfo) -> None:
     assert "task:execute" in {k["name"] for k in _children(events, top)}
 
 
+class Unloadable:
+    """Pickles fine; unpickling it (in the worker) raises ValueError."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (int, ("not a number",))
+
+
+def test_an_argument_that_fails_to_load_is_a_failed_fetch(cluster: nb.ClusterInfo) -> None:
+    ref = nap.remote(Unloadable())
+    with pytest.raises(ValueError):
+        nb.get(ref, timeout=30)
+    events = nb.timeline()
+    assert events is not None
+    (top,) = [t for t in _tops(events, "nap") if t["args"]["task_id"] == ref.task_id()]
+    assert top["args"]["error"] is True and "dispatch_us" in top["args"]  # its worker answered
+    assert top["args"]["run_us"] == 0 and top["args"]["fetch_us"] > 0
+    assert {k["name"] for k in _children(events, top)} == {"task:deserialize_arguments"}
+
+
 def test_result_store_phase_and_actor_calls(cluster: nb.ClusterInfo) -> None:
     nb.get(big.remote(20 * 1024 * 1024), timeout=60)  # into the node's store: measurable
     c = Counter.remote()

@@ -360,7 +360,9 @@ class Worker:
             # task again, so it learns which one.
             lost = getattr(exc, "dep_index", None)
             err = self.task_error(name, exc, skip=0)
-            self.send_error(ident, tid, err, "exc", lost=[lost] if isinstance(lost, int) else [])
+            t1 = time.perf_counter()
+            lost_at = [lost] if isinstance(lost, int) else []
+            self.send_error(ident, tid, err, "exc", lost=lost_at, ran=timing(t0, t1, t1))
             return
         assigned = h.assigned if isinstance(h, m.Task) else None
         t1 = time.perf_counter()
