@@ -519,9 +519,13 @@ def test_a_flood_of_queued_tasks(lab: Lab, page: Page) -> None:
 
 
 TIMELINE_TASKS = 2000
-#: Frame time bound while zooming and panning the timeline (95th percentile of the
-#: requestAnimationFrame intervals): 60 fps is 16.7 ms; a busy 2-core CI box gets slack.
-FRAME_P95_MS = 50.0
+#: Frame time bounds while zooming and panning the timeline: the median interval between
+#: animation frames (60 fps is 16.7 ms), and the 90th percentile of the time one draw of the
+#: timeline takes (its "nbc-timeline-paint" User Timing measures). Medians and the draw's own
+#: cost, not the worst frame: on a 2-core CI box shared with other test runs the browser is
+#: starved now and then, whatever it draws.
+FRAME_MEDIAN_MS = 20.0
+PAINT_P90_MS = 16.0
 
 # Records requestAnimationFrame intervals until window.__nbcStop() returns them.
 _FRAMES_JS = """() => {
@@ -580,6 +584,7 @@ def test_timeline_with_2000_tasks_stays_smooth(lab: Lab, page: Page) -> None:
     y = box["y"] + 18 + 8  # the first lane
     page.mouse.move(box["x"] + box["width"] / 2, y)
 
+    page.evaluate("performance.clearMeasures('nbc-timeline-paint')")
     page.evaluate(_FRAMES_JS)
     for i in range(30):  # zoom in and out around the pointer
         page.mouse.wheel(0, -120 if i < 15 else 120)
@@ -590,13 +595,20 @@ def test_timeline_with_2000_tasks_stays_smooth(lab: Lab, page: Page) -> None:
         page.wait_for_timeout(16)
     page.mouse.up()
     deltas = sorted(page.evaluate("window.__nbcStop()")[1:])
-    p95 = deltas[int(len(deltas) * 0.95)]
+    paints = sorted(
+        page.evaluate("performance.getEntriesByName('nbc-timeline-paint').map(e => e.duration)")
+    )
+    median, p95 = deltas[len(deltas) // 2], deltas[int(len(deltas) * 0.95)]
+    paint_med, paint_p90 = paints[len(paints) // 2], paints[int(len(paints) * 0.9)]
     print(
         f"\ntimeline, {TIMELINE_TASKS} tasks: {len(deltas)} frames while zooming and panning, "
-        f"median {deltas[len(deltas) // 2]:.1f} ms, p95 {p95:.1f} ms, max {deltas[-1]:.1f} ms",
+        f"median {median:.1f} ms, p95 {p95:.1f} ms, max {deltas[-1]:.1f} ms; {len(paints)} "
+        f"draws, median {paint_med:.1f} ms, p90 {paint_p90:.1f} ms",
         file=sys.stderr,
     )
-    assert p95 < FRAME_P95_MS, deltas
+    assert len(paints) >= 30  # it did redraw as the window moved
+    assert median < FRAME_MEDIAN_MS, deltas
+    assert paint_p90 < PAINT_P90_MS, paints
 
     tab.get_by_role("button", name="Fit").click()
     page.wait_for_timeout(300)
