@@ -1,7 +1,8 @@
 """nbcluster: Ray's programming model, at home in Jupyter.
 
 ``import nbcluster as ray`` runs Ray Core code: ``init``, ``remote``, ``get``, ``put``, ``wait``,
-``cancel``, ``nodes``, ``cluster_resources``, ``available_resources``, ``get_runtime_context``.
+``cancel``, ``nodes``, ``cluster_resources``, ``available_resources``, ``get_runtime_context``,
+``timeline``.
 In Jupyter, ``%load_ext nbcluster`` adds magics; ``dashboard()`` and ``progress()`` are widgets.
 ``nbcluster.deploy`` grows a cluster with jobs of Slurm (``SlurmCluster``), SSH hosts, Kubernetes.
 """
@@ -26,6 +27,7 @@ from nbcluster.api import (
     nodes,
     put,
     shutdown,
+    timeline,
     wait,
 )
 from nbcluster.generators import DynamicObjectRefGenerator, ObjectRefGenerator
@@ -97,6 +99,7 @@ __all__ = [
     "put",
     "remote",
     "shutdown",
+    "timeline",
     "util",
     "wait",
 ]

@@ -509,6 +509,55 @@ def nodes() -> list[dict[str, Any]]:
     return result
 
 
+def timeline(filename: str | os.PathLike[str] | None = None) -> list[dict[str, Any]] | None:
+    """The cluster's recent tasks and actor calls as Chrome trace events (Ray's
+    ``ray.timeline``).
+
+    One complete event (``ph: "X"``) per task or call, named after its function, on its worker's
+    lane (``pid``: its node, ``tid``: the worker's pid), ``ts`` and ``dur`` in microseconds, with
+    its phases nested (``task:deserialize_arguments``, ``task:execute``,
+    ``task:store_outputs``) and its task id, state, error flag, notebook cell and queueing time
+    in ``args``. The head keeps the last 100,000 spans of all jobs.
+
+    Parameters
+    ----------
+    filename
+        Where to write the trace as JSON (``{"traceEvents": [...]}``, which ``chrome://tracing``
+        and https://ui.perfetto.dev open); ``None`` returns the events instead.
+
+    Returns
+    -------
+    list of dict or None
+        The events when ``filename`` is ``None``.
+    """
+    import json
+
+    from nbcluster.views.trace import chrome_trace
+
+    client = _client()
+    spans: list[dict[str, Any]] = []
+    since = 0
+    while True:  # a page at a time: the head answers others in between
+        page = client.query_args("timeline", timeout=60.0, since=since)
+        if not page:
+            break
+        fields, notebooks = page["fields"], page["notebooks"]
+        for row in page["rows"]:
+            s = dict(zip(fields, row, strict=True))
+            s["notebook"] = notebooks.get(s["job_id"])
+            spans.append(s)
+        if not page["more"] or page["last"] <= since:
+            break
+        since = page["last"]
+    names = {n["node_id"]: n["name"] for n in client.query("nodes")}
+    events = chrome_trace(spans, names)
+    if filename is None:
+        return events
+    with open(filename, "w", encoding="utf-8") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+    return None
+
+
 def _sum(key: str) -> dict[str, float]:
     total: dict[str, float] = {}
     for n in _client().query("nodes"):

@@ -79,12 +79,14 @@ class Kernel:
         self.session_id = session_id
         self.path = path
 
-    def execute(self, code: str, timeout: float = 90.0, cell_id: str | None = None) -> ExecResult:
+    def execute(
+        self, code: str, timeout: float = 90.0, metadata: dict[str, Any] | None = None
+    ) -> ExecResult:
         """Run ``code`` in the kernel and collect its output until it is idle again
-        (``cell_id``: sent as JupyterLab does, in the request's ``metadata.cellId``)."""
-        return asyncio.run(asyncio.wait_for(self._execute(code, cell_id), timeout))
+        (``metadata``: the request's, as JupyterLab sends ``cellId``)."""
+        return asyncio.run(asyncio.wait_for(self._execute(code, metadata or {}), timeout))
 
-    async def _execute(self, code: str, cell_id: str | None = None) -> ExecResult:
+    async def _execute(self, code: str, metadata: dict[str, Any]) -> ExecResult:
         url = self.server.ws_url(f"api/kernels/{self.kernel_id}/channels")
         req = HTTPRequest(url, headers={"Authorization": f"token {self.server.token}"})
         conn = await websocket_connect(req)
@@ -101,7 +103,7 @@ class Kernel:
                     "version": "5.3",
                 },
                 "parent_header": {},
-                "metadata": {"cellId": cell_id} if cell_id else {},
+                "metadata": metadata,
                 "content": {
                     "code": code,
                     "silent": False,

@@ -196,6 +196,34 @@ def test_prometheus_metrics_and_memory(server: JupyterServer, kernel: Kernel) ->
     kernel.execute("del held").raise_for_error()
 
 
+def test_timeline_shows_kernel_tasks_with_notebook_and_cell(
+    server: JupyterServer, kernel: Kernel
+) -> None:
+    before = server.get("nbcluster/api/timeline")["next"]
+    code = "print(nb.get([add.remote(i) for i in range(4)]))"
+    kernel.execute(code, metadata={"cellId": "cell-42"}).raise_for_error()
+
+    def spans() -> list[dict[str, Any]]:
+        body = server.get(f"nbcluster/api/timeline?since={before}")
+        return [s for s in body["spans"] if s["name"] == "add"]
+
+    got = wait_until(lambda: len(spans()) == 4 and spans(), timeout=20)
+    assert isinstance(got, list)
+    node_id = server.get("nbcluster/api/cluster")["nodes"][0]["node_id"]
+    for s in got:
+        assert s["notebook"] == "work/analysis.ipynb" and s["cell"] == "cell-42"
+        assert s["state"] == "finished" and s["node_id"] == node_id and s["pid"] > 0
+        assert s["submitted_at"] <= s["sent_at"] <= s["ended_at"]
+        assert s["started_at"] is not None and s["run"] >= 0 and s["seq"] > before
+    # Incremental: nothing new after the last one; bad arguments are refused.
+    last = server.get("nbcluster/api/timeline")["next"]
+    assert server.get(f"nbcluster/api/timeline?since={last}")["spans"] == []
+    assert server.get("nbcluster/api/timeline?limit=2")["spans"][-1]["seq"] == last
+    for bad in ("since=x", "since=-1", "limit=0", "limit=100000"):
+        status, err = server.request("GET", f"nbcluster/api/timeline?{bad}")
+        assert status == 400 and "since" in err["error"]
+
+
 def test_infeasible_task_names_the_missing_resource(server: JupyterServer, kernel: Kernel) -> None:
     kernel.execute("big = add.options(num_gpus=1).remote(1)").raise_for_error()
 
@@ -240,9 +268,9 @@ def test_cancel_running_task(server: JupyterServer, kernel: Kernel) -> None:
 def test_a_cells_tasks_are_cancelled_together(server: JupyterServer, kernel: Kernel) -> None:
     """Tasks carry the notebook cell that submitted them; one request cancels all of them."""
     kernel.execute(
-        "cell_refs = [slow.remote() for _ in range(2)]", cell_id="cell-7"
+        "cell_refs = [slow.remote() for _ in range(2)]", metadata={"cellId": "cell-7"}
     ).raise_for_error()
-    kernel.execute("other = slow.remote()", cell_id="cell-8").raise_for_error()
+    kernel.execute("other = slow.remote()", metadata={"cellId": "cell-8"}).raise_for_error()
 
     def of_cell(cell: str) -> list[dict[str, Any]]:
         tasks = server.get("nbcluster/api/tasks")["tasks"]
@@ -454,7 +482,7 @@ def test_every_route_requires_auth_and_stop_leaves_nothing(tmp_path: Path) -> No
     )
     stopped = False
     try:
-        assert len(ROUTES) == 14
+        assert len(ROUTES) == 15
         for pattern, _handler in ROUTES:
             path = _concrete(pattern)
             for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"):

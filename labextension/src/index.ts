@@ -14,11 +14,14 @@ import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { ClusterClient } from './client';
-import { ClusterPanel } from './panel';
+import { ClusterPanel, nodeNames } from './panel';
 import { ClusterStatus } from './statusbar';
+import { TimelineWidget } from './timeline';
 
 const PLUGIN_ID = 'nbcluster:plugin';
 const PANEL_ID = 'nbcluster-panel';
+const TIMELINE_ID = 'nbcluster-timeline';
+const OPEN_TIMELINE = 'nbcluster:open-timeline';
 
 /** Three stacked nodes: the sidebar tab icon (follows the theme's icon colour). */
 export const clusterIcon = new LabIcon({
@@ -73,14 +76,34 @@ const plugin: JupyterFrontEndPlugin<void> = {
     statusBar: IStatusBar | null
   ) => {
     const client = new ClusterClient(ServerConnection.makeSettings());
-    const panel = new ClusterPanel(client, widget => {
-      const main = new MainAreaWidget({ content: widget });
-      main.id = widget.id;
-      main.title.label = widget.title.label;
-      main.title.closable = true;
-      app.shell.add(main, 'main');
-      app.shell.activateById(main.id);
-    }, (notebook, cellId) => goToCell(app, notebook, cellId));
+    let timeline: TimelineWidget | null = null;
+    app.commands.addCommand(OPEN_TIMELINE, {
+      label: 'nbcluster: Task Timeline',
+      execute: () => {
+        if (timeline === null || timeline.isDisposed) {
+          timeline = new TimelineWidget(() => nodeNames(client.state));
+          timeline.id = TIMELINE_ID;
+          timeline.title.label = 'Task Timeline';
+          timeline.title.icon = clusterIcon;
+          timeline.title.closable = true;
+          app.shell.add(timeline, 'main');
+        }
+        app.shell.activateById(TIMELINE_ID);
+      }
+    });
+    const panel = new ClusterPanel(
+      client,
+      widget => {
+        const main = new MainAreaWidget({ content: widget });
+        main.id = widget.id;
+        main.title.label = widget.title.label;
+        main.title.closable = true;
+        app.shell.add(main, 'main');
+        app.shell.activateById(main.id);
+      },
+      (notebook, cellId) => goToCell(app, notebook, cellId),
+      () => void app.commands.execute(OPEN_TIMELINE)
+    );
     panel.id = PANEL_ID;
     panel.title.icon = clusterIcon;
     panel.title.caption = 'Cluster';

@@ -12,6 +12,7 @@ import { LogViewer } from './logs';
 import type { ILogTarget } from './logsModel';
 import { MemorySection } from './memory';
 import { PoolsSection } from './pools';
+import { TimelineSection } from './timeline';
 import {
   formatBytes,
   formatBytesPair,
@@ -256,15 +257,23 @@ export type OpenWidget = (widget: Widget) => void;
 export type GoToCell = (notebook: string, cellId: string) => Promise<void>;
 
 export class ClusterPanel extends Widget {
+  /** `open`: opens a widget in the main area (logs); `goToCell`: shows a notebook's cell;
+   * `openTimeline`: opens the timeline in a main-area tab (its section's button). */
   constructor(
     client: ClusterClient,
     open: OpenWidget | null = null,
-    goToCell: GoToCell | null = null
+    goToCell: GoToCell | null = null,
+    openTimeline?: () => void
   ) {
     super();
     this._client = client;
     this._open = open;
     this._goToCell = goToCell;
+    this._timeline = new TimelineSection({
+      nodeNames: () => nodeNames(client.state),
+      maxHeight: 240,
+      openTab: openTimeline
+    });
     this.addClass('nbc-panel');
     this.title.caption = 'nbcluster: nodes, tasks and actors';
     this._banner = h('div', { class: 'nbc-banner', role: 'status' });
@@ -279,6 +288,7 @@ export class ClusterPanel extends Widget {
       h('h3', {}, 'Nodes'),
       this._nodes,
       this._tasks,
+      this._timeline.node,
       this._actors,
       this._groups,
       this._memory.node,
@@ -295,6 +305,7 @@ export class ClusterPanel extends Widget {
     this._client.changed.disconnect(this._schedule, this);
     this._pools.dispose();
     this._memory.dispose();
+    this._timeline.dispose();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
     }
@@ -305,11 +316,17 @@ export class ClusterPanel extends Widget {
     this._render(this._client.state);
     this._pools.start();
     this._memory.start();
+    this._timeline.start();
   }
 
   protected onAfterHide(): void {
     this._pools.stop();
     this._memory.stop();
+    this._timeline.stop();
+  }
+
+  protected onResize(): void {
+    this._timeline.draw();
   }
 
   /** Coalesce bursts of messages into one redraw per frame; none while hidden. */
@@ -659,4 +676,14 @@ export class ClusterPanel extends Widget {
   private _groupsKey = '';
   private _pools = new PoolsSection();
   private _memory = new MemorySection();
+  private _timeline: TimelineSection;
+}
+
+/** Node names by id, for the timeline's lanes. */
+export function nodeNames(state: IClusterState): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const id of state.nodeOrder) {
+    out[id] = state.nodes[id]?.name ?? id;
+  }
+  return out;
 }

@@ -213,6 +213,49 @@ export interface IActor {
   owner: IOwner;
 }
 
+/**
+ * A task or actor call as it ran, for the timeline.
+ *
+ * Times are seconds since the epoch: `submitted_at`, `sent_at` (to its worker) and
+ * `ended_at` (its result in) on the submitting driver's clock, `started_at` on the worker's
+ * (`None` when its worker never answered: it died, or the call was cancelled). `fetch`
+ * (its function and arguments loaded), `run` and `store` (its result serialized, large
+ * values written to the node's store) are durations in seconds, one after the other from
+ * `started_at`. `seq` numbers spans as the head received them.
+ */
+export interface ISpan {
+  seq: number;
+  task_id: string;
+  name: string;
+  state: TaskState;
+  job_id: string;
+  node_id: string;
+  worker_id: string;
+  pid: number;
+  actor_id: string | null;
+  notebook: string | null;
+  cell: string | null;
+  submitted_at: number;
+  sent_at: number;
+  started_at: number | null;
+  fetch: number;
+  run: number;
+  store: number;
+  ended_at: number;
+}
+
+/**
+ * `GET nbcluster/api/timeline[?since=SEQ&limit=N]`: the spans after `since`, oldest
+ * first (at most `limit`, the newest ones); ask again with `since=next`. `dropped`: how
+ * many older spans the head no longer holds (it keeps the last `capacity`).
+ */
+export interface ITimelineBody {
+  spans: ISpan[];
+  next: number;
+  capacity: number;
+  dropped: number;
+}
+
 /** `GET nbcluster/api/tasks`: active tasks, then the recently ended ones. */
 export interface ITasksBody {
   tasks: ITask[];

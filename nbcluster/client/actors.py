@@ -242,6 +242,7 @@ class ActorCalls:
     def _send_call(self, ar: ActorRecord, rec: TaskRecord) -> None:
         assert ar.conn is not None
         ar.inflight[rec.tid] = rec
+        rec.sent_to, rec.sent_at = ar.conn, self.tasks.events.now
         header: dict[str, Any] = {
             "k": Kind.ACTOR_CALL,
             "tid": rec.tid,

@@ -5,10 +5,15 @@ running or done. It appends a small tuple per change (cheap on the submission pa
 thread sends them to the head in one message every :data:`FLUSH_S` seconds. Event codes:
 
 ``("s", tid, time, name, resources[, cell_id, number])`` submitted (with the notebook cell that
-submitted it, when known), ``("r", tid, time, node_id, worker_id)``
-running,
-``("q", tid, time)`` queued again (retry), ``("f" | "x" | "c", tid, time)`` finished, failed,
-cancelled.
+submitted it, when known), ``("r", tid, time, node_id, worker_id)`` running,
+``("q", tid, time)`` queued again (retry), ``("f" | "x" | "c", tid, time[, span])`` finished,
+failed, cancelled; ``("F" | "X" | "C", tid, time, span)`` an actor call finished, failed,
+cancelled (actor calls are not in the task table, only in the timeline).
+
+A *span* (a task or call that was sent to a worker, for the head's timeline) is
+``[name, submitted, sent, node_id, worker_id, ph, cell, actor_id]``: times on the driver's
+clock in seconds, ``ph`` the worker's ``RESULT.ph`` (``[start_us, fetch_us, run_us, store_us,
+pid]``, empty when no result came), ``cell`` the notebook cell that submitted it, if known.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class TaskEvents:
             self._add(("s", rec.tid, self.now, rec.name, rec.shape, cell_id, rec.tag.number))
 
     def started(self, rec: TaskRecord, node_id: str, worker_id: str = "") -> None:
+        rec.sent_at = self.now
         self._add(("r", rec.tid, self.now, node_id, worker_id))
 
     def requeued(self, rec: TaskRecord) -> None:
@@ -69,7 +75,32 @@ class TaskEvents:
 
     def ended(self, rec: TaskRecord, ok: bool) -> None:
         code = "f" if ok else "c" if rec.cancelled else "x"
-        self._add((code, rec.tid, self.now))
+        if rec.sent_to is None:
+            self._add((code, rec.tid, self.now))
+        else:
+            self._add((code, rec.tid, self.now, self._span(rec)))
+
+    def call_ended(self, rec: TaskRecord, ok: bool) -> None:
+        """An actor call ended (only calls that reached their actor's worker are shown)."""
+        if rec.sent_to is not None:
+            code = "F" if ok else "C" if rec.cancelled else "X"
+            self._add((code, rec.tid, self.now, self._span(rec)))
+
+    def _span(self, rec: TaskRecord) -> list[Any]:
+        conn = rec.sent_to
+        assert conn is not None
+        cell = getattr(rec.tag, "cell_id", None)  # a kernel.CellTag, in a notebook
+        name = rec.name if rec.actor_id is None else f"{rec.name}.{rec.method}"
+        return [
+            name,
+            rec.submitted_at,
+            rec.sent_at,
+            conn.node_id,
+            conn.worker_id,
+            rec.ph or [],
+            cell,
+            rec.actor_id,
+        ]
 
     def flush(self) -> None:
         """Send what is buffered (when the flush timer fires)."""

@@ -103,6 +103,7 @@ class TaskResult:
     kept: list[str]  # argument refs the callee kept
     returned: list[Any]  # [oid, owner] of refs inside the result
     payload: list[Any]
+    ph: list[int] = field(default_factory=list)  # the worker's phase timings (RESULT.ph)
 
 
 @dataclass(slots=True)

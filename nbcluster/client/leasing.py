@@ -143,6 +143,7 @@ class Leasing:
         conn = lease.conn
         rec.lease = lease
         lease.inflight.append(rec)
+        rec.sent_to = conn
         self.events.started(rec, lease.node_id, lease.worker_id)
         header: dict[str, Any] = {
             "k": Kind.TASK,

@@ -32,6 +32,7 @@ from nbcluster.client.inputs import (
     ActorStateChanged,
     BorrowReleased,
     Event,
+    FlushTaskEvents,
     LeaseFailed,
     LeaseGranted,
     LeaseInfeasible,
@@ -562,6 +563,8 @@ class IoShell:
     async def query(self, what: str, timeout: float = 10.0, **args: Any) -> Any:
         """Ask the head (on the I/O thread); raises ``ConnectionFailedError`` on no answer."""
         assert self.loop is not None and self.state is not None
+        if what == "timeline":  # our buffered task events first: it shows what just ended
+            self.feed(FlushTaskEvents())
         rid = self.state.next_rid()
         fut: asyncio.Future[Any] = self.loop.create_future()
         self._replies[rid] = fut
@@ -636,6 +639,7 @@ class IoShell:
                 msg.kept,
                 msg.returned,
                 payload,
+                msg.ph,
             )
         )
 

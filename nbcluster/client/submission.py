@@ -76,6 +76,8 @@ class Tasks:
     def submit(self, rec: TaskRecord) -> None:
         """Take a new task (or one run again): wait for its arguments, then queue it."""
         self.by_tid[rec.tid] = rec
+        # (Again for a re-run: its span is the new run's.)
+        rec.submitted_at, rec.sent_to, rec.ph = self.events.now, None, None
         if rec.actor_id is None:
             self.events.submitted(rec)
         for oid in rec.return_ids:
@@ -157,6 +159,7 @@ class Tasks:
         rec = self.by_tid.get(ev.tid)
         if rec is None or (rec.lease is not None and rec.lease.conn is not ev.conn):
             return  # late news from a worker we gave up on (its node was declared dead)
+        rec.ph = ev.ph
         self.ownership.note_kept(rec, ev.kept, ev.returned)
         if rec.actor_id is not None:
             self.actors.on_result(rec, ev)
@@ -234,6 +237,7 @@ class Tasks:
         if rec.actor_id is None:
             self.events.ended(rec, state == READY)
         else:
+            self.events.call_ended(rec, state == READY)
             self.actors.finished(rec)
         rec.dep_frames = []
         # A stored result may have to be rebuilt if its node dies: keep what the task needs.

@@ -45,6 +45,12 @@ class TaskRecord:
     gen: int = 0  # a generator task: streams.STREAMING or streams.DYNAMIC
     bp: int = 0  # streaming: the worker pauses when this many items are unconsumed
     stream: Any = None  # its StreamBuffer, when a generator task
+    # For the timeline: when it was submitted and last sent, to which worker, and the phase
+    # timings its worker sent back (RESULT.ph).
+    submitted_at: float = 0.0
+    sent_at: float = 0.0
+    sent_to: WorkerConn | None = None
+    ph: list[int] | None = None
 
 
 @dataclass

@@ -23,6 +23,7 @@ import msgspec
 from nbcluster.head.actors import ActorDirectory, ActorInfo
 from nbcluster.head.model import NodeInfo, amounts_of
 from nbcluster.head.state import ClusterState
+from nbcluster.head.timeline import Timeline
 from nbcluster.protocol.messages import ALIVE, DEAD, PENDING, RESTARTING
 from nbcluster.protocol.schema import Query
 from nbcluster.views import (
@@ -47,6 +48,7 @@ from nbcluster.views import (
     TaskEvent,
     TaskState,
     TaskView,
+    TimelineBody,
     TotalsView,
 )
 
@@ -64,6 +66,8 @@ FINISHED: TaskState = "finished"
 FAILED: TaskState = "failed"
 CANCELLED: TaskState = "cancelled"
 _ENDED: dict[str, TaskState] = {"f": FINISHED, "x": FAILED, "c": CANCELLED}
+_CALL_CODES = frozenset("FXC")  # an actor call ended
+_SPAN_CODES = frozenset("fxc") | _CALL_CODES
 _ACTOR_STATES: dict[str, ActorState] = {
     PENDING: "pending",
     ALIVE: "alive",
@@ -145,6 +149,7 @@ class Observer:
         default_factory=lambda: {FINISHED: {}, FAILED: {}, CANCELLED: {}}
     )
     lease_waits: WaitHistogram = field(default_factory=WaitHistogram)
+    timeline: Timeline = field(default_factory=Timeline)
 
     # --------------------------------------------------------------------------- events in
     def job_started(self, job_id: str, h: dict[str, Any]) -> None:
@@ -232,6 +237,10 @@ class Observer:
         for ev in events:
             try:
                 code, tid, t = ev[0], str(ev[1]), float(ev[2])
+                if len(ev) > 3 and code in _SPAN_CODES:  # it ran: its span for the timeline
+                    self.timeline.add(job_id, code, tid, t, ev[3], self._node_of)
+                    if code in _CALL_CODES:
+                        continue  # actor calls are only in the timeline
                 if code == "s":
                     rec = TaskRecord(tid, str(ev[3]), job_id, client, dict(ev[4]), t)
                     if len(ev) > 6 and ev[5]:
@@ -278,6 +287,10 @@ class Observer:
         """A lease was granted ``seconds`` after it was asked for (``None``: unknown)."""
         if seconds is not None:
             self.lease_waits.add(max(0.0, seconds))
+
+    def _node_of(self, worker_id: str) -> str | None:
+        w = self.state.workers.get(worker_id)
+        return w.node_id if w is not None else None
 
     def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
         counts = self.ended_counts[state]
@@ -529,7 +542,21 @@ class Observer:
             return lease.bundle[0] if lease is not None and lease.bundle is not None else None
         if what == "demand":  # what pools grow from (nbcluster.deploy)
             return self.demand()
+        if what == "timeline":  # nbcluster.timeline(): the spans after `since`, a page at a time
+            return self.timeline.page(q.since or 0, lambda job: self.owner(job).notebook)
         return None
+
+    def timeline_body(self, since: int, limit: int | None = None) -> TimelineBody:
+        """The spans after ``since`` (the newest ``limit``), for the panel and ``timeline()``."""
+        tl = self.timeline
+        notebooks: dict[str, str | None] = {}
+
+        def notebook_of(job: str) -> str | None:
+            if job not in notebooks:
+                notebooks[job] = self.owner(job).notebook
+            return notebooks[job]
+
+        return tl.body(tl.since(since, limit), notebook_of)
 
     def cell_tasks(self, job_id: str, cell_id: str) -> list[str]:
         """The unfinished tasks a notebook cell submitted (what "cancel the cell" cancels)."""

@@ -27,6 +27,7 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from nbcluster.exceptions import NbclusterError
 from nbcluster.head.logs import NO_TARGET
+from nbcluster.head.timeline import PAGE
 from nbcluster.views import (
     ActorsBody,
     CancelledBody,
@@ -127,6 +128,26 @@ class TasksHandler(_Api):
     @_authorized(READ)
     def get(self) -> None:
         self.write_json(TasksBody(tasks=self.observer.task_views()))
+
+
+class TimelineHandler(_Api):
+    """``GET nbcluster/api/timeline[?since=SEQ&limit=N]``: tasks and actor calls as they ran."""
+
+    @web.authenticated
+    @_authorized(READ)
+    def get(self) -> None:
+        try:
+            since = int(self.get_query_argument("since", "0"))
+            limit = int(self.get_query_argument("limit", str(PAGE)))
+        except ValueError:
+            self.write_json(ErrorBody(error="since and limit must be integers"), 400)
+            return
+        if since < 0 or not 1 <= limit <= PAGE:
+            self.write_json(
+                ErrorBody(error=f"since must be >= 0 and limit between 1 and {PAGE}"), 400
+            )
+            return
+        self.write_json(self.observer.timeline_body(since, limit))
 
 
 class ActorsHandler(_Api):
@@ -384,6 +405,7 @@ ROUTES: list[tuple[str, type[Any]]] = [
     (r"/nbcluster/api/actors", ActorsHandler),
     (r"/nbcluster/api/memory", MemoryHandler),
     (r"/nbcluster/metrics", PrometheusHandler),
+    (r"/nbcluster/api/timeline", TimelineHandler),
     (rf"/nbcluster/api/tasks/{_ID}/cancel", CancelTaskHandler),
     (rf"/nbcluster/api/actors/{_ID}/kill", KillActorHandler),
     (rf"/nbcluster/api/jobs/{_ID}/cells/{_ID}/cancel", CancelCellHandler),

@@ -250,6 +250,7 @@ class Query(Message, tag=Kind.QUERY.value):
     ns: str | None = None
     node_id: str | None = None
     limit: Count | None = None
+    since: Count | None = None  # "timeline": the spans after this sequence number
 
 
 class QueryReply(Message, tag=Kind.QUERY_REPLY.value):
@@ -309,7 +310,10 @@ class ShutdownCluster(Message, tag=Kind.SHUTDOWN_CLUSTER.value):
 
 # --- observability --------------------------------------------------------------------------------
 class TaskEvents(Message, tag=Kind.TASK_EVENTS.value):
-    summary = "driver -> head: ``[[code, tid, time, ...]]`` (see nbcluster/client/events.py)"
+    summary = (
+        "driver -> head: ``[[code, tid, time, ...]]``, ended tasks' and actor calls' timeline "
+        "spans included (see nbcluster/client/events.py)"
+    )
     events: list[list[Any]]
 
 
@@ -455,6 +459,9 @@ class Result(Message, tag=Kind.RESULT.value):
     kept: list[str] = []
     returned: list[list[str]] = []
     lost: list[Count] = []  # argument indexes lost with their node: the owner may rebuild them
+    # Phase timings for the timeline: [start (wall-clock us), argument fetch, run, result
+    # store (us each), worker pid]; empty when the call never started.
+    ph: list[int] = []
 
     def frames(self) -> int | None:
         return sum(self.n)

@@ -263,7 +263,49 @@ class ActorView(View):
     owner: OwnerView
 
 
+class SpanView(View):
+    """A task or actor call as it ran, for the timeline.
+
+    Times are seconds since the epoch: ``submitted_at``, ``sent_at`` (to its worker) and
+    ``ended_at`` (its result in) on the submitting driver's clock, ``started_at`` on the worker's
+    (``None`` when its worker never answered: it died, or the call was cancelled). ``fetch``
+    (its function and arguments loaded), ``run`` and ``store`` (its result serialized, large
+    values written to the node's store) are durations in seconds, one after the other from
+    ``started_at``. ``seq`` numbers spans as the head received them.
+    """
+
+    seq: int
+    task_id: str
+    name: str
+    state: TaskState
+    job_id: str
+    node_id: str
+    worker_id: str
+    pid: int
+    actor_id: str | None
+    notebook: str | None
+    cell: str | None
+    submitted_at: float
+    sent_at: float
+    started_at: float | None
+    fetch: float
+    run: float
+    store: float
+    ended_at: float
+
+
 # --- REST bodies -------------------------------------------------------------------------------
+class TimelineBody(View):
+    """``GET nbcluster/api/timeline[?since=SEQ&limit=N]``: the spans after ``since``, oldest
+    first (at most ``limit``, the newest ones); ask again with ``since=next``. ``dropped``: how
+    many older spans the head no longer holds (it keeps the last ``capacity``)."""
+
+    spans: list[SpanView]
+    next: int
+    capacity: int
+    dropped: int
+
+
 class TasksBody(View):
     """``GET nbcluster/api/tasks``: active tasks, then the recently ended ones."""
 
@@ -481,6 +523,8 @@ TS_EXPORTS: tuple[tuple[str, object], ...] = (
     ("NodeUpdateView", NodeUpdateView),
     ("TaskView", TaskView),
     ("ActorView", ActorView),
+    ("SpanView", SpanView),
+    ("TimelineBody", TimelineBody),
     ("TasksBody", TasksBody),
     ("ActorsBody", ActorsBody),
     ("NodeHistoryBody", NodeHistoryBody),

@@ -7,6 +7,7 @@ import concurrent.futures
 import functools
 import inspect
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from nbcluster.exceptions import ActorDiedError, TaskCancelledError
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.schema import ActorCall, ActorInit
 from nbcluster.serialization import loads, restore_filenames
+from nbcluster.worker.timing import timing
 
 if TYPE_CHECKING:
     from nbcluster.worker.main import Worker
@@ -28,6 +30,7 @@ class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     loaded: list[str]
+    ran: tuple[int, int, int] | None = None  # its timing, once it ran
 
 
 class ActorHost:
@@ -225,10 +228,12 @@ class ActorHost:
             return self._calls.pop(tid, None) is not None
 
     def _call_threaded(self, ident: bytes, h: ActorCall, payload: list[Any]) -> None:
+        t0 = time.perf_counter()
         call = self._prepare(ident, h, payload)
         if call is None:
             return
         w = self.worker
+        t1 = time.perf_counter()
         target, *tokens = w.begin(ident, h.tid, h.name)
         result: Any = None
         error: BaseException | None = None
@@ -239,16 +244,19 @@ class ActorHost:
         except BaseException as exc:
             error = exc
         w.end(target, (tokens[0], tokens[1]))
+        call.ran = timing(t0, t1, time.perf_counter())
         self._send_outcome(ident, h, call, result, error)
 
     async def _call_async(
         self, ident: bytes, h: ActorCall, payload: list[Any], sem: asyncio.Semaphore
     ) -> None:
         async with sem:
+            t0 = time.perf_counter()
             call = self._prepare(ident, h, payload)
             if call is None:
                 return
             w = self.worker
+            t1 = time.perf_counter()
             target, *tokens = w.begin(ident, h.tid, h.name)
             result: Any = None
             error: BaseException | None = None
@@ -263,6 +271,7 @@ class ActorHost:
             except BaseException as exc:
                 error = exc
             w.end(target, (tokens[0], tokens[1]))
+            call.ran = timing(t0, t1, time.perf_counter())
             self._send_outcome(ident, h, call, result, error)
 
     def _prepare(self, ident: bytes, h: ActorCall, payload: list[Any]) -> _Call | None:
@@ -298,12 +307,13 @@ class ActorHost:
             # Refuse calls first: the caller may send its next call as soon as it has this answer,
             # and that call reaches the main thread while this thread is still here.
             self.exited = True
-            w.send_error(ident, tid, self.exit_error(), "exc", kept)  # as in Ray: see main.py
+            # As in Ray: see main.py.
+            w.send_error(ident, tid, self.exit_error(), "exc", kept, ran=call.ran)
             self.exit()
         elif exc is not None:
-            w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc", kept)
+            w.send_error(ident, tid, w.task_error(name, exc, skip=1), "exc", kept, ran=call.ran)
         else:
-            w.send_result(ident, tid, name, nret, result, kept)
+            w.send_result(ident, tid, name, nret, result, kept, call.ran)
 
     def note_exit(self, exc: BaseException) -> None:
         """Remember why the actor is exiting (``exc``: its ``ActorExit`` or ``SystemExit``)."""

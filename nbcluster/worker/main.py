@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
 from nbcluster.transport.serve import Dispatcher
 from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
+from nbcluster.worker.timing import timing
 
 if TYPE_CHECKING:
     from nbcluster.client.core import CoreClient
@@ -229,6 +231,7 @@ class Worker:
     ) -> None:
         match h:
             case m.Task():
+                t0 = time.perf_counter()  # the function's loading counts as fetching
                 self.set_gpus(h.gpus)
                 try:
                     self.enter_env(h.renv)  # before the function: it may import from it
@@ -236,7 +239,7 @@ class Worker:
                 except Exception as exc:
                     self.send_error(ident, h.tid, self.task_error(h.name, exc, 0), "exc")
                     return
-                self.invoke(ident, h, payload[pos:], fn)
+                self.invoke(ident, h, payload[pos:], fn, t0)
             case m.ActorInit():
                 from nbcluster.worker.actor_host import ActorHost
 
@@ -342,9 +345,21 @@ class Worker:
         self.stdout.drain(target)
         self.stderr.drain(target)
 
-    def invoke(self, ident: bytes, h: Call, payload: list[Any], fn: Callable[..., Any]) -> None:
-        """Run one call on the main thread and send its result (cancellable via SIGINT)."""
+    def invoke(
+        self,
+        ident: bytes,
+        h: Call,
+        payload: list[Any],
+        fn: Callable[..., Any],
+        t0: float | None = None,
+    ) -> None:
+        """Run one call on the main thread and send its result (cancellable via SIGINT).
+
+        ``t0``: when the call started (``perf_counter``), if before this method.
+        """
         tid, name = h.tid, h.name
+        if t0 is None:
+            t0 = time.perf_counter()
         loaded: list[str] = []
         try:
             args, kwargs = self.load_args(h, payload, loaded)
@@ -353,9 +368,12 @@ class Worker:
             # task again, so it learns which one.
             lost = getattr(exc, "dep_index", None)
             err = self.task_error(name, exc, skip=0)
-            self.send_error(ident, tid, err, "exc", lost=[lost] if isinstance(lost, int) else [])
+            t1 = time.perf_counter()
+            lost_at = [lost] if isinstance(lost, int) else []
+            self.send_error(ident, tid, err, "exc", lost=lost_at, ran=timing(t0, t1, t1))
             return
         assigned = h.assigned if isinstance(h, m.Task) else None
+        t1 = time.perf_counter()
         target, *tokens = self.begin(ident, tid, name, assigned)
         self.stdout.default = self.stderr.default = target
         with self._lock:
@@ -390,6 +408,7 @@ class Worker:
         except KeyboardInterrupt:  # cancellation landed between the call and the bookkeeping
             cancelled = not ok
         finally:
+            ran = timing(t0, t1, time.perf_counter())
             self._cancel_requested = None
             self.stdout.default = self.stderr.default = None
             self.end(target, (tokens[0], tokens[1]))
@@ -399,17 +418,18 @@ class Worker:
         del args, kwargs
         kept = self.kept(loaded)
         if cancelled:
-            self.send_error(ident, tid, TaskCancelledError(tid), "cancelled", kept)
+            self.send_error(ident, tid, TaskCancelledError(tid), "cancelled", kept, ran=ran)
         elif exiting and self.actor is not None:
             # As in Ray, the caller of the method that called exit_actor() sees the actor's
             # death, not a value: the same answer whichever of this reply and the head's
             # notice of the death reaches it first.
-            self.send_error(ident, tid, self.actor.exit_error(), "exc", kept)
+            self.send_error(ident, tid, self.actor.exit_error(), "exc", kept, ran=ran)
         elif not ok:
             assert error is not None
-            self.send_error(ident, tid, self.task_error(name, error, skip=1), "exc", kept)
+            err = self.task_error(name, error, skip=1)
+            self.send_error(ident, tid, err, "exc", kept, ran=ran)
         else:
-            self.send_result(ident, tid, name, h.nret, result, kept)
+            self.send_result(ident, tid, name, h.nret, result, kept, ran)
         if exiting and self.actor is not None:
             self.actor.exit()
         if self.store is not None:
@@ -496,14 +516,17 @@ class Worker:
         nret: int,
         result: Any,
         kept: list[str] | None = None,
+        ran: tuple[int, int, int] | None = None,
     ) -> None:
+        """Send call ``tid``'s ``result`` (``ran``: its :func:`timing`, for the timeline)."""
         kept = list(kept or ())
+        t = time.perf_counter()
         try:
             with serialized_refs() as returned:
                 parts = self._serialize_returns(tid, name, nret, result)
         except Exception as exc:
             err = self.task_error(name, exc, skip=0, what="its result")
-            self.send_error(ident, tid, err, "exc", kept)
+            self.send_error(ident, tid, err, "exc", kept, ran=ran)
             return
         for ref in returned:  # refs we own inside the result: kept until our job ends
             ref._client.mark_escaped(ref.oid)
@@ -514,6 +537,7 @@ class Worker:
             n=[len(p) for p in parts],
             kept=kept,
             returned=[[r.oid, r.owner_address] for r in returned],
+            ph=[*ran, int((time.perf_counter() - t) * 1e6), self.pid] if ran else [],
         )
         self.send(ident, header, frames)
 
@@ -579,12 +603,19 @@ class Worker:
         kind: str,
         kept: list[str] | None = None,
         lost: list[int] | None = None,
+        ran: tuple[int, int, int] | None = None,
     ) -> None:
         """Fail call ``tid`` with ``err`` (``kind``: ``RESULT.err``; ``lost``: the indexes of
-        arguments lost with their node)."""
+        arguments lost with their node; ``ran``: its :func:`timing`, if it ran)."""
         frames = self.error_frames(err)
         header = m.Result(
-            tid=tid, ok=False, err=kind, n=[len(frames)], kept=kept or [], lost=lost or []
+            tid=tid,
+            ok=False,
+            err=kind,
+            n=[len(frames)],
+            kept=kept or [],
+            lost=lost or [],
+            ph=[*ran, 0, self.pid] if ran else [],
         )
         self.send(ident, header, frames)
 
