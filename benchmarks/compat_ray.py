@@ -64,7 +64,9 @@ def run_program(python: str, backend: str, program: Path, timeout: float) -> Out
         RAY_CURRENT_CLUSTER.unlink(missing_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    # As benchmarks/workloads.py: Ray on loopback, no usage-stats reporting.
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [python, str(RUN_AS), backend, str(program)],
@@ -73,7 +75,9 @@ def run_program(python: str, backend: str, program: Path, timeout: float) -> Out
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
+        # A process group, not a new session: a session would also be a new scheduler
+        # autogroup, so the run would not share the caller's CPU share (``nice``).
+        process_group=0,
     )
     try:
         output, _ = proc.communicate(timeout=timeout)

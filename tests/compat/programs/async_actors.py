@@ -36,10 +36,8 @@ class AsyncActor:
 
 
 actor = AsyncActor.remote()
-t0 = time.monotonic()
 assert ray.get([actor.run_concurrent.remote(1.0) for _ in range(5)]) == ["done"] * 5
-elapsed = time.monotonic() - t0
-assert elapsed < 4.0, f"async calls did not overlap ({elapsed:.1f} s)"
+# All five were running at once (by count, not by time: the host may be loaded).
 assert ray.get(actor.peak_concurrency.remote()) == 5
 assert ray.get(actor.await_a_task.remote(21)) == 42
 
@@ -53,23 +51,25 @@ assert ray.get(limited.peak_concurrency.remote()) == 2
 class ThreadedActor:
     def __init__(self):
         self.lock = threading.Lock()
-        self.threads = set()
+        self.running = 0
+        self.peak = 0
 
     def work(self):
         with self.lock:
-            self.threads.add(threading.get_ident())
-        time.sleep(0.5)
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(1.0)
+        with self.lock:
+            self.running -= 1
         return True
 
-    def thread_count(self):
-        return len(self.threads)
+    def peak_concurrency(self):
+        return self.peak
 
 
 threaded = ThreadedActor.options(max_concurrency=3).remote()
-t0 = time.monotonic()
 assert all(ray.get([threaded.work.remote() for _ in range(3)]))
-assert time.monotonic() - t0 < 1.4
-assert ray.get(threaded.thread_count.remote()) == 3
+assert ray.get(threaded.peak_concurrency.remote()) == 3
 
 
 # The driver can await refs too.

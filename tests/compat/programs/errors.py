@@ -33,7 +33,11 @@ def add_one(x):
 
 @ray.remote
 def sleeper(seconds):
-    time.sleep(seconds)
+    # Short sleeps: Ray cancels a running task by raising KeyboardInterrupt in it, which
+    # lands between Python bytecodes, not inside one long time.sleep().
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
     return seconds
 
 
