@@ -112,7 +112,11 @@ def run_workload(python: str, backend: str, name: str, timeout: float) -> RunRec
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,
+        # Its own process group (killed as one on a timeout), not its own session: a new
+        # session is also a new scheduler autogroup, which on a host shared with other work
+        # gets one share of the CPUs however many processes the backend starts; Ray's startup
+        # then times out on a loaded host. Every run shares the caller's share instead.
+        process_group=0,
     )
     timed_out = False
     try:
