@@ -65,11 +65,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
         or os.environ.get(TOKEN_FILE_ENV)
         or (str(DEFAULT_TOKEN_FILE) if DEFAULT_TOKEN_FILE.exists() else None)
     )
-    from nbcluster.status import actor_views, cluster_view, status_report, task_views
+    from nbcluster.status import (
+        actor_views,
+        cluster_view,
+        status_report,
+        task_count_views,
+        task_views,
+    )
 
     try:
         nb.init(address=address, token_file=token_file, log_to_driver=False)
-        print(status_report(cluster_view(), task_views(), actor_views()))
+        report = status_report(cluster_view(), task_views(), actor_views(), task_count_views())
+        print(report)
     except nb.exceptions.NbclusterError as exc:
         print(f"nbcluster status: {exc}", file=sys.stderr)
         return 1

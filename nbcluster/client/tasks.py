@@ -58,6 +58,8 @@ class TaskRecord:
     gen: int = 0  # a generator task: streams.STREAMING or streams.DYNAMIC
     bp: int = 0  # streaming: the worker pauses when this many items are unconsumed
     stream: Any = None  # its StreamBuffer, when a generator task
+    shown: int = 0  # how the head's task table knows it (events.SHOWN, COUNTED_QUEUED, ...)
+    shown_on: str = ""  # counted as running: on this node
 
 
 @dataclass

@@ -42,6 +42,7 @@ from nbcluster.views import (
     ObjectStoreView,
     OwnerView,
     PlacementGroupView,
+    TaskCountView,
     TaskEvent,
     TaskState,
     TaskView,
@@ -90,6 +91,19 @@ class TaskRecord:
 
 
 @dataclass
+class TaskCount:
+    """Unfinished tasks a driver counted instead of reporting them one by one (see
+    :mod:`nbcluster.client.events`): one function, resource shape and node."""
+
+    name: str
+    job_id: str
+    resources: dict[str, float]
+    node_id: str  # "" for queued ones
+    queued: int = 0
+    running: int = 0
+
+
+@dataclass
 class JobOwner:
     """Who a job belongs to: a notebook kernel, or a plain script."""
 
@@ -112,6 +126,8 @@ class Observer:
     subscribers: list[Subscriber] = field(default_factory=list)
     metrics: dict[str, deque[MetricsView]] = field(default_factory=dict)
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    #: (driver, name, resources, node) -> its counted tasks (bounded: one per function and node).
+    counts: dict[tuple[Any, ...], TaskCount] = field(default_factory=dict)
     ended: deque[TaskRecord] = field(default_factory=lambda: deque(maxlen=ENDED_TASKS))
     jobs: dict[str, JobOwner] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
@@ -133,6 +149,8 @@ class Observer:
         now = time.time()
         for t in [t for t in self.tasks.values() if t.job_id == job_id]:
             self._end(t, CANCELLED, now)
+        for key in [k for k, c in self.counts.items() if c.job_id == job_id]:
+            del self.counts[key]
 
     def track_idle(self, now: float | None = None) -> dict[str, float]:
         """Seconds each alive node has had nothing running (no task, no actor).
@@ -183,6 +201,9 @@ class Observer:
         for ev in events:
             try:
                 code, tid, t = ev[0], str(ev[1]), float(ev[2])
+                if code == "n":
+                    self._on_count(client, job_id, ev)
+                    continue
                 if code == "s":
                     rec = TaskRecord(tid, str(ev[3]), job_id, client, dict(ev[4]), t)
                     self.tasks[tid] = rec
@@ -206,6 +227,19 @@ class Observer:
         if self.subscribers:  # views cost something: build them only for a listener
             for rec in changed.values():
                 self.emit(TaskEvent(task=self.task_view(rec)))
+
+    def _on_count(self, client: bytes, job_id: str, ev: Any) -> None:
+        """``("n", name, time, resources, node_id, queued, running)``: a driver's count."""
+        name, resources, node_id = str(ev[1]), dict(ev[3]), str(ev[4])
+        queued, running = int(ev[5]), int(ev[6])
+        key = (client, name, tuple(sorted(resources.items())), node_id)
+        if queued <= 0 and running <= 0:
+            self.counts.pop(key, None)
+            return
+        c = self.counts.get(key)
+        if c is None:
+            c = self.counts[key] = TaskCount(name, job_id, resources, node_id)
+        c.queued, c.running = max(0, queued), max(0, running)
 
     def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
         rec.state, rec.ended_at = state, t
@@ -265,6 +299,38 @@ class Observer:
         """Queued, running and infeasible tasks, then the last ended ones (oldest first)."""
         return [self.task_view(t) for t in (*self.tasks.values(), *self.ended)]
 
+    def task_count_views(self) -> list[TaskCountView]:
+        """The unfinished tasks counted, not listed (by job, function, shape, node, state)."""
+        out: list[TaskCountView] = []
+        for c in self.counts.values():
+            owner = self.owner(c.job_id)
+            if c.queued:
+                state: TaskState = QUEUED
+                if self.state.missing_resources(c.resources):
+                    state = INFEASIBLE
+                out.append(
+                    TaskCountView(
+                        name=c.name,
+                        state=state,
+                        count=c.queued,
+                        node_id=None,
+                        resources=dict(c.resources),
+                        owner=owner,
+                    )
+                )
+            if c.running:
+                out.append(
+                    TaskCountView(
+                        name=c.name,
+                        state=RUNNING,
+                        count=c.running,
+                        node_id=c.node_id or None,
+                        resources=dict(c.resources),
+                        owner=owner,
+                    )
+                )
+        return out
+
     def actor_view(self, a: ActorInfo) -> ActorView:
         return ActorView(
             actor_id=a.aid,
@@ -292,6 +358,9 @@ class Observer:
         for t in self.tasks.values():
             if t.state == RUNNING and t.node_id is not None:
                 running[t.node_id] = running.get(t.node_id, 0) + 1
+        for c in self.counts.values():
+            if c.running and c.node_id:
+                running[c.node_id] = running.get(c.node_id, 0) + c.running
         actors: dict[str, int] = {}
         for a in self.actors.actors.values():
             if a.state == ALIVE and a.node_id is not None:
@@ -305,7 +374,7 @@ class Observer:
         """One node (counting its tasks and actors: use :meth:`node_views` for all of them)."""
         running = sum(
             1 for t in self.tasks.values() if t.state == RUNNING and t.node_id == n.node_id
-        )
+        ) + sum(c.running for c in self.counts.values() if c.node_id == n.node_id)
         actors = sum(
             1 for a in self.actors.actors.values() if a.node_id == n.node_id and a.state == ALIVE
         )
@@ -442,6 +511,8 @@ class Observer:
             return msgspec.to_builtins(self.cluster())
         if what == "tasks":
             return msgspec.to_builtins(self.task_views())
+        if what == "task_counts":
+            return msgspec.to_builtins(self.task_count_views())
         if what == "metrics":
             return msgspec.to_builtins(self.history(str(q.node_id)))
         if what == "placement_groups":  # nbcluster.util.placement_group
