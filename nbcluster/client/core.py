@@ -57,7 +57,7 @@ from nbcluster.serialization import copy_frames, dumps, dumps_args, loads
 from nbcluster.store.client import StoreClient, is_stored
 from nbcluster.store.errors import ObjectStoreError
 from nbcluster.store.fetch import fetch_stored
-from nbcluster.transport.sockets import check_frame_sizes
+from nbcluster.transport.sockets import check_frame_sizes, max_message_bytes
 
 
 class CoreClient:
@@ -276,7 +276,8 @@ class CoreClient:
         streaming one returns ``[ObjectRefGenerator]``.
         """
         rec, refs = self._new_record(name, args, kwargs, num_returns, gen, backpressure)
-        check_frame_sizes([fn_blob], f"function {name} (pickled)")
+        if 0 <= max_message_bytes() < len(fn_blob):  # (the check and its message only then)
+            check_frame_sizes([fn_blob], f"function {name} (pickled)")
         rec.fn_id, rec.fn_blob = fn_id, fn_blob
         rec.shape, rec.shape_key = self._shape(shape)
         if strategy is not None:
