@@ -503,15 +503,15 @@ class CoreClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         blocked = False
         try:
-            for ref in refs:
-                ev = self.objects.event_for(ref.oid)
-                if ev is None:
-                    continue
-                if not blocked and self.worker_id and not ev.is_set():
+            ev = self.objects.waiter([ref.oid for ref in refs])
+            if ev is not None:
+                if self.worker_id and not ev.is_set():
                     blocked = True
                     self._post(SetBlocked(True))
                 if not _wait_event(ev, deadline):
-                    raise GetTimeoutError(f"get() timed out after {timeout} s waiting for {ref!r}")
+                    raise GetTimeoutError(
+                        f"get() timed out after {timeout} s waiting for {self._pending(refs)!r}"
+                    )
         finally:
             if blocked:
                 self._post(SetBlocked(False))
@@ -530,6 +530,14 @@ class CoreClient:
             else:
                 raise lost_error(ref, "it was lost again each time it was rebuilt")
         return out
+
+    def _pending(self, refs: Sequence[ObjectRef]) -> ObjectRef:
+        """The first of ``refs`` whose value is not here yet (the first one if none)."""
+        for ref in refs:
+            e = self.objects.get(ref.oid)
+            if e is not None and e.state == PENDING:
+                return ref
+        return refs[0]
 
     def _value(self, ref: ObjectRef) -> Any:
         e = self.objects.get(ref.oid)

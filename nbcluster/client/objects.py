@@ -183,6 +183,36 @@ class ObjectTable:
                 e.callbacks.append(cb)
             return True
 
+    def waiter(self, oids: list[str]) -> threading.Event | None:
+        """One event, set once none of ``oids`` is pending any more; ``None`` if none is now.
+
+        For a ``get`` of many refs: the waiting thread sleeps once, not once per object (a
+        wake-up per result took the GIL from the I/O thread a million times for a million
+        results), and no event is made per object.
+        """
+        done = threading.Event()
+        left = 0
+        count_lock = threading.Lock()
+
+        def one_done(_e: Entry) -> None:  # (I/O thread, after the lock below is released)
+            nonlocal left
+            with count_lock:
+                left -= 1
+                if left == 0:
+                    done.set()
+
+        with self.lock:  # (no entry completes meanwhile: its callbacks are taken under it)
+            for oid in oids:
+                e = self._entries.get(oid)
+                if e is None or e.state != PENDING:
+                    continue
+                if e.callbacks is None:
+                    e.callbacks = [one_done]
+                else:
+                    e.callbacks.append(one_done)
+                left += 1
+        return done if left else None
+
     def event_for(self, oid: str) -> threading.Event | None:
         """An event set when the object completes; ``None`` if already complete."""
         with self.lock:
