@@ -502,17 +502,19 @@ class CoreClient:
         self.prefetch(refs)
         deadline = None if timeout is None else time.monotonic() + timeout
         blocked = False
+        waiter = self.objects.waiter([ref.oid for ref in refs])
         try:
-            ev = self.objects.waiter([ref.oid for ref in refs])
-            if ev is not None:
-                if self.worker_id and not ev.is_set():
+            if waiter is not None:
+                if self.worker_id and not waiter.event.is_set():
                     blocked = True
                     self._post(SetBlocked(True))
-                if not _wait_event(ev, deadline):
+                if not _wait_event(waiter.event, deadline):
                     raise GetTimeoutError(
                         f"get() timed out after {timeout} s waiting for {self._pending(refs)!r}"
                     )
         finally:
+            if waiter is not None and not waiter.event.is_set():
+                waiter.cancel()  # (timed out, or interrupted)
             if blocked:
                 self._post(SetBlocked(False))
         out = []

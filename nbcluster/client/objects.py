@@ -183,35 +183,27 @@ class ObjectTable:
                 e.callbacks.append(cb)
             return True
 
-    def waiter(self, oids: list[str]) -> threading.Event | None:
+    def waiter(self, oids: list[str]) -> Waiter | None:
         """One event, set once none of ``oids`` is pending any more; ``None`` if none is now.
 
         For a ``get`` of many refs: the waiting thread sleeps once, not once per object (a
         wake-up per result took the GIL from the I/O thread a million times for a million
-        results), and no event is made per object.
+        results), and no event is made per object. A waiter given up on (a timeout) must be
+        cancelled: an entry keeps the callbacks it still has when it completes.
         """
-        done = threading.Event()
-        left = 0
-        count_lock = threading.Lock()
-
-        def one_done(_e: Entry) -> None:  # (I/O thread, after the lock below is released)
-            nonlocal left
-            with count_lock:
-                left -= 1
-                if left == 0:
-                    done.set()
-
+        w = Waiter(self)
         with self.lock:  # (no entry completes meanwhile: its callbacks are taken under it)
             for oid in oids:
                 e = self._entries.get(oid)
                 if e is None or e.state != PENDING:
                     continue
                 if e.callbacks is None:
-                    e.callbacks = [one_done]
+                    e.callbacks = [w.one_done]
                 else:
-                    e.callbacks.append(one_done)
-                left += 1
-        return done if left else None
+                    e.callbacks.append(w.one_done)
+                w.oids.append(oid)
+            w.left = len(w.oids)
+        return w if w.left else None
 
     def event_for(self, oid: str) -> threading.Event | None:
         """An event set when the object completes; ``None`` if already complete."""
@@ -222,3 +214,29 @@ class ObjectTable:
             if e.event is None:
                 e.event = threading.Event()
             return e.event
+
+
+class Waiter:
+    """What :meth:`ObjectTable.waiter` returns: an event set when its objects are done."""
+
+    def __init__(self, table: ObjectTable) -> None:
+        self.table = table
+        self.event = threading.Event()
+        self.oids: list[str] = []
+        self.left = 0
+        self._lock = threading.Lock()
+
+    def one_done(self, _e: Entry) -> None:
+        """One of the objects completed (I/O thread)."""
+        with self._lock:
+            self.left -= 1
+            if self.left == 0:
+                self.event.set()
+
+    def cancel(self) -> None:
+        """Take the callbacks off the objects still pending (the waiting thread gave up)."""
+        with self.table.lock:
+            for oid in self.oids:
+                e = self.table.get(oid)
+                if e is not None and e.callbacks:
+                    e.callbacks = [cb for cb in e.callbacks if cb != self.one_done] or None
