@@ -3,10 +3,10 @@
 User threads call the synchronous methods of :class:`CoreClient` (``submit``, ``get``, ``wait``,
 ...). All network I/O happens on one background thread (:class:`~nbcluster.client.shell.IoShell`)
 which owns the sockets and the client's :class:`~nbcluster.client.state.ClientState`; user
-threads hand it typed commands (:mod:`nbcluster.client.commands`) and wait on per-object events
-of the shared :class:`~nbcluster.client.objects.ObjectTable`. Tasks go straight from this client
-to leased workers and results come straight back (the head only hands out leases), so a task
-costs two hops.
+threads hand it typed commands (:mod:`nbcluster.client.commands`) and wait on events of the
+shared :class:`~nbcluster.client.objects.ObjectTable` (``get``: one for all its refs). Tasks
+go straight from this client to leased workers and results come straight back (the head only
+hands out leases), so a task costs two hops.
 """
 
 from __future__ import annotations
