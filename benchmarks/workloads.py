@@ -670,6 +670,210 @@ def task_produce_100mb(ray: ModuleType, repeat: int = 5) -> Figures:
     return {"total_s": statistics.median(times)}
 
 
+class PeakSampler:
+    """Samples the RSS of the driver and of every backend process in a background thread.
+
+    Keeps each process's peak RSS and the peak of their sum (sampled together, so the sum is
+    what was resident at one moment). The backend's process list is looked up again every few
+    seconds (workers start while the workload runs).
+    """
+
+    def __init__(self, every: float = 0.5) -> None:
+        import threading
+
+        self.every = every
+        self.peak_total = 0
+        self.peaks: dict[int, tuple[int, str]] = {}  # pid -> (peak rss, label)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-sampler", daemon=True)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        procs: list[Any] = []
+        next_scan = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() >= next_scan:
+                procs = [me, *me.children(recursive=True)]
+                next_scan = time.monotonic() + 5.0
+            self.sample(procs)
+            self._stop.wait(self.every)
+
+    def sample(self, procs: list[Any]) -> None:
+        """One sample of ``procs`` (also callable from the workload, e.g. at the very end)."""
+        import psutil
+
+        total = 0
+        for proc in procs:
+            try:
+                rss = proc.memory_info().rss
+                label = self.peaks.get(proc.pid, (0, ""))[1] or _label(proc)
+            except psutil.Error:
+                continue
+            total += rss
+            if rss > self.peaks.get(proc.pid, (0, ""))[0]:
+                self.peaks[proc.pid] = (rss, label)
+        self.peak_total = max(self.peak_total, total)
+
+    def figures(self) -> Figures:
+        """Peak of the sum, the driver's peak, the largest other process's peak, a breakdown."""
+        import os as _os
+
+        mb = 1024 * 1024
+        me = _os.getpid()
+        others = [(rss, label, pid) for pid, (rss, label) in self.peaks.items() if pid != me]
+        others.sort(reverse=True)
+        return {
+            "peak_rss_mb": self.peak_total / mb,
+            "driver_peak_mb": self.peaks.get(me, (0, ""))[0] / mb,
+            "max_other_peak_mb": (others[0][0] / mb) if others else 0.0,
+            "details": {
+                "peak_rss_per_process": [
+                    {"pid": pid, "label": label, "peak_rss_mb": round(rss / mb, 1)}
+                    for rss, label, pid in others[:12]
+                ]
+            },
+        }
+
+
+def _label(proc: Any) -> str:
+    """A short name for a process: its command line's telling part."""
+    cmd = " ".join(proc.cmdline())
+    for key in ("gcs_server", "raylet", "dashboard", "head", "agent", "worker", "ray::"):
+        if key in cmd:
+            return f"{proc.name()} ({key})"
+    return proc.name()
+
+
+def _queued(ray: ModuleType, n: int) -> Figures:
+    """Submit ``n`` no-op tasks at once, then get them all; time and peak memory."""
+    import gc
+
+    import psutil
+
+    f = ray.remote(_noop)
+    init_backend(ray)
+    ray.get([f.remote() for _ in range(100)])  # warm the workers and the function export
+    gc.collect()
+    driver = psutil.Process()
+    base_mb = driver.memory_info().rss / 2**20
+    with PeakSampler() as sampler:
+        t0 = time.perf_counter()
+        refs = [f.remote() for _ in range(n)]
+        t1 = time.perf_counter()
+        submitted_mb = driver.memory_info().rss / 2**20
+        results = ray.get(refs, timeout=3600)
+        t2 = time.perf_counter()
+        held_mb = driver.memory_info().rss / 2**20
+        sampler.sample([driver, *driver.children(recursive=True)])
+    if len(results) != n or any(r is not None for r in results[:: max(1, n // 1000)]):
+        raise AssertionError(f"got {len(results)} results, expected {n} Nones")
+    del results, refs
+    ray.shutdown()
+    return {
+        "total_s": t2 - t0,
+        "submit_s": t1 - t0,
+        "tasks_per_s": n / (t2 - t0),
+        "driver_base_mb": base_mb,
+        "driver_after_submit_mb": submitted_mb,
+        "driver_held_mb": held_mb,
+        "driver_kb_per_held": (held_mb - base_mb) * 1024 / n,
+        **sampler.figures(),
+    }
+
+
+_QUEUED_METRICS = [
+    Metric("total_s", "s", "lower", "submit + get of every task"),
+    Metric("submit_s", "s", "lower", "submission loop alone"),
+    Metric("tasks_per_s", "tasks/s", "higher", "throughput"),
+    Metric(
+        "peak_rss_mb",
+        "MB",
+        "lower",
+        "peak of the summed RSS of the driver and every backend process",
+    ),
+    Metric("driver_peak_mb", "MB", "lower", "the driver's peak RSS"),
+    Metric("max_other_peak_mb", "MB", "lower", "the largest peak RSS of any other backend process"),
+    Metric(
+        "driver_kb_per_held", "KB", "lower", "driver RSS growth per finished task whose ref is held"
+    ),
+]
+
+
+@workload(
+    "queued_100k",
+    "100,000 no-op tasks submitted at once (list comprehension), then one get() of the list; "
+    "peak RSS of the driver and every backend process sampled every 0.5 s.",
+    _QUEUED_METRICS,
+    tags=("tasks", "throughput", "memory"),
+)
+def queued_100k(ray: ModuleType) -> Figures:
+    """100k queued tasks."""
+    return _queued(ray, 100_000)
+
+
+@workload(
+    "queued_1m",
+    "1,000,000 no-op tasks submitted at once, then one get() of the list (Ray's release test "
+    "'1M queued tasks on one node'); peak RSS of every process.",
+    _QUEUED_METRICS,
+    tags=("tasks", "throughput", "memory"),
+)
+def queued_1m(ray: ModuleType) -> Figures:
+    """1M queued tasks."""
+    return _queued(ray, 1_000_000)
+
+
+@workload(
+    "driver_memory",
+    "Driver RSS per task: 100,000 tasks that cannot run (each needs more CPUs than the cluster "
+    "has) queued at once; then, with those still queued, 100,000 no-op tasks run with every "
+    "ref held.",
+    [
+        Metric("kb_per_queued", "KB", "lower", "driver RSS per queued task"),
+        Metric("kb_per_held", "KB", "lower", "driver RSS per finished task whose ref is held"),
+    ],
+    tags=("tasks", "memory"),
+)
+def driver_memory(ray: ModuleType, n: int = 100_000) -> Figures:
+    """Bytes a driver keeps per queued task and per held result."""
+    import gc
+
+    import psutil
+
+    driver = psutil.Process()
+    f = ray.remote(_noop)
+    init_backend(ray)
+    ray.get([f.remote() for _ in range(100)])
+    gc.collect()
+    base = driver.memory_info().rss
+    big = f.options(num_cpus=64)  # never placed on a 2-CPU cluster: stays queued
+    queued = [big.remote() for _ in range(n)]
+    time.sleep(2.0)  # (the I/O thread takes them in)
+    gc.collect()
+    queued_rss = driver.memory_info().rss
+    refs = [f.remote() for _ in range(n)]
+    ray.get(refs, timeout=3600)
+    time.sleep(1.0)
+    gc.collect()
+    held_rss = driver.memory_info().rss
+    del queued, refs
+    ray.shutdown()
+    return {
+        "kb_per_queued": (queued_rss - base) / n / 1024,
+        "kb_per_held": (held_rss - queued_rss) / n / 1024,
+    }
+
+
 # --------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------

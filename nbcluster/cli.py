@@ -93,12 +93,19 @@ def _connect(args: argparse.Namespace, cmd: str) -> bool:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     import nbcluster as nb
-    from nbcluster.status import actor_views, cluster_view, status_report, task_views
+    from nbcluster.status import (
+        actor_views,
+        cluster_view,
+        status_report,
+        task_count_views,
+        task_views,
+    )
 
     try:
         if not _connect(args, "status"):
             return 2
-        print(status_report(cluster_view(), task_views(), actor_views()))
+        report = status_report(cluster_view(), task_views(), actor_views(), task_count_views())
+        print(report)
     except nb.exceptions.NbclusterError as exc:
         print(f"nbcluster status: {exc}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ from nbcluster.views import (
     MemoryBody,
     NodeView,
     OwnerView,
+    TaskCountView,
     TaskView,
 )
 
@@ -51,6 +52,11 @@ def cluster_nodes() -> list[NodeView]:
 def task_views() -> list[TaskView]:
     """Active tasks, then the recently ended ones."""
     return _ask("tasks", list[TaskView])
+
+
+def task_count_views() -> list[TaskCountView]:
+    """Active tasks counted instead of listed (beyond what each driver lists one by one)."""
+    return _ask("task_counts", list[TaskCountView])
 
 
 def actor_views() -> list[ActorView]:
@@ -184,8 +190,14 @@ def nodes_text(nodes: list[NodeView]) -> str:
     return text
 
 
-def status_report(cluster: ClusterView, tasks: list[TaskView], actors: list[ActorView]) -> str:
-    """Nodes with their resources, then running/queued tasks and live actors."""
+def status_report(
+    cluster: ClusterView,
+    tasks: list[TaskView],
+    actors: list[ActorView],
+    counts: Sequence[TaskCountView] = (),
+) -> str:
+    """Nodes with their resources, then running/queued tasks and live actors (``counts``: the
+    active tasks counted, not listed, one row per function and state)."""
     names = {n.node_id: n.name or n.node_id for n in cluster.nodes}
 
     def node_name(node_id: str | None) -> str:
@@ -213,8 +225,9 @@ def status_report(cluster: ClusterView, tasks: list[TaskView], actors: list[Acto
         ),
     ]
     active = [t for t in tasks if t.state in ACTIVE_TASK_STATES]
-    out.append(f"\n{len(active)} task(s) running or waiting")
-    if active:
+    counted = sum(c.count for c in counts)
+    out.append(f"\n{len(active) + counted} task(s) running or waiting")
+    if active or counts:
         out.append(
             table(
                 [
@@ -225,6 +238,10 @@ def status_report(cluster: ClusterView, tasks: list[TaskView], actors: list[Acto
                         owner_label(t.owner),
                     ]
                     for t in active
+                ]
+                + [
+                    [f"{c.name} (x{c.count})", c.state, node_name(c.node_id), owner_label(c.owner)]
+                    for c in counts
                 ],
                 ["TASK", "STATE", "NODE", "OWNER"],
             )

@@ -7,6 +7,7 @@ import time
 import pytest
 
 import nbcluster as nb
+from nbcluster.client import current
 from nbcluster.exceptions import GetTimeoutError, NbclusterError, RayTaskError, TaskError
 
 
@@ -208,6 +209,17 @@ def test_get_timeout(cluster: nb.ClusterInfo) -> None:
     assert time.monotonic() - t0 < 2
     assert isinstance(info.value, TimeoutError)
     assert nb.get(ref, timeout=30) == 1  # nothing lost: it still completes
+    # A get that timed out leaves nothing behind: a ref dropped meanwhile frees its object.
+    ref2 = sleepy.remote()
+    oid = ref2.oid
+    with pytest.raises(GetTimeoutError, match=oid):
+        nb.get([ref, ref2], timeout=0.3)
+    objects = current.require().objects
+    del ref2
+    deadline = time.monotonic() + 30
+    while objects.get(oid) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert objects.get(oid) is None
 
 
 def test_get_rejects_non_refs(cluster: nb.ClusterInfo) -> None:

@@ -30,6 +30,7 @@ from nbcluster.views import (
     ServerMessage,
     SnapshotEvent,
     TaskEvent,
+    TasksBody,
     TotalsView,
     schema,
 )
@@ -98,6 +99,42 @@ def test_totals_keep_their_json_keys() -> None:
         "GPU": 0.0,
         "GPU_used": 0.0,
     }
+
+
+def test_counted_tasks_show_in_totals_and_are_forgotten_at_zero() -> None:
+    """Tasks a driver counts instead of listing (beyond its first 10,000): the head keeps one
+    record per function, shape and node, whatever their number."""
+    st = ClusterState()
+    obs = Observer(st, ActorDirectory(st))
+    nid, _ = st.add_node(b"a", "n", "127.0.0.1", {"CPU": 2}, [])
+    obs.job_started("job1", {})
+    cpu = {"CPU": 1.0}
+    obs.on_task_events(
+        b"c",
+        "job1",
+        [
+            ("n", "f", 1.0, cpu, "", 999_998, 0),
+            ("n", "f", 1.0, cpu, nid, 0, 2),
+            ("n", "g", 1.0, {"CPU": 64.0}, "", 5, 0),
+        ],
+    )
+    assert len(obs.counts) == 3
+    got = {(c.name, c.state, c.node_id): c.count for c in obs.task_count_views()}
+    assert got == {
+        ("f", "queued", None): 999_998,
+        ("f", "running", nid): 2,
+        ("g", "infeasible", None): 5,
+    }
+    (node,) = obs.node_views()
+    assert node.tasks_running == 2
+    body = TasksBody(tasks=obs.task_views(), counts=obs.task_count_views())
+    assert msgspec.json.decode(msgspec.json.encode(body), type=TasksBody) == body
+    report = status_report(obs.cluster(), obs.task_views(), obs.actor_views(), body.counts)
+    assert "1000005 task(s) running or waiting" in report
+    obs.on_task_events(b"c", "job1", [("n", "f", 2.0, cpu, nid, 0, 0)])
+    assert len(obs.counts) == 2 and obs.node_views()[0].tasks_running == 0
+    obs.job_gone("job1")
+    assert not obs.counts and not obs.task_count_views()
 
 
 def test_observer_views_survive_the_wire() -> None:

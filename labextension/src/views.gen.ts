@@ -195,6 +195,23 @@ export interface ITask {
   cell_count: number | null;
 }
 
+/**
+ * Unfinished tasks of one job, function, resource shape and state, beyond those listed one
+ * by one: a driver reports at most 10,000 of its unfinished tasks individually and counts the
+ * others (a million queued at once would otherwise cost the head a record each).
+ *
+ * `node_id` is set for running ones; `state` is `infeasible` for queued ones no alive
+ * node has the resources for.
+ */
+export interface ITaskCount {
+  name: string;
+  state: TaskState;
+  count: number;
+  node_id: string | null;
+  resources: Resources;
+  owner: IOwner;
+}
+
 /** An actor: its class and name, where it lives, its restarts, whose it is. */
 export interface IActor {
   actor_id: string;
@@ -256,9 +273,13 @@ export interface ITimelineBody {
   dropped: number;
 }
 
-/** `GET nbcluster/api/tasks`: active tasks, then the recently ended ones. */
+/**
+ * `GET nbcluster/api/tasks`: active tasks, then the recently ended ones; `counts`: the
+ * active tasks not listed one by one.
+ */
 export interface ITasksBody {
   tasks: ITask[];
+  counts: ITaskCount[];
 }
 
 /** `GET nbcluster/api/actors`. */
@@ -406,6 +427,7 @@ export interface ISnapshotEvent {
   cluster: ICluster;
   tasks: ITask[];
   actors: IActor[];
+  task_counts: ITaskCount[];
 }
 
 /**

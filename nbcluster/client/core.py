@@ -3,10 +3,10 @@
 User threads call the synchronous methods of :class:`CoreClient` (``submit``, ``get``, ``wait``,
 ...). All network I/O happens on one background thread (:class:`~nbcluster.client.shell.IoShell`)
 which owns the sockets and the client's :class:`~nbcluster.client.state.ClientState`; user
-threads hand it typed commands (:mod:`nbcluster.client.commands`) and wait on per-object events
-of the shared :class:`~nbcluster.client.objects.ObjectTable`. Tasks go straight from this client
-to leased workers and results come straight back (the head only hands out leases), so a task
-costs two hops.
+threads hand it typed commands (:mod:`nbcluster.client.commands`) and wait on events of the
+shared :class:`~nbcluster.client.objects.ObjectTable` (``get``: one for all its refs). Tasks
+go straight from this client to leased workers and results come straight back (the head only
+hands out leases), so a task costs two hops.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from nbcluster.client.lineage import MAX_RECONSTRUCTIONS, Lineage, lost_error
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.shell import IoShell
 from nbcluster.client.streams import STREAMING, StreamBuffer
-from nbcluster.client.tasks import TaskRecord
+from nbcluster.client.tasks import EMPTY, TaskRecord
 from nbcluster.client.wire import is_ref
 from nbcluster.exceptions import (
     ConnectionFailedError,
@@ -57,7 +57,7 @@ from nbcluster.serialization import copy_frames, dumps, dumps_args, loads
 from nbcluster.store.client import StoreClient, is_stored
 from nbcluster.store.errors import ObjectStoreError
 from nbcluster.store.fetch import fetch_stored
-from nbcluster.transport.sockets import check_frame_sizes
+from nbcluster.transport.sockets import check_frame_sizes, max_message_bytes
 
 
 class CoreClient:
@@ -99,6 +99,10 @@ class CoreClient:
         self._closing = False
         self.closed = threading.Event()
         self._settling: set[concurrent.futures.Future[None]] = set()  # see ref_from
+        # One copy of what every task of a shape shares (a million queued tasks: a million
+        # dicts and tuples otherwise), and of the arguments of a call without any.
+        self._shapes: dict[tuple[Any, ...], tuple[dict[str, float], tuple[Any, ...]]] = {}
+        self._no_args: list[Any] = copy_frames(dumps_args("", (), {}, is_ref)[0])
         # Output routing hooks (set in a notebook kernel by nbcluster.magics): ``output_tag`` is
         # called when a task is submitted, ``on_output(stream, text, tag)`` gets its output lines.
         self.on_output: Callable[[str, str, Any], None] | None = None
@@ -272,9 +276,10 @@ class CoreClient:
         streaming one returns ``[ObjectRefGenerator]``.
         """
         rec, refs = self._new_record(name, args, kwargs, num_returns, gen, backpressure)
-        check_frame_sizes([fn_blob], f"function {name} (pickled)")
+        if 0 <= max_message_bytes() < len(fn_blob):  # (the check and its message only then)
+            check_frame_sizes([fn_blob], f"function {name} (pickled)")
         rec.fn_id, rec.fn_blob = fn_id, fn_blob
-        rec.shape, rec.shape_key = shape, tuple(sorted(shape.items()))
+        rec.shape, rec.shape_key = self._shape(shape)
         if strategy is not None:
             rec.strategy = strategy
             rec.shape_key += (("@strategy", strategy_key(strategy)),)
@@ -284,6 +289,16 @@ class CoreClient:
         rec.max_retries, rec.retry_exceptions = max_retries, retry_exceptions
         self._post(SubmitTask(rec))
         return self._returned(rec, refs, num_returns)
+
+    def _shape(self, shape: dict[str, float]) -> tuple[dict[str, float], tuple[Any, ...]]:
+        """The shared copy of ``shape`` and its key (records never change them)."""
+        key = tuple(sorted(shape.items()))
+        known = self._shapes.get(key)
+        if known is None:
+            if len(self._shapes) > 1024:  # (shapes made on the fly, e.g. from a loop variable)
+                self._shapes.clear()
+            known = self._shapes[key] = (dict(shape), key)
+        return known
 
     def _returned(self, rec: TaskRecord, refs: list[ObjectRef], num_returns: int) -> list[Any]:
         if rec.gen == STREAMING:
@@ -311,20 +326,17 @@ class CoreClient:
         backpressure: int = 0,
     ) -> tuple[TaskRecord, list[ObjectRef]]:
         """Serialize a call's arguments and make the refs of its return values."""
-        with serialized_refs() as nested:
-            frames, deps = dumps_args(name, args, kwargs, is_ref, copy=False)
         tid = self.new_id()
-        # Large arguments go into the node's store (copied once, read zero-copy by the worker);
-        # small ones travel in the message.
-        store = self.store
-        args_oid = None
-        if store is not None:
-            frames = store.put_frames(f"{tid}.a", frames, self.job_id)
-            if is_stored(frames):
-                args_oid = f"{tid}.a"
+        args_oid: str | None = None
+        nested: list[Any] = EMPTY
+        deps: list[Any] = EMPTY
+        if not args and not kwargs:
+            frames = self._no_args  # (shared: a record's frames are never changed)
         else:
-            check_frame_sizes(frames, f"an argument of {name}")  # inline: no store here
-            frames = copy_frames(frames)
+            with serialized_refs() as nested:
+                frames, deps = dumps_args(name, args, kwargs, is_ref, copy=False)
+            nested, deps = nested or EMPTY, deps or EMPTY
+            frames, args_oid = self._place_args(tid, name, frames)
         return_ids = [f"{tid}.{i}" for i in range(max(num_returns, 1))]
         refs = [ObjectRef(oid, self.owner_address, self) for oid in return_ids]
         rec = TaskRecord(
@@ -350,6 +362,17 @@ class CoreClient:
         if tag is not None:  # e.g. the notebook cell submitting it (see nbcluster.magics)
             rec.tag = tag()
         return rec, refs
+
+    def _place_args(self, tid: str, name: str, frames: list[Any]) -> tuple[list[Any], str | None]:
+        """A call's serialized arguments as they travel, and their object id if stored."""
+        # Large arguments go into the node's store (copied once, read zero-copy by the worker);
+        # small ones travel in the message.
+        store = self.store
+        if store is not None:
+            frames = store.put_frames(f"{tid}.a", frames, self.job_id)
+            return frames, f"{tid}.a" if is_stored(frames) else None
+        check_frame_sizes(frames, f"an argument of {name}")  # inline: no store here
+        return copy_frames(frames), None
 
     def put(self, value: Any) -> ObjectRef:
         """Store ``value`` as an object owned by this client."""
@@ -479,17 +502,19 @@ class CoreClient:
         self.prefetch(refs)
         deadline = None if timeout is None else time.monotonic() + timeout
         blocked = False
+        waiter = self.objects.waiter([ref.oid for ref in refs])
         try:
-            for ref in refs:
-                ev = self.objects.event_for(ref.oid)
-                if ev is None:
-                    continue
-                if not blocked and self.worker_id and not ev.is_set():
+            if waiter is not None:
+                if self.worker_id and not waiter.event.is_set():
                     blocked = True
                     self._post(SetBlocked(True))
-                if not _wait_event(ev, deadline):
-                    raise GetTimeoutError(f"get() timed out after {timeout} s waiting for {ref!r}")
+                if not _wait_event(waiter.event, deadline):
+                    raise GetTimeoutError(
+                        f"get() timed out after {timeout} s waiting for {self._pending(refs)!r}"
+                    )
         finally:
+            if waiter is not None and not waiter.event.is_set():
+                waiter.cancel()  # (timed out, or interrupted)
             if blocked:
                 self._post(SetBlocked(False))
         out = []
@@ -507,6 +532,14 @@ class CoreClient:
             else:
                 raise lost_error(ref, "it was lost again each time it was rebuilt")
         return out
+
+    def _pending(self, refs: Sequence[ObjectRef]) -> ObjectRef:
+        """The first of ``refs`` whose value is not here yet (the first one if none)."""
+        for ref in refs:
+            e = self.objects.get(ref.oid)
+            if e is not None and e.state == PENDING:
+                return ref
+        return refs[0]
 
     def _value(self, ref: ObjectRef) -> Any:
         e = self.objects.get(ref.oid)

@@ -83,7 +83,8 @@ class Leasing:
         """Queue a ready task in its scheduling class and ask for leases as needed."""
         locality: dict[str, int] = {}
         # Sent again (a retry, a rebuild, an argument got back): its preferred store may differ.
-        rec.shape_key = tuple(kv for kv in rec.shape_key if kv[0] != "@store")
+        if rec.shape_key and rec.shape_key[-1][0] == "@store":  # (always added last)
+            rec.shape_key = rec.shape_key[:-1]
         if rec.strategy is None:
             # Locality: prefer the node whose store holds most bytes of the arguments; tasks
             # preferring different nodes need leases on different nodes.

@@ -37,7 +37,7 @@ from nbcluster.client.commands import (
     SubmitTask,
     TellOwner,
 )
-from nbcluster.client.events import TaskEvents
+from nbcluster.client.events import COUNTED_QUEUED, COUNTED_RUNNING, SHOWN, TaskEvents
 from nbcluster.client.inputs import (
     ActorStateChanged,
     BorrowReleased,
@@ -243,6 +243,21 @@ class ClientState:
                     f"untaken item {oid} is not held"
                 )
 
+    def _validate_task_events(self) -> None:
+        """The head is told of each unfinished task once: one by one, or in a count."""
+        shown, counted = 0, dict[tuple[Any, ...], list[int]]()
+        for rec in self.tasks.by_tid.values():
+            if rec.shown == SHOWN:
+                shown += 1
+            elif rec.shown in (COUNTED_QUEUED, COUNTED_RUNNING):
+                key = (rec.name, rec.shape_key[: len(rec.shape)], rec.shown_on)
+                c = counted.setdefault(key, [0, 0])
+                c[rec.shown - COUNTED_QUEUED] += 1
+        assert shown == self.events.shown, f"{shown} tasks shown, {self.events.shown} counted"
+        for key, c in self.events.counts.items():
+            assert counted.pop(key, [0, 0]) == c[:2], f"count of {key} is {c[:2]}"
+        assert not counted, f"tasks counted nowhere: {counted}"
+
     def validate_state(self) -> None:
         """Check the invariants between the parts; raises ``AssertionError`` naming the first
         one broken."""
@@ -280,6 +295,7 @@ class ClientState:
                 assert leasing.rid_class.get(rid) is sc, f"request {rid} of {key} is unfiled"
             if not sc.queue:
                 assert not sc.requests, f"class {key} asks for leases it does not need"
+        self._validate_task_events()
         for rid, sc in leasing.rid_class.items():
             assert rid in sc.requests, f"request {rid} is filed but not outstanding"
         for aid, ar in self.actors.actors.items():

@@ -22,7 +22,7 @@ from nbcluster.client.instructions import (
 from nbcluster.client.lineage import LOST, USE, WAIT
 from nbcluster.client.objects import FAILED, PENDING, READY, Entry, ObjectTable
 from nbcluster.client.streams import DYNAMIC
-from nbcluster.client.tasks import TaskRecord
+from nbcluster.client.tasks import EMPTY, TaskRecord
 from nbcluster.exceptions import TaskCancelledError
 from nbcluster.protocol.messages import Kind
 from nbcluster.refs import serialized_refs
@@ -82,7 +82,7 @@ class Tasks:
             self.events.submitted(rec)
         for oid in rec.return_ids:
             self.producer[oid] = rec
-        rec.dep_frames = [[] for _ in rec.deps]
+        rec.dep_frames = [[] for _ in rec.deps] if rec.deps else EMPTY
         waits: list[tuple[int, Entry]] = []
         for i, dep in enumerate(rec.deps):
             entry = self.resolve(dep)
@@ -239,16 +239,16 @@ class Tasks:
         else:
             self.events.call_ended(rec, state == READY)
             self.actors.finished(rec)
-        rec.dep_frames = []
+        rec.dep_frames = EMPTY
         # A stored result may have to be rebuilt if its node dies: keep what the task needs.
         # (Not a generator task's: its end is a small count, its items are not rebuilt.)
         if not (state == READY and rec.stream is None and self.lineage.keep(rec, parts)):
-            rec.deps = []
-            rec.nested = []
+            rec.deps = EMPTY
+            rec.nested = EMPTY
         if rec.args_oid is not None:
             self._emit(FreeStored([rec.args_oid]))
             rec.args_oid = None
-        contained, rec.contained = rec.contained, []
+        contained, rec.contained = rec.contained, EMPTY
         for oid, frames in zip(rec.return_ids, parts, strict=False):
             self.producer.pop(oid, None)
             if contained:

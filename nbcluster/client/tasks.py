@@ -9,10 +9,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from nbcluster.client.workers import WorkerConn
 
+#: The list of a record that has nothing there (no arguments refs, no refs inside them, ...):
+#: shared by all such records, so a queued task costs no empty lists. Never changed in place:
+#: a record's lists are replaced, never appended to.
+EMPTY: list[Any] = []
 
-@dataclass
+
+def _empty() -> list[Any]:
+    return EMPTY
+
+
+@dataclass(slots=True)
 class TaskRecord:
-    """A submitted task, from ``.remote()`` until its results are in."""
+    """A submitted task, from ``.remote()`` until its results are in.
+
+    A driver may hold a million of them at once (queued at once): slots, and the empty lists
+    shared (:data:`EMPTY`).
+    """
 
     tid: str
     name: str
@@ -26,15 +39,15 @@ class TaskRecord:
     max_retries: int
     retry_exceptions: bool | tuple[type[BaseException], ...]
     nret: int = 1
-    dep_frames: list[list[Any]] = field(default_factory=list)
+    dep_frames: list[list[Any]] = field(default_factory=_empty)
     waiting_deps: int = 0
     lease: Lease | None = None  # the lease it was last sent on, while it runs
     cancelled: bool = False
     force_cancel: bool = False
     attempts: int = 0
     rebuilds: int = 0  # times re-run because its stored result was lost with a node
-    nested: list[Any] = field(default_factory=list)  # refs inside the arguments, kept until done
-    contained: list[Any] = field(default_factory=list)  # refs inside the result
+    nested: list[Any] = field(default_factory=_empty)  # refs inside the arguments, kept until done
+    contained: list[Any] = field(default_factory=_empty)  # refs inside the result
     args_oid: str | None = None  # the arguments, when large enough to go into the store
     actor_id: str | None = None  # set for actor method calls
     method: str = ""
@@ -51,6 +64,8 @@ class TaskRecord:
     sent_at: float = 0.0
     sent_to: WorkerConn | None = None
     ph: list[int] | None = None
+    shown: int = 0  # how the head's task table knows it (events.SHOWN, COUNTED_QUEUED, ...)
+    shown_on: str = ""  # counted as running: on this node
 
 
 @dataclass

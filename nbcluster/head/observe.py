@@ -45,6 +45,7 @@ from nbcluster.views import (
     ObjectStoreView,
     OwnerView,
     PlacementGroupView,
+    TaskCountView,
     TaskEvent,
     TaskState,
     TaskView,
@@ -102,6 +103,19 @@ class TaskRecord:
 
 
 @dataclass
+class TaskCount:
+    """Unfinished tasks a driver counted instead of reporting them one by one (see
+    :mod:`nbcluster.client.events`): one function, resource shape and node."""
+
+    name: str
+    job_id: str
+    resources: dict[str, float]
+    node_id: str  # "" for queued ones
+    queued: int = 0
+    running: int = 0
+
+
+@dataclass
 class JobOwner:
     """Who a job belongs to: a notebook kernel, or a plain script."""
 
@@ -139,6 +153,8 @@ class Observer:
     subscribers: list[Subscriber] = field(default_factory=list)
     metrics: dict[str, deque[MetricsView]] = field(default_factory=dict)
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    #: (driver, name, resources, node) -> its counted tasks (bounded: one per function and node).
+    counts: dict[tuple[Any, ...], TaskCount] = field(default_factory=dict)
     ended: deque[TaskRecord] = field(default_factory=lambda: deque(maxlen=ENDED_TASKS))
     jobs: dict[str, JobOwner] = field(default_factory=dict)
     idle_since: dict[str, float] = field(default_factory=dict)  # node id -> monotonic time
@@ -168,6 +184,8 @@ class Observer:
         now = time.time()
         for t in [t for t in self.tasks.values() if t.job_id == job_id]:
             self._end(t, CANCELLED, now)
+        for key in [k for k, c in self.counts.items() if c.job_id == job_id]:
+            del self.counts[key]
 
     def track_idle(self, now: float | None = None) -> dict[str, float]:
         """Seconds each alive node has had nothing running (no task, no actor).
@@ -241,6 +259,9 @@ class Observer:
                     self.timeline.add(job_id, code, tid, t, ev[3], self._node_of)
                     if code in _CALL_CODES:
                         continue  # actor calls are only in the timeline
+                if code == "n":
+                    self._on_count(client, job_id, ev)
+                    continue
                 if code == "s":
                     rec = TaskRecord(tid, str(ev[3]), job_id, client, dict(ev[4]), t)
                     if len(ev) > 6 and ev[5]:
@@ -291,6 +312,19 @@ class Observer:
     def _node_of(self, worker_id: str) -> str | None:
         w = self.state.workers.get(worker_id)
         return w.node_id if w is not None else None
+
+    def _on_count(self, client: bytes, job_id: str, ev: Any) -> None:
+        """``("n", name, time, resources, node_id, queued, running)``: a driver's count."""
+        name, resources, node_id = str(ev[1]), dict(ev[3]), str(ev[4])
+        queued, running = int(ev[5]), int(ev[6])
+        key = (client, name, tuple(sorted(resources.items())), node_id)
+        if queued <= 0 and running <= 0:
+            self.counts.pop(key, None)
+            return
+        c = self.counts.get(key)
+        if c is None:
+            c = self.counts[key] = TaskCount(name, job_id, resources, node_id)
+        c.queued, c.running = max(0, queued), max(0, running)
 
     def _end(self, rec: TaskRecord, state: TaskState, t: float, notify: bool = True) -> None:
         counts = self.ended_counts[state]
@@ -355,6 +389,38 @@ class Observer:
         """Queued, running and infeasible tasks, then the last ended ones (oldest first)."""
         return [self.task_view(t) for t in (*self.tasks.values(), *self.ended)]
 
+    def task_count_views(self) -> list[TaskCountView]:
+        """The unfinished tasks counted, not listed (by job, function, shape, node, state)."""
+        out: list[TaskCountView] = []
+        for c in self.counts.values():
+            owner = self.owner(c.job_id)
+            if c.queued:
+                state: TaskState = QUEUED
+                if self.state.missing_resources(c.resources):
+                    state = INFEASIBLE
+                out.append(
+                    TaskCountView(
+                        name=c.name,
+                        state=state,
+                        count=c.queued,
+                        node_id=None,
+                        resources=dict(c.resources),
+                        owner=owner,
+                    )
+                )
+            if c.running:
+                out.append(
+                    TaskCountView(
+                        name=c.name,
+                        state=RUNNING,
+                        count=c.running,
+                        node_id=c.node_id or None,
+                        resources=dict(c.resources),
+                        owner=owner,
+                    )
+                )
+        return out
+
     def actor_view(self, a: ActorInfo) -> ActorView:
         return ActorView(
             actor_id=a.aid,
@@ -382,6 +448,9 @@ class Observer:
         for t in self.tasks.values():
             if t.state == RUNNING and t.node_id is not None:
                 running[t.node_id] = running.get(t.node_id, 0) + 1
+        for c in self.counts.values():
+            if c.running and c.node_id:
+                running[c.node_id] = running.get(c.node_id, 0) + c.running
         actors: dict[str, int] = {}
         for a in self.actors.actors.values():
             if a.state == ALIVE and a.node_id is not None:
@@ -395,7 +464,7 @@ class Observer:
         """One node (counting its tasks and actors: use :meth:`node_views` for all of them)."""
         running = sum(
             1 for t in self.tasks.values() if t.state == RUNNING and t.node_id == n.node_id
-        )
+        ) + sum(c.running for c in self.counts.values() if c.node_id == n.node_id)
         actors = sum(
             1 for a in self.actors.actors.values() if a.node_id == n.node_id and a.state == ALIVE
         )
@@ -532,6 +601,8 @@ class Observer:
             return msgspec.to_builtins(self.cluster())
         if what == "tasks":
             return msgspec.to_builtins(self.task_views())
+        if what == "task_counts":
+            return msgspec.to_builtins(self.task_count_views())
         if what == "metrics":
             return msgspec.to_builtins(self.history(str(q.node_id)))
         if what == "placement_groups":  # nbcluster.util.placement_group

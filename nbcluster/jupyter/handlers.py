@@ -127,7 +127,8 @@ class TasksHandler(_Api):
     @web.authenticated
     @_authorized(READ)
     def get(self) -> None:
-        self.write_json(TasksBody(tasks=self.observer.task_views()))
+        obs = self.observer
+        self.write_json(TasksBody(tasks=obs.task_views(), counts=obs.task_count_views()))
 
 
 class TimelineHandler(_Api):
@@ -326,7 +327,12 @@ class EventsHandler(
         super().open(*args, **kwargs)
         obs = self._observer = self.observer
         self._send(
-            SnapshotEvent(cluster=obs.cluster(), tasks=obs.task_views(), actors=obs.actor_views())
+            SnapshotEvent(
+                cluster=obs.cluster(),
+                tasks=obs.task_views(),
+                actors=obs.actor_views(),
+                task_counts=obs.task_count_views(),
+            )
         )
         self._tasks = {}
         obs.subscribers.append(self._on_change)

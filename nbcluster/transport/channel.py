@@ -27,6 +27,12 @@ from nbcluster.transport.sockets import Transport
 log = logging.getLogger(__name__)
 
 
+#: Received frames smaller than this are copied to ``bytes`` even on a ``copy=False`` channel.
+#: libzmq decodes the small messages of one read in place, in a shared 8 KiB buffer: one small
+#: frame kept (a task's result, held as long as its ref) would keep that whole buffer alive.
+SMALL_FRAME = 64 * 1024
+
+
 class PeerUnreachable(ConnectionError):
     """A listener has no connection to that peer (it left, or never connected)."""
 
@@ -108,6 +114,8 @@ class ZmqChannel:
 
     async def recv(self) -> list[Any]:
         frames: list[Any] = await self.sock.recv_multipart(copy=self.copy)
+        if not self.copy:
+            return [f if len(f) >= SMALL_FRAME else f.bytes for f in frames]
         return frames
 
     def close(self) -> None:

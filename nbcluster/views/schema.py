@@ -244,6 +244,23 @@ class TaskView(View):
     cell_count: int | None = None
 
 
+class TaskCountView(View):
+    """Unfinished tasks of one job, function, resource shape and state, beyond those listed one
+    by one: a driver reports at most 10,000 of its unfinished tasks individually and counts the
+    others (a million queued at once would otherwise cost the head a record each).
+
+    ``node_id`` is set for running ones; ``state`` is ``infeasible`` for queued ones no alive
+    node has the resources for.
+    """
+
+    name: str
+    state: TaskState
+    count: int
+    node_id: str | None
+    resources: Resources
+    owner: OwnerView
+
+
 class ActorView(View):
     """An actor: its class and name, where it lives, its restarts, whose it is."""
 
@@ -307,9 +324,11 @@ class TimelineBody(View):
 
 
 class TasksBody(View):
-    """``GET nbcluster/api/tasks``: active tasks, then the recently ended ones."""
+    """``GET nbcluster/api/tasks``: active tasks, then the recently ended ones; ``counts``: the
+    active tasks not listed one by one."""
 
     tasks: list[TaskView]
+    counts: list[TaskCountView] = []
 
 
 class ActorsBody(View):
@@ -476,6 +495,7 @@ class SnapshotEvent(Event, tag="snapshot"):
     cluster: ClusterView
     tasks: list[TaskView]
     actors: list[ActorView]
+    task_counts: list[TaskCountView] = []
 
 
 class MetricsEvent(Event, tag="metrics"):
@@ -522,6 +542,7 @@ TS_EXPORTS: tuple[tuple[str, object], ...] = (
     ("ClusterView", ClusterView),
     ("NodeUpdateView", NodeUpdateView),
     ("TaskView", TaskView),
+    ("TaskCountView", TaskCountView),
     ("ActorView", ActorView),
     ("SpanView", SpanView),
     ("TimelineBody", TimelineBody),
