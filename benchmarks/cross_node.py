@@ -395,6 +395,119 @@ def ceiling(
     return rates
 
 
+# --------------------------------------------------------------------------
+# The ceiling of the bulk channel: TCP streams, plain or sealed with AES-256-GCM
+# --------------------------------------------------------------------------
+
+
+def _tcp_server(port_file: str, key: bytes) -> None:
+    """Serve ``size,chunk,aead`` requests on each accepted connection (a thread per stream)."""
+    import threading
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    Path(port_file).write_text(str(lsock.getsockname()[1]))
+    src = memoryview(os.urandom(64 << 20))
+
+    def serve(conn: socket.socket) -> None:
+        aes = AESGCM(key)
+        with conn:
+            while True:
+                req = conn.recv(64)
+                if not req or req == b"quit":
+                    return
+                size, chunk, aead = map(int, req.split(b","))
+                out = bytearray(chunk + 16)
+                for i, off in enumerate(range(0, size, chunk)):
+                    n = min(chunk, size - off)
+                    data = src[off % len(src) :][:n]
+                    if aead:
+                        aes.encrypt_into(
+                            i.to_bytes(12, "big"), data, b"", memoryview(out)[: n + 16]
+                        )
+                        conn.sendall(memoryview(out)[: n + 16])
+                    else:
+                        conn.sendall(data)
+
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def tcp_ceiling(size: int, chunk: int, aead: bool, streams: int, runs: int) -> list[float]:
+    """MB/s of ``size`` bytes over ``streams`` TCP connections between two processes, written
+    into a tmpfs file; ``aead``: each chunk sealed with AES-256-GCM by the sender and opened by
+    the receiver into a buffer before the write (what a bulk pull does)."""
+    import multiprocessing as mp
+    import threading
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    key = os.urandom(32)
+    port_file = tempfile.mktemp(prefix="nbc-tcp-ceiling-")
+    proc = mp.get_context("spawn").Process(target=_tcp_server, args=(port_file, key), daemon=True)
+    proc.start()
+    rates = []
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(port_file) or not Path(port_file).read_text():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the TCP ceiling server did not start")
+            time.sleep(0.05)
+        port = int(Path(port_file).read_text())
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(streams)]
+        share = size // streams
+
+        def pull(i: int, fd: int) -> None:
+            aes = AESGCM(key)
+            sealed = memoryview(bytearray(chunk + 16))
+            plain = memoryview(bytearray(chunk))
+            conn = socks[i]
+            conn.sendall(b"%d,%d,%d" % (share, chunk, aead))
+            for k, off in enumerate(range(0, share, chunk)):
+                n = min(chunk, share - off)
+                need = n + 16 if aead else n
+                got = 0
+                while got < need:
+                    r = conn.recv_into(sealed[got:need])
+                    if not r:
+                        raise RuntimeError("the TCP ceiling server closed")
+                    got += r
+                if aead:
+                    aes.decrypt_into(k.to_bytes(12, "big"), sealed[:need], b"", plain[:n])
+                    os.pwrite(fd, plain[:n], i * share + off)
+                else:
+                    os.pwrite(fd, sealed[:n], i * share + off)
+
+        for _ in range(runs):
+            path = f"/dev/shm/nbc-tcp-ceiling-{os.getpid()}"
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            try:
+                os.ftruncate(fd, share * streams)
+                t0 = time.perf_counter()
+                threads = [threading.Thread(target=pull, args=(i, fd)) for i in range(streams)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                rates.append(share * streams / (time.perf_counter() - t0) / 1e6)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+        for conn in socks:
+            conn.sendall(b"quit")
+            conn.close()
+    finally:
+        proc.kill()
+        proc.join(10)
+        with _suppress_os():
+            os.unlink(port_file)
+    return rates
+
+
 @contextmanager
 def _suppress_os() -> Iterator[None]:
     try:
@@ -408,16 +521,30 @@ def _suppress_os() -> Iterator[None]:
 # --------------------------------------------------------------------------
 
 
-def store_pull(size: int, runs: int) -> list[float]:
-    """MB/s of agent-to-agent pulls of a ``size``-byte array (StoreClient put, then get)."""
+def store_pull(size: int, runs: int) -> tuple[list[float], list[float], list[float]]:
+    """Agent-to-agent pulls of a ``size``-byte array (StoreClient put, then get).
+
+    Returns MB/s per run, and the CPU seconds per GB the holder's and the reader's agents spent
+    in each (user + system, all threads): unlike MB/s, hardly moved by other load on the host.
+    """
     import numpy as np
+    import psutil
 
     from nbcluster.protocol.security import derive_keys, read_token_file
     from nbcluster.store.client import StoreClient
     from nbcluster.transport.sockets import Transport
 
-    rates = []
+    def cpu(p: Any) -> float:
+        t = p.cpu_times()
+        return float(t.user + t.system)
+
+    rates: list[float] = []
+    holder_cpu: list[float] = []
+    reader_cpu: list[float] = []
     with nbcluster_nodes(({}, {}), prestart=0) as (_, token, stores):
+        agents = [
+            c for c in psutil.Process().children() if "worker" in " ".join(c.cmdline())
+        ]  # in start order: the holder first
         transport = Transport(derive_keys(read_token_file(token)))
         holder, reader = StoreClient(transport, *stores[0]), StoreClient(transport, *stores[1])
         try:
@@ -425,20 +552,24 @@ def store_pull(size: int, runs: int) -> list[float]:
             for i in range(runs + 1):  # the first one warms up
                 oid = f"bench{i}.p"
                 frames = holder.put(oid, arr, "bench")
+                c0 = [cpu(a) for a in agents]
                 t0 = time.perf_counter()
                 got = reader.get(frames)
                 dt = time.perf_counter() - t0
+                c1 = [cpu(a) for a in agents]
                 assert got.shape == arr.shape
                 del got
                 reader.free([oid])
                 holder.free([oid])
                 if i:
                     rates.append(size / dt / 1e6)
+                    holder_cpu.append((c1[0] - c0[0]) * 1e9 / size)
+                    reader_cpu.append((c1[1] - c0[1]) * 1e9 / size)
         finally:
             holder.close()
             reader.close()
             transport.close()
-    return rates
+    return rates, holder_cpu, reader_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("--"):
         return wl.main(argv)  # run.py runs this file like workloads.py
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["ceiling", "store", "both"])
+    p.add_argument("what", choices=["ceiling", "tcp", "store", "both"])
     p.add_argument("--size", type=float, default=SIZE, help="bytes per transfer (default 1e9)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--chunks", default="1,4,16", help="MiB per chunk (ceiling)")
@@ -476,11 +607,25 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"zmq CURVE {mib} MiB x{args.window}, {streams} streams + write"
                     rates = ceiling(size, mib << 20, args.window, True, True, args.runs, streams)
                     show(label, rates)
+        if args.what in ("tcp", "both"):
+            for mib in (int(c) for c in args.chunks.split(",")):
+                for streams in (int(x) for x in args.streams.split(",")):
+                    for aead in (False, True):
+                        label = f"tcp {'AES-GCM' if aead else 'plain'} {mib} MiB, "
+                        label += f"{streams} stream{'s' if streams > 1 else ''} + write"
+                        show(label, tcp_ceiling(size, mib << 20, aead, streams, args.runs))
         if args.what in ("store", "both"):
-            from nbcluster.store import transfer
+            from nbcluster.store import bulk, transfer
 
-            label = f"nbcluster pull {transfer.CHUNK_BYTES >> 20} MiB x{transfer.WINDOW}"
-            show(label, store_pull(size, args.runs))
+            label = f"nbcluster pull {transfer.CHUNK_BYTES >> 20} MiB, "
+            label += f"{bulk.STREAMS} bulk streams" if bulk.STREAMS else f"CURVE x{transfer.WINDOW}"
+            rates, holder_cpu, reader_cpu = store_pull(size, args.runs)
+            show(label, rates)
+            print(
+                f"{'  CPU s/GB: holder agent, reader agent':44s} "
+                f"median {statistics.median(holder_cpu):.2f}, {statistics.median(reader_cpu):.2f}",
+                flush=True,
+            )
     return 0
 
 
