@@ -81,11 +81,16 @@ def _suppress() -> Iterator[None]:
 
 @contextmanager
 def nbcluster_nodes(
-    resources: tuple[dict[str, float], ...], prestart: int | None = None
+    resources: tuple[dict[str, float], ...],
+    prestart: int | None = None,
+    hosts: tuple[tuple[list[str], str], ...] | None = None,
+    head_host: str = "127.0.0.1",
 ) -> Iterator[tuple[str, Path, list[tuple[str, str]]]]:
     """A standalone head and one agent per ``resources`` entry (1 CPU each), on loopback.
 
-    Yields ``(head address, token file, [(store address, store id) per agent])``.
+    ``hosts``: per agent, a command prefix and the address to bind (network namespaces); the
+    head then listens on ``head_host``. Yields ``(head address, token file, [(store address,
+    store id) per agent])``.
     """
     tmp = Path(tempfile.mkdtemp(prefix="nbc-bench-"))
     token, port = tmp / "token", _free_port()
@@ -93,8 +98,9 @@ def nbcluster_nodes(
     py = sys.executable
     procs: list[subprocess.Popen[str]] = []
     try:
+        cmd = [py, "-m", "nbcluster", "head", "--port", str(port), "--token-file", str(token)]
         head = subprocess.Popen(
-            [py, "-m", "nbcluster", "head", "--port", str(port), "--token-file", str(token)],
+            [*cmd, "--host", head_host],
             stdout=subprocess.PIPE,
             text=True,
             env=env,
@@ -109,7 +115,9 @@ def nbcluster_nodes(
             raise RuntimeError("the head exited before it was ready")
         stores = []
         for i, res in enumerate(resources):
-            cmd = [py, "-m", "nbcluster", "worker", "--address", f"127.0.0.1:{port}"]
+            prefix, bind = hosts[i] if hosts else ([], "127.0.0.1")
+            cmd = [*prefix, py, "-m", "nbcluster", "worker", "--address", f"{head_host}:{port}"]
+            cmd += ["--bind-host", bind]
             cmd += ["--token-file", str(token), "--node-name", f"bench-{i}", "--num-cpus", "1"]
             cmd += ["--resources", json.dumps(res)]
             if prestart is not None:
@@ -123,7 +131,7 @@ def nbcluster_nodes(
             if not ready or ready[0] != "NBCLUSTER_AGENT_READY":
                 raise RuntimeError(f"agent {i} did not start: {ready}")
             stores.append((ready[2], ready[3]))
-        yield f"127.0.0.1:{port}", token, stores
+        yield f"{head_host}:{port}", token, stores
     finally:
         _stop(procs)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -270,6 +278,61 @@ def _cross_node(ray: ModuleType, repeat: int) -> wl.Figures:
         "transfer_mb_s": statistics.median(rates),
         "consumer_s": statistics.median(rounds),
         "details": {"consumer_s": rounds, "sum_s": sums, "transfer_mb_s": rates},
+    }
+
+
+def _peek(arr: Any) -> float:
+    return float(arr[-1])
+
+
+@wl.workload(
+    "fanout_100mb",
+    "Two nodes on loopback ({a:1}, {b:1}): 200 tasks on b each read one 100 MB array a task on "
+    "a made; cold (the array is new: b must fetch it) and warm (the next 200), median of 3.",
+    [
+        wl.Metric("cold_s", "s", "lower", "get() of 200 readers of a fresh 100 MB object"),
+        wl.Metric("warm_s", "s", "lower", "the same, for 200 more readers of the same object"),
+    ],
+    tags=("objects", "throughput"),
+)
+def fanout_100mb(ray: ModuleType, repeat: int = 3) -> wl.Figures:
+    """200 tasks on node ``b`` read one 100 MB object made on node ``a``."""
+    layout: tuple[dict[str, float], ...] = ({"a": 1.0}, {"b": 1.0})
+    if ray.__name__.split(".")[0] == "ray":
+        with ray_nodes(layout) as address:
+            ray.init(address=address)
+            try:
+                _wait_nodes(ray, len(layout), 120.0)
+                return _fanout(ray, repeat)
+            finally:
+                ray.shutdown()
+    with nbcluster_nodes(layout) as (address, token, _):
+        ray.init(address=address, token_file=str(token))
+        try:
+            _wait_nodes(ray, len(layout), 120.0)
+            return _fanout(ray, repeat)
+        finally:
+            ray.shutdown()
+
+
+def _fanout(ray: ModuleType, repeat: int, readers: int = 200) -> wl.Figures:
+    produce = ray.remote(resources={"a": 1})(_produce)
+    peek = ray.remote(resources={"b": 1})(_peek)
+    ray.get([peek.remote(produce.remote(1 << 20)) for _ in range(10)], timeout=300)  # warm-up
+    cold, warm = [], []
+    for _ in range(repeat):
+        ref = produce.remote(100 * 1000 * 1000)
+        ray.wait([ref], timeout=300)
+        for times in (cold, warm):
+            t0 = time.perf_counter()
+            out = ray.get([peek.remote(ref) for _ in range(readers)], timeout=300)
+            times.append(time.perf_counter() - t0)
+            assert out == [1.0] * readers
+        del ref
+    return {
+        "cold_s": statistics.median(cold),
+        "warm_s": statistics.median(warm),
+        "details": {"cold_s": cold, "warm_s": warm},
     }
 
 
@@ -437,12 +500,28 @@ def _tcp_server(port_file: str, key: bytes) -> None:
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
-def tcp_ceiling(size: int, chunk: int, aead: bool, streams: int, runs: int) -> list[float]:
+def tcp_ceiling(
+    size: int, chunk: int, aead: bool, streams: int, runs: int
+) -> tuple[list[float], float, float]:
     """MB/s of ``size`` bytes over ``streams`` TCP connections between two processes, written
     into a tmpfs file; ``aead``: each chunk sealed with AES-256-GCM by the sender and opened by
-    the receiver into a buffer before the write (what a bulk pull does)."""
+    the receiver into a buffer before the write (what a bulk pull does).
+
+    Also returns the sender's and the receiver's CPU seconds per GB (medians over the runs).
+    """
     import multiprocessing as mp
+    import resource
     import threading
+
+    import psutil
+
+    def own_cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def their_cpu() -> float:
+        t = psutil.Process(proc.pid).cpu_times()
+        return float(t.user + t.system)
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -450,7 +529,9 @@ def tcp_ceiling(size: int, chunk: int, aead: bool, streams: int, runs: int) -> l
     port_file = tempfile.mktemp(prefix="nbc-tcp-ceiling-")
     proc = mp.get_context("spawn").Process(target=_tcp_server, args=(port_file, key), daemon=True)
     proc.start()
-    rates = []
+    rates: list[float] = []
+    tx_cpu: list[float] = []
+    rx_cpu: list[float] = []
     try:
         deadline = time.monotonic() + 60
         while not os.path.exists(port_file) or not Path(port_file).read_text():
@@ -487,6 +568,7 @@ def tcp_ceiling(size: int, chunk: int, aead: bool, streams: int, runs: int) -> l
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             try:
                 os.ftruncate(fd, share * streams)
+                c0, s0 = own_cpu(), their_cpu()
                 t0 = time.perf_counter()
                 threads = [threading.Thread(target=pull, args=(i, fd)) for i in range(streams)]
                 for t in threads:
@@ -494,6 +576,8 @@ def tcp_ceiling(size: int, chunk: int, aead: bool, streams: int, runs: int) -> l
                 for t in threads:
                     t.join()
                 rates.append(share * streams / (time.perf_counter() - t0) / 1e6)
+                rx_cpu.append((own_cpu() - c0) * 1e9 / (share * streams))
+                tx_cpu.append((their_cpu() - s0) * 1e9 / (share * streams))
             finally:
                 os.close(fd)
                 os.unlink(path)
@@ -505,7 +589,7 @@ def tcp_ceiling(size: int, chunk: int, aead: bool, streams: int, runs: int) -> l
         proc.join(10)
         with _suppress_os():
             os.unlink(port_file)
-    return rates
+    return rates, statistics.median(tx_cpu), statistics.median(rx_cpu)
 
 
 @contextmanager
@@ -521,12 +605,32 @@ def _suppress_os() -> Iterator[None]:
 # --------------------------------------------------------------------------
 
 
-def store_pull(size: int, runs: int) -> tuple[list[float], list[float], list[float]]:
+def store_pull(
+    size: int, runs: int, netns: bool = False
+) -> tuple[list[float], list[float], list[float]]:
     """Agent-to-agent pulls of a ``size``-byte array (StoreClient put, then get).
 
     Returns MB/s per run, and the CPU seconds per GB the holder's and the reader's agents spent
     in each (user + system, all threads): unlike MB/s, hardly moved by other load on the host.
+    ``netns``: each agent in a network namespace of its own, on a bridge (``tests/nethosts.py``;
+    root only), so the bytes cross veth pairs and a bridge instead of loopback.
     """
+    if netns:
+        sys.path.insert(0, str(BENCH_DIR.parent))
+        from tests.nethosts import namespace_net, namespaces_unavailable
+
+        why = namespaces_unavailable()
+        if why:
+            raise SystemExit(f"--netns: {why}")
+        with namespace_net(("h1", "h2")) as net:
+            hosts = tuple((net.netns(h), net.hosts[h]) for h in ("h1", "h2"))
+            return _store_pull(size, runs, hosts, net.head_ip)
+    return _store_pull(size, runs, None, "127.0.0.1")
+
+
+def _store_pull(
+    size: int, runs: int, hosts: Any, head_host: str
+) -> tuple[list[float], list[float], list[float]]:
     import numpy as np
     import psutil
 
@@ -541,7 +645,7 @@ def store_pull(size: int, runs: int) -> tuple[list[float], list[float], list[flo
     rates: list[float] = []
     holder_cpu: list[float] = []
     reader_cpu: list[float] = []
-    with nbcluster_nodes(({}, {}), prestart=0) as (_, token, stores):
+    with nbcluster_nodes(({}, {}), 0, hosts, head_host) as (_, token, stores):
         agents = [
             c for c in psutil.Process().children() if "worker" in " ".join(c.cmdline())
         ]  # in start order: the holder first
@@ -587,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--streams", default="1", help="parallel connections, comma-separated (ceiling, CURVE)"
     )
+    p.add_argument(
+        "--netns", action="store_true", help="store: agents in network namespaces (root)"
+    )
     args = p.parse_args(argv)
     size = int(args.size)
 
@@ -613,13 +720,16 @@ def main(argv: list[str] | None = None) -> int:
                     for aead in (False, True):
                         label = f"tcp {'AES-GCM' if aead else 'plain'} {mib} MiB, "
                         label += f"{streams} stream{'s' if streams > 1 else ''} + write"
-                        show(label, tcp_ceiling(size, mib << 20, aead, streams, args.runs))
+                        rates, tx, rx = tcp_ceiling(size, mib << 20, aead, streams, args.runs)
+                        show(label, rates)
+                        print(f"{'  CPU s/GB: sender, receiver':44s} median {tx:.2f}, {rx:.2f}")
         if args.what in ("store", "both"):
             from nbcluster.store import bulk, transfer
 
             label = f"nbcluster pull {transfer.CHUNK_BYTES >> 20} MiB, "
             label += f"{bulk.STREAMS} bulk streams" if bulk.STREAMS else f"CURVE x{transfer.WINDOW}"
-            rates, holder_cpu, reader_cpu = store_pull(size, args.runs)
+            rates, holder_cpu, reader_cpu = store_pull(size, args.runs, args.netns)
+            label += ", netns" if args.netns else ""
             show(label, rates)
             print(
                 f"{'  CPU s/GB: holder agent, reader agent':44s} "
