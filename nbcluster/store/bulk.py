@@ -27,6 +27,7 @@ cores at both ends.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -109,8 +110,6 @@ class Offer:
     def __init__(
         self, server: BulkServer, oid: str, data: Any, size: int, chunk: int, streams: int
     ) -> None:
-        import asyncio
-
         self._server = server
         self.oid, self.data, self.size, self.chunk = oid, data, size, chunk
         self.nchunks = chunk_count(size, chunk)
