@@ -1,13 +1,15 @@
 """Cross-node object transfer: nbcluster vs Ray on the same two-node layout, and the ceiling.
 
-Three ways to run it::
+Ways to run it::
 
-    # the run.py workload (one backend per fresh process, as every workload):
-    .venv-bench/bin/python benchmarks/run.py --workloads cross_node_1gb
-    # the raw speed of one ZeroMQ CURVE connection between two processes (the ceiling):
+    # the run.py workloads (one backend per fresh process, as every workload):
+    .venv-bench/bin/python benchmarks/run.py --workloads cross_node_1gb fanout_100mb
+    # the raw speed of one ZeroMQ CURVE connection between two processes (the old ceiling):
     .venv-ci/bin/python benchmarks/cross_node.py ceiling
-    # nbcluster's agent-to-agent pull alone (no tasks), chunk and window as set in the env:
-    .venv-ci/bin/python benchmarks/cross_node.py store
+    # the bulk channel's ceiling: TCP streams, plain and AES-256-GCM, into a tmpfs file:
+    .venv-ci/bin/python benchmarks/cross_node.py tcp --streams 1,2
+    # nbcluster's agent-to-agent pull alone (no tasks), shaped by NBCLUSTER_TRANSFER_*:
+    .venv-ci/bin/python benchmarks/cross_node.py store [--netns]
 
 Layout for ``cross_node_1gb``, both backends: a head and two nodes on loopback, one with the
 custom resource ``{"a": 1}`` and one with ``{"b": 1}`` (nbcluster: ``nbcluster head`` and two
@@ -15,7 +17,8 @@ custom resource ``{"a": 1}`` and one with ``{"b": 1}`` (nbcluster: ``nbcluster h
 temp dir). A task on ``a`` makes a 1 GB float64 array and returns it (the ref stays on ``a``); a
 task on ``b`` receives it and returns its sum and how long that sum took. Timed on the driver:
 from submitting the consumer to its result, after the producer finished. ``transfer_mb_s`` is
-1 GB over that time less the sum's own time: what moving the object cost.
+1 GB over that time less the sum's own time: what moving the object cost. ``fanout_100mb``: the
+same layout, 200 tasks on ``b`` read one 100 MB array made on ``a`` (cold, then warm).
 """
 
 from __future__ import annotations
@@ -689,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", default="1,4,16", help="MiB per chunk (ceiling)")
     p.add_argument("--window", type=int, default=8, help="chunks ahead of credits (ceiling)")
     p.add_argument(
-        "--streams", default="1", help="parallel connections, comma-separated (ceiling, CURVE)"
+        "--streams", default="1", help="parallel connections, comma-separated (ceiling, tcp)"
     )
     p.add_argument(
         "--netns", action="store_true", help="store: agents in network namespaces (root)"
