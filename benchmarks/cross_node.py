@@ -3,7 +3,7 @@
 Ways to run it::
 
     # the run.py workloads (one backend per fresh process, as every workload):
-    .venv-bench/bin/python benchmarks/run.py --workloads cross_node_1gb fanout_100mb
+    .venv-bench/bin/python benchmarks/run.py --workloads cross_node_1gb,fanout_100mb
     # the raw speed of one ZeroMQ CURVE connection between two processes (the old ceiling):
     .venv-ci/bin/python benchmarks/cross_node.py ceiling
     # the bulk channel's ceiling: TCP streams, plain and AES-256-GCM, into a tmpfs file:
