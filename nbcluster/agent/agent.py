@@ -28,6 +28,7 @@ from nbcluster.protocol.messages import OOM_REASON, PROTOCOL_VERSION, REJOIN_AGA
 from nbcluster.protocol.security import TOKEN_ENV, TOKEN_FILE_ENV, derive_keys
 from nbcluster.protocol.validation import receive_message
 from nbcluster.store import orphans
+from nbcluster.store.bulk import BulkServer
 from nbcluster.store.manager import StoreManager, cleanup_store, default_capacity
 from nbcluster.store.segment import SHM_DIR
 from nbcluster.store.service import StoreService
@@ -165,6 +166,8 @@ class NodeAgent:
         self.store_address = self._store_sock.endpoint
         if isinstance(self._net, ZmqNetwork):  # pulls open sockets of their own
             self._store_service.puller = ObjectPuller(self._net.transport, self.store)
+            # Objects leave this node on the bulk channel (AES-GCM over TCP, keyed per transfer).
+            self._store_service.bulk = BulkServer(self.bind_host)
         self._sock = await self._net.connect(f"tcp://{self.head_address}", verify_timeout=30.0)
         await self._send(self._register_msg())
         reply, _ = receive_message(await asyncio.wait_for(self._sock.recv(), 30.0))
@@ -561,6 +564,8 @@ class NodeAgent:
             self._sock = None
         if self._store_service.puller is not None:
             self._store_service.puller.close()
+        if self._store_service.bulk is not None:
+            self._store_service.bulk.close()
         if self._store_sock is not None:
             self._store_sock.close()
             self._store_sock = None

@@ -107,8 +107,9 @@ class Kind(StrEnum):
     STORE_UNPIN = "sunpin"  # (no reply)
     STORE_FREE = "sfree"  # (no reply)
     STORE_PULL = "spull"  # process -> its agent: copy a remote node's object here, then LOCATE it
-    STORE_READ = "sread"  # agent -> agent -> STORE_CHUNKs (or STORE_REPLY)
+    STORE_READ = "sread"  # agent -> agent -> STORE_CHUNKs or STORE_BULK (or STORE_REPLY)
     STORE_CHUNK = "schunk"  # holder -> puller: + [bytes]
+    STORE_BULK = "sbulk"  # holder -> puller: key and port of an AES-GCM bulk transfer
     STORE_CREDIT = "scredit"  # puller -> holder: n more chunks; n == 0: stop the stream
     STORE_STATS = "sstats"  # -> STORE_REPLY: the store's and transfer figures
     STORE_REPLY = "sreply"  # agent -> process

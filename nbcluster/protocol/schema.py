@@ -682,11 +682,29 @@ class StorePull(Message, tag=Kind.STORE_PULL.value):
 
 class StoreRead(Message, tag=Kind.STORE_READ.value):
     expects_reply = True
-    summary = "agent -> agent: stream an object -> STORE_CHUNKs (or STORE_REPLY on error)"
+    summary = (
+        "agent -> agent: stream an object -> STORE_CHUNKs, or STORE_BULK when ``streams`` > 0 "
+        "(or STORE_REPLY on error)"
+    )
     rid: int
     oid: str
     chunk: Count | None = None
     window: Count = 1
+    streams: Count = 0
+
+
+class StoreBulk(Message, tag=Kind.STORE_BULK.value):
+    summary = (
+        "holder -> puller: the object's ``size``; open ``streams`` TCP connections to ``port``, "
+        "AES-256-GCM with ``key`` (fresh per transfer), ``chunk`` bytes per sealed chunk"
+    )
+    rid: int
+    size: Count
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
+    tid: Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+    key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    chunk: Annotated[int, msgspec.Meta(ge=1)]
+    streams: Count
 
 
 class StoreChunk(Message, tag=Kind.STORE_CHUNK.value):

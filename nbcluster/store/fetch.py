@@ -4,7 +4,8 @@ A process with no store of its own (a driver on a host where no node agent runs,
 connected before its agent registered) cannot map stored values. It asks the holder's store
 socket for the same chunked stream another node's agent pulls (``STORE_READ``, see
 :mod:`nbcluster.store.transfer`), over its own authenticated connection, and assembles the segment
-in a private buffer: one copy, nothing written to any node's store.
+in a private buffer: one copy, nothing written to any node's store. On the bulk channel
+(:mod:`nbcluster.store.bulk`) each chunk is decrypted straight into that buffer.
 """
 
 from __future__ import annotations
@@ -20,17 +21,13 @@ from zmq.utils.monitor import parse_monitor_message
 from nbcluster.exceptions import ObjectLostError
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
+from nbcluster.protocol.validation import validate
+from nbcluster.store import bulk
+from nbcluster.store.bulk import CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TICK_MS
 from nbcluster.store.client import MARKER
 from nbcluster.store.errors import ObjectStoreError
 from nbcluster.store.segment import loads_frames, segment_frames
-from nbcluster.store.transfer import (
-    _MONITORED,
-    CHUNK_BYTES,
-    CONNECT_TIMEOUT_S,
-    STALL_TIMEOUT_S,
-    TICK_MS,
-    WINDOW,
-)
+from nbcluster.store.transfer import _MONITORED, CHUNK_BYTES, WINDOW
 
 
 def stored_meta(frames: Sequence[Any]) -> dict[str, Any]:
@@ -80,7 +77,8 @@ def read_segment(
 ) -> bytearray:
     """Stream segment ``oid`` from the store socket at ``addr`` into a new buffer.
 
-    Flow control is the pullers': each chunk received grants the holder one more.
+    Flow control is the pullers': each chunk received grants the holder one more. A holder
+    that offers the bulk channel sends the bytes there instead (:func:`.bulk.receive`).
     """
     sock = transport.client(zmq.DEALER, addr, aio=False, connect=False)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)  # a holder cut off without a FIN is noticed
@@ -100,11 +98,8 @@ def read_segment(
         return ObjectLostError(f"object {oid} could not be fetched from {addr}{got}: {why}")
 
     try:
-        sock.send_multipart(
-            encode(
-                {"k": Kind.STORE_READ, "rid": 1, "oid": oid, "chunk": CHUNK_BYTES, "window": WINDOW}
-            )
-        )
+        read = {"k": Kind.STORE_READ, "rid": 1, "oid": oid, "chunk": CHUNK_BYTES}
+        sock.send_multipart(encode({**read, "window": WINDOW, "streams": bulk.STREAMS}))
         connected = False
         start = last = time.monotonic()
         while not done:
@@ -124,6 +119,13 @@ def read_segment(
                 h, payload = decode(sock.recv_multipart(copy=False))
                 if h.get("rid") != 1:
                     continue
+                if h.get("k") == Kind.STORE_BULK:
+                    validate(h, payload)
+                    size = int(h["size"])
+                    buf = bytearray(size)
+                    bulk.receive(addr, h, oid, memoryview(buf), gone)
+                    done = True
+                    break
                 if h.get("k") != Kind.STORE_CHUNK:
                     msg = f"object {oid} could not be fetched from {addr}: "
                     msg += str(h.get("msg", "it is gone"))

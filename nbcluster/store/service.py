@@ -27,6 +27,7 @@ from nbcluster.protocol.schema import (
     StoreStats,
     StoreUnpin,
 )
+from nbcluster.store.bulk import CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, BulkServer, Offer
 from nbcluster.store.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
@@ -34,14 +35,7 @@ from nbcluster.store.errors import (
     ObjectStoreFullError,
 )
 from nbcluster.store.manager import StoreManager
-from nbcluster.store.transfer import (
-    MAX_CHUNK,
-    MAX_WINDOW,
-    MIN_CHUNK,
-    STALL_TIMEOUT_S,
-    ObjectPuller,
-    map_segment,
-)
+from nbcluster.store.transfer import MAX_CHUNK, MAX_WINDOW, MIN_CHUNK, ObjectPuller, map_segment
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +47,22 @@ class StoreService:
     driver is gone can be freed at once.
     """
 
-    def __init__(self, manager: StoreManager, puller: ObjectPuller | None = None) -> None:
+    def __init__(
+        self,
+        manager: StoreManager,
+        puller: ObjectPuller | None = None,
+        bulk: BulkServer | None = None,
+    ) -> None:
         self.manager = manager
         self.puller = puller
+        #: This node's bulk listener (None: objects are only streamed over CurveZMQ).
+        self.bulk = bulk
         self._jobs: dict[str, str] = {}  # oid -> job id
         # Worker id -> objects it reserved and has not sealed yet: freed if it dies first, else
         # a half-written object would stay "in the store" and unreadable for good.
         self._writing: dict[str, set[str]] = {}
-        self._streams: dict[tuple[bytes, Any], _Stream] = {}  # (peer, rid) -> what it may send
+        # (peer, rid) -> a stream's flow control, or a bulk transfer (which STORE_CREDIT 0 stops)
+        self._streams: dict[tuple[bytes, Any], _Stream | Offer] = {}
         self.streams_served = 0  # objects sent to other nodes (one per pull, however many readers)
         self.bytes_out = 0
 
@@ -165,8 +167,11 @@ class StoreService:
             msg = {"k": Kind.STORE_REPLY, "rid": rid, "ok": False, "err": err, "msg": str(exc)}
             send([ident, *encode(msg)])
             return
-        self._streams[key] = stream
         self.streams_served += 1
+        if h.streams and self.bulk is not None:
+            await self._offer(send, ident, h, path, chunk)
+            return
+        self._streams[key] = stream
         try:
             data, size = await loop.run_in_executor(None, map_segment, path)
             view = memoryview(data)
@@ -190,6 +195,46 @@ class StoreService:
         finally:
             del self._streams[key]
             m.unpin(oid)
+
+    async def _offer(
+        self, send: Callable[[list[Any]], None], ident: bytes, h: StoreRead, path: str, chunk: int
+    ) -> None:
+        """Serve ``h`` on the bulk channel: a fresh key and transfer id, sent on this CurveZMQ
+        connection only, then the holder's streams (threads) send the object encrypted.
+
+        The object is pinned (by ``locate``) until every stream has finished, failed, or was not
+        claimed within :data:`CONNECT_TIMEOUT_S`.
+        """
+        assert self.bulk is not None
+        loop = asyncio.get_running_loop()
+        key = (ident, h.rid)
+        offer: Offer | None = None
+        try:
+            data, size = await loop.run_in_executor(None, map_segment, path)
+            offer = self.bulk.offer(h.oid, data, size, chunk, h.streams)
+            self._streams[key] = offer
+            reply = {"k": Kind.STORE_BULK, "rid": h.rid, "size": size, "port": self.bulk.port}
+            reply.update(tid=offer.tid, key=offer.key, chunk=chunk, streams=offer.streams)
+            send([ident, *encode(reply)])
+            try:
+                await asyncio.wait_for(offer.all_claimed.wait(), CONNECT_TIMEOUT_S)
+            except TimeoutError:
+                offer.cancel(f"its streams did not all connect within {CONNECT_TIMEOUT_S:.0f} s")
+            await offer.finished.wait()
+            if offer.error:
+                log.info("object %s: bulk transfer ended early: %s", h.oid, offer.error)
+        except Exception as exc:  # e.g. an OS error mapping the file: tell the puller
+            log.exception("offering object %s failed", h.oid)
+            msg = {"k": Kind.STORE_REPLY, "rid": h.rid, "ok": False, "err": "error"}
+            send([ident, *encode({**msg, "msg": f"{type(exc).__name__}: {exc}"})])
+        finally:
+            if offer is not None:
+                if not offer.finished.is_set():  # cancelled (the agent is closing)
+                    offer.cancel("the holder stopped serving it")
+                self.bytes_out += offer.sent
+                self.bulk.withdraw(offer.tid)
+            self._streams.pop(key, None)
+            self.manager.unpin(h.oid)
 
     def stats(self) -> dict[str, int]:
         """The store's figures (:meth:`StoreManager.stats`) and this node's transfers.

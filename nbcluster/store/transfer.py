@@ -13,6 +13,11 @@ the pull with :class:`~nbcluster.exceptions.ObjectLostError`, and the partial se
 
 Each pull runs on a thread of its own with a dedicated connection: receiving, decrypting and
 writing never wait for the agent's event loop, and the loop never waits for them.
+
+With :data:`~nbcluster.store.bulk.STREAMS` > 0 (the default) the puller asks for the bulk
+channel instead (``STORE_READ {…, streams}``): the holder answers ``STORE_BULK`` with a fresh key
+on this CurveZMQ connection, and the bytes come over plain TCP streams sealed with AES-256-GCM
+(:mod:`nbcluster.store.bulk`). A holder without a bulk listener streams ``STORE_CHUNK``s as above.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from nbcluster.exceptions import ObjectLostError, ProtocolError
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.validation import receive
+from nbcluster.store import bulk
+from nbcluster.store.bulk import CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TICK_MS
 from nbcluster.store.errors import ObjectStoreError
 from nbcluster.store.manager import StoreManager
 
@@ -50,14 +57,8 @@ WINDOW = int(os.environ.get("NBCLUSTER_TRANSFER_WINDOW", 8))
 #: Bounds a holder applies to what a puller asks for.
 MIN_CHUNK, MAX_CHUNK, MAX_WINDOW = 64 << 10, 64 << 20, 64
 
-#: No chunk for this long (a holder cut off without its connection dropping): give up.
-STALL_TIMEOUT_S = 30.0
-#: The holder's store socket must answer the handshake within this long.
-CONNECT_TIMEOUT_S = 10.0
 #: ZeroMQ io threads (where CURVE decrypts) for pulls; concurrent pulls spread over them.
 _IO_THREADS = 2
-#: How often a pulling thread looks at the agent closing and at its deadlines.
-TICK_MS = 250
 
 #: What a pulling thread watches on its connection. A refused connection (``CONNECT_RETRIED``
 #: before any handshake) means nothing listens there any more: the holder is gone, and its
@@ -83,6 +84,8 @@ class ObjectPuller:
         This node's store books.
     chunk_bytes, window
         Stream shape asked of holders (see :data:`CHUNK_BYTES`, :data:`WINDOW`).
+    streams
+        Bulk streams asked of holders (:data:`~nbcluster.store.bulk.STREAMS`; 0: CurveZMQ only).
     max_parallel
         Pulls of different objects that run at once; more wait for a thread.
     """
@@ -95,6 +98,7 @@ class ObjectPuller:
         chunk_bytes: int = CHUNK_BYTES,
         window: int = WINDOW,
         max_parallel: int = 4,
+        streams: int = bulk.STREAMS,
     ) -> None:
         self._transport = transport
         # Pulls decrypt on io threads of their own: not on the agent's, which also encrypts what
@@ -103,6 +107,7 @@ class ObjectPuller:
         self._manager = manager
         self.chunk_bytes = chunk_bytes
         self.window = window
+        self.streams = streams
         self._inflight: dict[str, asyncio.Future[None]] = {}
         self._pool = ThreadPoolExecutor(max_parallel, thread_name_prefix="nbc-pull")
         self._stop = threading.Event()
@@ -200,6 +205,7 @@ class ObjectPuller:
                         "oid": oid,
                         "chunk": self.chunk_bytes,
                         "window": self.window,
+                        "streams": self.streams,
                     }
                 )
             )
@@ -227,6 +233,10 @@ class ObjectPuller:
                         raise _lost(oid, addr, w, why) from None
                     if h.get("rid") != rid:
                         continue
+                    if h["k"] == Kind.STORE_BULK:
+                        self._bulk(oid, addr, h, w)
+                        done = True
+                        break
                     if h["k"] != Kind.STORE_CHUNK:
                         raise _refused(oid, addr, h)
                     # Credit first: the holder sends the next chunk while we write this one.
@@ -257,6 +267,18 @@ class ObjectPuller:
             # A little linger: the cancel above should leave; a dead holder costs nothing.
             sock.close(linger=0 if done else 200)
 
+    def _bulk(self, oid: str, addr: str, offer: dict[str, Any], w: _Writer) -> None:
+        """Receive ``oid`` on the bulk channel the holder offered, into its reserved file."""
+        w.begin(int(offer["size"]))
+
+        def counted(n: int) -> None:
+            with self._count:
+                self.bytes_in += n
+
+        bulk.receive(addr, offer, oid, w.put, self._stop.is_set, counted)
+        if w.received != w.size:
+            raise _lost(oid, addr, w, "the transfer ended early")
+
     def close(self) -> None:
         """Stop every pull (each removes its partial file) and wait for their threads."""
         self._stop.set()
@@ -275,25 +297,33 @@ class _Writer:
         self.received = 0
         self._fd = -1
         self._path = ""
+        self._lock = threading.Lock()
+
+    def begin(self, size: int) -> None:
+        """Reserve the object and make its file, of its final size."""
+        if size < 0:
+            raise ObjectStoreError(f"object {self.oid}: the holder sent a negative size")
+        self._path = self._m.reserve(self.oid, size)
+        self.size = size
+        self._fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+        # The final size at once: chunks go straight to their place, nothing is appended.
+        os.ftruncate(self._fd, size)
 
     def write(self, size: int, off: int, data: Any) -> bool:
-        """Write one chunk; True once the whole object is in."""
+        """Write the next chunk of a ``STORE_CHUNK`` stream; True once the whole object is in."""
         view = memoryview(data).cast("B")
         if self.size < 0:
-            if size < 0:
-                raise ObjectStoreError(f"object {self.oid}: the holder sent a negative size")
-            self._path = self._m.reserve(self.oid, size)
-            self.size = size
-            self._fd = os.open(
-                self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600
-            )
-            # The final size at once: chunks go straight to their place, nothing is appended.
-            os.ftruncate(self._fd, size)
+            self.begin(size)
         if size != self.size or off != self.received or off + view.nbytes > size:
             raise ObjectStoreError(
                 f"object {self.oid}: the holder sent bytes {off}..{off + view.nbytes} of "
                 f"{size}, expected {self.received} of {self.size}"
             )
+        self.put(off, view)
+        return self.received == self.size
+
+    def put(self, off: int, view: memoryview) -> None:
+        """Write authenticated bytes at ``off`` (bulk streams call this from their threads)."""
         done = 0
         try:
             while done < view.nbytes:
@@ -304,8 +334,8 @@ class _Writer:
                     f"object {self.oid}: no space left for it in {os.path.dirname(self._path)}"
                 ) from None
             raise
-        self.received += view.nbytes
-        return self.received == self.size
+        with self._lock:
+            self.received += view.nbytes
 
     def close(self) -> None:
         if self._fd >= 0:
