@@ -248,7 +248,13 @@ def test_gpu_memory_is_shown_per_task_and_actor(
             out = {p["pid"]: p for g in gpus for p in g["processes"]}
             return out if len(out) == 3 else None
 
-        found = wait_until(users, timeout=30)
+        def named() -> dict[int, dict[str, Any]] | None:
+            # Samples come every second, the drivers' task events every half second: the task
+            # is named once the head has heard it runs on that worker.
+            found = users()
+            return found if found is not None and found[task_pid]["kind"] == "task" else None
+
+        found = wait_until(named, timeout=30)
         assert found is not None
         a, t, s = found[actor_pid], found[task_pid], found[stranger]
         assert (a["kind"], a["name"], a["memory_used"], a["utilization"]) == (
