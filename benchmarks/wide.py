@@ -1,10 +1,10 @@
 """A wide cluster: 1,000 simulated node agents on a real head; head CPU, grants, SPREAD.
 
 The head is the real one (``python -m nbcluster.head``, ZeroMQ with CURVE). The agents are
-light: a few processes holding ``--per-proc`` DEALER sockets each, speaking the real protocol
-(register, ping every second with store figures and a metrics sample as a real agent does,
-answer ``START_WORKER`` with ``WORKER_READY`` after ``--start-ms``). The driver side is played
-by this script. Measures:
+light: a few processes holding 250 DEALER sockets each, speaking the real protocol (register,
+ping as often as the head says with store figures and a metrics sample as a real agent does,
+answer ``START_WORKER`` with ``WORKER_READY`` after a delay). The driver side is played by
+this script. Measures:
 
 ``turn``
     :class:`~nbcluster.head.state.ClusterState` alone: N nodes of 4 CPUs, every CPU leased and
@@ -129,6 +129,7 @@ async def _agents(address: str, count: int, cpus: float, start_ms: float, first:
         if registered == count:
             all_in.set()
         workers = 0
+        every = 1.0  # as the head says in PONG (where it does)
 
         async def ready(wid: str) -> None:
             await asyncio.sleep(start_ms / 1000)
@@ -153,14 +154,16 @@ async def _agents(address: str, count: int, cpus: float, start_ms: float, first:
                     "gpus": [],
                 }
                 await send({"k": Kind.PING, "store": STORE, "metrics": metrics})
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(every)
 
         pinger = asyncio.create_task(pings())
         spawned: set[asyncio.Task[None]] = set()
         try:
             while True:
                 msg, _ = receive_message(await sock.recv_multipart())
-                if isinstance(msg, m.StartWorker):
+                if isinstance(msg, m.Pong):
+                    every = getattr(msg, "every", 0.0) or 1.0
+                elif isinstance(msg, m.StartWorker):
                     started += 1
                     workers += 1
                     t = asyncio.create_task(ready(f"{name}-w{workers}"))
@@ -360,8 +363,11 @@ def grants(agents: int, backlog: int, n: int = 2000) -> dict[str, Any]:
 
 def spread(agents: int, tasks: int = 2000, task_ms: float = 1.0) -> dict[str, Any]:
     """The client's lease policy (nbcluster.client.leasing) for one SPREAD class."""
-    cap, linger = 16, 0.5
+    from nbcluster.client import leasing
+
     strategy = {"t": "spread"}
+    cap = getattr(leasing, "request_cap", lambda _: leasing.MAX_LEASE_REQUESTS)(strategy)
+    linger = leasing.LEASE_LINGER_S
 
     async def scenario(c: Cluster) -> dict[str, Any]:
         d = Driver(c.address)
@@ -426,6 +432,7 @@ def spread(agents: int, tasks: int = 2000, task_ms: float = 1.0) -> dict[str, An
         return {
             "agents": agents,
             "tasks": tasks,
+            "task_ms": task_ms,
             "s": round(elapsed, 2),
             "nodes_used": len(per_node),
             "max_per_node": max(per_node.values()),
@@ -452,6 +459,7 @@ def main() -> None:
     p.add_argument("--backlog", type=int, default=256)
     p.add_argument("--window", type=float, default=20.0)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--task-ms", type=float, default=1.0, help="spread: each task's duration")
     a = p.parse_args()
     for _ in range(a.rounds):
         if a.what == "turn":
@@ -464,7 +472,7 @@ def main() -> None:
                 elif a.what == "grants":
                     r = grants(n, a.backlog)
                 else:
-                    r = spread(n)
+                    r = spread(n, task_ms=a.task_ms)
                 print(json.dumps(r), flush=True)
 
 

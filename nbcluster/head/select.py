@@ -18,9 +18,6 @@ from dataclasses import dataclass, field
 from nbcluster.head.model import UNIT, LeaseRequest, NodeInfo, WorkerInfo, WorkerState
 from nbcluster.head.placement import Bundle
 
-#: The scope of a request's candidates: every alive node, or one node (hard affinity).
-Scope = str
-
 
 @dataclass
 class Pass:
@@ -31,7 +28,7 @@ class Pass:
     reserved_gpus: dict[str, dict[int, int]] = field(default_factory=dict)
     placed: dict[str, int] = field(default_factory=dict)  # node id -> requests put there
     # (scope, units) that fit no candidate in this pass: later ones of the same kind wait too.
-    failed: set[tuple[Scope, tuple[tuple[str, int], ...]]] = field(default_factory=set)
+    failed: set[tuple[str, tuple[tuple[str, int], ...]]] = field(default_factory=set)
     missing: dict[tuple[tuple[str, float], ...], dict[str, float] | None] = field(
         default_factory=dict
     )  # shape -> what no node has in total (the infeasible check, once per shape)
@@ -129,7 +126,8 @@ class Selector:
         """Resources came back by a path that does not say where: look at every node again."""
         self._maybe.clear()
 
-    def alive(self, plan: Pass) -> list[NodeInfo]:
+    def alive(self) -> list[NodeInfo]:
+        """The alive nodes, in registration order."""
         if self._alive is None:
             self._alive = [n for n in self.nodes.values() if n.alive]
             self._index = {n.node_id: i for i, n in enumerate(self._alive)}
@@ -140,12 +138,12 @@ class Selector:
         superset of those it fits: the list is made once per pass, and resources only shrink
         in a pass)."""
         if not units:
-            return self.alive(plan)
+            return self.alive()
         k = "CPU" if "CPU" in units else next(iter(units))
         got = plan.open.get(k)
         if got is not None:
             return got
-        alive = self.alive(plan)
+        alive = self.alive()
         maybe = self._maybe.get(k)
         if maybe is None:
             maybe = self._maybe[k] = {n.node_id for n in alive}
@@ -174,7 +172,15 @@ class Selector:
         spec = req.strategy
         kind = spec.get("t") if spec else None
         units = req.units
-        scope: Scope = ""
+        key = ("", tuple(sorted(units.items())))  # every alive node is a candidate
+        if kind != "node":  # the common case first: it waits where a worker starts for it
+            if key in plan.failed:
+                return None, None, None, False
+            waited = self.nodes.get(req.waiting_on) if req.waiting_on else None
+            if waited is not None and waited.alive:
+                gpus = fits(waited, units, plan)
+                if gpus is not None:
+                    return waited, gpus, None, True
         first: list[NodeInfo] = []  # tried in this order before the policy's best
         if spec is not None and kind == "node":
             target = self.nodes.get(str(spec.get("node")))
@@ -190,10 +196,6 @@ class Selector:
                 first.append(target)  # then anywhere
             elif not spec.get("soft"):
                 return None, None, _affinity_error(req, str(spec.get("node")), target), False
-        waited = self.nodes.get(req.waiting_on or "")
-        if waited is not None and waited.alive and kind != "node":
-            first.insert(0, waited)
-        key = (scope, tuple(sorted(units.items())))
         if key in plan.failed:
             return None, None, None, False
         for node in first:
@@ -251,7 +253,7 @@ class Selector:
         self, units: dict[str, int], plan: Pass
     ) -> tuple[NodeInfo, dict[int, int]] | None:
         """Fewest leases first (counting the requests put there in this pass); ties rotate."""
-        alive = self.alive(plan)
+        alive = self.alive()
         if not alive:
             return None
         leases = plan.leases
@@ -274,7 +276,7 @@ class Selector:
         """The node whose store holds most bytes of the request's arguments, if it could run it."""
         if not req.locality:
             return None
-        by_store = {n.store_id: n for n in self.alive(plan) if n.store_id}
+        by_store = {n.store_id: n for n in self.alive() if n.store_id}
         best: NodeInfo | None = None
         best_bytes = 0
         for store, size in sorted(req.locality.items()):

@@ -17,6 +17,7 @@ import msgspec
 from nbcluster._version import __version__
 from nbcluster.head.actors import ActorDirectory, ActorInfo
 from nbcluster.head.groups import GroupRequests
+from nbcluster.head.heartbeat import ping_interval, silence_limit
 from nbcluster.head.instructions import (
     ActorChanged,
     ActorInit,
@@ -63,8 +64,8 @@ LIVENESS_TIMEOUT_S = 10.0
 #: code for a while; dropping a live kernel would kill its actors).
 LOCAL_DRIVER_SILENCE_S = 60.0
 DRAIN_REASON = "its node was drained (nbcluster-worker stopped)"
-#: Agents ping every second; a node silent this long is dead (its tasks retried elsewhere).
-AGENT_LIVENESS_TIMEOUT_S = 5.0
+#: Agents ping every second (less often in large clusters: head/heartbeat.py); a node silent for
+#: five intervals is dead (its tasks retried elsewhere).
 
 
 class HeadService(GroupRequests):
@@ -246,7 +247,8 @@ class HeadService(GroupRequests):
                     log.warning("driver pid %s exited without saying goodbye", peer.pid)
                     await self._peer_gone(peer)
                     continue
-                limit = AGENT_LIVENESS_TIMEOUT_S if peer.role == "agent" else LIVENESS_TIMEOUT_S
+                agent = peer.role == "agent"
+                limit = silence_limit(*peer.ping_s) if agent else LIVENESS_TIMEOUT_S
                 if now - peer.last_seen > limit:
                     log.warning(
                         "%s pid %s silent for %.0f s: dropping",
@@ -514,6 +516,10 @@ class HeadService(GroupRequests):
                 node.info["object_store"] = msg.store
             if msg.metrics:
                 self.observe.on_metrics(peer.node_id, msg.metrics)
+            every = ping_interval(len(self.state.select.alive()))  # fewer pings in big clusters
+            peer.ping_s = (every, peer.ping_s[0])
+            await self._send(peer.ident, {"k": Kind.PONG, "every": every})
+            return
         await self._send(peer.ident, {"k": Kind.PONG})
 
     async def _on_task_events(self, peer: Peer, msg: m.TaskEvents, payload: list[Any]) -> None:
