@@ -63,7 +63,8 @@ STORE = {"capacity": 1 << 30, "used": 0, "spilled": 0, "objects": 0, "streams_se
 # ------------------------------------------------------------------------------ ClusterState
 def turn(nodes: int, backlog: int, turns: int = 300) -> dict[str, float]:
     """Median cost of one return + re-grant on a full cluster of ``nodes`` 4-CPU nodes."""
-    from nbcluster.head.state import ClusterState, Grant
+    from nbcluster.head.instructions import Grant
+    from nbcluster.head.state import ClusterState
 
     best = float("inf")
     for _ in range(3):
@@ -369,9 +370,7 @@ def spread(agents: int, tasks: int = 2000, task_ms: float = 1.0) -> dict[str, An
     cap = getattr(leasing, "request_cap", lambda _: leasing.MAX_LEASE_REQUESTS)(strategy)
     linger = leasing.LEASE_LINGER_S
 
-    async def scenario(c: Cluster) -> dict[str, Any]:
-        d = Driver(c.address)
-        await d.hello()
+    async def one_round(d: Driver) -> dict[str, Any]:
         queue = tasks
         outstanding: set[int] = set()
         per_node: Counter[str] = Counter()
@@ -428,7 +427,6 @@ def spread(agents: int, tasks: int = 2000, task_ms: float = 1.0) -> dict[str, An
             await pump()
         elapsed = time.perf_counter() - t
         await asyncio.gather(*running)
-        d.close()
         return {
             "agents": agents,
             "tasks": tasks,
@@ -438,6 +436,16 @@ def spread(agents: int, tasks: int = 2000, task_ms: float = 1.0) -> dict[str, An
             "max_per_node": max(per_node.values()),
             "leased_workers": len(leased_workers),
         }
+
+    async def scenario(c: Cluster) -> dict[str, Any]:
+        d = Driver(c.address)
+        await d.hello()
+        cold = await one_round(d)  # no worker anywhere yet
+        await asyncio.sleep(1.0)  # the leases lingered and went back
+        warm = await one_round(d)
+        d.close()
+        cold["warm"] = {k: warm[k] for k in ("s", "nodes_used", "max_per_node")}
+        return cold
 
     with Cluster(agents, start_ms=100) as c:
         out = asyncio.run(scenario(c))
