@@ -56,7 +56,7 @@ from nbcluster.client.instructions import (
     ToOwner,
     ToWorker,
 )
-from nbcluster.client.leasing import MAX_LEASE_REQUESTS
+from nbcluster.client.leasing import request_cap
 from nbcluster.client.objects import FAILED, PENDING, READY
 from nbcluster.client.state import ClientState
 from nbcluster.client.streams import DYNAMIC, STREAMING, StreamBuffer
@@ -588,7 +588,9 @@ def test_random_event_sequences_keep_invariants(seed: int, monkeypatch: Any) -> 
         elif sim.held:
             ref = rng.choice(sim.held)
             sim.feed(FetchObject(ref.oid, ref.owner_address))
-    assert len(sim.requests) <= MAX_LEASE_REQUESTS * len(sim.state.leasing.classes)
+    assert len(sim.requests) <= sum(
+        request_cap(c.strategy) for c in sim.state.leasing.classes.values()
+    )
     sim.settle()
     for ref in sim.held:
         e = sim.client.objects.get(ref.oid)

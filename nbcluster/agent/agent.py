@@ -101,6 +101,7 @@ class NodeAgent:
         self.exit_code = 0
         self.exit_reason = ""
         self._last_heard = time.monotonic()
+        self._ping_s = 1.0  # seconds between pings: the head says (PONG's ``every``)
         self._token = token
         self._token_file = token_file
         self.name = name or socket.gethostname()
@@ -275,7 +276,7 @@ class NodeAgent:
 
     async def _heartbeat(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(self._ping_s)
             # The heartbeat carries the store's usage: nodes() reports it.
             silent = time.monotonic() - self._last_heard
             if self.head_timeout > 0 and silent > self.head_timeout:
@@ -353,7 +354,8 @@ class NodeAgent:
         self.stopped.set()
 
     async def _on_pong(self, _: None, msg: m.Pong, payload: list[Any]) -> None:
-        pass
+        if msg.every > 0:  # a large cluster: the head asks for fewer pings
+            self._ping_s = min(max(msg.every, 0.1), 60.0)
 
     async def _on_error(self, _: None, msg: m.Error, payload: list[Any]) -> None:
         if msg.code == "nohello":

@@ -3,8 +3,9 @@
 Part of :class:`~nbcluster.client.state.ClientState` (pure: it only returns instructions).
 Ready tasks wait in a queue per scheduling class (:class:`~nbcluster.client.tasks.SchedClass`);
 for each queued task the head is asked for a lease (at most :data:`MAX_LEASE_REQUESTS` per
-class), and each leased worker runs one task at a time. An idle lease is kept
-:data:`LEASE_LINGER_S` for the next task of its class, then returned.
+class, :data:`SPREAD_LEASE_REQUESTS` for SPREAD), and each leased worker runs one task at a
+time. An idle lease is kept :data:`LEASE_LINGER_S` for the next task of its class, then
+returned.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("nbcluster")
 
 MAX_LEASE_REQUESTS = 16  # outstanding lease requests per resource shape
+#: ... and per SPREAD class: enough to ask every node of a wide cluster at once. With 16, the
+#: first 16 leases ran a burst of short tasks before more workers were up: 2,000 tasks on 128
+#: nodes ran on ~40 of them, and the workers started meanwhile were never used.
+SPREAD_LEASE_REQUESTS = 256
+
+
+def request_cap(strategy: dict[str, Any] | None) -> int:
+    """How many lease requests a class with this scheduling strategy keeps outstanding."""
+    if strategy is not None and strategy.get("t") == "spread":
+        return SPREAD_LEASE_REQUESTS
+    return MAX_LEASE_REQUESTS
+
+
 LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
 
 
@@ -120,7 +134,7 @@ class Leasing:
                 idle = [lease for lease in idle if not lease.inflight]  # it may have re-pumped
                 continue
             self._dispatch(rec, idle.pop())
-        want = min(len(sc.queue), MAX_LEASE_REQUESTS) - len(sc.requests)
+        want = min(len(sc.queue), request_cap(sc.strategy)) - len(sc.requests)
         for _ in range(want):
             rid = self._next_rid()
             sc.requests.add(rid)

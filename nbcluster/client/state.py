@@ -60,7 +60,7 @@ from nbcluster.client.inputs import (
     TaskResult,
 )
 from nbcluster.client.instructions import Instruction, ToHead
-from nbcluster.client.leasing import MAX_LEASE_REQUESTS, Leasing
+from nbcluster.client.leasing import Leasing, request_cap
 from nbcluster.client.lineage import Lineage
 from nbcluster.client.objects import PENDING, ObjectTable
 from nbcluster.client.ownership import Ownership
@@ -290,7 +290,7 @@ class ClientState:
                 assert rec.tid in tasks.by_tid, f"{rec.tid} finished but queued"
                 assert rec.lease is None, f"{rec.tid} queued and running"
                 assert rec.waiting_deps == 0, f"{rec.tid} queued before its arguments"
-            assert len(sc.requests) <= MAX_LEASE_REQUESTS, f"class {key} asks too much"
+            assert len(sc.requests) <= request_cap(sc.strategy), f"class {key} asks too much"
             for rid in sc.requests:
                 assert leasing.rid_class.get(rid) is sc, f"request {rid} of {key} is unfiled"
             if not sc.queue:

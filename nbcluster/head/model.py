@@ -125,6 +125,7 @@ class LeaseRequest:
     locality: dict[str, int] = field(default_factory=dict)  # store id -> bytes of arguments
     env: str = ""  # the runtime_env key: only a fresh worker or one of this env will do
     infeasible_reported: bool = False
+    could_fit: bool = False  # some alive node has enough in total (judged again if one dies)
     # The node a worker is being started on for it: tried first in later passes, so that a
     # waiting request does not hop between equally good nodes (and SPREAD counts it there).
     waiting_on: str | None = None

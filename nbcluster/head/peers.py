@@ -20,6 +20,7 @@ class Peer:
     worker_id: str | None = None
     node_id: str | None = None
     last_seen: float = 0.0
+    ping_s: tuple[float, float] = (1.0, 1.0)  # an agent's ping interval as last told, and before
     proc: psutil.Process | None = None  # a driver's process, when it runs on this machine
 
 

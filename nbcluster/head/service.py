@@ -17,6 +17,7 @@ import msgspec
 from nbcluster._version import __version__
 from nbcluster.head.actors import ActorDirectory, ActorInfo
 from nbcluster.head.groups import GroupRequests
+from nbcluster.head.heartbeat import ping_interval, silence_limit
 from nbcluster.head.instructions import (
     ActorChanged,
     ActorInit,
@@ -39,6 +40,7 @@ from nbcluster.head.logs import LogRelay
 from nbcluster.head.memory import MemoryQueries
 from nbcluster.head.model import Lease, WorkerInfo
 from nbcluster.head.observe import Observer
+from nbcluster.head.panel_actions import PanelActions
 from nbcluster.head.peers import Peer, local_process, running
 from nbcluster.head.recovery import load_snapshot, save_snapshot, take_snapshot
 from nbcluster.head.restart import Recovery
@@ -65,11 +67,11 @@ LIVENESS_TIMEOUT_S = 10.0
 #: code for a while; dropping a live kernel would kill its actors).
 LOCAL_DRIVER_SILENCE_S = 60.0
 DRAIN_REASON = "its node was drained (nbcluster-worker stopped)"
-#: Agents ping every second; a node silent this long is dead (its tasks retried elsewhere).
-AGENT_LIVENESS_TIMEOUT_S = 5.0
+#: Agents ping every second (less often in large clusters: head/heartbeat.py); a node silent for
+#: five intervals is dead (its tasks retried elsewhere).
 
 
-class HeadService(GroupRequests):
+class HeadService(GroupRequests, PanelActions):
     """Control plane of one cluster.
 
     Parameters
@@ -252,7 +254,8 @@ class HeadService(GroupRequests):
                     log.warning("driver pid %s exited without saying goodbye", peer.pid)
                     await self._peer_gone(peer)
                     continue
-                limit = AGENT_LIVENESS_TIMEOUT_S if peer.role == "agent" else LIVENESS_TIMEOUT_S
+                agent = peer.role == "agent"
+                limit = silence_limit(*peer.ping_s) if agent else LIVENESS_TIMEOUT_S
                 if now - peer.last_seen > limit:
                     log.warning(
                         "%s pid %s silent for %.0f s: dropping",
@@ -525,6 +528,10 @@ class HeadService(GroupRequests):
                 node.info["object_store"] = msg.store
             if msg.metrics:
                 self.observe.on_metrics(peer.node_id, msg.metrics)
+            every = ping_interval(len(self.state.select.alive()))  # fewer pings in big clusters
+            peer.ping_s = (every, peer.ping_s[0])
+            await self._send(peer.ident, {"k": Kind.PONG, "every": every})
+            return
         await self._send(peer.ident, {"k": Kind.PONG})
 
     async def _on_task_events(self, peer: Peer, msg: m.TaskEvents, payload: list[Any]) -> None:
@@ -778,20 +785,3 @@ class HeadService(GroupRequests):
             save_snapshot(self.state_file, snap)
         except OSError as exc:
             log.warning("could not write the head's restart snapshot %s: %s", self.state_file, exc)
-
-    # ------------------------------------------------------------------------------ panel
-    async def cancel_task(self, task_id: str, force: bool = False) -> bool:
-        """Ask the driver that submitted ``task_id`` to cancel it; ``False`` if not running."""
-        t = self.observe.running_task(task_id)
-        if t is None or t.client not in self.peers:
-            return False
-        await self._send(t.client, {"k": Kind.TASK_CANCEL, "tid": task_id, "force": bool(force)})
-        return True
-
-    async def kill_actor(self, aid: str) -> bool:
-        """Kill an actor for good (no restart); ``False`` if there is no such live actor."""
-        a = self.actors.actors.get(aid)
-        if a is None or a.state == DEAD:
-            return False
-        await self._run(self.actors.kill(aid, True, "killed from the Jupyter panel"))
-        return True

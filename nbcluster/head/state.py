@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from nbcluster.head.instructions import (
@@ -37,23 +36,7 @@ from nbcluster.head.model import (
     units_of,
 )
 from nbcluster.head.placement import Bundle, PlacementGroups, group_of
-
-
-@dataclass
-class _Pass:
-    """Bookkeeping of one scheduling pass: what requests waiting for a worker will take."""
-
-    reserved: dict[str, dict[str, int]] = field(default_factory=dict)
-    reserved_gpus: dict[str, dict[int, int]] = field(default_factory=dict)
-    placed: dict[str, int] = field(default_factory=dict)  # node id -> requests put there
-
-    def reserve(self, node_id: str, units: dict[str, int], gpus: dict[int, int]) -> None:
-        res = self.reserved.setdefault(node_id, {})
-        for k, v in units.items():
-            res[k] = res.get(k, 0) + v
-        rg = self.reserved_gpus.setdefault(node_id, {})
-        for g, u in gpus.items():
-            rg[g] = rg.get(g, 0) + u
+from nbcluster.head.select import Pass, Selector, fits, idle_worker
 
 
 class ClusterState:
@@ -67,7 +50,7 @@ class ClusterState:
         self._ids = itertools.count(1)
         # Ids of a restarted head must not collide with the ones its peers still hold.
         self._id_prefix = id_prefix
-        self._spread_turn = 0  # rotates SPREAD's tie-break among equally loaded nodes
+        self.select = Selector(self.nodes)  # where a request goes (policies, per-pass indexes)
         self.groups = PlacementGroups(self.nodes, self.leases)  # placement groups' bundles
 
     # ----------------------------------------------------------------------------- nodes
@@ -107,6 +90,8 @@ class ClusterState:
             info=info or {},
         )
         self.nodes[node_id] = node
+        self.select.nodes_changed()
+        self.select.freed(node_id, total)
         out: list[Instruction] = []
         for _ in range(prestart):
             node.starting += 1
@@ -124,6 +109,9 @@ class ClusterState:
         if node is None or not node.alive:
             return []
         node.alive = False
+        self.select.nodes_changed()
+        for req in self.pending:
+            req.could_fit = False  # fewer nodes: judged again
         out: list[Instruction] = []
         for wid in list(node.workers):
             out += self.worker_died(wid, reason)
@@ -207,6 +195,8 @@ class ClusterState:
         w.blocked = blocked
         if cpus > 0 and pool is not None:
             pool.avail_u["CPU"] = pool.avail_u.get("CPU", 0) + (cpus if blocked else -cpus)
+            if blocked:
+                self.select.freed(lease.node_id, ("CPU",))
         return self.schedule() if blocked else []
 
     # ----------------------------------------------------------------------------- leases
@@ -289,6 +279,7 @@ class ClusterState:
     def remove_group(self, pg_id: str, reason: str) -> list[Instruction] | None:
         """Remove a placement group (``None``: unknown); requests waiting for it fail."""
         out = self.groups.remove(pg_id, reason)
+        self.select.forget()  # its bundles' free part went back to their nodes
         return None if out is None else out + self.schedule()
 
     def resize_lease(self, lease_id: str, shape: dict[str, float]) -> list[Instruction]:
@@ -308,6 +299,8 @@ class ClusterState:
             delta = lease.units.get(k, 0) - new.get(k, 0)
             if node is not None:
                 node.avail_u[k] = node.avail_u.get(k, 0) + delta
+                if delta > 0:
+                    self.select.freed(lease.node_id, (k,))
         gpu, gpu_u = lease.shape.get("GPU"), lease.units.get("GPU")
         lease.shape = {k: v for k, v in shape.items() if k != "GPU"}
         lease.units = {k: v for k, v in new.items() if k != "GPU"}
@@ -332,6 +325,7 @@ class ClusterState:
             w.state = WorkerState.IDLE if w.actor_id is None else WorkerState.RETIRED
         if node is None:
             return
+        self.select.freed(lease.node_id, lease.units)
         for k, v in lease.units.items():
             if k == "CPU" and blocked:
                 continue  # already lent back while blocked
@@ -354,57 +348,6 @@ class ClusterState:
                 best = missing
         return best if best is not None else dict(shape)
 
-    @staticmethod
-    def _could_fit(node: NodeInfo, units: dict[str, int]) -> bool:
-        """Whether the node has enough in total (idle) for ``units``."""
-        return all(node.total_u.get(k, 0) >= v for k, v in units.items())
-
-    def _fits(
-        self, node: NodeInfo | Bundle, units: dict[str, int], plan: _Pass | None = None
-    ) -> dict[int, int] | None:
-        """GPU assignment (id -> units) if ``units`` fit the free resources of a node (or of a
-        placement group's bundle) now."""
-        held = plan.reserved.get(node.key, {}) if plan is not None else {}
-        for k, v in units.items():
-            if node.avail_u.get(k, 0) - held.get(k, 0) < v:
-                return None
-        need = units.get("GPU", 0)
-        if need <= 0:
-            return {}
-        held_g = plan.reserved_gpus.get(node.key, {}) if plan is not None else {}
-        free = {g: u - held_g.get(g, 0) for g, u in node.gpu_free_u.items()}
-        if need < UNIT:
-            # Fractional: share the fullest GPU that still has room (packs small requests).
-            cands = [g for g, u in free.items() if u >= need]
-            if not cands:
-                return None
-            g = min(cands, key=lambda g: (free[g], g))
-            return {g: need}
-        whole = [g for g, u in sorted(free.items()) if u >= UNIT]
-        if need % UNIT or len(whole) < need // UNIT:
-            return None
-        return {g: UNIT for g in whole[: need // UNIT]}
-
-    def _idle_worker(
-        self, node: NodeInfo, job_id: str, gpus: dict[int, int], env: str = ""
-    ) -> WorkerInfo | None:
-        want = tuple(sorted(gpus))
-        best: WorkerInfo | None = None
-        best_rank = 99
-        idle = WorkerState.IDLE  # a local: the hot path reads it once per worker
-        for w in node.workers.values():
-            if w.state is not idle or w.job_id not in (None, job_id):
-                continue
-            if w.job_id is not None and w.env != env:
-                continue  # it runs another runtime_env (its sys.path, cwd, variables)
-            if want and w.gpus is not None and w.gpus != want:
-                continue  # pinned to other GPUs
-            # Prefer this job's workers, then ones already pinned to these GPUs.
-            rank = (0 if w.job_id == job_id else 2) + (0 if (w.gpus == want or not want) else 1)
-            if rank < best_rank:
-                best, best_rank = w, rank
-        return best
-
     def schedule(self) -> list[Instruction]:
         """Place pending requests, first come first served; returns instructions.
 
@@ -416,45 +359,45 @@ class ClusterState:
         if not self.pending:
             return out
         still: deque[LeaseRequest] = deque()
-        plan = _Pass()
+        plan = Pass()
         want_start: dict[str, int] = {}
         want_envs: dict[str, set[tuple[str, str]]] = {}  # node id -> (job, env) waiting there
         for req in self.pending:
-            in_group = group_of(req.strategy) is not None
-            pairs: list[tuple[NodeInfo, Bundle | None]]
-            if in_group:  # only its group's bundles
-                found, error = self.groups.candidates(req)
-                pairs = list(found)
+            bundle: Bundle | None = None
+            found: tuple[NodeInfo, dict[int, int]] | None = None
+            if group_of(req.strategy) is not None:  # only its group's bundles
+                pairs, error = self.groups.candidates(req)
+                feasible_now = True  # a group not placed yet is what it waits for
+                for node, b in pairs:
+                    gpus = fits(b or node, req.units, plan)
+                    if gpus is not None:
+                        found, bundle = (node, gpus), b
+                        break
             else:
-                nodes, error = self._candidates(req, plan)
-                pairs = [(n, None) for n in nodes]
+                node_or_none, gpus_or_none, error, feasible_now = self.select.choose(req, plan)
+                if node_or_none is not None and gpus_or_none is not None:
+                    found = (node_or_none, gpus_or_none)
             if error is not None:
                 out.append(Unschedulable(req.requester, req.rid, error))
                 continue
-            placed = False
-            feasible_now = in_group  # a group not placed yet is what it waits for
-            for node, bundle in pairs:
-                pool = bundle or node
-                gpus = self._fits(pool, req.units, plan)
-                if gpus is None:
-                    continue
-                feasible_now = True
+            if found is not None:
+                node, gpus = found
                 plan.placed[node.node_id] = plan.placed.get(node.node_id, 0) + 1
-                w = self._idle_worker(node, req.job_id, gpus, req.env)
-                if w is None:
-                    want_start[node.node_id] = want_start.get(node.node_id, 0) + 1
-                    want_envs.setdefault(node.node_id, set()).add((req.job_id, req.env))
-                    plan.reserve(pool.key, req.units, gpus)
-                    req.waiting_on = node.node_id
-                    break
-                out.append(self._grant(req, node, w, gpus, bundle))
-                placed = True
-                break
-            if placed:
-                continue
+                w = idle_worker(node, req.job_id, gpus, req.env)
+                if w is not None:
+                    out.append(self._grant(req, node, w, gpus, bundle))
+                    continue
+                want_start[node.node_id] = want_start.get(node.node_id, 0) + 1
+                want_envs.setdefault(node.node_id, set()).add((req.job_id, req.env))
+                plan.reserve((bundle or node).key, req.units, gpus)
+                req.waiting_on = node.node_id
             still.append(req)
-            if not feasible_now and not req.infeasible_reported:
-                missing = self.missing_resources(req.shape)
+            if not feasible_now and not req.infeasible_reported and not req.could_fit:
+                key = tuple(sorted(req.shape.items()))
+                if key not in plan.missing:  # once per shape and pass: it scans every node
+                    plan.missing[key] = self.missing_resources(req.shape)
+                missing = plan.missing[key]
+                req.could_fit = missing is None
                 if missing is not None:
                     req.infeasible_reported = True
                     out.append(Infeasible(req.requester, req.rid, missing, req.shape))
@@ -495,78 +438,6 @@ class ClusterState:
                 out.append(KillWorker(node.node_id, w.worker_id))
                 excess -= 1
         return out
-
-    def _candidates(self, req: LeaseRequest, plan: _Pass) -> tuple[list[NodeInfo], str | None]:
-        """The nodes to try for ``req``, best first; or an error when it can never run."""
-        alive = [n for n in self.nodes.values() if n.alive]
-        spec = req.strategy
-        kind = spec.get("t") if spec else None
-        if spec is not None and kind == "node":
-            target = self.nodes.get(str(spec.get("node")))
-            usable = target is not None and target.alive and self._could_fit(target, req.units)
-            if target is not None and usable:
-                if spec.get("soft") and spec.get("spill"):
-                    rest = [n for n in self._default_order(req, alive) if n is not target]
-                    return [target, *rest], None
-                return [target], None  # a busy node is waited for
-            if spec.get("soft"):
-                return self._default_order(req, alive), None
-            return [], _affinity_error(req, str(spec.get("node")), target)
-        if kind == "spread":
-            order = self._spread_order(alive, plan)
-        else:
-            order = self._default_order(req, alive)
-            best = self._locality_node(req, alive)
-            if best is not None:
-                order = [best, *(n for n in order if n is not best)]
-        waited = self.nodes.get(req.waiting_on or "")
-        if waited is not None and waited.alive:
-            order = [waited, *(n for n in order if n is not waited)]
-        return order, None
-
-    def _default_order(self, req: LeaseRequest, nodes: list[NodeInfo]) -> list[NodeInfo]:
-        # Prefer nodes with an idle worker of this job, then the least loaded.
-        idle = WorkerState.IDLE  # locals, and a loop rather than any(): this is the hot path
-        job_id = req.job_id
-        env = req.env
-
-        def key(n: NodeInfo) -> tuple[int, float]:
-            busy = 1
-            for w in n.workers.values():
-                if w.state is idle and (w.job_id is None or (w.job_id == job_id and w.env == env)):
-                    busy = 0
-                    break
-            cpu_total = n.total_u.get("CPU", 0) or 1
-            return (busy, -n.avail_u.get("CPU", 0) / cpu_total)
-
-        return sorted(nodes, key=key)
-
-    def _spread_order(self, nodes: list[NodeInfo], plan: _Pass) -> list[NodeInfo]:
-        """Fewest leases first (counting the ones given out in this pass); ties rotate."""
-        if not nodes:
-            return []
-        self._spread_turn = (self._spread_turn + 1) % len(nodes)
-        turn = self._spread_turn
-
-        def key(item: tuple[int, NodeInfo]) -> tuple[int, int]:
-            i, n = item
-            busy = sum(1 for w in n.workers.values() if w.lease_id is not None)
-            return (busy + plan.placed.get(n.node_id, 0), (i - turn) % len(nodes))
-
-        return [n for _, n in sorted(enumerate(nodes), key=key)]
-
-    def _locality_node(self, req: LeaseRequest, nodes: list[NodeInfo]) -> NodeInfo | None:
-        """The node whose store holds most bytes of the request's arguments, if it could run it."""
-        if not req.locality:
-            return None
-        by_store = {n.store_id: n for n in nodes if n.store_id}
-        best: NodeInfo | None = None
-        best_bytes = 0
-        for store, size in sorted(req.locality.items()):
-            node = by_store.get(store)
-            if node is not None and size > best_bytes and self._could_fit(node, req.units):
-                best, best_bytes = node, size
-        return best
 
     def _grant(
         self,
@@ -663,13 +534,13 @@ class ClusterState:
         to start, or for the next pass) are not counted. Pools grow from this
         (:meth:`nbcluster.deploy.pool.Pool.adapt`).
         """
-        plan = _Pass()
+        plan = Pass()
         alive = [n for n in self.nodes.values() if n.alive]
         groups: dict[tuple[tuple[str, float], ...], dict[str, Any]] = {}
         for req in self.pending:
             fitted = False
             for node in alive:
-                gpus = self._fits(node, req.units, plan)
+                gpus = fits(node, req.units, plan)
                 if gpus is not None:
                     plan.reserve(node.node_id, req.units, gpus)
                     fitted = True
@@ -775,14 +646,3 @@ def _clean_locality(raw: Any) -> dict[str, int]:
         for k, v in raw.items()
         if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
     }
-
-
-def _affinity_error(req: LeaseRequest, node_id: str, node: NodeInfo | None) -> str:
-    what = f"{req.name or 'the task'} has a hard NodeAffinitySchedulingStrategy for node {node_id}"
-    if node is None:
-        return f"{what}, which is not part of the cluster (see nodes() for the node ids)"
-    if not node.alive:
-        return f"{what} ({node.name}), which is dead"
-    have = ", ".join(f"{k}: {v:g}" for k, v in sorted(node.total.items()))
-    need = ", ".join(f"{k}: {v:g}" for k, v in sorted(req.shape.items()))
-    return f"{what} ({node.name}), which has {{{have}}} in total, less than {{{need}}}"

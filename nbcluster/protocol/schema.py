@@ -154,7 +154,8 @@ class Ping(Message, tag=Kind.PING.value):
 
 
 class Pong(Message, tag=Kind.PONG.value):
-    summary = "head -> client/agent"
+    summary = "head -> client/agent (``every``: to an agent, seconds until its next ping)"
+    every: float = 0.0
 
 
 class Goodbye(Message, tag=Kind.GOODBYE.value):
