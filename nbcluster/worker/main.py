@@ -17,7 +17,7 @@ import sys
 import threading
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -67,6 +67,11 @@ class Worker:
         self._cancel_requested: str | None = None
         self._main = threading.main_thread()
         self._outbox: deque[tuple[bytes, Header | m.Message, list[Any]]] = deque()
+        # While the main thread runs user code it does not touch the task socket, so other
+        # threads (a task's own threads printing) send on it at once under this lock instead of
+        # queueing for a main thread that may be busy for hours (see ``_user_code``).
+        self._sock_lock = threading.Lock()
+        self._direct = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -113,16 +118,39 @@ class Worker:
         """Send a message; from threads other than the main one it is queued for the main thread."""
         if threading.current_thread() is self._main:
             self._send(ident, header, payload or [])
-        else:
+            return
+        with self._sock_lock:
+            if self._direct:
+                self._send_locked(ident, header, payload or [])
+                return
             self._outbox.append((ident, header, payload or []))
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_w, b"\0")
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
 
     def _send(self, ident: bytes, header: Header | m.Message, payload: list[Any]) -> None:
+        with self._sock_lock:
+            self._send_locked(ident, header, payload)
+
+    def _send_locked(self, ident: bytes, header: Header | m.Message, payload: list[Any]) -> None:
         try:
             self.sock.send_multipart([ident, *encode(header, payload)], copy=False)
         except zmq.ZMQError:
             pass  # the driver is gone; the head will recycle this worker
+
+    @contextlib.contextmanager
+    def _user_code(self) -> Iterator[None]:
+        """The main thread runs user code: other threads may send on the task socket meanwhile.
+
+        Without this, what a task's threads print would wait for the task's end, and be lost
+        if its driver exits first.
+        """
+        with self._sock_lock:
+            self._direct = True
+        try:
+            yield
+        finally:
+            with self._sock_lock:
+                self._direct = False
 
     def _flush_outbox(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -357,7 +385,8 @@ class Worker:
         error: BaseException | None = None
         try:
             try:
-                result = fn(*args, **kwargs)
+                with self._user_code():
+                    result = fn(*args, **kwargs)
                 if h.gen:
                     result = self.stream(ident, h, result)
                 ok = True
@@ -379,6 +408,8 @@ class Worker:
             cancelled = not ok
         finally:
             self._cancel_requested = None
+            with self._sock_lock:  # again: a cancellation may have landed in _user_code's exit
+                self._direct = False
             self.stdout.default = self.stderr.default = None
             self.end(target, (tokens[0], tokens[1]))
         del args, kwargs
@@ -411,8 +442,14 @@ class Worker:
                 f"{type(gen).__name__}, not a generator"
             )
         count = 0
+        it = iter(gen)
         try:
-            for value in gen:
+            while True:
+                with self._user_code():  # the generator's body runs in next()
+                    try:
+                        value = next(it)
+                    except StopIteration:
+                        break
                 self.send_item(ident, h, count, value)
                 count += 1
                 if h.bp:
