@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbcluster.runtime_env.spec import RuntimeEnvSpec, parse
-from nbcluster.scheduling import PlacementGroupSchedulingStrategy, StrategySpec, strategy_spec
+from nbcluster.scheduling import (
+    PlacementGroupSchedulingStrategy,
+    StrategySpec,
+    strategy_spec,
+    submitted_strategy,
+)
 
 _EPS = 1e-9
 
@@ -188,8 +193,9 @@ class TaskOptions:
         return shape
 
     def strategy(self) -> StrategySpec | None:
-        """The scheduling strategy in its wire form (``None`` for DEFAULT)."""
-        return strategy_spec(self.scheduling_strategy)
+        """The scheduling strategy in its wire form (``None`` for DEFAULT), a captured
+        placement group's when none was given (:func:`~nbcluster.scheduling.submitted_strategy`)."""
+        return submitted_strategy(self.scheduling_strategy)
 
 
 def _check_amount(name: str, value: Any) -> float:

@@ -166,15 +166,62 @@ def test_tasks_and_actors_know_their_group(nodes: dict[str, str]) -> None:
     assert nb.get(current_group.remote(), timeout=TIMEOUT) is None  # a task outside
     inside = current_group.options(scheduling_strategy=_in(pg, 1)).remote()
     assert nb.get(inside, timeout=TIMEOUT) == pg.id.hex()
-
-    @nb.remote(num_cpus=1)
-    class Member:
-        def group(self) -> str | None:
-            found = get_current_placement_group()
-            return found.id.hex() if found is not None else None
-
     member = Member.options(scheduling_strategy=_in(pg)).remote()  # type: ignore[attr-defined]
     assert nb.get(member.group.remote(), timeout=TIMEOUT) == pg.id.hex()
+
+
+@nb.remote(num_cpus=1)
+class Member:
+    def group(self) -> str | None:
+        found = get_current_placement_group()
+        return found.id.hex() if found is not None else None
+
+
+@nb.remote(num_cpus=1)
+def parent() -> dict[str, Any]:
+    """What the tasks and actors this task creates see as their group."""
+    # One at a time: the group has 3 bundles of 1 CPU, and this task holds one.
+    out: dict[str, Any] = {
+        "own": nb.get(current_group.remote(), timeout=TIMEOUT),
+        "default": nb.get(
+            current_group.options(scheduling_strategy="DEFAULT").remote(), timeout=TIMEOUT
+        ),
+        "grandchild": nb.get(hop.remote(), timeout=TIMEOUT),
+    }
+    member = Member.remote()  # type: ignore[attr-defined]
+    out["actor"] = nb.get(member.group.remote(), timeout=TIMEOUT)
+    nb.kill(member)
+    out["capture"] = nb.get_runtime_context().should_capture_child_tasks_in_placement_group
+    return out
+
+
+@nb.remote(num_cpus=1)
+def hop() -> str | None:
+    return nb.get(current_group.remote(), timeout=TIMEOUT)  # type: ignore[no-any-return]
+
+
+def test_capture_child_tasks_runs_children_in_the_parents_group(nodes: dict[str, str]) -> None:
+    """With ``placement_group_capture_child_tasks=True`` what a task creates without a strategy
+    of its own runs in its group (any bundle), and so on down; without it, outside."""
+    pg = placement_group([{"CPU": 1}] * 3, strategy="PACK")
+    assert pg.wait(TIMEOUT)
+    captured = PlacementGroupSchedulingStrategy(pg, 0, placement_group_capture_child_tasks=True)
+    seen = nb.get(parent.options(scheduling_strategy=captured).remote(), timeout=TIMEOUT)
+    assert seen == {
+        "own": pg.id.hex(),
+        "default": None,  # a strategy of its own ("DEFAULT" included) is not captured
+        "grandchild": pg.id.hex(),  # captured children capture theirs
+        "actor": pg.id.hex(),
+        "capture": True,
+    }
+    plain = nb.get(parent.options(scheduling_strategy=_in(pg, 0)).remote(), timeout=TIMEOUT)
+    assert plain == {
+        "own": None,
+        "default": None,
+        "grandchild": None,
+        "actor": None,
+        "capture": False,
+    }
 
 
 def test_gang_reservation_never_half_reserves(nodes: dict[str, str]) -> None:

@@ -22,7 +22,7 @@ from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
 from nbcluster.client.wire import split_parts
 from nbcluster.exceptions import TaskCancelledError, TaskUnschedulableError, WorkerCrashedError
 from nbcluster.protocol.messages import Kind
-from nbcluster.scheduling import preferred_store, stored_bytes
+from nbcluster.scheduling import placement_fields, preferred_store, stored_bytes
 from nbcluster.serialization import dumps, loads
 
 if TYPE_CHECKING:
@@ -167,6 +167,7 @@ class Leasing:
         header["assigned"] = assigned
         if rec.renv is not None:
             header["renv"] = rec.renv
+        header.update(placement_fields(rec.strategy))
         self._emit(ToWorker(conn, header, payload))
 
     # ------------------------------------------------------------------ leases

@@ -446,10 +446,6 @@ class Observer:
             return msgspec.to_builtins(self.history(str(q.node_id)))
         if what == "placement_groups":  # nbcluster.util.placement_group
             return msgspec.to_builtins(self.placement_group_views())
-        if what == "placement_group_of":  # the group of the lease worker ``name`` holds
-            w = self.state.workers.get(str(q.name))
-            lease = self.state.leases.get(w.lease_id) if w is not None and w.lease_id else None
-            return lease.bundle[0] if lease is not None and lease.bundle is not None else None
         if what == "demand":  # what pools grow from (nbcluster.deploy)
             return self.demand()
         return None

@@ -46,6 +46,7 @@ from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import DEAD, PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import derive_keys
+from nbcluster.scheduling import placement_fields
 from nbcluster.transport import Transport
 from nbcluster.transport.channel import Channel, Listener, Network, PeerUnreachable, ZmqNetwork
 from nbcluster.transport.serve import Dispatcher, follow, serve
@@ -403,6 +404,7 @@ class HeadService(GroupRequests):
             "cls_name": a.cls_name,
             "assigned": a.shape,
             **a.spec,
+            **placement_fields(a.strategy),
         }
         await sock.send(encode(header, a.payload))
 

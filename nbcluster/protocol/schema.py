@@ -382,6 +382,8 @@ class Task(Message, tag=Kind.TASK.value):
     renv: RuntimeEnv | None = None
     gen: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0  # 1: streaming generator, 2: dynamic
     bp: Count = 0  # streaming: pause when this many items are unconsumed (0: never)
+    pg: str | None = None  # the placement group it runs in
+    capture: bool = False  # its child tasks and actors run in ``pg`` too
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1 if self.fnb else 0)
@@ -529,6 +531,8 @@ class ActorInit(Message, tag=Kind.ACTOR_INIT.value):
     sys_path: list[str] = []
     renv: RuntimeEnv | None = None
     concurrency_groups: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
+    pg: str | None = None  # the placement group it runs in
+    capture: bool = False  # the tasks and actors it creates run in ``pg`` too
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1)

@@ -79,6 +79,8 @@ class Worker:
         self.stderr = LineForwarder("stderr", sys.stderr, self._emit)
         self._orig_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.actor: Any = None  # ActorHost once this worker hosts an actor
+        # The placement group of the task (or of the actor) here, and whether it captures.
+        self.placement: tuple[str | None, bool] = (None, False)
         self._env_key: str | None = None  # the runtime_env this worker entered, if any
         self._acked: dict[str, int] = {}  # stream -> items its consumer has taken
         self._ack_cond = threading.Condition()
@@ -249,6 +251,7 @@ class Worker:
     ) -> None:
         match h:
             case m.Task():
+                self.placement = (h.pg, h.capture)
                 self.set_gpus(h.gpus)
                 try:
                     self.enter_env(h.renv)  # before the function: it may import from it
@@ -352,6 +355,8 @@ class Worker:
             worker_id=self.ident.worker_id,
             assigned=assigned or (self.actor.assigned if self.actor is not None else {}),
             actor_id=self.actor.aid if self.actor is not None else None,
+            placement_group=self.placement[0],
+            capture=self.placement[1],
         )
         target = OutputTarget(ident, tid, name)
         return target, context.current_task.set(ctx), current_output.set(target)
