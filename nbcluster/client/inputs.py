@@ -103,6 +103,7 @@ class TaskResult:
     kept: list[str]  # argument refs the callee kept
     returned: list[Any]  # [oid, owner] of refs inside the result
     payload: list[Any]
+    retire: bool = False  # the worker ran its function max_calls times: it is done
 
 
 @dataclass(slots=True)

@@ -657,6 +657,7 @@ class IoShell:
                 msg.kept,
                 msg.returned,
                 payload,
+                msg.retire,
             )
         )
 

@@ -393,7 +393,8 @@ class Observer:
                     BundleView(
                         index=b.index,
                         resources=dict(b.shape),
-                        node_id=b.node_id,
+                        node_id=b.node_id
+                        or b.home,  # (home: its node, not back yet after a restart)
                         available=amounts_of(b.avail_u),
                     )
                     for b in g.bundles

@@ -330,7 +330,9 @@ class HeadService(GroupRequests):
                     assert_never(ins)
 
     async def _job_ended(self, job_id: str) -> None:
-        """Tell every alive node that the job ended: its stored objects are freed."""
+        """Tell every alive node that the job ended: its stored objects are freed (and its
+        placement groups go, restored ones whose creator never came back included)."""
+        await self.creator_gone(b"", job_id)
         for node in self.state.nodes.values():
             if node.alive:
                 await self._send(node.client, {"k": Kind.JOB_ENDED, "job_id": job_id})
@@ -538,7 +540,7 @@ class HeadService(GroupRequests):
         )
 
     async def _on_lease_return(self, peer: Peer, msg: m.LeaseReturn, payload: list[Any]) -> None:
-        await self._run(self.state.return_lease(peer.ident, msg.lease_id))
+        await self._run(self.state.return_lease(peer.ident, msg.lease_id, msg.retire))
 
     async def _on_lease_cancel(self, peer: Peer, msg: m.LeaseCancel, payload: list[Any]) -> None:
         await self._run(self.state.cancel_request(peer.ident, msg.rid))
@@ -640,7 +642,7 @@ class HeadService(GroupRequests):
             leases = msgspec.to_builtins(h.leases)
             await self._run(
                 self.recovery.client_rejoined(
-                    ident, peer.job_id, peer.owns_job, leases, list(h.actors)
+                    ident, peer.job_id, peer.owns_job, leases, list(h.actors), h.worker_id or ""
                 )
             )
         if owns:

@@ -103,6 +103,8 @@ class HeldLease(msgspec.Struct):
     shape: Shape
     gpus: list[int] = []
     env: str = ""  # the runtime_env key its worker serves
+    pg: str = ""  # the placement group it was leased in ("": none)
+    bundle: int = -1  # the bundle index asked for (-1: any)
 
 
 class RunningWorker(msgspec.Struct):
@@ -213,8 +215,9 @@ class LeaseCancel(Message, tag=Kind.LEASE_CANCEL.value):
 
 
 class LeaseReturn(Message, tag=Kind.LEASE_RETURN.value):
-    summary = "driver -> head: done with a worker"
+    summary = "driver -> head: done with a worker (``retire``: its max_calls are used up)"
     lease_id: str
+    retire: bool = False
 
 
 class LeaseLost(Message, tag=Kind.LEASE_LOST.value):
@@ -384,6 +387,7 @@ class Task(Message, tag=Kind.TASK.value):
     bp: Count = 0  # streaming: pause when this many items are unconsumed (0: never)
     pg: str | None = None  # the placement group it runs in
     capture: bool = False  # its child tasks and actors run in ``pg`` too
+    mc: Count = 0  # max_calls: the worker retires once it ran function ``fn`` this often
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1 if self.fnb else 0)
@@ -408,6 +412,7 @@ class Result(Message, tag=Kind.RESULT.value):
     kept: list[str] = []
     returned: list[list[str]] = []
     lost: list[Count] = []  # argument indexes lost with their node: the owner may rebuild them
+    retire: bool = False  # the task's max_calls are used up: this worker takes no more tasks
 
     def frames(self) -> int | None:
         return sum(self.n)

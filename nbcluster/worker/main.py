@@ -81,6 +81,8 @@ class Worker:
         self.actor: Any = None  # ActorHost once this worker hosts an actor
         # The placement group of the task (or of the actor) here, and whether it captures.
         self.placement: tuple[str | None, bool] = (None, False)
+        self._calls: dict[str, int] = {}  # function id -> tasks of it run here (max_calls)
+        self._retire_tid: str | None = None  # the task whose result says we retire
         self._env_key: str | None = None  # the runtime_env this worker entered, if any
         self._acked: dict[str, int] = {}  # stream -> items its consumer has taken
         self._ack_cond = threading.Condition()
@@ -259,6 +261,10 @@ class Worker:
                 except Exception as exc:
                     self.send_error(ident, h.tid, self.task_error(h.name, exc, 0), "exc")
                     return
+                if h.mc:  # Ray's max_calls: the result of the last call says we retire
+                    done = self._calls[h.fn] = self._calls.get(h.fn, 0) + 1
+                    if done >= h.mc:
+                        self._retire_tid = h.tid
                 self.invoke(ident, h, payload[pos:], fn)
             case m.ActorInit():
                 from nbcluster.worker.actor_host import ActorHost
@@ -541,6 +547,7 @@ class Worker:
             n=[len(p) for p in parts],
             kept=kept,
             returned=[[r.oid, r.owner_address] for r in returned],
+            retire=tid == self._retire_tid,
         )
         self.send(ident, header, frames)
 
@@ -611,7 +618,13 @@ class Worker:
         arguments lost with their node)."""
         frames = self.error_frames(err)
         header = m.Result(
-            tid=tid, ok=False, err=kind, n=[len(frames)], kept=kept or [], lost=lost or []
+            tid=tid,
+            ok=False,
+            err=kind,
+            n=[len(frames)],
+            kept=kept or [],
+            lost=lost or [],
+            retire=tid == self._retire_tid,
         )
         self.send(ident, header, frames)
 
