@@ -177,6 +177,9 @@ class Member:
         found = get_current_placement_group()
         return found.id.hex() if found is not None else None
 
+    def child_group(self) -> str | None:
+        return nb.get(current_group.remote(), timeout=TIMEOUT)  # type: ignore[no-any-return]
+
 
 @nb.remote(num_cpus=1)
 def parent() -> dict[str, Any]:
@@ -191,6 +194,7 @@ def parent() -> dict[str, Any]:
     }
     member = Member.remote()  # type: ignore[attr-defined]
     out["actor"] = nb.get(member.group.remote(), timeout=TIMEOUT)
+    out["actor_child"] = nb.get(member.child_group.remote(), timeout=TIMEOUT)
     nb.kill(member)
     out["capture"] = nb.get_runtime_context().should_capture_child_tasks_in_placement_group
     return out
@@ -213,6 +217,7 @@ def test_capture_child_tasks_runs_children_in_the_parents_group(nodes: dict[str,
         "default": None,  # a strategy of its own ("DEFAULT" included) is not captured
         "grandchild": pg.id.hex(),  # captured children capture theirs
         "actor": pg.id.hex(),
+        "actor_child": pg.id.hex(),  # an actor created so captures its children too
         "capture": True,
     }
     plain = nb.get(parent.options(scheduling_strategy=_in(pg, 0)).remote(), timeout=TIMEOUT)
@@ -221,6 +226,7 @@ def test_capture_child_tasks_runs_children_in_the_parents_group(nodes: dict[str,
         "default": None,
         "grandchild": None,
         "actor": None,
+        "actor_child": None,
         "capture": False,
     }
 
