@@ -636,9 +636,10 @@ class RuntimeContext:
 
     @property
     def should_capture_child_tasks_in_placement_group(self) -> bool:
-        """Whether tasks and actors created here run in this task's placement group."""
+        """Whether tasks and actors created here run in this task's placement group (``True``
+        in a driver, as in Ray, where there is no group to run in)."""
         task = context.current_task.get()
-        return bool(task is not None and task.capture)
+        return task is None or task.capture
 
     @property
     def current_actor(self) -> Any:

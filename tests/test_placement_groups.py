@@ -210,6 +210,7 @@ def test_capture_child_tasks_runs_children_in_the_parents_group(nodes: dict[str,
     of its own runs in its group (any bundle), and so on down; without it, outside."""
     pg = placement_group([{"CPU": 1}] * 3, strategy="PACK")
     assert pg.wait(TIMEOUT)
+    assert nb.get_runtime_context().should_capture_child_tasks_in_placement_group  # (Ray's)
     captured = PlacementGroupSchedulingStrategy(pg, 0, placement_group_capture_child_tasks=True)
     seen = nb.get(parent.options(scheduling_strategy=captured).remote(), timeout=TIMEOUT)
     assert seen == {
