@@ -429,7 +429,11 @@ class IoShell:
                 self._open_worker(conn)
             case CloseWorker(conn):
                 socks = self._workers.pop(conn, None)
-                if socks is not None:
+                if socks is not None and socks.reader is asyncio.current_task():
+                    # From inside its own reader (a RESULT saying the worker retires): the
+                    # reader reads on after this, so it must end before the sockets close.
+                    self._spawn(self._close_worker_later(socks))
+                elif socks is not None:
                     if socks.reader is not None:
                         socks.reader.cancel()
                     socks.sock.close(linger=0)
@@ -454,6 +458,14 @@ class IoShell:
                 fut = self.loop.create_future()
                 self._replies[rid] = fut
                 fut.add_done_callback(lambda f: _settle(reply, f))
+
+    async def _close_worker_later(self, socks: _WorkerSockets) -> None:
+        if socks.reader is not None:
+            socks.reader.cancel()
+            with contextlib.suppress(BaseException):
+                await socks.reader
+        socks.sock.close(linger=0)
+        socks.ctrl.close(linger=0)
 
     def _show(self, stream: str, text: str, tag: Any) -> None:
         on_output: Callable[[str, str, Any], None] | None = self._client.on_output
