@@ -23,7 +23,7 @@ from nbcluster.options import (
 )
 from nbcluster.runtime_env.spec import parse as parse_runtime_env
 from nbcluster.runtime_env.upload import wire_env
-from nbcluster.scheduling import strategy_spec
+from nbcluster.scheduling import strategy_spec, submitted_strategy
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -255,7 +255,7 @@ class ActorClass:
             "is_async": self._is_async,
             "methods": self._methods,
             "sys_path": _sys_path(),
-            "strategy": strategy_spec(opts.get("scheduling_strategy")),
+            "strategy": submitted_strategy(opts.get("scheduling_strategy")),
         }
         renv = wire_env(client, opts.get("runtime_env"))
         if renv is not None:

@@ -677,11 +677,7 @@ class RuntimeContext:
         """The id of the placement group this task or actor runs in (``None`` in a driver and
         outside groups)."""
         task = context.current_task.get()
-        if task is None or not task.worker_id:
-            return None
-        # The head knows the placement group bundle this worker's lease was carved from.
-        pg_id = _client().query_args("placement_group_of", name=task.worker_id)
-        return str(pg_id) if pg_id else None
+        return task.placement_group if task is not None else None
 
     @property
     def current_placement_group_id(self) -> str | None:
@@ -689,7 +685,10 @@ class RuntimeContext:
 
     @property
     def should_capture_child_tasks_in_placement_group(self) -> bool:
-        return False
+        """Whether tasks and actors created here run in this task's placement group (``True``
+        in a driver, as in Ray, where there is no group to run in)."""
+        task = context.current_task.get()
+        return task is None or task.capture
 
     @property
     def current_actor(self) -> Any:

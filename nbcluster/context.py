@@ -18,6 +18,10 @@ class TaskContext:
     worker_id: str
     assigned: dict[str, object] = field(default_factory=dict)
     actor_id: str | None = None
+    #: The placement group it runs in, and whether what it creates runs there too (Ray's
+    #: ``placement_group_capture_child_tasks``).
+    placement_group: str | None = None
+    capture: bool = False
 
 
 current_task: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(

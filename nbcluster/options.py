@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbcluster.runtime_env.spec import RuntimeEnvSpec, parse
-from nbcluster.scheduling import PlacementGroupSchedulingStrategy, StrategySpec, strategy_spec
+from nbcluster.scheduling import (
+    PlacementGroupSchedulingStrategy,
+    StrategySpec,
+    strategy_spec,
+    submitted_strategy,
+)
 
 _EPS = 1e-9
 
@@ -29,6 +34,7 @@ TASK_OPTION_NAMES = frozenset(
         "scheduling_strategy",
         "runtime_env",
         "_generator_backpressure_num_objects",
+        "max_calls",
     }
 )
 
@@ -53,7 +59,7 @@ _COMMON_IGNORED = frozenset(
 )
 
 #: Ray's function options accepted and ignored.
-TASK_OPTIONS_IGNORED = _COMMON_IGNORED | {"max_calls"}
+TASK_OPTIONS_IGNORED = _COMMON_IGNORED
 
 #: Ray's actor options accepted and ignored.
 ACTOR_OPTIONS_IGNORED = _COMMON_IGNORED | {
@@ -131,7 +137,8 @@ def legacy_placement(opts: dict[str, Any]) -> None:
 
 
 def check_ignored(opts: dict[str, Any]) -> None:
-    """Check the values of accepted-but-ignored options whose misuse would change a result.
+    """Check the values of ``max_calls`` and of ignored options whose misuse would change a
+    result.
 
     Raises
     ------
@@ -168,6 +175,8 @@ class TaskOptions:
     runtime_env: RuntimeEnvSpec | None = None
     #: Ray's ``_generator_backpressure_num_objects`` (0: no backpressure).
     generator_backpressure: int = 0
+    #: Ray's ``max_calls``: a worker that ran the function this many times exits (0: never).
+    max_calls: int = 0
 
     def replace(self, **kwargs: Any) -> TaskOptions:
         """Return a copy with ``kwargs`` applied (validated as in :func:`make_task_options`)."""
@@ -188,8 +197,9 @@ class TaskOptions:
         return shape
 
     def strategy(self) -> StrategySpec | None:
-        """The scheduling strategy in its wire form (``None`` for DEFAULT)."""
-        return strategy_spec(self.scheduling_strategy)
+        """The scheduling strategy in its wire form (``None`` for DEFAULT), a captured
+        placement group's when none was given (:func:`~nbcluster.scheduling.submitted_strategy`)."""
+        return submitted_strategy(self.scheduling_strategy)
 
 
 def _check_amount(name: str, value: Any) -> float:
@@ -247,6 +257,9 @@ def make_task_options(base: TaskOptions | None = None, **kwargs: Any) -> TaskOpt
             changes[key] = value
         elif key == "_generator_backpressure_num_objects":
             changes["generator_backpressure"] = check_backpressure(value)
+        elif key == "max_calls":
+            if value is not None:  # (checked by check_ignored)
+                changes[key] = value
         elif key in ("max_retries", "num_returns"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{key} must be an integer, got {value!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -86,6 +87,7 @@ class RemoteFunction:
             runtime_env=wire_env(client, opts.runtime_env),
             gen=gen,
             backpressure=opts.generator_backpressure,
+            max_calls=opts.max_calls,
         )
         if nret == 1:
             return refs[0]
@@ -97,8 +99,11 @@ class RemoteFunction:
         return opts.num_returns != TaskOptions.num_returns
 
     def options(self, **kwargs: Any) -> _BoundOptions:
-        """Override options for one submission: ``f.options(num_gpus=1).remote(x)``."""
-        return _BoundOptions(self, make_task_options(self._options, **kwargs))
+        """Override options for one submission: ``f.options(num_gpus=1).remote(x)``.
+
+        As in Ray, ``max_calls`` cannot be overridden here: the decorator's holds.
+        """
+        return _BoundOptions(self, _with_options(self._options, kwargs))
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - Ray DAG API
         raise NotImplementedError("nbcluster does not implement Ray's DAG API (bind)")
@@ -116,7 +121,15 @@ class _BoundOptions:
         return self._fn._submit(self._options, args, kwargs)
 
     def options(self, **kwargs: Any) -> _BoundOptions:
-        return _BoundOptions(self._fn, make_task_options(self._options, **kwargs))
+        return _BoundOptions(self._fn, _with_options(self._options, kwargs))
+
+
+def _with_options(base: TaskOptions, kwargs: dict[str, Any]) -> TaskOptions:
+    """``.options()`` over ``base``; a ``max_calls`` there is checked and ignored (Ray's rule)."""
+    opts = make_task_options(base, **kwargs)
+    if opts.max_calls != base.max_calls:
+        opts = dataclasses.replace(opts, max_calls=base.max_calls)
+    return opts
 
 
 def generator_mode(is_generator: bool, num_returns: int | str, explicit: bool) -> tuple[int, int]:
@@ -169,7 +182,12 @@ def _make(target: Any, opts: TaskOptions | dict[str, Any]) -> Any:
 
         return ActorClass(target, opts if isinstance(opts, dict) else {})
     if isinstance(opts, dict):
-        opts = make_task_options(None, **opts)
+        given = opts
+        opts = make_task_options(None, **given)
+        if opts.num_gpus > 0 and given.get("max_calls") is None:
+            # Ray's default for GPU functions: a fresh worker per call, so that GPU memory
+            # (which frameworks keep cached) is given back when the call ends.
+            opts = dataclasses.replace(opts, max_calls=1)
     return RemoteFunction(target, opts)
 
 

@@ -70,7 +70,9 @@ class PlacementGroupSchedulingStrategy:
     placement_group_bundle_index
         The bundle to run in; ``-1`` (default): any bundle of the group with room.
     placement_group_capture_child_tasks
-        Accepted for Ray's code; tasks submitted by the task run with their own strategy.
+        ``True``: the tasks and actors this task or actor creates without a
+        ``scheduling_strategy`` of their own run in the same group (any bundle), and
+        :func:`~nbcluster.util.placement_group.get_current_placement_group` in them returns it.
     """
 
     placement_group: Any
@@ -135,6 +137,30 @@ def strategy_spec(strategy: Any) -> StrategySpec | None:
     )
 
 
+def submitted_strategy(strategy: Any) -> StrategySpec | None:
+    """The wire form of the strategy a task or actor is submitted with, here and now.
+
+    A task or actor created with no ``scheduling_strategy`` of its own (``None``: not even
+    ``"DEFAULT"``) inside a task or actor that runs in a placement group with
+    ``placement_group_capture_child_tasks=True`` runs in that group too, in any bundle, and
+    captures its own children in turn (Ray's rule).
+    """
+    if strategy is None:
+        from nbcluster import context
+
+        task = context.current_task.get()
+        if task is not None and task.capture and task.placement_group:
+            return {"t": "pg", "pg": task.placement_group, "bundle": -1, "capture": True}
+    return strategy_spec(strategy)
+
+
+def placement_fields(spec: StrategySpec | None) -> dict[str, Any]:
+    """``TASK``/``ACTOR_INIT`` fields telling a worker the placement group its call runs in."""
+    if spec is None or spec.get("t") != "pg":
+        return {}
+    return {"pg": str(spec["pg"]), "capture": bool(spec.get("capture"))}
+
+
 def strategy_key(spec: StrategySpec | None) -> tuple[Any, ...]:
     """A hashable form of a strategy spec (part of a client's scheduling-class key)."""
     if spec is None:
@@ -185,8 +211,10 @@ def preferred_store(sizes: dict[str, int]) -> str | None:
 __all__ = [
     "NodeAffinitySchedulingStrategy",
     "PlacementGroupSchedulingStrategy",
+    "placement_fields",
     "preferred_store",
     "stored_bytes",
     "strategy_key",
     "strategy_spec",
+    "submitted_strategy",
 ]

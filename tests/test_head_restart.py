@@ -23,6 +23,7 @@ from nbcluster.head.instructions import (
     PublishActorTo,
 )
 from nbcluster.head.model import WorkerState
+from nbcluster.head.placement import CREATED, RESCHEDULING
 from nbcluster.head.recovery import Snapshot, take_snapshot
 from nbcluster.head.restart import (
     NODE_NOT_BACK,
@@ -217,4 +218,65 @@ def test_rejoin_without_a_window_takes_back_what_it_can() -> None:
         PublishActorTo(DRIVER, actors.actors["big"]),  # published even while PENDING
     ]
     assert st.workers["w-actor"].state is WorkerState.LEASED
+    st.validate_state()
+
+
+def _old_head_with_group() -> tuple[Snapshot, dict[str, str], Grant]:
+    """A head with a placement group over nodes a (with 2 GPUs) and b, and a task lease in its
+    GPU bundle: (snapshot, node ids by name, the task's grant)."""
+    st = ClusterState(id_prefix="old-")
+    ids = {
+        "a": st.add_node(b"agent-a", "a", "h", {"CPU": 2, "GPU": 2}, [])[0],
+        "b": st.add_node(b"agent-b", "b", "h", {"CPU": 2}, [])[0],
+    }
+    for w in WORKERS:
+        st.worker_ready(ids["a"], w["worker_id"], w["addr"], w["control_addr"], w["pid"])
+    bundles = [{"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0}]
+    error, _ = st.create_group(
+        b"old-driver", "j1", "g1", bundles=bundles, strategy="STRICT_SPREAD", name="kept"
+    )
+    assert error is None and st.groups.groups["g1"].state == CREATED
+    in_group = {"t": "pg", "pg": "g1", "bundle": 0}
+    (task,) = st.request_lease(b"old-driver", "j1", 7, {"CPU": 1, "GPU": 1}, "f", in_group)
+    assert isinstance(task, Grant) and task.lease.bundle == ("g1", 0)
+    return take_snapshot("oldhead", ActorDirectory(st), ["j1"], []), ids, task
+
+
+def test_groups_come_back_with_their_reservations_and_running_leases() -> None:
+    snap, ids, task = _old_head_with_group()
+    (saved,) = snap.groups
+    assert saved["name"] == "kept" and [b["node_id"] for b in saved["bundles"]] == [
+        ids["a"],
+        ids["b"],
+    ]
+    st, _, rec = _new_head(snap)
+    g = st.groups.groups["g1"]
+    assert g.state == CREATED and g.restoring and not any(b.node_id for b in g.bundles)
+    # Node a is back: its bundle takes its CPU and its very GPU back before any lease is claimed.
+    st.add_node(b"agent-a2", "a", "h", {"CPU": 2, "GPU": 2}, [], node_id=ids["a"])
+    rec.node_rejoined(ids["a"], WORKERS)
+    b0 = g.bundles[0]
+    assert b0.node_id == ids["a"] and b0.gpus == dict.fromkeys(task.lease.gpus, 10_000)
+    assert st.nodes[ids["a"]].avail_u["CPU"] == 10_000
+    # The driver claims the task's lease: carved from the bundle, not from the node again.
+    claim = {
+        "lease_id": task.lease.lease_id,
+        "worker_id": task.worker.worker_id,
+        "shape": {"CPU": 1, "GPU": 1},
+        "gpus": task.lease.gpus,
+        "pg": "g1",
+        "bundle": 0,
+    }
+    assert rec.client_rejoined(DRIVER, "j1", True, [claim], []) == []
+    assert st.leases[task.lease.lease_id].bundle == ("g1", 0)
+    assert st.nodes[ids["a"]].avail_u["CPU"] == 10_000 and b0.avail_u.get("CPU") == 0
+    assert g.creator == DRIVER  # it dies with this driver again
+    st.validate_state()
+    # Node b never comes back: at the window's end its bundle is placed again, when it can be.
+    ended = rec.end()
+    assert ended is not None
+    assert not g.restoring and g.state == RESCHEDULING and g.bundles[1].node_id is None
+    st.validate_state()
+    c, _ = st.add_node(b"agent-c", "c", "h", {"CPU": 2}, [])
+    assert g.state == CREATED and g.bundles[1].node_id == c
     st.validate_state()

@@ -19,6 +19,7 @@ import pytest
 import nbcluster as nb
 from nbcluster.client import current
 from nbcluster.exceptions import ActorDiedError, NbclusterError, TaskUnschedulableError
+from nbcluster.head.recovery import load_snapshot
 from nbcluster.util import (
     get_current_placement_group,
     get_placement_group,
@@ -166,15 +167,69 @@ def test_tasks_and_actors_know_their_group(nodes: dict[str, str]) -> None:
     assert nb.get(current_group.remote(), timeout=TIMEOUT) is None  # a task outside
     inside = current_group.options(scheduling_strategy=_in(pg, 1)).remote()
     assert nb.get(inside, timeout=TIMEOUT) == pg.id.hex()
-
-    @nb.remote(num_cpus=1)
-    class Member:
-        def group(self) -> str | None:
-            found = get_current_placement_group()
-            return found.id.hex() if found is not None else None
-
     member = Member.options(scheduling_strategy=_in(pg)).remote()  # type: ignore[attr-defined]
     assert nb.get(member.group.remote(), timeout=TIMEOUT) == pg.id.hex()
+
+
+@nb.remote(num_cpus=1)
+class Member:
+    def group(self) -> str | None:
+        found = get_current_placement_group()
+        return found.id.hex() if found is not None else None
+
+    def child_group(self) -> str | None:
+        return nb.get(current_group.remote(), timeout=TIMEOUT)  # type: ignore[no-any-return]
+
+
+@nb.remote(num_cpus=1)
+def parent() -> dict[str, Any]:
+    """What the tasks and actors this task creates see as their group."""
+    # One at a time: the group has 3 bundles of 1 CPU, and this task holds one.
+    out: dict[str, Any] = {
+        "own": nb.get(current_group.remote(), timeout=TIMEOUT),
+        "default": nb.get(
+            current_group.options(scheduling_strategy="DEFAULT").remote(), timeout=TIMEOUT
+        ),
+        "grandchild": nb.get(hop.remote(), timeout=TIMEOUT),
+    }
+    member = Member.remote()  # type: ignore[attr-defined]
+    out["actor"] = nb.get(member.group.remote(), timeout=TIMEOUT)
+    out["actor_child"] = nb.get(member.child_group.remote(), timeout=TIMEOUT)
+    nb.kill(member)
+    out["capture"] = nb.get_runtime_context().should_capture_child_tasks_in_placement_group
+    return out
+
+
+@nb.remote(num_cpus=1)
+def hop() -> str | None:
+    return nb.get(current_group.remote(), timeout=TIMEOUT)  # type: ignore[no-any-return]
+
+
+def test_capture_child_tasks_runs_children_in_the_parents_group(nodes: dict[str, str]) -> None:
+    """With ``placement_group_capture_child_tasks=True`` what a task creates without a strategy
+    of its own runs in its group (any bundle), and so on down; without it, outside."""
+    pg = placement_group([{"CPU": 1}] * 3, strategy="PACK")
+    assert pg.wait(TIMEOUT)
+    assert nb.get_runtime_context().should_capture_child_tasks_in_placement_group  # (Ray's)
+    captured = PlacementGroupSchedulingStrategy(pg, 0, placement_group_capture_child_tasks=True)
+    seen = nb.get(parent.options(scheduling_strategy=captured).remote(), timeout=TIMEOUT)
+    assert seen == {
+        "own": pg.id.hex(),
+        "default": None,  # a strategy of its own ("DEFAULT" included) is not captured
+        "grandchild": pg.id.hex(),  # captured children capture theirs
+        "actor": pg.id.hex(),
+        "actor_child": pg.id.hex(),  # an actor created so captures its children too
+        "capture": True,
+    }
+    plain = nb.get(parent.options(scheduling_strategy=_in(pg, 0)).remote(), timeout=TIMEOUT)
+    assert plain == {
+        "own": None,
+        "default": None,
+        "grandchild": None,
+        "actor": None,
+        "actor_child": None,
+        "capture": False,
+    }
 
 
 def test_gang_reservation_never_half_reserves(nodes: dict[str, str]) -> None:
@@ -327,24 +382,63 @@ def marked(marker: str, hold_s: float) -> str:
     return nb.get_runtime_context().get_node_id()
 
 
-def test_head_restart_forgets_groups_and_keeps_their_work_running(
+@nb.remote(num_cpus=1, num_gpus=1)
+def held(marker: str, release: str) -> tuple[float, float]:
+    """Runs from when it marks ``marker`` until ``release`` exists (60 s at most)."""
+    start = time.time()
+    Path(marker).touch()
+    deadline = time.monotonic() + 60
+    while not Path(release).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return start, time.time()
+
+
+def test_head_restart_keeps_groups_and_their_reservations(
     nodes: dict[str, str], tmp_path: Path
 ) -> None:
-    """Groups are not in the restart snapshot: the restarted head forgets them, what runs in
-    them keeps running, and new work naming them fails as for an unknown group."""
+    """Groups are in the restart snapshot: after a head restart they are found by name, listed,
+    usable and removable, and their bundles (GPU ids included) hold their resources, with what
+    ran in them before the restart counted inside the bundle, not on top of it."""
     (procs,) = _PROCS
-    pg = placement_group([{"CPU": 1}], name="before")
+    pg = placement_group([{"CPU": 1, "GPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD", name="kept")
     assert pg.wait(TIMEOUT)
-    marker = tmp_path / "started"
-    running = marked.options(scheduling_strategy=_in(pg), max_retries=0).remote(str(marker), 4)
+    before = placement_group_table(pg)
+    assert before["bundles_to_node_id"] == {0: nodes["a"], 1: nodes["b"]}
+    marker, release = tmp_path / "started", tmp_path / "release"
+    first = held.options(scheduling_strategy=_in(pg, 0), max_retries=0).remote(
+        str(marker), str(release)
+    )
     wait_until(marker.exists, TIMEOUT)
-    procs.wait_saved(actors=0, jobs=1)
+
+    def saved() -> bool:
+        snap = load_snapshot(str(procs.state_file))
+        return snap is not None and [g["pg_id"] for g in snap.groups] == [str(pg.id)]
+
+    wait_until(saved, TIMEOUT)
     procs.kill_head()
     procs.start_head()
-    assert nb.get(running, timeout=TIMEOUT) in nodes.values()  # kept running
-    assert placement_group_table() == {}
-    with pytest.raises(TaskUnschedulableError, match="does not exist"):
-        nb.get(where.options(scheduling_strategy=_in(pg, 0)).remote(), timeout=TIMEOUT)
-    again = placement_group([{"CPU": 1}], name="before")  # the name is free again
-    assert again.wait(TIMEOUT)
-    assert nb.get(where.options(scheduling_strategy=_in(again)).remote(), timeout=TIMEOUT)
+
+    assert get_placement_group("kept") == pg
+    after = placement_group_table(pg)
+    for key in ("name", "strategy", "state", "bundles", "bundles_to_node_id"):
+        assert after[key] == before[key], key
+    # New work in the group runs (lease requests wait until the restart is settled: the nodes
+    # and this driver are back, with the lease of the task still running in bundle 0).
+    got = nb.get(where.options(scheduling_strategy=_in(pg, 1)).remote(), timeout=TIMEOUT)
+    assert got == nodes["b"]
+    # The group holds 2 CPUs and a GPU whatever runs in it: that task counts inside bundle 0
+    # (not on top of it: 1 CPU free; not forgotten: 3 CPUs and 2 GPUs free).
+    assert not release.exists()
+    free = nb.available_resources()
+    assert (free.get("CPU"), free.get("GPU")) == (2.0, 1.0)
+    # Bundle 0 is busy until the first task ends: a second one waits for it (no double booking).
+    second = held.options(scheduling_strategy=_in(pg, 0)).remote(
+        str(tmp_path / "second"), str(release)
+    )
+    time.sleep(1.0)  # (time for a wrongly placed task to start: there is no event to wait on)
+    assert not (tmp_path / "second").exists()
+    release.touch()
+    (_, first_end), (second_start, _) = nb.get([first, second], timeout=TIMEOUT)
+    assert second_start >= first_end
+    remove_placement_group(pg)
+    wait_until(lambda: placement_group_table(pg)["state"] == "REMOVED", TIMEOUT)

@@ -266,6 +266,7 @@ class CoreClient:
         runtime_env: dict[str, Any] | None = None,
         gen: int = 0,
         backpressure: int = 0,
+        max_calls: int = 0,
     ) -> list[Any]:
         """Queue a task; returns one ref per return value.
 
@@ -273,9 +274,11 @@ class CoreClient:
         strategy_spec`); tasks of one shape and strategy share leases. ``runtime_env`` is the
         environment in wire form (:mod:`nbcluster.runtime_env.upload`): its tasks get workers of
         their own. ``gen`` makes it a generator task (:mod:`nbcluster.client.streams`): a
-        streaming one returns ``[ObjectRefGenerator]``.
+        streaming one returns ``[ObjectRefGenerator]``. ``max_calls``: a worker that ran this
+        function so often retires (0: never).
         """
         rec, refs = self._new_record(name, args, kwargs, num_returns, gen, backpressure)
+        rec.max_calls = max_calls
         if 0 <= max_message_bytes() < len(fn_blob):  # (the check and its message only then)
             check_frame_sizes([fn_blob], f"function {name} (pickled)")
         rec.fn_id, rec.fn_blob = fn_id, fn_blob

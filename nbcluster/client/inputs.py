@@ -104,6 +104,7 @@ class TaskResult:
     returned: list[Any]  # [oid, owner] of refs inside the result
     payload: list[Any]
     ph: list[int] = field(default_factory=list)  # the worker's phase timings (RESULT.ph)
+    retire: bool = False  # the worker ran its function max_calls times: it is done
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ from nbcluster.exceptions import (
     WorkerCrashedError,
 )
 from nbcluster.protocol.messages import OOM_REASON, Kind
-from nbcluster.scheduling import preferred_store, stored_bytes
+from nbcluster.scheduling import placement_fields, preferred_store, stored_bytes
 from nbcluster.serialization import dumps, loads
 
 if TYPE_CHECKING:
@@ -190,6 +190,9 @@ class Leasing:
         header["assigned"] = assigned
         if rec.renv is not None:
             header["renv"] = rec.renv
+        header.update(placement_fields(rec.strategy))
+        if rec.max_calls:
+            header["mc"] = rec.max_calls
         self._emit(ToWorker(conn, header, payload))
 
     # ------------------------------------------------------------------ leases
@@ -349,6 +352,8 @@ class Leasing:
         if lease is not None:
             with contextlib.suppress(ValueError):
                 lease.inflight.remove(rec)
+            if ev.retire:
+                self._retire(lease)
         rec.lease = None
         if ev.ok:
             self.tasks.finish(rec, READY, split_parts(ev.counts, ev.payload))
@@ -369,6 +374,14 @@ class Leasing:
             if not lease.inflight and lease.lease_id in self.leases:
                 self._linger(lease)
 
+    def _retire(self, lease: Lease) -> None:
+        """Its worker ran a function ``max_calls`` times: give the lease back for the head to
+        end the worker (a planned exit); the next tasks go to other workers."""
+        self._drop_lease(lease)
+        if self.conns.by_addr.get(lease.worker_addr) is lease.conn:
+            self.conns.close(lease.conn)
+        self._emit(ToHead({"k": Kind.LEASE_RETURN, "lease_id": lease.lease_id, "retire": True}))
+
     def _should_retry_exception(self, rec: TaskRecord, payload: list[Any]) -> bool:
         if not rec.retry_exceptions or rec.cancelled:
             return False
@@ -386,16 +399,21 @@ class Leasing:
     # ------------------------------------------------------------------ head restarts
     def claims(self) -> list[dict[str, Any]]:
         """The leases we hold, as a rejoining ``HELLO`` names them."""
-        return [
-            {
+        out = []
+        for ls in self.leases.values():
+            key = dict(kv for kv in ls.shape_key if len(kv) == 2)
+            strategy = dict(key.get("@strategy") or ())
+            claim = {
                 "lease_id": ls.lease_id,
                 "worker_id": ls.worker_id,
                 "shape": ls.shape,  # not shape_key: that also names strategy and store
                 "gpus": ls.gpus,
-                "env": dict(kv for kv in ls.shape_key if len(kv) == 2).get("@env", ""),
+                "env": key.get("@env", ""),
             }
-            for ls in self.leases.values()
-        ]
+            if strategy.get("t") == "pg":  # carved from a placement group's bundle
+                claim["pg"], claim["bundle"] = strategy["pg"], strategy.get("bundle", -1)
+            out.append(claim)
+        return out
 
     def rejoined(self) -> None:
         """A restarted head took us back: ask again for the leases we wait for."""

@@ -84,6 +84,9 @@ if TYPE_CHECKING:
     from nbcluster.store.client import StoreClient
 
 log = logging.getLogger("nbcluster")
+#: At exit with tasks still running: how long no output must have come before we leave.
+OUTPUT_QUIET_S = 0.05
+
 _worker_errors = RateLimitedLog(log, "a worker answered with an error")
 _owner_errors = RateLimitedLog(log, "an object's owner answered with an error")
 
@@ -172,6 +175,7 @@ class IoShell:
         self.rejoining = False
         self._rejoin_sent = 0.0  # when; a rejoin unanswered for REJOIN_AGAIN_S is sent again
         self.closing = False
+        self._last_log = 0.0  # when a worker's LOG last arrived (monotonic)
         # The receive loops (transport/serve.py owns what a malformed message gets). Nothing
         # here is answered but requests for our objects: an ERROR sent to the head, a worker or
         # an owner could only start a ping-pong of errors.
@@ -322,6 +326,7 @@ class IoShell:
 
     async def _shutdown(self, shutdown_cluster: bool) -> None:
         self.closing = True
+        await self._drain_output()
         if self.state is not None:
             self.state.leasing.closing = True  # leases granted from now on go back
         with contextlib.suppress(Exception):
@@ -332,6 +337,22 @@ class IoShell:
             await asyncio.sleep(0.02)  # let the frame leave before the socket closes
         assert self._stop is not None
         self._stop.set()
+
+    async def _drain_output(self, quiet: float = OUTPUT_QUIET_S, limit: float = 1.0) -> None:
+        """Before leaving while tasks still run: take in what they printed so far (Ray flushes
+        it too), until no line came for ``quiet`` seconds, ``limit`` seconds at most.
+
+        Lines a worker sent before our goodbye may still be in flight; the head kills our
+        workers once we leave, and their output is lost with our sockets.
+        """
+        if self.state is None or not self.state.tasks.by_tid or not self.log_to_driver:
+            return
+        start = time.monotonic()
+        while True:
+            await asyncio.sleep(quiet / 5)
+            now = time.monotonic()
+            if now - max(start, self._last_log) >= quiet or now - start >= limit:
+                return
 
     def _abort(self) -> None:
         """Stop a client whose start-up never finished."""
@@ -409,7 +430,11 @@ class IoShell:
                 self._open_worker(conn)
             case CloseWorker(conn):
                 socks = self._workers.pop(conn, None)
-                if socks is not None:
+                if socks is not None and socks.reader is asyncio.current_task():
+                    # From inside its own reader (a RESULT saying the worker retires): the
+                    # reader reads on after this, so it must end before the sockets close.
+                    self._spawn(self._close_worker_later(socks))
+                elif socks is not None:
                     if socks.reader is not None:
                         socks.reader.cancel()
                     socks.sock.close(linger=0)
@@ -434,6 +459,14 @@ class IoShell:
                 fut = self.loop.create_future()
                 self._replies[rid] = fut
                 fut.add_done_callback(lambda f: _settle(reply, f))
+
+    async def _close_worker_later(self, socks: _WorkerSockets) -> None:
+        if socks.reader is not None:
+            socks.reader.cancel()
+            with contextlib.suppress(BaseException):
+                await socks.reader
+        socks.sock.close(linger=0)
+        socks.ctrl.close(linger=0)
 
     def _show(self, stream: str, text: str, tag: Any) -> None:
         on_output: Callable[[str, str, Any], None] | None = self._client.on_output
@@ -640,6 +673,7 @@ class IoShell:
                 msg.returned,
                 payload,
                 msg.ph,
+                msg.retire,
             )
         )
 
@@ -647,6 +681,7 @@ class IoShell:
         self.feed(StreamItemArrived(conn, msg.tid, msg.i, msg.returned, payload))
 
     def _on_log(self, conn: WorkerConn, msg: m.Log, payload: list[Any]) -> None:
+        self._last_log = time.monotonic()
         if self.log_to_driver:
             self.feed(TaskOutput(conn, msg.tid or "", msg.name, msg.pid, msg.stream, msg.lines))
 

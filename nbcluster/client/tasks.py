@@ -54,6 +54,7 @@ class TaskRecord:
     group: str = ""  # an actor call's concurrency group chosen at the call ("": the method's)
     strategy: dict[str, Any] | None = None  # scheduling strategy (wire form); None = DEFAULT
     renv: dict[str, Any] | None = None  # runtime_env (wire form); None = none
+    max_calls: int = 0  # its worker retires after running its function this often (0: never)
     tag: Any = None  # where its output goes (the notebook cell that submitted it), if known
     gen: int = 0  # a generator task: streams.STREAMING or streams.DYNAMIC
     bp: int = 0  # streaming: the worker pauses when this many items are unconsumed

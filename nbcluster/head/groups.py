@@ -27,6 +27,7 @@ class GroupRequests:
 
     state: ClusterState
     actors: ActorDirectory
+    _dirty: bool  # the service's: save the restart snapshot soon
 
     def __init__(self) -> None:
         # Group id -> the PG_WAITs not answered yet: (client, rid) -> the timer of its limit.
@@ -49,7 +50,9 @@ class GroupRequests:
             name=msg.name,
             namespace=msg.ns,
             detached=msg.detached,
+            creator_worker=peer.worker_id or "",
         )
+        self._dirty = True  # the restart snapshot holds the groups
         reply = {"k": Kind.QUERY_REPLY, "rid": msg.rid, "result": {"error": error}}
         await self._send(peer.ident, reply)
         await self._run(ins)
@@ -86,6 +89,7 @@ class GroupRequests:
 
     async def group_placed(self, pg_id: str) -> None:
         """Answer the PG_WAITs of a group that was placed (or removed)."""
+        self._dirty = True  # where its bundles are is in the restart snapshot
         for (client, rid), timer in self._pg_waiters.pop(pg_id, {}).items():
             if timer is not None:
                 timer.cancel()

@@ -552,7 +552,8 @@ class Observer:
                     BundleView(
                         index=b.index,
                         resources=dict(b.shape),
-                        node_id=b.node_id,
+                        node_id=b.node_id
+                        or b.home,  # (home: its node, not back yet after a restart)
                         available=amounts_of(b.avail_u),
                     )
                     for b in g.bundles
@@ -607,10 +608,6 @@ class Observer:
             return msgspec.to_builtins(self.history(str(q.node_id)))
         if what == "placement_groups":  # nbcluster.util.placement_group
             return msgspec.to_builtins(self.placement_group_views())
-        if what == "placement_group_of":  # the group of the lease worker ``name`` holds
-            w = self.state.workers.get(str(q.name))
-            lease = self.state.leases.get(w.lease_id) if w is not None and w.lease_id else None
-            return lease.bundle[0] if lease is not None and lease.bundle is not None else None
         if what == "demand":  # what pools grow from (nbcluster.deploy)
             return self.demand()
         if what == "timeline":  # nbcluster.timeline(): the spans after `since`, a page at a time

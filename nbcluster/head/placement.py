@@ -36,6 +36,10 @@ MAX_BUNDLES = 10_000
 #: Ray's strategies.
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
+#: The creator of a group restored from a restart snapshot until its creator says hello again
+#: (no client's identity starts so).
+RESTORED = b"(restored)"
+
 
 @dataclass
 class Bundle:
@@ -48,6 +52,8 @@ class Bundle:
     node_id: str | None = None
     avail_u: dict[str, int] = field(default_factory=dict)
     gpu_free_u: dict[int, int] = field(default_factory=dict)
+    gpus: dict[int, int] = field(default_factory=dict)  # the GPU ids (units) it reserved
+    home: str | None = None  # after a head restart: the node it held, until that node is back
 
     @property
     def key(self) -> str:
@@ -71,6 +77,8 @@ class Group:
     infeasible_reported: bool = False
     feasible: bool = False  # its nodes' totals could hold it (judged again when nodes change)
     removal_reason: str = ""
+    creator_worker: str = ""  # the worker whose task or actor created it ("": a driver)
+    restoring: bool = False  # from a restart snapshot: its bundles wait for their nodes
 
 
 def group_of(strategy: dict[str, Any] | None) -> str | None:
@@ -100,6 +108,7 @@ class PlacementGroups:
         name: str = "",
         namespace: str = "",
         detached: bool = False,
+        creator_worker: str = "",
     ) -> str | None:
         """Record a new group (placed by the next :meth:`place`); the error, or ``None``.
 
@@ -123,6 +132,7 @@ class PlacementGroups:
         self.groups[pg_id] = Group(
             pg_id, name, namespace, job_id, creator, strategy, detached, specs
         )
+        self.groups[pg_id].creator_worker = creator_worker
         return None
 
     def waiting(self) -> bool:
@@ -134,7 +144,7 @@ class PlacementGroups:
         out: list[Instruction] = []
         free: dict[str, int] | None = None
         for g in self.groups.values():
-            if g.state not in (PENDING, RESCHEDULING):
+            if g.state not in (PENDING, RESCHEDULING) or g.restoring:
                 continue
             if g.infeasible_reported:
                 continue  # until a node joins (node_added): this runs after every release
@@ -170,10 +180,57 @@ class PlacementGroups:
     def _free_total(self) -> dict[str, int]:
         return _sum_units(n.avail_u for n in self.nodes.values() if n.alive)
 
-    def node_added(self) -> None:
-        """A node joined: groups reported infeasible are judged again."""
+    def node_added(self, node_id: str = "") -> None:
+        """A node joined: groups reported infeasible are judged again; after a head restart,
+        the bundles it held take their resources (and GPU ids) back at once."""
         for g in self.groups.values():
             g.infeasible_reported = g.feasible = False
+            for b in g.bundles:
+                if g.restoring and b.home == node_id and b.home:
+                    b.home = None
+                    node = self.nodes[node_id]
+                    free = all(node.gpu_free_u.get(i, 0) >= u for i, u in b.gpus.items())
+                    if free and _within(b.units, node.avail_u):
+                        self._reserve(b, node_id, b.gpus)
+            if g.restoring and all(b.node_id for b in g.bundles):
+                g.restoring = False
+
+    def restored(self) -> None:
+        """The restart window closed: bundles whose node did not come back are placed again."""
+        for g in self.groups.values():
+            if g.restoring:
+                g.restoring = False
+                if g.state != PENDING and any(b.node_id is None for b in g.bundles):
+                    g.state = RESCHEDULING
+                for b in g.bundles:
+                    b.home = None
+
+    def rebind(self, client: bytes, job_id: str | None, owns_job: bool, worker_id: str) -> None:
+        """A client said hello again after a head restart: the groups it created are its
+        again (they die with it, unless detached)."""
+        for g in self.groups.values():
+            mine = g.creator_worker == worker_id if g.creator_worker else owns_job
+            if g.creator.startswith(RESTORED) and mine and g.job_id == job_id:
+                g.creator = client
+
+    def carve(self, lease: Lease, pg: tuple[str, int] | None) -> bool:
+        """Take a lease re-created after a head restart out of the bundle it ran in: one of
+        group ``pg`` = (id, index or -1) on its node with room (``False``: none)."""
+        g = self.groups.get(pg[0]) if pg is not None else None
+        if g is None or pg is None or g.state == REMOVED:
+            return False
+        for b in g.bundles:
+            if b.node_id != lease.node_id or pg[1] not in (-1, b.index):
+                continue
+            gpus_ok = all(b.gpu_free_u.get(i, 0) >= u for i, u in lease.gpu_units.items())
+            if _within(lease.units, b.avail_u) and gpus_ok:
+                for k, v in lease.units.items():
+                    b.avail_u[k] -= v
+                for i, u in lease.gpu_units.items():
+                    b.gpu_free_u[i] -= u
+                lease.bundle = (g.pg_id, b.index)
+                return True
+        return False
 
     def node_removed(self, node_id: str) -> None:
         """A node died: its bundles lost their reservation and are placed again."""
@@ -315,6 +372,7 @@ class PlacementGroups:
         b.node_id = node_id
         b.avail_u = dict(b.units)
         b.gpu_free_u = dict(gpus)
+        b.gpus = dict(gpus)
 
     def _plan(
         self, g: Group, totals: bool, fresh: bool = False
@@ -406,6 +464,8 @@ class PlacementGroups:
                 gpu_total = sum(b.gpu_free_u.values()) + sum(hg.values())
                 assert gpu_total == b.units.get("GPU", 0), f"{b.key}: GPU ids disagree"
                 assert all(u >= 0 for u in b.gpu_free_u.values()), f"{b.key}: GPU below 0"
+            if g.restoring:
+                continue  # some bundles wait for their node
             if g.state == CREATED and g.strategy == "STRICT_PACK":
                 assert len({b.node_id for b in g.bundles}) == 1, f"{g.pg_id} not packed"
             if g.state == CREATED and g.strategy == "STRICT_SPREAD":

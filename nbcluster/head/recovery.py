@@ -2,7 +2,8 @@
 
 The head keeps its live state in memory. To survive a restart (the Jupyter server hosting it
 restarts, or ``nbcluster head`` is run again) it writes a small snapshot — the actor directory,
-the jobs whose drivers were connected and which nodes were alive or dead — to a file of mode 0600,
+the placement groups (bundles, strategy, name, lifetime, creator and where each bundle is), the
+jobs whose drivers were connected and which nodes were alive or dead — to a file of mode 0600,
 and rebuilds the rest from the peers that reconnect:
 
 - node agents re-register with their node id and their running workers;
@@ -36,6 +37,8 @@ from typing import Any
 import msgpack
 
 from nbcluster.head.actors import ActorDirectory, ActorInfo
+from nbcluster.head.model import units_of
+from nbcluster.head.placement import REMOVED, RESTORED, Bundle, Group, PlacementGroups
 from nbcluster.protocol.messages import DEAD
 
 _SNAPSHOT_VERSION = 1
@@ -81,6 +84,7 @@ class Snapshot:
     jobs: list[str] = field(default_factory=list)  # jobs with a connected driver
     nodes: dict[str, str] = field(default_factory=dict)  # alive node id -> name
     dead_nodes: list[str] = field(default_factory=list)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # live placement groups
     saved_at: float = 0.0
 
 
@@ -97,6 +101,7 @@ def take_snapshot(
         lease = cluster.leases.get(a.lease_id or "")
         if lease is not None and lease.gpus:
             snap.actor_gpus[a.aid] = sorted(lease.gpus)
+    snap.groups = [_group_record(g) for g in cluster.groups.groups.values() if g.state != REMOVED]
     snap.nodes = {n.node_id: n.name for n in cluster.nodes.values() if n.alive}
     snap.dead_nodes = sorted(set(dead_nodes) | {n for n, v in cluster.nodes.items() if not v.alive})
     return snap
@@ -113,6 +118,7 @@ def save_snapshot(path: str, snap: Snapshot) -> None:
             "jobs": snap.jobs,
             "nodes": snap.nodes,
             "dead_nodes": snap.dead_nodes,
+            "groups": snap.groups,
             "saved_at": snap.saved_at,
         },
         use_bin_type=True,
@@ -149,6 +155,7 @@ def load_snapshot(path: str) -> Snapshot | None:
         jobs=list(raw.get("jobs", [])),
         nodes=dict(raw.get("nodes", {})),
         dead_nodes=list(raw.get("dead_nodes", [])),
+        groups=list(raw.get("groups", [])),
         saved_at=float(raw.get("saved_at", 0.0)),
     )
 
@@ -161,6 +168,56 @@ def restore_actors(actors: ActorDirectory, snap: Snapshot) -> None:
         actors.actors[a.aid] = a
         if a.name is not None:
             actors.names[(a.namespace, a.name)] = a.aid
+
+
+def _group_record(g: Group) -> dict[str, Any]:
+    """A placement group as the snapshot keeps it: what it is, and where each bundle holds what
+    (a bundle still waiting for its node after an earlier restart keeps that node)."""
+    return {
+        "pg_id": g.pg_id,
+        "name": g.name,
+        "namespace": g.namespace,
+        "job_id": g.job_id,
+        "creator_worker": g.creator_worker,
+        "strategy": g.strategy,
+        "detached": g.detached,
+        "state": g.state,
+        "bundles": [
+            {"shape": b.shape, "node_id": b.node_id or b.home, "gpus": b.gpus} for b in g.bundles
+        ],
+    }
+
+
+def restore_groups(groups: PlacementGroups, snap: Snapshot) -> None:
+    """Put the snapshot's placement groups back, their bundles waiting for their nodes: each
+    takes its resources and GPU ids back when its node registers again
+    (:meth:`PlacementGroups.node_added`), before that node's leases are claimed."""
+    for rec in snap.groups:
+        bundles = [
+            Bundle(
+                rec["pg_id"],
+                i,
+                {str(k): float(v) for k, v in b["shape"].items()},
+                units_of(b["shape"]),
+                gpus={int(k): int(v) for k, v in dict(b.get("gpus") or {}).items()},
+                home=b.get("node_id") or None,
+            )
+            for i, b in enumerate(rec["bundles"])
+        ]
+        g = Group(
+            rec["pg_id"],
+            rec["name"],
+            rec["namespace"],
+            rec["job_id"],
+            RESTORED + rec["pg_id"].encode(),
+            rec["strategy"],
+            bool(rec["detached"]),
+            bundles,
+            state=rec["state"],
+            creator_worker=rec.get("creator_worker") or "",
+            restoring=True,
+        )
+        groups.groups[g.pg_id] = g
 
 
 def gpu_shares(gpu_ids: list[int], shape: dict[str, float]) -> dict[int, float]:

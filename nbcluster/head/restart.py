@@ -29,7 +29,8 @@ from nbcluster.head.instructions import (
     PublishActorTo,
 )
 from nbcluster.head.model import WorkerState
-from nbcluster.head.recovery import Snapshot, gpu_shares, restore_actors
+from nbcluster.head.placement import group_of
+from nbcluster.head.recovery import Snapshot, gpu_shares, restore_actors, restore_groups
 from nbcluster.head.state import ClusterState
 from nbcluster.protocol.messages import ALIVE, DEAD, PENDING
 
@@ -60,6 +61,7 @@ class LeaseClaim:
     shape: dict[str, float]
     gpus: list[int]
     env: str = ""  # the runtime_env key of its worker
+    pg: tuple[str, int] | None = None  # the placement group (id, bundle index) it ran in
 
 
 @dataclass
@@ -115,8 +117,9 @@ class Recovery:
         return self.window is not None
 
     def start(self, snap: Snapshot, now: float | None = None) -> None:
-        """Put the snapshot's actors back and open the window."""
+        """Put the snapshot's actors and placement groups back and open the window."""
         restore_actors(self.actors, snap)
+        restore_groups(self.state.groups, snap)
         self.window = Window(snap) if now is None else Window(snap, started=now)
 
     def over(self, now: float | None = None) -> bool:
@@ -152,8 +155,9 @@ class Recovery:
             if w_ is None or w_.node_id != node_id or a.state != ALIVE or a.lease_id is None:
                 continue
             gpus = gpu_shares(gpus_of.get(a.aid, []), a.shape)
+            pg = pg_of(a.strategy)
             if st.claim_lease(
-                ActorRequester(a.aid), a.job_id, a.lease_id, w_.worker_id, a.shape, gpus
+                ActorRequester(a.aid), a.job_id, a.lease_id, w_.worker_id, a.shape, gpus, pg=pg
             ):
                 w_.actor_id = a.aid
                 w_.detached = a.detached
@@ -173,13 +177,16 @@ class Recovery:
         owns_job: bool,
         leases: list[dict[str, Any]],
         actor_ids: list[str],
+        worker_id: str = "",
     ) -> list[Instruction]:
         """A driver (or worker-client) said hello again after a head restart, naming the
-        ``leases`` it holds (``HELLO.leases``) and the actors it uses: take them back."""
+        ``leases`` it holds (``HELLO.leases``) and the actors it uses: take them back, and
+        the placement groups it created (``worker_id``: the worker a worker-client is in)."""
         rec = self.window
         out: list[Instruction] = []
         if rec is not None and job_id:
             rec.rejoined_jobs.add(job_id)
+        self.state.groups.rebind(client, job_id, owns_job, worker_id)
         for ls in leases:
             claim = LeaseClaim(
                 client,
@@ -189,6 +196,7 @@ class Recovery:
                 {k: float(v) for k, v in dict(ls["shape"]).items()},
                 list(ls.get("gpus") or ()),
                 str(ls.get("env") or ""),
+                pg_of({"t": "pg", **ls}) if ls.get("pg") else None,
             )
             held = self.state.leases.get(claim.lease_id)
             if held is not None and (held.worker_id, held.job_id) == (
@@ -250,10 +258,21 @@ class Recovery:
             w = st.workers.get(wid)
             if w is not None and w.state is WorkerState.ADOPTED:
                 ins.append(KillWorker(w.node_id, wid))  # its job is unknown: recycle it
+        st.groups.restored()  # groups whose nodes did not come back are placed anew
+        ins += st.schedule()
         return notices + ins, rec.deferred
 
     def _claim(self, c: LeaseClaim) -> bool:
         gpus = gpu_shares(c.gpus, c.shape)
         return self.state.claim_lease(
-            c.client, c.job_id, c.lease_id, c.worker_id, c.shape, gpus, env=c.env
+            c.client, c.job_id, c.lease_id, c.worker_id, c.shape, gpus, env=c.env, pg=c.pg
         )
+
+
+def pg_of(strategy: dict[str, Any] | None) -> tuple[str, int] | None:
+    """(group id, bundle index) of a placement group strategy's wire form, else ``None``."""
+    pg_id = group_of(strategy)
+    if pg_id is None or strategy is None:
+        return None
+    index = strategy.get("bundle", -1)
+    return pg_id, index if isinstance(index, int) else -1

@@ -50,6 +50,7 @@ from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import DEAD, PROTOCOL_VERSION, Kind
 from nbcluster.protocol.security import derive_keys
+from nbcluster.scheduling import placement_fields
 from nbcluster.transport import Transport
 from nbcluster.transport.channel import Channel, Listener, Network, PeerUnreachable, ZmqNetwork
 from nbcluster.transport.serve import Dispatcher, follow, serve
@@ -339,7 +340,9 @@ class HeadService(GroupRequests, PanelActions):
                     assert_never(ins)
 
     async def _job_ended(self, job_id: str) -> None:
-        """Tell every alive node that the job ended: its stored objects are freed."""
+        """Tell every alive node that the job ended: its stored objects are freed (and its
+        placement groups go, restored ones whose creator never came back included)."""
+        await self.creator_gone(b"", job_id)
         for node in self.state.nodes.values():
             if node.alive:
                 await self._send(node.client, {"k": Kind.JOB_ENDED, "job_id": job_id})
@@ -417,6 +420,7 @@ class HeadService(GroupRequests, PanelActions):
             "cls_name": a.cls_name,
             "assigned": a.shape,
             **a.spec,
+            **placement_fields(a.strategy),
         }
         await sock.send(encode(header, a.payload))
 
@@ -554,7 +558,7 @@ class HeadService(GroupRequests, PanelActions):
         )
 
     async def _on_lease_return(self, peer: Peer, msg: m.LeaseReturn, payload: list[Any]) -> None:
-        await self._run(self.state.return_lease(peer.ident, msg.lease_id))
+        await self._run(self.state.return_lease(peer.ident, msg.lease_id, msg.retire))
 
     async def _on_lease_cancel(self, peer: Peer, msg: m.LeaseCancel, payload: list[Any]) -> None:
         await self._run(self.state.cancel_request(peer.ident, msg.rid))
@@ -655,7 +659,7 @@ class HeadService(GroupRequests, PanelActions):
             leases = msgspec.to_builtins(h.leases)
             await self._run(
                 self.recovery.client_rejoined(
-                    ident, peer.job_id, peer.owns_job, leases, list(h.actors)
+                    ident, peer.job_id, peer.owns_job, leases, list(h.actors), h.worker_id or ""
                 )
             )
         if owns:

@@ -99,7 +99,7 @@ class ClusterState:
         # A new node may make waiting requests feasible.
         for req in self.pending:
             req.infeasible_reported = False
-        self.groups.node_added()
+        self.groups.node_added(node_id)
         out += self.schedule()
         return node_id, out
 
@@ -241,13 +241,20 @@ class ClusterState:
         )
         return []
 
-    def return_lease(self, requester: Requester, lease_id: str) -> list[Instruction]:
-        """The holder is done with a lease: free its resources, its worker becomes idle."""
+    def return_lease(
+        self, requester: Requester, lease_id: str, retire: bool = False
+    ) -> list[Instruction]:
+        """The holder is done with a lease: free its resources, its worker becomes idle (with
+        ``retire``, its task's ``max_calls`` are used up: it is ended instead, as planned)."""
         lease = self.leases.get(lease_id)
         if lease is None or lease.requester != requester:
             return []
         self._release(lease)
-        return self.schedule()
+        w = self.workers.get(lease.worker_id)
+        if not retire or w is None:
+            return self.schedule()
+        w.state = WorkerState.RETIRED
+        return [KillWorker(w.node_id, w.worker_id), *self.schedule()]
 
     def client_gone(self, client: bytes, job_id: str | None, owns_job: bool) -> list[Instruction]:
         """A client disconnected: drop its requests and leases.
@@ -500,10 +507,12 @@ class ClusterState:
         shape: dict[str, float],
         gpus: dict[int, float],
         env: str = "",
+        pg: tuple[str, int] | None = None,
     ) -> bool:
         """Re-create a lease its holder still uses after a head restart; ``False`` if it can't.
 
-        ``env`` is the runtime_env key the worker was leased for (it serves that one only).
+        ``env`` is the runtime_env key the worker was leased for (it serves that one only);
+        ``pg`` the placement group (id, bundle index) it runs in: it is carved from there.
         """
         w = self.workers.get(worker_id)
         claimable = (WorkerState.IDLE, WorkerState.ADOPTED)
@@ -511,9 +520,9 @@ class ClusterState:
             return False
         node = self.nodes[w.node_id]
         lease = Lease(lease_id, requester, job_id, worker_id, w.node_id, shape, gpus)
-        for k, v in lease.units.items():
+        for k, v in ({} if self.groups.carve(lease, pg) else lease.units).items():
             node.avail_u[k] = node.avail_u.get(k, 0) - v
-        for g, u in lease.gpu_units.items():
+        for g, u in ({} if lease.bundle else lease.gpu_units).items():
             node.gpu_free_u[g] = node.gpu_free_u.get(g, UNIT) - u
         if w.job_id is None:
             w.env = env

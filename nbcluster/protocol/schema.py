@@ -103,6 +103,8 @@ class HeldLease(msgspec.Struct):
     shape: Shape
     gpus: list[int] = []
     env: str = ""  # the runtime_env key its worker serves
+    pg: str = ""  # the placement group it was leased in ("": none)
+    bundle: int = -1  # the bundle index asked for (-1: any)
 
 
 class RunningWorker(msgspec.Struct):
@@ -214,8 +216,9 @@ class LeaseCancel(Message, tag=Kind.LEASE_CANCEL.value):
 
 
 class LeaseReturn(Message, tag=Kind.LEASE_RETURN.value):
-    summary = "driver -> head: done with a worker"
+    summary = "driver -> head: done with a worker (``retire``: its max_calls are used up)"
     lease_id: str
+    retire: bool = False
 
 
 class LeaseLost(Message, tag=Kind.LEASE_LOST.value):
@@ -436,6 +439,9 @@ class Task(Message, tag=Kind.TASK.value):
     gen: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0  # 1: streaming generator, 2: dynamic
     bp: Count = 0  # streaming: pause when this many items are unconsumed (0: never)
     retry: bool = False  # the driver would run it again if its worker died (memory monitor)
+    pg: str | None = None  # the placement group it runs in
+    capture: bool = False  # its child tasks and actors run in ``pg`` too
+    mc: Count = 0  # max_calls: the worker retires once it ran function ``fn`` this often
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1 if self.fnb else 0)
@@ -463,6 +469,7 @@ class Result(Message, tag=Kind.RESULT.value):
     # Phase timings for the timeline: [start (wall-clock us), argument fetch, run, result
     # store (us each), worker pid]; empty when the call never started.
     ph: list[int] = []
+    retire: bool = False  # the task's max_calls are used up: this worker takes no more tasks
 
     def frames(self) -> int | None:
         return sum(self.n)
@@ -586,6 +593,8 @@ class ActorInit(Message, tag=Kind.ACTOR_INIT.value):
     sys_path: list[str] = []
     renv: RuntimeEnv | None = None
     concurrency_groups: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
+    pg: str | None = None  # the placement group it runs in
+    capture: bool = False  # the tasks and actors it creates run in ``pg`` too
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps, 1)

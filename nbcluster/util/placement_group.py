@@ -237,12 +237,10 @@ def placement_group_table(placement_group: PlacementGroup | None = None) -> dict
 
 def get_current_placement_group() -> PlacementGroup | None:
     """The group the calling task or actor runs in (``None`` in a driver or outside groups)."""
-    task = current_task.get()
-    if task is None or not task.worker_id:
+    task = current_task.get()  # the call's TASK (or the actor's ACTOR_INIT) named its group
+    if task is None or task.placement_group is None:
         return None
-    # The head knows which bundle the lease of this worker was carved from.
-    pg_id = current.require().query_args("placement_group_of", name=task.worker_id)
-    return PlacementGroup(str(pg_id)) if pg_id else None
+    return PlacementGroup(task.placement_group)
 
 
 def _rows() -> dict[str, dict[str, Any]]:

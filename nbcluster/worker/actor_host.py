@@ -92,6 +92,7 @@ class ActorHost:
             dict(h.concurrency_groups),
         )
         worker.actor = host
+        worker.placement = (h.pg, h.capture)
         host.assigned = dict(h.assigned)
         if h.gpus:
             host.assigned["GPU_IDS"] = list(h.gpus)

@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -74,6 +74,11 @@ class Worker:
         self._cancel_requested: str | None = None
         self._main = threading.main_thread()
         self._outbox: deque[tuple[bytes, Header | m.Message, list[Any]]] = deque()
+        # While the main thread runs user code it does not touch the task socket, so other
+        # threads (a task's own threads printing) send on it at once under this lock instead of
+        # queueing for a main thread that may be busy for hours (see ``_user_code``).
+        self._sock_lock = threading.Lock()
+        self._direct = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -81,6 +86,10 @@ class Worker:
         self.stderr = LineForwarder("stderr", sys.stderr, self._emit)
         self._orig_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.actor: Any = None  # ActorHost once this worker hosts an actor
+        # The placement group of the task (or of the actor) here, and whether it captures.
+        self.placement: tuple[str | None, bool] = (None, False)
+        self._calls: dict[str, int] = {}  # function id -> tasks of it run here (max_calls)
+        self._retire_tid: str | None = None  # the task whose result says we retire
         self._env_key: str | None = None  # the runtime_env this worker entered, if any
         self._acked: dict[str, int] = {}  # stream -> items its consumer has taken
         self._ack_cond = threading.Condition()
@@ -120,16 +129,39 @@ class Worker:
         """Send a message; from threads other than the main one it is queued for the main thread."""
         if threading.current_thread() is self._main:
             self._send(ident, header, payload or [])
-        else:
+            return
+        with self._sock_lock:
+            if self._direct:
+                self._send_locked(ident, header, payload or [])
+                return
             self._outbox.append((ident, header, payload or []))
-            with contextlib.suppress(BlockingIOError):
-                os.write(self._wake_w, b"\0")
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
 
     def _send(self, ident: bytes, header: Header | m.Message, payload: list[Any]) -> None:
+        with self._sock_lock:
+            self._send_locked(ident, header, payload)
+
+    def _send_locked(self, ident: bytes, header: Header | m.Message, payload: list[Any]) -> None:
         try:
             self.sock.send_multipart([ident, *encode(header, payload)], copy=False)
         except zmq.ZMQError:
             pass  # the driver is gone; the head will recycle this worker
+
+    @contextlib.contextmanager
+    def _user_code(self) -> Iterator[None]:
+        """The main thread runs user code: other threads may send on the task socket meanwhile.
+
+        Without this, what a task's threads print would wait for the task's end, and be lost
+        if its driver exits first.
+        """
+        with self._sock_lock:
+            self._direct = True
+        try:
+            yield
+        finally:
+            with self._sock_lock:
+                self._direct = False
 
     def _flush_outbox(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -231,6 +263,7 @@ class Worker:
     ) -> None:
         match h:
             case m.Task():
+                self.placement = (h.pg, h.capture)
                 t0 = time.perf_counter()  # the function's loading counts as fetching
                 self.set_gpus(h.gpus)
                 try:
@@ -239,6 +272,10 @@ class Worker:
                 except Exception as exc:
                     self.send_error(ident, h.tid, self.task_error(h.name, exc, 0), "exc")
                     return
+                if h.mc:  # Ray's max_calls: the result of the last call says we retire
+                    done = self._calls[h.fn] = self._calls.get(h.fn, 0) + 1
+                    if done >= h.mc:
+                        self._retire_tid = h.tid
                 self.invoke(ident, h, payload[pos:], fn, t0)
             case m.ActorInit():
                 from nbcluster.worker.actor_host import ActorHost
@@ -335,6 +372,8 @@ class Worker:
             worker_id=self.ident.worker_id,
             assigned=assigned or (self.actor.assigned if self.actor is not None else {}),
             actor_id=self.actor.aid if self.actor is not None else None,
+            placement_group=self.placement[0],
+            capture=self.placement[1],
         )
         target = OutputTarget(ident, tid, name)
         return target, context.current_task.set(ctx), current_output.set(target)
@@ -387,7 +426,8 @@ class Worker:
         error: BaseException | None = None
         try:
             try:
-                result = fn(*args, **kwargs)
+                with self._user_code():
+                    result = fn(*args, **kwargs)
                 if h.gen:
                     result = self.stream(ident, h, result)
                 ok = True
@@ -410,6 +450,8 @@ class Worker:
         finally:
             ran = timing(t0, t1, time.perf_counter())
             self._cancel_requested = None
+            with self._sock_lock:  # again: a cancellation may have landed in _user_code's exit
+                self._direct = False
             self.stdout.default = self.stderr.default = None
             self.end(target, (tokens[0], tokens[1]))
             if notice:
@@ -446,8 +488,14 @@ class Worker:
                 f"{type(gen).__name__}, not a generator"
             )
         count = 0
+        it = iter(gen)
         try:
-            for value in gen:
+            while True:
+                with self._user_code():  # the generator's body runs in next()
+                    try:
+                        value = next(it)
+                    except StopIteration:
+                        break
                 self.send_item(ident, h, count, value)
                 count += 1
                 if h.bp:
@@ -538,6 +586,7 @@ class Worker:
             kept=kept,
             returned=[[r.oid, r.owner_address] for r in returned],
             ph=[*ran, int((time.perf_counter() - t) * 1e6), self.pid] if ran else [],
+            retire=tid == self._retire_tid,
         )
         self.send(ident, header, frames)
 
@@ -616,6 +665,7 @@ class Worker:
             kept=kept or [],
             lost=lost or [],
             ph=[*ran, 0, self.pid] if ran else [],
+            retire=tid == self._retire_tid,
         )
         self.send(ident, header, frames)
 
