@@ -167,7 +167,7 @@ class StoreClient:
             size = exc.size
         else:
             try:
-                write_segment(reply["path"], frames)
+                write_segment(reply["path"], frames, reuse=bool(reply.get("reused")))
             except BaseException:
                 self.free([oid])
                 raise
