@@ -107,3 +107,34 @@ def test_pooled_segments_give_way_before_anything_spills(tmp_path: Path) -> None
         assert stats["pooled"] == 0 and stats["spilled"] == 0 and stats["objects"] == 2
     finally:
         m.cleanup()
+
+
+def test_a_writer_copies_into_its_kept_mapping_of_a_reused_segment(store: StoreManager) -> None:
+    from nbcluster.store import dumps_oob, loads_frames, map_segment, segment_size
+    from nbcluster.store.writer import SegmentWriter
+
+    w = SegmentWriter(keep=1)
+    inodes = set()
+    try:
+        for i, n in enumerate([4 * MB, 4 * MB, 3 * MB, 4 * MB, 4 * MB]):
+            frames = dumps_oob(np.full(n // 8, float(i)))
+            path, reused = store.reserve_segment(f"o{i}", segment_size(frames))
+            assert reused == (i > 0)
+            w.write(path, frames, reused)
+            store.seal(f"o{i}")
+            inodes.add(os.stat(path).st_ino)
+            got = loads_frames(map_segment(path))
+            assert got.shape == (n // 8,) and float(got.min()) == float(got.max()) == float(i)
+            del got
+            gc.collect()
+            store.free(f"o{i}")
+        assert len(inodes) == 1  # one file throughout, shrunk and grown (grown: pwrite)
+        assert len(w._maps) == 1
+        # A kept mapping of a file that is gone is dropped, not kept holding its pages.
+        for path in store._pool.close():
+            os.unlink(path)
+        small = dumps_oob(b"x" * 100)
+        w.write(store.reserve("small", segment_size(small)), small, False)
+        assert len(w._maps) == 0
+    finally:
+        w.close()
