@@ -44,7 +44,7 @@ class SegmentWriter:
         How many mappings to keep (each holds its file's pages while the file lives).
     """
 
-    def __init__(self, keep: int = 2) -> None:
+    def __init__(self, keep: int = 4) -> None:
         self._keep = keep
         # (dev, inode) -> (descriptor, mapping)
         self._maps: OrderedDict[tuple[int, int], tuple[int, mmap.mmap]] = OrderedDict()
