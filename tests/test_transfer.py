@@ -123,6 +123,10 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         assert _files(node.store_id) == []
 
 
+#: Object files only: freed segments kept for reuse (``.pool-<n>``) are not objects.
+OBJECTS = "[!.]*"
+
+
 def _files(store_id: str, oid: str = "*") -> list[str]:
     return glob.glob(os.path.join(SHM_DIR, f"nbc-{store_id}-{oid}"))
 
@@ -171,7 +175,9 @@ def test_large_object_crosses_nodes_intact(two_nodes: Cluster) -> None:
         get.free(["big.p"])
         put.close()
         get.close()
-    wait_until(lambda: not _files(reader.store_id, "big.p") and not _files(holder.store_id))
+    wait_until(
+        lambda: not _files(reader.store_id, "big.p") and not _files(holder.store_id, OBJECTS)
+    )
 
 
 def test_concurrent_readers_on_one_node_fetch_once(two_nodes: Cluster) -> None:
@@ -259,7 +265,7 @@ def test_reader_node_without_room_says_so(two_nodes: Cluster) -> None:
         with pytest.raises(ObjectStoreFullError):
             get.get(frames)
         assert time.monotonic() - t0 < 30
-        assert _files(small.store_id) == [] and _stats(c, small)["objects"] == 0
+        assert _files(small.store_id, OBJECTS) == [] and _stats(c, small)["objects"] == 0
         # The holder still serves it (to a node with room).
         roomy = c.client(c.nodes[1])
         assert _digest(roomy.get(frames)) == _digest(np.ones(64 * MB // 8))
@@ -309,14 +315,14 @@ def test_holder_killed_mid_transfer(tmp_path: Path) -> None:
             assert "doomed.p" in str(exc) and "went away" in str(exc)
         late.close()
         # The partial segment is gone, and the store's books are back to nothing.
-        assert _files(reader.store_id) == []
+        assert _files(reader.store_id, OBJECTS) == []
         assert _stats(c, reader)["objects"] == 0
         # A holder that is already gone: the pull fails too, within the connect timeout.
         t0 = time.monotonic()
         with pytest.raises(ObjectLostError, match=r"other\.p"):
             get.get(other)
         assert time.monotonic() - t0 < 20
-        assert _files(reader.store_id) == []
+        assert _files(reader.store_id, OBJECTS) == []
         get.close()
     finally:
         _stop_cluster(c)

@@ -26,8 +26,8 @@ from nbcluster.store.segment import (
     segment_frames,
     segment_name,
     segment_size,
-    write_segment,
 )
+from nbcluster.store.writer import SegmentWriter
 
 #: Serialized values at most this big travel inline with messages; larger ones use the store.
 INLINE_THRESHOLD_BYTES = 100 * 1024
@@ -85,10 +85,13 @@ class StoreClient:
         self._lock = threading.RLock()
         self._rid = itertools.count(1)
         self._unpinned: deque[str] = deque()  # appended by mapping finalizers (no lock)
+        # Keeps mappings of the segments we wrote: the next reused one is a plain memcpy.
+        self._writer = SegmentWriter()
 
     def close(self) -> None:
         with self._lock:
             self._sock.close(linger=0)
+        self._writer.close()
 
     # ------------------------------------------------------------------ requests
     def flush(self) -> None:
@@ -167,7 +170,7 @@ class StoreClient:
             size = exc.size
         else:
             try:
-                write_segment(reply["path"], frames)
+                self._writer.write(reply["path"], frames, bool(reply.get("reused")))
             except BaseException:
                 self.free([oid])
                 raise

@@ -49,9 +49,9 @@ def put_local(manager: StoreManager, oid: str, value: Any) -> int:
     """
     frames = dumps_oob(value)
     size = segment_size(frames)
-    path = manager.reserve(oid, size)
+    path, reused = manager.reserve_segment(oid, size)
     try:
-        write_segment(path, frames)
+        write_segment(path, frames, reuse=reused)
     except OSError as exc:
         manager.free(oid)
         if exc.errno == errno.ENOSPC:

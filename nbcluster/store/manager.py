@@ -36,6 +36,7 @@ import heapq
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -53,6 +54,7 @@ from nbcluster.store.errors import (
     ObjectStoreError,
     ObjectStoreFullError,
 )
+from nbcluster.store.pool import SegmentPool
 from nbcluster.store.segment import (
     IO_CHUNK,
     SHM_DIR,
@@ -199,6 +201,8 @@ class StoreManager:
         # The checked spill directory: files in it are created and opened relative to this.
         self._spill_fd = _open_spill_dir(self.spill_dir, default=spill_dir is None)
         self._lock = threading.RLock()
+        # Freed segments whose pages a new object can reuse (a quarter of the capacity at most).
+        self._pool = SegmentPool(shm_dir, f"nbc-{self.store_id}-", self.capacity // 4)
         # Held while we live: an agent started after our death finds and removes our files.
         self._owner_fd = orphans.claim(self.store_id, shm_dir)
 
@@ -216,7 +220,7 @@ class StoreManager:
 
     # ------------------------------------------------------------------ events
     def reserve(self, oid: str, size: int) -> str:
-        """Set aside ``size`` bytes for a new object and say where to write it.
+        """Set aside ``size`` bytes for a new object and say where to create its file.
 
         Memory first, spilling least-recently-used unpinned sealed objects to make room; if
         memory cannot be freed (the object exceeds the capacity, or what is left is pinned), the
@@ -244,6 +248,22 @@ class StoreManager:
         ValueError
             If ``size`` is negative.
         """
+        return self._reserve(oid, size, False)[0]
+
+    def reserve_segment(self, oid: str, size: int) -> tuple[str, bool]:
+        """Like :meth:`reserve`, but the file may be a freed segment handed over for reuse.
+
+        Returns
+        -------
+        tuple
+            ``(path, reused)``: if ``reused``, the file exists already (its pages allocated,
+            truncated to ``size``) and the writer overwrites it
+            (:func:`~nbcluster.store.segment.write_segment` with ``reuse=True``); else it
+            creates it.
+        """
+        return self._reserve(oid, size, True)
+
+    def _reserve(self, oid: str, size: int, reuse: bool) -> tuple[str, bool]:
         validate_oid(oid)
         if size < 0:
             raise ValueError(f"negative object size {size}")
@@ -251,14 +271,18 @@ class StoreManager:
             if oid in self._entries:
                 e = self._entries[oid]
                 raise ObjectExistsError(oid, e.size, e.sealed)
+            path = self.shm_path(oid)
+            reused = reuse and size <= self.capacity and self._pool.take(size, path)
             if self._make_room(oid, size):
                 self._entries[oid] = _Entry(size)
                 self._used += size
-                return self.shm_path(oid)
+                return path, reused
+            if reused:
+                _unlink(path)
             if self._disk_can_take(size):
                 self._entries[oid] = _Entry(size, on_disk=True)
                 self._spilled += size
-                return self.spill_path(oid)
+                return self.spill_path(oid), False
             raise self._full(oid, size)
 
     def seal(self, oid: str) -> None:
@@ -315,26 +339,40 @@ class StoreManager:
                 e.pins -= 1
 
     def free(self, oid: str) -> bool:
-        """Drop ``oid`` (sealed or not) and unlink its file.
+        """Drop ``oid`` (sealed or not) and unlink its file (or keep it for reuse).
 
         Readers that still have it mapped keep valid views (Linux frees the pages when they
-        unmap); the store stops counting it at once.
+        unmap); the store stops counting it at once. A large segment nobody maps goes to the
+        pool of segments for reuse instead (:mod:`nbcluster.store.pool`).
 
         Returns
         -------
         bool
             ``False`` if ``oid`` was not in the store.
         """
+        found, finish = self.release(oid)
+        finish()
+        return found
+
+    def release(self, oid: str) -> tuple[bool, Callable[[], None]]:
+        """:meth:`free` in two steps: the books now, the slow unlinking when the caller likes.
+
+        Returns
+        -------
+        tuple
+            ``(found, finish)``: call ``finish()`` (off the agent's loop: unlinking a large
+            file frees its pages, which takes milliseconds) to remove what is left.
+        """
         with self._lock:
             e = self._entries.pop(oid, None)
             if e is None:
-                return False
+                return False, _nothing
             self._lru.pop(oid, None)
             self._account(e, -e.size)
-            on_disk = e.on_disk
-        # Unlinking a large tmpfs file frees its pages (milliseconds): not under the lock.
-        self._unlink(oid, on_disk)
-        return True
+            if e.on_disk:
+                return True, lambda: self._unlink_spilled(oid)
+            paths = self._pool.offer(self.shm_path(oid), e.size)
+        return True, lambda: _unlink_all(paths)
 
     def locate(self, oid: str, pin: bool = False) -> str:
         """The path to map ``oid`` from, restoring it from the spill disk into memory first.
@@ -378,8 +416,9 @@ class StoreManager:
         Returns
         -------
         dict
-            ``capacity`` and ``used`` (bytes of memory), ``spilled`` (bytes on disk) and
-            ``objects`` (count, reserved ones included).
+            ``capacity`` and ``used`` (bytes of memory), ``spilled`` (bytes on disk),
+            ``objects`` (count, reserved ones included) and ``pooled`` (bytes of freed
+            segments kept for reuse; they give way to new objects before anything spills).
         """
         with self._lock:
             return {
@@ -387,6 +426,7 @@ class StoreManager:
                 "used": self._used,
                 "spilled": self._spilled,
                 "objects": len(self._entries),
+                "pooled": self._pool.bytes,
             }
 
     def largest(self, limit: int) -> list[tuple[str, int, str, int]]:
@@ -422,6 +462,8 @@ class StoreManager:
             self._entries.clear()
             self._lru.clear()
             self._used = self._spilled = 0
+            for path in self._pool.close():
+                removed += _unlink(path)
             removed += cleanup_store(self.store_id, self.spill_dir, self.shm_dir)
             if self._spill_fd >= 0:
                 os.close(self._spill_fd)
@@ -473,6 +515,9 @@ class StoreManager:
         except FileNotFoundError:
             return 0
 
+    def _unlink_spilled(self, oid: str) -> None:
+        self._unlink(oid, True)
+
     def _account(self, e: _Entry, delta: int) -> None:
         if e.on_disk:
             self._spilled += delta
@@ -505,7 +550,11 @@ class StoreManager:
         that cannot work."""
         if size > self.capacity:
             return False
-        need = self._used + size - self.capacity
+        need = self._used + self._pool.bytes + size - self.capacity
+        if need > 0 and self._pool.bytes:  # pooled segments give way first
+            for path in self._pool.trim(max(0, self._pool.bytes - need)):
+                _unlink(path)
+            need = self._used + self._pool.bytes + size - self.capacity
         if need <= 0:
             return True
         victims: list[str] = []
@@ -601,6 +650,15 @@ def _open_spill_dir(path: str, default: bool) -> int:
         raise UnsafePathError(
             f"{exc}; or pass the store another spill directory (--spill-dir)"
         ) from None
+
+
+def _nothing() -> None:
+    pass
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        _unlink(path)
 
 
 def _unlink(path: str) -> int:

@@ -24,12 +24,13 @@ node agent.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import pickle
 import re
+import stat
 import struct
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -181,7 +182,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += n
 
 
-def write_segment(path: str, frames: Sequence[Frame]) -> int:
+def write_segment(path: str, frames: Sequence[Frame], reuse: bool = False) -> int:
     """Write ``frames`` as a new segment file at ``path``.
 
     The file is created exclusively with mode 0600 and written with ``pwrite``, which copies each
@@ -196,6 +197,10 @@ def write_segment(path: str, frames: Sequence[Frame]) -> int:
         The file to create (normally ``<shm_dir>/nbc-<store_id>-<oid>``).
     frames
         ``[pickle_stream, *buffers]``: bytes-like objects or :class:`pickle.PickleBuffer` s.
+    reuse
+        The store handed out a freed segment under this name (:mod:`nbcluster.store.pool`):
+        overwrite it in place, its pages already allocated. It must be a regular file of ours
+        with mode 0600, as every segment is.
 
     Returns
     -------
@@ -205,13 +210,21 @@ def write_segment(path: str, frames: Sequence[Frame]) -> int:
     Raises
     ------
     OSError
-        ``FileExistsError`` if ``path`` exists, ``ENOSPC`` if the file system is full, ...
+        ``FileExistsError`` if ``path`` exists (and ``reuse`` is false), ``ENOSPC`` if the file
+        system is full, ...
+    ObjectStoreError
+        If ``reuse`` is true and the file is not a private segment of ours.
     """
     views = [_flat(f) for f in frames]
     lengths = [v.nbytes for v in views]
     offsets, size = segment_layout(lengths)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    if reuse:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    else:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
+        if reuse:
+            _check_private(path, os.fstat(fd))
         os.ftruncate(fd, size)
         _pwrite_all(fd, memoryview(_header(lengths, offsets)), 0)
         for off, view in zip(offsets, views, strict=True):
@@ -227,34 +240,65 @@ def write_segment(path: str, frames: Sequence[Frame]) -> int:
     return size
 
 
-def open_segment(path: str) -> mmap.mmap:
-    """Map the segment file at ``path`` read-only.
+def _check_private(path: str, st: os.stat_result) -> None:
+    # Only segments this user wrote are used: another local user could otherwise plant a file
+    # under an object's name.
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not stat.S_ISREG(st.st_mode):
+        raise ObjectStoreError(
+            f"segment {path} is not a file owned by this user with mode 0600; refusing to use it"
+        )
 
-    The file descriptor is closed right away; the mapping stays valid even if the file is then
-    unlinked (freed or spilled), until the returned object and every view of it are gone.
+
+def lock_reader(fd: int, path: str, st: os.stat_result) -> None:
+    """Take a shared lock on an opened segment that lasts as long as its mapping.
+
+    The store reuses a freed segment only when it can lock it exclusively (nobody maps it), so
+    a mapping's pages never change under it. Map ``fd`` after this (the mapping keeps a
+    duplicate of the descriptor, and with it the lock, until it is gone).
 
     Raises
     ------
     FileNotFoundError
-        If there is no such segment.
+        If the segment was freed meanwhile: it is held by the store's pool, or ``path`` no
+        longer names it.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FileNotFoundError(f"segment {path} was freed") from None
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"segment {path} was freed") from None
+    if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+        raise FileNotFoundError(f"segment {path} was freed")
+
+
+def open_segment(path: str) -> mmap.mmap:
+    """Map the segment file at ``path`` read-only.
+
+    The file descriptor is closed right away; the mapping stays valid even if the file is then
+    unlinked (freed or spilled), until the returned object and every view of it are gone. It
+    holds a shared lock on the file for as long (:func:`lock_reader`), so the store does not
+    reuse the segment's pages while anything maps them.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no such segment (or it was freed while being opened).
     ObjectStoreError
-        If the file is empty.
+        If the file is empty, not ours or not private.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         st = os.fstat(fd)
-        # Only segments this user wrote are unpickled: another local user could otherwise plant
-        # a file under an object's name.
-        if st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise ObjectStoreError(
-                f"segment {path} is not owned by this user with mode 0600; refusing to read it"
-            )
+        _check_private(path, st)
         size = st.st_size
         if size < _FIXED.size:
             raise ObjectStoreError(f"segment {path} is truncated ({size} bytes)")
-        if sys.version_info >= (3, 13):
-            # Without trackfd=False, CPython keeps a dup of the fd per live mapping.
-            return mmap.mmap(fd, size, access=mmap.ACCESS_READ, trackfd=False)
+        lock_reader(fd, path, st)
+        # The mapping keeps a duplicate of the descriptor, and so the lock, while it lives
+        # (not trackfd=False on 3.13, which would drop the lock with our descriptor).
         return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)

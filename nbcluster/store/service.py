@@ -86,8 +86,10 @@ class StoreService:
             case StoreFree(oids=oids):
                 for oid in oids:
                     self._jobs.pop(oid, None)
-                # Off the loop: freeing pages must not hold up the next put.
-                await loop.run_in_executor(None, lambda: [m.free(oid) for oid in oids])
+                # The books now, in order with the next reservation (which may reuse a freed
+                # segment); unlinking, which frees pages, off the loop.
+                finish = [m.release(oid)[1] for oid in oids]
+                await loop.run_in_executor(None, lambda: [f() for f in finish])
                 return
             case StoreRead():
                 await self._stream(send, ident, h)
@@ -98,7 +100,10 @@ class StoreService:
         try:
             match h:
                 case StoreReserve(oid=oid, size=size, job=job, w=w):
-                    reply["path"] = await loop.run_in_executor(None, m.reserve, oid, size)
+                    path, reused = await loop.run_in_executor(None, m.reserve_segment, oid, size)
+                    reply["path"] = path
+                    if reused:  # a freed segment of ours: overwrite it in place
+                        reply["reused"] = True
                     if job:
                         self._jobs[oid] = job
                     if w:

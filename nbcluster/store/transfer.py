@@ -44,6 +44,7 @@ from nbcluster.store import bulk
 from nbcluster.store.bulk import CONNECT_TIMEOUT_S, STALL_TIMEOUT_S, TICK_MS
 from nbcluster.store.errors import ObjectStoreError
 from nbcluster.store.manager import StoreManager
+from nbcluster.store.segment import lock_reader
 
 log = logging.getLogger(__name__)
 
@@ -374,9 +375,12 @@ def map_segment(path: str) -> tuple[Any, int]:
     """Map a segment file read-only for sending; returns ``(mapping or b"", size)``."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         if size == 0:
             return b"", 0
+        # Chunks in flight keep the mapping, and its lock, so the segment is not reused early.
+        lock_reader(fd, path, st)
         return mmap.mmap(fd, size, prot=mmap.PROT_READ), size
     finally:
         os.close(fd)
