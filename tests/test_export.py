@@ -88,7 +88,11 @@ def test_standalone_head_metrics(procs: Procs) -> None:
     def settled() -> Samples | None:
         s, _ = scrape(url)
         done = value(s, "nbcluster_tasks_ended_total", function="square", state="finished")
-        return s if done == 5 and value(s, "nbcluster_object_store_used_bytes") else None
+        # (and each node's first host sample: agents send one with a ping a second or two in)
+        sampled = all(value(s, "nbcluster_node_memory_total_bytes", node=n) for n in "ab")
+        return (
+            s if done == 5 and value(s, "nbcluster_object_store_used_bytes") and sampled else None
+        )
 
     samples = wait_until(settled, 20)
     assert isinstance(samples, dict)
@@ -170,7 +174,9 @@ def test_grafana_dashboard_uses_existing_metrics(procs: Procs) -> None:
 
     def joined() -> Samples | None:
         s = scrape(url)[0]
-        return s if value(s, "nbcluster_nodes", state="alive") == 1 else None
+        alive = value(s, "nbcluster_nodes", state="alive") == 1
+        # A node's host metrics come with its pings, from about a second after it joined.
+        return s if alive and value(s, "nbcluster_node_memory_total_bytes", node="a") else None
 
     samples = wait_until(joined, 20)
     assert isinstance(samples, dict)

@@ -133,20 +133,24 @@ def test_follow_yields_new_lines_until_the_worker_ends(procs: Procs) -> None:
     actor = Chatty.options(name="ticker").remote("x")
     nb.get(actor.say.remote("start"), timeout=TIMEOUT)
     seen: list[str] = []
-    ended = threading.Event()
+    reading, ended = threading.Event(), threading.Event()
 
     def reader() -> None:
-        for line in get_log(actor_id="ticker", follow=True, tail=0, _interval=0.1):
+        # tail=1: the last line so far, then only new ones (the first read is done once it
+        # yielded, so the ticks below all come after it).
+        for line in get_log(actor_id="ticker", follow=True, tail=1, _interval=0.1):
             seen.append(line)
+            reading.set()
         ended.set()
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
+    assert reading.wait(TIMEOUT)
     nb.get(actor.chatter.remote(20), timeout=TIMEOUT)
     wait_until(lambda: any(ln.endswith("stdout: tick 19") for ln in seen), timeout=TIMEOUT)
     ticks = [ln.rsplit(" ", 1)[1] for ln in seen if "stdout: tick" in ln]
     assert ticks == [str(i) for i in range(20)]  # in order, none twice, none before tail=0
-    assert not any("say start" in ln for ln in seen)
+    assert "start" in seen[0]  # the one tail line: the last that "say" wrote
     nb.kill(actor)
     assert ended.wait(TIMEOUT), "follow did not end with its worker"
 
