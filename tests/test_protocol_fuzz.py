@@ -69,8 +69,18 @@ pytestmark = pytest.mark.timeout(600)
 def _valid(tp: Any) -> Any:
     """A value of type ``tp`` that its schema accepts."""
     origin = typing.get_origin(tp)
-    if origin is typing.Annotated:
-        return _valid(typing.get_args(tp)[0])
+    if origin is typing.Annotated:  # with its constraints met (lengths, lower bounds)
+        base, *metas = typing.get_args(tp)
+        value = _valid(base)
+        for meta in metas:
+            if not isinstance(meta, msgspec.Meta):
+                continue
+            if meta.min_length is not None and isinstance(value, bytes | str):
+                value = value * max(1, meta.min_length)
+                value = value[: meta.max_length or len(value)]
+            if meta.ge is not None and isinstance(value, int) and value < meta.ge:
+                value = int(meta.ge)
+        return value
     if origin in (typing.Union, types.UnionType):
         return _valid(next(a for a in typing.get_args(tp) if a is not type(None)))
     if origin is list:
@@ -79,7 +89,7 @@ def _valid(tp: Any) -> Any:
         return {"CPU": 1.0} if typing.get_args(tp)[1] is float else {"a": 1}
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return _valid_struct(tp)
-    return {str: "x", int: 1, float: 1.0, bool: True}.get(tp)
+    return {str: "x", int: 1, float: 1.0, bool: True, bytes: b"x" * 16}.get(tp)
 
 
 def _valid_struct(cls: type[msgspec.Struct]) -> dict[str, Any]:

@@ -460,8 +460,15 @@ def test_state_lists_tasks_with_rays_fields_and_filters(cluster: nb.ClusterInfo)
     with pytest.raises(ValueError):
         nb.get(_fails.remote(), timeout=T)
     long = _nap.remote(30)
-    running = _until(
-        lambda: list_tasks(filters=[("state", "=", "RUNNING"), ("name", "=", "_nap")]),
+    running = _until(  # (the others' ends reach the head up to half a second late)
+        lambda: (
+            [
+                t
+                for t in list_tasks(filters=[("state", "=", "RUNNING"), ("name", "=", "_nap")])
+                if [t.task_id] == [long.task_id()]
+            ]
+            or None
+        ),
         "the long task to run",
     )
     assert [t.task_id for t in running] == [long.task_id()]
