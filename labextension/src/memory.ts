@@ -10,61 +10,28 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+import { el, PollingSection } from './section';
 import { formatBytes, ownerLabel } from './format';
 import { IMemoryBody, memorySummary, parseMemory, shortObjectId } from './memoryModel';
 
 const API = 'nbcluster/api';
 
-function el(tag: string, cls: string, ...children: (Node | string)[]): HTMLElement {
-  const e = document.createElement(tag);
-  if (cls) {
-    e.className = cls;
-  }
-  e.append(...children);
-  return e;
-}
-
 /** The section; `node` goes into the panel. */
-export class MemorySection {
-  readonly node: HTMLElement;
-
+export class MemorySection extends PollingSection {
   constructor(
     settings: ServerConnection.ISettings = ServerConnection.makeSettings(),
     periodMs = 5000,
     limit = 20
   ) {
-    this._settings = settings;
-    this._periodMs = periodMs;
+    super('nbc-memory', settings, periodMs);
     this._limit = limit;
-    this.node = el('div', 'nbc-memory');
     this.node.hidden = true;
   }
 
-  /** Read now and every few seconds (idempotent). */
-  start(): void {
-    if (this._timer === null) {
-      void this.refresh();
-      this._timer = setInterval(() => void this.refresh(), this._periodMs);
-    }
-  }
-
-  /** Stop reading (the panel is hidden). */
-  stop(): void {
-    if (this._timer !== null) {
-      clearInterval(this._timer);
-      this._timer = null;
-    }
-  }
-
-  dispose(): void {
-    this.stop();
-    this.node.remove();
-  }
-
   async refresh(): Promise<void> {
-    const url = URLExt.join(this._settings.baseUrl, API, 'memory') + `?limit=${this._limit}`;
+    const url = URLExt.join(this.settings.baseUrl, API, 'memory') + `?limit=${this._limit}`;
     try {
-      const response = await ServerConnection.makeRequest(url, {}, this._settings);
+      const response = await ServerConnection.makeRequest(url, {}, this.settings);
       if (!response.ok) {
         return; // no head (503) or not allowed (403): nothing to show
       }
@@ -114,8 +81,5 @@ export class MemorySection {
     );
   }
 
-  private _settings: ServerConnection.ISettings;
-  private _periodMs: number;
   private _limit: number;
-  private _timer: ReturnType<typeof setInterval> | null = null;
 }

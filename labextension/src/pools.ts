@@ -11,58 +11,25 @@ import { Dialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+import { el, PollingSection } from './section';
 import { IPool, parsePools, poolSummary, visibleJobs } from './poolsModel';
 
 const API = 'nbcluster/api';
 
-function el(tag: string, cls: string, ...children: (Node | string)[]): HTMLElement {
-  const e = document.createElement(tag);
-  if (cls) {
-    e.className = cls;
-  }
-  e.append(...children);
-  return e;
-}
-
 /** The section; `node` goes into the panel, hidden while the server has no pools. */
-export class PoolsSection {
-  readonly node: HTMLElement;
-
+export class PoolsSection extends PollingSection {
   constructor(
     settings: ServerConnection.ISettings = ServerConnection.makeSettings(),
     periodMs = 3000
   ) {
-    this._settings = settings;
-    this._periodMs = periodMs;
-    this.node = el('div', 'nbc-pools');
+    super('nbc-pools', settings, periodMs);
     this.node.hidden = true;
   }
 
-  /** Read now and every few seconds (idempotent). */
-  start(): void {
-    if (this._timer === null) {
-      void this.refresh();
-      this._timer = setInterval(() => void this.refresh(), this._periodMs);
-    }
-  }
-
-  /** Stop reading (the panel is hidden). */
-  stop(): void {
-    if (this._timer !== null) {
-      clearInterval(this._timer);
-      this._timer = null;
-    }
-  }
-
-  dispose(): void {
-    this.stop();
-    this.node.remove();
-  }
-
   async refresh(): Promise<void> {
-    const url = URLExt.join(this._settings.baseUrl, API, 'pools');
+    const url = URLExt.join(this.settings.baseUrl, API, 'pools');
     try {
-      const response = await ServerConnection.makeRequest(url, {}, this._settings);
+      const response = await ServerConnection.makeRequest(url, {}, this.settings);
       if (!response.ok) {
         return; // no head (503) or not allowed (403): nothing to show
       }
@@ -128,11 +95,11 @@ export class PoolsSection {
     if (!result.button.accept) {
       return;
     }
-    const url = URLExt.join(this._settings.baseUrl, API, 'pools', encodeURIComponent(pool.name), 'scale');
+    const url = URLExt.join(this.settings.baseUrl, API, 'pools', encodeURIComponent(pool.name), 'scale');
     const response = await ServerConnection.makeRequest(
       url,
       { method: 'POST', body: JSON.stringify({ n }) },
-      this._settings
+      this.settings
     );
     if (!response.ok) {
       let message = `${response.status} ${response.statusText}`;
@@ -146,7 +113,4 @@ export class PoolsSection {
     await this.refresh();
   }
 
-  private _settings: ServerConnection.ISettings;
-  private _periodMs: number;
-  private _timer: ReturnType<typeof setInterval> | null = null;
 }

@@ -16,6 +16,7 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 import { Widget } from '@lumino/widgets';
 
+import { el, PollingSection } from './section';
 import {
   colorFor,
   firstVisible,
@@ -46,19 +47,8 @@ const GROUP_GAP = 6;
 /** The User Timing measure of each draw. */
 export const PAINT_MEASURE = 'nbc-timeline-paint';
 
-function el(tag: string, cls: string, ...children: (Node | string)[]): HTMLElement {
-  const e = document.createElement(tag);
-  if (cls) {
-    e.className = cls;
-  }
-  e.append(...children);
-  return e;
-}
-
 /** The timeline section; `node` goes into the panel or a main-area tab. */
-export class TimelineSection {
-  readonly node: HTMLElement;
-
+export class TimelineSection extends PollingSection {
   constructor(
     options: {
       settings?: ServerConnection.ISettings;
@@ -70,11 +60,13 @@ export class TimelineSection {
       openTab?: () => void;
     } = {}
   ) {
-    this._settings = options.settings ?? ServerConnection.makeSettings();
+    super(
+      'nbc-timeline',
+      options.settings ?? ServerConnection.makeSettings(),
+      options.periodMs ?? 1000
+    );
     this._nodeNames = options.nodeNames ?? (() => ({}));
-    this._periodMs = options.periodMs ?? 1000;
     this._maxHeight = options.maxHeight ?? 0;
-    this.node = el('div', 'nbc-timeline');
     this._summary = el('span', 'nbc-timeline-summary');
     this._live = el('button', 'nbc-button nbc-timeline-live', 'Live') as HTMLButtonElement;
     this._live.type = 'button';
@@ -121,29 +113,17 @@ export class TimelineSection {
     return this._data;
   }
 
-  /** Read now and every period (idempotent). */
+  /** Read now and every period (idempotent), and draw. */
   start(): void {
-    if (this._timer === null) {
-      void this.refresh();
-      this._timer = setInterval(() => void this.refresh(), this._periodMs);
-    }
+    super.start();
     this.draw();
   }
 
-  /** Stop reading (hidden). */
-  stop(): void {
-    if (this._timer !== null) {
-      clearInterval(this._timer);
-      this._timer = null;
-    }
-  }
-
   dispose(): void {
-    this.stop();
     if (this._frame !== null) {
       cancelAnimationFrame(this._frame);
     }
-    this.node.remove();
+    super.dispose();
   }
 
   async refresh(): Promise<void> {
@@ -152,8 +132,8 @@ export class TimelineSection {
     }
     this._busy = true;
     try {
-      const url = URLExt.join(this._settings.baseUrl, API, 'timeline') + `?since=${this._data.next}`;
-      const response = await ServerConnection.makeRequest(url, {}, this._settings);
+      const url = URLExt.join(this.settings.baseUrl, API, 'timeline') + `?since=${this._data.next}`;
+      const response = await ServerConnection.makeRequest(url, {}, this.settings);
       if (!response.ok) {
         return;
       }
@@ -520,11 +500,8 @@ export class TimelineSection {
     ctx.restore();
   }
 
-  private _settings: ServerConnection.ISettings;
   private _nodeNames: () => Record<string, string>;
-  private _periodMs: number;
   private _maxHeight: number;
-  private _timer: ReturnType<typeof setInterval> | null = null;
   private _frame: number | null = null;
   private _busy = false;
   private _measures = 0;
