@@ -423,6 +423,9 @@ def ceiling(
         for _ in range(runs):
             path = f"/dev/shm/nbc-ceiling-{os.getpid()}"
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            # Unlinked at once: the descriptor keeps the tmpfs pages, and nothing is left in
+            # /dev/shm if the run is killed (a finally block does not run on SIGKILL).
+            os.unlink(path)
             try:
                 os.ftruncate(fd, n * chunk * streams)
                 t0 = time.perf_counter()
@@ -447,7 +450,6 @@ def ceiling(
                 rates.append(sum(got.values()) / (time.perf_counter() - t0) / 1e6)
             finally:
                 os.close(fd)
-                os.unlink(path)
         socks[0].send(b"quit")
         proc.join(30)
     finally:
@@ -569,6 +571,9 @@ def tcp_ceiling(
         for _ in range(runs):
             path = f"/dev/shm/nbc-tcp-ceiling-{os.getpid()}"
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            # Unlinked at once: the descriptor keeps the tmpfs pages, and nothing is left in
+            # /dev/shm if the run is killed (a finally block does not run on SIGKILL).
+            os.unlink(path)
             try:
                 os.ftruncate(fd, share * streams)
                 c0, s0 = own_cpu(), their_cpu()
@@ -583,7 +588,6 @@ def tcp_ceiling(
                 tx_cpu.append((their_cpu() - s0) * 1e9 / (share * streams))
             finally:
                 os.close(fd)
-                os.unlink(path)
         for conn in socks:
             conn.sendall(b"quit")
             conn.close()
