@@ -94,3 +94,22 @@ def test_settings_fall_back_to_the_defaults(monkeypatch: pytest.MonkeyPatch) -> 
     assert memory.settings()[1] == 0  # off
     used, total = memory.node_usage()
     assert 0 < used < total
+
+
+def test_task_slot_is_shared_between_worker_and_agent(tmp_path: Path) -> None:
+    path = str(tmp_path / "w1.task")
+    agent = memory.TaskSlot(path, create=True)
+    worker = memory.TaskSlot(path)
+    assert agent.read() is None  # nothing ran yet
+    worker.started("t" * 300, "fn", True)  # an over-long id is cut, not spilled into the name
+    got = agent.read()
+    assert got is not None and got.tid == "t" * 128 and got.name == "fn" and got.retriable
+    assert abs(got.started - time.monotonic()) < 60
+    worker.ended()
+    assert agent.read() is None
+    worker.started("t2", "g", False)
+    got = agent.read()
+    assert got is not None and (got.tid, got.name, got.retriable) == ("t2", "g", False)
+    worker.close()
+    agent.close(unlink=True)
+    assert not os.path.exists(path)

@@ -150,9 +150,9 @@ class NodeAgent:
         self._prestarted = asyncio.Event()
         self._workers: dict[str, dict[str, Any]] = {}  # ready workers, reported on rejoin
         self._killing: set[str] = set()  # workers killed on purpose (their death is no trouble)
-        # The memory monitor: which task each worker runs (they say so on their pipe), and
+        # The memory monitor: which task each worker runs (each writes it in its slot), and
         # why it killed the workers it killed (their death reports say it).
-        self._running: dict[str, memory.RunningTask] = {}
+        self._slots: dict[str, memory.TaskSlot] = {}
         self._oom: dict[str, str] = {}
         self._rejoining = False
         self._rejoin_sent = 0.0
@@ -380,6 +380,14 @@ class NodeAgent:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        try:  # where it says which task it runs (the memory monitor reads it)
+            path = os.path.join(self.logs.folder, f"{worker_id}.task")
+            self._slots[worker_id] = memory.TaskSlot(path, create=True)
+            env[memory.SLOT_ENV] = path
+        except OSError as exc:
+            log.warning(
+                "no task slot for %s (the memory monitor cannot see it): %s", worker_id, exc
+            )
         if self._token_file:
             env[TOKEN_FILE_ENV] = self._token_file
             env.pop(TOKEN_ENV, None)
@@ -411,6 +419,7 @@ class NodeAgent:
             reason = await self._start_failure(proc, exc)
             log.error("could not start a worker: %s", reason)
             self._procs.pop(worker_id, None)
+            self._drop_slot(worker_id)
             self._store_service.writer_died(worker_id)
             # The head must hear of it whatever happened: it plans another start from this.
             await self._send(
@@ -437,7 +446,7 @@ class NodeAgent:
         with contextlib.suppress(Exception):  # its last words: read to the end of the pipe
             await asyncio.wait_for(asyncio.shield(pump), 2.0)
         requested = self._was_killed(worker_id)
-        self._running.pop(worker_id, None)
+        self._drop_slot(worker_id)
         reason = self._oom.pop(worker_id, "") or describe_exit(proc.pid, rc)
         if not requested and rc != 0 and not reason.startswith(OOM_REASON):
             tail = self.logs.tail(worker_id)
@@ -479,6 +488,11 @@ class NodeAgent:
         output = "; its output:\n  " + "\n  ".join(lines) if lines else ""
         return f"{exc} ({describe_exit(proc.pid, proc.returncode)}){output}"
 
+    def _drop_slot(self, worker_id: str) -> None:
+        slot = self._slots.pop(worker_id, None)
+        if slot is not None:
+            slot.close(unlink=True)
+
     def _was_killed(self, worker_id: str) -> bool:
         if worker_id in self._killing:
             self._killing.discard(worker_id)
@@ -493,13 +507,6 @@ class NodeAgent:
         # untagged lines also to ours, as before the node kept logs.
         assert proc.stdout is not None
         async for line in proc.stdout:
-            if memory.is_control(line):  # which task it runs: for the memory monitor
-                task = memory.parse(line, memory.now())
-                if task is None:
-                    self._running.pop(worker_id, None)
-                else:
-                    self._running[worker_id] = task
-                continue
             with contextlib.suppress(OSError):  # a full disk must not stop the pump
                 wlog.write(line, time.time())
             if not line.startswith(b"\x1e"):
@@ -515,11 +522,12 @@ class NodeAgent:
             used, total = memory.node_usage()
             if used <= threshold * total:
                 continue
-            victim = memory.choose(self._running)
+            running = {w: t for w, slot in self._slots.items() if (t := slot.read()) is not None}
+            victim = memory.choose(running)
             proc = self._procs.get(victim) if victim is not None else None
             if victim is None or proc is None or proc.returncode is not None:
                 continue
-            task = self._running[victim]
+            task = running[victim]
             rss = memory.rss_of(proc.pid)
             self._oom[victim] = (
                 f"{OOM_REASON}: the node's memory was {memory.gib(used)} of {memory.gib(total)} "

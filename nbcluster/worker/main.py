@@ -69,6 +69,7 @@ class Worker:
         self.pid = os.getpid()
         # Started by an agent: fd 1 is the pipe to it, which keeps this worker's log.
         self._keep_log = "NBCLUSTER_AGENT_PID" in os.environ
+        self._slot = memory.TaskSlot.from_environment()  # which task runs, for the agent
         self._lock = threading.Lock()
         self._running: str | None = None  # id of the task the main thread runs now
         self._cancel_requested: str | None = None
@@ -417,10 +418,9 @@ class Worker:
         self.stdout.default = self.stderr.default = target
         with self._lock:
             self._running = tid
-        notice = self._keep_log and isinstance(h, m.Task)  # tell the agent (memory monitor)
-        if isinstance(h, m.Task) and notice:
-            with contextlib.suppress(OSError):
-                os.write(1, memory.task_started(tid, name, h.retry))
+        slot = self._slot if isinstance(h, m.Task) else None  # for the memory monitor
+        if slot is not None:
+            slot.started(tid, name, h.retry)  # type: ignore[union-attr]
         ok = cancelled = exiting = False
         result: Any = None
         error: BaseException | None = None
@@ -454,9 +454,8 @@ class Worker:
                 self._direct = False
             self.stdout.default = self.stderr.default = None
             self.end(target, (tokens[0], tokens[1]))
-            if notice:
-                with contextlib.suppress(OSError):
-                    os.write(1, memory.task_ended())
+            if slot is not None:
+                slot.ended()
         del args, kwargs
         kept = self.kept(loaded)
         if cancelled:
