@@ -108,6 +108,14 @@ class TaskResult:
 
 
 @dataclass(slots=True)
+class TasksStolen:
+    """``STOLEN``: tasks queued on the worker behind ``conn`` that it gave back unstarted."""
+
+    conn: WorkerConn
+    tids: list[str]
+
+
+@dataclass(slots=True)
 class StreamItemArrived:
     """``STREAM_ITEM``: item ``index`` of generator task ``tid`` from the worker of ``conn``."""
 
@@ -206,6 +214,7 @@ Event = (
     | Rejoined
     | TaskResult
     | StreamItemArrived
+    | TasksStolen
     | TaskOutput
     | ObjectRequested
     | BorrowReleased

@@ -57,6 +57,15 @@ class CancelOnWorker:
 
 
 @dataclass(slots=True)
+class ToControl:
+    """Send a message on a worker's control socket only (``STEAL``: its control thread answers
+    even while the main thread runs a long task)."""
+
+    conn: WorkerConn
+    header: dict[str, Any]
+
+
+@dataclass(slots=True)
 class ToOwner:
     """Send a message to an object's owner, on our one (ordered) connection to it."""
 
@@ -112,6 +121,7 @@ Instruction = (
     | CloseWorker
     | ToWorker
     | CancelOnWorker
+    | ToControl
     | ToOwner
     | ReplyObject
     | StartTimer

@@ -3,21 +3,32 @@
 Part of :class:`~nbcluster.client.state.ClientState` (pure: it only returns instructions).
 Ready tasks wait in a queue per scheduling class (:class:`~nbcluster.client.tasks.SchedClass`);
 for each queued task the head is asked for a lease (at most :data:`MAX_LEASE_REQUESTS` per
-class, :data:`SPREAD_LEASE_REQUESTS` for SPREAD), and each leased worker runs one task at a
-time. An idle lease is kept :data:`LEASE_LINGER_S` for the next task of its class, then
-returned.
+class, :data:`SPREAD_LEASE_REQUESTS` for SPREAD). A leased worker is sent up to
+:func:`pipeline_depth` tasks at once (it runs them in order: no round trip between them), and a
+worker that goes idle while others still have tasks queued *steals* them (``STEAL`` to the busy
+worker's control thread, which gives back those not started: ``STOLEN``), so a long task never
+holds up the short ones queued behind it while a worker is free. An idle lease is kept
+:data:`LEASE_LINGER_S` for the next task of its class, then returned.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from nbcluster.client.inputs import LeaseGranted, LeaseInfeasible, LeaseLost, LingerExpired
+from nbcluster.client.inputs import (
+    LeaseGranted,
+    LeaseInfeasible,
+    LeaseLost,
+    LingerExpired,
+    TasksStolen,
+)
 from nbcluster.client.inputs import TaskResult as TaskResultEvent
-from nbcluster.client.instructions import Instruction, StartTimer, ToHead, ToWorker
+from nbcluster.client.instructions import Instruction, StartTimer, ToControl, ToHead, ToWorker
 from nbcluster.client.objects import READY
 from nbcluster.client.tasks import Lease, SchedClass, TaskRecord
 from nbcluster.client.wire import split_parts
@@ -55,6 +66,18 @@ def request_cap(strategy: dict[str, Any] | None) -> int:
 
 LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its shape
 
+#: Tasks sent to one leased worker at once (1: one at a time, as before pipelining).
+PIPELINE_ENV = "NBCLUSTER_TASK_PIPELINE"
+DEFAULT_PIPELINE = 8
+
+
+def pipeline_depth() -> int:
+    """How many tasks a leased worker is sent at once (:data:`PIPELINE_ENV`, default 8)."""
+    try:
+        return max(1, int(os.environ.get(PIPELINE_ENV, DEFAULT_PIPELINE)))
+    except ValueError:
+        return DEFAULT_PIPELINE
+
 
 class Leasing:
     """Scheduling classes, the leases we hold and the lease requests we wait on.
@@ -91,6 +114,7 @@ class Leasing:
         self.leases: dict[str, Lease] = {}
         self.seen_nodes: set[str] = set()  # nodes we were leased workers on
         self.closing = False  # leases granted from now on go back at once
+        self.depth = pipeline_depth()
 
     # ------------------------------------------------------------------ queues
     def enqueue(self, rec: TaskRecord) -> None:
@@ -121,20 +145,42 @@ class Leasing:
             self.pump(sc)  # withdraws a lease request no longer needed
 
     def pump(self, sc: SchedClass) -> None:
-        """Send queued tasks to idle leases; ask for (or withdraw) lease requests to match."""
-        # One task at a time per leased worker. (Queueing several on one worker doubles the
-        # throughput of tiny tasks, but a long task would then hold up the ones queued behind
-        # it while other workers idle; that needs work stealing first.)
-        # (A lease whose connection was replaced, a new worker at its address, is waiting for
-        # its LEASE_LOST: nothing more goes to it.)
-        idle = [lease for lease in sc.leases if not lease.inflight and not lease.conn.closed]
-        while sc.queue and idle:
-            rec = sc.queue.popleft()
-            if self.lineage.held_back(rec):
-                idle = [lease for lease in idle if not lease.inflight]  # it may have re-pumped
-                continue
-            self._dispatch(rec, idle.pop())
-        want = min(len(sc.queue), request_cap(sc.strategy)) - len(sc.requests)
+        """Send queued tasks to leases (idle ones first, then pipelined up to the class's
+        depth), steal for idle leases, and ask for (or withdraw) lease requests to match."""
+        queue = sc.queue
+        if queue and sc.leases:
+            # (A lease whose connection was replaced, a new worker at its address, is waiting
+            # for its LEASE_LOST: nothing more goes to it.)
+            spread = sc.strategy is not None and sc.strategy.get("t") == "spread"
+            depth = 1 if spread else self.depth  # (SPREAD: one per worker, many workers)
+            for level in range(depth):
+                for lease in list(sc.leases):
+                    if not queue:
+                        break
+                    inflight = lease.inflight
+                    if len(inflight) != level or lease.conn.closed:
+                        continue
+                    # A worker that retires after max_calls gets no task behind another.
+                    if level and (inflight[-1].max_calls or queue[0].max_calls):
+                        continue
+                    rec = queue.popleft()
+                    if not self.lineage.held_back(rec):
+                        self._dispatch(rec, lease)
+                if not queue:
+                    break
+        if not queue and sc.leases:
+            self._steal(sc)
+        self._ask(sc)
+
+    def _ask(self, sc: SchedClass) -> None:
+        """Keep one lease request out per task waiting (queued here, or behind another task on
+        a worker: a new worker steals it), up to the class's cap."""
+        cap = request_cap(sc.strategy)
+        demand = len(sc.queue)
+        if demand < cap:
+            for lease in sc.leases:
+                demand += max(0, len(lease.inflight) - 1)
+        want = min(demand, cap) - len(sc.requests)
         for _ in range(want):
             rid = self._next_rid()
             sc.requests.add(rid)
@@ -148,11 +194,58 @@ class Leasing:
             if sc.renv is not None:
                 req["env"] = sc.renv["key"]  # workers of another environment will not do
             self._emit(ToHead(req))
-        if not sc.queue and sc.requests:
+        if demand == 0 and sc.requests:
             for rid in sc.requests:
                 self.rid_class.pop(rid, None)
                 self._emit(ToHead({"k": Kind.LEASE_CANCEL, "rid": rid}))
             sc.requests.clear()
+
+    def _steal(self, sc: SchedClass) -> None:
+        """Idle leases of ``sc`` take half of the not-started tasks of the busiest ones."""
+        for thief in sc.leases:
+            if thief.inflight or thief.conn.closed:
+                continue
+            victim, most = None, 0
+            for lease in sc.leases:
+                n = sum(1 for rec in itertools.islice(lease.inflight, 1, None) if not rec.stealing)
+                if n > most and not lease.conn.closed:
+                    victim, most = lease, n
+            if victim is None:
+                return
+            take: list[str] = []
+            for rec in reversed(victim.inflight):  # from the back: the last to run there
+                if len(take) == (most + 1) // 2 or rec is victim.inflight[0]:
+                    break
+                if not rec.stealing:
+                    rec.stealing = True
+                    take.append(rec.tid)
+            self._emit(ToControl(victim.conn, {"k": Kind.STEAL, "tids": take}))
+
+    def on_stolen(self, ev: TasksStolen) -> None:
+        """``STOLEN``: tasks a worker took out of its queue unstarted go back to their class."""
+        lease = ev.conn.lease
+        if lease is None:
+            return  # the lease was lost meanwhile: its tasks were requeued then
+        back = []
+        wanted = set(ev.tids)
+        for rec in lease.inflight:
+            if rec.tid in wanted:
+                back.append(rec)
+        for rec in back:
+            lease.inflight.remove(rec)
+            rec.lease = None
+            rec.sent_to = None
+            rec.stealing = False
+            self.events.requeued(rec)
+        sc = self.classes.get(lease.shape_key)
+        if sc is None:
+            return
+        sc.queue.extendleft(reversed(back))  # they were sent before anything still queued
+        for rec in lease.inflight:
+            rec.stealing = False  # asked for but already running: may be asked again
+        self.pump(sc)
+        if not lease.inflight and lease.lease_id in self.leases:
+            self._linger(lease)
 
     def _dispatch(self, rec: TaskRecord, lease: Lease) -> None:
         conn = lease.conn
@@ -311,6 +404,7 @@ class Leasing:
         requeue: list[TaskRecord] = []
         for i, rec in enumerate(inflight):
             rec.lease = None
+            rec.stealing = False
             if i > 0:  # never started: the worker runs its tasks in order
                 requeue.append(rec)
                 continue

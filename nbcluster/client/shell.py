@@ -46,6 +46,7 @@ from nbcluster.client.inputs import (
     StreamItemArrived,
     TaskOutput,
     TaskResult,
+    TasksStolen,
 )
 from nbcluster.client.instructions import (
     AwaitReply,
@@ -57,6 +58,7 @@ from nbcluster.client.instructions import (
     ReplyObject,
     ShowOutput,
     StartTimer,
+    ToControl,
     ToHead,
     ToOwner,
     ToWorker,
@@ -77,7 +79,7 @@ from nbcluster.protocol.messages import PROTOCOL_VERSION, REJOIN_AGAIN_S, Kind
 from nbcluster.protocol.security import derive_keys
 from nbcluster.protocol.validation import MalformedMessage, RateLimitedLog, receive_message
 from nbcluster.transport import Transport
-from nbcluster.transport.channel import ZmqChannel, ZmqListener
+from nbcluster.transport.channel import SMALL_FRAME, ZmqChannel, ZmqListener
 from nbcluster.transport.serve import Dispatcher, answer_on, follow, serve
 
 if TYPE_CHECKING:
@@ -91,17 +93,22 @@ _worker_errors = RateLimitedLog(log, "a worker answered with an error")
 _owner_errors = RateLimitedLog(log, "an object's owner answered with an error")
 
 HEARTBEAT_S = 1.0
+#: Messages taken from one worker before the loop serves others.
+WORKER_READ_BATCH = 256
 
 
 class _WorkerSockets:
-    """The sockets behind one :class:`WorkerConn`, and the task reading its answers."""
+    """The sockets behind one :class:`WorkerConn` (plain, not asyncio, sockets: read when the
+    loop sees their descriptor ready, every waiting message at once)."""
 
-    __slots__ = ("ctrl", "reader", "sock")
+    __slots__ = ("closed", "conn", "ctrl", "fd", "sock")
 
-    def __init__(self, sock: Any, ctrl: Any) -> None:
+    def __init__(self, sock: Any, ctrl: Any, conn: WorkerConn) -> None:
         self.sock = sock
         self.ctrl = ctrl
-        self.reader: asyncio.Task[Any] | None = None
+        self.conn = conn
+        self.fd: int = sock.getsockopt(zmq.FD)
+        self.closed = False
 
 
 class IoShell:
@@ -169,6 +176,7 @@ class IoShell:
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._queries: dict[int, list[Any]] = {}  # unanswered queries, sent again on rejoin
         self._workers: dict[WorkerConn, _WorkerSockets] = {}
+        self._recheck: set[_WorkerSockets] = set()  # worker sockets sent on this turn
         self._owner_conns: dict[str, Any] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._hello: dict[str, Any] = {}  # what we said to the head, said again after it restarts
@@ -204,6 +212,7 @@ class IoShell:
             {
                 m.Result: self._on_result,
                 m.StreamItem: self._on_stream_item,
+                m.Stolen: self._on_stolen,
                 m.Log: self._on_log,
                 m.Error: self._on_worker_error,
             },
@@ -420,7 +429,7 @@ class IoShell:
             case ToWorker(conn, header, payload):
                 socks = self._workers.get(conn)
                 if socks is not None:
-                    send_nowait(socks.sock, encode(header, payload))
+                    self._send_worker(socks, socks.sock, encode(header, payload))
             case ToHead(header, payload):
                 send_nowait(self._head, encode(header, payload))
             case StartTimer(delay, event):
@@ -430,21 +439,18 @@ class IoShell:
                 self._open_worker(conn)
             case CloseWorker(conn):
                 socks = self._workers.pop(conn, None)
-                if socks is not None and socks.reader is asyncio.current_task():
-                    # From inside its own reader (a RESULT saying the worker retires): the
-                    # reader reads on after this, so it must end before the sockets close.
-                    self._spawn(self._close_worker_later(socks))
-                elif socks is not None:
-                    if socks.reader is not None:
-                        socks.reader.cancel()
-                    socks.sock.close(linger=0)
-                    socks.ctrl.close(linger=0)
+                if socks is not None:
+                    self._close_worker(socks)
             case CancelOnWorker(conn, header):
                 socks = self._workers.get(conn)
                 if socks is not None:
                     msg = encode(header)
-                    send_nowait(socks.sock, list(msg))
-                    send_nowait(socks.ctrl, list(msg))
+                    self._send_worker(socks, socks.sock, list(msg))
+                    self._send_worker(socks, socks.ctrl, list(msg))
+            case ToControl(conn, header):
+                socks = self._workers.get(conn)
+                if socks is not None:
+                    self._send_worker(socks, socks.ctrl, encode(header))
             case ToOwner(owner, header):
                 self._send_to_owner(owner, header)
             case ReplyObject(ident, header, payload):
@@ -460,13 +466,53 @@ class IoShell:
                 self._replies[rid] = fut
                 fut.add_done_callback(lambda f: _settle(reply, f))
 
-    async def _close_worker_later(self, socks: _WorkerSockets) -> None:
-        if socks.reader is not None:
-            socks.reader.cancel()
-            with contextlib.suppress(BaseException):
-                await socks.reader
+    def _close_worker(self, socks: _WorkerSockets) -> None:
+        # (Perhaps from inside its own read, a RESULT saying the worker retires: the read
+        # stops at ``closed``.)
+        socks.closed = True
+        self._recheck.discard(socks)
+        if self.loop is not None:
+            self.loop.remove_reader(socks.fd)
         socks.sock.close(linger=0)
         socks.ctrl.close(linger=0)
+
+    def _send_worker(self, socks: _WorkerSockets, sock: Any, frames: list[Any]) -> None:
+        """Send on a worker's socket (high-water marks are off: it never blocks)."""
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            log.debug("send to worker %s failed: %s", socks.conn.addr, exc)
+        # A send may take in what arrived meanwhile without the descriptor firing again (it
+        # is edge-triggered): look once this turn of the loop is over.
+        if not self._recheck:
+            assert self.loop is not None
+            self.loop.call_soon(self._recheck_workers)
+        self._recheck.add(socks)
+
+    def _recheck_workers(self) -> None:
+        socks_list = list(self._recheck)
+        self._recheck.clear()
+        for socks in socks_list:
+            if not socks.closed and socks.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._read_worker(socks)
+
+    def _read_worker(self, socks: _WorkerSockets) -> None:
+        """Take in every message waiting from a worker (a few hundred at most per turn)."""
+        sock, dispatch, conn = socks.sock, self._from_worker.dispatch_sync, socks.conn
+        for _ in range(WORKER_READ_BATCH):
+            if socks.closed:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.debug("reading from worker %s failed: %s", conn.addr, exc)
+                return
+            # (Small frames copied: a kept zmq.Frame pins libzmq's 8 KiB receive buffer.)
+            dispatch(conn, [f if len(f) >= SMALL_FRAME else f.bytes for f in frames])
+        assert self.loop is not None
+        self.loop.call_soon(self._read_worker, socks)  # more: after the others' turn
 
     def _show(self, stream: str, text: str, tag: Any) -> None:
         on_output: Callable[[str, str, Any], None] | None = self._client.on_output
@@ -647,18 +693,18 @@ class IoShell:
     # ================================================================== workers
     def _open_worker(self, conn: WorkerConn) -> None:
         assert self.transport is not None
-        sock = self.transport.client(zmq.DEALER, conn.addr)
-        ctrl = self.transport.client(zmq.DEALER, conn.control_addr)
-        socks = self._workers[conn] = _WorkerSockets(sock, ctrl)
+        sock = self.transport.client(zmq.DEALER, conn.addr, aio=False)
+        ctrl = self.transport.client(zmq.DEALER, conn.control_addr, aio=False)
+        socks = self._workers[conn] = _WorkerSockets(sock, ctrl, conn)
         bind = {
             "k": Kind.BIND,
             "job_id": self.job_id,
             "namespace": self.namespace,
             "sys_path": [os.path.abspath(p) if p in ("", ".") else p for p in sys.path],
         }
-        send_nowait(sock, encode(bind))
-        reader = ZmqChannel(sock, copy=False)  # (results are not copied)
-        socks.reader = self._spawn(follow(reader, self._from_worker, conn))
+        assert self.loop is not None
+        self.loop.add_reader(socks.fd, self._read_worker, socks)
+        self._send_worker(socks, sock, encode(bind))
 
     def _on_result(self, conn: WorkerConn, msg: m.Result, payload: list[Any]) -> None:
         self.feed(
@@ -676,6 +722,9 @@ class IoShell:
                 msg.retire,
             )
         )
+
+    def _on_stolen(self, conn: WorkerConn, msg: m.Stolen, payload: list[Any]) -> None:
+        self.feed(TasksStolen(conn, msg.tids))
 
     def _on_stream_item(self, conn: WorkerConn, msg: m.StreamItem, payload: list[Any]) -> None:
         self.feed(StreamItemArrived(conn, msg.tid, msg.i, msg.returned, payload))

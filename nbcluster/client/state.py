@@ -58,6 +58,7 @@ from nbcluster.client.inputs import (
     StreamItemArrived,
     TaskOutput,
     TaskResult,
+    TasksStolen,
 )
 from nbcluster.client.instructions import Instruction, ToHead
 from nbcluster.client.leasing import Leasing, request_cap
@@ -140,6 +141,8 @@ class ClientState:
                 self.tasks.on_result(event)
             case StreamItemArrived():
                 self.tasks.on_stream_item(event)
+            case TasksStolen():
+                self.leasing.on_stolen(event)
             case StreamConsumed(tid, consumed):
                 self.tasks.stream_consumed(tid, consumed)
             case SubmitTask(rec):
@@ -221,7 +224,9 @@ class ClientState:
             if rec.actor_id is not None:
                 state, where = "actor call", rec.actor_id
             elif rec.lease is not None:
-                state, where = "running", rec.lease.node_name or rec.lease.node_id
+                # Pipelined behind another task on its worker: sent, not started.
+                state = "running" if rec.lease.inflight[0] is rec else "queued on worker"
+                where = rec.lease.node_name or rec.lease.node_id
             else:
                 state, where = "waiting", "-"
             rows.append([rec.tid, rec.name, state, where])
@@ -278,7 +283,7 @@ class ClientState:
             assert sc is not None and any(ls is lease for ls in sc.leases), (
                 f"lease {lease_id} is in no scheduling class"
             )
-            assert len(lease.inflight) <= 1, f"lease {lease_id} runs {len(lease.inflight)} tasks"
+            assert len(lease.inflight) <= leasing.depth, f"lease {lease_id} has too many tasks"
             for rec in lease.inflight:
                 assert rec.lease is lease, f"{rec.tid} on lease {lease_id} thinks otherwise"
                 assert rec.tid in tasks.by_tid, f"{rec.tid} finished but still on {lease_id}"
@@ -293,7 +298,7 @@ class ClientState:
             assert len(sc.requests) <= request_cap(sc.strategy), f"class {key} asks too much"
             for rid in sc.requests:
                 assert leasing.rid_class.get(rid) is sc, f"request {rid} of {key} is unfiled"
-            if not sc.queue:
+            if not sc.queue and all(len(ls.inflight) <= 1 for ls in sc.leases):
                 assert not sc.requests, f"class {key} asks for leases it does not need"
         self._validate_task_events()
         for rid, sc in leasing.rid_class.items():

@@ -42,6 +42,7 @@ class TaskRecord:
     dep_frames: list[list[Any]] = field(default_factory=_empty)
     waiting_deps: int = 0
     lease: Lease | None = None  # the lease it was last sent on, while it runs
+    stealing: bool = False  # sent, not started (perhaps), and its worker was asked to give it back
     cancelled: bool = False
     force_cancel: bool = False
     attempts: int = 0
@@ -84,6 +85,7 @@ class Lease:
     shape: dict[str, float]  # the resources it holds (told to a restarted head)
     shape_key: tuple[Any, ...]  # its scheduling class: also strategy and preferred store
     conn: WorkerConn
+    # Sent to its worker, in order: the first runs, the others wait there (pipelined).
     inflight: deque[TaskRecord] = field(default_factory=deque)
     linger_token: int = 0  # bumped when dropped: an older linger timer is void
     idle_since: float = 0.0  # when it last became idle

@@ -84,6 +84,8 @@ class Kind(StrEnum):
     LOG = "log"  # worker -> driver
     STREAM_ITEM = "sitem"  # worker -> driver: one value a generator task yielded
     STREAM_ACK = "sack"  # driver -> worker: how many items of a stream were consumed
+    STEAL = "steal"  # driver -> worker's control socket: give back these queued tasks
+    STOLEN = "stolen"  # worker -> driver: these queued tasks were taken out, never run
 
     # --- actors ------------------------------------------------------------------------------
     ACTOR_CREATE = "acreate"  # driver -> head: + class and argument frames

@@ -14,41 +14,33 @@ The head, the agent and the worker decode received headers straight into these c
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 import msgspec
 
+from nbcluster.protocol.base import Count, Shape, _args_frames
+from nbcluster.protocol.base import Message as Message  # (re-exported: m.Message)
 from nbcluster.protocol.messages import Kind
 
-#: A non-negative integer (sizes, counts).
-Count = Annotated[int, msgspec.Meta(ge=0)]
-#: A resource shape: resource name -> amount (the head checks the amounts themselves). Not
-#: ``float``: an int amount stays an int, as the sender wrote it.
-Shape = dict[str, int | float]
-
-
-class Message(msgspec.Struct, tag_field="k", omit_defaults=True, kw_only=True):
-    """Base of every message schema. ``frames`` is the number of payload frames it carries.
-
-    ``None`` means any number; a subclass whose count depends on its fields overrides
-    :meth:`frames`.
-    """
-
-    frame_count: ClassVar[int | None] = 0
-    #: How :meth:`frames` counts, for the docs, where a subclass overrides it.
-    frames_doc: ClassVar[str] = ""
-    #: Does the sender wait for an answer (so a malformed one is answered with ``ERROR``)?
-    expects_reply: ClassVar[bool] = False
-    #: One line for docs/protocol.md: direction and purpose.
-    summary: ClassVar[str] = ""
-
-    def frames(self) -> int | None:
-        """How many payload frames this message must carry (``None``: any number)."""
-        return self.frame_count
-
-
-def _args_frames(nargs: int, deps: list[int], extra: int = 0) -> int:
-    return extra + nargs + sum(deps)
+# The store's and transfers' kinds (re-exported: m.StoreSeal, ...; collected below).
+from nbcluster.protocol.store_schema import BorrowDel as BorrowDel
+from nbcluster.protocol.store_schema import Escape as Escape
+from nbcluster.protocol.store_schema import GetObject as GetObject
+from nbcluster.protocol.store_schema import JobEnded as JobEnded
+from nbcluster.protocol.store_schema import Object as Object
+from nbcluster.protocol.store_schema import StoreBulk as StoreBulk
+from nbcluster.protocol.store_schema import StoreChunk as StoreChunk
+from nbcluster.protocol.store_schema import StoreCredit as StoreCredit
+from nbcluster.protocol.store_schema import StoreFree as StoreFree
+from nbcluster.protocol.store_schema import StoreLocate as StoreLocate
+from nbcluster.protocol.store_schema import StorePin as StorePin
+from nbcluster.protocol.store_schema import StorePull as StorePull
+from nbcluster.protocol.store_schema import StoreRead as StoreRead
+from nbcluster.protocol.store_schema import StoreReply as StoreReply
+from nbcluster.protocol.store_schema import StoreReserve as StoreReserve
+from nbcluster.protocol.store_schema import StoreSeal as StoreSeal
+from nbcluster.protocol.store_schema import StoreStats as StoreStats
+from nbcluster.protocol.store_schema import StoreUnpin as StoreUnpin
 
 
 # --- strategies (the wire form of nbcluster.scheduling) -------------------------------------
@@ -505,6 +497,19 @@ class StreamAck(Message, tag=Kind.STREAM_ACK.value):
     consumed: Count
 
 
+class Steal(Message, tag=Kind.STEAL.value):
+    summary = (
+        "driver -> worker (control socket): take these tasks out of your queue if they have "
+        "not started (work stealing)"
+    )
+    tids: list[str]
+
+
+class Stolen(Message, tag=Kind.STOLEN.value):
+    summary = "worker -> driver: these tasks were taken out of the queue and will not run here"
+    tids: list[str]
+
+
 # --- actors -------------------------------------------------------------------------------------
 class ActorCreate(Message, tag=Kind.ACTOR_CREATE.value):
     frames_doc = "1 + nargs + sum(deps)"
@@ -638,148 +643,6 @@ class ActorCall(Message, tag=Kind.ACTOR_CALL.value):
 
     def frames(self) -> int | None:
         return _args_frames(self.nargs, self.deps)
-
-
-# --- the node's object store --------------------------------------------------------------------
-class StoreReserve(Message, tag=Kind.STORE_RESERVE.value):
-    expects_reply = True
-    summary = "process -> its agent: a file for a new object -> STORE_REPLY {path}"
-    rid: int
-    oid: str
-    size: Count
-    job: str | None = None
-    w: str = ""  # the worker writing it: what it never sealed is freed when it dies
-
-
-class StoreSeal(Message, tag=Kind.STORE_SEAL.value):
-    expects_reply = True
-    summary = "process -> its agent: the object is written -> STORE_REPLY"
-    rid: int
-    oid: str
-    w: str = ""
-
-
-class StoreLocate(Message, tag=Kind.STORE_LOCATE.value):
-    expects_reply = True
-    summary = "process -> its agent: -> STORE_REPLY {path}; pins the object"
-    rid: int
-    oid: str
-
-
-class StorePin(Message, tag=Kind.STORE_PIN.value):
-    summary = "process -> its agent (no reply): a reader mapped it from shared memory"
-    oid: str
-
-
-class StoreUnpin(Message, tag=Kind.STORE_UNPIN.value):
-    summary = "process -> its agent (no reply)"
-    oid: str
-
-
-class StoreFree(Message, tag=Kind.STORE_FREE.value):
-    summary = "process -> its agent (no reply)"
-    oids: list[str]
-
-
-class StorePull(Message, tag=Kind.STORE_PULL.value):
-    expects_reply = True
-    summary = "process -> its agent: copy a remote node's object here, then LOCATE it"
-    rid: int
-    oid: str
-    from_: str = msgspec.field(name="from")
-    job: str | None = None
-
-
-class StoreRead(Message, tag=Kind.STORE_READ.value):
-    expects_reply = True
-    summary = (
-        "agent -> agent: stream an object -> STORE_CHUNKs, or STORE_BULK when ``streams`` > 0 "
-        "(or STORE_REPLY on error)"
-    )
-    rid: int
-    oid: str
-    chunk: Count | None = None
-    window: Count = 1
-    streams: Count = 0
-
-
-class StoreBulk(Message, tag=Kind.STORE_BULK.value):
-    summary = (
-        "holder -> puller: the object's ``size``; open ``streams`` TCP connections to ``port``, "
-        "AES-256-GCM with ``key`` (fresh per transfer), ``chunk`` bytes per sealed chunk"
-    )
-    rid: int
-    size: Count
-    port: Annotated[int, msgspec.Meta(ge=1, le=65535)]
-    tid: Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
-    key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
-    chunk: Annotated[int, msgspec.Meta(ge=1)]
-    streams: Count
-
-
-class StoreChunk(Message, tag=Kind.STORE_CHUNK.value):
-    frame_count = 1
-    summary = "holder -> puller: + [bytes ``off``.. of an object of ``size`` bytes]"
-    rid: int
-    off: Count
-    size: Count
-
-
-class StoreCredit(Message, tag=Kind.STORE_CREDIT.value):
-    summary = "puller -> holder: ``n`` more chunks; ``n`` == 0: stop the stream"
-    rid: int
-    n: Count
-
-
-class StoreStats(Message, tag=Kind.STORE_STATS.value):
-    expects_reply = True
-    summary = "-> STORE_REPLY {stats}: the store's and transfer figures"
-    rid: int
-
-
-class StoreReply(Message, tag=Kind.STORE_REPLY.value):
-    summary = (
-        "agent -> process (``err``: full, missing, exists or error; ``args``: a full store's "
-        "figures, or an existing object's size and whether it is sealed)"
-    )
-    ok: bool
-    rid: int | None = None
-    path: str | None = None
-    err: str | None = None
-    msg: str | None = None
-    args: list[Any] | None = None
-    stats: dict[str, Any] | None = None
-
-
-class JobEnded(Message, tag=Kind.JOB_ENDED.value):
-    summary = "head -> agent: free that job's objects"
-    job_id: str
-
-
-# --- object transfer (borrower <-> owner) -------------------------------------------------------
-class GetObject(Message, tag=Kind.GET_OBJECT.value):
-    expects_reply = True
-    summary = "borrower -> owner"
-    oid: str
-
-
-class BorrowDel(Message, tag=Kind.BORROW_DEL.value):
-    summary = "borrower -> owner: a callee that kept the ref let go of it ``n`` times"
-    oid: str
-    n: int = 1
-
-
-class Escape(Message, tag=Kind.ESCAPE.value):
-    summary = "borrower -> owner: keep it until the job ends"
-    oid: str
-
-
-class Object(Message, tag=Kind.OBJECT.value):
-    frame_count = None
-    summary = "owner -> borrower: + its frames (``err``: lost)"
-    oid: str
-    ok: bool
-    err: str | None = None
 
 
 def _collect() -> dict[str, type[Message]]:

@@ -78,8 +78,11 @@ class Worker:
         # While the main thread runs user code it does not touch the task socket, so other
         # threads (a task's own threads printing) send on it at once under this lock instead of
         # queueing for a main thread that may be busy for hours (see ``_user_code``).
-        self._sock_lock = threading.Lock()
+        # (Reentrant: the control thread reads the socket under it while stealing, and its
+        # handlers may answer.)
+        self._sock_lock = threading.RLock()
         self._direct = False
+        self._wake_pending = False  # a byte is (about to be) in the wake pipe
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -136,6 +139,9 @@ class Worker:
                 self._send_locked(ident, header, payload or [])
                 return
             self._outbox.append((ident, header, payload or []))
+            if self._wake_pending:
+                return  # the main thread has been woken and has not looked yet
+            self._wake_pending = True
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")
 
@@ -165,9 +171,11 @@ class Worker:
                 self._direct = False
 
     def _flush_outbox(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 4096):
-                pass
+        if self._wake_pending:  # (not a read per task: most tasks queue nothing here)
+            self._wake_pending = False
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake_r, 4096):
+                    pass
         while self._outbox:
             self._send(*self._outbox.popleft())
 
@@ -191,11 +199,11 @@ class Worker:
                 if not self.queue:
                     poller.poll()
                 self._flush_outbox()
-                while self.sock.poll(0):
-                    frames = self.sock.recv_multipart(copy=False)
-                    self.dispatcher.dispatch_sync(frames[0].bytes, frames[1:])
-                if self.queue:
-                    ident, msg, payload = self.queue.popleft()
+                self._receive()
+                with self._lock:  # (the control thread may take queued tasks away: _steal)
+                    item = self.queue.popleft() if self.queue else None
+                if item is not None:
+                    ident, msg, payload = item
                     try:
                         self._run_message(ident, msg, payload)
                     except Exception as exc:  # a bug: answer it and serve on
@@ -205,6 +213,37 @@ class Worker:
                     self._flush_outbox()
             except KeyboardInterrupt:
                 continue  # a cancellation that arrived just after its task finished
+
+    def _receive(self) -> None:
+        """Take in every message waiting on the task socket (calls are queued, not run)."""
+        sock, dispatch = self.sock, self.dispatcher.dispatch_sync
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            dispatch(frames[0].bytes, frames[1:])
+
+    def _steal(self, tids: list[str]) -> None:
+        """Give back the queued tasks among ``tids`` that have not started (control thread).
+
+        A driver steals tasks queued here for a worker of its that went idle. While the main
+        thread runs user code (perhaps for hours) it reads nothing, so this thread reads the
+        task socket for it: tasks sent since are queued, and can be taken back too.
+        """
+        with self._sock_lock:
+            if self._direct:
+                self._receive()
+            want = set(tids)
+            with self._lock:
+                taken = [q for q in self.queue if isinstance(q[1], m.Task) and q[1].tid in want]
+                for q in taken:
+                    self.queue.remove(q)
+            by_driver: dict[bytes, list[str]] = {}
+            for ident, msg, _ in taken:
+                by_driver.setdefault(ident, []).append(msg.tid)  # type: ignore[union-attr]
+            for ident, stolen in by_driver.items():
+                self.send(ident, m.Stolen(tids=stolen))
 
     def _refuse_call(self, ident: bytes, exc: ProtocolError) -> bool:
         """Answer a malformed call with its result, which is what its sender waits for."""
@@ -245,11 +284,15 @@ class Worker:
         if self.actor is not None and self.actor.concurrent:
             self.actor.cancel(msg.tid)  # its calls run on other threads or its event loop
             return
-        for i, (qident, queued, _) in enumerate(self.queue):
-            if isinstance(queued, m.Task | m.ActorCall) and queued.tid == msg.tid:
-                del self.queue[i]
-                self.send_error(qident, msg.tid, TaskCancelledError(msg.tid), "cancelled")
-                break
+        with self._lock:
+            found = None
+            for i, (qident, queued, _) in enumerate(self.queue):
+                if isinstance(queued, m.Task | m.ActorCall) and queued.tid == msg.tid:
+                    del self.queue[i]
+                    found = qident
+                    break
+        if found is not None:
+            self.send_error(found, msg.tid, TaskCancelledError(msg.tid), "cancelled")
 
     def bind(self, job_id: str | None, sys_path: list[str]) -> None:
         """Serve this job (for the rest of our life) with its module search path."""
@@ -674,7 +717,10 @@ class Worker:
         # No answers (nobody waits on this socket); a bug: this thread must live on (cancels,
         # the agent watch).
         control = Dispatcher[bytes](
-            {m.Cancel: lambda _, msg, __: self._cancel_running(msg.tid, msg.force)},
+            {
+                m.Cancel: lambda _, msg, __: self._cancel_running(msg.tid, msg.force),
+                m.Steal: lambda _, msg, __: self._steal(msg.tids),
+            },
             what="on the control socket",
             logger=log,
         )

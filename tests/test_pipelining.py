@@ -1,0 +1,152 @@
+"""Tasks pipelined to leased workers, and work stealing (``client/leasing.py``).
+
+A driver sends a leased worker several tasks at once; a worker that goes idle takes back the
+tasks still waiting behind a long one elsewhere. Real head, agent and workers; each test starts
+its own cluster (the pipeline depth is read when the client starts).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import nbcluster as nb
+from nbcluster.client.leasing import PIPELINE_ENV
+from nbcluster.exceptions import TaskCancelledError
+
+TIMEOUT = 60.0
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@nb.remote(max_retries=0)
+def wait_for(flag: str) -> int:
+    """Runs until ``flag`` exists (not in ``get``: the worker stays busy in user code)."""
+    while not os.path.exists(flag):
+        time.sleep(0.005)
+    return os.getpid()
+
+
+@nb.remote(max_retries=0)
+def once(folder: str, i: int) -> int:
+    """Fails if it runs twice for the same ``i`` (a task stolen *and* run where it was)."""
+    os.close(os.open(os.path.join(folder, str(i)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return os.getpid()
+
+
+@nb.remote(max_retries=0)
+def make(flag: str) -> bool:
+    Path(flag).touch()
+    return True
+
+
+@pytest.fixture
+def local() -> Iterator[None]:
+    nb.shutdown()
+    yield
+    nb.shutdown()
+
+
+def test_short_tasks_behind_a_long_one_are_stolen_and_run_once(local: None, tmp_path: Path) -> None:
+    nb.init(num_cpus=2)
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    nb.get([once.remote(str(warm), i) for i in range(8)], timeout=TIMEOUT)  # two workers leased
+    flag, done = tmp_path / "go", tmp_path / "done"
+    done.mkdir()
+    long = wait_for.remote(str(flag))
+    # Submitted right after it: about half are pipelined behind it on its worker.
+    shorts = [once.remote(str(done), i) for i in range(40)]
+    pids = nb.get(shorts, timeout=TIMEOUT)  # would time out if they waited for the long one
+    assert not flag.exists()
+    flag.touch()
+    long_pid = nb.get(long, timeout=TIMEOUT)
+    assert long_pid not in pids  # all ran on the other worker (or newer ones)
+    assert sorted(int(p) for p in os.listdir(done)) == list(range(40))  # each exactly once
+
+
+def test_a_task_waiting_for_one_queued_behind_it_is_not_stuck(local: None, tmp_path: Path) -> None:
+    nb.init(num_cpus=2)
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    nb.get(once.remote(str(warm), 0), timeout=TIMEOUT)  # one lease, kept for the next task
+    flag = str(tmp_path / "flag")
+    waiter = wait_for.remote(flag)
+    maker = make.remote(flag)  # pipelined behind the waiter: a second worker must steal it
+    assert nb.get(maker, timeout=TIMEOUT) is True
+    assert isinstance(nb.get(waiter, timeout=TIMEOUT), int)
+
+
+def test_a_pipelined_task_can_be_cancelled_before_it_starts(local: None, tmp_path: Path) -> None:
+    nb.init(num_cpus=1)  # one worker: everything is pipelined on it
+    flag, done = tmp_path / "go", tmp_path / "done"
+    done.mkdir()
+    long = wait_for.remote(str(flag))
+    queued = [once.remote(str(done), i) for i in range(3)]
+    nb.cancel(queued[1])
+    with pytest.raises(TaskCancelledError):
+        nb.get(queued[1], timeout=TIMEOUT)  # at once, while the long task still runs
+    assert not flag.exists()
+    flag.touch()
+    nb.get([long, queued[0], queued[2]], timeout=TIMEOUT)
+    assert sorted(os.listdir(done)) == ["0", "2"]
+
+
+def test_tasks_behind_a_killed_task_run_on_its_replacement(local: None, tmp_path: Path) -> None:
+    nb.init(num_cpus=1)
+    done = tmp_path / "done"
+    done.mkdir()
+    long = wait_for.remote(str(tmp_path / "never"))
+    queued = [once.remote(str(done), i) for i in range(4)]
+    nb.cancel(long, force=True)  # kills its worker: the tasks behind it never started there
+    with pytest.raises(TaskCancelledError):
+        nb.get(long, timeout=TIMEOUT)
+    pids = nb.get(queued, timeout=TIMEOUT)
+    assert len(set(pids)) == 1
+    assert sorted(int(p) for p in os.listdir(done)) == list(range(4))
+
+
+def test_depth_one_sends_one_task_at_a_time(
+    local: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PIPELINE_ENV, "1")
+    nb.init(num_cpus=1)
+    from nbcluster.client import current
+
+    client = current.get()
+    assert client is not None
+    assert client.io.state is not None and client.io.state.leasing.depth == 1
+    flag = tmp_path / "go"
+    long = wait_for.remote(str(flag))
+    queued = [make.remote(str(tmp_path / f"f{i}")) for i in range(3)]
+    # None was sent: they wait in the driver's queue.
+    rows = {r[0]: r[2] for r in client.task_rows()}
+    flag.touch()
+    nb.get([long, *queued], timeout=TIMEOUT)
+    assert [rows[r.task_id()] for r in queued] == ["waiting"] * 3
+
+
+def test_pipelined_tasks_show_as_queued_on_their_worker(local: None, tmp_path: Path) -> None:
+    nb.init(num_cpus=1)
+    from nbcluster.client import current
+
+    client = current.get()
+    assert client is not None
+    flag = tmp_path / "go"
+    long = wait_for.remote(str(flag))
+    queued = [make.remote(str(tmp_path / f"f{i}")) for i in range(3)]
+
+    def states() -> list[str]:
+        rows = {r[0]: r[2] for r in client.task_rows()}
+        return [rows.get(r.task_id(), "done") for r in [long, *queued]]
+
+    deadline = time.monotonic() + TIMEOUT
+    while states() != ["running", *["queued on worker"] * 3]:  # sent as the lease came
+        assert time.monotonic() < deadline, states()
+        time.sleep(0.02)
+    flag.touch()
+    nb.get([long, *queued], timeout=TIMEOUT)
