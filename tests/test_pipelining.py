@@ -53,9 +53,8 @@ def local() -> Iterator[None]:
 
 def test_short_tasks_behind_a_long_one_are_stolen_and_run_once(local: None, tmp_path: Path) -> None:
     nb.init(num_cpus=2)
-    warm = tmp_path / "warm"
-    warm.mkdir()
-    nb.get([once.remote(str(warm), i) for i in range(8)], timeout=TIMEOUT)  # two workers leased
+    # Two workers leased (with another function: neither has ``once`` yet).
+    nb.get([make.remote(str(tmp_path / f"warm{i}")) for i in range(8)], timeout=TIMEOUT)
     flag, done = tmp_path / "go", tmp_path / "done"
     done.mkdir()
     long = wait_for.remote(str(flag))
@@ -67,6 +66,12 @@ def test_short_tasks_behind_a_long_one_are_stolen_and_run_once(local: None, tmp_
     long_pid = nb.get(long, timeout=TIMEOUT)
     assert long_pid not in pids  # all ran on the other worker (or newer ones)
     assert sorted(int(p) for p in os.listdir(done)) == list(range(40))  # each exactly once
+    # The long task's worker had the function's pickle only with a task it gave back: tasks
+    # sent to it now (without the pickle) still find it.
+    again = tmp_path / "again"
+    again.mkdir()
+    pids = nb.get([once.remote(str(again), i) for i in range(40)], timeout=TIMEOUT)
+    assert long_pid in pids
 
 
 def test_a_task_waiting_for_one_queued_behind_it_is_not_stuck(local: None, tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ class Worker:
         self.ctrl = ctrl
         self.ident = ident
         self.functions: dict[str, Any] = {}
+        self._blobs: dict[str, Any] = {}  # function id -> its pickle, until first loaded
         self.queue: deque[Queued] = deque()
         self.pid = os.getpid()
         # Started by an agent: fd 1 is the pipe to it, which keeps this worker's log.
@@ -262,6 +263,10 @@ class Worker:
         return False
 
     def _enqueue(self, ident: bytes, msg: m.Task | m.ActorInit, payload: list[Any]) -> None:
+        if isinstance(msg, m.Task) and msg.fnb and msg.fn not in self.functions:
+            # Kept apart: if this task is stolen, the next ones of its function (sent without
+            # it) still find it.
+            self._blobs.setdefault(msg.fn, payload[0])
         self.queue.append((ident, msg, payload))
 
     def _on_actor_call(self, ident: bytes, msg: m.ActorCall, payload: list[Any]) -> None:
@@ -349,12 +354,15 @@ class Worker:
 
     def _function(self, h: m.Task, payload: list[Any]) -> tuple[Any, int]:
         fid = h.fn
-        if h.fnb:
-            if fid not in self.functions:
-                fn, filename = loads([payload[0]])
-                self.functions[fid] = restore_filenames(fn, filename)
-            return self.functions[fid], 1
-        return self.functions[fid], 0
+        fn = self.functions.get(fid)
+        if fn is None:
+            blob = payload[0] if h.fnb else self._blobs.get(fid)
+            if blob is None:
+                raise ProtocolError(f"function {h.name} ({fid}) was never sent to this worker")
+            fn, filename = loads([blob])
+            fn = self.functions[fid] = restore_filenames(fn, filename)
+            self._blobs.pop(fid, None)
+        return fn, 1 if h.fnb else 0
 
     def set_gpus(self, gpus: list[int] | None) -> None:
         if gpus:
