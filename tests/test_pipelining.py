@@ -155,3 +155,66 @@ def test_pipelined_tasks_show_as_queued_on_their_worker(local: None, tmp_path: P
         time.sleep(0.02)
     flag.touch()
     nb.get([long, *queued], timeout=TIMEOUT)
+
+
+def test_tasks_asked_back_before_they_reach_their_worker_are_given_back(
+    local: None, tmp_path: Path
+) -> None:
+    # No warm-up: the tasks are pipelined on the first worker leased and stolen as more come,
+    # often before the busy worker has read them (the ask comes on its other socket).
+    nb.init(num_cpus=3)
+    for round_ in range(5):
+        stop, flag = tmp_path / f"stop{round_}", str(tmp_path / f"flag{round_}")
+        long = wait_for.remote(str(stop))
+        waiter = wait_for.remote(flag)
+        maker = make.remote(flag)
+        assert nb.get(maker, timeout=TIMEOUT) is True
+        nb.get(waiter, timeout=TIMEOUT)
+        stop.touch()
+        nb.get(long, timeout=TIMEOUT)
+
+
+def test_the_worker_gives_back_asked_tasks_queued_or_still_on_the_way(local: None) -> None:
+    """At the protocol level: a worker busy in a long task gives back, at once, a task waiting
+    in its socket; and a task asked back before it arrived is given back when it comes."""
+    from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
+    from nbcluster.protocol.security import derive_keys, read_token_file
+    from tests.test_protocol_fuzz import Client, Peer, _result, _task
+
+    info = nb.init(num_cpus=1)
+    keys = derive_keys(read_token_file(Path(info.session_dir or "") / "token"))
+    driver = Client(keys, f"tcp://{info.address}")
+    driver.send({"k": Kind.HELLO, "v": PROTOCOL_VERSION, "pid": os.getpid(), "role": "driver"})
+    welcome, _ = driver.wait_for(lambda h: h["k"] == Kind.WELCOME)
+    driver.send({"k": Kind.LEASE_REQUEST, "rid": 1, "shape": {"CPU": 1.0}, "name": "steal"})
+    grant, _ = driver.wait_for(lambda h: h["k"] == Kind.LEASE_GRANTED)
+    worker = Peer(keys, grant["worker_addr"])
+    control = Peer(keys, grant["control_addr"])
+    try:
+        worker.send({"k": Kind.BIND, "job_id": welcome["job_id"], "sys_path": []})
+        code = "print('running', flush=True)\nimport time\ntime.sleep(120)"
+        long, long_payload = _task(exec, code)
+        worker.send(long, long_payload)
+        worker.wait_for(lambda h: h["k"] == Kind.LOG and h["lines"] == ["running"])
+        queued, queued_payload = _task(pow, 2, 3)
+        later, later_payload = _task(pow, 2, 4)
+        worker.send(queued, queued_payload)  # waits in the socket: the main thread is busy
+        control.send({"k": Kind.STEAL, "tids": [queued["tid"], later["tid"]]})  # later: not sent
+        h, _ = worker.wait_for(lambda h: h["k"] == Kind.STOLEN)
+        assert h["tids"] == [queued["tid"]]  # at once, while the long task still runs
+        worker.send(later, later_payload)  # asked back already: given back when it is read
+        control.send({"k": Kind.CANCEL, "tid": long["tid"], "force": False})
+        h, _ = _result(worker, long["tid"])
+        assert h["err"] == "cancelled"
+        h, _ = worker.wait_for(lambda h: h["k"] in (Kind.STOLEN, Kind.RESULT))
+        assert h["k"] == Kind.STOLEN and h["tids"] == [later["tid"]]
+        last, last_payload = _task(pow, 2, 10)
+        worker.send(last, last_payload)
+        # Results come in order: neither given-back task ran before this one.
+        h, _ = worker.wait_for(lambda h: h["k"] == Kind.RESULT)
+        assert h["tid"] == last["tid"] and h["ok"]
+    finally:
+        worker.close()
+        control.close()
+        driver.send({"k": Kind.GOODBYE})
+        driver.close()

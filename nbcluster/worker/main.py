@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 Queued = tuple[bytes, m.Task | m.ActorInit | m.ActorCall, list[Any]]
 #: A call: a task or an actor method.
 Call = m.Task | m.ActorCall
+#: Tasks remembered as started (a late ask for one of them is not kept: see ``Worker._steal``);
+#: far more than a driver pipelines to one worker.
+RAN_KEPT = 256
 
 
 class Worker:
@@ -66,6 +69,10 @@ class Worker:
         self.ident = ident
         self.functions: dict[str, Any] = {}
         self._blobs: dict[str, Any] = {}  # function id -> its pickle, until first loaded
+        # Work stealing: tasks asked back that were not here yet (still in the socket, or on
+        # the way: the ask comes on the other socket), and the last tasks run (asked too late).
+        self._wanted: set[str] = set()
+        self._ran: deque[str] = deque(maxlen=RAN_KEPT)
         self.queue: deque[Queued] = deque()
         self.pid = os.getpid()
         # Started by an agent: fd 1 is the pipe to it, which keeps this worker's log.
@@ -203,6 +210,8 @@ class Worker:
                 self._receive()
                 with self._lock:  # (the control thread may take queued tasks away: _steal)
                     item = self.queue.popleft() if self.queue else None
+                    if item is not None and isinstance(item[1], m.Task):
+                        self._ran.append(item[1].tid)  # from now on it cannot be given back
                 if item is not None:
                     ident, msg, payload = item
                     try:
@@ -240,6 +249,11 @@ class Worker:
                 taken = [q for q in self.queue if isinstance(q[1], m.Task) and q[1].tid in want]
                 for q in taken:
                     self.queue.remove(q)
+                    want.discard(q[1].tid)  # type: ignore[union-attr]
+                if self._running is not None:
+                    want.discard(self._running)
+                # Not here yet: given back when it comes (unless it already ran).
+                self._wanted.update(want.difference(self._ran))
             by_driver: dict[bytes, list[str]] = {}
             for ident, msg, _ in taken:
                 by_driver.setdefault(ident, []).append(msg.tid)  # type: ignore[union-attr]
@@ -263,10 +277,18 @@ class Worker:
         return False
 
     def _enqueue(self, ident: bytes, msg: m.Task | m.ActorInit, payload: list[Any]) -> None:
-        if isinstance(msg, m.Task) and msg.fnb and msg.fn not in self.functions:
-            # Kept apart: if this task is stolen, the next ones of its function (sent without
-            # it) still find it.
-            self._blobs.setdefault(msg.fn, payload[0])
+        if isinstance(msg, m.Task):
+            if msg.fnb and msg.fn not in self.functions:
+                # Kept apart: if this task is stolen, the next ones of its function (sent
+                # without it) still find it.
+                self._blobs.setdefault(msg.fn, payload[0])
+            if self._wanted:
+                with self._lock:
+                    wanted = msg.tid in self._wanted
+                    self._wanted.discard(msg.tid)
+                if wanted:  # asked back before it got here
+                    self.send(ident, m.Stolen(tids=[msg.tid]))
+                    return
         self.queue.append((ident, msg, payload))
 
     def _on_actor_call(self, ident: bytes, msg: m.ActorCall, payload: list[Any]) -> None:
