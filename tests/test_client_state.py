@@ -42,6 +42,7 @@ from nbcluster.client.inputs import (
     StreamItemArrived,
     TaskOutput,
     TaskResult,
+    TasksStolen,
 )
 from nbcluster.client.instructions import (
     AwaitReply,
@@ -52,6 +53,7 @@ from nbcluster.client.instructions import (
     ReplyObject,
     ShowOutput,
     StartTimer,
+    ToControl,
     ToHead,
     ToOwner,
     ToWorker,
@@ -97,6 +99,7 @@ class Sim:
         self.held: list[ObjectRef] = []  # what the "user" holds
         self.workers = 0
         self.ids = 0
+        self.steals: list[tuple[WorkerConn, list[str]]] = []  # STEALs no worker answered yet
 
     # ------------------------------------------------------------------ plumbing
     def feed(self, event: Event) -> list[Instruction]:
@@ -129,6 +132,9 @@ class Sim:
                     self.sent[conn].append(header)
                 case CancelOnWorker(conn):
                     assert conn in self.open, "CANCEL sent to a closed worker"
+                case ToControl(conn, header):
+                    assert conn in self.open and header["k"] == Kind.STEAL
+                    self.steals.append((conn, header["tids"]))
                 case StartTimer(delay, event):
                     self.timers.append((self.now + delay, event))
                 case ToOwner(owner, header):
@@ -231,6 +237,18 @@ class Sim:
         else:
             payload, counts = dumps(RuntimeError("boom")), []
         self.feed(TaskResult(conn, rec.tid, ok, counts, None, lost, [], [], payload))
+
+    def answer_steal(self, i: int) -> None:
+        """The worker of STEAL ``i`` gives back the asked tasks it has not started (all but
+        the first it was sent: it runs them in order)."""
+        conn, tids = self.steals.pop(i)
+        lease = conn.lease
+        if lease is None or conn not in self.open:
+            return  # the worker is gone: nobody answers
+        waiting = {rec.tid for rec in list(lease.inflight)[1:]}
+        back = [t for t in tids if t in waiting]
+        if back:
+            self.feed(TasksStolen(conn, back))
 
     def fire_timers(self) -> None:
         """Fire timers, each at its time (the clock moves on to it), until none is left (a
@@ -497,6 +515,31 @@ def test_tasks_beyond_the_shown_ones_are_counted(monkeypatch: Any) -> None:
     assert not sim.state.events.counts and sim.state.events.shown == 0
 
 
+def test_an_idle_worker_steals_the_tasks_waiting_behind_a_busy_one() -> None:
+    sim = Sim()
+    recs = [sim.record([]) for _ in range(6)]
+    for rec in recs:
+        sim.feed(SubmitTask(rec))
+    first = min(sim.requests)
+    sim.grant(first)  # one lease: every task is pipelined on it
+    (conn_a,) = sim.open
+    assert [h["tid"] for h in sim.sent[conn_a]] == [r.tid for r in recs]
+    assert len(sim.requests) == 5  # the five waiting behind the first still want workers
+    sim.grant(min(sim.requests))  # a second worker: nothing is queued here, so it steals
+    ((conn, tids),) = sim.steals
+    assert conn is conn_a and tids == [r.tid for r in recs[3:]][::-1]  # the back half
+    sim.answer_steal(0)
+    (conn_b,) = sim.open - {conn_a}
+    assert [h["tid"] for h in sim.sent[conn_b]] == [r.tid for r in recs[3:]]  # in order
+    assert [r.tid for r in sim.state.leasing.leases["Lw1"].inflight] == [r.tid for r in recs[:3]]
+    for conn, rec in sim.running():
+        sim.result(conn, rec)
+    sim.settle()
+    for rec in recs:
+        e = sim.client.objects.get(rec.return_ids[0])
+        assert e is not None and e.state == READY
+
+
 # ---------------------------------------------------------------------------- random sequences
 @pytest.mark.parametrize("seed", range(12))
 def test_random_event_sequences_keep_invariants(seed: int, monkeypatch: Any) -> None:
@@ -536,8 +579,10 @@ def test_random_event_sequences_keep_invariants(seed: int, monkeypatch: Any) -> 
             sim.feed(LeaseLost(lease.lease_id, "killed by SIGKILL", rng.random() < 0.3))
         elif op < 0.55 and sim.requests and rng.random() < 0.2:
             sim.feed(LeaseFailed(rng.choice(list(sim.requests)), "affinity to a dead node"))
-        elif op < 0.60:
+        elif op < 0.58:
             sim.fire_timers()
+        elif op < 0.60 and sim.steals:
+            sim.answer_steal(rng.randrange(len(sim.steals)))
         elif op < 0.64:
             sim.feed(NodeDied(f"n{sim.ids}", rng.choice(stores)))
         elif op < 0.70 and sim.state.tasks.producer:

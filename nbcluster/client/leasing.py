@@ -153,21 +153,23 @@ class Leasing:
             # for its LEASE_LOST: nothing more goes to it.)
             spread = sc.strategy is not None and sc.strategy.get("t") == "spread"
             depth = 1 if spread else self.depth  # (SPREAD: one per worker, many workers)
-            for level in range(depth):
-                for lease in list(sc.leases):
-                    if not queue:
-                        break
-                    inflight = lease.inflight
-                    if len(inflight) != level or lease.conn.closed:
-                        continue
-                    # A worker that retires after max_calls gets no task behind another.
-                    if level and (inflight[-1].max_calls or queue[0].max_calls):
-                        continue
-                    rec = queue.popleft()
-                    if not self.lineage.held_back(rec):
-                        self._dispatch(rec, lease)
-                if not queue:
-                    break
+            room = [ls for ls in sc.leases if len(ls.inflight) < depth and not ls.conn.closed]
+            while queue and room:
+                # One more task to each of the least busy leases, until they are all full.
+                low = min(len(ls.inflight) for ls in room)
+                left = []
+                for lease in room:
+                    n = len(lease.inflight)
+                    if n == low and queue:
+                        # A worker that retires after max_calls gets no task behind another.
+                        if n and (lease.inflight[-1].max_calls or queue[0].max_calls):
+                            continue
+                        rec = queue.popleft()
+                        if not self.lineage.held_back(rec):
+                            self._dispatch(rec, lease)
+                    if len(lease.inflight) < depth:
+                        left.append(lease)
+                room = left
         if not queue and sc.leases:
             self._steal(sc)
         self._ask(sc)
