@@ -79,7 +79,7 @@ from nbcluster.protocol.messages import PROTOCOL_VERSION, REJOIN_AGAIN_S, Kind
 from nbcluster.protocol.security import derive_keys
 from nbcluster.protocol.validation import MalformedMessage, RateLimitedLog, receive_message
 from nbcluster.transport import Transport
-from nbcluster.transport.channel import SMALL_FRAME, ZmqChannel, ZmqListener
+from nbcluster.transport.channel import ZmqChannel, ZmqListener
 from nbcluster.transport.serve import Dispatcher, answer_on, follow, serve
 
 if TYPE_CHECKING:
@@ -479,7 +479,7 @@ class IoShell:
     def _send_worker(self, socks: _WorkerSockets, sock: Any, frames: list[Any]) -> None:
         """Send on a worker's socket (high-water marks are off: it never blocks)."""
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, zmq.NOBLOCK)  # (small frames: copying is cheaper)
         except zmq.ZMQError as exc:
             log.debug("send to worker %s failed: %s", socks.conn.addr, exc)
         # A send may take in what arrived meanwhile without the descriptor firing again (it
@@ -503,14 +503,15 @@ class IoShell:
             if socks.closed:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                # Copied (bytes): results are small (large ones are in a node's store), and a
+                # kept zmq.Frame would pin libzmq's 8 KiB receive buffer.
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
                 log.debug("reading from worker %s failed: %s", conn.addr, exc)
                 return
-            # (Small frames copied: a kept zmq.Frame pins libzmq's 8 KiB receive buffer.)
-            dispatch(conn, [f if len(f) >= SMALL_FRAME else f.bytes for f in frames])
+            dispatch(conn, frames)
         assert self.loop is not None
         self.loop.call_soon(self._read_worker, socks)  # more: after the others' turn
 

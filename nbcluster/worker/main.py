@@ -159,7 +159,9 @@ class Worker:
 
     def _send_locked(self, ident: bytes, header: Header | m.Message, payload: list[Any]) -> None:
         try:
-            self.sock.send_multipart([ident, *encode(header, payload)], copy=False)
+            # (Copied: for frames this small, faster than zero-copy; large values go through the
+            # node's store, not this socket.)
+            self.sock.send_multipart([ident, *encode(header, payload)])
         except zmq.ZMQError:
             pass  # the driver is gone; the head will recycle this worker
 
@@ -229,10 +231,10 @@ class Worker:
         sock, dispatch = self.sock, self.dispatcher.dispatch_sync
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK)  # (small: copying is cheaper)
             except zmq.Again:
                 return
-            dispatch(frames[0].bytes, frames[1:])
+            dispatch(frames[0], frames[1:])
 
     def _steal(self, tids: list[str]) -> None:
         """Give back the queued tasks among ``tids`` that have not started (control thread).
@@ -616,8 +618,8 @@ class Worker:
             if main:
                 self._flush_outbox()
                 if self.sock.poll(200):
-                    frames = self.sock.recv_multipart(copy=False)
-                    self.dispatcher.dispatch_sync(frames[0].bytes, frames[1:])
+                    frames = self.sock.recv_multipart()
+                    self.dispatcher.dispatch_sync(frames[0], frames[1:])
             else:
                 with self._ack_cond:
                     self._ack_cond.wait(0.5)
