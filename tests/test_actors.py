@@ -389,3 +389,17 @@ def test_large_constructor_argument_survives_the_callers_ref(cluster: nb.Cluster
     del weights  # the actor still gets (and, on restart, gets again) its argument
     assert nb.get(m.get.remote(), timeout=30) == 1_000_000
     assert nb.get(m.resources.remote(), timeout=30) == {"CPU": 1.0}
+
+
+def test_results_sent_from_many_threads_all_arrive(cluster: nb.ClusterInfo) -> None:
+    # A threaded actor's calls answer from their own threads, through the main thread's
+    # outbox and wake-up pipe: none may be left there (a lost wake-up hangs the caller).
+    @nb.remote(max_concurrency=8)
+    class Many:
+        def call(self, i: int) -> int:
+            time.sleep(0.001 * (i % 3))
+            return i
+
+    m = Many.remote()
+    for _ in range(10):
+        assert nb.get([m.call.remote(i) for i in range(100)], timeout=30) == list(range(100))

@@ -149,9 +149,11 @@ class Worker:
             self._outbox.append((ident, header, payload or []))
             if self._wake_pending:
                 return  # the main thread has been woken and has not looked yet
+            # (Set and written under the lock: the main thread drains and clears under it too,
+            # so a byte is in the pipe exactly while the flag is set.)
             self._wake_pending = True
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
 
     def _send(self, ident: bytes, header: Header | m.Message, payload: list[Any]) -> None:
         with self._sock_lock:
@@ -182,11 +184,12 @@ class Worker:
 
     def _flush_outbox(self) -> None:
         if self._wake_pending:  # (not a read per task: most tasks queue nothing here)
-            self._wake_pending = False
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._wake_r, 4096):
-                    pass
-        while self._outbox:
+            with self._sock_lock:
+                self._wake_pending = False
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._wake_r, 4096):
+                        pass
+        while self._outbox:  # (what was queued before the flag was cleared, and since)
             self._send(*self._outbox.popleft())
 
     def _emit(self, target: OutputTarget, stream: str, lines: list[str]) -> None:
