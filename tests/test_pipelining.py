@@ -153,6 +153,16 @@ def test_pipelined_tasks_show_as_queued_on_their_worker(local: None, tmp_path: P
     while states() != ["running", *["queued on worker"] * 3]:  # sent as the lease came
         assert time.monotonic() < deadline, states()
         time.sleep(0.02)
+    # The cluster's views say the same: one running, three pending (events come in batches).
+    from nbcluster.util.state import list_tasks
+
+    def head_states() -> list[str]:
+        by_id = {t.task_id: t.state for t in list_tasks()}
+        return [by_id.get(r.task_id(), "?") for r in [long, *queued]]
+
+    while head_states() != ["RUNNING", *["PENDING_NODE_ASSIGNMENT"] * 3]:
+        assert time.monotonic() < deadline, head_states()
+        time.sleep(0.05)
     flag.touch()
     nb.get([long, *queued], timeout=TIMEOUT)
 

@@ -237,7 +237,7 @@ class Leasing:
             lease.inflight.remove(rec)
             rec.lease = None
             rec.sent_to = None
-            rec.stealing = False
+            rec.stealing = rec.started = False
             self.events.requeued(rec)
         sc = self.classes.get(lease.shape_key)
         if sc is None:
@@ -245,16 +245,26 @@ class Leasing:
         sc.queue.extendleft(reversed(back))  # they were sent before anything still queued
         for rec in lease.inflight:
             rec.stealing = False  # asked for but already running: may be asked again
+        if lease.inflight and not lease.inflight[0].started:
+            self._started(lease.inflight[0], lease)
         self.pump(sc)
         if not lease.inflight and lease.lease_id in self.leases:
             self._linger(lease)
+
+    def _started(self, rec: TaskRecord, lease: Lease) -> None:
+        """``rec`` is first on its worker: it runs now (as far as we know), the views say so.
+        (Those pipelined behind it stay "queued" there until it is their turn.)"""
+        rec.started = True
+        self.events.started(rec, lease.node_id, lease.worker_id)
 
     def _dispatch(self, rec: TaskRecord, lease: Lease) -> None:
         conn = lease.conn
         rec.lease = lease
         lease.inflight.append(rec)
         rec.sent_to = conn
-        self.events.started(rec, lease.node_id, lease.worker_id)
+        rec.sent_at = self.events.now
+        if len(lease.inflight) == 1:
+            self._started(rec, lease)
         header: dict[str, Any] = {
             "k": Kind.TASK,
             "tid": rec.tid,
@@ -406,7 +416,7 @@ class Leasing:
         requeue: list[TaskRecord] = []
         for i, rec in enumerate(inflight):
             rec.lease = None
-            rec.stealing = False
+            rec.stealing = rec.started = False
             if i > 0:  # never started: the worker runs its tasks in order
                 requeue.append(rec)
                 continue
@@ -451,6 +461,7 @@ class Leasing:
             if ev.retire:
                 self._retire(lease)
         rec.lease = None
+        rec.started = False
         if ev.ok:
             self.tasks.finish(rec, READY, split_parts(ev.counts, ev.payload))
         elif ev.err == "cancelled":
@@ -464,6 +475,8 @@ class Leasing:
         else:
             self.tasks.fail(rec, ev.payload)
         if lease is not None:
+            if lease.inflight and not lease.inflight[0].started:
+                self._started(lease.inflight[0], lease)  # the next one's turn
             lease_class = self.classes.get(lease.shape_key)
             if lease_class is not None:
                 self.pump(lease_class)

@@ -234,6 +234,7 @@ class Lineage:
         if rec.cancelled or rec.tid not in self.tasks.by_tid:
             return
         rec.lease = None
+        rec.started = False
         waits: list[tuple[int, Entry]] = []
         for i in indexes:
             dep = rec.deps[i]
@@ -307,6 +308,7 @@ class Lineage:
         for rid in rec.return_ids:
             self.objects.reset(rid)
         rec.lease = None
+        rec.started = False
         rec.attempts = 0
         rec.cancelled = rec.force_cancel = False  # (a run cancelled too late to stop it)
         self.tasks.submit(rec)

@@ -284,8 +284,9 @@ class ClientState:
                 f"lease {lease_id} is in no scheduling class"
             )
             assert len(lease.inflight) <= leasing.depth, f"lease {lease_id} has too many tasks"
-            for rec in lease.inflight:
+            for i, rec in enumerate(lease.inflight):
                 assert rec.lease is lease, f"{rec.tid} on lease {lease_id} thinks otherwise"
+                assert rec.started == (i == 0), f"{rec.tid} is #{i} on {lease_id}: started?"
                 assert rec.tid in tasks.by_tid, f"{rec.tid} finished but still on {lease_id}"
         for key, sc in leasing.classes.items():
             assert sc.key == key, f"class {key} filed under another key"

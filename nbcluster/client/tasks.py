@@ -42,6 +42,7 @@ class TaskRecord:
     dep_frames: list[list[Any]] = field(default_factory=_empty)
     waiting_deps: int = 0
     lease: Lease | None = None  # the lease it was last sent on, while it runs
+    started: bool = False  # first on its worker: reported as running (the others wait there)
     stealing: bool = False  # sent, not started (perhaps), and its worker was asked to give it back
     cancelled: bool = False
     force_cancel: bool = False
