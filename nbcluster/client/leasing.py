@@ -242,9 +242,9 @@ class Leasing:
         sc = self.classes.get(lease.shape_key)
         if sc is None:
             return
+        # (Those asked for and not given back run there: the worker gives back every asked
+        # task it has not started, even one that reaches it after the ask.)
         sc.queue.extendleft(reversed(back))  # they were sent before anything still queued
-        for rec in lease.inflight:
-            rec.stealing = False  # asked for but already running: may be asked again
         if lease.inflight and not lease.inflight[0].started:
             self._started(lease.inflight[0], lease)
         self.pump(sc)

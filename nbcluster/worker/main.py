@@ -323,6 +323,7 @@ class Worker(Streaming):
                 if isinstance(queued, m.Task | m.ActorCall) and queued.tid == msg.tid:
                     del self.queue[i]
                     found = qident
+                    self._ran.append(msg.tid)  # (done with here: a later ask is not kept)
                     break
         if found is not None:
             self.send_error(found, msg.tid, TaskCancelledError(msg.tid), "cancelled")
