@@ -223,6 +223,20 @@ def test_the_worker_gives_back_asked_tasks_queued_or_still_on_the_way(local: Non
         # Results come in order: neither given-back task ran before this one.
         h, _ = worker.wait_for(lambda h: h["k"] == Kind.RESULT)
         assert h["tid"] == last["tid"] and h["ok"]
+        # A task cancelled while it waits behind a long one (the control thread hears of it;
+        # the task socket's CANCEL would come only once the main thread took it up) is
+        # cancelled when its turn comes, not run.
+        long2, long2_payload = _task(exec, code)
+        worker.send(long2, long2_payload)
+        worker.wait_for(lambda h: h["k"] == Kind.LOG and h["lines"] == ["running"])
+        behind, behind_payload = _task(pow, 2, 5)
+        worker.send(behind, behind_payload)
+        control.send({"k": Kind.CANCEL, "tid": behind["tid"], "force": False})
+        control.send({"k": Kind.CANCEL, "tid": long2["tid"], "force": False})
+        h, _ = _result(worker, long2["tid"])
+        assert h["err"] == "cancelled"
+        h, _ = _result(worker, behind["tid"])
+        assert h["err"] == "cancelled"
     finally:
         worker.close()
         control.close()

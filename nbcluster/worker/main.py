@@ -73,6 +73,7 @@ class Worker(Streaming):
         # Work stealing: tasks asked back that were not here yet (still in the socket, or on
         # the way: the ask comes on the other socket), and the last tasks run (asked too late).
         self._wanted: set[str] = set()
+        self._cancelled: set[str] = set()  # cancelled before they started here
         self._ran: deque[str] = deque(maxlen=RAN_KEPT)
         self.queue: deque[Queued] = deque()
         self.pid = os.getpid()
@@ -326,6 +327,8 @@ class Worker(Streaming):
                     self._ran.append(msg.tid)  # (done with here: a later ask is not kept)
                     break
         if found is not None:
+            with self._lock:
+                self._cancelled.discard(msg.tid)
             self.send_error(found, msg.tid, TaskCancelledError(msg.tid), "cancelled")
 
     def bind(self, job_id: str | None, sys_path: list[str]) -> None:
@@ -498,6 +501,8 @@ class Worker(Streaming):
         self.stdout.default = self.stderr.default = target
         with self._lock:
             self._running = tid
+            early = tid in self._cancelled  # cancelled while it waited here (pipelined)
+            self._cancelled.discard(tid)
         slot = self._slot if isinstance(h, m.Task) else None  # for the memory monitor
         if slot is not None:
             slot.started(tid, name, h.retry)  # type: ignore[union-attr]
@@ -506,6 +511,9 @@ class Worker(Streaming):
         error: BaseException | None = None
         try:
             try:
+                if early:
+                    self._cancel_requested = tid
+                    raise KeyboardInterrupt
                 with self._user_code():
                     result = fn(*args, **kwargs)
                 if h.gen:
@@ -693,6 +701,10 @@ class Worker(Streaming):
     def _cancel_running(self, tid: str, force: bool) -> None:
         with self._lock:
             if self._running != tid:
+                # Not started yet (queued here, or still in the task socket): it is cancelled
+                # when its turn comes. (The CANCEL on the task socket may come too late: the
+                # main thread may have taken the task up by then.)
+                self._cancelled.add(tid)
                 return
             if force:
                 os.kill(self.pid, signal.SIGKILL)
