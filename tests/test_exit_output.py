@@ -51,7 +51,7 @@ def still_running():
 
 refs = [say.remote(i) for i in range(2)]  # never awaited
 r = still_running.remote()
-print("got", nb.get(other.remote(), timeout=60))
+print(f"got {{nb.get(other.remote(), timeout=60)}}")  # (one write: task lines come between writes)
 wait_marks(["running"])
 print("driver done")
 """
