@@ -245,8 +245,7 @@ class Leasing:
         # (Those asked for and not given back run there: the worker gives back every asked
         # task it has not started, even one that reaches it after the ask.)
         sc.queue.extendleft(reversed(back))  # they were sent before anything still queued
-        if lease.inflight and not lease.inflight[0].started:
-            self._started(lease.inflight[0], lease)
+        self._next_started(lease)
         self.pump(sc)
         if not lease.inflight and lease.lease_id in self.leases:
             self._linger(lease)
@@ -256,6 +255,11 @@ class Leasing:
         (Those pipelined behind it stay "queued" there until it is their turn.)"""
         rec.started = True
         self.events.started(rec, lease.node_id, lease.worker_id)
+
+    def _next_started(self, lease: Lease) -> None:
+        """The lease's first task left it: the next one is its worker's now."""
+        if lease.inflight and not lease.inflight[0].started:
+            self._started(lease.inflight[0], lease)
 
     def _dispatch(self, rec: TaskRecord, lease: Lease) -> None:
         conn = lease.conn
@@ -475,8 +479,7 @@ class Leasing:
         else:
             self.tasks.fail(rec, ev.payload)
         if lease is not None:
-            if lease.inflight and not lease.inflight[0].started:
-                self._started(lease.inflight[0], lease)  # the next one's turn
+            self._next_started(lease)
             lease_class = self.classes.get(lease.shape_key)
             if lease_class is not None:
                 self.pump(lease_class)

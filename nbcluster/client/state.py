@@ -225,7 +225,7 @@ class ClientState:
                 state, where = "actor call", rec.actor_id
             elif rec.lease is not None:
                 # Pipelined behind another task on its worker: sent, not started.
-                state = "running" if rec.lease.inflight[0] is rec else "queued on worker"
+                state = "running" if rec.started else "queued on worker"
                 where = rec.lease.node_name or rec.lease.node_id
             else:
                 state, where = "waiting", "-"

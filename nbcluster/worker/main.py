@@ -40,7 +40,7 @@ from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
 from nbcluster.transport.serve import Dispatcher
 from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
-from nbcluster.worker.streaming import Streaming
+from nbcluster.worker.streaming import Call, Streaming
 from nbcluster.worker.timing import timing
 
 if TYPE_CHECKING:
@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 
 #: A call waiting for the main thread: (its sender, the message, its payload frames).
 Queued = tuple[bytes, m.Task | m.ActorInit | m.ActorCall, list[Any]]
-#: A call: a task or an actor method.
-Call = m.Task | m.ActorCall
 #: Tasks remembered as started (a late ask for one of them is not kept: see ``Worker._steal``);
 #: far more than a driver pipelines to one worker.
 RAN_KEPT = 256
@@ -257,8 +255,6 @@ class Worker(Streaming):
                 for q in taken:
                     self.queue.remove(q)
                     want.discard(q[1].tid)  # type: ignore[union-attr]
-                if self._running is not None:
-                    want.discard(self._running)
                 # Not here yet: given back when it comes (unless it already ran).
                 self._wanted.update(want.difference(self._ran))
             by_driver: dict[bytes, list[str]] = {}
@@ -325,10 +321,9 @@ class Worker(Streaming):
                     del self.queue[i]
                     found = qident
                     self._ran.append(msg.tid)  # (done with here: a later ask is not kept)
+                    self._cancelled.discard(msg.tid)  # (if the control thread heard first)
                     break
         if found is not None:
-            with self._lock:
-                self._cancelled.discard(msg.tid)
             self.send_error(found, msg.tid, TaskCancelledError(msg.tid), "cancelled")
 
     def bind(self, job_id: str | None, sys_path: list[str]) -> None:
