@@ -121,6 +121,24 @@ def test_freed_results_are_reused_but_never_under_a_reader(small_store: nb.Clust
     assert glob.glob(f"/dev/shm/nbc-{store_id}-.pool-*")
 
 
+def test_a_put_right_after_dropping_a_large_ref_reuses_its_segment(
+    small_store: nb.ClusterInfo,
+) -> None:
+    """A loop that puts an array and drops the last one: each put writes into the segment the
+    one before left (its pages exist), though the drop is counted lazily (up to 0.1 s later)."""
+    store_id = nb.nodes()[0]["store_id"]
+    arr = np.ones(8 * MB // 8)
+    ref = nb.put(arr)
+    first = os.stat(f"/dev/shm/nbc-{store_id}-{ref.oid}").st_ino
+    for _ in range(6):
+        del ref
+        ref = nb.put(arr)  # at once: the drop must reach the store before this reservation
+        assert os.stat(f"/dev/shm/nbc-{store_id}-{ref.oid}").st_ino == first
+    assert nb.get(ref, timeout=30).sum() == arr.size
+    del ref
+    wait_until(lambda: _store()["objects"] == 0, timeout=10)
+
+
 def test_spilling_and_transparent_restore(small_store: nb.ClusterInfo) -> None:
     refs = [nb.put(np.full(100 * MB // 8, i, dtype=np.float64)) for i in range(5)]  # 500 MB
     # The agent reports its store once a second: wait for a report with all five.

@@ -80,6 +80,19 @@ def test_a_reader_racing_the_free_finds_it_gone(store: StoreManager) -> None:
         open_segment(path)
 
 
+def test_of_equal_fits_the_most_recently_freed_segment_is_taken(store: StoreManager) -> None:
+    # A writer keeps mappings of what it wrote last: it should get that file back.
+    for name in ("a", "b", "c"):
+        put_local(store, name, np.ones(2 * MB // 8))
+    inodes = {n: os.stat(store.shm_path(n)).st_ino for n in ("a", "b", "c")}
+    for name in ("b", "c", "a"):
+        store.free(name)
+    put_local(store, "d", np.ones(2 * MB // 8))
+    assert os.stat(store.shm_path("d")).st_ino == inodes["a"]
+    put_local(store, "e", np.ones(2 * MB // 8))
+    assert os.stat(store.shm_path("e")).st_ino == inodes["c"]
+
+
 def test_small_segments_are_not_pooled_and_the_pool_is_bounded(store: StoreManager) -> None:
     put_local(store, "small", np.ones(MIN_POOLED // 16))
     store.free("small")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import threading
@@ -166,6 +167,15 @@ class CoreClient:
         """Use the node agent's shared-memory store at ``address`` for large values."""
         assert self.io.transport is not None
         self.io.store = StoreClient(self.io.transport, address, store_id)
+        self.io.store.before_large_write = self._send_releases
+
+    def _send_releases(self) -> None:
+        # Refs dropped since the I/O thread last looked are counted within 0.1 s; a large put
+        # waits for them (when there are any), so segments they free reach the store's pool
+        # before our reservation and the put reuses one (pages that exist: 4x faster).
+        if self.io.released and threading.current_thread() is not self.io.thread:
+            with contextlib.suppress(Exception):
+                self.io.call(self.io.send_releases(), timeout=5.0)
 
     def _post(self, command: Command) -> None:
         self.io.post(command)

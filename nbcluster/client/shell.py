@@ -66,6 +66,7 @@ from nbcluster.client.instructions import (
 from nbcluster.client.objects import ObjectTable
 from nbcluster.client.state import ClientState
 from nbcluster.client.wire import probe_listening, send_nowait
+from nbcluster.client.worker_links import WorkerLinks
 from nbcluster.client.workers import WorkerConn
 from nbcluster.exceptions import (
     ConnectionFailedError,
@@ -93,22 +94,6 @@ _worker_errors = RateLimitedLog(log, "a worker answered with an error")
 _owner_errors = RateLimitedLog(log, "an object's owner answered with an error")
 
 HEARTBEAT_S = 1.0
-#: Messages taken from one worker before the loop serves others.
-WORKER_READ_BATCH = 256
-
-
-class _WorkerSockets:
-    """The sockets behind one :class:`WorkerConn` (plain, not asyncio, sockets: read when the
-    loop sees their descriptor ready, every waiting message at once)."""
-
-    __slots__ = ("closed", "conn", "ctrl", "fd", "sock")
-
-    def __init__(self, sock: Any, ctrl: Any, conn: WorkerConn) -> None:
-        self.sock = sock
-        self.ctrl = ctrl
-        self.conn = conn
-        self.fd: int = sock.getsockopt(zmq.FD)
-        self.closed = False
 
 
 class IoShell:
@@ -175,8 +160,7 @@ class IoShell:
         self._main_task: asyncio.Task[None] | None = None
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._queries: dict[int, list[Any]] = {}  # unanswered queries, sent again on rejoin
-        self._workers: dict[WorkerConn, _WorkerSockets] = {}
-        self._recheck: set[_WorkerSockets] = set()  # worker sockets sent on this turn
+        self._links: WorkerLinks | None = None  # our leased workers' sockets
         self._owner_conns: dict[str, Any] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._hello: dict[str, Any] = {}  # what we said to the head, said again after it restarts
@@ -272,6 +256,8 @@ class IoShell:
             self._owner_sock, self.owner_address = self.transport.server(
                 zmq.ROUTER, f"tcp://{self.bind_host}:0"
             )
+            assert self.loop is not None
+            self._links = WorkerLinks(self.loop, self.transport, self._from_worker.dispatch_sync)
             self.state = ClientState(
                 self.objects,
                 self.owner_address,
@@ -396,6 +382,11 @@ class IoShell:
         while inbox:
             self.feed(inbox.popleft())
 
+    async def send_releases(self) -> None:
+        """Count the refs dropped so far now (their frees leave before whatever follows)."""
+        if self.released:
+            self._release()
+
     def _release(self) -> None:
         released = self.released
         oids = [released.popleft() for _ in range(len(released))]
@@ -427,9 +418,8 @@ class IoShell:
     def _do(self, ins: Instruction) -> None:
         match ins:
             case ToWorker(conn, header, payload):
-                socks = self._workers.get(conn)
-                if socks is not None:
-                    self._send_worker(socks, socks.sock, encode(header, payload))
+                assert self._links is not None
+                self._links.send(conn, encode(header, payload))
             case ToHead(header, payload):
                 send_nowait(self._head, encode(header, payload))
             case StartTimer(delay, event):
@@ -438,19 +428,14 @@ class IoShell:
             case OpenWorker(conn):
                 self._open_worker(conn)
             case CloseWorker(conn):
-                socks = self._workers.pop(conn, None)
-                if socks is not None:
-                    self._close_worker(socks)
+                assert self._links is not None
+                self._links.close(conn)
             case CancelOnWorker(conn, header):
-                socks = self._workers.get(conn)
-                if socks is not None:
-                    msg = encode(header)
-                    self._send_worker(socks, socks.sock, list(msg))
-                    self._send_worker(socks, socks.ctrl, list(msg))
+                assert self._links is not None
+                self._links.send_both(conn, encode(header))
             case ToControl(conn, header):
-                socks = self._workers.get(conn)
-                if socks is not None:
-                    self._send_worker(socks, socks.ctrl, encode(header))
+                assert self._links is not None
+                self._links.send(conn, encode(header), control=True)
             case ToOwner(owner, header):
                 self._send_to_owner(owner, header)
             case ReplyObject(ident, header, payload):
@@ -465,55 +450,6 @@ class IoShell:
                 fut = self.loop.create_future()
                 self._replies[rid] = fut
                 fut.add_done_callback(lambda f: _settle(reply, f))
-
-    def _close_worker(self, socks: _WorkerSockets) -> None:
-        # (Perhaps from inside its own read, a RESULT saying the worker retires: the read
-        # stops at ``closed``.)
-        socks.closed = True
-        self._recheck.discard(socks)
-        if self.loop is not None:
-            self.loop.remove_reader(socks.fd)
-        socks.sock.close(linger=0)
-        socks.ctrl.close(linger=0)
-
-    def _send_worker(self, socks: _WorkerSockets, sock: Any, frames: list[Any]) -> None:
-        """Send on a worker's socket (high-water marks are off: it never blocks)."""
-        try:
-            sock.send_multipart(frames, zmq.NOBLOCK)  # (small frames: copying is cheaper)
-        except zmq.ZMQError as exc:
-            log.debug("send to worker %s failed: %s", socks.conn.addr, exc)
-        # A send may take in what arrived meanwhile without the descriptor firing again (it
-        # is edge-triggered): look once this turn of the loop is over.
-        if not self._recheck:
-            assert self.loop is not None
-            self.loop.call_soon(self._recheck_workers)
-        self._recheck.add(socks)
-
-    def _recheck_workers(self) -> None:
-        socks_list = list(self._recheck)
-        self._recheck.clear()
-        for socks in socks_list:
-            if not socks.closed and socks.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._read_worker(socks)
-
-    def _read_worker(self, socks: _WorkerSockets) -> None:
-        """Take in every message waiting from a worker (a few hundred at most per turn)."""
-        sock, dispatch, conn = socks.sock, self._from_worker.dispatch_sync, socks.conn
-        for _ in range(WORKER_READ_BATCH):
-            if socks.closed:
-                return
-            try:
-                # Copied (bytes): results are small (large ones are in a node's store), and a
-                # kept zmq.Frame would pin libzmq's 8 KiB receive buffer.
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError as exc:
-                log.debug("reading from worker %s failed: %s", conn.addr, exc)
-                return
-            dispatch(conn, frames)
-        assert self.loop is not None
-        self.loop.call_soon(self._read_worker, socks)  # more: after the others' turn
 
     def _show(self, stream: str, text: str, tag: Any) -> None:
         on_output: Callable[[str, str, Any], None] | None = self._client.on_output
@@ -693,19 +629,14 @@ class IoShell:
 
     # ================================================================== workers
     def _open_worker(self, conn: WorkerConn) -> None:
-        assert self.transport is not None
-        sock = self.transport.client(zmq.DEALER, conn.addr, aio=False)
-        ctrl = self.transport.client(zmq.DEALER, conn.control_addr, aio=False)
-        socks = self._workers[conn] = _WorkerSockets(sock, ctrl, conn)
+        assert self._links is not None
         bind = {
             "k": Kind.BIND,
             "job_id": self.job_id,
             "namespace": self.namespace,
             "sys_path": [os.path.abspath(p) if p in ("", ".") else p for p in sys.path],
         }
-        assert self.loop is not None
-        self.loop.add_reader(socks.fd, self._read_worker, socks)
-        self._send_worker(socks, sock, encode(bind))
+        self._links.open(conn, encode(bind))
 
     def _on_result(self, conn: WorkerConn, msg: m.Result, payload: list[Any]) -> None:
         self.feed(

@@ -7,7 +7,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -18,6 +18,7 @@ from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.validation import receive
 from nbcluster.store.errors import ObjectExistsError, ObjectStoreError, ObjectStoreFullError
+from nbcluster.store.pool import MIN_POOLED
 from nbcluster.store.segment import (
     SHM_DIR,
     dumps_oob,
@@ -87,6 +88,9 @@ class StoreClient:
         self._unpinned: deque[str] = deque()  # appended by mapping finalizers (no lock)
         # Keeps mappings of the segments we wrote: the next reused one is a plain memcpy.
         self._writer = SegmentWriter()
+        #: Called before reserving a segment large enough to be pooled: the owner sends the
+        #: frees of refs dropped meanwhile first, so their segments are free to reuse.
+        self.before_large_write: Callable[[], None] | None = None
 
     def close(self) -> None:
         with self._lock:
@@ -158,6 +162,8 @@ class StoreClient:
         size = segment_size(frames)
         if size <= INLINE_THRESHOLD_BYTES:
             return [frames[0], *(memoryview(f).tobytes() for f in frames[1:])]
+        if size >= MIN_POOLED and self.before_large_write is not None:
+            self.before_large_write()
         try:
             reply = self._request(
                 {"k": Kind.STORE_RESERVE, "oid": oid, "size": size, "job": job_id, "w": self.writer}

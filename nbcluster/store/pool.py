@@ -96,13 +96,16 @@ class SegmentPool:
     def take(self, size: int, path: str) -> bool:
         """Give a pooled segment of about ``size`` bytes the name ``path``; False if none fits.
 
-        The best fit is the smallest file of at least ``size`` bytes and at most twice that;
+        The best fit is the smallest file of at least ``size`` bytes and at most twice that
+        (the most recently freed of those);
         else the largest smaller one of at least half (its tail is then allocated fresh). The
         file is truncated to ``size`` and unlocked.
         """
         fits = [p for p in self._files if size <= p.size <= 2 * size]
         if fits:
-            best = min(fits, key=lambda p: p.size)
+            # The most recently freed of the best fits: a writer that frees and writes again
+            # gets back the file it still has mapped (nbcluster.store.writer).
+            best = min(reversed(fits), key=lambda p: p.size)
         else:
             smaller = [p for p in self._files if size // 2 <= p.size < size]
             if not smaller:
