@@ -202,6 +202,7 @@ class IoShell:
             },
             what="from a worker",
             logger=log,
+            batches=True,
         )
         self._from_owner = Dispatcher[str](
             {m.Object: self._on_object, m.Error: self._on_owner_error},
@@ -381,6 +382,8 @@ class IoShell:
         inbox = self._inbox
         while inbox:
             self.feed(inbox.popleft())
+        if self._links is not None:
+            self._links.flush()  # (the tasks just submitted leave now, not a turn later)
 
     async def send_releases(self) -> None:
         """Count the refs dropped so far now (their frees leave before whatever follows)."""

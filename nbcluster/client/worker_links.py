@@ -6,6 +6,11 @@ watches each task socket's descriptor and, when it fires, takes in every waiting
 (at most :data:`WORKER_READ_BATCH` before serving others). The descriptor is edge-triggered and a
 send may take in what arrived meanwhile without it firing again, so every send schedules one
 look at ``EVENTS`` once the loop's turn is over.
+
+What goes to a worker's task socket during one turn of the loop leaves at the end of the turn,
+in order, as one message: a ``BATCH`` when there are several (a turn that took in a dozen
+results sends the dozen tasks that follow them at once). Each ZeroMQ message costs both ends'
+I/O threads a wake-up and ~20 µs of CPU, more than a task's own bookkeeping.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from typing import Any
 import zmq
 
 from nbcluster.client.workers import WorkerConn
+from nbcluster.protocol import schema as m
+from nbcluster.protocol.codec import encode
+from nbcluster.protocol.messages import Kind
 from nbcluster.transport import Transport
 
 log = logging.getLogger("nbcluster")
@@ -29,7 +37,7 @@ WORKER_READ_BATCH = 256
 class _Link:
     """The sockets of one :class:`WorkerConn`."""
 
-    __slots__ = ("closed", "conn", "ctrl", "fd", "sock")
+    __slots__ = ("closed", "conn", "ctrl", "fd", "out", "sock")
 
     def __init__(self, sock: Any, ctrl: Any, conn: WorkerConn) -> None:
         self.sock = sock
@@ -37,6 +45,7 @@ class _Link:
         self.conn = conn
         self.fd: int = sock.getsockopt(zmq.FD)
         self.closed = False
+        self.out: list[list[Any]] = []  # messages for the task socket, sent at the turn's end
 
 
 class WorkerLinks:
@@ -62,15 +71,16 @@ class WorkerLinks:
         self._transport = transport
         self._dispatch = dispatch
         self._links: dict[WorkerConn, _Link] = {}
-        self._recheck: set[_Link] = set()  # links sent on during this turn of the loop
+        self._queued: set[_Link] = set()  # links with messages waiting in ``out``
+        self._flush_due = False
 
     def open(self, conn: WorkerConn, hello: list[Any]) -> None:
         """Connect to ``conn`` and send it ``hello`` (its BIND) first."""
         sock = self._transport.client(zmq.DEALER, conn.addr, aio=False)
         ctrl = self._transport.client(zmq.DEALER, conn.control_addr, aio=False)
         link = self._links[conn] = _Link(sock, ctrl, conn)
-        self._loop.add_reader(link.fd, self._read, link)
-        self._send(link, sock, hello)
+        self._loop.add_reader(link.fd, self._readable, link)
+        self._queue(link, hello)
 
     def close(self, conn: WorkerConn) -> None:
         """Drop the connection to ``conn`` (perhaps from inside its own read: a RESULT saying
@@ -79,7 +89,7 @@ class WorkerLinks:
         if link is None:
             return
         link.closed = True
-        self._recheck.discard(link)
+        self._queued.discard(link)
         self._loop.remove_reader(link.fd)
         link.sock.close(linger=0)
         link.ctrl.close(linger=0)
@@ -87,15 +97,57 @@ class WorkerLinks:
     def send(self, conn: WorkerConn, frames: list[Any], control: bool = False) -> None:
         """Send ``frames`` on ``conn``'s task socket (or its control socket)."""
         link = self._links.get(conn)
-        if link is not None:
-            self._send(link, link.ctrl if control else link.sock, frames)
+        if link is None:
+            return
+        if control:  # (a control socket carries one message now and then: sent at once)
+            self._send(link, link.ctrl, frames)
+        else:
+            self._queue(link, frames)
 
     def send_both(self, conn: WorkerConn, frames: list[Any]) -> None:
         """Send ``frames`` on both of ``conn``'s sockets (a cancel: whichever is heard first)."""
         link = self._links.get(conn)
         if link is not None:
-            self._send(link, link.sock, list(frames))
+            self._queue(link, list(frames))
             self._send(link, link.ctrl, list(frames))
+
+    def _queue(self, link: _Link, frames: list[Any]) -> None:
+        if not link.out:
+            self._queued.add(link)
+        link.out.append(frames)
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_due = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what was queued (one message per worker), then look for answers.
+
+        Called where a burst of work ends (commands from user threads taken in, a worker's
+        messages read), and at the end of any turn of the loop that queued something.
+        """
+        if not self._queued:
+            return
+        links = list(self._queued)
+        self._queued.clear()
+        for link in links:
+            out, link.out = link.out, []
+            if link.closed:
+                continue
+            if len(out) == 1:
+                self._send(link, link.sock, out[0])
+            elif out:
+                for start in range(0, len(out), m.MAX_BATCH):
+                    part = out[start : start + m.MAX_BATCH]
+                    head = encode({"k": Kind.BATCH, "n": [len(f) for f in part]})
+                    self._send(link, link.sock, [*head, *(f for fs in part for f in fs)])
+            # A send may take in what arrived meanwhile without the descriptor firing again.
+            # (What reading it queues leaves at the end of this turn.)
+            if not link.closed and link.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._read(link)
 
     def _send(self, link: _Link, sock: Any, frames: list[Any]) -> None:
         # High-water marks are off: a send never blocks.
@@ -103,31 +155,26 @@ class WorkerLinks:
             sock.send_multipart(frames, zmq.NOBLOCK)  # (small frames: copying is cheaper)
         except zmq.ZMQError as exc:
             log.debug("send to worker %s failed: %s", link.conn.addr, exc)
-        if not self._recheck:
-            self._loop.call_soon(self._recheck_all)
-        self._recheck.add(link)
-
-    def _recheck_all(self) -> None:
-        links = list(self._recheck)
-        self._recheck.clear()
-        for link in links:
-            if not link.closed and link.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._read(link)
 
     def _read(self, link: _Link) -> None:
         """Take in every message waiting from a worker (a few hundred at most per turn)."""
         sock, dispatch, conn = link.sock, self._dispatch, link.conn
         for _ in range(WORKER_READ_BATCH):
             if link.closed:
-                return
+                break
             try:
                 # Copied (bytes): results are small (large ones are in a node's store), and a
                 # kept zmq.Frame would pin libzmq's 8 KiB receive buffer.
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             except zmq.ZMQError as exc:
                 log.debug("reading from worker %s failed: %s", conn.addr, exc)
-                return
+                break
             dispatch(conn, frames)
-        self._loop.call_soon(self._read, link)  # more: after the others' turn
+        else:
+            self._loop.call_soon(self._readable, link)  # more: after the others' turn
+
+    def _readable(self, link: _Link) -> None:
+        self._read(link)
+        self.flush()  # what those messages caused (the tasks that follow results) leaves now

@@ -86,6 +86,7 @@ class Kind(StrEnum):
     STREAM_ACK = "sack"  # driver -> worker: how many items of a stream were consumed
     STEAL = "steal"  # driver -> worker's control socket: give back these queued tasks
     STOLEN = "stolen"  # worker -> driver: these queued tasks were taken out, never run
+    BATCH = "batch"  # driver <-> worker: several whole messages in one (tasks out, results back)
 
     # --- actors ------------------------------------------------------------------------------
     ACTOR_CREATE = "acreate"  # driver -> head: + class and argument frames

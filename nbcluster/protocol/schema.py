@@ -510,6 +510,22 @@ class Stolen(Message, tag=Kind.STOLEN.value):
     tids: list[str]
 
 
+#: Most messages one BATCH carries.
+MAX_BATCH = 1024
+
+
+class Batch(Message, tag=Kind.BATCH.value):
+    frames_doc = "sum(n)"
+    summary = (
+        "driver <-> worker (task socket): whole messages sent as one, ``n[i]`` frames each "
+        "(its header first), handled in order; never a BATCH inside a BATCH"
+    )
+    n: Annotated[list[Annotated[int, msgspec.Meta(ge=1)]], msgspec.Meta(max_length=MAX_BATCH)]
+
+    def frames(self) -> int | None:
+        return sum(self.n)
+
+
 # --- actors -------------------------------------------------------------------------------------
 class ActorCreate(Message, tag=Kind.ACTOR_CREATE.value):
     frames_doc = "1 + nargs + sum(deps)"

@@ -15,7 +15,10 @@ a table of handlers, one per message type, and hands it the frames it receives (
 - a handler that raises is a bug: it is logged with its traceback, and when the sender waits for
   an answer it gets ``ERROR {code: "internal"}`` naming the request's ``rid``; the loop serves on;
 - a message of a type the table has no handler for goes to ``default``, or is logged
-  (rate-limited) and dropped.
+  (rate-limited) and dropped;
+- a ``BATCH`` (several whole messages sent as one, between a driver and its workers) is taken
+  apart by a dispatcher built with ``batches=True``: each message in it is dispatched in order
+  under this same policy; a ``BATCH`` inside one is malformed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 from nbcluster.exceptions import ProtocolError
 from nbcluster.protocol.codec import Header, encode
-from nbcluster.protocol.schema import Message
+from nbcluster.protocol.schema import Batch, Message
 from nbcluster.protocol.validation import (
     INTERNAL,
     RateLimitedLog,
@@ -71,6 +74,9 @@ class Dispatcher(Generic[P]):
     spawn
         Where given, handlers run concurrently: each handler's coroutine is handed to
         ``spawn`` (e.g. a task of its own) instead of being awaited, the policy included.
+    batches
+        Take ``BATCH`` messages apart (:meth:`dispatch_sync` only: the driver's and the
+        worker's loops).
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class Dispatcher(Generic[P]):
         on_malformed: Callable[[P, ProtocolError], bool] | None = None,
         on_error: Callable[[P, Message, Exception], bool] | None = None,
         spawn: Callable[[Coroutine[Any, Any, None]], object] | None = None,
+        batches: bool = False,
     ) -> None:
         if callable(handlers):
             self.table: dict[type[Message], Handler[P]] = {}
@@ -101,6 +108,9 @@ class Dispatcher(Generic[P]):
         self.unexpected_log = RateLimitedLog(
             logger, f"ignoring a message of an unexpected kind {what}"
         )
+        self._in_batch = False
+        if batches:
+            self.table[Batch] = self._unbatch
 
     def _refuse(self, peer: P, exc: ProtocolError) -> Header | None:
         """Log a malformed message; the answer it gets (``None``: none)."""
@@ -179,6 +189,21 @@ class Dispatcher(Generic[P]):
                 reply = self._failed(peer, msg, exc)
         if reply is not None and self.answer is not None:
             self.answer(peer, reply)
+
+    def _unbatch(self, peer: P, msg: Batch, payload: list[Any]) -> None:
+        if self._in_batch:
+            reply = self._refuse(peer, ProtocolError("a BATCH inside a BATCH"))
+            if reply is not None and self.answer is not None:
+                self.answer(peer, reply)
+            return
+        self._in_batch = True
+        try:
+            start = 0
+            for n in msg.n:
+                self.dispatch_sync(peer, payload[start : start + n])
+                start += n
+        finally:
+            self._in_batch = False
 
 
 def answer_on(listener: Listener) -> Answer[bytes]:

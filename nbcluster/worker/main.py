@@ -39,6 +39,7 @@ from nbcluster.serialization import dumps, loads, loads_args, restore_filenames
 from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
 from nbcluster.transport.serve import Dispatcher
+from nbcluster.worker.batching import WATCH_MS, Holder
 from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
 from nbcluster.worker.streaming import Call, Streaming
 from nbcluster.worker.timing import timing
@@ -94,6 +95,7 @@ class Worker(Streaming):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._holder = Holder(self._send_frames)  # results of short calls, sent together
         self.stdout = LineForwarder("stdout", sys.stdout, self._emit)
         self.stderr = LineForwarder("stderr", sys.stderr, self._emit)
         self._orig_cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -132,6 +134,7 @@ class Worker(Streaming):
             answer=self.send,
             on_malformed=self._refuse_call,
             on_error=self._call_failed,
+            batches=True,
         )
 
     # ----------------------------------------------------------------------------- sending
@@ -140,7 +143,11 @@ class Worker(Streaming):
     ) -> None:
         """Send a message; from threads other than the main one it is queued for the main thread."""
         if threading.current_thread() is self._main:
-            self._send(ident, header, payload or [])
+            with self._sock_lock:
+                if self._holder.hold:  # (then nothing older is held back: see batching.py)
+                    self._holder.add(ident, encode(header, payload or []))
+                else:
+                    self._send_locked(ident, header, payload or [])
             return
         with self._sock_lock:
             if self._direct:
@@ -160,10 +167,13 @@ class Worker(Streaming):
             self._send_locked(ident, header, payload)
 
     def _send_locked(self, ident: bytes, header: Header | m.Message, payload: list[Any]) -> None:
+        self._send_frames([ident, *encode(header, payload)])
+
+    def _send_frames(self, frames: list[Any]) -> None:
         try:
             # (Copied: for frames this small, faster than zero-copy; large values go through the
             # node's store, not this socket.)
-            self.sock.send_multipart([ident, *encode(header, payload)])
+            self.sock.send_multipart(frames)
         except zmq.ZMQError:
             pass  # the driver is gone; the head will recycle this worker
 
@@ -207,24 +217,37 @@ class Worker(Streaming):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        holder = self._holder
         while True:  # until the agent kills us (or goes away: see the control thread)
             try:
                 if not self.queue:
+                    if holder.busy:
+                        # Nothing held while we wait: only then does the control thread not
+                        # send on the socket this thread polls (ZeroMQ sockets are not shared).
+                        with self._sock_lock:
+                            holder.idle()
                     poller.poll()
                 self._flush_outbox()
-                self._receive()
+                with self._sock_lock:  # (the control thread may send what is held meanwhile)
+                    self._receive()
                 with self._lock:  # (the control thread may take queued tasks away: _steal)
                     item = self.queue.popleft() if self.queue else None
                     if item is not None and isinstance(item[1], m.Task):
                         self._ran.append(item[1].tid)  # from now on it cannot be given back
                 if item is not None:
                     ident, msg, payload = item
+                    key = _call_key(msg)
+                    with self._sock_lock:
+                        holder.next_call(key is not None and holder.short(key), bool(self.queue))
+                    t0 = time.perf_counter()
                     try:
                         self._run_message(ident, msg, payload)
                     except Exception as exc:  # a bug: answer it and serve on
                         log.error("error handling %s", msg.__struct_config__.tag, exc_info=exc)
                         if not self._call_failed(ident, msg, exc) and msg.expects_reply:
                             self.send(ident, error_reply(exc, INTERNAL))
+                    if key is not None:
+                        holder.took(key, time.perf_counter() - t0)
                     self._flush_outbox()
             except KeyboardInterrupt:
                 continue  # a cancellation that arrived just after its task finished
@@ -686,10 +709,20 @@ class Worker(Streaming):
             what="on the control socket",
             logger=log,
         )
+        poller = zmq.Poller()
+        poller.register(self.ctrl, zmq.POLLIN)
+        poller.register(self._holder.wake_r, zmq.POLLIN)
+        holder = self._holder
         while True:
-            if self.ctrl.poll(500):
+            ready = dict(poller.poll(WATCH_MS if holder.watching else 500))
+            if self.ctrl in ready:
                 frames = self.ctrl.recv_multipart()
                 control.dispatch_sync(frames[0], frames[1:])
+            if holder.wake_r in ready:
+                holder.drain_wake()  # (a run of short calls began: look every WATCH_MS)
+            if holder.watching:
+                with self._sock_lock:
+                    holder.watch()  # (a call that runs long sends what it held up)
             if agent_pid and os.getppid() != agent_pid:
                 os._exit(0)  # our agent is gone: nobody will ever use us again
 
@@ -705,6 +738,15 @@ class Worker(Streaming):
                 os.kill(self.pid, signal.SIGKILL)
             self._cancel_requested = tid
             os.kill(self.pid, signal.SIGINT)
+
+
+def _call_key(msg: m.Message) -> str | None:
+    """What a call's duration is remembered by (``None``: its results are never held)."""
+    if isinstance(msg, m.Task):
+        return None if msg.gen or msg.mc else msg.fn
+    if isinstance(msg, m.ActorCall):
+        return None if msg.gen else "." + msg.method
+    return None
 
 
 def main() -> None:
