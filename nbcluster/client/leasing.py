@@ -68,11 +68,11 @@ LEASE_LINGER_S = 0.5  # an idle lease is kept this long for the next task of its
 
 #: Tasks sent to one leased worker at once (1: one at a time, as before pipelining).
 PIPELINE_ENV = "NBCLUSTER_TASK_PIPELINE"
-DEFAULT_PIPELINE = 16
+DEFAULT_PIPELINE = 32
 
 
 def pipeline_depth() -> int:
-    """How many tasks a leased worker is sent at once (:data:`PIPELINE_ENV`, default 16)."""
+    """How many tasks a leased worker is sent at once (:data:`PIPELINE_ENV`, default 32)."""
     try:
         return max(1, int(os.environ.get(PIPELINE_ENV, DEFAULT_PIPELINE)))
     except ValueError:
