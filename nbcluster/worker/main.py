@@ -144,10 +144,14 @@ class Worker(Streaming):
         """Send a message; from threads other than the main one it is queued for the main thread."""
         if threading.current_thread() is self._main:
             with self._sock_lock:
-                if self._holder.hold:  # (then nothing older is held back: see batching.py)
-                    self._holder.add(ident, encode(header, payload or []))
-                else:
+                holder = self._holder
+                if not holder.hold:  # (then nothing older is held back: see batching.py)
                     self._send_locked(ident, header, payload or [])
+                elif self.actor is not None and ident == self.actor.head:
+                    holder.flush()  # (the head takes no BATCH: what is held goes first)
+                    self._send_locked(ident, header, payload or [])
+                else:
+                    holder.add(ident, encode(header, payload or []))
             return
         with self._sock_lock:
             if self._direct:
