@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import itertools
+import logging
 import os
 import threading
 import time
@@ -59,6 +59,8 @@ from nbcluster.store.client import StoreClient, is_stored
 from nbcluster.store.errors import ObjectStoreError
 from nbcluster.store.fetch import fetch_stored
 from nbcluster.transport.sockets import check_frame_sizes, max_message_bytes
+
+log = logging.getLogger("nbcluster")
 
 
 class CoreClient:
@@ -174,8 +176,10 @@ class CoreClient:
         # waits for them (when there are any), so segments they free reach the store's pool
         # before our reservation and the put reuses one (pages that exist: 4x faster).
         if self.io.released and threading.current_thread() is not self.io.thread:
-            with contextlib.suppress(Exception):
+            try:
                 self.io.call(self.io.send_releases(), timeout=5.0)
+            except Exception as exc:  # (closing, or a stalled loop: the put goes on without it)
+                log.debug("could not send dropped refs before a put: %r", exc)
 
     def _post(self, command: Command) -> None:
         self.io.post(command)
