@@ -21,7 +21,7 @@ import nbcluster as nb
 from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import encode
 from nbcluster.protocol.messages import Kind
-from nbcluster.transport.serve import Dispatcher
+from nbcluster.transport.serve import Dispatcher, batched
 
 TIMEOUT = 60.0
 
@@ -50,6 +50,21 @@ def test_a_batch_is_dispatched_message_by_message_in_order() -> None:
         "peer", [*encode({"k": Kind.BATCH, "n": [1, 1, 1]}), *(f for p in parts for f in p)]
     )
     assert seen == [("stolen", ["a"]), ("pong", []), ("stolen", ["b", "c"])]
+    assert errors == []
+
+
+def test_batched_splits_at_the_limit_and_round_trips_in_order() -> None:
+    seen: list[Any] = []
+    errors: list[Any] = []
+    d = _dispatcher(seen, errors)
+    one = encode({"k": Kind.STOLEN, "tids": ["only"]})
+    assert batched([one]) == [one]  # one message goes as it is
+    messages = [encode({"k": Kind.STOLEN, "tids": [str(i)]}) for i in range(m.MAX_BATCH + 3)]
+    wire = batched(messages)
+    assert len(wire) == 2
+    for frames in wire:
+        d.dispatch_sync("peer", frames)
+    assert seen == [("stolen", [str(i)]) for i in range(m.MAX_BATCH + 3)]
     assert errors == []
 
 

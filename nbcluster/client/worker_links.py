@@ -23,10 +23,8 @@ from typing import Any
 import zmq
 
 from nbcluster.client.workers import WorkerConn
-from nbcluster.protocol import schema as m
-from nbcluster.protocol.codec import encode
-from nbcluster.protocol.messages import Kind
 from nbcluster.transport import Transport
+from nbcluster.transport.serve import batched
 
 log = logging.getLogger("nbcluster")
 
@@ -137,13 +135,8 @@ class WorkerLinks:
             out, link.out = link.out, []
             if link.closed:
                 continue
-            if len(out) == 1:
-                self._send(link, link.sock, out[0])
-            elif out:
-                for start in range(0, len(out), m.MAX_BATCH):
-                    part = out[start : start + m.MAX_BATCH]
-                    head = encode({"k": Kind.BATCH, "n": [len(f) for f in part]})
-                    self._send(link, link.sock, [*head, *(f for fs in part for f in fs)])
+            for frames in batched(out):
+                self._send(link, link.sock, frames)
             # A send may take in what arrived meanwhile without the descriptor firing again.
             # (What reading it queues leaves at the end of this turn.)
             if not link.closed and link.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:

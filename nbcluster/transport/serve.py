@@ -29,7 +29,8 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 from nbcluster.exceptions import ProtocolError
 from nbcluster.protocol.codec import Header, encode
-from nbcluster.protocol.schema import Batch, Message
+from nbcluster.protocol.messages import Kind
+from nbcluster.protocol.schema import MAX_BATCH, Batch, Message
 from nbcluster.protocol.validation import (
     INTERNAL,
     RateLimitedLog,
@@ -204,6 +205,20 @@ class Dispatcher(Generic[P]):
                 start += n
         finally:
             self._in_batch = False
+
+
+def batched(messages: Sequence[list[Any]]) -> list[list[Any]]:
+    """What to send for ``messages`` (each a message's frames): one alone as it is, several as
+    ``BATCH`` messages of at most :data:`~nbcluster.protocol.schema.MAX_BATCH` each (taken
+    apart in order by a dispatcher built with ``batches=True``)."""
+    if len(messages) == 1:
+        return [messages[0]]
+    out = []
+    for start in range(0, len(messages), MAX_BATCH):
+        part = messages[start : start + MAX_BATCH]
+        head = encode({"k": Kind.BATCH, "n": [len(f) for f in part]})
+        out.append([*head, *(f for fs in part for f in fs)])
+    return out
 
 
 def answer_on(listener: Listener) -> Answer[bytes]:

@@ -27,8 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nbcluster.protocol.codec import encode
-from nbcluster.protocol.messages import Kind
+from nbcluster.transport.serve import batched
 
 #: A call that took less than this (wall clock) its last time is "short".
 SHORT_S = 0.0005
@@ -131,8 +130,5 @@ class Holder:
         for ident, frames in held:
             by_driver.setdefault(ident, []).append(frames)
         for ident, messages in by_driver.items():
-            if len(messages) == 1:
-                self._send([ident, *messages[0]])
-                continue
-            head = encode({"k": Kind.BATCH, "n": [len(f) for f in messages]})
-            self._send([ident, *head, *(f for fs in messages for f in fs)])
+            for message in batched(messages):
+                self._send([ident, *message])
