@@ -235,6 +235,32 @@ def test_object_missing_on_the_holder_is_lost(two_nodes: Cluster) -> None:
         get.close()
 
 
+def test_an_object_whose_file_went_after_its_lookup_is_lost_not_an_error(
+    two_nodes: Cluster,
+) -> None:
+    """The books still list the object but its file is gone: what a read that races a free
+    meets (the holder rejoined as a new incarnation and dropped everything between locating the
+    object and mapping it). Readers, remote and local, get ``ObjectLostError``, which their
+    owner answers by rebuilding the object; it used to be an ``ObjectStoreError`` (a
+    ``FileNotFoundError`` from the holder) that failed the reading task for good."""
+    c = two_nodes
+    holder, reader = c.nodes
+    put, get = c.client(holder), c.client(reader)
+    try:
+        frames = put.put("racy.p", np.ones(2 * MB), "job5")
+        [path] = _files(holder.store_id, "racy.p")
+        os.unlink(path)  # behind the store's back: it still counts the object
+        with pytest.raises(ObjectLostError, match=r"racy\.p.*freed on the node that holds it"):
+            get.get(frames)
+        with pytest.raises(ObjectLostError, match=r"racy\.p was freed on this node"):
+            put.get(frames)
+        assert _files(reader.store_id, "racy.p") == []
+        put.free(["racy.p"])
+    finally:
+        put.close()
+        get.close()
+
+
 def test_a_retried_task_finds_its_value_already_stored(two_nodes: Cluster) -> None:
     """Return values are named after their task: a second attempt on the node where the first
     one stored its value keeps that value (ids are immutable) instead of failing."""

@@ -222,6 +222,11 @@ class StoreClient:
     def _open_pinned(self, oid: str, path: str) -> Any:
         try:
             return open_segment(path)
+        except FileNotFoundError:
+            self._notify({"k": Kind.STORE_UNPIN, "oid": oid})
+            # Freed between the agent's answer and now (its node dropped everything, its job
+            # ended): lost, which its owner can rebuild, not an error that fails the reader.
+            raise ObjectLostError(f"object {oid} was freed on this node") from None
         except BaseException:
             self._notify({"k": Kind.STORE_UNPIN, "oid": oid})
             raise

@@ -168,9 +168,7 @@ class StoreService:
         try:
             path = await loop.run_in_executor(None, lambda: m.locate(oid, True))
         except Exception as exc:
-            err = "missing" if isinstance(exc, ObjectNotFoundError | ObjectLostError) else "error"
-            msg = {"k": Kind.STORE_REPLY, "rid": rid, "ok": False, "err": err, "msg": str(exc)}
-            send([ident, *encode(msg)])
+            _refuse(send, ident, rid, exc)
             return
         self.streams_served += 1
         if h.streams and self.bulk is not None:
@@ -178,7 +176,7 @@ class StoreService:
             return
         self._streams[key] = stream
         try:
-            data, size = await loop.run_in_executor(None, map_segment, path)
+            data, size = await loop.run_in_executor(None, _map_located, oid, path)
             view = memoryview(data)
             off = 0
             while True:
@@ -194,9 +192,9 @@ class StoreService:
                 if off >= size:
                     return
         except Exception as exc:  # e.g. an OS error mapping the file: tell the puller
-            log.exception("streaming object %s failed", oid)
-            msg = {"k": Kind.STORE_REPLY, "rid": rid, "ok": False, "err": "error"}
-            send([ident, *encode({**msg, "msg": f"{type(exc).__name__}: {exc}"})])
+            if not isinstance(exc, ObjectLostError):
+                log.exception("streaming object %s failed", oid)
+            _refuse(send, ident, rid, exc)
         finally:
             del self._streams[key]
             m.unpin(oid)
@@ -215,7 +213,7 @@ class StoreService:
         key = (ident, h.rid)
         offer: Offer | None = None
         try:
-            data, size = await loop.run_in_executor(None, map_segment, path)
+            data, size = await loop.run_in_executor(None, _map_located, h.oid, path)
             offer = self.bulk.offer(h.oid, data, size, chunk, h.streams)
             self._streams[key] = offer
             reply = {"k": Kind.STORE_BULK, "rid": h.rid, "size": size, "port": self.bulk.port}
@@ -229,9 +227,9 @@ class StoreService:
             if offer.error:
                 log.info("object %s: bulk transfer ended early: %s", h.oid, offer.error)
         except Exception as exc:  # e.g. an OS error mapping the file: tell the puller
-            log.exception("offering object %s failed", h.oid)
-            msg = {"k": Kind.STORE_REPLY, "rid": h.rid, "ok": False, "err": "error"}
-            send([ident, *encode({**msg, "msg": f"{type(exc).__name__}: {exc}"})])
+            if not isinstance(exc, ObjectLostError):
+                log.exception("offering object %s failed", h.oid)
+            _refuse(send, ident, h.rid, exc)
         finally:
             if offer is not None:
                 if not offer.finished.is_set():  # cancelled (the agent is closing)
@@ -311,3 +309,30 @@ class _Stream:
             return False
         self.credits -= 1
         return True
+
+
+def _map_located(oid: str, path: str) -> tuple[Any, int]:
+    """:func:`map_segment` for an object just located (and pinned).
+
+    Raises
+    ------
+    ObjectLostError
+        If its file is gone: the object was freed meanwhile (its node rejoined as a new
+        incarnation and dropped everything, its job ended). Its owner can rebuild it; an
+        ``"error"`` reply would fail the reading task for good.
+    """
+    try:
+        return map_segment(path)
+    except FileNotFoundError:
+        raise ObjectLostError(f"object {oid} was freed on the node that holds it") from None
+
+
+def _refuse(send: Callable[[list[Any]], None], ident: bytes, rid: Any, exc: Exception) -> None:
+    """Tell a puller why its read failed: ``"missing"`` (lost: its owner may rebuild it) or
+    ``"error"``."""
+    if isinstance(exc, ObjectNotFoundError | ObjectLostError):
+        msg = {"k": Kind.STORE_REPLY, "rid": rid, "ok": False, "err": "missing", "msg": str(exc)}
+    else:
+        msg = {"k": Kind.STORE_REPLY, "rid": rid, "ok": False, "err": "error"}
+        msg["msg"] = f"{type(exc).__name__}: {exc}"
+    send([ident, *encode(msg)])
