@@ -21,7 +21,8 @@ from tests.test_netns import Net, net  # noqa: F401  (the fixture, reused)
 SEED = seed_from_env()
 
 # Realistic rates: a fault every few seconds, on 3 nodes of 2 CPUs (the driver's node included).
-# item_timeout_s: the longest one result may take; a node taken for dead needs 10 s to be noticed.
+# item_timeout_s: the longest one result may take; a node taken for dead needs 5 s of silence to be
+# noticed (nbcluster.head.heartbeat).
 CASES: dict[str, dict[str, Any]] = {
     "worker": {"faults": ("worker",), "duration_s": 8.0, "interval_s": 1.5, "item_timeout_s": 20},
     "actor_kill": {
@@ -63,7 +64,7 @@ def test_chaos_link_cut_and_heal(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Hosts in network namespaces; their links are cut (shorter and longer than the 10 s after
+    """Hosts in network namespaces; their links are cut (shorter and longer than the 5 s after
     which a node is taken for dead) and healed."""
     print(f"chaos link: seed {SEED} (replay: {SEED_ENV}={SEED})")
     # The driver's own socket (objects it owns) must be reachable from the hosts.
