@@ -2,7 +2,8 @@
 
 The head is the real one (``python -m nbcluster.head``, ZeroMQ with CURVE). The agents are
 light: a few processes holding 250 DEALER sockets each, speaking the real protocol (register,
-ping as often as the head says with store figures and a metrics sample as a real agent does,
+ping as often as the head says with store figures and a metrics sample as a real agent does
+(asking for an answer only as a real agent does, :func:`nbcluster.agent.agent.wants_pong`),
 answer ``START_WORKER`` with ``WORKER_READY`` after a delay). The driver side is played by
 this script. Measures:
 
@@ -49,6 +50,7 @@ from typing import Any
 import psutil
 import zmq
 
+from nbcluster.agent.agent import HEAD_TIMEOUT_S, wants_pong
 from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import Header, encode
 from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
@@ -131,6 +133,7 @@ async def _agents(address: str, count: int, cpus: float, start_ms: float, first:
             all_in.set()
         workers = 0
         every = 1.0  # as the head says in PONG (where it does)
+        heard = time.monotonic()  # when the head last said anything
 
         async def ready(wid: str) -> None:
             await asyncio.sleep(start_ms / 1000)
@@ -154,7 +157,10 @@ async def _agents(address: str, count: int, cpus: float, start_ms: float, first:
                     "memory_total": 16 << 30,
                     "gpus": [],
                 }
-                await send({"k": Kind.PING, "store": STORE, "metrics": metrics})
+                ping: Header = {"k": Kind.PING, "store": STORE, "metrics": metrics}
+                if not wants_pong(time.monotonic() - heard, HEAD_TIMEOUT_S):
+                    ping["want"] = False  # as a real agent: no answer needed
+                await send(ping)
                 await asyncio.sleep(every)
 
         pinger = asyncio.create_task(pings())
@@ -162,6 +168,7 @@ async def _agents(address: str, count: int, cpus: float, start_ms: float, first:
         try:
             while True:
                 msg, _ = receive_message(await sock.recv_multipart())
+                heard = time.monotonic()
                 if isinstance(msg, m.Pong):
                     every = getattr(msg, "every", 0.0) or 1.0
                 elif isinstance(msg, m.StartWorker):

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from nbcluster.agent.agent import NodeAgent
+from nbcluster.agent.agent import NodeAgent, wants_pong
 from nbcluster.exceptions import ProtocolError
 from nbcluster.head.service import HeadService
 from nbcluster.protocol import schema as m
@@ -108,6 +108,45 @@ def test_a_node_registers_and_a_driver_gets_a_lease() -> None:
             head.state.validate_state()
 
     run(scenario())
+
+
+def test_the_head_answers_an_agent_s_ping_only_when_asked_or_its_interval_changed() -> None:
+    """An agent that heard from the head lately pings with ``want: false``: no PONG (at 1,000
+    agents the PONGs were a third of what pings cost the head). One that wants an answer, or
+    whose interval changed, gets one. Each ping is followed by a query, whose reply must come
+    next: a PONG where none was due would come first."""
+
+    async def scenario() -> None:
+        net = MemoryNetwork()
+        async with head_on(net) as head:
+            agent, node_id = await fake_agent(net, head)
+            peer = head.peers[head.state.nodes[node_id].client]
+
+            async def ping(rid: int, want: bool) -> list[m.Message]:
+                await send(agent, {"k": Kind.PING, "store": {"capacity": 1}, "want": want})
+                await send(agent, {"k": Kind.QUERY, "rid": rid, "what": "head"})
+                got = [await recv(agent)]
+                while not isinstance(got[-1], m.QueryReply):
+                    got.append(await recv(agent))
+                assert got[-1].rid == rid
+                return got[:-1]
+
+            assert await ping(1, want=False) == []
+            [pong] = await ping(2, want=True)
+            assert isinstance(pong, m.Pong) and pong.every == 1.0
+            peer.ping_s = (4.0, 4.0)  # as told while the cluster was large: now it shrank
+            [pong] = await ping(3, want=False)
+            assert isinstance(pong, m.Pong) and pong.every == 1.0
+            assert peer.ping_s == (1.0, 4.0)  # the old interval still bounds its silence once
+            assert await ping(4, want=False) == []
+
+    run(scenario())
+
+
+def test_an_agent_asks_for_an_answer_once_a_quarter_of_its_head_timeout_passed() -> None:
+    assert not wants_pong(29.0, 120.0) and wants_pong(30.0, 120.0)
+    assert wants_pong(1.0, 2.0)  # a short timeout: (nearly) every ping asks
+    assert not wants_pong(1e6, 0.0)  # no timeout: nothing to prove
 
 
 def test_malformed_messages_are_answered_and_the_head_serves_on() -> None:

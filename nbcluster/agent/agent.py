@@ -286,6 +286,8 @@ class NodeAgent:
                 )
                 return
             ping: dict[str, Any] = {"k": Kind.PING, "store": self.store.stats()}
+            if not wants_pong(silent, self.head_timeout):
+                ping["want"] = False  # the head answers only if our interval changes
             if self._metrics.latest is not None:
                 ping["metrics"] = self._with_worker_ids(self._metrics.latest)
             await self._send(ping)
@@ -592,6 +594,16 @@ def _sweep_dead_stores() -> None:
         n = cleanup_store(store_id)
         if n:
             log.warning("removed %d file(s) left by the dead object store %s", n, store_id)
+
+
+def wants_pong(silent: float, head_timeout: float) -> bool:
+    """Whether a ping asks the head for a ``PONG`` although our interval did not change.
+
+    Once we have not heard from the head for a quarter of ``head_timeout`` (every ping when that
+    is a few seconds), so that a live head is heard from well before we give up on it. Without
+    a timeout, no answer is needed: the head says when it does not know us (``nohello``).
+    """
+    return head_timeout > 0 and silent >= head_timeout / 4
 
 
 def worker_of(pid: int, by_pid: dict[int, str]) -> str | None:

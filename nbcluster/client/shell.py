@@ -155,7 +155,7 @@ class IoShell:
         self.state: ClientState | None = None  # made once our owner socket is bound
         self.transport: Transport | None = None
         self._head: Any = None
-        self._owner_sock: Any = None
+        self._owner: ZmqListener | None = None  # objects we own: others ask for them here
         self._stop: asyncio.Event | None = None
         self._main_task: asyncio.Task[None] | None = None
         self._replies: dict[int, asyncio.Future[Any]] = {}
@@ -254,9 +254,10 @@ class IoShell:
     async def _main(self) -> None:
         self.transport = Transport(derive_keys(self._token))
         try:
-            self._owner_sock, self.owner_address = self.transport.server(
-                zmq.ROUTER, f"tcp://{self.bind_host}:0"
+            owner_sock, self.owner_address = self.transport.server(
+                zmq.ROUTER, f"tcp://{self.bind_host}:0", aio=False
             )
+            self._owner = ZmqListener(owner_sock, self.owner_address)
             assert self.loop is not None
             self._links = WorkerLinks(self.loop, self.transport, self._from_worker.dispatch_sync)
             self.state = ClientState(
@@ -296,7 +297,7 @@ class IoShell:
             if not self.worker_id and "job_id" not in hello:
                 self._hello["owns_job"] = True  # said again if the head restarts
             self._stop = asyncio.Event()
-            owner = ZmqListener(self._owner_sock, self.owner_address)
+            owner = self._owner
             for coro in (
                 follow(ZmqChannel(self._head), self._from_head, None),
                 serve(owner, self._owner_dispatcher(owner)),
@@ -312,6 +313,8 @@ class IoShell:
             for t in list(self._bg):
                 with contextlib.suppress(BaseException):
                     await t
+            if self._owner is not None:
+                self._owner.close()  # (its descriptor leaves the loop first)
             self.transport.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -442,7 +445,8 @@ class IoShell:
             case ToOwner(owner, header):
                 self._send_to_owner(owner, header)
             case ReplyObject(ident, header, payload):
-                send_nowait(self._owner_sock, [ident, *encode(header, payload)])
+                assert self._owner is not None
+                self._owner.send_nowait(ident, encode(header, payload))
             case FreeStored(oids):
                 if self.store is not None:
                     self.store.free(oids)

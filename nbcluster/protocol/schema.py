@@ -142,9 +142,13 @@ class Error(Message, tag=Kind.ERROR.value):
 
 class Ping(Message, tag=Kind.PING.value):
     expects_reply = True
-    summary = "client/agent -> head: liveness; an agent's carries its store figures and metrics"
+    summary = (
+        "client/agent -> head: liveness; an agent's carries its store figures and metrics, and "
+        "``want``: false when it needs no PONG unless its ping interval changes"
+    )
     store: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
+    want: bool = True
 
 
 class Pong(Message, tag=Kind.PONG.value):
