@@ -9,18 +9,18 @@ A control thread handles cancellation of the running task and notices a dead age
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import inspect
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
@@ -32,20 +32,18 @@ from nbcluster.exceptions import ObjectLostError, ProtocolError, TaskCancelledEr
 from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import Header, encode
 from nbcluster.protocol.messages import Kind
-from nbcluster.protocol.security import derive_keys, token_from_environment
 from nbcluster.protocol.validation import INTERNAL, MalformedMessage, error_reply
 from nbcluster.refs import loaded_refs, serialized_refs
 from nbcluster.serialization import dumps, loads, loads_args, restore_filenames
 from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
 from nbcluster.transport.serve import Dispatcher
+from nbcluster.transport.sockets import max_message_bytes
 from nbcluster.worker.batching import WATCH_MS, Holder
+from nbcluster.worker.local_links import LocalPeers
 from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
 from nbcluster.worker.streaming import Call, Streaming
 from nbcluster.worker.timing import timing
-
-if TYPE_CHECKING:
-    from nbcluster.client.core import CoreClient
 
 # To the worker's own stderr (the agent's log), never to a driver's task output.
 log = logging.getLogger(__name__)
@@ -61,10 +59,19 @@ class Worker(Streaming):
     """One worker process's task loop."""
 
     def __init__(
-        self, transport: Transport, sock: Any, ctrl: Any, ident: context.WorkerIdentity
+        self,
+        transport: Transport,
+        sock: Any,
+        ctrl: Any,
+        ident: context.WorkerIdentity,
+        local: socket.socket | None = None,
     ) -> None:
         self.transport = transport
         self.sock = sock
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        # Drivers on this host, over a Unix socket (nbcluster.transport.local)
+        self._local = LocalPeers(local, self.poller, max_message_bytes()) if local else None
         self.ctrl = ctrl
         self.ident = ident
         self.functions: dict[str, Any] = {}
@@ -174,6 +181,9 @@ class Worker(Streaming):
         self._send_frames([ident, *encode(header, payload)])
 
     def _send_frames(self, frames: list[Any]) -> None:
+        if self._local is not None and LocalPeers.is_local(frames[0]):
+            self._local.send(frames[0], frames[1:])
+            return
         try:
             # (Copied: for frames this small, faster than zero-copy; large values go through the
             # node's store, not this socket.)
@@ -218,10 +228,9 @@ class Worker(Streaming):
         sys.stdout = self.stdout
         sys.stderr = self.stderr
         threading.Thread(target=self._control_loop, name="nbcluster-control", daemon=True).start()
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        poller = self.poller
         poller.register(self._wake_r, zmq.POLLIN)
-        holder = self._holder
+        holder, local = self._holder, self._local
         while True:  # until the agent kills us (or goes away: see the control thread)
             try:
                 if not self.queue:
@@ -230,7 +239,10 @@ class Worker(Streaming):
                         # send on the socket this thread polls (ZeroMQ sockets are not shared).
                         with self._sock_lock:
                             holder.idle()
-                    poller.poll()
+                    ready = poller.poll()
+                    if local is not None:
+                        with self._sock_lock:
+                            local.polled(ready)
                 self._flush_outbox()
                 with self._sock_lock:  # (the control thread may send what is held meanwhile)
                     self._receive()
@@ -259,6 +271,9 @@ class Worker(Streaming):
     def _receive(self) -> None:
         """Take in every message waiting on the task socket (calls are queued, not run)."""
         sock, dispatch = self.sock, self.dispatcher.dispatch_sync
+        if self._local is not None:
+            for ident, frames in self._local.receive():
+                dispatch(ident, frames)
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)  # (small: copying is cheaper)
@@ -718,7 +733,8 @@ class Worker(Streaming):
         poller.register(self._holder.wake_r, zmq.POLLIN)
         holder = self._holder
         while True:
-            ready = dict(poller.poll(WATCH_MS if holder.watching else 500))
+            busy = holder.watching or (self._local is not None and self._local.pending)
+            ready = dict(poller.poll(WATCH_MS if busy else 500))
             if self.ctrl in ready:
                 frames = self.ctrl.recv_multipart()
                 control.dispatch_sync(frames[0], frames[1:])
@@ -727,6 +743,9 @@ class Worker(Streaming):
             if holder.watching:
                 with self._sock_lock:
                     holder.watch()  # (a call that runs long sends what it held up)
+            if self._local is not None and self._local.pending and self._direct:
+                with self._sock_lock:
+                    self._local.flush()  # (the main thread, in a long call, cannot)
             if agent_pid and os.getppid() != agent_pid:
                 os._exit(0)  # our agent is gone: nobody will ever use us again
 
@@ -751,40 +770,3 @@ def _call_key(msg: m.Message) -> str | None:
     if isinstance(msg, m.ActorCall):
         return None if msg.gen else "." + msg.method
     return None
-
-
-def main() -> None:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    # A crash (segfault in a C extension) dumps the Python stacks to fd 2: the node's log of this
-    # worker, whose last lines the driver's WorkerCrashedError then carries.
-    faulthandler.enable(all_threads=False)  # the crashing thread: short enough to report
-    handler = logging.StreamHandler(sys.__stderr__)
-    handler.setFormatter(logging.Formatter("nbcluster worker %(process)d: %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False
-    token = token_from_environment()
-    if not token:
-        print("nbcluster worker: no cluster secret in the environment", file=sys.stderr)
-        sys.exit(2)
-    transport = Transport(derive_keys(token))
-    host = os.environ.get("NBCLUSTER_BIND_HOST", "127.0.0.1")
-    sock, addr = transport.server(zmq.ROUTER, f"tcp://{host}:0", aio=False)
-    ctrl, ctrl_addr = transport.server(zmq.ROUTER, f"tcp://{host}:0", aio=False)
-    ident = context.WorkerIdentity(
-        worker_id=os.environ.get("NBCLUSTER_WORKER_ID", "worker"),
-        node_id=os.environ.get("NBCLUSTER_NODE_ID", ""),
-        node_name=os.environ.get("NBCLUSTER_NODE_NAME", ""),
-        head_address=os.environ.get("NBCLUSTER_HEAD", ""),
-    )
-    context.worker_identity = ident
-    current.set_worker_connector(_connect_client)
-    sys.stdout.write(f"NBCLUSTER_WORKER_READY {addr} {ctrl_addr} {os.getpid()}\n")
-    sys.stdout.flush()
-    Worker(transport, sock, ctrl, ident).run()
-
-
-def _connect_client() -> CoreClient:
-    """The client this worker's tasks use to submit tasks or get borrowed refs (on first use)."""
-    from nbcluster.client.in_worker import connect_from_worker  # most tasks never need it
-
-    return connect_from_worker()

@@ -1,0 +1,193 @@
+"""Local links (``transport/local.py``): a driver reaches the workers of its own host over a Unix
+socket. Real clusters (the driver's, with two workers) and, for the refusals, a process of
+another user (uid 65534, as in ``test_hardening_security.py``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nbcluster as nb
+from nbcluster.client import current
+from nbcluster.transport import local
+from nbcluster.transport.local import MAX_FRAMES, LocalLinkError, Unpacker, pack
+from tests.test_hardening_security import OTHER, as_other_user
+
+ROOT_ONLY = pytest.mark.skipif(os.getuid() != 0, reason="simulates another user (root)")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[nb.ClusterInfo]:
+    nb.shutdown()
+    info = nb.init(num_cpus=2)
+    yield info
+    nb.shutdown()
+
+
+def _links() -> list[Any]:
+    client = current.get()
+    assert client is not None and client.io._links is not None
+    return list(client.io._links._links.values())
+
+
+@nb.remote
+def echo(x: Any) -> Any:
+    return x
+
+
+@nb.remote
+class Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+
+# ------------------------------------------------------------------------------ framing
+def test_frames_round_trip_however_the_stream_is_cut() -> None:
+    messages = [[b"h"], [b"header", b"", b"x" * 70_000], [b"a", b"b", b"c"] * 100]
+    stream = b"".join(pack(m) for m in messages)
+    for step in (1, 7, 4096, len(stream)):
+        u, got = Unpacker(0), []
+        for i in range(0, len(stream), step):
+            got += u.feed(stream[i : i + step])
+        assert got == messages, step
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        ((0).to_bytes(4, "little"), "0 frames"),
+        ((MAX_FRAMES + 1).to_bytes(4, "little"), f"{MAX_FRAMES + 1} frames"),
+        (pack([b"x" * 2000]), "at most 1000"),
+    ],
+)
+def test_a_stream_that_is_not_messages_is_refused(data: bytes, why: str) -> None:
+    with pytest.raises(LocalLinkError, match=why):
+        Unpacker(1000).feed(data)
+
+
+def test_the_name_needs_the_cluster_secret() -> None:
+    a = local.local_name(b"k" * 40, "tcp://127.0.0.1:5000")
+    assert a.startswith(b"\0nbcluster-")
+    assert a != local.local_name(b"j" * 40, "tcp://127.0.0.1:5000")
+    assert a != local.local_name(b"k" * 40, "tcp://127.0.0.1:5001")
+
+
+# ------------------------------------------------------------------------------ in use
+def test_the_driver_reaches_its_host_s_workers_on_local_links(cluster: nb.ClusterInfo) -> None:
+    assert nb.get([echo.remote(i) for i in range(20)]) == list(range(20))
+    c = Counter.remote()
+    assert nb.get([c.add.remote(1) for _ in range(50)])[-1] == 50
+    links = _links()
+    assert len(links) >= 2 and all(link.local is not None for link in links)
+    assert all(link.sock is None for link in links)  # no ZeroMQ task socket opened
+
+
+def test_large_messages_both_ways_through_full_socket_buffers(cluster: nb.ClusterInfo) -> None:
+    """Arguments and results just under the inline limit, 200 at once: far more than a Unix
+    socket's buffer (~200 KB), so both ends write in parts and wait to be writable."""
+    blobs = [bytes([i % 256]) * 90_000 for i in range(200)]
+    assert nb.get([echo.remote(b) for b in blobs], timeout=60) == blobs
+
+
+def test_a_worker_killed_over_a_local_link_is_retried(cluster: nb.ClusterInfo) -> None:
+    @nb.remote(max_retries=2)
+    def pid_then_work(marker: str) -> int:
+        if not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            time.sleep(60)
+        return os.getpid()
+
+    marker = f"/tmp/nbc-local-kill-{os.getpid()}"
+    try:
+        ref = pid_then_work.remote(marker)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(marker) or not Path(marker).read_text():
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.05)
+        victim = int(Path(marker).read_text())
+        os.kill(victim, 9)
+        assert nb.get(ref, timeout=60) != victim
+    finally:
+        Path(marker).unlink(missing_ok=True)
+
+
+def test_links_stay_on_zeromq_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    nb.shutdown()
+    monkeypatch.setenv(local.LOCAL_LINKS_ENV, "0")
+    nb.init(num_cpus=1)
+    try:
+        assert nb.get([echo.remote(i) for i in range(5)]) == list(range(5))
+        links = _links()
+        assert links and all(link.local is None and link.sock is not None for link in links)
+    finally:
+        nb.shutdown()
+
+
+# ------------------------------------------------------------------------------ refusals
+@ROOT_ONLY
+def test_a_process_of_another_user_is_refused_unread(
+    cluster: nb.ClusterInfo, tmp_path: Path
+) -> None:
+    """It knows the name (it has the secret, say): the worker closes the connection without
+    reading the task it sent (which would have created a file on unpickling)."""
+    assert nb.get(echo.remote(1)) == 1
+    client = current.get()
+    assert client is not None and client.io.transport is not None
+    name = local.local_name(client.io.transport.keys.server_secret, _links()[0].conn.addr)
+    marker = tmp_path / "pwned"
+    tmp_path.chmod(0o777)
+
+    def attack() -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(name)
+        s.settimeout(10)
+        header = b"\x82\xa1k\xa4task\xa3tid\xa1x"  # (msgpack; never read anyway)
+        evil = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+        try:
+            s.sendall(pack([header, evil]))
+            answer = s.recv(100)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # closed already
+        if answer != b"":
+            raise AssertionError("the worker answered another user")
+
+    assert as_other_user(attack) == "ok"
+    assert not marker.exists()
+    assert nb.get(echo.remote(2)) == 2  # and it serves on
+
+
+@ROOT_ONLY
+def test_a_driver_never_talks_to_another_user_s_listener() -> None:
+    """Someone else took the name first: the driver does not use it (it falls back to TCP)."""
+    name = b"\0nbcluster-test-squatter-%d" % os.getpid()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(r)
+        os.setgroups([])
+        os.setgid(OTHER)
+        os.setuid(OTHER)
+        lst = local.listen(name)
+        os.write(w, b"ready")
+        time.sleep(30)
+        lst.close()
+        os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 5) == b"ready"
+        assert local.connect(name) is None
+        assert local.connect(b"\0nbcluster-nobody-listens-here") is None
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(r)
