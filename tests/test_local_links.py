@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import nbcluster as nb
@@ -119,6 +120,20 @@ def test_a_worker_killed_over_a_local_link_is_retried(cluster: nb.ClusterInfo) -
         assert nb.get(ref, timeout=60) != victim
     finally:
         Path(marker).unlink(missing_ok=True)
+
+
+def test_shutdown_closes_every_local_link() -> None:
+    nb.shutdown()
+    me = psutil.Process()
+    before = me.num_fds()
+    nb.init(num_cpus=2)
+    try:
+        actors = [Counter.remote() for _ in range(6)]
+        assert nb.get([a.add.remote(1) for a in actors]) == [1] * 6
+        assert sum(link.local is not None for link in _links()) >= 6
+    finally:
+        nb.shutdown()
+    assert me.num_fds() - before <= 2
 
 
 def test_links_stay_on_zeromq_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -315,6 +315,8 @@ class IoShell:
                     await t
             if self._owner is not None:
                 self._owner.close()  # (its descriptor leaves the loop first)
+            if self._links is not None:
+                self._links.close_all()  # (local links are not the transport's to close)
             self.transport.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:

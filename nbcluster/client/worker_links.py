@@ -112,6 +112,11 @@ class WorkerLinks:
             link.sock.close(linger=0)
         link.ctrl.close(linger=0)
 
+    def close_all(self) -> None:
+        """Close every connection (the client is closing)."""
+        for conn in list(self._links):
+            self.close(conn)
+
     def send(self, conn: WorkerConn, frames: list[Any], control: bool = False) -> None:
         """Send ``frames`` on ``conn``'s task socket (or its control socket)."""
         link = self._links.get(conn)
