@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 #: The first byte of a local connection's identity.
 LOCAL_MARK = b"\x01"
+POLLOUT = int(zmq.POLLOUT)
 #: A busy worker (that does not poll) looks for new connections every this many reads.
 ACCEPT_EVERY = 64
 
@@ -74,7 +75,7 @@ class LocalPeers:
         for fd, events in ready:
             if fd == listener_fd:
                 self._accept_due = True
-            elif events & zmq.POLLOUT:
+            elif int(events) & POLLOUT:  # (int: pyzmq's flags are slow enums)
                 self.flush()
 
     def receive(self) -> list[tuple[bytes, list[bytes]]]:

@@ -240,12 +240,16 @@ class Worker(Streaming):
                         with self._sock_lock:
                             holder.idle()
                     ready = poller.poll()
+                    # (A call on a local link leaves the ZeroMQ socket alone: no failed read.)
+                    on_zmq = any(s is self.sock for s, _ in ready)
                     if local is not None:
                         with self._sock_lock:
                             local.polled(ready)
+                else:
+                    on_zmq = True
                 self._flush_outbox()
                 with self._sock_lock:  # (the control thread may send what is held meanwhile)
-                    self._receive()
+                    self._receive(on_zmq)
                 with self._lock:  # (the control thread may take queued tasks away: _steal)
                     item = self.queue.popleft() if self.queue else None
                     if item is not None and isinstance(item[1], m.Task):
@@ -268,13 +272,14 @@ class Worker(Streaming):
             except KeyboardInterrupt:
                 continue  # a cancellation that arrived just after its task finished
 
-    def _receive(self) -> None:
-        """Take in every message waiting on the task socket (calls are queued, not run)."""
+    def _receive(self, on_zmq: bool = True) -> None:
+        """Take in every message waiting on the task socket and local links (calls are
+        queued, not run); ``on_zmq``: look at the ZeroMQ socket too."""
         sock, dispatch = self.sock, self.dispatcher.dispatch_sync
         if self._local is not None:
             for ident, frames in self._local.receive():
                 dispatch(ident, frames)
-        while True:
+        while on_zmq:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)  # (small: copying is cheaper)
             except zmq.Again:

@@ -13,6 +13,7 @@ from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import Header
 from nbcluster.refs import serialized_refs
 from nbcluster.transport.serve import Dispatcher
+from nbcluster.worker.local_links import LocalPeers
 
 #: A call: a task or an actor method.
 Call = m.Task | m.ActorCall
@@ -22,6 +23,10 @@ class Streaming:
     """The worker's generator-task methods (mixed into ``Worker``, which sets these)."""
 
     sock: Any
+    poller: Any  # the main thread's: the task socket, local links, the wake pipe
+    _local: LocalPeers | None
+    _sock_lock: Any  # (a threading.RLock)
+    _receive: Callable[[], None]
     dispatcher: Dispatcher[bytes]
     _main: threading.Thread
     _acked: dict[str, int]
@@ -95,9 +100,13 @@ class Streaming:
         while produced - self._acked.get(tid, 0) >= limit:
             if main:
                 self._flush_outbox()
-                if self.sock.poll(200):
-                    frames = self.sock.recv_multipart()
-                    self.dispatcher.dispatch_sync(frames[0], frames[1:])
+                # (The task socket and local links: the acks come where the call came from.)
+                ready = self.poller.poll(200)
+                if ready:
+                    with self._sock_lock:
+                        if self._local is not None:
+                            self._local.polled(ready)
+                        self._receive()
             else:
                 with self._ack_cond:
                     self._ack_cond.wait(0.5)
