@@ -83,6 +83,30 @@ def test_the_name_needs_the_cluster_secret() -> None:
     assert a != local.local_name(b"k" * 40, "tcp://127.0.0.1:5001")
 
 
+def test_a_listener_with_a_full_backlog_is_not_waited_for() -> None:
+    """A worker that does not accept (busy in a long call, many callers): the driver's loop must
+    not wait on it (it uses TCP then). A blocking connect would hang here."""
+    name = b"\0nbcluster-test-full-backlog-%d" % os.getpid()
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(name)
+    lst.listen(0)
+    queued = []
+    try:
+        while True:
+            t0 = time.monotonic()
+            s = local.connect(name)
+            assert time.monotonic() - t0 < 1.0  # (at once, full or not: µs, not a timeout)
+            if s is None:
+                break
+            queued.append(s)  # (each waits in the backlog)
+            assert len(queued) < 100, "the backlog never filled"
+        assert queued  # one got in before it filled
+    finally:
+        for s in queued:
+            s.close()
+        lst.close()
+
+
 # ------------------------------------------------------------------------------ in use
 def test_the_driver_reaches_its_host_s_workers_on_local_links(cluster: nb.ClusterInfo) -> None:
     assert nb.get([echo.remote(i) for i in range(20)]) == list(range(20))

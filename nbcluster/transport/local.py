@@ -61,7 +61,7 @@ def listen(name: bytes) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(name)
-        sock.listen(64)
+        sock.listen(socket.SOMAXCONN)
     except OSError:
         sock.close()
         raise
@@ -89,16 +89,15 @@ def connect(name: bytes) -> socket.socket | None:
     """Connect to the listener at ``name``; ``None`` if there is none here (another host or
     namespace, a worker that died) or it belongs to another user."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)  # (a Unix connect completes at once, or fails: a full backlog)
     try:
-        sock.settimeout(2.0)  # (a Unix connect does not wait unless the backlog is full)
         sock.connect(name)
-    except OSError:
+    except OSError:  # (BlockingIOError included: the caller's loop must not wait)
         sock.close()
         return None
     if not same_user(sock):
         sock.close()
         return None
-    sock.setblocking(False)
     return sock
 
 
