@@ -101,6 +101,39 @@ def test_a_pipelined_task_can_be_cancelled_before_it_starts(local: None, tmp_pat
     assert sorted(os.listdir(done)) == ["0", "2"]
 
 
+@nb.remote(max_retries=0)
+def started_then_wait(started: str, flag: str) -> int:
+    Path(started).touch()
+    while not os.path.exists(flag):
+        time.sleep(0.005)
+    return os.getpid()
+
+
+def test_a_task_queued_on_a_worker_busy_in_user_code_is_cancelled_at_once(
+    local: None, tmp_path: Path
+) -> None:
+    """The same, with the tasks surely on the worker (sent behind a task already running): its
+    main thread reads nothing while it runs user code, so the control thread, which hears the
+    CANCEL, takes the task out of the queue and answers. (The test above passed only when the
+    cancel beat the lease, and timed out on a loaded machine.)"""
+    nb.init(num_cpus=1)
+    started, flag, done = tmp_path / "started", tmp_path / "go", tmp_path / "done"
+    done.mkdir()
+    long = started_then_wait.remote(str(started), str(flag))
+    deadline = time.monotonic() + TIMEOUT
+    while not started.exists():
+        assert time.monotonic() < deadline, "the long task never started"
+        time.sleep(0.01)
+    queued = [once.remote(str(done), i) for i in range(3)]  # (pipelined behind it)
+    nb.cancel(queued[1])
+    with pytest.raises(TaskCancelledError):
+        nb.get(queued[1], timeout=TIMEOUT)  # while the long task still runs
+    assert not flag.exists()
+    flag.touch()
+    nb.get([long, queued[0], queued[2]], timeout=TIMEOUT)
+    assert sorted(os.listdir(done)) == ["0", "2"]
+
+
 def test_tasks_behind_a_killed_task_run_on_its_replacement(local: None, tmp_path: Path) -> None:
     nb.init(num_cpus=1)
     done = tmp_path / "done"
@@ -224,18 +257,18 @@ def test_the_worker_gives_back_asked_tasks_queued_or_still_on_the_way(local: Non
         h, _ = worker.wait_for(lambda h: h["k"] == Kind.RESULT)
         assert h["tid"] == last["tid"] and h["ok"]
         # A task cancelled while it waits behind a long one (the control thread hears of it;
-        # the task socket's CANCEL would come only once the main thread took it up) is
-        # cancelled when its turn comes, not run.
+        # the main thread reads nothing while it runs user code) is answered cancelled while
+        # the long one still runs, never run; then the long one is cancelled too.
         long2, long2_payload = _task(exec, code)
         worker.send(long2, long2_payload)
         worker.wait_for(lambda h: h["k"] == Kind.LOG and h["lines"] == ["running"])
         behind, behind_payload = _task(pow, 2, 5)
         worker.send(behind, behind_payload)
         control.send({"k": Kind.CANCEL, "tid": behind["tid"], "force": False})
+        h, _ = worker.wait_for(lambda h: h["k"] == Kind.RESULT)
+        assert (h["tid"], h["err"]) == (behind["tid"], "cancelled")
         control.send({"k": Kind.CANCEL, "tid": long2["tid"], "force": False})
         h, _ = _result(worker, long2["tid"])
-        assert h["err"] == "cancelled"
-        h, _ = _result(worker, behind["tid"])
         assert h["err"] == "cancelled"
     finally:
         worker.close()

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from nbcluster.protocol import schema as m
 from nbcluster.transport.serve import batched
 
 #: A call that took less than this (wall clock) its last time is "short".
@@ -132,3 +133,12 @@ class Holder:
         for ident, messages in by_driver.items():
             for message in batched(messages):
                 self._send([ident, *message])
+
+
+def call_key(msg: m.Message) -> str | None:
+    """What a call's duration is remembered by (``None``: its results are never held)."""
+    if isinstance(msg, m.Task):
+        return None if msg.gen or msg.mc else msg.fn
+    if isinstance(msg, m.ActorCall):
+        return None if msg.gen else "." + msg.method
+    return None

@@ -39,7 +39,7 @@ from nbcluster.store.client import StoreClient
 from nbcluster.transport import Transport
 from nbcluster.transport.serve import Dispatcher
 from nbcluster.transport.sockets import max_message_bytes
-from nbcluster.worker.batching import WATCH_MS, Holder
+from nbcluster.worker.batching import WATCH_MS, Holder, call_key
 from nbcluster.worker.local_links import LocalPeers
 from nbcluster.worker.output import LineForwarder, OutputTarget, current_output
 from nbcluster.worker.streaming import Call, Streaming
@@ -256,7 +256,7 @@ class Worker(Streaming):
                         self._ran.append(item[1].tid)  # from now on it cannot be given back
                 if item is not None:
                     ident, msg, payload = item
-                    key = _call_key(msg)
+                    key = call_key(msg)
                     with self._sock_lock:
                         holder.next_call(key is not None and holder.short(key), bool(self.queue))
                     t0 = time.perf_counter()
@@ -361,17 +361,23 @@ class Worker(Streaming):
         if self.actor is not None and self.actor.concurrent:
             self.actor.cancel(msg.tid)  # its calls run on other threads or its event loop
             return
+        self._cancel_queued(msg.tid)
+
+    def _cancel_queued(self, tid: str) -> bool:
+        """Take call ``tid`` out of the queue and answer it cancelled; False if not queued."""
         with self._lock:
             found = None
             for i, (qident, queued, _) in enumerate(self.queue):
-                if isinstance(queued, m.Task | m.ActorCall) and queued.tid == msg.tid:
+                if isinstance(queued, m.Task | m.ActorCall) and queued.tid == tid:
                     del self.queue[i]
                     found = qident
-                    self._ran.append(msg.tid)  # (done with here: a later ask is not kept)
-                    self._cancelled.discard(msg.tid)  # (if the control thread heard first)
+                    self._ran.append(tid)  # (done with here: a later ask is not kept)
+                    self._cancelled.discard(tid)  # (if the control thread heard first)
                     break
-        if found is not None:
-            self.send_error(found, msg.tid, TaskCancelledError(msg.tid), "cancelled")
+        if found is None:
+            return False
+        self.send_error(found, tid, TaskCancelledError(tid), "cancelled")
+        return True
 
     def bind(self, job_id: str | None, sys_path: list[str]) -> None:
         """Serve this job (for the rest of our life) with its module search path."""
@@ -748,30 +754,41 @@ class Worker(Streaming):
             if holder.watching:
                 with self._sock_lock:
                     holder.watch()  # (a call that runs long sends what it held up)
-            if self._local is not None and self._local.pending and self._direct:
-                with self._sock_lock:
-                    self._local.flush()  # (the main thread, in a long call, cannot)
+            pending = self._local is not None and self._local.pending
+            if self._direct and (pending or self._cancelled):
+                with self._sock_lock:  # (the main thread, in a long call, cannot)
+                    if self._local is not None:
+                        self._local.flush()
+                    if self._cancelled and self._direct:  # (those not here when cancelled)
+                        self._receive()
+                        for tid in list(self._cancelled):
+                            self._cancel_queued(tid)
             if agent_pid and os.getppid() != agent_pid:
                 os._exit(0)  # our agent is gone: nobody will ever use us again
 
     def _cancel_running(self, tid: str, force: bool) -> None:
         with self._lock:
+            running = self._running == tid
+        if not running:
+            # Not started yet. While the main thread runs user code (perhaps for hours) nobody
+            # reads the task socket: take in what waits there and answer it cancelled now, as
+            # _steal does. Else (or not here yet) it is cancelled when its turn comes. (The
+            # CANCEL on the task socket may come too late: the main thread may have taken the
+            # task up by then.)
+            with self._sock_lock:
+                if self._direct and not (self.actor is not None and self.actor.concurrent):
+                    self._receive()
+                    if self._cancel_queued(tid):
+                        return
+            with self._lock:
+                if self._running != tid:
+                    if tid not in self._ran:  # (not answered by the task socket's CANCEL)
+                        self._cancelled.add(tid)
+                    return
+        with self._lock:
             if self._running != tid:
-                # Not started yet (queued here, or still in the task socket): it is cancelled
-                # when its turn comes. (The CANCEL on the task socket may come too late: the
-                # main thread may have taken the task up by then.)
-                self._cancelled.add(tid)
-                return
+                return  # (it ended meanwhile)
             if force:
                 os.kill(self.pid, signal.SIGKILL)
             self._cancel_requested = tid
             os.kill(self.pid, signal.SIGINT)
-
-
-def _call_key(msg: m.Message) -> str | None:
-    """What a call's duration is remembered by (``None``: its results are never held)."""
-    if isinstance(msg, m.Task):
-        return None if msg.gen or msg.mc else msg.fn
-    if isinstance(msg, m.ActorCall):
-        return None if msg.gen else "." + msg.method
-    return None
