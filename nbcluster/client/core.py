@@ -62,6 +62,9 @@ from nbcluster.transport.sockets import check_frame_sizes, max_message_bytes
 
 log = logging.getLogger("nbcluster")
 
+#: How long ``kill()`` waits for the head to have taken the kill (it is sent regardless).
+KILL_ACK_TIMEOUT_S = 5.0
+
 
 class CoreClient:
     """A connection to a cluster through which tasks are submitted and objects owned.
@@ -505,6 +508,14 @@ class CoreClient:
         self._post(KillActor(aid, no_restart, done))
         if threading.current_thread() is not self.io.thread:
             done.result(30)
+            # Returns once the head has it: the head takes one peer's messages in order, so its
+            # answer to a question asked after the kill means it buried the actor. A call that
+            # another process makes after kill() (it asks the head where the actor is) then
+            # never reaches the dying worker, however fast our message to that process went.
+            try:
+                self.query("head", timeout=KILL_ACK_TIMEOUT_S)
+            except ConnectionFailedError as exc:  # (the kill is sent: the head has it when back)
+                log.debug("kill of %s: no word from the head: %s", aid, exc)
 
     # ================================================================== get / wait (user thread)
     def prefetch(self, refs: Sequence[ObjectRef]) -> None:
