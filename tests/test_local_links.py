@@ -117,6 +117,27 @@ def test_the_driver_reaches_its_host_s_workers_on_local_links(cluster: nb.Cluste
     assert all(link.sock is None for link in links)  # no ZeroMQ task socket opened
 
 
+@nb.remote
+def ping_through(handle: Any) -> str:
+    return str(nb.get(handle.ping.remote(), timeout=30))
+
+
+@nb.remote
+class Pong:
+    def ping(self) -> str:
+        return "pong"
+
+
+def test_a_handle_passed_on_at_once_finds_its_actor(cluster: nb.ClusterInfo) -> None:
+    """The task carrying a new actor's handle reaches its worker (local link) before the
+    actor's creation reaches the head (another connection): the worker's lookup waits for the
+    creation instead of being told "no such actor" (it was, one time in ten)."""
+    for _ in range(60):
+        actor = Pong.remote()
+        assert nb.get(ping_through.remote(actor), timeout=60) == "pong"
+        nb.kill(actor)
+
+
 def test_large_messages_both_ways_through_full_socket_buffers(cluster: nb.ClusterInfo) -> None:
     """Arguments and results just under the inline limit, 200 at once: far more than a Unix
     socket's buffer (~200 KB), so both ends write in parts and wait to be writable."""

@@ -19,10 +19,11 @@ import pytest
 
 from nbcluster.agent.agent import NodeAgent, wants_pong
 from nbcluster.exceptions import ProtocolError
+from nbcluster.head import service as service_module
 from nbcluster.head.service import HeadService
 from nbcluster.protocol import schema as m
 from nbcluster.protocol.codec import Header, encode
-from nbcluster.protocol.messages import PROTOCOL_VERSION, Kind
+from nbcluster.protocol.messages import DEAD, PROTOCOL_VERSION, Kind
 from nbcluster.protocol.validation import MalformedMessage, receive_message
 from nbcluster.transport.channel import Channel, MemoryNetwork
 from nbcluster.transport.serve import Dispatcher, answer_on, follow, serve
@@ -147,6 +148,33 @@ def test_an_agent_asks_for_an_answer_once_a_quarter_of_its_head_timeout_passed()
     assert not wants_pong(29.0, 120.0) and wants_pong(30.0, 120.0)
     assert wants_pong(1.0, 2.0)  # a short timeout: (nearly) every ping asks
     assert not wants_pong(1e6, 0.0)  # no timeout: nothing to prove
+
+
+def test_a_lookup_of_an_actor_not_created_yet_waits_for_it_then_says_dead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handle can reach another process (and its lookup the head) before the creator's
+    ``ACTOR_CREATE``: the head answers once it knows, or after ``RESOLVE_WAIT_S`` that there is
+    no such actor. Each lookup is followed by a query whose reply must come first."""
+    monkeypatch.setattr(service_module, "RESOLVE_WAIT_S", 0.3)
+
+    async def scenario() -> None:
+        net = MemoryNetwork()
+        async with head_on(net) as head:
+            drv, _ = await driver(net, head)
+            await send(drv, {"k": Kind.ACTOR_RESOLVE, "aid": "nosuchactor1"})
+            await send(drv, {"k": Kind.QUERY, "rid": 1, "what": "head"})
+            first = await recv(drv)
+            assert isinstance(first, m.QueryReply), first  # not a DEAD at once
+            assert "nosuchactor1" in head.actors.unresolved
+            dead = await recv(drv)  # then, the wait over
+            assert isinstance(dead, m.ActorState), dead
+            assert (dead.aid, dead.state) == ("nosuchactor1", DEAD) and "no such actor" in (
+                dead.reason or ""
+            )
+            assert head.actors.unresolved == {}
+
+    run(scenario())
 
 
 def test_malformed_messages_are_answered_and_the_head_serves_on() -> None:

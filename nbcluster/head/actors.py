@@ -17,12 +17,20 @@ from nbcluster.head.instructions import (
     ActorChanged,
     ActorInit,
     ActorRequester,
+    ActorUnknown,
     Instruction,
     KillWorker,
+    PublishActorTo,
 )
 from nbcluster.head.model import Lease, WorkerInfo
 from nbcluster.head.state import ClusterState
 from nbcluster.protocol.messages import ALIVE, DEAD, PENDING, RESTARTING
+
+#: How long a lookup of an actor the head does not know waits for the actor's creation: a handle
+#: can reach another process, and its lookup the head, before the creator's ``ACTOR_CREATE``
+#: does (they travel on different connections).
+RESOLVE_WAIT_S = 5.0
+NO_SUCH_ACTOR = "no such actor (it never existed here, or the head restarted)"
 
 
 @dataclass
@@ -70,6 +78,7 @@ class ActorDirectory:
         self.actors: dict[str, ActorInfo] = {}
         self.names: dict[tuple[str, str], str] = {}
         self._rids = itertools.count(1)
+        self.unresolved: dict[str, set[bytes]] = {}  # aid not known yet -> clients looking
 
     # ------------------------------------------------------------------------ creation
     def create(
@@ -134,7 +143,30 @@ class ActorDirectory:
         self.actors[a.aid] = a
         if name is not None:
             self.names[(ns, name)] = a.aid
-        return self._created_reply(a, existing=False), self._place(a)
+        waiting = self.unresolved.pop(a.aid, set())  # (looked up before it was created)
+        a.subscribers |= waiting
+        told: list[Instruction] = [PublishActorTo(client, a) for client in waiting]
+        return self._created_reply(a, existing=False), [*told, *self._place(a)]
+
+    def resolve(self, aid: str, client: bytes) -> list[Instruction] | None:
+        """``client`` looks ``aid`` up: it is subscribed and told its state; ``None``: not known
+        (yet), the client waits for its creation until :meth:`resolve_expired`."""
+        a = self.actors.get(aid)
+        if a is None:
+            self.unresolved.setdefault(aid, set()).add(client)
+            return None
+        a.subscribers.add(client)
+        return [PublishActorTo(client, a)]
+
+    def resolve_expired(self, aid: str, client: bytes) -> list[Instruction]:
+        """:data:`RESOLVE_WAIT_S` after a lookup of an unknown ``aid``: still unknown, dead."""
+        waiting = self.unresolved.get(aid)
+        if waiting is None or client not in waiting:
+            return []
+        waiting.discard(client)
+        if not waiting:
+            del self.unresolved[aid]
+        return [ActorUnknown(client, aid, NO_SUCH_ACTOR)]
 
     def _created_reply(self, a: ActorInfo, existing: bool) -> dict[str, Any]:
         return {

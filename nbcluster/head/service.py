@@ -15,7 +15,7 @@ from typing import Any, assert_never
 import msgspec
 
 from nbcluster._version import __version__
-from nbcluster.head.actors import ActorDirectory, ActorInfo
+from nbcluster.head.actors import RESOLVE_WAIT_S, ActorDirectory, ActorInfo
 from nbcluster.head.groups import GroupRequests
 from nbcluster.head.heartbeat import ping_interval, silence_limit
 from nbcluster.head.instructions import (
@@ -602,14 +602,16 @@ class HeadService(GroupRequests, PanelActions):
             await self._publish_to(found, ident)
 
     async def _on_actor_resolve(self, peer: Peer, msg: m.ActorResolve, payload: list[Any]) -> None:
-        a = self.actors.actors.get(msg.aid)
-        if a is None:
-            why = "no such actor (it never existed here, or the head restarted)"
-            dead = {"k": Kind.ACTOR_STATE, "aid": msg.aid, "state": DEAD, "reason": why}
-            await self._send(peer.ident, dead)
-        else:
-            a.subscribers.add(peer.ident)
-            await self._publish_to(a, peer.ident)
+        ins = self.actors.resolve(msg.aid, peer.ident)
+        if ins is not None:
+            await self._run(ins)
+            return
+
+        async def expire(aid: str = msg.aid, client: bytes = peer.ident) -> None:
+            await asyncio.sleep(RESOLVE_WAIT_S)  # (its ACTOR_CREATE may still be on the way)
+            await self._run(self.actors.resolve_expired(aid, client))
+
+        self._later(expire(), "head-actor-resolve")
 
     async def _on_actor_kill(self, peer: Peer, msg: m.ActorKill, payload: list[Any]) -> None:
         await self._run(self.actors.kill(msg.aid, msg.no_restart, "killed by nbcluster.kill()"))
