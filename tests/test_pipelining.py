@@ -134,6 +134,31 @@ def test_a_task_queued_on_a_worker_busy_in_user_code_is_cancelled_at_once(
     assert sorted(os.listdir(done)) == ["0", "2"]
 
 
+@nb.remote(max_retries=0)
+def sleepy(started: str) -> None:
+    Path(started).touch()
+    time.sleep(60)
+
+
+def test_cancels_in_pairs_never_miss_the_task_starting_next(local: None, tmp_path: Path) -> None:
+    """Cancelling the running task and the one behind it back to back: the second CANCEL often
+    reaches the worker just as the first task ended and the second was taken up (out of the
+    queue, not yet marked running). It must be cancelled as it starts, not run for a minute."""
+    nb.init(num_cpus=1)
+    started = tmp_path / "started"
+    refs = [sleepy.remote(str(started)) for _ in range(300)]
+    deadline = time.monotonic() + TIMEOUT
+    while not started.exists():  # (the first runs, those behind it are on the worker)
+        assert time.monotonic() < deadline, "the first task never started"
+        time.sleep(0.01)
+    for i in range(0, len(refs), 2):
+        nb.cancel(refs[i])
+        nb.cancel(refs[i + 1])
+        for ref in refs[i : i + 2]:
+            with pytest.raises(TaskCancelledError):
+                nb.get(ref, timeout=15)
+
+
 def test_tasks_behind_a_killed_task_run_on_its_replacement(local: None, tmp_path: Path) -> None:
     nb.init(num_cpus=1)
     done = tmp_path / "done"

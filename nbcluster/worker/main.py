@@ -80,6 +80,7 @@ class Worker(Streaming):
         # the way: the ask comes on the other socket), and the last tasks run (asked too late).
         self._wanted: set[str] = set()
         self._cancelled: set[str] = set()  # cancelled before they started here
+        self._answered: deque[str] = deque(maxlen=RAN_KEPT)  # taken out of the queue, cancelled
         self._ran: deque[str] = deque(maxlen=RAN_KEPT)
         self.queue: deque[Queued] = deque()
         self.pid = os.getpid()
@@ -372,6 +373,7 @@ class Worker(Streaming):
                     del self.queue[i]
                     found = qident
                     self._ran.append(tid)  # (done with here: a later ask is not kept)
+                    self._answered.append(tid)
                     self._cancelled.discard(tid)  # (if the control thread heard first)
                     break
         if found is None:
@@ -782,8 +784,8 @@ class Worker(Streaming):
                         return
             with self._lock:
                 if self._running != tid:
-                    if tid not in self._ran:  # (not answered by the task socket's CANCEL)
-                        self._cancelled.add(tid)
+                    if tid not in self._answered:  # (not by the task socket's CANCEL)
+                        self._cancelled.add(tid)  # (taken up just now: cancelled as it starts)
                     return
         with self._lock:
             if self._running != tid:
