@@ -52,8 +52,9 @@ class _Link:
         self.conn = conn
         self.local: socket.socket | None = local
         self.fd: int = local.fileno() if local is not None else sock.getsockopt(zmq.FD)
-        self.unpacker = Unpacker(0)  # (results: as the ZeroMQ socket, no limit)
-        self.lout = bytearray()  # local link: what the kernel did not take yet
+        # Local link only: results (as on the ZeroMQ socket, no size limit), unsent bytes.
+        self.unpacker = Unpacker(0) if local is not None else None
+        self.lout = bytearray()
         self.closed = False
         self.out: list[list[Any]] = []  # messages for the task socket, sent at the turn's end
 
@@ -179,31 +180,25 @@ class WorkerLinks:
             log.debug("send to worker %s failed: %s", link.conn.addr, exc)
 
     def _send_local(self, link: _Link, frames: list[Any]) -> None:
-        data = pack(frames)
-        if link.lout:  # (behind what waits already: in order)
-            link.lout += data
-            return
+        assert link.local is not None
+        waited = bool(link.lout)
         try:
-            n = link.local.send(data)  # type: ignore[union-attr]
-        except BlockingIOError:
-            n = 0
+            waits = local_links.write(link.local, link.lout, pack(frames))
         except OSError as exc:  # the worker is gone (the head will say so)
             log.debug("send to worker %s failed: %s", link.conn.addr, exc)
             return
-        if n < len(data):
-            link.lout += data[n:]
+        if waits and not waited:
             self._loop.add_writer(link.fd, self._writable, link)
 
     def _writable(self, link: _Link) -> None:
+        assert link.local is not None
         try:
-            n = link.local.send(link.lout)  # type: ignore[union-attr]
-        except BlockingIOError:
-            return
+            waits = local_links.flush(link.local, link.lout)
         except OSError as exc:
             log.debug("send to worker %s failed: %s", link.conn.addr, exc)
-            n = len(link.lout)
-        del link.lout[:n]
-        if not link.lout:
+            link.lout.clear()
+            waits = False
+        if not waits:
             self._loop.remove_writer(link.fd)
 
     def _read_local(self, link: _Link) -> None:
@@ -221,6 +216,7 @@ class WorkerLinks:
             if not data:  # the worker is gone: the head says so (its lease is lost)
                 self._loop.remove_reader(link.fd)
                 return
+            assert link.unpacker is not None
             try:
                 messages = link.unpacker.feed(data)
             except LocalLinkError as exc:

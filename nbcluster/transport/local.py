@@ -118,6 +118,37 @@ def pack(frames: Sequence[Any]) -> bytes:
     return struct.pack(f"<{len(lengths) + 1}I", len(lengths), *lengths) + b"".join(views)
 
 
+def write(sock: socket.socket, out: bytearray, data: bytes) -> bool:
+    """Send ``data`` on a non-blocking ``sock`` after what waits in ``out``; what the kernel does
+    not take now is kept in ``out``. Returns whether bytes wait (watch for writable).
+
+    Raises
+    ------
+    OSError
+        If the other end is gone (``BrokenPipeError``, ``ConnectionResetError``).
+    """
+    if out:  # (behind what waits already: in order)
+        out += data
+        return True
+    try:
+        n = sock.send(data)
+    except BlockingIOError:
+        n = 0
+    if n < len(data):
+        out += data[n:]
+    return bool(out)
+
+
+def flush(sock: socket.socket, out: bytearray) -> bool:
+    """Send what waits in ``out``; returns whether some still does. Raises as :func:`write`."""
+    if out:
+        try:
+            del out[: sock.send(out)]
+        except BlockingIOError:
+            pass
+    return bool(out)
+
+
 class Unpacker:
     """Cuts a byte stream into messages.
 

@@ -17,7 +17,15 @@ from typing import Any
 
 import zmq
 
-from nbcluster.transport.local import READ_CHUNK, LocalLinkError, Unpacker, accept, pack
+from nbcluster.transport.local import (
+    READ_CHUNK,
+    LocalLinkError,
+    Unpacker,
+    accept,
+    flush,
+    pack,
+    write,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,21 +107,15 @@ class LocalPeers:
         peer = self._peers.get(ident)
         if peer is None or peer.closed:
             return
-        data = pack(frames)
-        if peer.out:
-            peer.out += data  # (behind what waits already: in order)
-        else:
-            try:
-                n = peer.sock.send(data)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:  # the driver went away
-                log.debug("local link %s: %s", ident.hex(), exc)
-                self._close(peer)
-                return
-            if n < len(data):
-                peer.out += data[n:]
-                self._want_write(peer, True)
+        waited = bool(peer.out)
+        try:
+            waits = write(peer.sock, peer.out, pack(frames))
+        except OSError as exc:  # the driver went away
+            log.debug("local link %s: %s", ident.hex(), exc)
+            self._close(peer)
+            return
+        if waits and not waited:
+            self._want_write(peer, True)
 
     def flush(self) -> None:
         """Write what waits (under the socket lock)."""
@@ -122,15 +124,12 @@ class LocalPeers:
             if not peer.out or peer.closed:
                 continue
             try:
-                n = peer.sock.send(peer.out)
-            except BlockingIOError:
-                n = 0
+                waits = flush(peer.sock, peer.out)
             except OSError as exc:
                 log.debug("local link %s: %s", peer.ident.hex(), exc)
                 self._close(peer)
                 continue
-            del peer.out[:n]
-            if peer.out:
+            if waits:
                 still = True
             else:
                 self._want_write(peer, False)
