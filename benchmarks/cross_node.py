@@ -44,13 +44,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 import workloads as wl  # noqa: E402  (needs the sys.path entry above)
 
+from nbcluster.launch import free_port  # noqa: E402
+
 SIZE = 1000 * 1000 * 1000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stop(procs: list[subprocess.Popen[Any]], timeout: float = 20.0) -> None:
@@ -96,7 +92,7 @@ def nbcluster_nodes(
     store id) per agent])``.
     """
     tmp = Path(tempfile.mkdtemp(prefix="nbc-bench-"))
-    token, port = tmp / "token", _free_port()
+    token, port = tmp / "token", free_port()
     env = {**os.environ, "NBCLUSTER_HOME": str(tmp)}
     py = sys.executable
     procs: list[subprocess.Popen[str]] = []
@@ -148,7 +144,7 @@ def ray_nodes(resources: tuple[dict[str, float], ...]) -> Iterator[str]:
     the processes this function started (``ray stop`` would stop every Ray on the host).
     """
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
+    port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="ray-bench-"))
     # A `ray start` cluster turns token auth on when ~/.ray/auth_token exists, and a driver
     # joining with ray.init(address=...) then fails unless it has the same setting: pin it

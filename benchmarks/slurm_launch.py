@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from nbcluster.launch import free_port  # noqa: E402  (needs the sys.path entry above)
 
 NBCLUSTER = """
 import json, time
@@ -128,12 +128,6 @@ srun --nodes=1 --ntasks=1 --exact {ray} start --address=$RAY_ADDRESS --num-cpus=
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run_script(python: str, code: str, workdir: Path, timeout: float) -> dict[str, float]:
     src = f"WORKDIR = {str(workdir)!r}\n" + textwrap.dedent(code)
     # This checkout's nbcluster, in the driver and (sbatch exports the environment) the jobs.
@@ -157,7 +151,7 @@ def bench_ray(python: str, workdir: Path, timeout: float) -> dict[str, float]:
     driver = workdir / "ray_driver.py"
     driver.write_text(RAY_DRIVER)
     out = workdir / "ray-%j.out"
-    script = RAY_SCRIPT.format(out=out, port=_free_port(), ray=ray, python=python, driver=driver)
+    script = RAY_SCRIPT.format(out=out, port=free_port(), ray=ray, python=python, driver=driver)
     t0 = time.time()
     env = {**os.environ, "T0": repr(t0)}
     r = subprocess.run(

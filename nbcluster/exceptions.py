@@ -30,6 +30,10 @@ class ConnectionFailedError(NbclusterError, ConnectionError):
     """A cluster service could not be reached."""
 
 
+class AddressInUseError(ConnectionFailedError):
+    """A server could not bind its address: another socket holds it."""
+
+
 class SystemError_(NbclusterError):
     """An internal failure of the cluster runtime (a bug or a dead service)."""
 
@@ -258,6 +262,7 @@ ObjectFetchTimedOutError = GetTimeoutError
 __all__ = [
     "ActorDiedError",
     "ActorError",
+    "AddressInUseError",
     "AuthenticationError",
     "ConfigurationError",
     "ConnectionFailedError",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import selectors
 import signal
 import socket
@@ -33,6 +34,45 @@ from nbcluster.store.manager import cleanup_store
 START_TIMEOUT_S = 60.0
 HEAD_READY = "NBCLUSTER_HEAD_READY"
 AGENT_READY = "NBCLUSTER_AGENT_READY"
+#: A head's exit status when its port was taken (errno EADDRINUSE): its launcher picks another.
+EXIT_ADDRESS_IN_USE = 98
+#: Where :func:`free_port` looks when the kernel's ephemeral range cannot be read.
+_EPHEMERAL_DEFAULT = (32768, 60999)
+_PORTS_BELOW = 20000  # free_port picks from [_PORTS_BELOW, start of the ephemeral range)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(w) for w in f.read().split())
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+    return low, high
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a server whose port must be known before it starts.
+
+    It is picked outside the kernel's ephemeral range, where neither outgoing connections nor
+    servers bound to port 0 land: a port from that range (what binding port 0 returns) can be
+    taken by any connection made before our server binds it (seen in CI: the head of a local
+    cluster exited with "Address already in use"). The launcher still retries on a clash.
+    """
+    bind_host = "" if host in ("0.0.0.0", "*", "::") else host
+    low, _ = _ephemeral_range()
+    if low - _PORTS_BELOW >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(64):
+            port = rng.randrange(_PORTS_BELOW, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((bind_host, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's choice
+        s.bind((bind_host, 0))
+        return int(s.getsockname()[1])
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -5,20 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import nbcluster as nb
 from nbcluster.head.recovery import load_snapshot
+from nbcluster.launch import free_port
 from tests.conftest import stop_processes, wait_until
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class Procs:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import psutil
 
+from nbcluster.launch import free_port
+
 PACKAGES = ("slurm-wlm", "munge")
 #: CPUs the node declares: more than the CI machine's 2, so that a few 1-CPU jobs run at once
 #: (slurmd takes the configured figures with ``SlurmdParameters=config_overrides``).
@@ -57,12 +59,6 @@ def install() -> None:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         if r.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 #: Processes of test infrastructure that outlive single tests (the session's Slurm daemons):
@@ -115,8 +111,8 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={sock}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={d / "state"}
 SlurmdSpoolDir={d / "spool"}
 SlurmctldPidFile={d / "slurmctld.pid"}

@@ -12,21 +12,17 @@ import pytest
 
 from nbcluster.exceptions import NbclusterError
 from nbcluster.launch import (
+    EXIT_ADDRESS_IN_USE,
     HEAD_READY,
     START_TIMEOUT_S,
     AgentOptions,
     ChildProcess,
+    free_port,
     start_agent,
 )
 from nbcluster.protocol.security import new_token, write_token_file
 from nbcluster.store.segment import SHM_DIR
 from tests.conftest import all_gone
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_agent_options_build_the_command_line(tmp_path: Path) -> None:
@@ -78,7 +74,7 @@ def test_head_and_agent_start_report_their_ids_and_stop_with_their_workers(
 ) -> None:
     token_file = tmp_path / "token"
     write_token_file(token_file, new_token())
-    port = _free_port()
+    port = free_port()
     head = ChildProcess(
         "head",
         "nbcluster.head",
@@ -127,7 +123,7 @@ def test_a_sigterm_right_after_the_ready_line_still_stops_the_workers(tmp_path: 
 
     token_file = tmp_path / "token"
     write_token_file(token_file, new_token())
-    port = _free_port()
+    port = free_port()
     head = ChildProcess(
         "head",
         "nbcluster.head",
@@ -157,3 +153,71 @@ def test_a_sigterm_right_after_the_ready_line_still_stops_the_workers(tmp_path: 
             agent.stop()
         head.stop()
     assert all_gone([head.pid, *workers])
+
+
+def test_free_port_stays_out_of_the_ephemeral_range() -> None:
+    # Ports from that range are where outgoing connections and port-0 servers land: one picked
+    # there could be taken before our server binds it (CI: a head's "Address already in use").
+    low, high = (int(w) for w in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = {free_port() for _ in range(50)}
+    assert len(ports) > 40  # random, not one port for everyone
+    assert all(not low <= p <= high for p in ports)
+    for p in list(ports)[:5]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_a_head_whose_port_is_taken_says_so_in_its_exit_status(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    write_token_file(token_file, new_token())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        head = ChildProcess(
+            "head",
+            "nbcluster.head",
+            ["--port", str(port), "--token-file", str(token_file)],
+            marker=HEAD_READY,
+            log=tmp_path / "head.log",
+        )
+        with pytest.raises(NbclusterError, match=f"(?s)code {EXIT_ADDRESS_IN_USE}.*already in use"):
+            head.wait_ready(time.monotonic() + START_TIMEOUT_S)
+        head.stop()
+    assert "Traceback" not in (tmp_path / "head.log").read_text()
+
+
+def test_a_local_cluster_whose_head_port_is_taken_starts_on_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nbcluster as nb
+    from nbcluster.client import launcher
+
+    nb.shutdown()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = [taken.getsockname()[1]]  # the first pick: held by someone else
+
+        def pick(host: str = "127.0.0.1") -> int:  # the launcher's port choice, made to clash
+            picks.append(free_port(host))
+            return picks[-2]
+
+        monkeypatch.setattr(launcher, "free_port", pick)
+        cluster = launcher.LocalCluster(num_cpus=1)
+        try:
+            cluster.start()
+            assert cluster.address == f"127.0.0.1:{picks[1]}"
+            assert cluster.token_file.exists()  # the first try's clean-up kept the session
+            nb.init(address=cluster.address, token_file=cluster.token_file)
+
+            @nb.remote
+            def one() -> int:
+                return 1
+
+            assert nb.get(one.remote(), timeout=60) == 1
+        finally:
+            nb.shutdown()
+            cluster.stop()
+    assert len(picks) == 3  # the taken port, then the one the head bound (and the next pick)
+    assert not cluster.session_dir.exists()

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 import nbcluster as nb
+from nbcluster.launch import free_port
 from tests.conftest import (
     ROOT,
     all_gone,
@@ -139,7 +140,7 @@ def standalone(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A head started with ``nbcluster head`` and an agent with ``nbcluster-worker``."""
     nb.shutdown()
     token_file = tmp_path / "token"
-    port = _free_port()
+    port = free_port()
     head = subprocess.Popen(
         [
             sys.executable,
@@ -218,14 +219,6 @@ def _join(address: str, token_file: Path, name: str, *flags: str) -> subprocess.
     assert agent.stdout is not None
     ready_line(agent.stdout)
     return agent
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_standalone_head_worker_and_driver(standalone) -> None:  # type: ignore[no-untyped-def]

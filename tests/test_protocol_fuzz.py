@@ -18,7 +18,6 @@ import contextlib
 import operator
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -505,6 +504,7 @@ class _HeadProxy(threading.Thread):
 DRIVER = """
 import sys
 import nbcluster as nb
+from nbcluster.launch import free_port
 nb.init(address=sys.argv[1], token_file=sys.argv[2])
 print("DRIVER_READY", flush=True)
 sys.stdin.readline()  # the fuzzing is over
@@ -567,10 +567,6 @@ def test_driver_survives_malformed_messages_from_its_head(fuzzed: Fuzzed, tmp_pa
 
 
 # ---------------------------------------------------------------------------- an agent's head side
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_agent_survives_malformed_messages_from_its_head(tmp_path: Path) -> None:

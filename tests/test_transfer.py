@@ -12,7 +12,6 @@ import glob
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import zmq
 
 import nbcluster as nb
 from nbcluster.exceptions import ObjectLostError
+from nbcluster.launch import free_port
 from nbcluster.protocol.codec import decode, encode
 from nbcluster.protocol.messages import Kind
 from nbcluster.protocol.security import derive_keys, read_token_file
@@ -80,14 +80,8 @@ class Cluster:
         return StoreClient(self.transport, node.store_address, node.store_id)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_cluster(tmp: Path) -> Cluster:
-    token_file, port = tmp / "token", _free_port()
+    token_file, port = tmp / "token", free_port()
     cmd = [sys.executable, "-m", "nbcluster", "head", "--port", str(port)]
     head = subprocess.Popen(
         [*cmd, "--token-file", str(token_file)],

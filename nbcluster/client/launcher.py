@@ -13,23 +13,22 @@ import time
 from pathlib import Path
 
 from nbcluster._private_fs import UnsafePathError, user_dir, user_dir_path
+from nbcluster.exceptions import NbclusterError
 from nbcluster.launch import (
+    EXIT_ADDRESS_IN_USE,
     HEAD_READY,
     START_TIMEOUT_S,
     AgentOptions,
     ChildProcess,
     child_env,
+    free_port,
     start_agent,
 )
 from nbcluster.protocol.security import new_token, write_token_file
 
 log = logging.getLogger(__name__)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+#: How many ports a local cluster tries when another process binds the one picked first.
+PORT_ATTEMPTS = 5
 
 
 class LocalCluster:
@@ -65,7 +64,16 @@ class LocalCluster:
 
     def start(self) -> None:
         """Start the head and the agent concurrently; returns once both are ready."""
-        port = _free_port(self.host)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = free_port(self.host)
+            if self._start_on(port):
+                return
+            # Another process bound the port between our pick and the head's bind.
+            log.info("port %d was taken before the head bound it (try %d)", port, attempt)
+        raise NbclusterError(f"the head found its port taken {PORT_ATTEMPTS} times in a row")
+
+    def _start_on(self, port: int) -> bool:
+        """Start both with the head on ``port``; False (nothing left running) if it was taken."""
         num_cpus, num_gpus, resources = self._opts
         memory, spill_limit = self._store_opts
         # Workers import the driver's modules: give them the driver's search path.
@@ -111,7 +119,13 @@ class LocalCluster:
             agent = start_agent(options, log=self.session_dir / "agent.log", env=env)
             self._children.append(agent)
             deadline = time.monotonic() + START_TIMEOUT_S
-            self.address = head.wait_ready(deadline)
+            try:
+                self.address = head.wait_ready(deadline)
+            except NbclusterError:
+                if head.proc.poll() != EXIT_ADDRESS_IN_USE:
+                    raise
+                self._stop_children()
+                return False
             agent.wait_ready(deadline)
         except BaseException:
             self.stop()
@@ -121,15 +135,19 @@ class LocalCluster:
             agent.store_address,
             agent.store_id,
         )
+        return True
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the head and the agent (and with it every worker); remove the session folder."""
+    def _stop_children(self, timeout: float = 5.0) -> None:
         for child in self._children:
             child.terminate()  # both at once: each waits for the other's exit otherwise
         deadline = time.monotonic() + timeout
         for child in self._children:
             child.stop(deadline - time.monotonic())
         self._children.clear()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the head and the agent (and with it every worker); remove the session folder."""
+        self._stop_children(timeout)
         if os.environ.get("NBCLUSTER_KEEP_LOGS"):
             self.token_file.unlink(missing_ok=True)
         else:

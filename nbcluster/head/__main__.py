@@ -13,8 +13,10 @@ from pathlib import Path
 import psutil
 
 from nbcluster._proc import setup_logging, watch_parent
+from nbcluster.exceptions import AddressInUseError
 from nbcluster.head.metrics_http import MetricsServer
 from nbcluster.head.service import HeadService
+from nbcluster.launch import EXIT_ADDRESS_IN_USE
 from nbcluster.protocol.security import read_token_file, token_from_environment
 
 
@@ -29,7 +31,11 @@ async def run_head(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gone.set)
-    address = await head.start()
+    try:
+        address = await head.start()
+    except AddressInUseError as exc:
+        print(f"nbcluster head: {exc}", file=sys.stderr)
+        return EXIT_ADDRESS_IN_USE  # our launchers pick another port and start again
     metrics: MetricsServer | None = None
     if getattr(args, "metrics_port", None) is not None:
         metrics = MetricsServer(head.observe, args.metrics_host, args.metrics_port)

@@ -18,7 +18,7 @@ from nbcluster.api import ADDRESS_ENV
 from nbcluster.deploy.registry import Pools
 from nbcluster.exceptions import NbclusterError
 from nbcluster.head.service import HeadService
-from nbcluster.launch import START_TIMEOUT_S, AgentOptions, AgentProcess, start_agent
+from nbcluster.launch import START_TIMEOUT_S, AgentOptions, AgentProcess, free_port, start_agent
 from nbcluster.protocol import schema as m
 from nbcluster.protocol.security import (
     TOKEN_FILE_ENV,
@@ -41,12 +41,6 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host if host not in _WILDCARDS else "", 0))
-        return int(s.getsockname()[1])
 
 
 class NbclusterApp(ExtensionApp):
@@ -154,7 +148,7 @@ class NbclusterApp(ExtensionApp):
         if port == 0 or not _port_free(self.ip, port):
             if port:
                 self.log.warning("nbcluster: port %s is taken; the head uses a free port", port)
-            port = _free_port(self.ip)
+            port = free_port(self.ip)
         self.port = port
         if not self.state_file:  # per port: servers side by side must not share a snapshot
             self.state_file = str(runtime / f"nbcluster-head-state-{port}")

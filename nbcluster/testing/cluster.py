@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,10 @@ from pathlib import Path
 import psutil
 
 import nbcluster
-from nbcluster.launch import AGENT_READY, HEAD_READY
+from nbcluster.launch import AGENT_READY, HEAD_READY, free_port
 from nbcluster.store.segment import SHM_DIR
 
 Popen = subprocess.Popen[bytes]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class ClusterStartError(RuntimeError):

@@ -15,6 +15,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from nbcluster.exceptions import (
+    AddressInUseError,
     AuthenticationError,
     ConfigurationError,
     ConnectionFailedError,
@@ -149,7 +150,8 @@ class Transport:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             sock.close()
-            raise ConnectionFailedError(f"could not bind {endpoint}: {exc}") from None
+            error = AddressInUseError if exc.errno == zmq.EADDRINUSE else ConnectionFailedError
+            raise error(f"could not bind {endpoint}: {exc}") from None
         bound = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         return sock, bound
 
