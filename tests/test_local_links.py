@@ -17,7 +17,7 @@ import pytest
 import nbcluster as nb
 from nbcluster.client import current
 from nbcluster.transport import local
-from nbcluster.transport.local import MAX_FRAMES, LocalLinkError, Unpacker, pack
+from nbcluster.transport.local import MAX_FRAMES, LocalLinkError, ReadBuffer, Unpacker, pack
 from tests.test_hardening_security import OTHER, as_other_user
 
 ROOT_ONLY = pytest.mark.skipif(os.getuid() != 0, reason="simulates another user (root)")
@@ -61,6 +61,26 @@ def test_frames_round_trip_however_the_stream_is_cut() -> None:
         for i in range(0, len(stream), step):
             got += u.feed(stream[i : i + step])
         assert got == messages, step
+
+
+def test_messages_read_into_one_reused_buffer_stay_whole() -> None:
+    # A thread reads every link into one buffer: what a message left there for the next read
+    # must be kept (copied) before the buffer is overwritten.
+    messages = [[b"h" * 10, bytes(range(256)) * 40], [b"x"], [b"y" * 5000, b"z"]] * 20
+    stream = b"".join(pack(m) for m in messages)
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        rbuf, u, got = ReadBuffer(1000), Unpacker(0), []
+        for i in range(0, len(stream), 777):
+            a.sendall(stream[i : i + 777])
+            while True:
+                try:
+                    view = rbuf.recv(b)
+                except BlockingIOError:
+                    break
+                got += u.feed(view)
+        assert got == messages
 
 
 @pytest.mark.parametrize(
@@ -251,3 +271,75 @@ def test_a_driver_never_talks_to_another_user_s_listener() -> None:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
         os.close(r)
+
+
+# ------------------------------------------------------------------ the calling thread sends
+@nb.remote
+def started_at(path: str) -> float:
+    Path(path).write_text(repr(time.time()))
+    return time.time()
+
+
+def test_a_task_for_a_waiting_worker_leaves_without_the_io_thread(
+    cluster: nb.ClusterInfo, tmp_path: Path
+) -> None:
+    import threading
+
+    nb.get([started_at.remote(str(tmp_path / f"warm{i}")) for i in range(4)], timeout=60)
+    client = current.get()
+    assert client is not None and client.io.loop is not None
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the I/O thread, stuck until we let it go
+        held.set()
+        release.wait(30)
+
+    client.io.loop.call_soon_threadsafe(hold)
+    assert held.wait(30)
+    try:
+        ref = started_at.remote(str(tmp_path / "mark"))
+        # The task reached a worker and ran while the I/O thread could do nothing.
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "mark").exists():
+            assert time.monotonic() < deadline, "the task waited for the I/O thread"
+            time.sleep(0.01)
+    finally:
+        release.set()
+    assert nb.get(ref, timeout=60) > 0
+
+
+def test_tasks_and_actor_calls_from_many_threads_keep_their_order(
+    cluster: nb.ClusterInfo,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    @nb.remote
+    class Log:
+        def __init__(self) -> None:
+            self.seen: dict[int, list[int]] = {}
+
+        def note(self, who: int, i: int) -> int:
+            self.seen.setdefault(who, []).append(i)
+            return i
+
+        def get(self) -> dict[int, list[int]]:
+            return self.seen
+
+    log = Log.remote()
+
+    def caller(who: int) -> list[Any]:
+        refs, out = [], []
+        for i in range(300):
+            refs.append(log.note.remote(who, i))
+            refs.append(echo.remote((who, i)))
+            if i % 50 == 49:  # some waits between: both of the client's paths get used
+                out += nb.get(refs, timeout=120)
+                refs = []
+        return out + nb.get(refs, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(caller, range(4)))
+    for who, got in enumerate(results):
+        assert got[0::2] == list(range(300))
+        assert got[1::2] == [(who, i) for i in range(300)]
+    assert nb.get(log.get.remote(), timeout=60) == {w: list(range(300)) for w in range(4)}

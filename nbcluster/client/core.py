@@ -263,7 +263,8 @@ class CoreClient:
 
         async def rows() -> list[list[str]]:
             state = self.io.state
-            return state.task_rows() if state is not None else []
+            with self.io.lock:  # (a user thread may be handling a task meanwhile)
+                return state.task_rows() if state is not None else []
 
         return list(self.io.call(rows(), timeout))
 

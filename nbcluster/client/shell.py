@@ -5,7 +5,9 @@ the head, to workers, to objects' owners, and the owner socket others fetch our 
 the timers, and the :class:`~nbcluster.client.state.ClientState`. It turns each message it
 receives into a typed event, feeds it to the state, and carries out the instructions the state
 returns. User threads reach it only through :meth:`IoShell.post` (a typed command, carried out
-in order) and :meth:`IoShell.call` (a coroutine run on the loop, e.g. a query).
+in order) and :meth:`IoShell.call` (a coroutine run on the loop, e.g. a query). A task or an
+actor call posted while nothing waits before it is handled on the posting thread, under
+:attr:`IoShell.lock`, which the I/O thread holds whenever it uses the state or a worker link.
 """
 
 from __future__ import annotations
@@ -26,27 +28,18 @@ import msgspec
 import psutil
 import zmq
 
-from nbcluster.client.commands import CancelTask, Command
+from nbcluster.client.commands import CallActor, Command, SubmitTask
 from nbcluster.client.events import owner_identity
 from nbcluster.client.inputs import (
-    ActorStateChanged,
     BorrowReleased,
     Event,
     FlushTaskEvents,
-    LeaseFailed,
-    LeaseGranted,
-    LeaseInfeasible,
-    LeaseLost,
-    NodeDied,
     ObjectArrived,
     ObjectEscaped,
     ObjectRequested,
     Rejoined,
     Released,
-    StreamItemArrived,
     TaskOutput,
-    TaskResult,
-    TasksStolen,
 )
 from nbcluster.client.instructions import (
     AwaitReply,
@@ -65,6 +58,7 @@ from nbcluster.client.instructions import (
 )
 from nbcluster.client.objects import ObjectTable
 from nbcluster.client.state import ClientState
+from nbcluster.client.translate import FROM_HEAD, FROM_WORKER, Translate
 from nbcluster.client.wire import probe_listening, send_nowait
 from nbcluster.client.worker_links import WorkerLinks
 from nbcluster.client.workers import WorkerConn
@@ -87,6 +81,8 @@ if TYPE_CHECKING:
     from nbcluster.store.client import StoreClient
 
 log = logging.getLogger("nbcluster")
+#: Commands a user thread handles itself when it can (see IoShell.post).
+_HANDLED_HERE = (SubmitTask, CallActor)
 #: At exit with tasks still running: how long no output must have come before we leave.
 OUTPUT_QUIET_S = 0.05
 
@@ -148,6 +144,13 @@ class IoShell:
         self._inbox: deque[Command] = deque()
         self.released: deque[str] = deque()  # ObjectRefs gone, not yet counted
         self._wake_pending = False
+        # The state and the worker links: held by the I/O thread while it uses them, and by a
+        # user thread that sends a task itself (see post). Reentrant: a read feeds the state.
+        self.lock = threading.RLock()
+        self._handling = False  # inside state.handle (a nested post must not feed it again)
+        self._deferred: deque[Instruction] = deque()  # left by user threads for the loop
+        self._deferred_wake = False
+        self._closed = False  # (under the lock) no more sending from user threads
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -173,18 +176,12 @@ class IoShell:
         # an owner could only start a ping-pong of errors.
         self._from_head = Dispatcher[None](
             {
-                m.LeaseGranted: self._on_lease_granted,
-                m.ActorState: self._on_actor_state,
-                m.LeaseLost: self._on_lease_lost,
-                m.LeaseFailed: self._on_lease_failed,
-                m.LeaseInfeasible: self._on_lease_infeasible,
+                **{kind: self._feeding(to_event) for kind, to_event in FROM_HEAD.items()},
                 m.QueryReply: self._on_query_reply,
                 m.ActorCreated: self._on_actor_created,
                 m.Pong: _ignore,
                 m.Warning_: self._on_warning,
                 m.Welcome: self._on_welcome,
-                m.NodeDied: self._on_node_died,
-                m.TaskCancel: self._on_task_cancel,
                 m.Error: self._on_head_error,
                 m.Log: self._on_head_log,
             },
@@ -194,9 +191,7 @@ class IoShell:
         )
         self._from_worker = Dispatcher[WorkerConn](
             {
-                m.Result: self._on_result,
-                m.StreamItem: self._on_stream_item,
-                m.Stolen: self._on_stolen,
+                **{kind: self._feeding(to_event) for kind, to_event in FROM_WORKER.items()},
                 m.Log: self._on_log,
                 m.Error: self._on_worker_error,
             },
@@ -248,8 +243,10 @@ class IoShell:
             with contextlib.suppress(Exception):
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
-            if self.state is not None:
-                self.state.fail_all("the connection to the cluster was closed")
+            with self.lock:
+                self._closed = True
+                if self.state is not None:
+                    self.state.fail_all("the connection to the cluster was closed")
 
     async def _main(self) -> None:
         self.transport = Transport(derive_keys(self._token))
@@ -259,7 +256,9 @@ class IoShell:
             )
             self._owner = ZmqListener(owner_sock, self.owner_address)
             assert self.loop is not None
-            self._links = WorkerLinks(self.loop, self.transport, self._from_worker.dispatch_sync)
+            self._links = WorkerLinks(
+                self.loop, self.transport, self._from_worker.dispatch_sync, self.lock
+            )
             self.state = ClientState(
                 self.objects,
                 self.owner_address,
@@ -315,8 +314,10 @@ class IoShell:
                     await t
             if self._owner is not None:
                 self._owner.close()  # (its descriptor leaves the loop first)
-            if self._links is not None:
-                self._links.close_all()  # (local links are not the transport's to close)
+            with self.lock:
+                self._closed = True
+                if self._links is not None:
+                    self._links.close_all()  # (local links are not the transport's to close)
             self.transport.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -366,7 +367,20 @@ class IoShell:
 
     # ================================================================== user threads -> loop
     def post(self, command: Command) -> None:
-        """Hand ``command`` to the I/O thread (any thread)."""
+        """Hand ``command`` to the I/O thread (any thread).
+
+        A task or an actor call is handled on the calling thread instead, under :attr:`lock`,
+        when nothing posted before it waits: what it sends to a worker on a local link leaves
+        at once (the I/O thread is not woken for it: a wake-up and a turn of its loop less per
+        call); anything else it causes is left to the loop, in order (:meth:`_carry_out`).
+        """
+        if type(command) in _HANDLED_HERE and self.lock.acquire(blocking=False):
+            try:
+                if not (self._inbox or self._handling or self._closed) and self.state is not None:
+                    self._handle_here(command)
+                    return
+            finally:
+                self.lock.release()
         self._inbox.append(command)
         if not self._wake_pending:
             self._wake_pending = True
@@ -375,20 +389,75 @@ class IoShell:
                 raise NbclusterError("the connection to the cluster is closed")
             loop.call_soon_threadsafe(self._drain_inbox)
 
+    def _handle_here(self, command: Command) -> None:
+        state = self.state
+        assert state is not None
+        self._handling = True
+        try:
+            now = time.time()
+            out = []
+            if self.released:  # (as the loop would first: frees before what follows)
+                oids = [self.released.popleft() for _ in range(len(self.released))]
+                out = state.handle(Released(oids), now)
+            out += state.handle(command, now)
+        except Exception:
+            log.exception("nbcluster internal error handling %s", type(command).__name__)
+            out = state.take()
+        finally:
+            self._handling = False
+        self._carry_out(out)
+
+    def _carry_out(self, instructions: list[Instruction]) -> None:
+        """Carry out what a user thread's command caused: sends on local links and frees here,
+        the rest (and all after it) on the loop, in order."""
+        links = self._links
+        assert links is not None
+        for i, ins in enumerate(instructions):
+            if not self._deferred:
+                if type(ins) is ToWorker and links.is_local(ins.conn):
+                    links.send_now(ins.conn, encode(ins.header, ins.payload))
+                    continue
+                if type(ins) is FreeStored:
+                    self._do(ins)  # (the store client is thread-safe)
+                    continue
+            self._deferred.extend(instructions[i:])
+            if not self._deferred_wake:
+                self._deferred_wake = True
+                assert self.loop is not None
+                self.loop.call_soon_threadsafe(self._run_deferred)
+            return
+        if self.store is not None:
+            self.store.flush()
+
+    def _run_deferred(self) -> None:
+        with self.lock:
+            self._deferred_wake = False
+            self._drain_deferred()
+            assert self._links is not None
+            self._links.flush()
+
+    def _drain_deferred(self) -> None:
+        deferred = self._deferred
+        while deferred:
+            self._execute([deferred.popleft()])
+        if self.store is not None:
+            self.store.flush()
+
     def call(self, coro: Any, timeout: float = 30.0) -> Any:
         """Run ``coro`` on the I/O thread and wait for its result (a user thread)."""
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def _drain_inbox(self) -> None:
-        self._wake_pending = False
-        if self.released:
-            self._release()
-        inbox = self._inbox
-        while inbox:
-            self.feed(inbox.popleft())
-        if self._links is not None:
-            self._links.flush()  # (the tasks just submitted leave now, not a turn later)
+        with self.lock:
+            self._wake_pending = False
+            assert self._links is not None
+            with self._links.burst():  # (the tasks just submitted leave now, not a turn later)
+                if self.released:
+                    self._release()
+                inbox = self._inbox
+                while inbox:
+                    self.feed(inbox.popleft())
 
     async def send_releases(self) -> None:
         """Count the refs dropped so far now (their frees leave before whatever follows)."""
@@ -396,11 +465,12 @@ class IoShell:
             self._release()
 
     def _release(self) -> None:
-        released = self.released
-        oids = [released.popleft() for _ in range(len(released))]
-        self.feed(Released(oids))
-        if self.store is not None:
-            self.store.flush()
+        with self.lock:  # (a user thread handling a task takes them too: see post)
+            released = self.released
+            oids = [released.popleft() for _ in range(len(released))]
+            self.feed(Released(oids))
+            if self.store is not None:
+                self.store.flush()
 
     # ================================================================== state <-> sockets
     def feed(self, event: Event) -> None:
@@ -408,13 +478,27 @@ class IoShell:
         state = self.state
         if state is None:
             return
-        try:
-            out = state.handle(event, time.time())
-        except Exception:
-            log.exception("nbcluster internal error handling %s", type(event).__name__)
-            out = state.take()
-        if out:
-            self._execute(out)
+        with self.lock:
+            if self._deferred:  # (what user threads' commands caused comes first)
+                self._drain_deferred()
+            self._handling = True
+            try:
+                out = state.handle(event, time.time())
+            except Exception:
+                log.exception("nbcluster internal error handling %s", type(event).__name__)
+                out = state.take()
+            finally:
+                self._handling = False
+            if out:
+                self._execute(out)
+
+    def _feeding(self, to_event: Translate) -> Callable[[Any, Any, list[Any]], None]:
+        """A receive handler that feeds the state the event a message becomes."""
+
+        def handler(ctx: Any, msg: Any, payload: list[Any]) -> None:
+            self.feed(to_event(ctx, msg, payload))
+
+        return handler
 
     def _execute(self, instructions: list[Instruction]) -> None:
         for ins in instructions:
@@ -479,48 +563,6 @@ class IoShell:
             fut.set_exception(exc)
         return True  # (nothing is answered to the head)
 
-    def _on_lease_granted(self, _: None, msg: m.LeaseGranted, payload: list[Any]) -> None:
-        self.feed(
-            LeaseGranted(
-                msg.rid,
-                msg.lease_id,
-                msg.worker_id,
-                msg.worker_addr,
-                msg.control_addr,
-                msg.pid,
-                msg.node_id,
-                msg.node_name,
-                msg.gpus,
-                msg.shape,
-            )
-        )
-
-    def _on_actor_state(self, _: None, msg: m.ActorState, payload: list[Any]) -> None:
-        infeasible = msg.infeasible
-        self.feed(
-            ActorStateChanged(
-                msg.aid,
-                msg.state if infeasible is None else "",
-                msg.cls_name or "",
-                msg.addr or "",
-                msg.control_addr or "",
-                msg.worker_id or "",
-                msg.reason or "",
-                msg.init_error,
-                infeasible,
-                payload,
-            )
-        )
-
-    def _on_lease_lost(self, _: None, msg: m.LeaseLost, payload: list[Any]) -> None:
-        self.feed(LeaseLost(msg.lease_id, msg.reason or "worker died", msg.drain))
-
-    def _on_lease_failed(self, _: None, msg: m.LeaseFailed, payload: list[Any]) -> None:
-        self.feed(LeaseFailed(msg.rid, msg.msg or "no node can run it"))
-
-    def _on_lease_infeasible(self, _: None, msg: m.LeaseInfeasible, payload: list[Any]) -> None:
-        self.feed(LeaseInfeasible(msg.rid, msg.shape, msg.missing))
-
     def _on_query_reply(self, _: None, msg: m.QueryReply, payload: list[Any]) -> None:
         fut = self._replies.pop(msg.rid, None)
         if fut is not None and not fut.done():
@@ -536,12 +578,6 @@ class IoShell:
 
     def _on_welcome(self, _: None, msg: m.Welcome, payload: list[Any]) -> None:
         self._rejoined()
-
-    def _on_node_died(self, _: None, msg: m.NodeDied, payload: list[Any]) -> None:
-        self.feed(NodeDied(msg.node_id, msg.store_id))
-
-    def _on_task_cancel(self, _: None, msg: m.TaskCancel, payload: list[Any]) -> None:
-        self.feed(CancelTask(f"{msg.tid}.0", msg.force))  # from the Jupyter panel
 
     def _on_head_error(self, _: None, msg: m.Error, payload: list[Any]) -> None:
         if msg.code == "nohello":
@@ -563,7 +599,9 @@ class IoShell:
         self.rejoining = True
         self._rejoin_sent = time.monotonic()
         log.warning("the nbcluster head restarted: reconnecting")
-        hello = {**self._hello, "rejoin": True, **self.state.rejoin_claims()}
+        with self.lock:
+            claims = self.state.rejoin_claims()
+        hello = {**self._hello, "rejoin": True, **claims}
         send_nowait(self._head, encode(hello))
 
     def _rejoined(self) -> None:
@@ -646,29 +684,6 @@ class IoShell:
             "sys_path": [os.path.abspath(p) if p in ("", ".") else p for p in sys.path],
         }
         self._links.open(conn, encode(bind))
-
-    def _on_result(self, conn: WorkerConn, msg: m.Result, payload: list[Any]) -> None:
-        self.feed(
-            TaskResult(
-                conn,
-                msg.tid,
-                msg.ok,
-                msg.n,
-                msg.err,
-                msg.lost,
-                msg.kept,
-                msg.returned,
-                payload,
-                msg.ph,
-                msg.retire,
-            )
-        )
-
-    def _on_stolen(self, conn: WorkerConn, msg: m.Stolen, payload: list[Any]) -> None:
-        self.feed(TasksStolen(conn, msg.tids))
-
-    def _on_stream_item(self, conn: WorkerConn, msg: m.StreamItem, payload: list[Any]) -> None:
-        self.feed(StreamItemArrived(conn, msg.tid, msg.i, msg.returned, payload))
 
     def _on_log(self, conn: WorkerConn, msg: m.Log, payload: list[Any]) -> None:
         self._last_log = time.monotonic()

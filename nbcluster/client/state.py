@@ -2,8 +2,9 @@
 
 No sockets, no threads, no clocks: the I/O shell (:mod:`nbcluster.client.shell`) turns each
 message it receives, each timer that fires and each command a user thread posts into an event,
-calls :meth:`ClientState.handle` on its I/O thread, and carries out the instructions it gets
-back (:mod:`nbcluster.client.instructions`). The state is composed of plain objects, one
+calls :meth:`ClientState.handle` under its lock (on its I/O thread, or on a user thread that
+submits a task), and carries out the instructions it gets back
+(:mod:`nbcluster.client.instructions`). The state is composed of plain objects, one
 responsibility each:
 
 - :class:`~nbcluster.client.submission.Tasks`: unfinished tasks, their arguments and results;
@@ -73,7 +74,7 @@ from nbcluster.serialization import dumps
 
 
 class ClientState:
-    """The pure state of one client (owned by its I/O thread).
+    """The pure state of one client (used under its I/O shell's lock).
 
     Parameters
     ----------

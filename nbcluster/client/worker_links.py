@@ -9,7 +9,9 @@ look at ``EVENTS`` once the loop's turn is over.
 
 A worker on this host (same kernel and network namespace, same user) is reached on a Unix
 socket instead of its ZeroMQ task socket (:mod:`nbcluster.transport.local`): no ZeroMQ I/O
-threads between us, a round trip ~100 µs shorter. Its control socket stays ZeroMQ.
+threads between us, a round trip ~100 µs shorter. Its control socket stays ZeroMQ. A user
+thread that submits a task writes it to a local link itself (:meth:`WorkerLinks.send_now`,
+holding the client's lock, as the loop's callbacks here do).
 
 What goes to a worker's task socket during one turn of the loop leaves at the end of the turn,
 in order, as one message: a ``BATCH`` when there are several (a turn that took in a dozen
@@ -20,9 +22,10 @@ I/O threads a wake-up and ~20 µs of CPU, more than a task's own bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -30,14 +33,14 @@ import zmq
 from nbcluster.client.workers import WorkerConn
 from nbcluster.transport import Transport
 from nbcluster.transport import local as local_links
-from nbcluster.transport.local import READ_CHUNK, LocalLinkError, Unpacker, pack
+from nbcluster.transport.local import LocalLinkError, ReadBuffer, Unpacker, pack
 from nbcluster.transport.serve import batched
 
 log = logging.getLogger("nbcluster")
 
 #: Messages taken from one worker before the loop serves others.
 WORKER_READ_BATCH = 256
-#: Chunks (:data:`~nbcluster.transport.local.READ_CHUNK` bytes) read from a local link per turn.
+#: Reads (of up to :data:`~nbcluster.transport.local.READ_CHUNK` bytes) from a local link per turn.
 LOCAL_READ_CHUNKS = 8
 
 
@@ -60,7 +63,10 @@ class _Link:
 
 
 class WorkerLinks:
-    """Every worker connection of one client (I/O thread only).
+    """Every worker connection of one client.
+
+    Used on the I/O thread, and by a user thread sending a task itself (:meth:`send_now`);
+    either holds ``lock`` meanwhile (the loop's callbacks here take it).
 
     Parameters
     ----------
@@ -70,6 +76,8 @@ class WorkerLinks:
         The client's authenticated transport.
     dispatch
         Called with ``(conn, frames)`` for each message a worker sends.
+    lock
+        The client's lock (:attr:`nbcluster.client.shell.IoShell.lock`).
     """
 
     def __init__(
@@ -77,14 +85,17 @@ class WorkerLinks:
         loop: asyncio.AbstractEventLoop,
         transport: Transport,
         dispatch: Callable[[WorkerConn, list[Any]], Any],
+        lock: Any,
     ) -> None:
         self._loop = loop
+        self._lock = lock
         self._transport = transport
         self._dispatch = dispatch
         self._links: dict[WorkerConn, _Link] = {}
         self._queued: set[_Link] = set()  # links with messages waiting in ``out``
         self._flush_due = False
         self._local_key = transport.keys.server_secret if local_links.enabled() else None
+        self._rbuf = ReadBuffer()  # every local link is read into it, one at a time
 
     def open(self, conn: WorkerConn, hello: list[Any]) -> None:
         """Connect to ``conn`` and send it ``hello`` (its BIND) first."""
@@ -144,8 +155,41 @@ class WorkerLinks:
             self._loop.call_soon(self._flush_later)
 
     def _flush_later(self) -> None:
-        self._flush_due = False
-        self.flush()
+        with self._lock:
+            self._flush_due = False
+            self.flush()
+
+    def is_local(self, conn: WorkerConn) -> bool:
+        """Whether ``conn`` is reached on a local link (which a user thread may write to)."""
+        link = self._links.get(conn)
+        return link is not None and link.local is not None
+
+    def send_now(self, conn: WorkerConn, frames: list[Any]) -> None:
+        """Send ``frames`` on ``conn``'s local link at once (a user thread, holding the lock).
+
+        The order is kept: behind what the loop queued or could not write yet, it waits there.
+        Saves waking the I/O thread for a task that goes to a waiting worker.
+        """
+        link = self._links.get(conn)
+        if link is None or link.closed:
+            return  # (as send(): the lease is gone; the state requeues its tasks)
+        assert link.local is not None
+        if link.out:  # (then a flush is due: nothing is queued without one)
+            link.out.append(frames)
+            return
+        waited = bool(link.lout)
+        try:
+            waits = local_links.write(link.local, link.lout, pack(frames))
+        except OSError as exc:  # the worker is gone (the head will say so)
+            log.debug("send to worker %s failed: %s", link.conn.addr, exc)
+            return
+        if waits and not waited:  # (only the loop's thread may watch a descriptor)
+            self._loop.call_soon_threadsafe(self._watch_writable, link)
+
+    def _watch_writable(self, link: _Link) -> None:
+        with self._lock:
+            if link.lout and not link.closed:
+                self._loop.add_writer(link.fd, self._writable, link)
 
     def flush(self) -> None:
         """Send what was queued (one message per worker), then look for answers.
@@ -191,6 +235,10 @@ class WorkerLinks:
             self._loop.add_writer(link.fd, self._writable, link)
 
     def _writable(self, link: _Link) -> None:
+        with self._lock:
+            self._write_waiting(link)
+
+    def _write_waiting(self, link: _Link) -> None:
         assert link.local is not None
         try:
             waits = local_links.flush(link.local, link.lout)
@@ -205,14 +253,15 @@ class WorkerLinks:
         """Take in what a worker on a local link sent (a few chunks at most per turn)."""
         sock, dispatch, conn = link.local, self._dispatch, link.conn
         assert sock is not None
+        rbuf = self._rbuf
         for _ in range(LOCAL_READ_CHUNKS):
             try:
-                data = sock.recv(READ_CHUNK)
+                data = rbuf.recv(sock)
             except BlockingIOError:
                 return
             except OSError as exc:
                 log.debug("reading from worker %s failed: %s", conn.addr, exc)
-                data = b""
+                data = memoryview(b"")
             if not data:  # the worker is gone: the head says so (its lease is lost)
                 self._loop.remove_reader(link.fd)
                 return
@@ -227,7 +276,7 @@ class WorkerLinks:
                 if link.closed:
                     return
                 dispatch(conn, frames)
-            if len(data) < READ_CHUNK:
+            if len(data) < rbuf.size:
                 return
         self._loop.call_soon(self._readable, link)  # more: after the others' turn
 
@@ -254,5 +303,21 @@ class WorkerLinks:
             self._loop.call_soon(self._readable, link)  # more: after the others' turn
 
     def _readable(self, link: _Link) -> None:
-        self._read(link)
-        self.flush()  # what those messages caused (the tasks that follow results) leaves now
+        with self._lock, self.burst():
+            self._read(link)
+        # (What those messages caused, the tasks that follow results, left at the burst's end.)
+
+    @contextlib.contextmanager
+    def burst(self) -> Iterator[None]:
+        """Queue what is sent meanwhile, and flush it at the end (lock held).
+
+        Without it each first queued message schedules a flush for the end of the loop's
+        turn: one more turn of the loop per task, for a flush that finds nothing left.
+        """
+        due = self._flush_due
+        self._flush_due = True
+        try:
+            yield
+        finally:
+            self._flush_due = due  # (a flush scheduled before still comes: harmless)
+            self.flush()

@@ -17,6 +17,7 @@ import cloudpickle
 
 from nbcluster.exceptions import ObjectLostError, SerializationError
 from nbcluster.store.client import StoreClient, is_stored
+from nbcluster.store.segment import PLAIN_TYPES
 
 
 def dumps(value: Any, copy: bool = True) -> list[Any]:
@@ -27,6 +28,8 @@ def dumps(value: Any, copy: bool = True) -> list[Any]:
     these frames (numpy arrays, ...) are read-only views of them. With ``copy=False`` the buffers
     are views of ``value``'s memory: copy them (:func:`copy_frames`) or into the store at once.
     """
+    if type(value) in PLAIN_TYPES:
+        return [pickle.dumps(value, protocol=5)]
     buffers: list[pickle.PickleBuffer] = []
     data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     if not copy:
@@ -95,6 +98,8 @@ def dumps_args(
 
     a = tuple(lift(v) for v in args)
     k = {key: lift(v) for key, v in kwargs.items()}
+    if all(type(v) in PLAIN_TYPES for v in a) and all(type(v) in PLAIN_TYPES for v in k.values()):
+        return [pickle.dumps((a, k), protocol=5)], deps  # (no refs among them either)
     try:
         return dumps((a, k), copy), deps
     except Exception as exc:

@@ -94,6 +94,12 @@ def segment_name(store_id: str, oid: str) -> str:
     return f"nbc-{validate_store_id(store_id)}-{validate_oid(oid)}"
 
 
+#: Values of these exact types hold no code, no classes and no buffers: the C pickler alone
+#: serializes them, as cloudpickle would (whose pickler costs more to build than a no-op task's
+#: whole run on its worker).
+PLAIN_TYPES = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
 def dumps_oob(value: Any) -> list[Frame]:
     """Serialize ``value`` into ``[pickle_bytes, *buffers]`` without copying the buffers.
 
@@ -112,6 +118,8 @@ def dumps_oob(value: Any) -> list[Frame]:
     list
         The pickle stream followed by one :class:`pickle.PickleBuffer` per out-of-band buffer.
     """
+    if type(value) in PLAIN_TYPES:
+        return [pickle.dumps(value, protocol=5)]
     buffers: list[pickle.PickleBuffer] = []
     data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     return [data, *buffers]

@@ -18,8 +18,8 @@ from typing import Any
 import zmq
 
 from nbcluster.transport.local import (
-    READ_CHUNK,
     LocalLinkError,
+    ReadBuffer,
     Unpacker,
     accept,
     flush,
@@ -70,6 +70,7 @@ class LocalPeers:
         self._accept_due = False
         self._reads = 0
         self.pending = False  # some connection has bytes waiting to be written
+        self._rbuf = ReadBuffer()  # (reads happen under the worker's socket lock: one at a time)
         poller.register(listener.fileno(), zmq.POLLIN)
 
     @staticmethod
@@ -144,12 +145,12 @@ class LocalPeers:
     def _read(self, peer: _Peer, out: list[tuple[bytes, list[bytes]]]) -> None:
         while not peer.closed:
             try:
-                data = peer.sock.recv(READ_CHUNK)
+                data = self._rbuf.recv(peer.sock)
             except BlockingIOError:
                 return
             except OSError as exc:
                 log.debug("local link %s: %s", peer.ident.hex(), exc)
-                data = b""
+                data = memoryview(b"")
             if not data:  # the driver went away
                 self._close(peer)
                 return
@@ -159,7 +160,7 @@ class LocalPeers:
                 log.warning("closing a local link that sent %s", exc)
                 self._close(peer)
                 return
-            if len(data) < READ_CHUNK:
+            if len(data) < self._rbuf.size:
                 return  # (all there was: no need for a call that says so)
 
     def _want_write(self, peer: _Peer, on: bool) -> None:

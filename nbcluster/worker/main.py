@@ -447,12 +447,13 @@ class Worker(Streaming):
         return fn, 1 if h.fnb else 0
 
     def set_gpus(self, gpus: list[int] | None) -> None:
-        if gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-        elif self._orig_cuda is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        want = ",".join(str(g) for g in gpus) if gpus else self._orig_cuda
+        if os.environ.get("CUDA_VISIBLE_DEVICES") == want:
+            return  # (the usual case: writing the environment costs more than a no-op task)
+        if want is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
         else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = self._orig_cuda
+            os.environ["CUDA_VISIBLE_DEVICES"] = want
 
     # ----------------------------------------------------------------------------- calls
     def load_args(
