@@ -430,11 +430,10 @@ class IoShell:
             self.store.flush()
 
     def _run_deferred(self) -> None:
-        with self.lock:
+        assert self._links is not None
+        with self.lock, self._links.burst():
             self._deferred_wake = False
             self._drain_deferred()
-            assert self._links is not None
-            self._links.flush()
 
     def _drain_deferred(self) -> None:
         deferred = self._deferred
