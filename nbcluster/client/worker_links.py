@@ -177,13 +177,7 @@ class WorkerLinks:
         if link.out:  # (then a flush is due: nothing is queued without one)
             link.out.append(frames)
             return
-        waited = bool(link.lout)
-        try:
-            waits = local_links.write(link.local, link.lout, pack(frames))
-        except OSError as exc:  # the worker is gone (the head will say so)
-            log.debug("send to worker %s failed: %s", link.conn.addr, exc)
-            return
-        if waits and not waited:  # (only the loop's thread may watch a descriptor)
+        if self._send_local(link, frames):  # (only the loop's thread may watch a descriptor)
             self._loop.call_soon_threadsafe(self._watch_writable, link)
 
     def _watch_writable(self, link: _Link) -> None:
@@ -207,7 +201,8 @@ class WorkerLinks:
                 continue
             if link.local is not None:
                 for frames in batched(out):
-                    self._send_local(link, frames)
+                    if self._send_local(link, frames):
+                        self._loop.add_writer(link.fd, self._writable, link)
                 continue
             for frames in batched(out):
                 self._send(link, link.sock, frames)
@@ -223,16 +218,17 @@ class WorkerLinks:
         except zmq.ZMQError as exc:
             log.debug("send to worker %s failed: %s", link.conn.addr, exc)
 
-    def _send_local(self, link: _Link, frames: list[Any]) -> None:
+    def _send_local(self, link: _Link, frames: list[Any]) -> bool:
+        """Write ``frames`` on a local link; whether bytes now wait for it to be writable (and
+        did not before: then the caller has it watched)."""
         assert link.local is not None
         waited = bool(link.lout)
         try:
             waits = local_links.write(link.local, link.lout, pack(frames))
         except OSError as exc:  # the worker is gone (the head will say so)
             log.debug("send to worker %s failed: %s", link.conn.addr, exc)
-            return
-        if waits and not waited:
-            self._loop.add_writer(link.fd, self._writable, link)
+            return False
+        return waits and not waited
 
     def _writable(self, link: _Link) -> None:
         with self._lock:
