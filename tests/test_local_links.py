@@ -343,3 +343,59 @@ def test_tasks_and_actor_calls_from_many_threads_keep_their_order(
         assert got[0::2] == list(range(300))
         assert got[1::2] == [(who, i) for i in range(300)]
     assert nb.get(log.get.remote(), timeout=60) == {w: list(range(300)) for w in range(4)}
+
+
+def test_ctrl_c_during_submits_loses_no_task_and_leaves_the_state_whole(
+    cluster: nb.ClusterInfo,
+) -> None:
+    import _thread
+    import signal
+    import threading
+
+    client = current.get()
+    assert client is not None and client.io.state is not None
+    assert threading.current_thread() is threading.main_thread()  # (signals go to it)
+    nb.get([echo.remote(i) for i in range(8)], timeout=60)
+    stop, armed = threading.Event(), [False]
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        # Ctrl-C, but only inside remote(): a KeyboardInterrupt anywhere else would end the
+        # test, not the submit. (It disarms itself: one per submit.)
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    def pester() -> None:  # Ctrl-C, again and again, wherever the main thread is
+        while not stop.is_set():
+            _thread.interrupt_main()
+            stop.wait(0.0003)
+
+    refs: dict[int, Any] = {}
+    caught = i = 0
+    old = signal.signal(signal.SIGINT, on_sigint)
+    t = threading.Thread(target=pester)
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline or caught < 100:
+            assert time.monotonic() < deadline + 30, f"only {caught} interrupts caught"
+            armed[0] = True
+            try:
+                ref = echo.remote(i)
+            except KeyboardInterrupt:
+                caught += 1
+                continue
+            finally:
+                armed[0] = False
+            refs[i] = ref
+            i += 1
+    finally:
+        stop.set()
+        t.join(10)
+        signal.signal(signal.SIGINT, old)
+    assert caught >= 100 and len(refs) > 100
+    # Every task whose submit returned runs; the state's invariants hold.
+    assert nb.get(list(refs.values()), timeout=120) == list(refs.keys())
+    with client.io.lock:
+        client.io.state.validate_state()
+    assert nb.get(echo.remote("after"), timeout=60) == "after"

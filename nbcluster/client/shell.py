@@ -56,6 +56,7 @@ from nbcluster.client.instructions import (
     ToOwner,
     ToWorker,
 )
+from nbcluster.client.interrupts import InterruptGuard
 from nbcluster.client.objects import ObjectTable
 from nbcluster.client.state import ClientState
 from nbcluster.client.translate import FROM_HEAD, FROM_WORKER, Translate
@@ -151,6 +152,7 @@ class IoShell:
         self._deferred: deque[Instruction] = deque()  # left by user threads for the loop
         self._deferred_wake = False
         self._closed = False  # (under the lock) no more sending from user threads
+        self._interrupts = InterruptGuard()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -374,20 +376,27 @@ class IoShell:
         at once (the I/O thread is not woken for it: a wake-up and a turn of its loop less per
         call); anything else it causes is left to the loop, in order (:meth:`_carry_out`).
         """
-        if type(command) in _HANDLED_HERE and self.lock.acquire(blocking=False):
-            try:
-                if not (self._inbox or self._handling or self._closed) and self.state is not None:
-                    self._handle_here(command)
-                    return
-            finally:
-                self.lock.release()
-        self._inbox.append(command)
-        if not self._wake_pending:
-            self._wake_pending = True
-            loop = self.loop
-            if loop is None or loop.is_closed():
-                raise NbclusterError("the connection to the cluster is closed")
-            loop.call_soon_threadsafe(self._drain_inbox)
+        # (Ctrl-C on the main thread waits until the command is handled or queued: a
+        # KeyboardInterrupt half-way would leave the state, or the wake-up flag, half changed.)
+        held = self._interrupts.enter()
+        try:
+            if type(command) in _HANDLED_HERE and self.lock.acquire(blocking=False):
+                try:
+                    if not (self._inbox or self._handling or self._closed) and self.state:
+                        self._handle_here(command)
+                        return
+                finally:
+                    self.lock.release()
+            self._inbox.append(command)
+            if not self._wake_pending:
+                self._wake_pending = True
+                loop = self.loop
+                if loop is None or loop.is_closed():
+                    raise NbclusterError("the connection to the cluster is closed")
+                loop.call_soon_threadsafe(self._drain_inbox)
+        finally:
+            if held:
+                self._interrupts.leave()
 
     def _handle_here(self, command: Command) -> None:
         state = self.state
