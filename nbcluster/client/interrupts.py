@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import signal
 import threading
+
+try:  # (signal.getsignal turns handlers into enums where it can: 3 µs a call, ~30x the C one)
+    from _signal import getsignal as _getsignal
+except ImportError:  # pragma: no cover - not CPython
+    _getsignal = signal.getsignal
 from types import FrameType
 from typing import Any
 
@@ -45,7 +50,7 @@ class InterruptGuard:
             return False
         self._depth += 1
         try:
-            current = signal.getsignal(signal.SIGINT)
+            current = _getsignal(signal.SIGINT)
             if current is not self._handler:
                 if current is None:  # (set outside Python: we could not put it back)
                     self._depth -= 1
