@@ -401,20 +401,11 @@ class IoShell:
     def _handle_here(self, command: Command) -> None:
         state = self.state
         assert state is not None
-        self._handling = True
-        try:
-            now = time.time()
-            out = []
-            if self.released:  # (as the loop would first: frees before what follows)
-                oids = [self.released.popleft() for _ in range(len(self.released))]
-                out = state.handle(Released(oids), now)
-            out += state.handle(command, now)
-        except Exception:
-            log.exception("nbcluster internal error handling %s", type(command).__name__)
-            out = state.take()
-        finally:
-            self._handling = False
-        self._carry_out(out)
+        events: list[Event] = [command]
+        released = self.released
+        if released:  # (as the loop would first: frees before what follows)
+            events.insert(0, Released([released.popleft() for _ in range(len(released))]))
+        self._carry_out(self._handle(state, events))
 
     def _carry_out(self, instructions: list[Instruction]) -> None:
         """Carry out what a user thread's command caused: sends on local links and frees here,
@@ -489,16 +480,25 @@ class IoShell:
         with self.lock:
             if self._deferred:  # (what user threads' commands caused comes first)
                 self._drain_deferred()
-            self._handling = True
-            try:
-                out = state.handle(event, time.time())
-            except Exception:
-                log.exception("nbcluster internal error handling %s", type(event).__name__)
-                out = state.take()
-            finally:
-                self._handling = False
+            out = self._handle(state, [event])
             if out:
                 self._execute(out)
+
+    def _handle(self, state: ClientState, events: list[Event]) -> list[Instruction]:
+        """The state's instructions for ``events``, in order (the lock held)."""
+        self._handling = True
+        out: list[Instruction] = []
+        now = time.time()
+        try:
+            for event in events:
+                try:
+                    out += state.handle(event, now)
+                except Exception:
+                    log.exception("nbcluster internal error handling %s", type(event).__name__)
+                    out += state.take()
+        finally:
+            self._handling = False
+        return out
 
     def _feeding(self, to_event: Translate) -> Callable[[Any, Any, list[Any]], None]:
         """A receive handler that feeds the state the event a message becomes."""
