@@ -414,8 +414,7 @@ class IoShell:
         assert links is not None
         for i, ins in enumerate(instructions):
             if not self._deferred:
-                if type(ins) is ToWorker and links.is_local(ins.conn):
-                    links.send_now(ins.conn, encode(ins.header, ins.payload))
+                if type(ins) is ToWorker and links.send_now(ins.conn, ins.header, ins.payload):
                     continue
                 if type(ins) is FreeStored:
                     self._do(ins)  # (the store client is thread-safe)

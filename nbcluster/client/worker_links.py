@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from nbcluster.client.workers import WorkerConn
+from nbcluster.protocol.codec import encode
 from nbcluster.transport import Transport
 from nbcluster.transport import local as local_links
 from nbcluster.transport.local import LocalLinkError, ReadBuffer, Unpacker, pack
@@ -159,26 +160,24 @@ class WorkerLinks:
             self._flush_due = False
             self.flush()
 
-    def is_local(self, conn: WorkerConn) -> bool:
-        """Whether ``conn`` is reached on a local link (which a user thread may write to)."""
-        link = self._links.get(conn)
-        return link is not None and link.local is not None
-
-    def send_now(self, conn: WorkerConn, frames: list[Any]) -> None:
-        """Send ``frames`` on ``conn``'s local link at once (a user thread, holding the lock).
+    def send_now(self, conn: WorkerConn, header: Any, payload: list[Any]) -> bool:
+        """Send a message on ``conn``'s local link at once (a user thread, holding the lock);
+        ``False`` if ``conn`` is on ZeroMQ (only the loop's thread may use it: leave it there).
 
         The order is kept: behind what the loop queued or could not write yet, it waits there.
         Saves waking the I/O thread for a task that goes to a waiting worker.
         """
         link = self._links.get(conn)
         if link is None or link.closed:
-            return  # (as send(): the lease is gone; the state requeues its tasks)
-        assert link.local is not None
+            return True  # (dropped, as send() would: the lease is gone; its tasks are requeued)
+        if link.local is None:
+            return False
+        frames = encode(header, payload)
         if link.out:  # (then a flush is due: nothing is queued without one)
             link.out.append(frames)
-            return
-        if self._send_local(link, frames):  # (only the loop's thread may watch a descriptor)
+        elif self._send_local(link, frames):  # (only the loop's thread may watch a descriptor)
             self._loop.call_soon_threadsafe(self._watch_writable, link)
+        return True
 
     def _watch_writable(self, link: _Link) -> None:
         with self._lock:
@@ -231,19 +230,16 @@ class WorkerLinks:
         return waits and not waited
 
     def _writable(self, link: _Link) -> None:
-        with self._lock:
-            self._write_waiting(link)
-
-    def _write_waiting(self, link: _Link) -> None:
         assert link.local is not None
-        try:
-            waits = local_links.flush(link.local, link.lout)
-        except OSError as exc:
-            log.debug("send to worker %s failed: %s", link.conn.addr, exc)
-            link.lout.clear()
-            waits = False
-        if not waits:
-            self._loop.remove_writer(link.fd)
+        with self._lock:
+            try:
+                waits = local_links.flush(link.local, link.lout)
+            except OSError as exc:
+                log.debug("send to worker %s failed: %s", link.conn.addr, exc)
+                link.lout.clear()
+                waits = False
+            if not waits:
+                self._loop.remove_writer(link.fd)
 
     def _read_local(self, link: _Link) -> None:
         """Take in what a worker on a local link sent (a few chunks at most per turn)."""
